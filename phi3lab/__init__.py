@@ -1,0 +1,10 @@
+"""phi3lab: an interpretability workbench for Phi-3 models on Keras 3 / JAX."""
+
+from phi3lab._backend import select_jax_backend
+
+select_jax_backend()
+
+from phi3lab.model import Phi3Backbone  # noqa: E402
+
+__all__ = ["Phi3Backbone"]
+__version__ = "0.1.0"

@@ -1,0 +1,274 @@
+"""The Phi-3 backbone: embedding, decoder stack and final norm."""
+
+from __future__ import annotations
+
+import keras
+from jax import numpy as jnp
+
+from phi3lab.model.attention import attention_mask
+from phi3lab.model.config import check_backbone_arguments, check_token_ids
+from phi3lab.model.decoder import Phi3DecoderStack
+from phi3lab.model.embedding import Phi3TokenEmbedding
+from phi3lab.model.hook_points import NO_HOOKS
+from phi3lab.model.norm import Phi3RMSNorm
+from phi3lab.model.rotary import RotarySpec
+
+
+class _ClassProperty:
+    def __init__(self, getter):
+        self.getter = getter
+
+    def __get__(self, instance, owner):
+        return self.getter(owner)
+
+
+@keras.saving.register_keras_serializable(package="phi3lab")
+class Phi3Backbone(keras.Model):
+    """Phi-3 decoder network, hookable, in Keras 3 on JAX.
+
+    The same model as keras-hub's `Phi3Backbone` (same constructor, same
+    inputs and output) and as Hugging Face's `Phi3Model`, built so that
+    `phi3lab.trace` can capture and change every intermediate value. The
+    plain `model(inputs)` runs no hook code.
+
+    Args:
+        vocabulary_size: int. Size of the token vocabulary.
+        num_layers: int. Number of decoder blocks.
+        hidden_dim: int. Width of the residual stream.
+        intermediate_dim: int. Width of the gated MLP.
+        num_query_heads: int. Query heads per block; must divide `hidden_dim`.
+        num_key_value_heads: int. Key/value heads; must divide
+            `num_query_heads` (grouped-query attention).
+        layer_norm_epsilon: float. RMS norm epsilon. Defaults to `1e-6`.
+        dropout: float. Dropout rate, active only in training. Defaults to 0.
+        max_sequence_length: int. Longest context the model supports.
+            Defaults to `4096`.
+        pretraining_sequence_length: int. Context of pretraining; with "su"
+            scaling, the short factors serve positions below it. Defaults to
+            `4096`.
+        rope_max_wavelength: float. Rotary base. Defaults to `10000`.
+        rope_scaling_type: `None` or `"su"` (`"longrope"` is accepted as the
+            same thing and stored as `"su"`).
+        rope_scaling_short_factor: list of `hidden_dim // num_query_heads // 2`
+            floats, required with "su".
+        rope_scaling_long_factor: list of the same length, required with "su".
+        dtype: string or `keras.DTypePolicy` (`"float32"`, `"bfloat16"`,
+            `"mixed_bfloat16"`). Softmax and norms always run in float32.
+        sliding_window: int or None. When set, each token attends only to the
+            last `sliding_window` positions (itself included), as Hugging
+            Face transformers does for Phi-3-mini-4k (2047). keras-hub has no
+            such argument and attends to everything.
+
+    Inputs: `{"token_ids": int [B, T], "padding_mask": int/bool [B, T]}`.
+    Output: the final normalized hidden states `[B, T, hidden_dim]`.
+
+    The short/long rotary switch follows the largest position in use (as
+    Hugging Face does), not the chunk length (as keras-hub does); see
+    `phi3lab.model.rotary`.
+
+    Example:
+    ```python
+    model = phi3lab.Phi3Backbone(
+        vocabulary_size=100, num_layers=2, hidden_dim=32,
+        intermediate_dim=64, num_query_heads=4, num_key_value_heads=2,
+    )
+    hidden = model({"token_ids": np.array([[1, 2, 3]]),
+                    "padding_mask": np.array([[1, 1, 1]])})
+    logits = model.token_embedding(hidden, reverse=True)   # [1, 3, 100]
+    ```
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        num_layers,
+        hidden_dim,
+        intermediate_dim,
+        num_query_heads,
+        num_key_value_heads,
+        layer_norm_epsilon=1e-6,
+        dropout=0.0,
+        max_sequence_length=4096,
+        pretraining_sequence_length=4096,
+        rope_max_wavelength=10000,
+        rope_scaling_type=None,
+        rope_scaling_short_factor=None,
+        rope_scaling_long_factor=None,
+        dtype=None,
+        sliding_window=None,
+        **kwargs,
+    ):
+        rope = check_backbone_arguments(
+            vocabulary_size,
+            num_layers,
+            hidden_dim,
+            intermediate_dim,
+            num_query_heads,
+            num_key_value_heads,
+            layer_norm_epsilon,
+            dropout,
+            max_sequence_length,
+            pretraining_sequence_length,
+            rope_max_wavelength,
+            rope_scaling_type,
+            rope_scaling_short_factor,
+            rope_scaling_long_factor,
+            sliding_window,
+        )
+        super().__init__(dtype=dtype, **kwargs)
+
+        # === Layers ===
+        self.token_embedding = Phi3TokenEmbedding(
+            vocabulary_size, hidden_dim, dtype=self.dtype_policy, name="token_embedding"
+        )
+        self.decoder = Phi3DecoderStack(
+            num_layers=num_layers,
+            hidden_dim=hidden_dim,
+            intermediate_dim=intermediate_dim,
+            num_query_heads=num_query_heads,
+            num_key_value_heads=num_key_value_heads,
+            layer_norm_epsilon=layer_norm_epsilon,
+            dropout=dropout,
+            dtype=self.dtype_policy,
+            name="decoder",
+        )
+        self.final_norm = Phi3RMSNorm(
+            hidden_dim, layer_norm_epsilon, dtype=self.dtype_policy, name="final_norm"
+        )
+        self.dropout_seed = keras.random.SeedGenerator(0)
+        self.built = True
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.dropout = dropout
+        self.max_sequence_length = max_sequence_length
+        self.pretraining_sequence_length = pretraining_sequence_length
+        self.rope_max_wavelength = rope_max_wavelength
+        self.rope_scaling_type = rope["rope_scaling_type"]
+        self.rope_scaling_short_factor = rope["rope_scaling_short_factor"]
+        self.rope_scaling_long_factor = rope["rope_scaling_long_factor"]
+        self.sliding_window = sliding_window
+        self.head_dim = hidden_dim // num_query_heads
+        self.rotary = RotarySpec(
+            head_dim=self.head_dim,
+            max_wavelength=float(rope_max_wavelength),
+            scaling_type=self.rope_scaling_type,
+            short_factor=self.rope_scaling_short_factor,
+            long_factor=self.rope_scaling_long_factor,
+            max_sequence_length=max_sequence_length,
+            pretraining_sequence_length=pretraining_sequence_length,
+        )
+
+    def params(self) -> dict:
+        """Current weight values as a nested dict of arrays (a pytree)."""
+        return {
+            "token_embedding": self.token_embedding.params(),
+            "decoder": self.decoder.params(),
+            "final_norm": self.final_norm.params(),
+        }
+
+    def apply(
+        self, params, token_ids, padding_mask=None, sites=NO_HOOKS, dropout_key=None
+    ):
+        """The forward pass as a pure function of `params`.
+
+        Args:
+            params: weights, as `params()` returns them.
+            token_ids: int array `[B, T]`.
+            padding_mask: array `[B, T]` (1/True for real tokens) or None.
+            sites: hook points; `NO_HOOKS` for the plain forward.
+            dropout_key: JAX key to enable dropout (training), or None.
+
+        Returns:
+            `(hidden, captures)`: final normalized hidden states `[B, T, D]`
+            and the decoder's per-range captures (empty without hooks).
+        """
+        length = token_ids.shape[1]
+        if padding_mask is None:
+            padding_mask = jnp.ones(token_ids.shape, bool)
+        x = sites("hook_embed", self.token_embedding.apply(params["token_embedding"], token_ids))
+        cos, sin = self.rotary.tables(length)
+        mask = attention_mask(padding_mask, length, self.sliding_window)
+        x, captures = self.decoder.apply(
+            params["decoder"], x, cos, sin, mask, sites, dropout_key
+        )
+        x = sites(
+            "ln_final.hook_normalized", self.final_norm.apply(params["final_norm"], x)
+        )
+        if sites.wants("hook_logits"):
+            sites(
+                "hook_logits",
+                self.token_embedding.apply(params["token_embedding"], x, reverse=True),
+            )
+        return x, captures
+
+    def call(self, inputs, training=False):
+        token_ids = inputs["token_ids"]
+        check_token_ids(token_ids, self.vocabulary_size)
+        token_ids = jnp.asarray(token_ids).astype(jnp.int32)
+        padding_mask = inputs.get("padding_mask")
+        if padding_mask is not None:
+            padding_mask = jnp.asarray(padding_mask)
+        dropout_key = None
+        if training and self.dropout > 0:
+            dropout_key = self.dropout_seed.next()
+        hidden, _ = self.apply(self.params(), token_ids, padding_mask, dropout_key=dropout_key)
+        return hidden
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "vocabulary_size": self.vocabulary_size,
+                "num_layers": self.num_layers,
+                "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim,
+                "num_query_heads": self.num_query_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "dropout": self.dropout,
+                "max_sequence_length": self.max_sequence_length,
+                "pretraining_sequence_length": self.pretraining_sequence_length,
+                "rope_max_wavelength": self.rope_max_wavelength,
+                "rope_scaling_type": self.rope_scaling_type,
+                "rope_scaling_short_factor": _as_list(self.rope_scaling_short_factor),
+                "rope_scaling_long_factor": _as_list(self.rope_scaling_long_factor),
+                "sliding_window": self.sliding_window,
+            }
+        )
+        return config
+
+    @_ClassProperty
+    def presets(cls) -> dict:
+        """Built-in preset names and their descriptions."""
+        from phi3lab.presets import builtin_presets
+
+        return builtin_presets()
+
+    @classmethod
+    def from_preset(cls, preset: str, load_weights: bool = True, **kwargs) -> "Phi3Backbone":
+        """Build a backbone from a preset.
+
+        Args:
+            preset: a built-in name (see `Phi3Backbone.presets`), a local
+                keras-hub preset directory, a local Hugging Face checkpoint
+                directory, or a `kaggle://` / `hf://` handle.
+            load_weights: bool. Load the weights (else random init).
+            **kwargs: override config values, e.g. `dtype="bfloat16"`.
+
+        Example:
+        >>> model = Phi3Backbone.from_preset("phi3lab_tiny_en")
+        """
+        from phi3lab.presets import load_backbone
+
+        return load_backbone(cls, preset, load_weights=load_weights, **kwargs)
+
+
+def _as_list(values):
+    return None if values is None else list(values)

@@ -1,0 +1,178 @@
+"""The stack of Phi-3 decoder blocks, run as a scan over stacked weights."""
+
+from __future__ import annotations
+
+import jax
+import keras
+from jax import numpy as jnp
+
+from phi3lab.model.attention import Phi3Attention
+from phi3lab.model.dropout import dropout
+from phi3lab.model.hook_points import NO_HOOKS
+from phi3lab.model.mlp import Phi3MLP
+from phi3lab.model.norm import Phi3RMSNorm
+
+
+class Phi3DecoderStack(keras.layers.Layer):
+    """All decoder blocks of a Phi-3 model.
+
+    Each block is pre-norm attention then pre-norm gated MLP, both added to
+    the residual stream. Weights of all blocks are stacked on a leading axis
+    and the blocks run as `jax.lax.scan`, so the compiled program holds one
+    block however deep the model is (compile time does not grow with
+    `num_layers`). Hook points split the scan into ranges of layers that
+    behave alike (see `HookPoints.segments`).
+
+    Args:
+        num_layers: int. Number of blocks `L`.
+        hidden_dim: int. Model width `D`.
+        intermediate_dim: int. MLP width `F`.
+        num_query_heads: int. Query heads.
+        num_key_value_heads: int. Key/value heads.
+        layer_norm_epsilon: float. RMS norm epsilon.
+        dropout: float. Dropout rate in training (attention probabilities
+            and both residual branches).
+    """
+
+    def __init__(
+        self,
+        num_layers,
+        hidden_dim,
+        intermediate_dim,
+        num_query_heads,
+        num_key_value_heads,
+        layer_norm_epsilon=1e-6,
+        dropout=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_layers = num_layers
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.dropout = dropout
+
+        # === Layers ===
+        common = {"num_layers": num_layers, "dtype": self.dtype_policy}
+        self.attention_norm = Phi3RMSNorm(
+            hidden_dim, layer_norm_epsilon, name="attention_norm", **common
+        )
+        self.attention = Phi3Attention(
+            hidden_dim=hidden_dim,
+            num_query_heads=num_query_heads,
+            num_key_value_heads=num_key_value_heads,
+            dropout=dropout,
+            name="attention",
+            **common,
+        )
+        self.mlp_norm = Phi3RMSNorm(
+            hidden_dim, layer_norm_epsilon, name="mlp_norm", **common
+        )
+        self.mlp = Phi3MLP(
+            hidden_dim=hidden_dim,
+            intermediate_dim=intermediate_dim,
+            name="mlp",
+            **common,
+        )
+        self.built = True
+
+    def params(self) -> dict:
+        return {
+            "attention_norm": self.attention_norm.params(),
+            "attention": self.attention.params(),
+            "mlp_norm": self.mlp_norm.params(),
+            "mlp": self.mlp.params(),
+        }
+
+    def block(self, params, x, cos, sin, mask, sites=NO_HOOKS, dropout_key=None):
+        """One decoder block from its parameter slice; `x` is `[B, T, D]`."""
+        keys = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
+        x = sites("hook_resid_pre", x)
+        normalized = sites(
+            "ln1.hook_normalized",
+            self.attention_norm.apply(params["attention_norm"], x),
+        )
+        attention_out = self.attention.apply(
+            params["attention"], normalized, cos, sin, mask, sites, keys[0]
+        )
+        attention_out = sites(
+            "hook_attn_out", dropout(attention_out, self.dropout, keys[1])
+        )
+        x = sites("hook_resid_mid", x + attention_out)
+        normalized = sites(
+            "ln2.hook_normalized", self.mlp_norm.apply(params["mlp_norm"], x)
+        )
+        mlp_out = self.mlp.apply(params["mlp"], normalized, sites)
+        mlp_out = sites("hook_mlp_out", dropout(mlp_out, self.dropout, keys[2]))
+        return sites("hook_resid_post", x + mlp_out)
+
+    def apply(self, params, x, cos, sin, mask, sites=NO_HOOKS, dropout_key=None):
+        """Run every block.
+
+        Args:
+            params: stacked parameters, as `params()` returns them.
+            x: embedded tokens `[B, T, D]`.
+            cos, sin: rotary tables `[T, head_dim]`.
+            mask: boolean attention mask `[B, T, T]`.
+            sites: hook points.
+            dropout_key: JAX key, or None for no dropout.
+
+        Returns:
+            `(x, captures)`: the last residual stream `[B, T, D]` and a list
+            of `(start, stop, captured)` per layer range, `captured` mapping
+            block-local hook names to arrays stacked over the range's layers.
+        """
+        layer_keys = (
+            None
+            if dropout_key is None
+            else jax.random.split(dropout_key, self.num_layers)
+        )
+        captures = []
+        for start, stop in sites.segments(self.num_layers):
+            take = lambda tree: jax.tree.map(lambda a: a[start:stop], tree)
+            if stop - start == 1:
+                block_sites = sites.block(start, stop, start)
+                x = self.block(
+                    jax.tree.map(lambda a: a[start], params),
+                    x, cos, sin, mask, block_sites,
+                    None if layer_keys is None else layer_keys[start],
+                )
+                captured = jax.tree.map(lambda a: a[None], block_sites.captured)
+            else:
+
+                def body(carry, inputs, start=start, stop=stop):
+                    layer_params, layer, key = inputs
+                    block_sites = sites.block(start, stop, layer)
+                    carry = self.block(
+                        layer_params, carry, cos, sin, mask, block_sites, key
+                    )
+                    return carry, block_sites.captured
+
+                x, captured = jax.lax.scan(
+                    body,
+                    x,
+                    (
+                        take(params),
+                        jnp.arange(start, stop),
+                        None if layer_keys is None else layer_keys[start:stop],
+                    ),
+                )
+            captures.append((start, stop, captured))
+        return x, captures
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_layers": self.num_layers,
+                "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim,
+                "num_query_heads": self.num_query_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "dropout": self.dropout,
+            }
+        )
+        return config

@@ -1,0 +1,45 @@
+"""The hook-point protocol that the layers call, and its no-op default.
+
+Every layer reports its intermediate values through a `HookPoints` object:
+`x = sites("attn.hook_q", x)`. The plain forward passes `NO_HOOKS`, whose call
+returns `x` unchanged, so under `jit` a hook point costs nothing. The tracing
+package implements the same protocol to capture and change activations.
+Names passed to a block's sites are local to the block (`"attn.hook_q"`);
+the tracer adds the `blocks.{layer}.` prefix.
+"""
+
+from __future__ import annotations
+
+
+class HookPoints:
+    """Hook points that neither read nor change anything (the plain forward).
+
+    The protocol:
+      * `sites(name, x) -> x`: report `x` at hook point `name`, get back the
+        value to use downstream.
+      * `sites.wants(name) -> bool`: whether anything reads or changes `name`
+        (lets a layer skip work nobody asked for).
+      * `sites.segments(num_layers)`: consecutive layer ranges `(start,
+        stop)` whose hook points behave alike, so each range can run as one
+        `lax.scan` over stacked weights.
+      * `sites.block(start, stop, layer)`: the hook points of one decoder
+        block inside a range; `layer` is an int or a traced scalar. Values it
+        captures are in `.captured` (a dict) after the block ran.
+    """
+
+    captured: dict = {}
+
+    def __call__(self, name: str, x):
+        return x
+
+    def wants(self, name: str) -> bool:
+        return False
+
+    def segments(self, num_layers: int) -> list[tuple[int, int]]:
+        return [(0, num_layers)]
+
+    def block(self, start: int, stop: int, layer) -> "HookPoints":
+        return self
+
+
+NO_HOOKS = HookPoints()

@@ -1,0 +1,75 @@
+"""Phi-3's gated SiLU feed-forward network, with its hook points."""
+
+from __future__ import annotations
+
+import jax
+import keras
+from jax import numpy as jnp
+
+from phi3lab.model.hook_points import NO_HOOKS
+
+
+class Phi3MLP(keras.layers.Layer):
+    """`down(silu(gate(x)) * up(x))`, kernels stacked over decoder layers.
+
+    Args:
+        num_layers: int. Number of decoder layers whose kernels are stacked.
+        hidden_dim: int. Model width `D`.
+        intermediate_dim: int. Width `F` of the gated hidden layer.
+        kernel_initializer: initializer for the kernels.
+
+    Weights: `gate_kernel [L, D, F]`, `up_kernel [L, D, F]`,
+    `down_kernel [L, F, D]`. The activation runs in float32.
+    """
+
+    def __init__(
+        self, num_layers, hidden_dim, intermediate_dim, kernel_initializer=None, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.num_layers = num_layers
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        initializer = kernel_initializer or keras.initializers.RandomNormal(
+            stddev=0.02
+        )
+        shapes = {
+            "gate_kernel": (hidden_dim, intermediate_dim),
+            "up_kernel": (hidden_dim, intermediate_dim),
+            "down_kernel": (intermediate_dim, hidden_dim),
+        }
+        for name, shape in shapes.items():
+            variable = self.add_weight(
+                name=name,
+                shape=(num_layers,) + shape,
+                initializer=initializer,
+                dtype=self.variable_dtype,
+            )
+            setattr(self, name, variable)
+        self.built = True
+
+    def params(self) -> dict:
+        return {
+            name: getattr(self, name).value
+            for name in ("gate_kernel", "up_kernel", "down_kernel")
+        }
+
+    def apply(self, params, x, sites=NO_HOOKS):
+        """One layer's MLP on `x` `[B, T, D]`; returns `[B, T, D]`."""
+        dtype = self.compute_dtype
+        w = {name: value.astype(dtype) for name, value in params.items()}
+        gate = sites("mlp.hook_pre", x @ w["gate_kernel"])
+        up = sites("mlp.hook_pre_linear", x @ w["up_kernel"])
+        activated = jax.nn.silu(gate.astype(jnp.float32)).astype(dtype)
+        hidden = sites("mlp.hook_post", activated * up)
+        return hidden @ w["down_kernel"]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_layers": self.num_layers,
+                "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim,
+            }
+        )
+        return config

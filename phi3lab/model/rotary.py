@@ -1,0 +1,131 @@
+"""Rotary position embedding of Phi-3, with "su" (LongRoPE) scaling.
+
+One place for the rotary formulas: the attention layer applies them, and the
+trace and the analysis library describe them with the same functions.
+
+Phi-3 rotates the two halves of each head (`rotate_half`, not interleaved
+pairs): dimension `i` and `i + head_dim / 2` form pair `i`, turned by the
+angle `position * inverse_frequency[i]`, with
+
+    inverse_frequency[i] = 1 / (factor[i] * max_wavelength ** (2 i / head_dim))
+
+`factor` is all ones without scaling. Under "su" scaling it is the short
+factor list while every position in use fits the pretraining window and the
+long list beyond it, and the cos/sin tables are multiplied by the attention
+factor `sqrt(1 + ln(s) / ln(pretraining_sequence_length))`,
+`s = max_sequence_length / pretraining_sequence_length` (1 when `s <= 1`).
+
+The short/long switch is decided by the largest position in use plus one, as
+Hugging Face transformers does. keras-hub decides by the length of the chunk
+being processed, which differs during cached decoding: a one-token step at
+position 5000 of a 4k-pretrained model uses the long factors here (as in the
+reference implementation), the short ones in keras-hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from jax import numpy as jnp
+
+SCALING_TYPES = (None, "su", "longrope")
+
+
+@dataclasses.dataclass(frozen=True)
+class RotarySpec:
+    """The rotary embedding of a Phi-3 model, as data.
+
+    Args:
+        head_dim: int. Size of one attention head; pairs are `head_dim // 2`.
+        max_wavelength: float. The base of the geometric frequency ladder.
+        scaling_type: `None` or `"su"`.
+        short_factor: tuple of floats or None, length `head_dim // 2`.
+        long_factor: tuple of floats or None, length `head_dim // 2`.
+        max_sequence_length: int. Longest context the model supports.
+        pretraining_sequence_length: int. Context of pretraining.
+
+    Example:
+    >>> spec = RotarySpec(64, 10000.0, None, None, None, 4096, 4096)
+    >>> spec.inverse_frequencies(10).shape
+    (32,)
+    """
+
+    head_dim: int
+    max_wavelength: float
+    scaling_type: str | None
+    short_factor: tuple[float, ...] | None
+    long_factor: tuple[float, ...] | None
+    max_sequence_length: int
+    pretraining_sequence_length: int
+
+    @property
+    def num_pairs(self) -> int:
+        return self.head_dim // 2
+
+    @property
+    def attention_factor(self) -> float:
+        """Multiplier of the cos/sin tables (1.0 without "su" scaling)."""
+        if self.scaling_type is None:
+            return 1.0
+        scale = self.max_sequence_length / self.pretraining_sequence_length
+        if scale <= 1.0:
+            return 1.0
+        return math.sqrt(
+            1.0 + math.log(scale) / math.log(self.pretraining_sequence_length)
+        )
+
+    def factor_set(self, num_positions: int) -> str:
+        """`"none"`, `"short"` or `"long"`: the factors in force when the
+        largest position in use is `num_positions - 1`."""
+        if self.scaling_type is None:
+            return "none"
+        if num_positions > self.pretraining_sequence_length:
+            return "long"
+        return "short"
+
+    def factors(self, num_positions: int) -> np.ndarray:
+        """The per-pair frequency divisors in force, float32 `[head_dim/2]`."""
+        chosen = self.factor_set(num_positions)
+        if chosen == "none":
+            return np.ones(self.num_pairs, np.float32)
+        values = self.long_factor if chosen == "long" else self.short_factor
+        return np.asarray(values, np.float32)
+
+    def inverse_frequencies(self, num_positions: int) -> np.ndarray:
+        """Radians per token for each dimension pair, float32 `[head_dim/2]`."""
+        exponent = (
+            np.arange(0, self.head_dim, 2).astype(np.float32)
+            / np.float32(self.head_dim)
+        )
+        base = np.float32(self.max_wavelength) ** exponent
+        return (
+            np.float32(1.0) / (self.factors(num_positions) * base)
+        ).astype(np.float32)
+
+    def tables(self, num_positions: int, start: int = 0):
+        """cos and sin tables `[num_positions - start, head_dim]` (float32).
+
+        Rows are positions `start, ..., num_positions - 1`; both halves of
+        the head share the pair's angle. The attention factor is applied.
+        """
+        inverse = jnp.asarray(self.inverse_frequencies(num_positions))
+        positions = jnp.arange(start, num_positions, dtype=jnp.float32)
+        angles = positions[:, None] * inverse[None, :]
+        angles = jnp.concatenate([angles, angles], axis=-1)
+        scale = jnp.float32(self.attention_factor)
+        return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate `x` `[batch, seq, heads, head_dim]` by tables `[seq, head_dim]`.
+
+    Computes `x * cos + rotate_half(x) * sin` in `x`'s dtype, where
+    `rotate_half([a, b]) = [-b, a]` over the two halves of the head.
+    """
+    cos = cos[None, :, None, :].astype(x.dtype)
+    sin = sin[None, :, None, :].astype(x.dtype)
+    first, second = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,58 @@
+"""Preset loading: built-in names, keras-hub dirs, Hugging Face dirs, hubs."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from phi3lab.presets import hf_format, keras_hub_format
+from phi3lab.presets.registry import BUILTIN, builtin_presets, resolve_preset_dir
+
+__all__ = [
+    "builtin_presets",
+    "load_backbone",
+    "read_backbone_config",
+    "resolve_preset_dir",
+    "save_preset",
+    "save_hf_checkpoint",
+]
+
+save_preset = keras_hub_format.save_preset
+save_hf_checkpoint = hf_format.save_checkpoint
+
+
+def read_backbone_config(directory: Path) -> tuple[dict, object]:
+    """Constructor arguments and the weight loader for a preset directory."""
+    if keras_hub_format.is_keras_hub_dir(directory):
+        return keras_hub_format.read_config(directory), keras_hub_format.load_weights
+    if hf_format.is_hf_dir(directory):
+        return hf_format.read_config(directory), hf_format.load_weights
+    raise ValueError(
+        f"{directory} is not a preset directory phi3lab can read: expected a "
+        "keras-hub preset (config.json with 'class_name', model.weights.h5) or "
+        "a Hugging Face checkpoint (config.json with 'model_type', *.safetensors)."
+    )
+
+
+def load_backbone(cls, preset, load_weights: bool = True, **kwargs):
+    """Build `cls` (a `Phi3Backbone`) from `preset`; see `Phi3Backbone.from_preset`."""
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"from_preset got unknown config override(s) {unknown}; accepted: {sorted(accepted)}."
+        )
+    entry = BUILTIN.get(preset) if isinstance(preset, str) else None
+    known_config = (entry or {}).get("config")
+    # A built-in architecture is known offline unless its rotary factors
+    # only come with the download (the 128k preset).
+    if not load_weights and known_config and known_config.get("rope_scaling_type") is None:
+        return cls(**{**known_config, **kwargs})
+    directory = resolve_preset_dir(preset)
+    config, load_weights_into = read_backbone_config(directory)
+    if entry:
+        config.update(entry.get("overrides", {}))
+    model = cls(**{**config, **kwargs})
+    if load_weights:
+        load_weights_into(model, directory)
+    return model

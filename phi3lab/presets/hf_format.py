@@ -1,0 +1,263 @@
+"""Hugging Face Phi-3 checkpoints: `config.json` plus `*.safetensors`.
+
+The layouts of microsoft/Phi-3-mini-4k-instruct and -128k-instruct: fused
+`qkv_proj` and `gate_up_proj` weights (separate `q_proj`/`k_proj`/`v_proj`
+and `gate_proj`/`up_proj` are accepted too), `rope_scaling` of type "su" or
+"longrope" (or transformers 5's `rope_parameters`), and
+`original_max_position_embeddings`. Sharded checkpoints come with
+`model.safetensors.index.json`. Tensors are read lazily (memory-mapped) and
+copied into the model one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from phi3lab.presets.safetensors_io import SafetensorsFile, write_safetensors
+from phi3lab.presets.weights import WeightFiller
+
+
+def is_hf_dir(directory: Path) -> bool:
+    config = directory / "config.json"
+    return config.is_file() and "model_type" in json.loads(config.read_text())
+
+
+def read_config(directory: Path) -> dict:
+    """Constructor arguments from a Hugging Face Phi-3 `config.json`."""
+    path = directory / "config.json"
+    hf = json.loads(path.read_text())
+    if hf.get("model_type") != "phi3":
+        raise ValueError(
+            f"{path} has model_type={hf.get('model_type')!r}; phi3lab loads 'phi3' checkpoints."
+        )
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    heads = hf["num_attention_heads"]
+    kwargs = {
+        "vocabulary_size": hf["vocab_size"],
+        "num_layers": hf["num_hidden_layers"],
+        "hidden_dim": hf["hidden_size"],
+        "intermediate_dim": hf["intermediate_size"],
+        "num_query_heads": heads,
+        "num_key_value_heads": hf.get("num_key_value_heads") or heads,
+        "layer_norm_epsilon": hf.get("rms_norm_eps", 1e-5),
+        "max_sequence_length": hf.get("max_position_embeddings", 4096),
+        "rope_max_wavelength": hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        "sliding_window": hf.get("sliding_window"),
+    }
+    kwargs["pretraining_sequence_length"] = hf.get(
+        "original_max_position_embeddings",
+        rope.get("original_max_position_embeddings", kwargs["max_sequence_length"]),
+    )
+    if hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"{path}: partial_rotary_factor != 1 is not a Phi-3 configuration phi3lab supports.")
+    kind = rope.get("type", rope.get("rope_type"))
+    if kind in ("su", "longrope"):
+        kwargs["rope_scaling_type"] = "su"
+        kwargs["rope_scaling_short_factor"] = rope.get("short_factor")
+        kwargs["rope_scaling_long_factor"] = rope.get("long_factor")
+        _check_no_override(path, rope, kwargs)
+    elif kind not in (None, "default"):
+        raise ValueError(
+            f"{path}: rope scaling type {kind!r} is not Phi-3's; accepted: None, 'su', 'longrope'."
+        )
+    return kwargs
+
+
+def _check_no_override(path, rope, kwargs):
+    """transformers lets `factor`/`attention_factor` override the values
+    Phi-3 derives from the context lengths; refuse rather than silently
+    computing something else."""
+    scale = kwargs["max_sequence_length"] / kwargs["pretraining_sequence_length"]
+    if rope.get("factor") not in (None, scale):
+        raise ValueError(f"{path}: rope 'factor'={rope['factor']} differs from max/original positions ({scale}); unsupported.")
+    if rope.get("attention_factor") is not None:
+        derived = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(kwargs["pretraining_sequence_length"]))
+        if not math.isclose(rope["attention_factor"], derived, rel_tol=1e-6):
+            raise ValueError(f"{path}: rope 'attention_factor'={rope['attention_factor']} differs from Phi-3's {derived}; unsupported.")
+
+
+class _Checkpoint:
+    """All tensors of a (possibly sharded) safetensors checkpoint by name."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {}
+            for name, file_name in weight_map.items():
+                target = (directory / file_name).resolve()
+                if directory.resolve() not in target.parents:
+                    raise ValueError(f"{index}: shard {file_name!r} lies outside the preset directory.")
+                if file_name not in files:
+                    files[file_name] = SafetensorsFile(target)
+            self.where = {name: files[file_name] for name, file_name in weight_map.items()}
+        elif (directory / "model.safetensors").is_file():
+            single = SafetensorsFile(directory / "model.safetensors")
+            self.where = {name: single for name in single.keys()}
+        else:
+            raise FileNotFoundError(
+                f"{directory} has neither model.safetensors nor "
+                "model.safetensors.index.json (phi3lab reads safetensors only)."
+            )
+        self.directory = directory
+
+    def __contains__(self, name):
+        return name in self.where
+
+    def get(self, name: str, needed_for: str) -> np.ndarray:
+        if name not in self.where:
+            raise ValueError(
+                f"The checkpoint at {self.directory} has no tensor {name!r} (needed for {needed_for})."
+            )
+        return self.where[name].tensor(name)
+
+
+def load_weights(model, directory: Path) -> None:
+    """Copy a Hugging Face Phi-3 checkpoint's tensors into `model`."""
+    checkpoint = _Checkpoint(directory)
+    filler = WeightFiller(model)
+    d, hq, hkv = model.hidden_dim, model.num_query_heads, model.num_key_value_heads
+    dh, f = model.head_dim, model.intermediate_dim
+
+    embed = checkpoint.get("model.embed_tokens.weight", "token_embedding/embeddings")
+    filler.put("token_embedding/embeddings", embed, source="model.embed_tokens.weight")
+    head_name = "lm_head.weight" if "lm_head.weight" in checkpoint else "model.embed_tokens.weight"
+    head = checkpoint.get(head_name, "token_embedding/reverse_embeddings")
+    filler.put("token_embedding/reverse_embeddings", head.T, source=head_name)
+    filler.put("final_norm/scale", checkpoint.get("model.norm.weight", "final_norm/scale"), source="model.norm.weight")
+
+    for i in range(model.num_layers):
+        p = f"model.layers.{i}."
+        put = lambda key, value, source: filler.put(key, value, layer=i, source=source)
+        put("decoder/attention_norm/scale", checkpoint.get(p + "input_layernorm.weight", "attention_norm"), p + "input_layernorm.weight")
+        put("decoder/mlp_norm/scale", checkpoint.get(p + "post_attention_layernorm.weight", "mlp_norm"), p + "post_attention_layernorm.weight")
+        fused = p + "self_attn.qkv_proj.weight"
+        if fused in checkpoint:
+            qkv = checkpoint.get(fused, "attention")
+            expected = ((hq + 2 * hkv) * dh, d)
+            if qkv.shape != expected:
+                raise ValueError(f"Tensor {fused!r} has shape {qkv.shape}, expected {expected}.")
+            q, k, v = np.split(qkv, [hq * dh, (hq + hkv) * dh], axis=0)
+            sources = (fused,) * 3
+        else:
+            sources = tuple(p + f"self_attn.{n}_proj.weight" for n in "qkv")
+            q, k, v = (checkpoint.get(s, "attention") for s in sources)
+        for key, value, heads, source in (("query", q, hq, sources[0]), ("key", k, hkv, sources[1]), ("value", v, hkv, sources[2])):
+            if value.shape != (heads * dh, d):
+                raise ValueError(f"Tensor {source!r} has shape {value.shape}, expected {(heads * dh, d)}.")
+            put(f"decoder/attention/{key}_kernel", value.reshape(heads, dh, d).transpose(2, 0, 1), source)
+        o = checkpoint.get(p + "self_attn.o_proj.weight", "attention/output_kernel")
+        if o.shape != (d, hq * dh):
+            raise ValueError(f"Tensor {p + 'self_attn.o_proj.weight'!r} has shape {o.shape}, expected {(d, hq * dh)}.")
+        put("decoder/attention/output_kernel", o.T.reshape(hq, dh, d), p + "self_attn.o_proj.weight")
+        fused = p + "mlp.gate_up_proj.weight"
+        if fused in checkpoint:
+            gate_up = checkpoint.get(fused, "mlp")
+            if gate_up.shape != (2 * f, d):
+                raise ValueError(f"Tensor {fused!r} has shape {gate_up.shape}, expected {(2 * f, d)}.")
+            gate, up = gate_up[:f], gate_up[f:]
+            gate_source = up_source = fused
+        else:
+            gate_source, up_source = p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"
+            gate, up = checkpoint.get(gate_source, "mlp"), checkpoint.get(up_source, "mlp")
+        put("decoder/mlp/gate_kernel", gate.T, gate_source)
+        put("decoder/mlp/up_kernel", up.T, up_source)
+        put("decoder/mlp/down_kernel", checkpoint.get(p + "mlp.down_proj.weight", "mlp").T, p + "mlp.down_proj.weight")
+    filler.finish(str(directory))
+
+
+def save_checkpoint(model, directory: str | Path, max_shard_bytes: int = 4 * 2**30) -> Path:
+    """Write `model` as a Hugging Face Phi-3 checkpoint (fused layout).
+
+    Shards above `max_shard_bytes` and writes `model.safetensors.index.json`
+    when more than one shard is needed. Converts one tensor at a time.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    params = model.params()
+    dec = params["decoder"]
+    d, f = model.hidden_dim, model.intermediate_dim
+
+    def tensors():
+        yield "model.embed_tokens.weight", lambda: params["token_embedding"]["embeddings"]
+        for i in range(model.num_layers):
+            p, a, m = f"model.layers.{i}.", dec["attention"], dec["mlp"]
+            yield p + "input_layernorm.weight", lambda i=i: dec["attention_norm"]["scale"][i]
+            yield p + "post_attention_layernorm.weight", lambda i=i: dec["mlp_norm"]["scale"][i]
+            yield p + "self_attn.qkv_proj.weight", lambda i=i, a=a: np.concatenate(
+                [np.asarray(a[k][i]).transpose(1, 2, 0).reshape(-1, d) for k in ("query_kernel", "key_kernel", "value_kernel")]
+            )
+            yield p + "self_attn.o_proj.weight", lambda i=i, a=a: np.asarray(a["output_kernel"][i]).reshape(-1, d).T
+            yield p + "mlp.gate_up_proj.weight", lambda i=i, m=m: np.concatenate([np.asarray(m["gate_kernel"][i]).T, np.asarray(m["up_kernel"][i]).T])
+            yield p + "mlp.down_proj.weight", lambda i=i, m=m: np.asarray(m["down_kernel"][i]).T
+        yield "model.norm.weight", lambda: params["final_norm"]["scale"]
+        yield "lm_head.weight", lambda: np.asarray(params["token_embedding"]["reverse_embeddings"]).T
+
+    written, current, size = [], {}, 0
+
+    def flush():
+        path = directory / f"shard-{len(written) + 1:05d}.partial"
+        write_safetensors(path, current, {"format": "pt"})
+        written.append((path, list(current)))
+
+    for name, make in tensors():
+        value = np.ascontiguousarray(np.asarray(make()))
+        if current and size + value.nbytes > max_shard_bytes:
+            flush()
+            current, size = {}, 0
+        current[name] = value
+        size += value.nbytes
+    if current:
+        flush()
+    weight_map = {}
+    for number, (path, names) in enumerate(written, start=1):
+        file_name = (
+            "model.safetensors"
+            if len(written) == 1
+            else f"model-{number:05d}-of-{len(written):05d}.safetensors"
+        )
+        path.rename(directory / file_name)
+        weight_map.update({name: file_name for name in names})
+    if len(written) > 1:
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
+        )
+    (directory / "config.json").write_text(json.dumps(hf_config(model), indent=2))
+    return directory
+
+
+def hf_config(model) -> dict:
+    """The Hugging Face `config.json` dict describing `model`."""
+    config = {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "vocab_size": model.vocabulary_size,
+        "hidden_size": model.hidden_dim,
+        "intermediate_size": model.intermediate_dim,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_query_heads,
+        "num_key_value_heads": model.num_key_value_heads,
+        "rms_norm_eps": model.layer_norm_epsilon,
+        "max_position_embeddings": model.max_sequence_length,
+        "original_max_position_embeddings": model.pretraining_sequence_length,
+        "rope_theta": float(model.rope_max_wavelength),
+        "rope_scaling": None,
+        "sliding_window": model.sliding_window,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+    }
+    # Phi-3's special ids, where the vocabulary has room for them.
+    for key, token_id in (("bos_token_id", 1), ("eos_token_id", 32000), ("pad_token_id", 32000)):
+        config[key] = token_id if token_id < model.vocabulary_size else None
+    if model.rope_scaling_type == "su":
+        config["rope_scaling"] = {
+            "type": "longrope",
+            "short_factor": list(model.rope_scaling_short_factor),
+            "long_factor": list(model.rope_scaling_long_factor),
+        }
+    return config

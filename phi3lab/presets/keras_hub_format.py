@@ -1,0 +1,159 @@
+"""keras-hub preset directories: `config.json`, `model.weights.h5`, assets.
+
+Read without keras-hub installed, and never by deserializing objects: we
+accept only the `Phi3Backbone` class and copy its known constructor
+arguments. Weights come from the `.h5` file with h5py, dataset by dataset.
+We also write this layout, so keras-hub can load what phi3lab saves.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+
+from phi3lab.presets.weights import WeightFiller
+
+ARGUMENTS = (
+    "vocabulary_size", "num_layers", "hidden_dim", "intermediate_dim",
+    "num_query_heads", "num_key_value_heads", "layer_norm_epsilon", "dropout",
+    "max_sequence_length", "pretraining_sequence_length", "rope_max_wavelength",
+    "rope_scaling_type", "rope_scaling_short_factor", "rope_scaling_long_factor",
+    "sliding_window",
+)
+ACCEPTED_CLASSES = ("Phi3Backbone",)
+
+# keras-hub's decoder sublayer (and variable index) -> our variable.
+DECODER_MAP = {
+    "pre_attention_layernorm": "decoder/attention_norm/scale",
+    "attention/query_dense": "decoder/attention/query_kernel",
+    "attention/key_dense": "decoder/attention/key_kernel",
+    "attention/value_dense": "decoder/attention/value_kernel",
+    "attention/output_dense": "decoder/attention/output_kernel",
+    "post_attention_layernorm": "decoder/mlp_norm/scale",
+    "feedforward_gate_dense": "decoder/mlp/gate_kernel",
+    "feedforward_intermediate_dense": "decoder/mlp/up_kernel",
+    "feedforward_output_dense": "decoder/mlp/down_kernel",
+}
+TOP_MAP = {
+    "reversible_embedding/vars/0": "token_embedding/embeddings",
+    "reversible_embedding/vars/1": "token_embedding/reverse_embeddings",
+    "phi3_layer_norm/vars/0": "final_norm/scale",
+}
+_DECODER_GROUP = re.compile(r"^phi3_decoder(?:_(\d+))?$")
+
+
+def is_keras_hub_dir(directory: Path) -> bool:
+    config = directory / "config.json"
+    return config.is_file() and "class_name" in json.loads(config.read_text())
+
+
+def read_config(directory: Path) -> dict:
+    """Constructor arguments from a keras-hub `config.json`."""
+    path = directory / "config.json"
+    saved = json.loads(path.read_text())
+    class_name = saved.get("class_name")
+    if class_name not in ACCEPTED_CLASSES:
+        raise ValueError(
+            f"{path} describes class {class_name!r}; phi3lab loads only "
+            f"{ACCEPTED_CLASSES} presets and never builds other classes."
+        )
+    config = saved.get("config", {})
+    kwargs = {key: config[key] for key in ARGUMENTS if key in config}
+    dtype = config.get("dtype")
+    if isinstance(dtype, dict):
+        if dtype.get("class_name") not in ("DTypePolicy", "DTypePolicyMap", None):
+            raise ValueError(f"{path}: refusing dtype object of class {dtype.get('class_name')!r}.")
+        dtype = dtype.get("config", {}).get("name")
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return kwargs
+
+
+def load_weights(model, directory: Path) -> None:
+    """Copy `model.weights.h5` of a keras-hub preset into `model`."""
+    path = directory / "model.weights.h5"
+    if not path.is_file():
+        raise FileNotFoundError(f"The keras-hub preset {directory} has no model.weights.h5.")
+    filler = WeightFiller(model)
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise ValueError(f"{path} is not a readable weights file (truncated or corrupt?): {error}") from None
+    with handle:
+        layers = handle["layers"]
+        for source, key in TOP_MAP.items():
+            if source not in layers:
+                raise ValueError(f"{path} has no tensor 'layers/{source}' (needed for {key}).")
+            filler.put(key, layers[source][()], source=f"layers/{source}")
+        for group_name in layers:
+            match = _DECODER_GROUP.match(group_name)
+            if not match:
+                continue
+            index = int(match.group(1) or 0)
+            if index >= model.num_layers:
+                raise ValueError(
+                    f"{path} holds decoder group {group_name!r} but the config "
+                    f"has num_layers={model.num_layers}."
+                )
+            for sub, key in DECODER_MAP.items():
+                name = f"{group_name}/{sub}/vars/0"
+                if name not in layers:
+                    raise ValueError(f"{path} has no tensor 'layers/{name}' (needed for {key}).")
+                filler.put(key, layers[name][()], layer=index, source=f"layers/{name}")
+    filler.finish(str(directory))
+
+
+def save_preset(model, directory: str | Path) -> Path:
+    """Write `model` as a keras-hub preset directory (loadable by keras-hub).
+
+    Writes `config.json` (class `keras_hub>Phi3Backbone`), `metadata.json`
+    and `model.weights.h5` in keras-hub's layout. `sliding_window` is kept in
+    the config only when set, since keras-hub does not know it.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {key: value for key, value in model.get_config().items() if key in ARGUMENTS}
+    if config.get("sliding_window") is None:
+        config.pop("sliding_window", None)
+    config["name"] = "phi3_backbone"
+    config["trainable"] = True
+    config["dtype"] = keras.dtype_policies.serialize(model.dtype_policy)
+    (directory / "config.json").write_text(json.dumps({
+        "module": "keras_hub.src.models.phi3.phi3_backbone",
+        "class_name": "Phi3Backbone",
+        "config": config,
+        "registered_name": "keras_hub>Phi3Backbone",
+    }, indent=4))
+    (directory / "metadata.json").write_text(json.dumps({
+        "keras_version": keras.__version__,
+        "keras_hub_version": "0.32.0",
+        "parameter_count": int(model.count_params()),
+        "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
+        "tasks": [],
+        "saved_by": "phi3lab",
+    }, indent=4))
+    params = model.params()
+    with h5py.File(directory / "model.weights.h5", "w") as handle:
+        layers = handle.create_group("layers")
+        sources = {
+            "reversible_embedding/vars/0": params["token_embedding"]["embeddings"],
+            "reversible_embedding/vars/1": params["token_embedding"]["reverse_embeddings"],
+            "phi3_layer_norm/vars/0": params["final_norm"]["scale"],
+        }
+        for name, value in sources.items():
+            layers.create_dataset(name, data=np.asarray(value))
+        decoder = params["decoder"]
+        for index in range(model.num_layers):
+            group = "phi3_decoder" + (f"_{index}" if index else "")
+            for sub, key in DECODER_MAP.items():
+                _, part, variable = key.split("/")
+                layers.create_dataset(
+                    f"{group}/{sub}/vars/0", data=np.asarray(decoder[part][variable][index])
+                )
+    return directory

@@ -1,0 +1,88 @@
+"""Filling a backbone's (stacked) variables one checkpoint tensor at a time."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import numpy as np
+from jax import numpy as jnp
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked, value, index):
+    return jax.lax.dynamic_update_index_in_dim(stacked, value, index, 0)
+
+
+def model_variables(model) -> dict:
+    """`{"decoder/attention/query_kernel": variable, ...}` for a backbone."""
+    layers = {
+        "token_embedding": model.token_embedding,
+        "final_norm": model.final_norm,
+        "decoder/attention_norm": model.decoder.attention_norm,
+        "decoder/attention": model.decoder.attention,
+        "decoder/mlp_norm": model.decoder.mlp_norm,
+        "decoder/mlp": model.decoder.mlp,
+    }
+    return {
+        f"{prefix}/{name}": getattr(layer, name)
+        for prefix, layer in layers.items()
+        for name in layer.params()
+    }
+
+
+STACKED_PREFIX = "decoder/"
+
+
+class WeightFiller:
+    """Writes tensors into a model's variables and checks nothing is missed.
+
+    Stacked decoder variables are filled one layer slice at a time, updated
+    in place (the old buffer is donated), so loading never holds a second
+    copy of the model.
+
+    Example:
+    >>> filler = WeightFiller(model)
+    >>> filler.put("final_norm/scale", np.ones(64), source="model.norm.weight")
+    >>> filler.finish("/path/to/preset")   # raises if a tensor was never put
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.variables = model_variables(model)
+        self.filled: dict[str, set] = {key: set() for key in self.variables}
+
+    def put(self, key: str, value, layer: int | None = None, source: str = "") -> None:
+        variable = self.variables[key]
+        expected = tuple(variable.shape[1:] if layer is not None else variable.shape)
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"Tensor {source!r} has shape {tuple(value.shape)}, but "
+                f"{key}{'' if layer is None else f' (layer {layer})'} needs "
+                f"shape {expected}. Check that the checkpoint matches its config."
+            )
+        value = jnp.asarray(np.asarray(value), dtype=variable.dtype)
+        if layer is None:
+            variable.assign(value)
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Some donated buffers")
+                variable.assign(_set_layer(variable.value, value, layer))
+        self.filled[key].add(layer)
+
+    def finish(self, where: str) -> None:
+        """Raise if any variable (or decoder layer slice) was not written."""
+        missing = []
+        for key, done in self.filled.items():
+            if key.startswith(STACKED_PREFIX):
+                layers = set(range(self.model.num_layers)) - done
+                missing += [f"{key} (layer {i})" for i in sorted(layers)]
+            elif None not in done:
+                missing.append(key)
+        if missing:
+            raise ValueError(
+                f"The preset at {where} lacks weights for {len(missing)} "
+                f"variable(s): {', '.join(missing[:8])}"
+                + (" ..." if len(missing) > 8 else "")
+            )
