@@ -5,6 +5,8 @@ from phi3lab._backend import select_jax_backend
 select_jax_backend()
 
 from phi3lab.model import Phi3Backbone  # noqa: E402
+from phi3lab.tracing import Trace, trace  # noqa: E402
+from phi3lab.tracing import hooks  # noqa: E402
 
-__all__ = ["Phi3Backbone"]
+__all__ = ["Phi3Backbone", "Trace", "hooks", "trace"]
 __version__ = "0.1.0"

@@ -1,0 +1,7 @@
+"""Hook points, the `trace()` entry, the `Trace` result and interventions."""
+
+from phi3lab.tracing.names import all_names, block_name
+from phi3lab.tracing.result import Trace
+from phi3lab.tracing.trace import compiled_count, trace
+
+__all__ = ["Trace", "all_names", "block_name", "compiled_count", "trace"]

@@ -1,0 +1,115 @@
+"""The catalogue of hook names, their shapes, and name selection.
+
+Names follow TransformerLens where the concept is the same. Block names carry
+the prefix `blocks.{layer}.`; the rest are model-level.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Callable, Iterable
+
+from phi3lab.errors import close_matches
+
+# Block-local hook names in the order the forward reaches them, with shapes
+# in symbols: B batch, T positions, D hidden, F intermediate, Hq / Hkv heads,
+# dh head size.
+BLOCK_SITES = {
+    "hook_resid_pre": ("B", "T", "D"),
+    "ln1.hook_normalized": ("B", "T", "D"),
+    "attn.hook_q": ("B", "T", "Hq", "dh"),
+    "attn.hook_k": ("B", "T", "Hkv", "dh"),
+    "attn.hook_v": ("B", "T", "Hkv", "dh"),
+    "attn.hook_rot_q": ("B", "T", "Hq", "dh"),
+    "attn.hook_rot_k": ("B", "T", "Hkv", "dh"),
+    "attn.hook_attn_scores": ("B", "Hq", "T", "T"),
+    "attn.hook_pattern": ("B", "Hq", "T", "T"),
+    "attn.hook_z": ("B", "T", "Hq", "dh"),
+    "hook_attn_out": ("B", "T", "D"),
+    "hook_resid_mid": ("B", "T", "D"),
+    "ln2.hook_normalized": ("B", "T", "D"),
+    "mlp.hook_pre": ("B", "T", "F"),
+    "mlp.hook_pre_linear": ("B", "T", "F"),
+    "mlp.hook_post": ("B", "T", "F"),
+    "hook_mlp_out": ("B", "T", "D"),
+    "hook_resid_post": ("B", "T", "D"),
+}
+MODEL_SITES = {
+    "hook_embed": ("B", "T", "D"),
+    "ln_final.hook_normalized": ("B", "T", "D"),
+    "hook_logits": ("B", "T", "V"),
+}
+_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def block_name(layer: int, site: str) -> str:
+    """`block_name(3, "attn.hook_pattern")` -> `"blocks.3.attn.hook_pattern"`."""
+    return f"blocks.{layer}.{site}"
+
+
+def split_name(name: str) -> tuple[int | None, str]:
+    """`"blocks.3.attn.hook_z"` -> `(3, "attn.hook_z")`; model-level -> `(None, name)`."""
+    match = _BLOCK_NAME.match(name)
+    if match:
+        return int(match.group(1)), match.group(2)
+    return None, name
+
+
+def all_names(num_layers: int) -> list[str]:
+    """Every hook name of a model with `num_layers` blocks, in forward order."""
+    names = ["hook_embed"]
+    for layer in range(num_layers):
+        names += [block_name(layer, site) for site in BLOCK_SITES]
+    return names + ["ln_final.hook_normalized", "hook_logits"]
+
+
+def site_shape(model, name: str, batch: int, length: int) -> tuple[int, ...]:
+    """The shape of activation `name` for a `[batch, length]` input."""
+    _, site = split_name(name)
+    sizes = {
+        "B": batch, "T": length, "D": model.hidden_dim, "F": model.intermediate_dim,
+        "Hq": model.num_query_heads, "Hkv": model.num_key_value_heads,
+        "dh": model.head_dim, "V": model.vocabulary_size,
+    }
+    symbols = BLOCK_SITES.get(site) or MODEL_SITES[site]
+    return tuple(sizes[s] for s in symbols)
+
+
+Selection = None | str | Iterable[str] | Callable[[str], bool]
+
+
+def select(selection: Selection, names: list[str], argument: str = "names") -> list[str]:
+    """The names (in forward order) picked by `selection`.
+
+    Args:
+        selection: None (everything), a name or glob pattern
+            (`"blocks.*.attn.hook_pattern"`), a list of those, or a predicate
+            `fn(name) -> bool`.
+        names: every available name.
+        argument: the user-facing argument name, for error messages.
+
+    Raises `ValueError` for a name or pattern that matches nothing, listing
+    close matches.
+    """
+    if selection is None:
+        return list(names)
+    if callable(selection):
+        return [n for n in names if selection(n)]
+    patterns = [selection] if isinstance(selection, str) else list(selection)
+    chosen = set()
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(
+                f"`{argument}` must hold hook names or glob patterns (strings); "
+                f"received {pattern!r} of type {type(pattern).__name__}."
+            )
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise ValueError(
+                f"`{argument}` entry {pattern!r} matches no hook name. Close "
+                f"matches: {close_matches(pattern, names)}. Names look like "
+                "'blocks.0.attn.hook_pattern', patterns like 'blocks.*.hook_resid_post'."
+            )
+        chosen.update(matched)
+    return [n for n in names if n in chosen]

@@ -1,0 +1,93 @@
+"""The rotary embedding of one run, described as arrays and a table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+
+from phi3lab.model.rotary import RotarySpec
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryDescription:
+    """The rotary embedding exactly as the model applies it to `num_positions`
+    positions (built by `describe_rotary` from the model's own `RotarySpec`).
+
+    Attributes:
+        num_positions: positions in use (largest position + 1).
+        factor_set: `"none"`, `"short"` or `"long"`.
+        reason: why that factor set is in force.
+        factors: per-pair frequency divisors in force `[P]` (P = head_dim/2).
+        short_factor, long_factor: both "su" lists `[P]` (None without "su").
+        inverse_frequencies: radians per token `[P]`.
+        wavelengths: tokens per full turn, `2 pi / inverse_frequencies`.
+        attention_factor: multiplier of the cos/sin tables.
+        cos, sin: tables `[num_positions, head_dim]` as applied.
+        pretraining_sequence_length, max_sequence_length: the context sizes.
+    """
+
+    num_positions: int
+    factor_set: str
+    reason: str
+    factors: np.ndarray
+    short_factor: np.ndarray | None
+    long_factor: np.ndarray | None
+    inverse_frequencies: np.ndarray
+    wavelengths: np.ndarray
+    attention_factor: float
+    cos: np.ndarray
+    sin: np.ndarray
+    pretraining_sequence_length: int
+    max_sequence_length: int
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per dimension pair: factors, frequency, wavelength, and how
+        many turns the pair makes over the positions in use."""
+        pairs = len(self.inverse_frequencies)
+        table = pd.DataFrame(
+            {
+                "pair": np.arange(pairs),
+                "dims": [f"{i},{i + pairs}" for i in range(pairs)],
+                "factor": self.factors,
+                "inverse_frequency": self.inverse_frequencies,
+                "wavelength": self.wavelengths,
+                "turns_in_context": self.num_positions / self.wavelengths,
+                "wavelength_over_pretraining": self.wavelengths / self.pretraining_sequence_length,
+            }
+        )
+        if self.short_factor is not None:
+            table.insert(3, "short_factor", self.short_factor)
+            table.insert(4, "long_factor", self.long_factor)
+        table.attrs.update(factor_set=self.factor_set, reason=self.reason, attention_factor=self.attention_factor)
+        return table
+
+
+def describe_rotary(spec: RotarySpec, num_positions: int) -> RotaryDescription:
+    """Describe `spec` applied to positions `0 .. num_positions - 1`."""
+    chosen = spec.factor_set(num_positions)
+    limit = spec.pretraining_sequence_length
+    reason = {
+        "none": "no rotary scaling (rope_scaling_type=None)",
+        "short": f"largest position + 1 = {num_positions} <= pretraining_sequence_length = {limit}",
+        "long": f"largest position + 1 = {num_positions} > pretraining_sequence_length = {limit}",
+    }[chosen]
+    inverse = spec.inverse_frequencies(num_positions)
+    cos, sin = spec.tables(num_positions)
+    as_array = lambda v: None if v is None else np.asarray(v, np.float32)
+    return RotaryDescription(
+        num_positions=num_positions,
+        factor_set=chosen,
+        reason=reason,
+        factors=spec.factors(num_positions),
+        short_factor=as_array(spec.short_factor),
+        long_factor=as_array(spec.long_factor),
+        inverse_frequencies=inverse,
+        wavelengths=(2 * np.pi / inverse.astype(np.float64)),
+        attention_factor=spec.attention_factor,
+        cos=np.asarray(cos),
+        sin=np.asarray(sin),
+        pretraining_sequence_length=limit,
+        max_sequence_length=spec.max_sequence_length,
+    )
