@@ -8,6 +8,7 @@ h head dimension. Query head `n = k * group_size + g` uses key/value head
 
 from __future__ import annotations
 
+import jax
 import keras
 from jax import numpy as jnp
 
@@ -16,14 +17,15 @@ from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.rotary import apply_rotary
 
 
-def attention_mask(padding_mask, num_queries: int, sliding_window=None):
+def attention_mask(padding_mask, query_start, num_queries: int, sliding_window=None):
     """Which keys each query may attend to, boolean `[batch, query, key]`.
 
+    Queries are positions `query_start .. query_start + num_queries - 1`.
     A query at position `t` sees keys `s <= t` that are not padding and, with
     a `sliding_window` `w`, only the last `w` of them (`s > t - w`), as
     Hugging Face transformers masks Phi-3.
     """
-    queries = jnp.arange(num_queries)[:, None]
+    queries = query_start + jnp.arange(num_queries)[:, None]
     keys = jnp.arange(padding_mask.shape[1])[None, :]
     allowed = keys <= queries
     if sliding_window is not None:
@@ -54,6 +56,9 @@ class Phi3Attention(keras.layers.Layer):
         num_query_heads: int. Query heads `Hq`; `head_dim = D // Hq`.
         num_key_value_heads: int. Key/value heads `Hkv`, dividing `Hq`.
         dropout: float. Dropout on the attention probabilities in training.
+        sliding_window: int or None. Attend only to the last this-many keys.
+        query_chunk_size: int. Long inputs are attended this many queries
+            at a time (see `apply`).
         kernel_initializer: initializer for the kernels.
 
     Weights: `query_kernel [L, D, Hq, dh]`, `key_kernel` and `value_kernel`
@@ -67,10 +72,14 @@ class Phi3Attention(keras.layers.Layer):
         num_query_heads,
         num_key_value_heads,
         dropout=0.0,
+        sliding_window=None,
+        query_chunk_size=1024,
         kernel_initializer=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.sliding_window = sliding_window
+        self.query_chunk_size = query_chunk_size
         self.num_layers = num_layers
         self.hidden_dim = hidden_dim
         self.num_query_heads = num_query_heads
@@ -103,18 +112,62 @@ class Phi3Attention(keras.layers.Layer):
             for name in ("query_kernel", "key_kernel", "value_kernel", "output_kernel")
         }
 
-    def apply(self, params, x, cos, sin, mask, sites=NO_HOOKS, dropout_key=None):
+    def attend(self, q, k, v, padding_mask, query_start, dropout_key=None):
+        """Attention of query rows `q [B, n, Hq, dh]` (positions `query_start
+        ...`) over all keys; returns `(scores, pattern, z)` with scores and
+        pattern `[B, Hq, n, T]` (float32) and `z [B, n, Hq, dh]`."""
+        batch, rows, length = q.shape[0], q.shape[1], k.shape[1]
+        grouped_q = q.reshape(
+            batch, rows, self.num_key_value_heads, self.group_size, self.head_dim
+        )
+        scores = jnp.einsum(
+            "btkgh,bskh->bkgts", grouped_q, k, preferred_element_type=jnp.float32
+        ).reshape(batch, self.num_query_heads, rows, length)
+        scores = scores * jnp.float32(self.head_dim**-0.5)
+        mask = attention_mask(padding_mask, query_start, rows, self.sliding_window)[:, None]
+        scores = jnp.where(mask, scores, -jnp.inf)
+        pattern = masked_softmax(scores, mask)
+        weights = dropout(pattern, self.dropout, dropout_key).astype(v.dtype)
+        z = jnp.einsum(
+            "bkgts,bskh->btkgh",
+            weights.reshape(batch, self.num_key_value_heads, self.group_size, rows, length),
+            v,
+        ).reshape(batch, rows, self.num_query_heads, self.head_dim)
+        return scores, pattern, z
+
+    def _attend_in_chunks(self, q, k, v, padding_mask):
+        """`z` computed `query_chunk_size` rows at a time, so no `[T, T]`
+        array for all heads ever exists (long inputs)."""
+        chunk = self.query_chunk_size
+        length = q.shape[1]
+        count = -(-length // chunk)
+        padded = jnp.pad(q, ((0, 0), (0, count * chunk - length), (0, 0), (0, 0)))
+
+        def one(index):
+            rows = jax.lax.dynamic_slice_in_dim(padded, index * chunk, chunk, axis=1)
+            return self.attend(rows, k, v, padding_mask, index * chunk)[2]
+
+        z = jax.lax.map(one, jnp.arange(count))  # [count, B, chunk, Hq, dh]
+        z = jnp.moveaxis(z, 0, 1).reshape(q.shape[0], count * chunk, *q.shape[2:])
+        return z[:, :length]
+
+    def apply(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None):
         """One layer's attention.
 
         Args:
             params: this layer's kernels (no leading layer axis).
             x: normalized input `[B, T, D]`.
             cos, sin: rotary tables `[T, head_dim]`.
-            mask: boolean `[B, T, T]`, from `attention_mask`.
+            padding_mask: boolean `[B, T]`, True for real tokens.
             sites: hook points (`NO_HOOKS` for the plain forward).
             dropout_key: JAX key for attention dropout, or None.
 
         Returns the attention output `[B, T, D]` (after the output kernel).
+
+        Long inputs (more than two chunks of `query_chunk_size` queries) are
+        processed a chunk of queries at a time unless every row of the
+        pattern or scores is asked for; with `sites.query_window` set, only
+        those query rows of the pattern and scores are reported.
         """
         dtype = self.compute_dtype
         w = {name: value.astype(dtype) for name, value in params.items()}
@@ -124,29 +177,29 @@ class Phi3Attention(keras.layers.Layer):
         q = sites("attn.hook_rot_q", apply_rotary(q, cos, sin))
         k = sites("attn.hook_rot_k", apply_rotary(k, cos, sin))
 
-        batch, length = q.shape[0], q.shape[1]
-        grouped_q = q.reshape(
-            batch, length, self.num_key_value_heads, self.group_size, self.head_dim
-        )
-        scores = jnp.einsum(
-            "btkgh,bskh->bkgts",
-            grouped_q,
-            k,
-            preferred_element_type=jnp.float32,
-        ).reshape(batch, self.num_query_heads, length, k.shape[1])
-        scores = scores * jnp.float32(self.head_dim**-0.5)
-        head_mask = mask[:, None, :, :]
-        scores = jnp.where(head_mask, scores, -jnp.inf)
-        scores = sites("attn.hook_attn_scores", scores)
-        pattern = sites("attn.hook_pattern", masked_softmax(scores, head_mask))
-        pattern = dropout(pattern, self.dropout, dropout_key).astype(dtype)
-
-        grouped_pattern = pattern.reshape(
-            batch, self.num_key_value_heads, self.group_size, length, k.shape[1]
-        )
-        z = jnp.einsum("bkgts,bskh->btkgh", grouped_pattern, v).reshape(
-            batch, length, self.num_query_heads, self.head_dim
-        )
+        length = q.shape[1]
+        reported = sites.wants("attn.hook_attn_scores") or sites.wants("attn.hook_pattern")
+        window = sites.query_window
+        if reported and window is None:
+            scores, _, _ = self.attend(q, k, v, padding_mask, 0)
+            scores = sites("attn.hook_attn_scores", scores)
+            mask = attention_mask(padding_mask, 0, length, self.sliding_window)[:, None]
+            pattern = sites("attn.hook_pattern", masked_softmax(scores, mask))
+            pattern = dropout(pattern, self.dropout, dropout_key).astype(dtype)
+            grouped = pattern.reshape(
+                pattern.shape[0], self.num_key_value_heads, self.group_size, length, length
+            )
+            z = jnp.einsum("bkgts,bskh->btkgh", grouped, v).reshape(q.shape)
+        else:
+            if length > 2 * self.query_chunk_size and dropout_key is None:
+                z = self._attend_in_chunks(q, k, v, padding_mask)
+            else:
+                z = self.attend(q, k, v, padding_mask, 0, dropout_key)[2]
+            if reported:
+                start, stop = window
+                scores, pattern, _ = self.attend(q[:, start:stop], k, v, padding_mask, start)
+                sites("attn.hook_attn_scores", scores)
+                sites("attn.hook_pattern", pattern)
         z = sites("attn.hook_z", z)
         return jnp.einsum("btnh,nhd->btd", z, w["output_kernel"])
 
@@ -159,6 +212,8 @@ class Phi3Attention(keras.layers.Layer):
                 "num_query_heads": self.num_query_heads,
                 "num_key_value_heads": self.num_key_value_heads,
                 "dropout": self.dropout,
+                "sliding_window": self.sliding_window,
+                "query_chunk_size": self.query_chunk_size,
             }
         )
         return config

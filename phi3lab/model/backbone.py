@@ -5,7 +5,6 @@ from __future__ import annotations
 import keras
 from jax import numpy as jnp
 
-from phi3lab.model.attention import attention_mask
 from phi3lab.model.config import check_backbone_arguments, check_token_ids
 from phi3lab.model.decoder import Phi3DecoderStack
 from phi3lab.model.embedding import Phi3TokenEmbedding
@@ -129,6 +128,7 @@ class Phi3Backbone(keras.Model):
             num_key_value_heads=num_key_value_heads,
             layer_norm_epsilon=layer_norm_epsilon,
             dropout=dropout,
+            sliding_window=sliding_window,
             dtype=self.dtype_policy,
             name="decoder",
         )
@@ -190,13 +190,13 @@ class Phi3Backbone(keras.Model):
             and the decoder's per-range captures (empty without hooks).
         """
         length = token_ids.shape[1]
-        if padding_mask is None:
-            padding_mask = jnp.ones(token_ids.shape, bool)
+        padding_mask = (
+            jnp.ones(token_ids.shape, bool) if padding_mask is None else padding_mask.astype(bool)
+        )
         x = sites("hook_embed", self.token_embedding.apply(params["token_embedding"], token_ids))
         cos, sin = self.rotary.tables(length)
-        mask = attention_mask(padding_mask, length, self.sliding_window)
         x, captures = self.decoder.apply(
-            params["decoder"], x, cos, sin, mask, sites, dropout_key
+            params["decoder"], x, cos, sin, padding_mask, sites, dropout_key
         )
         x = sites(
             "ln_final.hook_normalized", self.final_norm.apply(params["final_norm"], x)

@@ -32,6 +32,7 @@ class Phi3DecoderStack(keras.layers.Layer):
         layer_norm_epsilon: float. RMS norm epsilon.
         dropout: float. Dropout rate in training (attention probabilities
             and both residual branches).
+        sliding_window: int or None. Attention window (see `Phi3Attention`).
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class Phi3DecoderStack(keras.layers.Layer):
         num_key_value_heads,
         layer_norm_epsilon=1e-6,
         dropout=0.0,
+        sliding_window=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -53,6 +55,7 @@ class Phi3DecoderStack(keras.layers.Layer):
         self.num_key_value_heads = num_key_value_heads
         self.layer_norm_epsilon = layer_norm_epsilon
         self.dropout = dropout
+        self.sliding_window = sliding_window
 
         # === Layers ===
         common = {"num_layers": num_layers, "dtype": self.dtype_policy}
@@ -64,6 +67,7 @@ class Phi3DecoderStack(keras.layers.Layer):
             num_query_heads=num_query_heads,
             num_key_value_heads=num_key_value_heads,
             dropout=dropout,
+            sliding_window=sliding_window,
             name="attention",
             **common,
         )
@@ -86,7 +90,7 @@ class Phi3DecoderStack(keras.layers.Layer):
             "mlp": self.mlp.params(),
         }
 
-    def block(self, params, x, cos, sin, mask, sites=NO_HOOKS, dropout_key=None):
+    def block(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None):
         """One decoder block from its parameter slice; `x` is `[B, T, D]`."""
         keys = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
         x = sites("hook_resid_pre", x)
@@ -95,7 +99,7 @@ class Phi3DecoderStack(keras.layers.Layer):
             self.attention_norm.apply(params["attention_norm"], x),
         )
         attention_out = self.attention.apply(
-            params["attention"], normalized, cos, sin, mask, sites, keys[0]
+            params["attention"], normalized, cos, sin, padding_mask, sites, keys[0]
         )
         attention_out = sites(
             "hook_attn_out", dropout(attention_out, self.dropout, keys[1])
@@ -108,14 +112,14 @@ class Phi3DecoderStack(keras.layers.Layer):
         mlp_out = sites("hook_mlp_out", dropout(mlp_out, self.dropout, keys[2]))
         return sites("hook_resid_post", x + mlp_out)
 
-    def apply(self, params, x, cos, sin, mask, sites=NO_HOOKS, dropout_key=None):
+    def apply(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None):
         """Run every block.
 
         Args:
             params: stacked parameters, as `params()` returns them.
             x: embedded tokens `[B, T, D]`.
             cos, sin: rotary tables `[T, head_dim]`.
-            mask: boolean attention mask `[B, T, T]`.
+            padding_mask: boolean `[B, T]`, True for real tokens.
             sites: hook points.
             dropout_key: JAX key, or None for no dropout.
 
@@ -136,7 +140,7 @@ class Phi3DecoderStack(keras.layers.Layer):
                 block_sites = sites.block(start, stop, start)
                 x = self.block(
                     jax.tree.map(lambda a: a[start], params),
-                    x, cos, sin, mask, block_sites,
+                    x, cos, sin, padding_mask, block_sites,
                     None if layer_keys is None else layer_keys[start],
                 )
                 captured = jax.tree.map(lambda a: a[None], block_sites.captured)
@@ -146,7 +150,7 @@ class Phi3DecoderStack(keras.layers.Layer):
                     layer_params, layer, key = inputs
                     block_sites = sites.block(start, stop, layer)
                     carry = self.block(
-                        layer_params, carry, cos, sin, mask, block_sites, key
+                        layer_params, carry, cos, sin, padding_mask, block_sites, key
                     )
                     return carry, block_sites.captured
 
@@ -173,6 +177,7 @@ class Phi3DecoderStack(keras.layers.Layer):
                 "num_key_value_heads": self.num_key_value_heads,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "dropout": self.dropout,
+                "sliding_window": self.sliding_window,
             }
         )
         return config

@@ -22,12 +22,17 @@ class HookPoints:
       * `sites.segments(num_layers)`: consecutive layer ranges `(start,
         stop)` whose hook points behave alike, so each range can run as one
         `lax.scan` over stacked weights.
+      * `sites.query_window`: None, or `(start, stop)` query rows that the
+        attention scores/pattern sites report (long inputs).
       * `sites.block(start, stop, layer)`: the hook points of one decoder
         block inside a range; `layer` is an int or a traced scalar. Values it
         captures are in `.captured` (a dict) after the block ran.
     """
 
     captured: dict = {}
+    # Query rows `(start, stop)` that attention scores/pattern report, or
+    # None for all rows.
+    query_window = None
 
     def __call__(self, name: str, x):
         return x

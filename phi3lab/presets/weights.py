@@ -86,3 +86,20 @@ class WeightFiller:
                 f"variable(s): {', '.join(missing[:8])}"
                 + (" ..." if len(missing) > 8 else "")
             )
+
+
+def set_params(model, params: dict) -> None:
+    """Assign a params pytree (as `model.params()` returns) to `model`."""
+    flat = {}
+    for group, values in params.items():
+        for name, value in values.items():
+            if isinstance(value, dict):
+                for leaf, array in value.items():
+                    flat[f"{group}/{name}/{leaf}"] = array
+            else:
+                flat[f"{group}/{name}"] = value
+    variables = model_variables(model)
+    if set(flat) != set(variables):
+        raise ValueError(f"`params` keys {sorted(set(flat) ^ set(variables))} do not match the model's variables.")
+    for key, value in flat.items():
+        variables[key].assign(value)

@@ -26,9 +26,14 @@ class Trace(Mapping):
         output: the backbone's output (final normalized hidden states).
         rope: `RotaryDescription` of the rotary embedding in this run.
         num_layers, num_query_heads, num_key_value_heads: model shape.
+        query_window: `(start, stop)` query rows held by the attention maps,
+            or None for all rows.
+        attention_heads: the query heads held by the attention maps (in
+            that order), or None for all heads.
     """
 
-    def __init__(self, arrays, *, token_ids, padding_mask, tokens, output, rope, model):
+    def __init__(self, arrays, *, token_ids, padding_mask, tokens, output, rope, model,
+                 query_window=None, attention_heads=None):
         self._arrays = arrays
         self.names = list(arrays)
         self.token_ids = token_ids
@@ -39,6 +44,8 @@ class Trace(Mapping):
         self.num_layers = model.num_layers
         self.num_query_heads = model.num_query_heads
         self.num_key_value_heads = model.num_key_value_heads
+        self.query_window = query_window
+        self.attention_heads = attention_heads
 
     # === Mapping ===
     def __getitem__(self, name: str) -> np.ndarray:
@@ -72,9 +79,10 @@ class Trace(Mapping):
         pattern = self[block_name(self._layer(layer), "attn.hook_pattern")]
         if head is None:
             return pattern
-        if isinstance(head, bool) or not isinstance(head, (int, np.integer)) or not 0 <= head < self.num_query_heads:
-            raise bad_argument("head", head, f"an int in [0, {self.num_query_heads})")
-        return pattern[:, head]
+        kept = self.attention_heads or tuple(range(self.num_query_heads))
+        if isinstance(head, bool) or not isinstance(head, (int, np.integer)) or head not in kept:
+            raise bad_argument("head", head, f"one of the captured query heads {list(kept)}")
+        return pattern[:, kept.index(head)]
 
     def resid(self, layer: int, where: str = "post") -> np.ndarray:
         """Residual stream `[B, T, D]` before (`"pre"`), between (`"mid"`) or

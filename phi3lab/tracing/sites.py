@@ -9,6 +9,8 @@ from phi3lab.model.hook_points import HookPoints
 from phi3lab.tracing.hooks import Hook, HookContext
 from phi3lab.tracing.names import block_name, split_name
 
+ATTENTION_MAPS = ("attn.hook_attn_scores", "attn.hook_pattern")
+
 
 @dataclasses.dataclass(frozen=True)
 class TracePlan:
@@ -23,6 +25,8 @@ class TracePlan:
     keep: frozenset
     hooked: tuple  # ((name, (entry indices...)), ...)
     num_layers: int
+    query_window: tuple | None = None  # (start, stop) rows of scores/pattern
+    attention_heads: tuple | None = None  # query heads of scores/pattern kept
 
     def hooks_at(self, name: str) -> tuple:
         return dict(self.hooked).get(name, ())
@@ -59,6 +63,7 @@ class TraceSites(HookPoints):
         self.data = data
         self.prefix_layer = prefix_layer
         self.layer = layer
+        self.query_window = plan.query_window
         self.captured = {}
 
     def _full(self, name: str) -> str:
@@ -82,7 +87,11 @@ class TraceSites(HookPoints):
                     )
                 x = result.astype(x.dtype)
         if full in self.plan.keep:
-            self.captured[name] = x
+            heads = self.plan.attention_heads
+            if heads is not None and name in ATTENTION_MAPS:
+                self.captured[name] = x[:, list(heads)]
+            else:
+                self.captured[name] = x
         return x
 
     def segments(self, num_layers: int) -> list[tuple[int, int]]:

@@ -11,23 +11,28 @@ from jax import numpy as jnp
 from phi3lab.errors import bad_argument
 from phi3lab.model.config import check_token_ids
 from phi3lab.tracing.hooks import Hook, Hooks
+from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure
 from phi3lab.tracing.names import Selection, all_names, block_name, select
 from phi3lab.tracing.result import Trace
 from phi3lab.tracing.rope import describe_rotary
 from phi3lab.tracing.sites import TracePlan, TraceSites
 
-# model -> {(plan, hook functions and statics): jitted function}
+# model -> {(plan, hook functions and statics, input shapes): compiled program}
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def compiled_count(model) -> int:
-    """How many distinct programs `trace` has compiled for `model` (each
-    counted once per input shape). Used to check compile-once reuse."""
-    return sum(fn._cache_size() for fn in _COMPILED.get(model, {}).values())
+    """How many distinct programs `trace` has compiled for `model` (one per
+    plan, hook functions and input shapes). Used to check compile-once reuse."""
+    return len(_COMPILED.get(model, {}))
 
 
-def _compiled(model, plan: TracePlan, hooks: tuple[Hook, ...]):
-    key = (plan, tuple((h.fn, h.static) for h in hooks))
+def _compiled(model, plan: TracePlan, hooks: tuple[Hook, ...], args):
+    """The compiled trace program for `plan`, `hooks` and the shapes of
+    `args` (compiled ahead of time, so its memory is known before it runs)."""
+    leaves, treedef = jax.tree.flatten(args)
+    shapes = (treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
+    key = (plan, tuple((h.fn, h.static) for h in hooks), shapes)
     cache = _COMPILED.setdefault(model, {})
     if key not in cache:
         specs = tuple(Hook(h.fn, None, h.static) for h in hooks)
@@ -37,7 +42,7 @@ def _compiled(model, plan: TracePlan, hooks: tuple[Hook, ...]):
             hidden, segments = model.apply(params, token_ids, padding_mask, sites)
             return hidden, sites.captured, [captured for _, _, captured in segments]
 
-        cache[key] = jax.jit(run)
+        cache[key] = jax.jit(run).lower(*args).compile()
     return cache[key]
 
 
@@ -73,7 +78,35 @@ def _prepare_inputs(model, inputs, padding_mask, tokenizer):
     return token_ids.astype(np.int32), padding_mask, tokens
 
 
-def _plan(model, names: Selection, hooks: Hooks) -> TracePlan:
+def _window(queries, length: int):
+    if queries is None:
+        return None
+    if isinstance(queries, slice):
+        if queries.step not in (None, 1):
+            raise bad_argument("queries", queries, "a slice with step 1")
+        start, stop, _ = queries.indices(length)
+    elif isinstance(queries, (tuple, list)) and len(queries) == 2:
+        start, stop = (int(v) for v in queries)
+    else:
+        raise bad_argument("queries", queries, "None, a slice of query positions, or (start, stop)")
+    if not 0 <= start < stop <= length:
+        raise bad_argument("queries", queries, f"a non-empty range of query positions within [0, {length})")
+    return (start, stop)
+
+
+def _heads(model, heads):
+    if heads is None:
+        return None
+    chosen = (heads,) if isinstance(heads, (int, np.integer)) else tuple(heads)
+    if not chosen or any(
+        isinstance(h, bool) or not isinstance(h, (int, np.integer)) or not 0 <= h < model.num_query_heads
+        for h in chosen
+    ):
+        raise bad_argument("heads", heads, f"query-head indices in [0, {model.num_query_heads})")
+    return tuple(int(h) for h in chosen)
+
+
+def _plan(model, names: Selection, hooks: Hooks, window=None, heads=None) -> TracePlan:
     available = all_names(model.num_layers)
     keep = select(names, available)
     hooked: dict[str, list[int]] = {}
@@ -82,10 +115,19 @@ def _plan(model, names: Selection, hooks: Hooks) -> TracePlan:
             hook.check(model)
         for name in select(pattern, available, argument="hooks"):
             hooked.setdefault(name, []).append(index)
+    if window is not None:
+        clash = [n for n in hooked if n.endswith(("hook_attn_scores", "hook_pattern"))]
+        if clash:
+            raise ValueError(
+                f"`hooks` on {clash[:3]} cannot run with a query window (`queries`): the "
+                "window reports only some rows of the attention maps. Drop `queries` to hook them."
+            )
     return TracePlan(
         keep=frozenset(keep),
         hooked=tuple(sorted((name, tuple(indices)) for name, indices in hooked.items())),
         num_layers=model.num_layers,
+        query_window=window,
+        attention_heads=heads,
     )
 
 
@@ -97,6 +139,9 @@ def trace(
     names: Selection = None,
     hooks=None,
     tokenizer=None,
+    queries=None,
+    heads=None,
+    memory_budget: int | None = None,
 ) -> Trace:
     """Run `model` once, compiled, and return the activations asked for.
 
@@ -112,6 +157,15 @@ def trace(
         hooks: `{name_or_pattern: fn(x, ctx) -> x | None}` or a `Hooks`
             (from `phi3lab.hooks`); they run inside the compiled program.
         tokenizer: a `Phi3Tokenizer`, for text inputs and token strings.
+        queries: None, or a slice / `(start, stop)` of query positions: the
+            attention scores and patterns then hold only those rows
+            (`[B, H, stop - start, T]`), and long inputs are attended a chunk
+            of queries at a time, never materializing every head's `T x T`.
+        heads: None, or query heads whose scores/patterns are kept (others
+            are dropped from the result).
+        memory_budget: bytes the run may use; default the device's free
+            memory. The request is refused before running if it needs more
+            (`phi3lab.tracing.memory.CaptureTooLarge`, a `ValueError`).
 
     Returns:
         A `Trace`. The same model, names, hook functions and input shapes
@@ -129,10 +183,12 @@ def trace(
     """
     hooks = hooks if isinstance(hooks, Hooks) else Hooks(hooks or {})
     token_ids, mask, tokens = _prepare_inputs(model, inputs, padding_mask, tokenizer)
-    plan = _plan(model, names, hooks)
-    run = _compiled(model, plan, tuple(hook for _, hook in hooks.entries))
-    data = tuple(hook.data for _, hook in hooks.entries)
-    hidden, top, segments = run(model.params(), jnp.asarray(token_ids), jnp.asarray(mask), data)
+    plan = _plan(model, names, hooks, _window(queries, token_ids.shape[1]), _heads(model, heads))
+    params = model.params()
+    args = (params, jnp.asarray(token_ids), jnp.asarray(mask), tuple(hook.data for _, hook in hooks.entries))
+    run = _compiled(model, plan, tuple(hook for _, hook in hooks.entries), args)
+    check_fits(measure(run, params), memory_budget)
+    hidden, top, segments = run(*args)
     arrays = {name: np.asarray(value) for name, value in top.items()}
     for (start, _), captured in zip(plan.segments(), segments):
         for site, stacked in captured.items():
@@ -148,4 +204,25 @@ def trace(
         output=np.asarray(hidden),
         rope=describe_rotary(model.rotary, token_ids.shape[1]),
         model=model,
+        query_window=plan.query_window,
+        attention_heads=plan.attention_heads,
     )
+
+
+def estimate(model, seq_len: int, batch: int = 1, names: Selection = None, queries=None, heads=None) -> MemoryEstimate:
+    """Bytes of weights, working set and captured activations of a trace,
+    from XLA's analysis of the compiled program (nothing is allocated).
+
+    Example:
+    >>> est = phi3lab.estimate(model, seq_len=4096, names="blocks.0.attn.hook_pattern")
+    >>> est.weights, est.working, est.captured
+    """
+    from phi3lab.errors import check_positive_int
+
+    check_positive_int("seq_len", seq_len)
+    check_positive_int("batch", batch)
+    plan = _plan(model, names, Hooks(), _window(queries, seq_len), _heads(model, heads))
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), model.params())
+    ids = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+    mask = jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_)
+    return measure(_compiled(model, plan, (), (params, ids, mask, ())), params)

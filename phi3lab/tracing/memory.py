@@ -1,0 +1,85 @@
+"""How much memory a trace needs, measured by XLA before anything runs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+
+class CaptureTooLarge(ValueError):
+    """A trace request that would not fit in the memory available."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a trace needs.
+
+    Attributes:
+        weights: the model's weights (already resident).
+        working: XLA's temporary buffers while the program runs.
+        captured: the returned activations (on the device, then copied to
+            the host as NumPy arrays).
+        available: bytes free on the device (or the budget given).
+    """
+
+    weights: int
+    working: int
+    captured: int
+    available: int | None = None
+
+    @property
+    def needed(self) -> int:
+        """New memory the run needs: working set plus captures on device and host."""
+        return self.working + 2 * self.captured
+
+    def __str__(self):
+        gib = lambda n: f"{n / 2**30:.2f} GiB"
+        text = (f"weights {gib(self.weights)}, working set {gib(self.working)}, "
+                f"captured activations {gib(self.captured)} (x2 with the host copy)")
+        if self.available is not None:
+            text += f", available {gib(self.available)}"
+        return text
+
+
+def available_bytes(device=None) -> int:
+    """Free memory of `device` (default: the first JAX device)."""
+    device = device or jax.devices()[0]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # CPU devices may not report statistics
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def measure(compiled, params) -> MemoryEstimate:
+    """Estimate from a compiled (not yet run) trace program."""
+    stats = compiled.memory_analysis()
+    weights = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
+    return MemoryEstimate(
+        weights=weights,
+        working=int(stats.temp_size_in_bytes),
+        captured=int(stats.output_size_in_bytes),
+    )
+
+
+def check_fits(estimate: MemoryEstimate, budget: int | None) -> MemoryEstimate:
+    """Raise `CaptureTooLarge` if the run would not fit `budget` (default:
+    the device's free memory); return the estimate with `available` set."""
+    available = budget if budget is not None else available_bytes()
+    estimate = dataclasses.replace(estimate, available=available)
+    if estimate.needed > available:
+        raise CaptureTooLarge(
+            f"This trace would need {estimate.needed / 2**30:.2f} GiB ({estimate}); "
+            f"only {available / 2**30:.2f} GiB is available. Capture less: fewer names "
+            "(e.g. names=['blocks.3.attn.hook_pattern']), only some heads (heads=[0, 1]), "
+            "a query window (queries=slice(-64, None)), a shorter input, or load the "
+            "model in bfloat16 (dtype='bfloat16')."
+        )
+    return estimate
