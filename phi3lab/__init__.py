@@ -4,9 +4,21 @@ from phi3lab._backend import select_jax_backend
 
 select_jax_backend()
 
+from phi3lab import analysis  # noqa: E402
+from phi3lab.generate import generate  # noqa: E402
 from phi3lab.model import Phi3Backbone  # noqa: E402
-from phi3lab.tracing import Trace, trace  # noqa: E402
+from phi3lab.tokenizer import Phi3Tokenizer  # noqa: E402
+from phi3lab.tracing import Trace, estimate, trace  # noqa: E402
 from phi3lab.tracing import hooks  # noqa: E402
 
-__all__ = ["Phi3Backbone", "Trace", "hooks", "trace"]
+__all__ = [
+    "Phi3Backbone",
+    "Phi3Tokenizer",
+    "Trace",
+    "analysis",
+    "estimate",
+    "generate",
+    "hooks",
+    "trace",
+]
 __version__ = "0.1.0"

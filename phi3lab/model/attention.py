@@ -86,6 +86,7 @@ class Phi3Attention(keras.layers.Layer):
         self.num_key_value_heads = num_key_value_heads
         self.dropout = dropout
         self.head_dim = hidden_dim // num_query_heads
+        self.score_scale = self.head_dim**-0.5  # scores = q . k * score_scale
         self.group_size = num_query_heads // num_key_value_heads
         initializer = kernel_initializer or keras.initializers.RandomNormal(
             stddev=0.02
@@ -123,7 +124,7 @@ class Phi3Attention(keras.layers.Layer):
         scores = jnp.einsum(
             "btkgh,bskh->bkgts", grouped_q, k, preferred_element_type=jnp.float32
         ).reshape(batch, self.num_query_heads, rows, length)
-        scores = scores * jnp.float32(self.head_dim**-0.5)
+        scores = scores * jnp.float32(self.score_scale)
         mask = attention_mask(padding_mask, query_start, rows, self.sliding_window)[:, None]
         scores = jnp.where(mask, scores, -jnp.inf)
         pattern = masked_softmax(scores, mask)

@@ -1,0 +1,51 @@
+"""Analyses of traces: logit lens, attribution, patching, heads, rotary.
+
+Every analysis reuses the model's own final norm, LM head and rotary code
+(one formula, one place) and returns NumPy arrays, DataFrames or
+dataclasses.
+
+Example:
+```python
+tr = phi3lab.trace(model, ids)
+phi3lab.analysis.logit_lens(model, tr, k=3)
+phi3lab.analysis.direct_logit_attribution(model, tr, answer=17, counterfactual=4)
+phi3lab.analysis.activation_patching(model, clean_ids, corrupted_ids, answer=17, counterfactual=4)
+phi3lab.analysis.head_scores(model)
+phi3lab.analysis.rotary_table(model, seq_len=4096)
+```
+"""
+
+from phi3lab.analysis.attribution import (
+    ResidualDecomposition,
+    decompose_resid,
+    direct_logit_attribution,
+    frozen_norm_scale,
+)
+from phi3lab.analysis.heads import (
+    attention_stats,
+    detector_scores,
+    group_heads,
+    head_scores,
+    repeated_tokens,
+)
+from phi3lab.analysis.logit_lens import logit_lens, logit_lens_logits
+from phi3lab.analysis.patching import PatchingResult, activation_patching
+from phi3lab.analysis.rotary import rotary_band_scores, rotary_table
+
+__all__ = [
+    "PatchingResult",
+    "ResidualDecomposition",
+    "activation_patching",
+    "attention_stats",
+    "decompose_resid",
+    "detector_scores",
+    "direct_logit_attribution",
+    "frozen_norm_scale",
+    "group_heads",
+    "head_scores",
+    "logit_lens",
+    "logit_lens_logits",
+    "repeated_tokens",
+    "rotary_band_scores",
+    "rotary_table",
+]

@@ -1,0 +1,258 @@
+"""Residual-stream decomposition and direct logit attribution.
+
+The last residual stream is a sum: the embedding, plus every block's
+attention output, plus every block's MLP output. Each attention output is in
+turn a sum over query heads, `z[b, t, n, :] @ output_kernel[l, n]` (Phi-3's
+output projection has no bias). Direct logit attribution reads each term
+through the final norm and the LM head with the norm's scale frozen at its
+value in the traced run, which makes the read-out linear.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+import pandas as pd
+from jax import numpy as jnp
+
+from phi3lab.analysis._common import check_index, check_trace, compiled, is_int, last_positions, require
+from phi3lab.errors import bad_argument
+from phi3lab.tracing.names import block_name
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualDecomposition:
+    """The final residual stream split into what wrote it.
+
+    `embed + attn_out.sum(0) + mlp_out.sum(0) == final` and, per layer,
+    `head_out[l].sum(0) == attn_out[l]` (up to float rounding).
+
+    Attributes:
+        embed: `[B, T, D]`, `hook_embed`.
+        attn_out: `[L, B, T, D]`, each block's `hook_attn_out`.
+        head_out: `[L, Hq, B, T, D]`, each query head's share of it.
+        mlp_out: `[L, B, T, D]`, each block's `hook_mlp_out`.
+        final: `[B, T, D]`, the last block's `hook_resid_post`.
+        batch, positions: the trace rows and positions kept (axes B and T).
+    """
+
+    embed: np.ndarray
+    attn_out: np.ndarray
+    head_out: np.ndarray
+    mlp_out: np.ndarray
+    final: np.ndarray
+    batch: np.ndarray
+    positions: np.ndarray
+
+    def labels(self, heads: bool = True) -> pd.DataFrame:
+        """One row per component of `stack(heads)`: `component`, `layer`,
+        `head` and `kind` (`"embed"`, `"attn"`, `"head"` or `"mlp"`)."""
+        num_layers, num_heads = self.head_out.shape[:2]
+        return component_table(num_layers, num_heads, heads=heads, attn=not heads)
+
+    def stack(self, heads: bool = True) -> np.ndarray:
+        """The components `[C, B, T, D]` in the order of `labels(heads)`;
+        they sum to `final`. With `heads=True` each block's attention is
+        split into its query heads."""
+        parts = [self.embed[None]]
+        for layer in range(self.attn_out.shape[0]):
+            parts.append(self.head_out[layer] if heads else self.attn_out[layer][None])
+            parts.append(self.mlp_out[layer][None])
+        return np.concatenate(parts)
+
+
+def component_table(num_layers: int, num_heads: int, heads: bool = True, attn: bool = False) -> pd.DataFrame:
+    """Component labels in residual order: `embed`, then per layer its
+    attention block (`L{l}_attn`, with `attn`), its heads (`L{l}H{h}`, with
+    `heads`) and its MLP (`L{l}_mlp`). Columns `component, layer, head, kind`."""
+    rows = [("embed", None, None, "embed")]
+    for layer in range(num_layers):
+        rows += [(f"L{layer}_attn", layer, None, "attn")] if attn else []
+        rows += [(f"L{layer}H{h}", layer, h, "head") for h in range(num_heads)] if heads else []
+        rows.append((f"L{layer}_mlp", layer, None, "mlp"))
+    table = pd.DataFrame(rows, columns=["component", "layer", "head", "kind"])
+    return table.astype({"layer": "Int64", "head": "Int64"})
+
+
+def _head_fn():
+    def split(z, kernel):
+        return jnp.einsum("lbtnh,lnhd->lnbtd", z.astype(jnp.float32), kernel.astype(jnp.float32))
+
+    return jax.jit(split)
+
+
+def _rows(tr, name: str, values, what: str, size: int) -> np.ndarray:
+    if values is None:
+        return np.arange(size)
+    picked = [check_index(name, v, size, what) for v in np.atleast_1d(values).tolist()]
+    return np.asarray(picked, np.int64)
+
+
+def decompose_resid(model, tr, batch: int | Sequence[int] | None = None, positions: int | Sequence[int] | None = None) -> ResidualDecomposition:
+    """Split the final residual stream into embedding, heads and MLPs.
+
+    Head contributions come from `attn.hook_z` and the attention's
+    `output_kernel` `[L, Hq, dh, D]`: `z[b, t, n] @ output_kernel[l, n]`,
+    computed in float32.
+
+    Args:
+        model: the `Phi3Backbone` that produced `tr`.
+        tr: a `Trace` holding `hook_embed`, `blocks.*.hook_attn_out`,
+            `blocks.*.attn.hook_z`, `blocks.*.hook_mlp_out` and the last
+            block's `hook_resid_post`.
+        batch: rows to keep (int or list); None keeps all.
+        positions: positions to keep (int or list); None keeps all. Keeping
+            few positions keeps memory small on large models.
+
+    Returns:
+        A `ResidualDecomposition`.
+
+    Example:
+    ```python
+    tr = phi3lab.trace(model, ids)
+    parts = phi3lab.analysis.decompose_resid(model, tr, positions=[-1])
+    np.allclose(parts.stack().sum(0), parts.final, atol=1e-4)   # True
+    ```
+    """
+    check_trace(model, tr)
+    layers = range(model.num_layers)
+    names = (["hook_embed"] + [block_name(l, s) for l in layers for s in ("hook_attn_out", "attn.hook_z", "hook_mlp_out")]
+             + [block_name(model.num_layers - 1, "hook_resid_post")])
+    require(tr, names, "The residual decomposition")
+    rows = _rows(tr, "batch", batch, "batch row", tr.token_ids.shape[0])
+    cols = _rows(tr, "positions", positions, "position", tr.token_ids.shape[1])
+    take = lambda a: np.asarray(a)[rows][:, cols]
+    z = np.stack([take(tr[block_name(l, "attn.hook_z")]) for l in layers])
+    kernel = model.decoder.attention.output_kernel.value
+    split = compiled(model, "attribution.heads", _head_fn)
+    return ResidualDecomposition(
+        embed=take(tr["hook_embed"]),
+        attn_out=np.stack([take(tr[block_name(l, "hook_attn_out")]) for l in layers]),
+        head_out=np.asarray(split(jnp.asarray(z), kernel)),
+        mlp_out=np.stack([take(tr[block_name(l, "hook_mlp_out")]) for l in layers]),
+        final=take(tr[block_name(model.num_layers - 1, "hook_resid_post")]),
+        batch=rows,
+        positions=cols,
+    )
+
+
+def frozen_norm_scale(model, final: np.ndarray) -> tuple[float, np.ndarray]:
+    """`(1 / rms, 1/rms * norm_weight)` of the final norm at residual `final` `[D]`.
+
+    The inverse RMS is read from the model's own norm, applied with unit
+    weight (`x * inv_rms`), projected back on `x`: `<x * inv_rms, x> / <x, x>`,
+    so its epsilon and float32 arithmetic are the model's.
+    """
+    norm = model.final_norm
+    weight = np.asarray(norm.params()["scale"], np.float32)
+    unit = np.asarray(norm.apply({"scale": jnp.ones_like(weight)}, jnp.asarray(final[None], jnp.float32))[0], np.float64)
+    x = np.asarray(final, np.float64)
+    inv_rms = float(unit @ x / (x @ x))
+    return inv_rms, (inv_rms * weight.astype(np.float64))
+
+
+def _one_token(name: str, value, vocabulary_size: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if not is_int(value) or not 0 <= value < vocabulary_size:
+        accepted = f"one token id (an int) in [0, {vocabulary_size})" + (" or None" if allow_none else "")
+        raise bad_argument(name, value, accepted)
+    return int(value)
+
+
+def direct_logit_attribution(
+    model,
+    tr,
+    answer: int,
+    counterfactual: int | None = None,
+    position: int = -1,
+    batch: int = 0,
+) -> pd.DataFrame:
+    """How much each head, attention block and MLP writes to a logit.
+
+    The final norm divides the last residual stream `x` by its RMS and
+    multiplies by a weight `w`. Freezing the RMS at its value in this run
+    (the standard convention) makes the read-out linear, so each component
+    `c` contributes `(c / rms(x) * w) @ W_U[:, answer]` (minus the same for
+    `counterfactual`), through the model's own LM head. Attributions of the
+    embedding, the attention blocks and the MLPs then sum exactly to the
+    model's logit (difference). The frozen scale is read from the model's
+    final norm (see `frozen_norm_scale`), not recomputed.
+
+    Args:
+        model: the `Phi3Backbone` that produced `tr`.
+        tr: a `Trace` with the names `decompose_resid` needs.
+        answer: int. Token id whose logit is attributed.
+        counterfactual: int or None. When set, the logit difference
+            `answer - counterfactual` is attributed.
+        position: int. Query position; negative values count back from the
+            row's last real (non-padding) token. Defaults to -1.
+        batch: int. Which row of the trace.
+
+    Returns:
+        A DataFrame with `component`, `layer`, `head`, `kind` and
+        `attribution`. `kind` is `"embed"`, `"attn"` (a block's whole
+        attention), `"head"` (one query head) or `"mlp"`. The `embed`,
+        `attn` and `mlp` rows sum to the total; the `head` rows of a layer
+        sum to its `attn` row. `attrs` holds `total` (the frozen-scale sum),
+        `logit_diff` (the model's own value, from `hook_logits` or the final
+        norm and LM head), `inv_rms`, `answer`, `counterfactual`,
+        `position`, `batch`.
+
+    Example:
+    ```python
+    tr = phi3lab.trace(model, ids)
+    table = phi3lab.analysis.direct_logit_attribution(model, tr, answer=17, counterfactual=4)
+    table[table.kind == "head"].sort_values("attribution").tail()
+    ```
+    """
+    check_trace(model, tr)
+    batch = check_index("batch", batch, tr.token_ids.shape[0], "batch row")
+    answer_id = _one_token("answer", answer, model.vocabulary_size)
+    counter_id = _one_token("counterfactual", counterfactual, model.vocabulary_size, allow_none=True)
+    length = tr.token_ids.shape[1]
+    last = int(last_positions(np.asarray(tr.padding_mask, bool)[batch : batch + 1])[0])
+    if not is_int(position) or not -(last + 1) <= position < length:
+        raise bad_argument(
+            "position", position,
+            f"an int in [{-(last + 1)}, {length}) (negative values count back from the last real token, {last})",
+        )
+    absolute = last + 1 + int(position) if position < 0 else int(position)
+
+    parts = decompose_resid(model, tr, batch=[batch], positions=[absolute])
+    labels = parts.labels(heads=True)
+    coarse = parts.labels(heads=False)
+    final = parts.final[0, 0]
+    inv_rms, scale = frozen_norm_scale(model, final)
+
+    head = model.token_embedding
+    reverse = np.asarray(head.params()["reverse_embeddings"])
+    columns = [answer_id] + ([counter_id] if counter_id is not None else [])
+    read = lambda vectors: np.asarray(
+        head.apply({"reverse_embeddings": jnp.asarray(reverse[:, columns])}, jnp.asarray(vectors * scale, jnp.float32), reverse=True),
+        np.float64,
+    )
+    signed = lambda logits: logits[:, 0] - (logits[:, 1] if counter_id is not None else 0.0)
+    fine = signed(read(parts.stack(heads=True)[:, 0, 0]))
+    whole = signed(read(parts.stack(heads=False)[:, 0, 0]))
+
+    values = dict(zip(labels["component"], fine)) | dict(zip(coarse["component"], whole))
+    table = component_table(model.num_layers, model.num_query_heads, heads=True, attn=True)
+    table["attribution"] = [values[c] for c in table["component"]]
+
+    if "hook_logits" in tr.names:
+        logits = np.asarray(tr["hook_logits"][batch, absolute], np.float64)
+    else:
+        from phi3lab.analysis.logit_lens import decoder
+
+        decode, params = decoder(model)
+        logits = np.asarray(decode(params, jnp.asarray(final[None, None])), np.float64)[0, 0]
+    model_value = logits[answer_id] - (logits[counter_id] if counter_id is not None else 0.0)
+    table.attrs.update(
+        total=float(whole.sum()), logit_diff=float(model_value), inv_rms=inv_rms, answer=answer_id,
+        counterfactual=counter_id, position=absolute, batch=batch,
+    )
+    return table

@@ -1,0 +1,270 @@
+"""Activation patching: which activations carry the clean run's answer.
+
+The corrupted input runs again and again, each time with one unit (a
+position of a residual/attention/MLP output, or one head) replaced by its
+value in the clean run; a metric measures how much of the clean behaviour
+comes back. Every patched run of a sweep goes through one compiled program:
+the choice of unit travels as an input (a one-hot mask `[layers, units]`
+given to a hook on every layer), and the runs are `jax.vmap`ped in chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Callable
+
+import jax
+import numpy as np
+import pandas as pd
+from jax import numpy as jnp
+
+from phi3lab.analysis._common import check_ids, check_token, compiled, is_int, last_positions
+from phi3lab.errors import bad_argument
+from phi3lab.tracing.hooks import Hook
+from phi3lab.tracing.names import block_name
+from phi3lab.tracing.sites import TracePlan, TraceSites
+from phi3lab.tracing.trace import trace
+
+# site -> (block hook name, unit axis of the activation, unit name)
+SITES = {
+    "resid_pre": ("hook_resid_pre", 1, "position"),
+    "attn_out": ("hook_attn_out", 1, "position"),
+    "mlp_out": ("hook_mlp_out", 1, "position"),
+    "head_z": ("attn.hook_z", 2, "head"),
+    "head_q": ("attn.hook_q", 2, "head"),
+    "head_k": ("attn.hook_k", 2, "kv_head"),
+    "head_v": ("attn.hook_v", 2, "kv_head"),
+    "head_pattern": ("attn.hook_pattern", 1, "head"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchingResult:
+    """The outcome of an `activation_patching` sweep.
+
+    Attributes:
+        values: `[num_layers, units]`: the metric with that unit patched,
+            normalized so the clean run is 1 and the corrupted run 0 (raw
+            metric values when `normalize=False`).
+        raw: `[num_layers, units]`, the metric values before normalizing.
+        clean_metric, corrupted_metric: the metric of the unpatched runs.
+        site: the `sites` argument; `hook`: the patched hook names.
+        axes: `("layer", unit)`, unit being `"position"`, `"head"` or
+            `"kv_head"`.
+        clean_ids, corrupted_ids: the inputs `[B, T]`.
+    """
+
+    values: np.ndarray
+    raw: np.ndarray
+    clean_metric: float
+    corrupted_metric: float
+    site: str
+    hook: str
+    axes: tuple[str, str]
+    clean_ids: np.ndarray
+    corrupted_ids: np.ndarray
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per (layer, unit): `layer`, the unit column, `value`,
+        `raw`; position sites add the clean and corrupted token ids of row 0."""
+        layers, units = np.meshgrid(*(np.arange(n) for n in self.values.shape), indexing="ij")
+        table = pd.DataFrame({"layer": layers.ravel(), self.axes[1]: units.ravel(),
+                              "value": self.values.ravel(), "raw": self.raw.ravel()})
+        if self.axes[1] == "position":
+            table.insert(2, "clean_token", self.clean_ids[0][units.ravel()])
+            table.insert(3, "corrupted_token", self.corrupted_ids[0][units.ravel()])
+        table.attrs.update(site=self.site, clean_metric=self.clean_metric, corrupted_metric=self.corrupted_metric)
+        return table
+
+
+def _patch_units(x, ctx):
+    """Hook: take the clean value wherever this layer's row of the mask is set."""
+    clean, mask = ctx.data
+    (axis,) = ctx.static
+    shape = [1] * x.ndim
+    shape[axis] = mask.shape[1]
+    chosen = mask[ctx.layer].reshape(shape)
+    return jnp.where(chosen, clean[ctx.layer].astype(x.dtype), x)
+
+
+def _logit_diff(hidden, head, data):
+    """Mean over rows of `logit[answer] - logit[counterfactual]` at `positions`."""
+    positions, answer, counter = data
+    rows = jnp.arange(hidden.shape[0])
+    logits = head(hidden[rows, positions]).astype(jnp.float32)
+    diff = logits[rows, answer]
+    if counter is not None:
+        diff = diff - logits[rows, counter]
+    return jnp.mean(diff)
+
+
+def _user_metric(metric):
+    def wrapped(hidden, head, data):
+        return jnp.asarray(metric(head(hidden)), jnp.float32).reshape(())
+
+    return wrapped
+
+
+def _patcher(model, site: str, metric_fn: Callable):
+    """Compiled `run(params, ids [N,B,T], padding, clean [L,...], masks [N,L,U], data) -> [N]`."""
+    name, axis, _ = SITES[site]
+    plan = TracePlan(
+        keep=frozenset(),
+        hooked=tuple((block_name(l, name), (0,)) for l in range(model.num_layers)),
+        num_layers=model.num_layers,
+    )
+    hooks = (Hook(_patch_units, None, (axis,)),)
+
+    def one(params, ids, padding, clean, mask, data):
+        sites = TraceSites(plan, hooks, ((clean, mask),))
+        hidden, _ = model.apply(params, ids, padding_mask=padding, sites=sites)
+        head = lambda h: model.token_embedding.apply(params["token_embedding"], h, reverse=True)
+        return metric_fn(hidden, head, data)
+
+    return jax.jit(jax.vmap(one, in_axes=(None, 0, None, None, 0, None)))
+
+
+class _Sweep:
+    """Runs many patched forwards (each an ids array and a mask) in chunks."""
+
+    def __init__(self, model, site, clean_ids, corrupted_ids, padding, metric_key, metric_fn, data, batch_size):
+        self.model, self.site, self.batch_size = model, site, batch_size
+        self.run_fn = compiled(model, ("patching", site, metric_key), lambda: _patcher(model, site, metric_fn))
+        self.clean_ids, self.corrupted_ids = clean_ids, corrupted_ids
+        self.padding, self.data = jnp.asarray(padding), data
+        tr = trace(model, clean_ids, padding_mask=padding, names=block_name("*", SITES[site][0]))
+        self.clean = jnp.asarray(np.stack([tr[block_name(l, SITES[site][0])] for l in range(model.num_layers)]))
+
+    def units(self) -> int:
+        return int(self.clean.shape[1 + SITES[self.site][1]])
+
+    def run(self, ids: np.ndarray, masks: np.ndarray, progress: bool = False) -> np.ndarray:
+        """Metric of each run `i`: input `ids[i]` `[B, T]`, `masks[i]` `[L, U]` bool."""
+        total = len(masks)
+        size = min(self.batch_size, total)
+        starts = range(0, total, size)
+        if progress and len(starts) > 1:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"patching {self.site}", unit="chunk")
+        params, out = self.model.params(), []
+        for start in starts:
+            stop = min(start + size, total)
+            chunk_ids = np.repeat(self.corrupted_ids[None], size, axis=0)
+            chunk_masks = np.zeros((size,) + masks.shape[1:], bool)
+            chunk_ids[: stop - start], chunk_masks[: stop - start] = ids[start:stop], masks[start:stop]
+            values = self.run_fn(params, jnp.asarray(chunk_ids), self.padding, self.clean, jnp.asarray(chunk_masks), self.data)
+            out.append(np.asarray(values)[: stop - start])
+        return np.concatenate(out).astype(np.float64)
+
+
+def _sweep(model, clean_ids, corrupted_ids, metric, answer, counterfactual, sites, padding_mask, batch_size) -> _Sweep:
+    if not isinstance(sites, str) or sites not in SITES:
+        raise bad_argument("sites", sites, f"one of {list(SITES)}")
+    clean = check_ids("clean_ids", clean_ids, model)
+    corrupted = check_ids("corrupted_ids", corrupted_ids, model)
+    if clean.shape != corrupted.shape:
+        raise bad_argument("corrupted_ids", f"array of shape {corrupted.shape}", f"the shape of clean_ids, {clean.shape}")
+    padding = np.ones(clean.shape, bool) if padding_mask is None else np.asarray(padding_mask).astype(bool)
+    if padding.ndim == 1:
+        padding = padding[None]
+    if padding.shape != clean.shape:
+        raise bad_argument("padding_mask", f"array of shape {np.shape(padding_mask)}", f"None or the shape of clean_ids, {clean.shape}")
+    if not is_int(batch_size) or batch_size < 1:
+        raise bad_argument("batch_size", batch_size, "a positive int (patched runs per compiled call)")
+    rows = clean.shape[0]
+    if metric is None:
+        if answer is None:
+            raise bad_argument("answer", None, "a token id (or one per row) when `metric` is None; or pass `metric`")
+        data = (
+            jnp.asarray(last_positions(padding)),
+            jnp.asarray(check_token("answer", answer, model.vocabulary_size, rows)),
+            None if counterfactual is None else jnp.asarray(check_token("counterfactual", counterfactual, model.vocabulary_size, rows)),
+        )
+        return _Sweep(model, sites, clean, corrupted, padding, "logit_diff", _logit_diff, data, batch_size)
+    if not callable(metric):
+        raise bad_argument("metric", metric, "None or a function metric(logits [B, T, V]) -> scalar, written in jax.numpy")
+    return _Sweep(model, sites, clean, corrupted, padding, metric, _user_metric(metric), None, batch_size)
+
+
+def activation_patching(
+    model,
+    clean_ids,
+    corrupted_ids,
+    metric: Callable | None = None,
+    answer=None,
+    counterfactual=None,
+    sites: str = "resid_pre",
+    progress: bool = True,
+    padding_mask=None,
+    normalize: bool = True,
+    batch_size: int = 32,
+) -> PatchingResult:
+    """Patch each unit of the clean run into the corrupted run, one at a time.
+
+    For every layer and every unit of `sites`, the corrupted input runs with
+    that unit's activation taken from the clean run, and `metric` is read.
+    All runs share one compiled program (the unit is a one-hot mask given
+    as an input) and go `batch_size` at a time through `jax.vmap`; the same
+    model, site, metric and shapes never recompile.
+
+    Sites and units: `"resid_pre"`, `"attn_out"`, `"mlp_out"` patch one
+    position (`[layer, position]`); `"head_z"`, `"head_q"`, `"head_pattern"`
+    patch one query head at every position (`[layer, head]`). `"head_k"` and
+    `"head_v"` patch one key/value head (`[layer, kv_head]`): under
+    grouped-query attention that changes every query head of its group
+    (see `phi3lab.analysis.group_heads`).
+
+    Args:
+        model: a `Phi3Backbone`.
+        clean_ids, corrupted_ids: token ids `[T]` or `[B, T]`, same shape.
+        metric: None, or `metric(logits) -> scalar` on the logits
+            `[B, T, V]`, written with `jax.numpy` (it runs compiled; define
+            it once to reuse the compilation).
+        answer: token id (or one per row) for the default metric.
+        counterfactual: token id (or one per row), or None.
+        sites: which activations to patch, one of the names above.
+        progress: show a tqdm bar when the sweep takes several chunks.
+        padding_mask: `[B, T]` mask shared by both inputs, or None.
+        normalize: scale so the clean metric is 1, the corrupted 0.
+        batch_size: patched runs per compiled call.
+
+    The default metric is the logit of `answer` minus that of
+    `counterfactual` (or the logit alone) at each row's last real token,
+    averaged over rows.
+
+    Returns:
+        A `PatchingResult` (`values [layers, units]`, `.to_pandas()`).
+
+    Example:
+    ```python
+    result = phi3lab.analysis.activation_patching(
+        model, clean_ids, corrupted_ids, answer=17, counterfactual=4, sites="resid_pre")
+    result.values.shape          # (num_layers, T)
+    result.to_pandas().sort_values("value").tail()
+    ```
+    """
+    sweep = _sweep(model, clean_ids, corrupted_ids, metric, answer, counterfactual, sites, padding_mask, batch_size)
+    layers, units = model.num_layers, sweep.units()
+    count = layers * units
+    masks = np.zeros((count + 2, layers, units), bool)
+    masks[np.arange(count) + 2, np.arange(count) // units, np.arange(count) % units] = True
+    ids = np.repeat(sweep.corrupted_ids[None], count + 2, axis=0)
+    ids[0] = sweep.clean_ids  # first two runs: unpatched clean and corrupted
+    values = sweep.run(ids, masks, progress=progress)
+    clean_metric, corrupted_metric = float(values[0]), float(values[1])
+    raw = values[2:].reshape(layers, units)
+    scaled = raw
+    if normalize:
+        span = clean_metric - corrupted_metric
+        if span == 0.0:
+            warnings.warn("The clean and corrupted metrics are equal; normalized values are NaN.", stacklevel=2)
+            scaled = np.full_like(raw, np.nan)
+        else:
+            scaled = (raw - corrupted_metric) / span
+    return PatchingResult(
+        values=scaled, raw=raw, clean_metric=clean_metric, corrupted_metric=corrupted_metric,
+        site=sites, hook=block_name("*", SITES[sites][0]), axes=("layer", SITES[sites][2]),
+        clean_ids=sweep.clean_ids, corrupted_ids=sweep.corrupted_ids,
+    )
