@@ -14,6 +14,7 @@ from jax import numpy as jnp
 
 from phi3lab.model.dropout import dropout
 from phi3lab.model.hook_points import NO_HOOKS
+from phi3lab.model.initializers import default_initializer
 from phi3lab.model.rotary import apply_rotary
 
 
@@ -88,9 +89,7 @@ class Phi3Attention(keras.layers.Layer):
         self.head_dim = hidden_dim // num_query_heads
         self.score_scale = self.head_dim**-0.5  # scores = q . k * score_scale
         self.group_size = num_query_heads // num_key_value_heads
-        initializer = kernel_initializer or keras.initializers.RandomNormal(
-            stddev=0.02
-        )
+        initializer = kernel_initializer or default_initializer(stddev=0.02)
         shapes = {
             "query_kernel": (hidden_dim, num_query_heads, self.head_dim),
             "key_kernel": (hidden_dim, num_key_value_heads, self.head_dim),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from jax import numpy as jnp
 
+from phi3lab.model.initializers import default_initializer
+
 
 class Phi3TokenEmbedding(keras.layers.Layer):
     """Looks up token vectors; `reverse=True` projects hidden states to logits.
@@ -30,9 +32,7 @@ class Phi3TokenEmbedding(keras.layers.Layer):
         super().__init__(**kwargs)
         self.vocabulary_size = vocabulary_size
         self.hidden_dim = hidden_dim
-        initializer = embeddings_initializer or keras.initializers.RandomNormal(
-            stddev=0.01
-        )
+        initializer = embeddings_initializer or default_initializer(stddev=0.01)
         self.embeddings = self.add_weight(
             name="embeddings",
             shape=(vocabulary_size, hidden_dim),

@@ -7,6 +7,7 @@ import keras
 from jax import numpy as jnp
 
 from phi3lab.model.hook_points import NO_HOOKS
+from phi3lab.model.initializers import default_initializer
 
 
 class Phi3MLP(keras.layers.Layer):
@@ -29,9 +30,7 @@ class Phi3MLP(keras.layers.Layer):
         self.num_layers = num_layers
         self.hidden_dim = hidden_dim
         self.intermediate_dim = intermediate_dim
-        initializer = kernel_initializer or keras.initializers.RandomNormal(
-            stddev=0.02
-        )
+        initializer = kernel_initializer or default_initializer(stddev=0.02)
         shapes = {
             "gate_kernel": (hidden_dim, intermediate_dim),
             "up_kernel": (hidden_dim, intermediate_dim),

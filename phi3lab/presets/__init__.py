@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+from phi3lab.model.initializers import zero_initialization
 from phi3lab.presets import hf_format, keras_hub_format
 from phi3lab.presets.registry import BUILTIN, builtin_presets, resolve_preset_dir
 
@@ -52,7 +53,9 @@ def load_backbone(cls, preset, load_weights: bool = True, **kwargs):
     config, load_weights_into = read_backbone_config(directory)
     if entry:
         config.update(entry.get("overrides", {}))
-    model = cls(**{**config, **kwargs})
-    if load_weights:
-        load_weights_into(model, directory)
+    if not load_weights:
+        return cls(**{**config, **kwargs})
+    with zero_initialization():  # every weight is overwritten next
+        model = cls(**{**config, **kwargs})
+    load_weights_into(model, directory)
     return model

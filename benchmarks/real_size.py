@@ -1,0 +1,65 @@
+"""Real-size smoke: phi3-mini-4k's architecture with random bfloat16 weights.
+
+    .venv/bin/python benchmarks/real_size.py [--workdir /tmp/phi3_real]
+
+1. builds `phi3_mini_4k_instruct_en`'s architecture (3.8B parameters) in
+   bfloat16 with random weights and saves it in the Hugging Face layout
+   (sharded safetensors);
+2. in a fresh process, loads it with `Phi3Backbone.from_preset(dir,
+   dtype="bfloat16")`, measuring the peak resident memory against the weight
+   bytes (goal: at most 1.2x);
+3. traces a short prompt (patterns of two layers and the logits).
+Needs about 8 GB of disk and 10 GB of memory.
+"""
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LOAD = r"""
+import json, resource, sys, time
+import numpy as np
+import phi3lab
+start = time.time()
+model = phi3lab.Phi3Backbone.from_preset(sys.argv[1], dtype="bfloat16")
+load_seconds = time.time() - start
+peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+weights = sum(int(np.prod(v.shape)) * 2 for v in model.weights)
+start = time.time()
+tr = phi3lab.trace(model, np.arange(1, 17)[None], names=["blocks.0.attn.hook_pattern", "blocks.31.attn.hook_pattern", "hook_logits"])
+print(json.dumps({"weights_bytes": weights, "peak_rss_after_load": peak_load, "load_seconds": round(load_seconds, 1),
+                  "trace_seconds": round(time.time() - start, 1), "logits_finite": bool(np.isfinite(tr.logits).all()),
+                  "pattern_rows_sum_to_one": bool(np.allclose(tr.attention(31).sum(-1), 1, atol=1e-2))}))
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/phi3_real"))
+    args = parser.parse_args()
+    import phi3lab
+    from phi3lab.presets import save_hf_checkpoint
+    from phi3lab.presets.registry import BUILTIN
+
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    start = time.time()
+    model = phi3lab.Phi3Backbone(**{**BUILTIN["phi3_mini_4k_instruct_en"]["config"], "dtype": "bfloat16"})
+    build = time.time() - start
+    start = time.time()
+    save_hf_checkpoint(model, args.workdir)
+    save = time.time() - start
+    del model
+    result = subprocess.run([sys.executable, "-c", LOAD, str(args.workdir)], capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report.update(build_seconds=round(build, 1), save_seconds=round(save, 1),
+                  peak_over_weights=round(report["peak_rss_after_load"] / report["weights_bytes"], 3))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
