@@ -1,0 +1,209 @@
+"""Scale and safety: memory estimate and guard, long inputs, query windows,
+sharding, no leaks (issue: scale and safety)."""
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import psutil
+import pytest
+
+import phi3lab
+from phi3lab.tracing import CaptureTooLarge, compiled_count
+
+
+def small_model(**overrides):
+    config = dict(vocabulary_size=96, num_layers=3, hidden_dim=32, intermediate_dim=64,
+                  num_query_heads=4, num_key_value_heads=2, max_sequence_length=4096,
+                  pretraining_sequence_length=64)
+    config.update(overrides)
+    return phi3lab.Phi3Backbone(**config)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model()
+
+
+def ids_of(length, batch=1, seed=0, vocab=96):
+    return np.random.default_rng(seed).integers(0, vocab, (batch, length)).astype(np.int32)
+
+
+def test_estimate_counts_captured_bytes_exactly(model):
+    names = ["blocks.1.attn.hook_pattern", "blocks.*.hook_resid_post"]
+    estimate = phi3lab.estimate(model, 40, batch=2, names=names)
+    tr = phi3lab.trace(model, ids_of(40, batch=2), names=names)
+    returned = sum(tr[n].nbytes for n in tr.names) + tr.output.nbytes
+    # XLA adds a pointer table for the output tuple (8 bytes per output).
+    assert returned <= estimate.captured <= returned + 8 * (len(tr.names) + 8)
+    weights = sum(int(np.prod(w.shape)) * 4 for w in model.weights if "seed" not in w.path)
+    assert estimate.weights == weights
+    assert estimate.working > 0
+
+
+def test_estimate_bounds_measured_peak(model):
+    """The measured growth of resident memory during a full trace stays
+    within the estimate (plus allocator slack)."""
+    ids = ids_of(512)
+    estimate = phi3lab.estimate(model, 512)
+    phi3lab.trace(model, ids)  # compile and warm up
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    tr = phi3lab.trace(model, ids)
+    grown = psutil.Process().memory_info().rss - before
+    captured = sum(tr[n].nbytes for n in tr.names)
+    assert captured <= estimate.captured
+    assert grown <= estimate.needed + 64 * 2**20
+
+
+def test_guard_refuses_before_running(model):
+    calls = []
+    hook = {"hook_embed": lambda x, ctx: calls.append(1)}
+    with pytest.raises(CaptureTooLarge, match=r"would need .* GiB.*names=.*queries="):
+        phi3lab.trace(model, ids_of(256), hooks=hook, memory_budget=1_000_000)
+    assert isinstance(CaptureTooLarge("x"), ValueError)
+    # The model and the same request with a sufficient budget still work.
+    tr = phi3lab.trace(model, ids_of(256), names=["hook_logits"], memory_budget=2**34)
+    assert np.isfinite(tr.logits).all()
+
+
+def test_query_window_rows_equal_full_pattern(model):
+    ids = ids_of(50)
+    full = phi3lab.trace(model, ids, names="blocks.*.attn.hook_*")
+    window = phi3lab.trace(model, ids, names="blocks.*.attn.hook_*", queries=slice(30, 45), heads=[1, 3])
+    for layer in range(model.num_layers):
+        np.testing.assert_allclose(window.attention(layer, head=3)[0], full.attention(layer, head=3)[0, 30:45], atol=1e-6)
+        np.testing.assert_array_equal(window[f"blocks.{layer}.attn.hook_pattern"].shape, (1, 2, 15, 50))
+    with pytest.raises(ValueError, match="head"):
+        window.attention(0, head=0)
+
+
+@pytest.mark.parametrize("bad", [slice(10, 5), (0, 100), (3,), slice(0, 10, 2), slice(25, None)])
+def test_bad_query_window_is_refused(model, bad):
+    with pytest.raises(ValueError, match="queries"):
+        phi3lab.trace(model, ids_of(20), queries=bad)
+
+
+def test_hooks_on_windowed_maps_are_refused(model):
+    with pytest.raises(ValueError, match="query window"):
+        phi3lab.trace(model, ids_of(20), queries=slice(0, 4),
+                      hooks={"blocks.0.attn.hook_pattern": lambda x, ctx: x})
+
+
+def test_chunked_attention_equals_full(model):
+    """Long inputs attend a chunk of queries at a time; same result."""
+    ids = ids_of(40, batch=2)
+    mask = np.ones_like(ids, bool)
+    mask[1, :5] = False
+    reference = phi3lab.trace(model, ids, padding_mask=mask, names=["ln_final.hook_normalized"])
+    chunked = small_model()
+    chunked.set_weights(model.get_weights())
+    chunked.decoder.attention.query_chunk_size = 8  # 40 > 2 * 8: chunked path
+    result = phi3lab.trace(chunked, ids, padding_mask=mask, names=["ln_final.hook_normalized"])
+    np.testing.assert_allclose(result.output[mask], reference.output[mask], atol=2e-5)
+
+
+@pytest.mark.slow
+def test_32k_tokens_with_a_query_window_fit_in_memory():
+    """The shipped model's architecture on a 32k-token input: patterns of one
+    layer for the last 64 queries, without any T x T array for all heads."""
+    model = small_model(vocabulary_size=1024, num_layers=2, hidden_dim=128, intermediate_dim=384,
+                        max_sequence_length=32768, pretraining_sequence_length=128,
+                        rope_scaling_type="su", rope_scaling_short_factor=[1.0] * 16,
+                        rope_scaling_long_factor=[4.0] * 16)
+    names = ["blocks.1.attn.hook_pattern", "hook_logits"]
+    estimate = phi3lab.estimate(model, 32768, names=names, queries=slice(-64, None), heads=[0])
+    full_maps = 2 * 4 * 32768 * 32768 * 4  # scores + pattern, 4 heads, float32: 32 GiB
+    assert estimate.working < full_maps / 16
+    tr = phi3lab.trace(model, ids_of(32768, vocab=1024), names=names, queries=slice(-64, None), heads=[0])
+    pattern = tr["blocks.1.attn.hook_pattern"]
+    assert pattern.shape == (1, 1, 64, 32768)
+    np.testing.assert_allclose(pattern.sum(-1), 1.0, atol=1e-4)
+    assert tr.rope.factor_set == "long"
+
+
+def test_two_hundred_traces_keep_memory_flat(model):
+    ids = ids_of(32)
+    for _ in range(20):
+        phi3lab.trace(model, ids)
+    gc.collect()
+    start = psutil.Process().memory_info().rss
+    for step in range(200):
+        tr = phi3lab.trace(model, ids + (step % 2))
+    del tr
+    gc.collect()
+    grown = psutil.Process().memory_info().rss - start
+    assert grown < 30 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB over 200 traces"
+
+
+def test_failing_hook_leaves_model_usable(model):
+    ids = ids_of(12)
+    before = np.asarray(model({"token_ids": ids}))
+    count = compiled_count(model)
+
+    def broken(x, ctx):
+        raise RuntimeError("user bug")
+
+    with pytest.raises(RuntimeError, match="user bug"):
+        phi3lab.trace(model, ids, hooks={"blocks.0.hook_resid_mid": broken})
+    np.testing.assert_array_equal(np.asarray(model({"token_ids": ids})), before)
+    assert phi3lab.trace(model, ids, names=["hook_logits"]).logits.shape == (1, 12, 96)
+    assert compiled_count(model) >= count
+
+
+SHARDED = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import numpy as np, keras, jax, phi3lab
+    from phi3lab.presets import save_preset
+    from phi3lab.sharding import model_parallel
+    assert len(jax.devices()) == 8
+    config = dict(vocabulary_size=128, num_layers=3, hidden_dim=64, intermediate_dim=128,
+                  num_query_heads=8, num_key_value_heads=4, rope_scaling_type="su",
+                  rope_scaling_short_factor=[1.0] * 4, rope_scaling_long_factor=[3.0] * 4,
+                  max_sequence_length=64, pretraining_sequence_length=8)
+    keras.utils.set_random_seed(0)
+    model = phi3lab.Phi3Backbone(**config)
+    save_preset(model, sys.argv[1])
+    ids = np.random.default_rng(0).integers(0, 128, (2, 12))
+    reference = phi3lab.trace(model, ids)
+    keras.distribution.set_distribution(model_parallel(model_axis=4, num_key_value_heads=4))
+    sharded = phi3lab.Phi3Backbone.from_preset(sys.argv[1])
+    spec = sharded.decoder.attention.query_kernel.value.sharding.spec
+    assert tuple(spec) == (None, None, "model", None), spec
+    assert len(sharded.decoder.mlp.gate_kernel.value.sharding.device_set) == 8
+    tr = phi3lab.trace(sharded, ids)
+    worst = max(float(np.nanmax(np.abs(np.where(np.isfinite(reference[n]), reference[n] - tr[n], 0))))
+                for n in reference.names)
+    print("max difference", worst)
+    assert worst < 1e-4, worst
+""")
+
+
+@pytest.mark.slow
+def test_sharded_trace_equals_unsharded(tmp_path):
+    result = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / "preset")],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "max difference" in result.stdout
+
+
+def test_full_phi3_mini_128k_fits_16gb_in_bfloat16():
+    """jax.eval_shape on the real 128k architecture: weights in bfloat16 plus
+    a capture of two layers' patterns for a 4k window fit a 16 GB GPU."""
+    from phi3lab.presets.registry import BUILTIN
+
+    config = dict(BUILTIN["phi3_mini_128k_instruct_en"]["config"])
+    # The factor values come with the download; their count is what matters here.
+    config.update(rope_scaling_short_factor=[1.0] * 48, rope_scaling_long_factor=[1.0] * 48)
+    shapes = jax.eval_shape(lambda: phi3lab.Phi3Backbone(**config, dtype="bfloat16").params())
+    weights = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+    assert 7.0e9 < weights < 8.0e9  # 3.8B parameters in bfloat16
+    window, length = 512, 4096
+    captured = 2 * (1 * 32 * window * length * 4) + length * config["vocabulary_size"] * 4
+    assert weights + captured < 16e9 * 0.9
