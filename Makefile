@@ -29,7 +29,7 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab $(NOTEBOOK)
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -rs --timeout=900 tests; rc=$$?; \
+	$(BIN)/python -m pytest -q -rs --timeout=900 tests --nbmake notebooks --nbmake-timeout=300; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:
