@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 from jax import numpy as jnp
 
+from phi3lab.errors import bad_argument
 from phi3lab.model.config import check_backbone_arguments, check_token_ids
 from phi3lab.model.decoder import Phi3DecoderStack
 from phi3lab.model.embedding import Phi3TokenEmbedding
@@ -114,6 +115,24 @@ class Phi3Backbone(keras.Model):
             rope_scaling_long_factor,
             sliding_window,
         )
+        if dtype is not None:
+            # Only names and policies: a dict would go through Keras deserialization.
+            # The one dict accepted is a plain DTypePolicy as `get_config()`
+            # writes it (from_config and `.keras` files pass it back); it is
+            # reduced to its name, never deserialized.
+            if (
+                isinstance(dtype, dict)
+                and dtype.get("class_name") == "DTypePolicy"
+                and isinstance(dtype.get("config"), dict)
+                and isinstance(dtype["config"].get("name"), str)
+            ):
+                dtype = dtype["config"]["name"]
+            if not isinstance(dtype, (str, keras.DTypePolicy)):
+                raise bad_argument("dtype", dtype, 'None, a dtype name such as "float32", "bfloat16" or "mixed_bfloat16", or a keras.DTypePolicy')
+            try:
+                keras.dtype_policies.get(dtype)
+            except ValueError as error:
+                raise bad_argument("dtype", dtype, f'a dtype policy name ("float32", "bfloat16", "mixed_bfloat16", ...): {error}') from None
         super().__init__(dtype=dtype, **kwargs)
 
         # === Layers ===

@@ -34,7 +34,13 @@ def read_config(directory: Path) -> dict:
         raise ValueError(
             f"{path} has model_type={hf.get('model_type')!r}; phi3lab loads 'phi3' checkpoints."
         )
-    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    missing = [k for k in ("vocab_size", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads") if k not in hf]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}, which a Phi-3 config.json defines.")
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{path}: 'rope_scaling' must be a JSON object or null; received {rope!r}.")
+    rope = dict(rope)
     heads = hf["num_attention_heads"]
     kwargs = {
         "vocabulary_size": hf["vocab_size"],
@@ -80,22 +86,41 @@ def _check_no_override(path, rope, kwargs):
             raise ValueError(f"{path}: rope 'attention_factor'={rope['attention_factor']} differs from Phi-3's {derived}; unsupported.")
 
 
+def _inside(directory: Path, path: Path) -> bool:
+    """Whether `path`, symlinks resolved, lies inside `directory`, or, for a
+    Hugging Face hub snapshot (`.../snapshots/<revision>`, whose files are
+    symlinks to `../../blobs/<hash>`), inside that repository's `blobs` folder."""
+    root, target = directory.resolve(), path.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        roots.append(root.parent.parent / "blobs")
+    return any(r in target.parents for r in roots)
+
+
 class _Checkpoint:
     """All tensors of a (possibly sharded) safetensors checkpoint by name."""
 
     def __init__(self, directory: Path):
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as error:
+                raise ValueError(f"{index} is not valid JSON: {error}") from None
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{index} must hold a 'weight_map' object mapping tensor names to shard file names.")
             files = {}
             for name, file_name in weight_map.items():
                 target = (directory / file_name).resolve()
-                if directory.resolve() not in target.parents:
+                if not _inside(directory, directory / file_name):
                     raise ValueError(f"{index}: shard {file_name!r} lies outside the preset directory.")
                 if file_name not in files:
                     files[file_name] = SafetensorsFile(target)
             self.where = {name: files[file_name] for name, file_name in weight_map.items()}
         elif (directory / "model.safetensors").is_file():
+            if not _inside(directory, directory / "model.safetensors"):
+                raise ValueError(f"{directory / 'model.safetensors'} is a link to a file outside the preset directory.")
             single = SafetensorsFile(directory / "model.safetensors")
             self.where = {name: single for name in single.keys()}
         else:
@@ -108,12 +133,17 @@ class _Checkpoint:
     def __contains__(self, name):
         return name in self.where
 
-    def get(self, name: str, needed_for: str) -> np.ndarray:
+    def get(self, name: str, needed_for: str, shape: tuple | None = None) -> np.ndarray:
+        """The tensor `name`; with `shape`, checked in the checkpoint's own
+        layout (before any transpose, so the message shows the file's shapes)."""
         if name not in self.where:
             raise ValueError(
                 f"The checkpoint at {self.directory} has no tensor {name!r} (needed for {needed_for})."
             )
-        return self.where[name].tensor(name)
+        value = self.where[name].tensor(name)
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise ValueError(f"Tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}.")
+        return value
 
 
 def load_weights(model, directory: Path) -> None:
@@ -125,8 +155,11 @@ def load_weights(model, directory: Path) -> None:
 
     embed = checkpoint.get("model.embed_tokens.weight", "token_embedding/embeddings")
     filler.put("token_embedding/embeddings", embed, source="model.embed_tokens.weight")
-    head_name = "lm_head.weight" if "lm_head.weight" in checkpoint else "model.embed_tokens.weight"
-    head = checkpoint.get(head_name, "token_embedding/reverse_embeddings")
+    # The output head is the input embedding only when the config ties them
+    # (Phi-3 does not); otherwise a missing lm_head.weight is an error.
+    tied = json.loads((directory / "config.json").read_text()).get("tie_word_embeddings", False)
+    head_name = "lm_head.weight" if "lm_head.weight" in checkpoint or not tied else "model.embed_tokens.weight"
+    head = checkpoint.get(head_name, "token_embedding/reverse_embeddings", (model.vocabulary_size, d))
     filler.put("token_embedding/reverse_embeddings", head.T, source=head_name)
     filler.put("final_norm/scale", checkpoint.get("model.norm.weight", "final_norm/scale"), source="model.norm.weight")
 
@@ -163,10 +196,10 @@ def load_weights(model, directory: Path) -> None:
             gate_source = up_source = fused
         else:
             gate_source, up_source = p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"
-            gate, up = checkpoint.get(gate_source, "mlp"), checkpoint.get(up_source, "mlp")
+            gate, up = checkpoint.get(gate_source, "mlp", (f, d)), checkpoint.get(up_source, "mlp", (f, d))
         put("decoder/mlp/gate_kernel", gate.T, gate_source)
         put("decoder/mlp/up_kernel", up.T, up_source)
-        put("decoder/mlp/down_kernel", checkpoint.get(p + "mlp.down_proj.weight", "mlp").T, p + "mlp.down_proj.weight")
+        put("decoder/mlp/down_kernel", checkpoint.get(p + "mlp.down_proj.weight", "mlp", (d, f)).T, p + "mlp.down_proj.weight")
     filler.finish(str(directory))
 
 

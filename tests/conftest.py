@@ -1,0 +1,220 @@
+"""Shared helpers for the phi3lab tests: small configs, random weights, oracles.
+
+The oracles (keras-hub, transformers on torch CPU) are imported lazily, only by
+the tests that use them, so a test file that needs neither stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+
+os.environ["KERAS_BACKEND"] = "jax"  # before anything imports keras
+
+import numpy as np
+import pytest
+
+# Sizes shared by the oracle tests: small enough to compile in well under a
+# second, large enough for GQA (4 query heads over 2 key/value heads) and for
+# 8 rotary pairs. Positions beyond `PRETRAINING` (8) switch "su" scaling to
+# the long factors; `MAX_POSITIONS / PRETRAINING` = 4 gives an attention
+# factor of sqrt(1 + ln 4 / ln 8) ~ 1.29.
+VOCAB, HIDDEN, FFN, LAYERS, HEADS = 96, 64, 128, 2, 4
+PRETRAINING, MAX_POSITIONS = 8, 32
+LENGTHS = {"below": 5, "at": PRETRAINING, "above": 13}
+
+
+def rope_factors(num_pairs: int = HIDDEN // HEADS // 2, seed: int = 0):
+    """Distinct (short, long) "su" factor lists, long ones clearly larger."""
+    rng = np.random.default_rng(seed)
+    short = (1.0 + 0.2 * rng.random(num_pairs)).round(4).tolist()
+    long = (1.0 + np.linspace(0.0, 6.0, num_pairs) + 0.1 * rng.random(num_pairs)).round(4).tolist()
+    return short, long
+
+
+def backbone_kwargs(rope: str | None = "su", num_key_value_heads: int = 2, **overrides) -> dict:
+    """Constructor arguments shared by phi3lab's and keras-hub's Phi3Backbone."""
+    short, long = rope_factors()
+    kwargs = dict(
+        vocabulary_size=VOCAB,
+        num_layers=LAYERS,
+        hidden_dim=HIDDEN,
+        intermediate_dim=FFN,
+        num_query_heads=HEADS,
+        num_key_value_heads=num_key_value_heads,
+        layer_norm_epsilon=1e-5,
+        max_sequence_length=MAX_POSITIONS,
+        pretraining_sequence_length=PRETRAINING,
+        rope_scaling_type=rope,
+        rope_scaling_short_factor=short if rope else None,
+        rope_scaling_long_factor=long if rope else None,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def randomize_keras(model, seed: int, scale: float = 0.3) -> None:
+    """Give every weight of a Keras model a random value: norm scales
+    `1 + scale * N(0, 1)`, everything else `scale * N(0, 1)`."""
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        noise = scale * rng.standard_normal(tuple(variable.shape))
+        value = 1.0 + noise if variable.path.endswith("scale") else noise
+        variable.assign(value.astype(variable.dtype))
+
+
+def random_backbone(seed: int, scale: float = 0.3, config: dict | None = None, **kwargs):
+    """A phi3lab `Phi3Backbone(**(config or backbone_kwargs(**kwargs)))` with
+    `randomize_keras` weights. Built without keras' random initializers,
+    whose compilation per weight shape costs seconds on a CPU."""
+    from phi3lab import Phi3Backbone
+
+    try:
+        from phi3lab.model.initializers import zero_initialization
+    except ImportError:  # an older phi3lab: random init, only slower
+        zero_initialization = contextlib.nullcontext
+    with zero_initialization():
+        model = Phi3Backbone.from_config(config) if config else Phi3Backbone(**backbone_kwargs(**kwargs))
+    randomize_keras(model, seed, scale)
+    return model
+
+
+def randomize_torch(module, seed: int, scale: float = 0.3) -> None:
+    """Same as `randomize_keras` for a torch module (norm weights around 1)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            noise = scale * torch.randn(parameter.shape, generator=generator)
+            parameter.copy_(1.0 + noise if "norm" in name else noise)
+
+
+def token_batch(length: int, seed: int = 0, vocab: int = VOCAB, pad: int = 3):
+    """Ids `[3, length]` and padding mask: row 0 unpadded, row 1 with `pad`
+    left-padding positions, row 2 with `pad` right-padding positions."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (3, length)).astype("int32")
+    mask = np.ones((3, length), "int32")
+    mask[1, :pad] = 0
+    mask[2, length - pad:] = 0
+    return ids, mask
+
+
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def forward(model, token_ids, padding_mask=None):
+    """phi3lab hidden states and logits as NumPy, through the pure forward
+    under `jax.jit` (the function `model.call` runs; compiled once per model
+    and input shape)."""
+    import jax
+
+    if model not in _COMPILED:
+        _COMPILED[model] = jax.jit(lambda p, ids, mask: model.apply(p, ids, mask)[0])
+    hidden = _COMPILED[model](
+        model.params(),
+        np.asarray(token_ids, "int32"),
+        None if padding_mask is None else np.asarray(padding_mask),
+    )
+    logits = model.token_embedding(hidden, reverse=True)
+    return np.asarray(hidden), np.asarray(logits)
+
+
+def keras_hub_forward(model, token_ids, padding_mask):
+    """keras-hub backbone output under `jax.jit` over `stateless_call`."""
+    import jax
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    run = jax.jit(lambda t, n, x: model.stateless_call(t, n, x)[0])
+    inputs = {"token_ids": np.asarray(token_ids, "int32"), "padding_mask": np.asarray(padding_mask, "int32")}
+    return np.asarray(run(trainable, non_trainable, inputs))
+
+
+def hf_config(rope=None, num_key_value_heads=2, sliding_window=None, **overrides):
+    """A small `transformers.Phi3Config` (eager attention, untied head).
+
+    `rope` is None, "longrope" or "su". transformers 5 renames "su" to
+    "longrope" but only after it checked the required keys, so the "su" dict
+    must carry `original_max_position_embeddings` itself.
+    """
+    import transformers
+
+    short, long = rope_factors()
+    scaling = None
+    if rope is not None:
+        scaling = {"type": rope, "short_factor": short, "long_factor": long}
+        if rope == "su":
+            scaling["original_max_position_embeddings"] = PRETRAINING
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=MAX_POSITIONS,
+        original_max_position_embeddings=PRETRAINING,
+        rms_norm_eps=1e-5,
+        rope_scaling=scaling,
+        sliding_window=sliding_window,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
+    kwargs.update(overrides)
+    return transformers.Phi3Config(**kwargs)
+
+
+def hf_model(config, seed: int = 0):
+    """A float32 `Phi3ForCausalLM` in eval mode with random weights."""
+    import transformers
+
+    model = transformers.Phi3ForCausalLM(config).eval()
+    randomize_torch(model, seed)
+    return model
+
+
+def hf_forward(model, token_ids, padding_mask=None):
+    """transformers' last hidden state (after the final norm) and logits."""
+    import torch
+
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(np.asarray(token_ids, "int64")),
+            attention_mask=None if padding_mask is None else torch.as_tensor(np.asarray(padding_mask, "int64")),
+            output_hidden_states=True,
+        )
+    return out.hidden_states[-1].numpy(), out.logits.numpy()
+
+
+def max_diff(a, b, padding_mask=None) -> float:
+    """Largest absolute difference over the real (unpadded) positions."""
+    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    if padding_mask is not None:
+        diff = diff[np.asarray(padding_mask).astype(bool)]
+    return float(diff.max())
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to resolve a host name or open a network connection fails
+    loudly, so a test proves that it works offline."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError(f"network access attempted in an offline test: {args!r}")
+
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            refuse(address)
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", connect)

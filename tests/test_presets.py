@@ -1,0 +1,244 @@
+"""Preset files: what phi3lab writes loads in the oracles, what the oracles
+and the hubs write loads in phi3lab, and the hub handles work offline from
+caches laid out as kagglehub and huggingface_hub lay them out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import (
+    LENGTHS,
+    MAX_POSITIONS,
+    PRETRAINING,
+    backbone_kwargs,
+    forward,
+    hf_config,
+    hf_forward,
+    hf_model,
+    keras_hub_forward,
+    max_diff,
+    random_backbone,
+    randomize_keras,
+    rope_factors,
+    token_batch,
+)
+from phi3lab import Phi3Backbone
+from phi3lab.presets import save_hf_checkpoint, save_preset
+
+TOLERANCE = 1e-4
+
+
+def test_saved_preset_loads_in_keras_hub(tmp_path):
+    keras_hub = pytest.importorskip("keras_hub")
+    model = random_backbone(seed=11, rope="su")
+    save_preset(model, tmp_path)
+    reference = keras_hub.models.Phi3Backbone.from_preset(str(tmp_path))
+    assert reference.rope_scaling_long_factor == list(model.rope_scaling_long_factor)
+    for length in (LENGTHS["below"], LENGTHS["above"]):
+        ids, mask = token_batch(length, seed=length)
+        assert max_diff(forward(model, ids, mask)[0], keras_hub_forward(reference, ids, mask), mask) < 1e-5
+
+
+def test_sharded_transformers_checkpoint(tmp_path):
+    pytest.importorskip("transformers")
+    reference = hf_model(hf_config("longrope"), seed=12)
+    reference.save_pretrained(tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert not (tmp_path / "model.safetensors").exists()
+    model = Phi3Backbone.from_preset(str(tmp_path))
+    ids, mask = token_batch(LENGTHS["above"])
+    expected_hidden, expected_logits = hf_forward(reference, ids, mask)
+    hidden, logits = forward(model, ids, mask)
+    assert max_diff(hidden, expected_hidden, mask) < TOLERANCE
+    assert max_diff(logits, expected_logits, mask) < TOLERANCE
+
+
+@pytest.mark.parametrize("max_shard_bytes", [2**30, 40_000], ids=["single", "sharded"])
+def test_saved_hf_checkpoint_loads_in_transformers(tmp_path, max_shard_bytes):
+    transformers = pytest.importorskip("transformers")
+    model = random_backbone(seed=13, rope="su", sliding_window=6)
+    save_hf_checkpoint(model, tmp_path, max_shard_bytes=max_shard_bytes)
+    assert (tmp_path / "model.safetensors.index.json").exists() == (max_shard_bytes < 2**30)
+    reference = transformers.Phi3ForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", dtype="float32"
+    ).eval()
+    assert reference.config.sliding_window == 6
+    assert reference.config.rope_parameters["rope_type"] == "longrope"
+    for length in (LENGTHS["at"], LENGTHS["above"]):
+        ids, mask = token_batch(length, seed=length)
+        expected_hidden, expected_logits = hf_forward(reference, ids, mask)
+        hidden, logits = forward(model, ids, mask)
+        assert max_diff(hidden, expected_hidden, mask) < TOLERANCE
+        assert max_diff(logits, expected_logits, mask) < TOLERANCE
+    # And back into phi3lab, exactly.
+    reloaded = Phi3Backbone.from_preset(str(tmp_path))
+    assert {**reloaded.get_config(), "name": None} == {**model.get_config(), "name": None}
+    for ours, theirs in zip(model.weights, reloaded.weights):
+        np.testing.assert_array_equal(np.asarray(ours.value), np.asarray(theirs.value))
+
+
+def legacy_config(reference) -> dict:
+    """The config.json of microsoft/Phi-3-mini-128k-instruct as first
+    published (transformers 4.x layout, "su" scaling), for `reference`'s sizes."""
+    config = reference.config
+    short, long = rope_factors()
+    return {
+        "_name_or_path": "Phi-3-mini-128k-instruct",
+        "architectures": ["Phi3ForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_phi3.Phi3Config",
+            "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM",
+        },
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "embd_pdrop": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": config.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": config.intermediate_size,
+        "max_position_embeddings": MAX_POSITIONS,
+        "model_type": "phi3",
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_key_value_heads": config.num_key_value_heads,
+        "original_max_position_embeddings": PRETRAINING,
+        "pad_token_id": 0,
+        "resid_pdrop": 0.0,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"long_factor": long, "short_factor": short, "type": "su"},
+        "rope_theta": 10000.0,
+        "sliding_window": 262144,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.39.3",
+        "use_cache": True,
+        "vocab_size": config.vocab_size,
+    }
+
+
+def test_legacy_su_config_json(tmp_path):
+    """A hand-written config.json in the original hub layout. transformers
+    5.24 itself refuses this file (it asks for
+    `original_max_position_embeddings` inside `rope_scaling`), so the oracle
+    is the same weights under transformers' current "longrope" config."""
+    pytest.importorskip("transformers")
+    reference = hf_model(hf_config("longrope", sliding_window=262144), seed=14)
+    reference.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(legacy_config(reference), indent=2))
+    model = Phi3Backbone.from_preset(str(tmp_path))
+    assert model.rope_scaling_type == "su"
+    assert model.pretraining_sequence_length == PRETRAINING
+    assert model.max_sequence_length == MAX_POSITIONS
+    for length in (LENGTHS["below"], LENGTHS["above"]):
+        ids, mask = token_batch(length, seed=length)
+        _, expected = hf_forward(reference, ids, mask)
+        assert max_diff(forward(model, ids, mask)[1], expected, mask) < TOLERANCE
+
+
+# --- hub handles, from local caches ------------------------------------------
+
+
+def put_in_hf_cache(cache: Path, repo_id: str, files: Path, commit: str) -> Path:
+    """Lay `files` out as huggingface_hub caches a download of `repo_id`:
+    content-addressed blobs, a snapshot of relative symlinks, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    snapshot.mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for path in sorted(files.iterdir()):
+        data = path.read_bytes()
+        # LFS files are named by their sha256, plain git files by their git blob id.
+        if path.suffix == ".safetensors":
+            blob = hashlib.sha256(data).hexdigest()
+        else:
+            blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        os.symlink(f"../../blobs/{blob}", snapshot / path.name)
+    return snapshot
+
+
+def test_hf_handle_from_cache(tmp_path, monkeypatch, no_network):
+    pytest.importorskip("transformers")
+    constants = pytest.importorskip("huggingface_hub.constants")
+    reference = hf_model(hf_config("longrope"), seed=15)
+    reference.save_pretrained(tmp_path / "download")
+    (tmp_path / "download" / "tokenizer_config.json").write_text("{}")
+    commit = hashlib.sha1(b"phi3lab test").hexdigest()
+    snapshot = put_in_hf_cache(tmp_path / "hf" / "hub", "owner/repo", tmp_path / "download", commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads its environment once, at import.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    from phi3lab.presets import resolve_preset_dir
+
+    assert resolve_preset_dir("hf://owner/repo").resolve() == snapshot.resolve()
+    model = Phi3Backbone.from_preset("hf://owner/repo")
+    ids, mask = token_batch(LENGTHS["above"])
+    _, expected = hf_forward(reference, ids, mask)
+    assert max_diff(forward(model, ids, mask)[1], expected, mask) < TOLERANCE
+    with pytest.raises(RuntimeError, match="pass the local directory"):
+        Phi3Backbone.from_preset("hf://owner/not-cached")
+
+
+def kaggle_cache(root: Path, handle: str) -> Path:
+    """Where kagglehub 1.x caches a model handle `owner/model/framework/variation/version`
+    (`$KAGGLEHUB_CACHE/models/...`); it treats the download as complete
+    only when `<variation>/<version>.complete` exists beside it."""
+    owner, model, framework, variation, version = handle.split("/")
+    return root / "models" / owner / model / framework / variation / version
+
+
+def test_kaggle_handle_from_cache(tmp_path, monkeypatch, no_network):
+    keras_hub = pytest.importorskip("keras_hub")
+    pytest.importorskip("kagglehub")
+    reference = keras_hub.models.Phi3Backbone(**backbone_kwargs("su", 2))
+    randomize_keras(reference, seed=16)
+    handle = "keras/phi3/keras/phi3lab_test_en/3"
+    directory = kaggle_cache(tmp_path / "kaggle", handle)
+    reference.save_to_preset(str(directory))
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kaggle"))
+    # No real credentials are read; an unauthenticated client is enough.
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle_config"))
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+    # Without the completion marker the cache is partial: kagglehub goes to
+    # the network (refused here) and the error says how to work offline.
+    with pytest.raises(RuntimeError, match="pass the local directory"):
+        Phi3Backbone.from_preset(f"kaggle://{handle}")
+    (directory.parent / "3.complete").touch()
+
+    from phi3lab.presets import resolve_preset_dir
+
+    assert resolve_preset_dir(f"kaggle://{handle}") == directory
+    model = Phi3Backbone.from_preset(f"kaggle://{handle}")
+    ids, mask = token_batch(LENGTHS["above"])
+    assert max_diff(forward(model, ids, mask)[0], keras_hub_forward(reference, ids, mask), mask) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "handle, package",
+    [("kaggle://keras/phi3/keras/phi3_mini_4k_instruct_en/2", "kagglehub"), ("hf://owner/repo", "huggingface_hub")],
+)
+def test_hub_library_missing(monkeypatch, handle, package):
+    monkeypatch.setitem(sys.modules, package, None)  # `import package` raises ImportError
+    with pytest.raises(ImportError) as error:
+        Phi3Backbone.from_preset(handle)
+    message = str(error.value)
+    assert handle in message
+    assert "pip install" in message and package in message
+    assert "from_preset('/path/to/dir')" in message  # how to pass a local directory
