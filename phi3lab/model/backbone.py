@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import keras
 from jax import numpy as jnp
 
@@ -237,8 +238,16 @@ class Phi3Backbone(keras.Model):
         dropout_key = None
         if training and self.dropout > 0:
             dropout_key = self.dropout_seed.next()
-        hidden, _ = self.apply(self.params(), token_ids, padding_mask, dropout_key=dropout_key)
-        return hidden
+        return self._compiled_forward(self.params(), token_ids, padding_mask, dropout_key)
+
+    @property
+    def _compiled_forward(self):
+        """`apply` under `jax.jit`, made once per model, so eager calls do not
+        re-trace the layer scan every time."""
+        if getattr(self, "_forward_fn", None) is None:
+            forward = lambda params, ids, mask, key: self.apply(params, ids, mask, dropout_key=key)[0]
+            object.__setattr__(self, "_forward_fn", jax.jit(forward))
+        return self._forward_fn
 
     def get_config(self):
         config = super().get_config()
