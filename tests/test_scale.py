@@ -207,3 +207,15 @@ def test_full_phi3_mini_128k_fits_16gb_in_bfloat16():
     window, length = 512, 4096
     captured = 2 * (1 * 32 * window * length * 4) + length * config["vocabulary_size"] * 4
     assert weights + captured < 16e9 * 0.9
+
+
+def test_windowed_trace_to_pandas_labels_true_positions_and_heads(model):
+    ids = ids_of(20)
+    full = phi3lab.trace(model, ids, names="blocks.0.attn.hook_pattern").to_pandas("blocks.0.attn.hook_pattern")
+    window = phi3lab.trace(model, ids, names="blocks.0.attn.hook_pattern", queries=slice(10, 15),
+                           heads=[3, 1]).to_pandas("blocks.0.attn.hook_pattern")
+    assert sorted(window["head"].unique()) == [1, 3]
+    assert (window["query"].min(), window["query"].max()) == (10, 14)
+    merged = window.merge(full, on=["head", "query", "key"], suffixes=("_window", "_full"))
+    assert len(merged) == len(window)
+    np.testing.assert_allclose(merged.value_window, merged.value_full, atol=1e-6)

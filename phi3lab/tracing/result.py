@@ -100,16 +100,24 @@ class Trace(Mapping):
         """A tidy per-token table of activation `name` for row `batch`.
 
         Attention scores/patterns give one row per (head, query, key) with
-        both tokens; every other site gives one row per position with its
+        both tokens (only the captured heads and query window); every other site gives one row per position with its
         token, the vector's L2 norm, and the values as columns `0, 1, ...`.
         """
+        rows = self.token_ids.shape[0]
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or not -rows <= batch < rows:
+            raise bad_argument("batch", batch, f"an int in [0, {rows})")
+        batch = int(batch) % rows
         values = self[name][batch]
         length = self.token_ids.shape[1]
         tokens = self.tokens[batch] if self.tokens is not None else [str(t) for t in self.token_ids[batch]]
         valid = self.padding_mask[batch]
         if name.endswith(("hook_pattern", "hook_attn_scores")):
+            # Respect a query window and a head selection (`trace(queries=,
+            # heads=)`): rows are labelled with true positions and heads.
+            head_ids = np.asarray(self.attention_heads or range(values.shape[0]))
+            start, stop = self.query_window or (0, length)
             heads, queries, keys = np.meshgrid(
-                np.arange(values.shape[0]), np.arange(length), np.arange(length), indexing="ij"
+                head_ids, np.arange(start, stop), np.arange(length), indexing="ij"
             )
             table = pd.DataFrame({
                 "head": heads.ravel(), "query": queries.ravel(), "key": keys.ravel(),

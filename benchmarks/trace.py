@@ -1,0 +1,232 @@
+"""How much a trace costs next to the plain forward (run by hand).
+
+    .venv/bin/python benchmarks/trace.py [--lengths 128 512] [--repeats 10]
+
+Model: 12 layers, width 768, 12 heads, MLP 2048, vocabulary 32064, float32,
+batch 1, random weights. Every timing is the median of `--repeats` runs
+after a warm-up (compilation excluded); the variants are run round-robin,
+so load that drifts during the run hits them alike.
+
+Rows:
+  plain forward          jax.jit(model.apply): final hidden states only
+  plain forward + logits the same plus the output projection (a full trace
+                         computes the logits too)
+  trace: everything      phi3lab.trace(model, ids): every hook point, copied
+                         to host NumPy arrays
+  trace: patterns only   names="blocks.*.attn.hook_pattern"
+  trace: residual only   names="blocks.*.hook_resid_*"
+and, when transformer_lens is importable, a HookedTransformer of the same
+shapes on torch CPU: its forward, run_with_cache (everything) and
+run_with_cache with a names_filter for the patterns.
+
+Also printed: the plain forward's achieved GFLOP/s next to a large jitted
+matmul's (timed in the same round-robin), and the memory of a full trace (peak RSS
+growth while it runs, sampled every millisecond) next to the bytes of the
+arrays it returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import threading
+import time
+
+import numpy as np
+
+import phi3lab  # noqa: F401  (selects the JAX backend)
+import jax
+from jax import numpy as jnp
+
+CONFIG = dict(
+    vocabulary_size=32064, num_layers=12, hidden_dim=768, intermediate_dim=2048,
+    num_query_heads=12, num_key_value_heads=12, max_sequence_length=4096,
+    pretraining_sequence_length=4096,
+)
+
+
+def make_model():
+    model = phi3lab.Phi3Backbone(**CONFIG)
+    rng = np.random.default_rng(0)
+    for variable in model.weights:
+        noise = 0.02 * rng.standard_normal(tuple(variable.shape), dtype=np.float32)
+        variable.assign(1.0 + noise if variable.path.endswith("scale") else noise)
+    return model
+
+
+def forward_flops(length: int, batch: int = 1, logits: bool = False) -> float:
+    """Matmul flops of the forward: 2 * (matmul parameters) * tokens, plus
+    attention's QK^T and PV over the full T x T square."""
+    d, f, layers = CONFIG["hidden_dim"], CONFIG["intermediate_dim"], CONFIG["num_layers"]
+    hq, hkv = CONFIG["num_query_heads"], CONFIG["num_key_value_heads"]
+    dh = d // hq
+    per_layer = d * (hq + 2 * hkv) * dh + hq * dh * d + 3 * d * f
+    params = layers * per_layer + (d * CONFIG["vocabulary_size"] if logits else 0)
+    attention = layers * 2 * (2 * batch * hq * length * length * dh)
+    return 2.0 * params * batch * length + attention
+
+
+MATMUL = 2048  # the reference matmul is MATMUL x MATMUL by MATMUL x MATMUL
+
+
+def reference_matmul():
+    """A large jitted float32 matmul: the machine's attainable GFLOP/s."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((MATMUL, MATMUL), dtype=np.float32))
+    b = jnp.asarray(np.random.default_rng(1).standard_normal((MATMUL, MATMUL), dtype=np.float32))
+    matmul = jax.jit(jnp.matmul)
+    return lambda: matmul(a, b).block_until_ready()
+
+
+def median_times(variants: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per variant, run round-robin after `warmup` rounds."""
+    times = {name: [] for name in variants}
+    for round_ in range(warmup + repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def release_freed_memory():
+    """Give freed heap pages back to the OS (glibc), so that RSS growth
+    measures what a run allocates rather than what earlier runs left."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_rss_growth(fn) -> tuple[int, object]:
+    """(largest RSS growth while `fn` runs, its result), sampled every ms."""
+    import psutil
+
+    release_freed_memory()
+    process = psutil.Process()
+    base = process.memory_info().rss
+    peak, done = [base], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        sampler.join()
+    peak[0] = max(peak[0], process.memory_info().rss)
+    return peak[0] - base, result
+
+
+def phi3lab_variants(model, ids):
+    params = model.params()
+    token_ids = jnp.asarray(ids)
+    mask = jnp.ones(ids.shape, bool)
+    plain = jax.jit(lambda p, i, m: model.apply(p, i, m)[0])
+    with_logits = jax.jit(
+        lambda p, i, m: model.token_embedding.apply(
+            p["token_embedding"], model.apply(p, i, m)[0], reverse=True
+        )
+    )
+    return {
+        "plain forward": lambda: plain(params, token_ids, mask).block_until_ready(),
+        "plain forward + logits": lambda: with_logits(params, token_ids, mask).block_until_ready(),
+        "trace: everything": lambda: phi3lab.trace(model, ids),
+        "trace: patterns only": lambda: phi3lab.trace(model, ids, names="blocks.*.attn.hook_pattern"),
+        "trace: residual only": lambda: phi3lab.trace(model, ids, names="blocks.*.hook_resid_*"),
+    }
+
+
+def transformer_lens_variants(length: int, threads: int | None = None):
+    try:
+        import torch
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except Exception as error:  # not installed, or a dependency missing
+        print(f"(transformer_lens not importable: {type(error).__name__}: {error})")
+        return None
+    if threads is not None:
+        torch.set_num_threads(threads)
+    print(f"TransformerLens on torch {torch.__version__} CPU, {torch.get_num_threads()} threads")
+    config = HookedTransformerConfig(
+        d_model=CONFIG["hidden_dim"], n_layers=CONFIG["num_layers"], n_heads=CONFIG["num_query_heads"],
+        d_head=CONFIG["hidden_dim"] // CONFIG["num_query_heads"], d_mlp=CONFIG["intermediate_dim"],
+        d_vocab=CONFIG["vocabulary_size"], act_fn="silu", gated_mlp=True,
+        normalization_type="RMS", positional_embedding_type="rotary", n_ctx=512,
+        dtype=torch.float32, device="cpu", seed=0,
+    )
+    model = HookedTransformer(config).eval()
+    ids = torch.randint(0, CONFIG["vocabulary_size"], (1, length))
+    patterns = lambda name: name.endswith("hook_pattern")
+
+    def timed(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+
+    return {
+        "TL forward": timed(lambda: model(ids)),
+        "TL run_with_cache: everything": timed(lambda: model.run_with_cache(ids)),
+        "TL run_with_cache: patterns only": timed(lambda: model.run_with_cache(ids, names_filter=patterns)),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-transformer-lens", action="store_true")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads for TransformerLens (default: torch's own)")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    model = make_model()
+    for length in args.lengths:
+        ids = np.random.default_rng(length).integers(0, CONFIG["vocabulary_size"], (1, length)).astype(np.int32)
+        variants = phi3lab_variants(model, ids)
+        variants["reference matmul 2048^3"] = reference_matmul()
+        tl = None if args.no_transformer_lens else transformer_lens_variants(length, args.torch_threads)
+        if tl:
+            variants.update(tl)
+        times = median_times(variants, args.repeats)
+        base = times["plain forward"]
+        print(f"\nT={length}, batch 1, median of {args.repeats} runs after 2 warm-up rounds")
+        print(f"{'variant':36s} {'ms':>9s} {'x plain':>8s}")
+        for name, seconds in times.items():
+            print(f"{name:36s} {seconds * 1e3:9.1f} {seconds / base:8.2f}")
+        if tl:
+            for ours, theirs in (("trace: everything", "TL run_with_cache: everything"),
+                                 ("trace: patterns only", "TL run_with_cache: patterns only"),
+                                 ("plain forward + logits", "TL forward")):
+                print(f"speedup {theirs} / {ours}: {times[theirs] / times[ours]:.2f}x")
+        achieved = forward_flops(length) / base / 1e9
+        peak = 2.0 * MATMUL**3 / times["reference matmul 2048^3"] / 1e9
+        print(f"plain forward: {forward_flops(length) / 1e9:.1f} GFLOP -> {achieved:.1f} GFLOP/s "
+              f"= {achieved / peak:.0%} of a large jitted matmul's {peak:.1f} GFLOP/s (same rounds)")
+
+        growth, tr = peak_rss_growth(lambda: phi3lab.trace(model, ids))
+        captured = sum(tr[name].nbytes for name in tr.names) + tr.output.nbytes
+        print(f"full trace memory: peak RSS growth {growth / 2**20:.0f} MiB vs captured arrays "
+              f"{captured / 2**20:.0f} MiB ({len(tr.names)} arrays); ratio {growth / captured:.2f}")
+        estimate = getattr(phi3lab, "estimate", None)
+        if estimate is not None:
+            print(f"phi3lab.estimate: {estimate(model, seq_len=length)}")
+        del tr
+
+
+if __name__ == "__main__":
+    main()
