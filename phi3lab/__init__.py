@@ -4,7 +4,7 @@ from phi3lab._backend import select_jax_backend
 
 select_jax_backend()
 
-from phi3lab import analysis  # noqa: E402
+from phi3lab import analysis, sharding, widgets  # noqa: E402
 from phi3lab.generate import generate  # noqa: E402
 from phi3lab.model import Phi3Backbone  # noqa: E402
 from phi3lab.tokenizer import Phi3Tokenizer  # noqa: E402
@@ -19,6 +19,8 @@ __all__ = [
     "estimate",
     "generate",
     "hooks",
+    "sharding",
     "trace",
+    "widgets",
 ]
 __version__ = "0.1.0"

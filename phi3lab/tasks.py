@@ -41,7 +41,8 @@ WORDS = (
 @dataclasses.dataclass(frozen=True)
 class NameMoverPrompt:
     """A prompt whose correct next word is `answer` (the indirect object),
-    with `counterfactual` the subject named twice."""
+    with `counterfactual` the subject named twice. Both are bare names; their
+    token ids come from `name_token(tokenizer, name)`."""
 
     text: str
     answer: str
@@ -63,8 +64,15 @@ def name_mover_prompts(count: int, seed: int = 0, names=HELD_OUT_NAMES) -> list[
         text = template.format(
             a=a, b=b, place=rng.choice(PLACES), verb=rng.choice(VERBS), obj=rng.choice(OBJECTS)
         )
-        prompts.append(NameMoverPrompt(text, f" {a}", f" {b}"))
+        prompts.append(NameMoverPrompt(text, str(a), str(b)))
     return prompts
+
+
+def name_token(tokenizer, name: str) -> int:
+    """The id of `name`'s first token as it appears after a space inside a
+    sentence. SentencePiece prefixes a word with "▁" by itself, so encode the
+    bare name: `encode(" Mary")` would start with a lone "▁" token."""
+    return tokenizer.encode(name.strip())[0]
 
 
 def repeated_words(period: int, repeats: int = 2, seed: int = 0) -> str:

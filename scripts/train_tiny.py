@@ -5,10 +5,11 @@ Seeded and reproducible, CPU only, about 10 minutes on 2 cores:
     .venv/bin/python scripts/train_tiny.py [--steps 1200] [--out phi3lab/assets/phi3lab_tiny_en]
 
 The corpus is generated here from `phi3lab.tasks`: repeated random word
-sequences with varied periods (held-out periods are never trained on, so
-induction cannot be a fixed-offset shortcut), name-mover sentences with
-training names only, short chat turns in Phi-3's format, and simple
-sentences. A SentencePiece vocabulary is trained on the same corpus. The
+sequences and repeated random token sequences with varied periods (held-out
+periods are never trained on, so induction cannot be a fixed-offset
+shortcut), name-mover sentences with training names only (held-out names
+appear only in other sentences), short chat turns in Phi-3's format, and
+simple sentences. A SentencePiece vocabulary is trained on the same corpus. The
 model is phi3lab's own `Phi3Backbone`, trained with AdamW written in JAX.
 """
 
@@ -55,21 +56,34 @@ def documents(count: int, seed: int) -> list[str]:
             docs.append(tasks.repeated_words(period, int(rng.integers(2, 4)), seed=seed * 100003 + index))
         elif kind < 0.7:
             for prompt in tasks.name_mover_prompts(3, seed=seed * 7919 + index, names=names):
-                docs.append(prompt.text + prompt.answer + ".")
+                docs.append(f"{prompt.text} {prompt.answer}.")
         elif kind < 0.85:
             conv = tasks.chat_turns(1, seed=seed * 31 + index)[0]
             docs.append("".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in conv))
         else:
             words = rng.choice(tasks.WORDS, 6)
+            # Held-out names appear here (so they are known tokens) but
+            # never in a name-mover sentence.
+            everyone = names + tasks.HELD_OUT_NAMES
             docs.append(f"The {words[0]} {words[1]} is near the {rng.choice(tasks.PLACES)}. "
-                        f"{rng.choice(names)} saw a {words[2]} {words[3]} and a {words[4]} {words[5]}.")
+                        f"{rng.choice(everyone)} saw a {words[2]} {words[3]} and a {words[4]} {words[5]}.")
     return docs
 
 
-def token_stream(tokenizer: Phi3Tokenizer, docs: list[str]) -> np.ndarray:
+def token_stream(tokenizer: Phi3Tokenizer, docs: list[str], random_repeats: int = 0, seed: int = 0) -> np.ndarray:
+    """Documents as one id stream, `<|endoftext|>` between them, with
+    `random_repeats` extra documents of random token ids repeated 2-3 times
+    (any token, so induction is learned as copying, not as word knowledge)."""
+    rng = np.random.default_rng(seed)
+    pieces = [tokenizer.encode(doc) for doc in docs]
+    plain = len(tokenizer.special_tokens) - 3  # the added specials follow the pieces
+    for _ in range(random_repeats):
+        period = int(rng.choice(TRAIN_PERIODS))
+        pieces.append(rng.integers(3, tokenizer.vocabulary_size - plain, period).tolist() * int(rng.integers(2, 4)))
+    order = rng.permutation(len(pieces))
     ids = []
-    for doc in docs:
-        ids += tokenizer.encode(doc) + [tokenizer.pad_token_id]  # <|endoftext|> between documents
+    for index in order:
+        ids += pieces[index] + [tokenizer.pad_token_id]
     return np.asarray(ids, np.int32)
 
 
@@ -84,7 +98,7 @@ def train(steps: int, out: Path, seed: int = 0) -> dict:
     proto = train_sentencepiece(docs[:20000], vocab_size=1000)
     tokenizer = Phi3Tokenizer(proto)
     vocabulary_size = int(math.ceil(tokenizer.vocabulary_size / 64) * 64)
-    stream = token_stream(tokenizer, docs)
+    stream = token_stream(tokenizer, docs, random_repeats=12000, seed=seed)
     held_out = token_stream(tokenizer, documents(800, seed + 1))
     import keras
 

@@ -1,0 +1,15 @@
+"""Interactive views of traces (ipywidgets + plotly), with static fallbacks.
+
+Every view has a live `.widget` and a `.static()` picture; displayed in a
+notebook it shows the widget where a widget frontend runs (JupyterLab) and
+the picture elsewhere (nbconvert, nbmake, GitHub). Everything renders
+offline: plotly's widget bundles its JavaScript, static HTML inlines it.
+"""
+
+from phi3lab.widgets.attention import AttentionExplorer
+from phi3lab.widgets.logit_lens import LogitLensView
+from phi3lab.widgets.patching import PatchingView
+from phi3lab.widgets.residual import ResidualStreamView
+from phi3lab.widgets.rope import RopeView
+
+__all__ = ["AttentionExplorer", "LogitLensView", "PatchingView", "ResidualStreamView", "RopeView"]

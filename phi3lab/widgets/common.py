@@ -1,0 +1,314 @@
+"""What every view shares: colour scales, token labels, windows, the static
+fallback and the `View` base class.
+
+Colour scales are defined once, from matplotlib colormaps, so the live plotly
+figures, the static PNGs and the coloured token strips agree:
+
+- `SEQUENTIAL` ("Blues", white = 0) for probabilities and norms;
+- `DIVERGING` ("RdBu_r", blue < 0 < red, white = 0) for signed values;
+- `BLANK` (light grey) for cells that have no value (masked, `-inf`).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+from typing import Callable, Sequence
+
+import ipywidgets as widgets
+import matplotlib
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from phi3lab.errors import bad_argument
+
+SEQUENTIAL = "Blues"
+DIVERGING = "RdBu_r"
+BLANK = "#d9d9d9"
+HIGHLIGHT = "#ff7f0e"
+FONT = dict(family="DejaVu Sans, Arial, sans-serif", size=12)
+
+
+# === Colour scales ===
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """A colormap and its value range, usable by plotly, matplotlib and CSS."""
+
+    cmap: str
+    vmin: float
+    vmax: float
+
+    @classmethod
+    def probability(cls) -> "Scale":
+        return cls(SEQUENTIAL, 0.0, 1.0)
+
+    @classmethod
+    def magnitude(cls, values) -> "Scale":
+        """Sequential from 0 to the largest finite value."""
+        top = _finite_max(np.abs(values))
+        return cls(SEQUENTIAL, 0.0, top)
+
+    @classmethod
+    def signed(cls, values) -> "Scale":
+        """Diverging, symmetric around 0 (0 is white)."""
+        top = _finite_max(np.abs(values))
+        return cls(DIVERGING, -top, top)
+
+    def plotly(self, steps: int = 11) -> dict:
+        """`colorscale`, `zmin`, `zmax` for a plotly heatmap."""
+        cmap = matplotlib.colormaps[self.cmap]
+        scale = [[i / (steps - 1), matplotlib.colors.to_hex(cmap(i / (steps - 1)))] for i in range(steps)]
+        return dict(colorscale=scale, zmin=self.vmin, zmax=self.vmax)
+
+    def matplotlib(self) -> dict:
+        """`cmap`, `vmin`, `vmax` for `imshow` (NaN drawn in `BLANK`)."""
+        cmap = matplotlib.colormaps[self.cmap].with_extremes(bad=BLANK)
+        return dict(cmap=cmap, vmin=self.vmin, vmax=self.vmax)
+
+    def rgb(self, values) -> np.ndarray:
+        """uint8 RGB `[..., 3]` for `values`; NaN becomes `BLANK`."""
+        values = np.asarray(values, np.float64)
+        span = (self.vmax - self.vmin) or 1.0
+        unit = np.clip((values - self.vmin) / span, 0.0, 1.0)
+        colours = np.asarray(matplotlib.colormaps[self.cmap](np.nan_to_num(unit).ravel()))[:, :3]
+        colours = colours.reshape(values.shape + (3,))
+        colours[np.isnan(values)] = matplotlib.colors.to_rgb(BLANK)
+        return np.round(colours * 255).astype(np.uint8)
+
+    def css(self, value: float) -> tuple[str, str]:
+        """Background and readable text colour for one value, as CSS hex."""
+        r, g, b = (int(c) for c in self.rgb(value))
+        text = "#000000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#ffffff"
+        return f"#{r:02x}{g:02x}{b:02x}", text
+
+    def png(self, values, pixels: int) -> bytes:
+        """`values [rows, cols]` as a `pixels`-wide PNG (nearest neighbour)."""
+        from PIL import Image
+
+        image = Image.fromarray(self.rgb(values))
+        height = max(1, round(pixels * values.shape[0] / max(values.shape[1], 1)))
+        buffer = io.BytesIO()
+        image.resize((pixels, height), Image.NEAREST).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+def _finite_max(values) -> float:
+    finite = np.asarray(values, np.float64)
+    finite = finite[np.isfinite(finite)]
+    top = float(finite.max()) if finite.size else 0.0
+    return top if top > 0 else 1.0
+
+
+def blank_infinite(values) -> np.ndarray:
+    """A copy with `-inf`/`inf` replaced by NaN, which every view draws blank."""
+    values = np.array(values, copy=True)
+    values[np.isinf(values)] = np.nan
+    return values
+
+
+def pool_max(values, size: int) -> np.ndarray:
+    """Downsample `[rows, cols]` to at most `size x size` by block maxima
+    (NaN-aware), so a thumbnail keeps the sharp, sparse attention peaks."""
+    rows, cols = values.shape
+    fr, fc = -(-rows // size), -(-cols // size)
+    if fr == 1 and fc == 1:
+        return np.asarray(values, np.float32)
+    padded = np.full((-(-rows // fr) * fr, -(-cols // fc) * fc), np.nan, np.float32)
+    padded[:rows, :cols] = values
+    blocks = padded.reshape(padded.shape[0] // fr, fr, padded.shape[1] // fc, fc)
+    return np.fmax.reduce(np.fmax.reduce(blocks, axis=3), axis=1)
+
+
+# === Token labels ===
+def position_labels(trace, batch: int, tokens: Sequence[str] | None = None) -> list[str]:
+    """Display strings per position of row `batch`: `tokens` when given,
+    else `trace.tokens`, else the token ids as `#17`. Padding is `[pad]`."""
+    length = trace.token_ids.shape[1]
+    if tokens is not None:
+        tokens = [str(t) for t in tokens]
+        if len(tokens) != length:
+            raise bad_argument("tokens", f"{len(tokens)} strings", f"one display string per position ({length})")
+    elif trace.tokens is not None:
+        tokens = [str(t) for t in trace.tokens[batch]]
+    else:
+        tokens = [f"#{int(i)}" for i in trace.token_ids[batch]]
+    valid = np.asarray(trace.padding_mask[batch], bool)
+    return [visible(t) if ok else "[pad]" for t, ok in zip(tokens, valid)]
+
+
+def visible(token: str) -> str:
+    """Make whitespace visible in a token string."""
+    return token.replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+def axis_labels(labels: Sequence[str], positions: Sequence[int]) -> list[str]:
+    """Unique category labels `"3 cat"` for plotly axes (plotly merges equal
+    categories), with `<`, `>` and `&` escaped (plotly text is HTML)."""
+    return [f"{p} {escape(labels[p])}" for p in positions]
+
+
+def escape(text: str) -> str:
+    return html.escape(text, quote=False)
+
+
+def vocabulary_labeler(tokenizer) -> Callable[[int], str]:
+    """Token id -> display string for a `Phi3Tokenizer`, any object with
+    `display_tokens`, `id_to_token` or `decode`, a list of strings (a toy
+    vocabulary), or None (ids as `#17`)."""
+    if tokenizer is None:
+        return lambda i: f"#{int(i)}"
+    if isinstance(tokenizer, (list, tuple)):
+        return lambda i: visible(str(tokenizer[int(i)])) if int(i) < len(tokenizer) else f"#{int(i)}"
+    for method in ("display_tokens", "id_to_token", "decode"):
+        if hasattr(tokenizer, method):
+            fn = getattr(tokenizer, method)
+            if method == "id_to_token":
+                return lambda i: visible(str(fn(int(i))))
+            return lambda i: visible(str(_first(fn([int(i)]))))
+    raise bad_argument("tokenizer", tokenizer, "a Phi3Tokenizer, a list of token strings, or None")
+
+
+def _first(result):
+    return result[0] if isinstance(result, (list, tuple)) else result
+
+
+# === Windows over long inputs ===
+def window(start: int, size: int, total: int) -> range:
+    """Positions `[start, start + size)` clamped inside `[0, total)`."""
+    size = min(size, total)
+    start = min(max(int(start), 0), total - size)
+    return range(start, start + size)
+
+
+def window_slider(description: str, total: int, size: int, start: int = 0) -> widgets.IntSlider:
+    """A slider choosing where a `size`-long window starts; hidden when the
+    whole input fits."""
+    slider = widgets.IntSlider(
+        value=window(start, size, total).start, min=0, max=max(total - size, 0), step=1,
+        description=description, continuous_update=False,
+        style={"description_width": "initial"}, layout=widgets.Layout(width="420px"),
+    )
+    if total <= size:
+        slider.layout.display = "none"
+    return slider
+
+
+def check_choice(name: str, value, options: Sequence) -> None:
+    if value not in options:
+        raise bad_argument(name, value, f"one of {list(options)}")
+
+
+def check_int(name: str, value, low: int, high: int) -> int:
+    """`value` as an int in `[low, high)`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value < high:
+        raise bad_argument(name, value, f"an int in [{low}, {high})")
+    return int(value)
+
+
+# === Figures ===
+def base_layout(title: str, height: int = 420, width: int = 1000, **extra) -> dict:
+    """The layout every live figure starts from (fixed size: widget
+    containers do not give plotly a width to fill)."""
+    layout = dict(
+        title=dict(text=title, x=0.01, xanchor="left", font=dict(size=14)),
+        template="plotly_white", font=FONT, height=height, width=width,
+        margin=dict(l=70, r=20, t=50, b=60), plot_bgcolor=BLANK,
+    )
+    layout.update(extra)
+    return layout
+
+
+def live(figure: go.Figure, on_click=None) -> go.FigureWidget:
+    """The live widget of a figure that is already fully built.
+
+    Build first, wrap last: a FigureWidget's later edits travel as events,
+    which its browser-side model misses while plotly.js is still loading
+    (the figure then renders blank); its initial data and layout are state
+    and always arrive. `on_click(trace, points, state)` handles clicks on
+    the first trace.
+    """
+    widget = go.FigureWidget(figure)
+    if on_click is not None:
+        widget.data[0].on_click(on_click)
+    return widget
+
+
+def mpl_heatmap(ax, values, scale: Scale, *, title: str, xlabel: str, ylabel: str,
+                colorbar: str, x_labels=None, y_labels=None, max_ticks: int = 40):
+    """Draw `values [rows, cols]` on `ax` with labels, ticks and a colour bar."""
+    values = np.asarray(values, np.float64)
+    image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest", **scale.matplotlib())
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    for labels, set_ticks, set_labels, count, rotation in (
+        (x_labels, ax.set_xticks, ax.set_xticklabels, values.shape[1], 90),
+        (y_labels, ax.set_yticks, ax.set_yticklabels, values.shape[0], 0),
+    ):
+        if labels is not None:
+            step = max(1, -(-count // max_ticks))
+            ticks = list(range(0, count, step))
+            set_ticks(ticks)
+            set_labels([labels[i] for i in ticks], fontsize=7, rotation=rotation)
+    ax.figure.colorbar(image, ax=ax, label=colorbar, fraction=0.046, pad=0.02)
+    return image
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib figure outside pyplot (no global state, no GUI)."""
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def png_bytes(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, facecolor="white")
+    return buffer.getvalue()
+
+
+# === The view base class ===
+class View:
+    """Base of every view: a live `.widget`, a `.static()` picture, and a
+    notebook representation holding both.
+
+    In JupyterLab the widget renders and stays live; where no widget
+    frontend runs (nbconvert, nbmake, GitHub) the `image/png` in the same
+    output is shown instead. The picture shows the view as it was displayed.
+    """
+
+    widget: widgets.Box
+    css_class = "phi3lab-view"
+
+    def static(self, format: str = "png"):
+        """A self-contained rendering of the current state.
+
+        Args:
+            format: `"png"` (bytes, drawn with matplotlib) or `"html"` (str:
+                the live figures with plotly.js inlined, no CDN).
+        """
+        if format == "png":
+            return png_bytes(self._draw_static())
+        if format == "html":
+            parts = [f"<h3>{escape(repr(self))}</h3>"]
+            for index, figure in enumerate(self._figures()):
+                parts.append(pio.to_html(go.Figure(figure), include_plotlyjs=index == 0, full_html=False))
+            return "<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>" + "\n".join(parts) + "</body></html>"
+        raise bad_argument("format", format, '"png" or "html"')
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        bundle = dict(self.widget._repr_mimebundle_())
+        bundle["image/png"] = base64.b64encode(self.static("png")).decode("ascii")
+        bundle["text/plain"] = repr(self)
+        return bundle
+
+    def _draw_static(self) -> Figure:
+        raise NotImplementedError
+
+    def _figures(self) -> list:
+        raise NotImplementedError
