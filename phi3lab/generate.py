@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import weakref
 
 import jax
@@ -61,13 +63,26 @@ def generate(
     if not isinstance(prompt, str):
         raise bad_argument("prompt", prompt, "a string")
     check_positive_int("max_new_tokens", max_new_tokens)
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise bad_argument("temperature", temperature, "a number >= 0")
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+            or not math.isfinite(temperature) or temperature < 0):
+        raise bad_argument("temperature", temperature, "a finite number >= 0")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise bad_argument("seed", seed, "a non-negative int")
+    if not isinstance(chat, (bool, np.bool_)):
+        raise bad_argument("chat", chat, "True or False")
+    if not all(hasattr(tokenizer, a) for a in ("encode", "decode", "apply_chat_template", "stop_token_ids")):
+        raise bad_argument("tokenizer", tokenizer, "a Phi3Tokenizer")
     if chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     ids = tokenizer.encode(prompt)
     if not ids:
         raise bad_argument("prompt", prompt, "text that encodes to at least one token")
+    if max(ids) >= model.vocabulary_size:
+        raise bad_argument(
+            "prompt", prompt,
+            f"text whose token ids fit the model's vocabulary_size={model.vocabulary_size} (the tokenizer "
+            f"gave id {max(ids)}: does `tokenizer` belong to `model`?)",
+        )
     new = []
     rng = np.random.default_rng(seed)
     step = _next_logits(model)

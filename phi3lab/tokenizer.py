@@ -90,6 +90,9 @@ class Phi3Tokenizer:
                 ids[token], next_id = next_id, next_id + 1
         self._special_ids, self._special_tokens = ids, {i: t for t, i in ids.items()}
         self.vocabulary_size = next_id
+        if rstrip_tokens is not None and (isinstance(rstrip_tokens, (str, bytes)) or not isinstance(
+                rstrip_tokens, Iterable) or not all(isinstance(t, str) for t in rstrip_tokens)):
+            raise bad_argument("rstrip_tokens", rstrip_tokens, f"None or special tokens (str), among {list(ids)}")
         rstrip = PHI3_RSTRIP_TOKENS if rstrip_tokens is None else frozenset(rstrip_tokens)
         if not rstrip <= ids.keys():
             raise bad_argument("rstrip_tokens", sorted(rstrip - ids.keys()),
@@ -198,6 +201,10 @@ class Phi3Tokenizer:
         """
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise bad_argument("texts", texts, "a list of str (`encode` takes one string)")
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"`texts[{index}]` must be a str; received {text!r} of type "
+                                f"{type(text).__name__}.")
         if padding_side not in ("right", "left"):
             raise bad_argument("padding_side", padding_side, '"right" or "left"')
         encoded = [self.encode(text, add_bos=add_bos) for text in texts]
@@ -227,6 +234,8 @@ class Phi3Tokenizer:
         >>> tok.decode([15043, 3186])
         'Hello world'
         """
+        if not isinstance(skip_special_tokens, (bool, np.bool_)):
+            raise bad_argument("skip_special_tokens", skip_special_tokens, "True or False")
         parts, run = [], bytearray()
         for token_id in self._check_ids(ids):
             if self._is_byte(token_id):
@@ -276,6 +285,8 @@ class Phi3Tokenizer:
         >>> tok.display_tokens(tok.encode("Hi\\n<|end|>"))
         [' Hi', '\\\\n', '<|end|>']
         """
+        if not isinstance(space, str):
+            raise bad_argument("space", space, "a str")
         shown = []
         for token_id in self._check_ids(ids):
             token = self.id_to_token(token_id)
@@ -308,6 +319,8 @@ class Phi3Tokenizer:
                 not messages):
             raise bad_argument("messages", messages, 'a non-empty list of {"role", "content"} '
                                "dicts")
+        if not isinstance(add_generation_prompt, (bool, np.bool_)):
+            raise bad_argument("add_generation_prompt", add_generation_prompt, "True or False")
         parts = []
         for index, message in enumerate(messages):
             if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
@@ -361,7 +374,10 @@ class Phi3Tokenizer:
         return token_id not in self._special_tokens and self._sp.is_byte(token_id)
 
     def _check_ids(self, ids) -> list[int]:
-        array = np.asarray(ids)
+        try:
+            array = np.asarray(ids)
+        except (TypeError, ValueError):
+            raise bad_argument("ids", ids, "a 1-D sequence of int token ids") from None
         if array.size == 0:
             return []
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):

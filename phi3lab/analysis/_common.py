@@ -34,6 +34,17 @@ def check_index(name: str, value, size: int, what: str) -> int:
     return int(value) % size
 
 
+def as_list(name: str, values) -> list:
+    """`values` (a scalar or a 1-D sequence) as a list, or a `ValueError` naming `name`."""
+    try:
+        array = np.atleast_1d(np.asarray(values))
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.ndim != 1:
+        raise bad_argument(name, values, "an int or a 1-D list of ints")
+    return array.tolist()
+
+
 def check_trace(model, tr) -> None:
     """Raise unless `tr` is a `Trace` of a model shaped like `model`."""
     from phi3lab.tracing import Trace
@@ -67,7 +78,10 @@ def check_token(name: str, value, vocabulary_size: int, batch: int, allow_none: 
         if allow_none:
             return None
         raise bad_argument(name, None, f"a token id in [0, {vocabulary_size}) or one per batch row")
-    ids = np.asarray(value)
+    try:
+        ids = np.asarray(value)
+    except (TypeError, ValueError):
+        raise bad_argument(name, value, f"a token id (int) or a list of {batch} ids, one per batch row") from None
     if not np.issubdtype(ids.dtype, np.integer) or ids.ndim > 1 or (ids.ndim == 1 and len(ids) != batch):
         raise bad_argument(name, value, f"a token id (int) or a list of {batch} ids, one per batch row")
     if ids.size and (ids.min() < 0 or ids.max() >= vocabulary_size):
@@ -75,16 +89,32 @@ def check_token(name: str, value, vocabulary_size: int, batch: int, allow_none: 
     return np.broadcast_to(ids, (batch,)).astype(np.int32)
 
 
+def check_mask(padding_mask, name: str = "padding_mask") -> np.ndarray:
+    """A padding mask of 0/1 (or bool) values as a bool array."""
+    try:
+        mask = np.asarray(padding_mask)
+    except (TypeError, ValueError):
+        mask = None
+    if mask is None or not (mask.dtype == bool or np.issubdtype(mask.dtype, np.number)) or not np.isin(mask, (0, 1)).all():
+        raise bad_argument(name, padding_mask, "None or an array of True/1 for real tokens and False/0 for padding")
+    return mask.astype(bool)
+
+
 def check_ids(name: str, ids, model) -> np.ndarray:
     """Token ids as int32 `[B, T]` (a `[T]` input becomes one row)."""
     from phi3lab.model.config import check_token_ids
 
-    array = np.asarray(ids)
+    try:
+        array = np.asarray(ids)
+    except (TypeError, ValueError):
+        raise bad_argument(name, ids, "token ids of shape [T] or [B, T] (a rectangular array)") from None
     if array.ndim == 1:
         array = array[None]
     if array.ndim != 2 or array.shape[1] == 0:
         raise bad_argument(name, f"array of shape {np.shape(ids)}", "token ids of shape [T] or [B, T] with T >= 1")
     check_token_ids(array, model.vocabulary_size, name)
+    if array.shape[1] > model.max_sequence_length:
+        raise bad_argument(name, f"{array.shape[1]} positions", f"at most max_sequence_length={model.max_sequence_length} positions")
     return array.astype(np.int32)
 
 

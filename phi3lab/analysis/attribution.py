@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from jax import numpy as jnp
 
-from phi3lab.analysis._common import check_index, check_trace, compiled, is_int, last_positions, require
+from phi3lab.analysis._common import as_list, check_index, check_trace, compiled, is_int, last_positions, require
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.names import block_name
 
@@ -87,7 +87,7 @@ def _head_fn():
 def _rows(tr, name: str, values, what: str, size: int) -> np.ndarray:
     if values is None:
         return np.arange(size)
-    picked = [check_index(name, v, size, what) for v in np.atleast_1d(values).tolist()]
+    picked = [check_index(name, v, size, what) for v in as_list(name, values)]
     return np.asarray(picked, np.int64)
 
 
@@ -146,6 +146,12 @@ def frozen_norm_scale(model, final: np.ndarray) -> tuple[float, np.ndarray]:
     weight (`x * inv_rms`), projected back on `x`: `<x * inv_rms, x> / <x, x>`,
     so its epsilon and float32 arithmetic are the model's.
     """
+    try:
+        final = np.asarray(final, np.float64)
+    except (TypeError, ValueError):
+        final = None
+    if final is None or final.shape != (model.hidden_dim,):
+        raise bad_argument("final", final, f"a float vector of shape [hidden_dim] = ({model.hidden_dim},)")
     norm = model.final_norm
     weight = np.asarray(norm.params()["scale"], np.float32)
     unit = np.asarray(norm.apply({"scale": jnp.ones_like(weight)}, jnp.asarray(final[None], jnp.float32))[0], np.float64)

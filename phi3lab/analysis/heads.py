@@ -101,6 +101,11 @@ def repeated_tokens(vocabulary_size: int, seq_len: int, num_sequences: int, seed
     each repeated token has exactly one earlier copy. Returns int32
     `[num_sequences, 2 * seq_len + (bos_token is not None)]`.
     """
+    check_positive_int("vocabulary_size", vocabulary_size)
+    check_positive_int("seq_len", seq_len)
+    check_positive_int("num_sequences", num_sequences)
+    if bos_token is not None and (not is_int(bos_token) or not 0 <= bos_token < vocabulary_size):
+        raise bad_argument("bos_token", bos_token, f"None or a token id in [0, {vocabulary_size})")
     rng = np.random.default_rng(seed)
     pool = np.array([i for i in range(vocabulary_size) if i != bos_token])
     first = np.stack([rng.choice(pool, seq_len, replace=seq_len > len(pool)) for _ in range(num_sequences)])
@@ -152,6 +157,13 @@ def head_scores(
             raise bad_argument("seed", seed, "an int")
         if bos_token is not None and (not is_int(bos_token) or not 0 <= bos_token < model.vocabulary_size):
             raise bad_argument("bos_token", bos_token, f"None or a token id in [0, {model.vocabulary_size})")
+        if 2 * seq_len + (bos_token is not None) > model.max_sequence_length:
+            raise bad_argument(
+                "seq_len", seq_len,
+                f"at most {(model.max_sequence_length - (bos_token is not None)) // 2} (each sequence is repeated "
+                f"twice{' after bos_token' if bos_token is not None else ''} within max_sequence_length="
+                f"{model.max_sequence_length})",
+            )
         ids = repeated_tokens(model.vocabulary_size, seq_len, num_sequences, seed, bos_token)
         tr = trace(model, ids, names="blocks.*.attn.hook_pattern")
     check_trace(model, tr)

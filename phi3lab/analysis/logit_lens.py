@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from jax import numpy as jnp
 
-from phi3lab.analysis._common import check_index, check_trace, compiled, is_int, require
+from phi3lab.analysis._common import as_list, check_index, check_trace, compiled, is_int, require
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.names import block_name
 
@@ -52,8 +52,10 @@ def _top_fn(model, k: int):
 
 
 def _check_where(where) -> tuple[str, ...]:
+    if not isinstance(where, (str, Iterable)):
+        raise bad_argument("where", where, 'a non-empty sequence of "pre", "mid", "post"')
     chosen = (where,) if isinstance(where, str) else tuple(where)
-    if not chosen or any(w not in WHERE for w in chosen):
+    if not chosen or any(not isinstance(w, str) or w not in WHERE for w in chosen):
         raise bad_argument("where", where, 'a non-empty sequence of "pre", "mid", "post"')
     return chosen
 
@@ -149,7 +151,7 @@ def logit_lens(
     if positions is None:
         keep = np.flatnonzero(valid)
     else:
-        keep = np.unique([check_index("positions", p, length, "position") for p in np.atleast_1d(positions).tolist()])
+        keep = np.unique([check_index("positions", p, length, "position") for p in as_list("positions", positions)])
     top = compiled(model, ("logit_lens.top", int(k)), lambda: _top_fn(model, int(k)))
     _, params = decoder(model)
     rows = []

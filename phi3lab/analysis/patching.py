@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from jax import numpy as jnp
 
-from phi3lab.analysis._common import check_ids, check_token, compiled, is_int, last_positions
+from phi3lab.analysis._common import check_ids, check_mask, check_token, compiled, is_int, last_positions
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.hooks import Hook
 from phi3lab.tracing.names import block_name
@@ -166,7 +166,7 @@ def _sweep(model, clean_ids, corrupted_ids, metric, answer, counterfactual, site
     corrupted = check_ids("corrupted_ids", corrupted_ids, model)
     if clean.shape != corrupted.shape:
         raise bad_argument("corrupted_ids", f"array of shape {corrupted.shape}", f"the shape of clean_ids, {clean.shape}")
-    padding = np.ones(clean.shape, bool) if padding_mask is None else np.asarray(padding_mask).astype(bool)
+    padding = np.ones(clean.shape, bool) if padding_mask is None else check_mask(padding_mask)
     if padding.ndim == 1:
         padding = padding[None]
     if padding.shape != clean.shape:

@@ -55,6 +55,8 @@ def rotary_table(model, seq_len: int) -> pd.DataFrame:
     ```
     """
     check_positive_int("seq_len", seq_len)
+    if seq_len > model.max_sequence_length:
+        raise bad_argument("seq_len", seq_len, f"at most max_sequence_length={model.max_sequence_length}")
     spec = model.rotary
     description = describe_rotary(spec, int(seq_len))
     table = description.to_pandas()
@@ -83,8 +85,11 @@ def _check_bands(bands, num_pairs: int) -> list[np.ndarray]:
         raise bad_argument("bands", bands, accepted)
     chosen = []
     for band in bands:
-        pairs = np.arange(num_pairs)[band] if isinstance(band, slice) else np.atleast_1d(np.asarray(band))
-        if pairs.size == 0 or not np.issubdtype(pairs.dtype, np.integer) or pairs.min() < 0 or pairs.max() >= num_pairs:
+        try:
+            pairs = np.arange(num_pairs)[band] if isinstance(band, slice) else np.atleast_1d(np.asarray(band))
+        except (TypeError, ValueError, IndexError):
+            raise bad_argument("bands", bands, accepted) from None
+        if pairs.size == 0 or pairs.ndim != 1 or not np.issubdtype(pairs.dtype, np.integer) or pairs.min() < 0 or pairs.max() >= num_pairs:
             raise bad_argument("bands", bands, accepted)
         chosen.append(pairs)
     if not chosen:

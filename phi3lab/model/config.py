@@ -128,6 +128,12 @@ def check_backbone_arguments(
             "rope_scaling_short_factor": None,
             "rope_scaling_long_factor": None,
         }
+    if pretraining_sequence_length == 1 and max_sequence_length > 1:
+        raise bad_argument(
+            "pretraining_sequence_length", pretraining_sequence_length,
+            'at least 2 with rope_scaling_type="su" and max_sequence_length > 1 (the attention '
+            "factor divides by its log)",
+        )
     return {
         "rope_scaling_type": "su",
         "rope_scaling_short_factor": _check_factors(

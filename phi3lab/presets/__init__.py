@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 from phi3lab.model.initializers import zero_initialization
@@ -24,6 +25,14 @@ save_hf_checkpoint = hf_format.save_checkpoint
 
 def read_backbone_config(directory: Path) -> tuple[dict, object]:
     """Constructor arguments and the weight loader for a preset directory."""
+    config_path = Path(directory) / "config.json"
+    if config_path.is_file():
+        try:
+            loaded = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_path} must hold a JSON object; it holds a {type(loaded).__name__}.")
     if keras_hub_format.is_keras_hub_dir(directory):
         return keras_hub_format.read_config(directory), keras_hub_format.load_weights
     if hf_format.is_hf_dir(directory):
@@ -43,6 +52,8 @@ def load_backbone(cls, preset, load_weights: bool = True, **kwargs):
         raise ValueError(
             f"from_preset got unknown config override(s) {unknown}; accepted: {sorted(accepted)}."
         )
+    if not isinstance(load_weights, bool):
+        raise TypeError(f"`load_weights` must be True or False; received load_weights={load_weights!r}.")
     entry = BUILTIN.get(preset) if isinstance(preset, str) else None
     known_config = (entry or {}).get("config")
     # A built-in architecture is known offline unless its rotary factors

@@ -27,6 +27,10 @@ ARGUMENTS = (
     "sliding_window",
 )
 ACCEPTED_CLASSES = ("Phi3Backbone",)
+# Where a keras-hub (or keras-nlp, or phi3lab) Phi3Backbone config may say it comes from.
+# Nothing is imported from them; any other origin is refused.
+ACCEPTED_MODULES = re.compile(r"^(keras_hub|keras_nlp|phi3lab)(\..*)?$")
+ACCEPTED_REGISTERED_NAMES = (None, "keras_hub>Phi3Backbone", "keras_nlp>Phi3Backbone", "phi3lab>Phi3Backbone")
 
 # keras-hub's decoder sublayer (and variable index) -> our variable.
 DECODER_MAP = {
@@ -63,13 +67,37 @@ def read_config(directory: Path) -> dict:
             f"{path} describes class {class_name!r}; phi3lab loads only "
             f"{ACCEPTED_CLASSES} presets and never builds other classes."
         )
+    module = saved.get("module")
+    if module is not None and not (isinstance(module, str) and ACCEPTED_MODULES.match(module)):
+        raise ValueError(
+            f"{path} names module {module!r}; phi3lab loads only keras-hub / keras-nlp "
+            "Phi3Backbone presets and never imports or builds objects from elsewhere."
+        )
+    if saved.get("registered_name") not in ACCEPTED_REGISTERED_NAMES:
+        raise ValueError(
+            f"{path} names registered class {saved.get('registered_name')!r}; phi3lab loads only "
+            f"{[n for n in ACCEPTED_REGISTERED_NAMES if n]} presets."
+        )
     config = saved.get("config", {})
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: 'config' must be a JSON object; it is a {type(config).__name__}.")
     kwargs = {key: config[key] for key in ARGUMENTS if key in config}
     dtype = config.get("dtype")
     if isinstance(dtype, dict):
         if dtype.get("class_name") not in ("DTypePolicy", "DTypePolicyMap", None):
             raise ValueError(f"{path}: refusing dtype object of class {dtype.get('class_name')!r}.")
-        dtype = dtype.get("config", {}).get("name")
+        dtype_module = dtype.get("module")
+        if not (dtype_module is None or dtype_module == "keras" or (isinstance(dtype_module, str) and dtype_module.startswith("keras."))) \
+                or dtype.get("registered_name") not in (None, "DTypePolicy", "DTypePolicyMap"):
+            raise ValueError(
+                f"{path}: refusing dtype object from module {dtype.get('module')!r} "
+                f"(registered_name {dtype.get('registered_name')!r}); only Keras' own DTypePolicy is read."
+            )
+        inner = dtype.get("config", {})
+        dtype = inner.get("name") if isinstance(inner, dict) else inner
+    if dtype is not None and not isinstance(dtype, str):
+        # Never hand Keras a dict to deserialize: only a policy name is read.
+        raise ValueError(f"{path}: the dtype must be a policy name such as 'float32'; received {dtype!r}.")
     if dtype is not None:
         kwargs["dtype"] = dtype
     return kwargs
@@ -86,7 +114,9 @@ def load_weights(model, directory: Path) -> None:
     except OSError as error:
         raise ValueError(f"{path} is not a readable weights file (truncated or corrupt?): {error}") from None
     with handle:
-        layers = handle["layers"]
+        layers = handle.get("layers")
+        if not isinstance(layers, h5py.Group):
+            raise ValueError(f"{path} has no 'layers' group: it is not a keras-hub Phi3Backbone weights file.")
         for source, key in TOP_MAP.items():
             if source not in layers:
                 raise ValueError(f"{path} has no tensor 'layers/{source}' (needed for {key}).")

@@ -10,6 +10,7 @@ truncated or corrupt file fails with a clear message instead of garbage.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -55,20 +56,33 @@ class SafetensorsFile:
                 )
             try:
                 header = json.loads(handle.read(header_size))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
                 raise ValueError(f"{self.path} has a corrupt safetensors header: {error}.") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path} has a corrupt safetensors header: not a JSON object.")
         self.metadata = header.pop("__metadata__", {}) or {}
+        if not isinstance(self.metadata, dict):
+            raise ValueError(f"{self.path} has a corrupt safetensors header: '__metadata__' is not an object.")
         self._data_start = 8 + header_size
         self._entries = header
         data_size = size - self._data_start
+        natural = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
         for name, entry in header.items():
-            if entry.get("dtype") not in DTYPES:
+            if (not isinstance(entry, dict) or not isinstance(entry.get("shape"), list)
+                    or not all(natural(n) for n in entry["shape"])
+                    or not isinstance(entry.get("data_offsets"), list) or len(entry["data_offsets"]) != 2
+                    or not all(natural(n) for n in entry["data_offsets"])):
+                raise ValueError(
+                    f"{self.path} has a corrupt safetensors header: tensor {name!r} must be "
+                    f'{{"dtype", "shape": [ints >= 0], "data_offsets": [begin, end]}}; received {str(entry)[:200]}.'
+                )
+            if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPES:
                 raise ValueError(
                     f"{self.path}: tensor {name!r} has dtype {entry.get('dtype')!r}; "
                     f"supported dtypes are {sorted(DTYPES)}."
                 )
             begin, end = entry["data_offsets"]
-            expected = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(DTYPES[entry["dtype"]]).itemsize
+            expected = math.prod(entry["shape"]) * np.dtype(DTYPES[entry["dtype"]]).itemsize
             if not 0 <= begin <= end <= data_size or end - begin != expected:
                 raise ValueError(
                     f"{self.path} is truncated or corrupt: tensor {name!r} "

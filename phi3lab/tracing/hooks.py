@@ -18,6 +18,9 @@ The ready-made interventions return `Hooks`, which combine with `|`:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -68,11 +71,22 @@ class Hooks:
     """
 
     def __init__(self, entries: Iterable | dict = ()):
-        if isinstance(entries, dict):
+        if isinstance(entries, Mapping):
             entries = entries.items()
-        self.entries: tuple[tuple[str, Hook], ...] = tuple(
-            (pattern, _as_hook(pattern, hook)) for pattern, hook in entries
-        )
+        elif isinstance(entries, (str, bytes)) or not isinstance(entries, Iterable):
+            raise TypeError(
+                "`hooks` must be a mapping {name_or_pattern: fn(x, ctx) -> x} or a phi3lab.hooks "
+                f"intervention; received hooks={entries!r} of type {type(entries).__name__}."
+            )
+        pairs = []
+        for entry in entries:
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+                raise TypeError(
+                    "`hooks` must be a mapping {name_or_pattern: fn(x, ctx) -> x} or (name, fn) "
+                    f"pairs; received the entry {entry!r}."
+                )
+            pairs.append((entry[0], _as_hook(entry[0], entry[1])))
+        self.entries: tuple[tuple[str, Hook], ...] = tuple(pairs)
 
     def __or__(self, other) -> "Hooks":
         other = other if isinstance(other, Hooks) else Hooks(other)
@@ -105,6 +119,10 @@ def _as_hook(pattern, hook) -> Hook:
 # === Ready-made interventions ===
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _ablate(z, ctx):
     heads = np.asarray(ctx.static[0])
     mode = ctx.static[1]
@@ -132,8 +150,19 @@ def ablate_heads(layer: int, heads: int | Iterable[int], mode: str = "zero") -> 
     Example:
     >>> tr = phi3lab.trace(model, ids, hooks=ablate_heads(0, [1, 2]))
     """
-    heads = (heads,) if isinstance(heads, (int, np.integer)) else tuple(int(h) for h in heads)
-    if mode not in ("zero", "mean"):
+    if not _is_int(layer) or layer < 0:
+        raise bad_argument("layer", layer, "a non-negative int (a decoder block index)")
+    if _is_int(heads):
+        heads = (heads,)
+    elif isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
+        raise bad_argument("heads", heads, "an int or a list of int query-head indices")
+    else:
+        heads = tuple(heads)
+        if not all(_is_int(h) for h in heads):
+            raise bad_argument("heads", heads, "an int or a list of int query-head indices")
+        heads = tuple(int(h) for h in heads)
+    layer = int(layer)
+    if not isinstance(mode, str) or mode not in ("zero", "mean"):
         raise bad_argument("mode", mode, '"zero" or "mean"')
     if not heads:
         raise bad_argument("heads", heads, "a non-empty list of query-head indices")
@@ -148,8 +177,17 @@ def ablate_heads(layer: int, heads: int | Iterable[int], mode: str = "zero") -> 
     return Hooks({block_name(layer, "attn.hook_z"): Hook(_ablate, static=(heads, mode), check=check)})
 
 
+def _check_source(x, source, name):
+    if source.shape != x.shape:
+        raise ValueError(
+            f"`source_trace` holds {name!r} with shape {tuple(source.shape)}, but this run's is "
+            f"{tuple(x.shape)}: patch from a trace of inputs of the same shape."
+        )
+
+
 def _patch(x, ctx):
     source, positions = ctx.data
+    _check_source(x, source, ctx.name)
     if positions is None:
         return source.astype(x.dtype)
     return x.at[:, positions].set(source[:, positions].astype(x.dtype))
@@ -172,13 +210,29 @@ def patch(name: str, source_trace, positions=None) -> Hooks:
     """
     import fnmatch
 
+    from phi3lab.tracing.result import Trace
+
+    if not isinstance(name, str):
+        raise bad_argument("name", name, "a hook name or glob pattern (a str)")
+    if not isinstance(source_trace, Trace):
+        raise bad_argument("source_trace", source_trace, "a phi3lab.Trace (from phi3lab.trace(model, ids))")
     matched = fnmatch.filter(source_trace.names, name)
     if not matched:
         raise ValueError(
             f"`name` {name!r} is not captured in `source_trace`; capture it with "
             f"phi3lab.trace(..., names=[{name!r}]). Captured: {source_trace.names[:6]}..."
         )
-    index = None if positions is None else jnp.asarray(np.atleast_1d(positions), jnp.int32)
+    index = None
+    if positions is not None:
+        length = source_trace.token_ids.shape[1]
+        try:
+            chosen = np.atleast_1d(np.asarray(positions))
+        except (TypeError, ValueError):
+            chosen = None
+        if (chosen is None or chosen.ndim != 1 or chosen.size == 0 or not np.issubdtype(chosen.dtype, np.integer)
+                or chosen.min() < -length or chosen.max() >= length):
+            raise bad_argument("positions", positions, f"None or int positions in [-{length}, {length})")
+        index = jnp.asarray(chosen % length, jnp.int32)
     entries = []
     for site in matched:
         source = jnp.asarray(source_trace[site])
@@ -189,6 +243,7 @@ def patch(name: str, source_trace, positions=None) -> Hooks:
 
 def _patch_queries(x, ctx):
     source, positions = ctx.data
+    _check_source(x, source, ctx.name)
     if positions is None:
         return source.astype(x.dtype)
     return x.at[:, :, positions].set(source[:, :, positions].astype(x.dtype))
@@ -196,6 +251,12 @@ def _patch_queries(x, ctx):
 
 def _add(x, ctx):
     vector, scale = ctx.data
+    try:
+        fits = np.broadcast_shapes(x.shape, vector.shape) == x.shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"`vector` of shape {tuple(vector.shape)} does not broadcast against {ctx.name!r} of shape {tuple(x.shape)}.")
     return x + (scale * vector).astype(x.dtype)
 
 
@@ -209,10 +270,42 @@ def add(name: str, vector, scale: float = 1.0) -> Hooks:
     Example:
     >>> tr = phi3lab.trace(model, ids, hooks=add("blocks.1.hook_resid_post", v, scale=4.0))
     """
-    vector = jnp.asarray(vector)
-    if not jnp.issubdtype(vector.dtype, jnp.floating):
+    if not isinstance(name, str):
+        raise bad_argument("name", name, "a hook name or glob pattern (a str)")
+    try:
+        array = np.asarray(vector)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or not jnp.issubdtype(array.dtype, jnp.floating):
         raise bad_argument("vector", vector, "a float array")
-    return Hooks({name: Hook(_add, data=(vector, jnp.float32(scale)))})
+    vector = jnp.asarray(vector)
+    try:
+        scale_array = np.asarray(scale)
+    except (TypeError, ValueError):
+        scale_array = None
+    if (isinstance(scale, bool) or scale_array is None or scale_array.ndim != 0
+            or not (np.issubdtype(scale_array.dtype, np.integer) or jnp.issubdtype(scale_array.dtype, jnp.floating))
+            or not math.isfinite(float(scale_array))):
+        raise bad_argument("scale", scale, "a finite number")
+
+    def check(model):
+        from phi3lab.tracing.names import MODEL_SITES, BLOCK_SITES, all_names, select, site_shape, split_name
+
+        for full in select(name, all_names(model.num_layers), argument="name"):
+            shape = site_shape(model, full, 1, 1)
+            symbols = BLOCK_SITES.get(split_name(full)[1]) or MODEL_SITES[full]
+            fits = vector.ndim <= len(shape) and all(
+                size in (1, want) or symbol in ("B", "T")
+                for size, want, symbol in zip(vector.shape[::-1], shape[::-1], symbols[::-1])
+            )
+            if not fits:
+                raise bad_argument(
+                    "vector", f"array of shape {vector.shape}",
+                    f"an array that broadcasts against {full!r} of shape [{', '.join(symbols)}] = {shape} "
+                    "(B and T are the input's batch and length)",
+                )
+
+    return Hooks({name: Hook(_add, data=(vector, jnp.float32(scale)), check=check)})
 
 
 def query_heads_sharing(model, key_value_head: int) -> list[int]:
@@ -222,13 +315,13 @@ def query_heads_sharing(model, key_value_head: int) -> list[int]:
     >>> query_heads_sharing(model, 0)   # e.g. [0, 1] with 4 query, 2 kv heads
     """
     group = model.num_query_heads // model.num_key_value_heads
-    if not 0 <= key_value_head < model.num_key_value_heads:
+    if not _is_int(key_value_head) or not 0 <= key_value_head < model.num_key_value_heads:
         raise bad_argument("key_value_head", key_value_head, f"an int in [0, {model.num_key_value_heads})")
     return list(range(key_value_head * group, (key_value_head + 1) * group))
 
 
 def key_value_head_of(model, query_head: int) -> int:
     """The key/value head that query head `query_head` reads."""
-    if not 0 <= query_head < model.num_query_heads:
+    if not _is_int(query_head) or not 0 <= query_head < model.num_query_heads:
         raise bad_argument("query_head", query_head, f"an int in [0, {model.num_query_heads})")
     return query_head // (model.num_query_heads // model.num_key_value_heads)

@@ -77,7 +77,9 @@ def check_fits(estimate: MemoryEstimate, budget: int | None) -> MemoryEstimate:
     if estimate.needed > available:
         raise CaptureTooLarge(
             f"This trace would need {estimate.needed / 2**30:.2f} GiB ({estimate}); "
-            f"only {available / 2**30:.2f} GiB is available. Capture less: fewer names "
+            f"only {available / 2**30:.2f} GiB is available"
+            + (f" (memory_budget={budget})" if budget is not None else "")
+            + ". Capture less: fewer names "
             "(e.g. names=['blocks.3.attn.hook_pattern']), only some heads (heads=[0, 1]), "
             "a query window (queries=slice(-64, None)), a shorter input, or load the "
             "model in bfloat16 (dtype='bfloat16')."

@@ -96,6 +96,11 @@ def select(selection: Selection, names: list[str], argument: str = "names") -> l
         return list(names)
     if callable(selection):
         return [n for n in names if selection(n)]
+    if not isinstance(selection, (str, Iterable)):
+        raise TypeError(
+            f"`{argument}` must be None, a hook name or glob pattern, a list of those, or a "
+            f"predicate; received {argument}={selection!r} of type {type(selection).__name__}."
+        )
     patterns = [selection] if isinstance(selection, str) else list(selection)
     chosen = set()
     for pattern in patterns:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 import weakref
+from collections.abc import Iterable
 
 import jax
 import numpy as np
@@ -49,14 +51,17 @@ def _compiled(model, plan: TracePlan, hooks: tuple[Hook, ...], args):
 def _prepare_inputs(model, inputs, padding_mask, tokenizer):
     tokens = None
     if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and all(isinstance(i, str) for i in inputs)):
-        if tokenizer is None:
-            raise bad_argument("tokenizer", None, "a Phi3Tokenizer when the input is text")
+        if not hasattr(tokenizer, "encode_batch"):
+            raise bad_argument("tokenizer", tokenizer, "a Phi3Tokenizer when the input is text")
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         token_ids, mask = tokenizer.encode_batch(texts)
         if padding_mask is None:
             padding_mask = mask
     else:
-        token_ids = np.asarray(inputs)
+        try:
+            token_ids = np.asarray(inputs)
+        except (TypeError, ValueError):
+            raise bad_argument("ids", inputs, "token ids of shape [T] or [B, T] (a rectangular array)") from None
     if token_ids.ndim == 1:
         token_ids = token_ids[None]
     if token_ids.ndim != 2 or token_ids.shape[1] == 0:
@@ -67,25 +72,34 @@ def _prepare_inputs(model, inputs, padding_mask, tokenizer):
         raise bad_argument("ids", f"{length} positions", f"at most max_sequence_length={model.max_sequence_length} positions")
     if padding_mask is None:
         padding_mask = np.ones(token_ids.shape, bool)
-    padding_mask = np.asarray(padding_mask)
+    try:
+        padding_mask = np.asarray(padding_mask)
+    except (TypeError, ValueError):
+        raise bad_argument("padding_mask", padding_mask, f"None or an array of the shape of the ids, {token_ids.shape}") from None
     if padding_mask.ndim == 1:
         padding_mask = padding_mask[None]
     if padding_mask.shape != token_ids.shape:
         raise bad_argument("padding_mask", f"array of shape {padding_mask.shape}", f"the shape of the ids, {token_ids.shape}")
+    if not (padding_mask.dtype == bool or np.issubdtype(padding_mask.dtype, np.number)) or not np.isin(padding_mask, (0, 1)).all():
+        raise bad_argument("padding_mask", padding_mask, "True/1 for real tokens and False/0 for padding")
     padding_mask = padding_mask.astype(bool)
     if tokenizer is not None:
         tokens = [tokenizer.display_tokens(row) for row in token_ids.tolist()]
     return token_ids.astype(np.int32), padding_mask, tokens
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _window(queries, length: int):
     if queries is None:
         return None
     if isinstance(queries, slice):
-        if queries.step not in (None, 1):
-            raise bad_argument("queries", queries, "a slice with step 1")
+        if queries.step not in (None, 1) or not all(v is None or _is_int(v) for v in (queries.start, queries.stop)):
+            raise bad_argument("queries", queries, "a slice of int positions with step 1")
         start, stop, _ = queries.indices(length)
-    elif isinstance(queries, (tuple, list)) and len(queries) == 2:
+    elif isinstance(queries, (tuple, list)) and len(queries) == 2 and all(_is_int(v) for v in queries):
         start, stop = (int(v) for v in queries)
     else:
         raise bad_argument("queries", queries, "None, a slice of query positions, or (start, stop)")
@@ -97,6 +111,8 @@ def _window(queries, length: int):
 def _heads(model, heads):
     if heads is None:
         return None
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, (int, np.integer, Iterable)):
+        raise bad_argument("heads", heads, f"None, or query-head indices in [0, {model.num_query_heads})")
     chosen = (heads,) if isinstance(heads, (int, np.integer)) else tuple(heads)
     if not chosen or any(
         isinstance(h, bool) or not isinstance(h, (int, np.integer)) or not 0 <= h < model.num_query_heads
@@ -181,7 +197,9 @@ def trace(
     tr.resid(1, "post"), tr.logits, tr.rope.to_pandas()
     ```
     """
-    hooks = hooks if isinstance(hooks, Hooks) else Hooks(hooks or {})
+    if memory_budget is not None and (not _is_int(memory_budget) or memory_budget <= 0):
+        raise bad_argument("memory_budget", memory_budget, "None or a positive int (bytes)")
+    hooks = hooks if isinstance(hooks, Hooks) else Hooks(hooks if hooks is not None else {})
     token_ids, mask, tokens = _prepare_inputs(model, inputs, padding_mask, tokenizer)
     plan = _plan(model, names, hooks, _window(queries, token_ids.shape[1]), _heads(model, heads))
     params = model.params()
@@ -221,6 +239,8 @@ def estimate(model, seq_len: int, batch: int = 1, names: Selection = None, queri
 
     check_positive_int("seq_len", seq_len)
     check_positive_int("batch", batch)
+    if seq_len > model.max_sequence_length:
+        raise bad_argument("seq_len", seq_len, f"at most max_sequence_length={model.max_sequence_length}")
     plan = _plan(model, names, Hooks(), _window(queries, seq_len), _heads(model, heads))
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), model.params())
     ids = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
