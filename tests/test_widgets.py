@@ -334,3 +334,20 @@ def test_scales_and_pooling():
     z = np.arange(16.0).reshape(4, 4)
     np.testing.assert_array_equal(pool_max(z, 2), [[5, 7], [13, 15]])
     assert pool_max(np.ones((600, 600)), 64).shape == (60, 60)
+
+
+def test_attention_explorer_offers_only_captured_layers_and_refuses_windows():
+    import phi3lab as _phi3lab
+    from phi3lab.widgets import AttentionExplorer as _Explorer
+
+    model = _phi3lab.Phi3Backbone(vocabulary_size=64, num_layers=3, hidden_dim=32, intermediate_dim=64,
+                                  num_query_heads=4, num_key_value_heads=2)
+    ids = np.arange(1, 13)[None]
+    partial = _phi3lab.trace(model, ids, names=["blocks.2.attn.hook_pattern"])
+    explorer = _Explorer(partial, layer=2)
+    assert [value for _, value in explorer.layer_select.options] == [2]
+    with pytest.raises(ValueError, match="layer"):
+        _Explorer(partial, layer=0)
+    windowed = _phi3lab.trace(model, ids, names=["blocks.2.attn.hook_pattern"], queries=slice(4, 8))
+    with pytest.raises(ValueError, match="query window"):
+        _Explorer(windowed, layer=2)

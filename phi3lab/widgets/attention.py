@@ -60,7 +60,6 @@ class AttentionExplorer(View):
                  group_by_kv: bool = False, max_tokens: int = 256, tokens=None, thumbnail_size: int = 64):
         self.trace = trace
         self.batch = check_int("batch", batch, 0, trace.token_ids.shape[0])
-        check_int("layer", layer, 0, trace.num_layers)
         check_int("head", head, 0, trace.num_query_heads)
         check_choice("values", values, VALUES)
         self.max_tokens = check_int("max_tokens", max_tokens, 1, 1 << 31)
@@ -68,18 +67,25 @@ class AttentionExplorer(View):
         self.length = trace.token_ids.shape[1]
         self.group_size = trace.num_query_heads // trace.num_key_value_heads
         self.labels = position_labels(trace, self.batch, tokens)
-        self.has_scores = all(block_name(l, "attn.hook_attn_scores") in trace for l in range(trace.num_layers))
-        missing = [l for l in range(trace.num_layers) if block_name(l, "attn.hook_pattern") not in trace]
-        if missing:
-            raise KeyError(f"AttentionExplorer needs 'blocks.*.attn.hook_pattern'; the trace lacks layer {missing[0]}. "
+        if trace.query_window is not None or trace.attention_heads is not None:
+            raise ValueError("AttentionExplorer shows whole attention maps; this trace holds a query window or "
+                             "a subset of heads (`queries=`/`heads=`). Trace again without them for the layers "
+                             "you want to see, e.g. names=['blocks.0.attn.hook_pattern'].")
+        # Only the layers whose patterns were captured are offered (memory-aware traces).
+        self.layers = [l for l in range(trace.num_layers) if block_name(l, "attn.hook_pattern") in trace]
+        if not self.layers:
+            raise KeyError("AttentionExplorer needs 'blocks.*.attn.hook_pattern' for at least one layer. "
                            "Capture it with phi3lab.trace(model, ids, names=['blocks.*.attn.hook_pattern', "
                            "'blocks.*.attn.hook_attn_scores']) (or names=None).")
+        if layer not in self.layers:
+            raise bad_argument("layer", layer, f"a layer whose pattern the trace holds: {self.layers}")
+        self.has_scores = all(block_name(l, "attn.hook_attn_scores") in trace for l in self.layers)
         if values == "scores" and not self.has_scores:
             raise bad_argument("values", values, '"pattern" (the trace holds no blocks.*.attn.hook_attn_scores)')
         self.selected: int | None = None
 
         # === Controls ===
-        self.layer_select = widgets.Dropdown(options=[(f"layer {l}", l) for l in range(trace.num_layers)],
+        self.layer_select = widgets.Dropdown(options=[(f"layer {l}", l) for l in self.layers],
                                              value=layer, description="Layer", layout=widgets.Layout(width="180px"))
         self.head_select = widgets.Dropdown(options=self._head_options(), value=head, description="Head",
                                             layout=widgets.Layout(width="220px"))
