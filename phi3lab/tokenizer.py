@@ -269,7 +269,8 @@ class Phi3Tokenizer:
             raise bad_argument("token", token, f"a piece of the vocabulary, such as {near}")
         return token_id
 
-    def display_tokens(self, ids: Sequence[int] | np.ndarray, space: str = " ") -> list[str]:
+    def display_tokens(self, ids: Sequence[int] | np.ndarray, space: str = " ",
+                       beyond_vocabulary: str | None = None) -> list[str]:
         """Readable strings for token ids, one per id, for tables and widgets.
 
         "▁" shows as `space` (a real space by default; `"␣"` makes it visible). Byte pieces
@@ -280,6 +281,11 @@ class Phi3Tokenizer:
         Args:
             ids: a 1-D list or array of token ids.
             space: what to show for SentencePiece's "▁".
+            beyond_vocabulary: None (ids past the tokenizer's vocabulary are
+                an error), or a format such as `"<unused {}>"` for them: a
+                model's embedding may have more rows than the tokenizer has
+                ids (Phi-3: 32064 rows, 32011 ids), and a logit lens can rank
+                those rows.
 
         Example:
         >>> tok.display_tokens(tok.encode("Hi\\n<|end|>"))
@@ -287,8 +293,13 @@ class Phi3Tokenizer:
         """
         if not isinstance(space, str):
             raise bad_argument("space", space, "a str")
+        if beyond_vocabulary is not None and not isinstance(beyond_vocabulary, str):
+            raise bad_argument("beyond_vocabulary", beyond_vocabulary, 'None or a format string like "<unused {}>"')
         shown = []
-        for token_id in self._check_ids(ids):
+        for token_id in self._check_ids(ids, bounded=beyond_vocabulary is None):
+            if token_id >= self.vocabulary_size:
+                shown.append(beyond_vocabulary.format(token_id))
+                continue
             token = self.id_to_token(token_id)
             if token_id in self._special_tokens:
                 shown.append(token)
@@ -373,7 +384,7 @@ class Phi3Tokenizer:
     def _is_byte(self, token_id: int) -> bool:
         return token_id not in self._special_tokens and self._sp.is_byte(token_id)
 
-    def _check_ids(self, ids) -> list[int]:
+    def _check_ids(self, ids, bounded: bool = True) -> list[int]:
         try:
             array = np.asarray(ids)
         except (TypeError, ValueError):
@@ -382,10 +393,10 @@ class Phi3Tokenizer:
             return []
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
             raise bad_argument("ids", ids, "a 1-D sequence of int token ids")
-        bad = array[(array < 0) | (array >= self.vocabulary_size)]
+        bad = array[(array < 0) | (bounded & (array >= self.vocabulary_size))]
         if bad.size:
-            raise bad_argument("ids", ids, f"token ids in [0, {self.vocabulary_size}); "
-                               f"{int(bad[0])} is not")
+            accepted = f"[0, {self.vocabulary_size})" if bounded else "non-negative"
+            raise bad_argument("ids", ids, f"token ids in {accepted}; {int(bad[0])} is not")
         return array.tolist()
 
 

@@ -422,3 +422,15 @@ def test_train_sentencepiece(tmp_path):
         train_sentencepiece(["a b c"], vocab_size=0)
     with pytest.raises(TypeError, match="texts"):
         train_sentencepiece(["a", 3], vocab_size=300)
+
+
+def test_display_tokens_can_label_model_rows_past_the_vocabulary(tok):
+    """A model's embedding may have more rows than the tokenizer has ids
+    (Phi-3: 32064 vs 32011); a logit lens can rank those rows."""
+    past = tok.vocabulary_size + 3
+    shown = tok.display_tokens([tok.bos_token_id, past], beyond_vocabulary="<unused {}>")
+    assert shown == [tok.display_tokens([tok.bos_token_id])[0], f"<unused {past}>"]
+    with pytest.raises(ValueError, match="ids"):
+        tok.display_tokens([past])
+    with pytest.raises(ValueError, match="ids"):
+        tok.display_tokens([-1], beyond_vocabulary="<unused {}>")

@@ -164,6 +164,6 @@ def logit_lens(
     if tr.tokens is not None:
         table.insert(3, "token", [tr.tokens[batch][p] for p in table["position"]])
     if tokenizer is not None:
-        table["top_strings"] = [tokenizer.display_tokens(ids) for ids in table["top_tokens"]]
+        table["top_strings"] = [tokenizer.display_tokens(ids, beyond_vocabulary="<unused {}>") for ids in table["top_tokens"]]
     table.attrs.update(k=int(k), batch=batch)
     return table

@@ -164,6 +164,9 @@ def vocabulary_labeler(tokenizer) -> Callable[[int], str]:
         return lambda i: f"#{int(i)}"
     if isinstance(tokenizer, (list, tuple)):
         return lambda i: visible(str(tokenizer[int(i)])) if int(i) < len(tokenizer) else f"#{int(i)}"
+    if hasattr(tokenizer, "vocabulary_size") and hasattr(tokenizer, "display_tokens"):
+        # Model rows past the tokenizer's ids (Phi-3: 32064 vs 32011) are unused.
+        return lambda i: visible(tokenizer.display_tokens([int(i)], beyond_vocabulary="<unused {}>")[0])
     for method in ("display_tokens", "id_to_token", "decode"):
         if hasattr(tokenizer, method):
             fn = getattr(tokenizer, method)
