@@ -15,6 +15,7 @@ from jax import numpy as jnp
 from phi3lab.model.dropout import dropout
 from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.initializers import default_initializer
+from phi3lab.model.stacked import add_stacked_weights
 from phi3lab.model.rotary import apply_rotary
 
 
@@ -96,21 +97,11 @@ class Phi3Attention(keras.layers.Layer):
             "value_kernel": (hidden_dim, num_key_value_heads, self.head_dim),
             "output_kernel": (num_query_heads, self.head_dim, hidden_dim),
         }
-        for name, shape in shapes.items():
-            variable = self.add_weight(
-                name=name,
-                shape=(num_layers,) + shape,
-                initializer=initializer,
-                dtype=self.variable_dtype,
-            )
-            setattr(self, name, variable)
+        self.stacked_weight_names = add_stacked_weights(self, num_layers, shapes, initializer)
         self.built = True
 
     def params(self) -> dict:
-        return {
-            name: getattr(self, name).value
-            for name in ("query_kernel", "key_kernel", "value_kernel", "output_kernel")
-        }
+        return {name: getattr(self, name).value for name in self.stacked_weight_names}
 
     def attend(self, q, k, v, padding_mask, query_start, dropout_key=None):
         """Attention of query rows `q [B, n, Hq, dh]` (positions `query_start

@@ -8,6 +8,7 @@ from jax import numpy as jnp
 
 from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.initializers import default_initializer
+from phi3lab.model.stacked import add_stacked_weights
 
 
 class Phi3MLP(keras.layers.Layer):
@@ -36,21 +37,11 @@ class Phi3MLP(keras.layers.Layer):
             "up_kernel": (hidden_dim, intermediate_dim),
             "down_kernel": (intermediate_dim, hidden_dim),
         }
-        for name, shape in shapes.items():
-            variable = self.add_weight(
-                name=name,
-                shape=(num_layers,) + shape,
-                initializer=initializer,
-                dtype=self.variable_dtype,
-            )
-            setattr(self, name, variable)
+        self.stacked_weight_names = add_stacked_weights(self, num_layers, shapes, initializer)
         self.built = True
 
     def params(self) -> dict:
-        return {
-            name: getattr(self, name).value
-            for name in ("gate_kernel", "up_kernel", "down_kernel")
-        }
+        return {name: getattr(self, name).value for name in self.stacked_weight_names}
 
     def apply(self, params, x, sites=NO_HOOKS):
         """One layer's MLP on `x` `[B, T, D]`; returns `[B, T, D]`."""

@@ -188,6 +188,16 @@ def window(start: int, size: int, total: int) -> range:
     return range(start, start + size)
 
 
+def column_highlight(positions: range, position: int) -> list[dict]:
+    """Plotly shapes outlining the heatmap column of `position` when it lies
+    in the displayed `positions` window (none otherwise)."""
+    if position not in positions:
+        return []
+    column = position - positions.start
+    return [dict(type="rect", xref="x", yref="paper", x0=column - 0.5, x1=column + 0.5, y0=0, y1=1,
+                 line=dict(color=HIGHLIGHT, width=2))]
+
+
 def window_slider(description: str, total: int, size: int, start: int = 0) -> widgets.IntSlider:
     """A slider choosing where a `size`-long window starts; hidden when the
     whole input fits."""

@@ -12,7 +12,7 @@ from plotly.subplots import make_subplots
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.names import block_name
 from phi3lab.widgets.common import (
-    HIGHLIGHT, Scale, View, axis_labels, base_layout, check_int, escape, live, mpl_heatmap, new_figure,
+    HIGHLIGHT, Scale, View, axis_labels, base_layout, check_int, column_highlight, escape, live, mpl_heatmap, new_figure,
     position_labels, vocabulary_labeler, window, window_slider,
 )
 
@@ -270,13 +270,7 @@ class LogitLensView(View):
         self._refresh_highlight()
 
     def _refresh_highlight(self) -> None:
-        positions = self.positions
-        shapes = []
-        if self.position in positions:
-            column = self.position - positions.start
-            shapes.append(dict(type="rect", xref="x", yref="paper", x0=column - 0.5, x1=column + 0.5, y0=0, y1=1,
-                               line=dict(color=HIGHLIGHT, width=2)))
-        self.grid.layout.shapes = shapes
+        self.grid.layout.shapes = column_highlight(self.positions, self.position)
 
     def _refresh_position(self) -> None:
         p = self.position

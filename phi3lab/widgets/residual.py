@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 
 from phi3lab.tracing.names import block_name
 from phi3lab.widgets.common import (
-    HIGHLIGHT, Scale, View, axis_labels, base_layout, check_choice, check_int, escape, live, mpl_heatmap,
+    HIGHLIGHT, Scale, View, axis_labels, base_layout, check_choice, check_int, column_highlight, escape, live, mpl_heatmap,
     new_figure, position_labels, window, window_slider,
 )
 
@@ -161,13 +161,7 @@ class ResidualStreamView(View):
         self._refresh_highlight()
 
     def _refresh_highlight(self) -> None:
-        positions = self.positions
-        shapes = []
-        if self.position in positions:
-            column = self.position - positions.start
-            shapes.append(dict(type="rect", xref="x", yref="paper", x0=column - 0.5, x1=column + 0.5, y0=0, y1=1,
-                               line=dict(color=HIGHLIGHT, width=2)))
-        self.heatmap.layout.shapes = shapes
+        self.heatmap.layout.shapes = column_highlight(self.positions, self.position)
 
     def _refresh_position(self) -> None:
         p = self.position
