@@ -14,11 +14,9 @@ Needs about 8 GB of disk and 10 GB of memory.
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 LOAD = r"""
@@ -38,26 +36,36 @@ print(json.dumps({"weights_bytes": weights, "peak_rss_after_load": peak_load, "l
 """
 
 
+BUILD = r"""
+import json, sys, time
+import phi3lab
+from phi3lab.presets import save_hf_checkpoint
+from phi3lab.presets.registry import BUILTIN
+start = time.time()
+model = phi3lab.Phi3Backbone(**{**BUILTIN["phi3_mini_4k_instruct_en"]["config"], "dtype": "bfloat16"})
+build = time.time() - start
+start = time.time()
+save_hf_checkpoint(model, sys.argv[1])
+print(json.dumps({"build_seconds": round(build, 1), "save_seconds": round(time.time() - start, 1)}))
+"""
+
+
+def run(script: str, workdir: Path) -> dict:
+    """Run `script` in a fresh process (so each step's memory is its own)."""
+    result = subprocess.run([sys.executable, "-c", script, str(workdir)], capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"step failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/phi3_real"))
     args = parser.parse_args()
-    import phi3lab
-    from phi3lab.presets import save_hf_checkpoint
-    from phi3lab.presets.registry import BUILTIN
-
     shutil.rmtree(args.workdir, ignore_errors=True)
-    start = time.time()
-    model = phi3lab.Phi3Backbone(**{**BUILTIN["phi3_mini_4k_instruct_en"]["config"], "dtype": "bfloat16"})
-    build = time.time() - start
-    start = time.time()
-    save_hf_checkpoint(model, args.workdir)
-    save = time.time() - start
-    del model
-    result = subprocess.run([sys.executable, "-c", LOAD, str(args.workdir)], capture_output=True, text=True, check=True)
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    report.update(build_seconds=round(build, 1), save_seconds=round(save, 1),
-                  peak_over_weights=round(report["peak_rss_after_load"] / report["weights_bytes"], 3))
+    report = run(BUILD, args.workdir)
+    report.update(run(LOAD, args.workdir))
+    report["peak_over_weights"] = round(report["peak_rss_after_load"] / report["weights_bytes"], 3)
     print(json.dumps(report, indent=2))
 
 

@@ -32,7 +32,8 @@ import phi3lab
 from phi3lab import tasks
 from phi3lab.presets import save_preset
 from phi3lab.presets.weights import set_params
-from phi3lab.tokenizer import Phi3Tokenizer, train_sentencepiece
+from phi3lab.tokenizer import Phi3Tokenizer
+from phi3lab.tokenizer_training import train_sentencepiece
 
 import jax
 from jax import numpy as jnp

@@ -24,11 +24,8 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 import sentencepiece as spm  # noqa: E402
 
-from phi3lab.tokenizer import (  # noqa: E402
-    ADDED_SPECIAL_TOKENS,
-    Phi3Tokenizer,
-    train_sentencepiece,
-)
+from phi3lab.tokenizer import ADDED_SPECIAL_TOKENS, Phi3Tokenizer  # noqa: E402
+from phi3lab.tokenizer_training import train_sentencepiece  # noqa: E402
 
 PHI3_ADDED = [  # microsoft/Phi-3-mini-4k-instruct's added tokens, ids 32000.. in this order.
     "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
