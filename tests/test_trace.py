@@ -581,14 +581,15 @@ def test_trace_rope_is_what_the_attention_applied(length, expected_set):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tokenizer_module = pytest.importorskip("phi3lab.tokenizer")
+    from phi3lab.tokenizer import Phi3Tokenizer
+    from phi3lab.tokenizer_training import train_sentencepiece
+
     corpus = [
         "When Mary and John went to the store, John gave a drink to Mary.",
         "The quick brown fox jumps over the lazy dog.",
         "Attention heads read from and write to the residual stream.",
     ] * 20
-    proto = tokenizer_module.train_sentencepiece(corpus, vocab_size=300)
-    return tokenizer_module.Phi3Tokenizer(proto)
+    return Phi3Tokenizer(train_sentencepiece(corpus, vocab_size=300))
 
 
 def test_text_input_needs_a_tokenizer(model):
