@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import phi3lab  # noqa: F401  (selects the JAX backend before keras loads)
+from conftest import randomize_keras
 from phi3lab import hooks as H
 from phi3lab.tracing import compiled_count
 
@@ -33,11 +34,7 @@ def make_model(seed=0, **overrides):
     )
     kwargs.update(overrides)
     model = phi3lab.Phi3Backbone(**kwargs)
-    rng = np.random.default_rng(seed)
-    for variable in model.weights:
-        noise = 0.3 * rng.standard_normal(tuple(variable.shape))
-        value = 1.0 + noise if variable.path.endswith("scale") else noise
-        variable.assign(value.astype("float32"))
+    randomize_keras(model, seed)
     return model
 
 
