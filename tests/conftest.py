@@ -102,6 +102,21 @@ def token_batch(length: int, seed: int = 0, vocab: int = VOCAB, pad: int = 3):
     return ids, mask
 
 
+def require_oracle(module: str):
+    """Import an oracle or test-only module (`"keras_hub"`, `"transformers"`,
+    `"torch"`, ...). Missing, it skips the test locally, but fails the run
+    under CI (`CI=true`), where a skipped oracle would hide a broken set-up."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        reason = f"{module} is not installed ({error}); `make test` installs it"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"oracle missing under CI: {reason}")
+        pytest.skip(reason, allow_module_level=True)
+
+
 _COMPILED = weakref.WeakKeyDictionary()
 
 

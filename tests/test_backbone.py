@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import (
+    require_oracle,
     LENGTHS,
     PRETRAINING,
     backbone_kwargs,
@@ -47,7 +48,7 @@ HEADS = {"gqa": 2, "mha": 4}
 @pytest.fixture(scope="module", params=[(r, h) for r in ROPES for h in HEADS], ids=lambda p: f"{p[0]}-{p[1]}")
 def keras_hub_pair(request, tmp_path_factory):
     """(keras-hub model, phi3lab model loaded from keras-hub's own preset)."""
-    keras_hub = pytest.importorskip("keras_hub")
+    keras_hub = require_oracle("keras_hub")
     rope, heads = request.param
     reference = keras_hub.models.Phi3Backbone(**backbone_kwargs(rope, HEADS[heads]))
     randomize_keras(reference, seed=1)
@@ -74,7 +75,7 @@ def test_matches_keras_hub(keras_hub_pair):
 @pytest.fixture(scope="module")
 def hf_checkpoints(tmp_path_factory):
     """Cache of `(rope, heads, sliding_window) -> (hf model, checkpoint dir)`."""
-    pytest.importorskip("transformers")
+    require_oracle("transformers")
     cache = {}
 
     def get(rope, heads="gqa", sliding_window=None):

@@ -19,9 +19,10 @@ import types
 
 import numpy as np
 import pytest
+from conftest import require_oracle
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+transformers = require_oracle("transformers")
+tokenizers = require_oracle("tokenizers")
 import sentencepiece as spm  # noqa: E402
 
 from phi3lab.tokenizer import ADDED_SPECIAL_TOKENS, Phi3Tokenizer  # noqa: E402
@@ -334,7 +335,7 @@ def test_from_preset_registry_and_errors(tok, tmp_path, monkeypatch):
 
 def test_spm_holding_the_added_tokens_as_pieces(tok):
     """A vocabulary holding the added tokens as pieces (keras-hub style) gives the same ids."""
-    model_pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
+    model_pb2 = require_oracle("sentencepiece.sentencepiece_model_pb2")
     model = model_pb2.ModelProto.FromString(tok.proto)
     for token in PHI3_ADDED:
         model.pieces.add(piece=token, score=0.0,
@@ -403,7 +404,7 @@ def test_errors_name_the_argument(tok):
 
 
 def test_train_sentencepiece(tmp_path):
-    model_pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
+    model_pb2 = require_oracle("sentencepiece.sentencepiece_model_pb2")
     proto = train_sentencepiece(corpus(400), vocab_size=450, model_prefix_dir=tmp_path)
     assert (tmp_path / "tokenizer.model").read_bytes() == proto
     model = model_pb2.ModelProto.FromString(proto)

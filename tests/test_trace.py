@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import phi3lab  # noqa: F401  (selects the JAX backend before keras loads)
-from conftest import randomize_keras
+from conftest import randomize_keras, require_oracle
 import jax
 from jax import numpy as jnp
 
@@ -240,8 +240,8 @@ def test_patterns_and_scores_are_masked_softmax(full, ids):
 def oracles(tmp_path_factory):
     """{variant: (phi3lab model, transformers model)} on the same random
     weights; variants: rope None, rope "su", and a 4-token sliding window."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = require_oracle("torch")
+    transformers = require_oracle("transformers")
     from phi3lab.presets import save_hf_checkpoint
 
     pairs = {}
