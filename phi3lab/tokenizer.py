@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from phi3lab.errors import bad_argument, check_positive_int, close_matches
+from phi3lab.checks import check_positive_int
+from phi3lab.errors import bad_argument, close_matches
 
 # Added after the SentencePiece pieces, in this order: ids 32000..32010 for Phi-3.
 ADDED_SPECIAL_TOKENS = (
