@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NOTEBOOK ?= notebooks/attention_explorer.ipynb
 PORT ?= 8888
+IP ?= 127.0.0.1
 LAB_ARGS ?=
+CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: lab test install browser clean
 
@@ -20,19 +22,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian's Chromium for the browser tests (never a browser download).
+# Debian's Chromium for the browser tests (never a browser download). Without it
+# (not root, no apt-get, offline) the browser tests skip, naming this command.
 browser:
-	@if [ -x /usr/bin/chromium ]; then :; \
+	@if [ -x $(CHROMIUM) ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	else echo "note: /usr/bin/chromium missing; browser tests will be skipped (run: sudo apt-get install chromium)"; fi
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "note: could not install chromium with apt-get; browser tests will be skipped"; \
+	else echo "note: $(CHROMIUM) missing; browser tests will be skipped (run: sudo apt-get install chromium)"; fi
 
-# JupyterLab on the front-door notebook, on 127.0.0.1:$(PORT), for whoever runs it:
-# as root (containers, cloud VMs) it adds --allow-root; without a display it opens
-# no browser and prints where to point one. Extra options: LAB_ARGS="--ip=0.0.0.0".
+# JupyterLab on the front-door notebook, on $(IP):$(PORT), for whoever runs it: as
+# root (containers, cloud VMs) it adds --allow-root; without a display it opens no
+# browser and prints where to point one. More JupyterLab options: LAB_ARGS="...".
 lab: $(STAMP)
 	@token="$${JUPYTER_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))')}"; \
-	args="--ip=127.0.0.1 --port=$(PORT) --ServerApp.port_retries=0"; \
+	args="--ip=$(IP) --port=$(PORT) --ServerApp.port_retries=0"; \
 	if [ "$$(id -u)" = 0 ]; then args="$$args --allow-root"; fi; \
 	if [ "$$(uname -s)" = Linux ] && [ -z "$$DISPLAY$$WAYLAND_DISPLAY" ]; then \
 		args="$$args --no-browser"; open="No display here: open this URL in a browser"; \

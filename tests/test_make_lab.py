@@ -1,4 +1,5 @@
-"""`make lab`, the README's first command, really opens the front-door notebook.
+"""`make lab`, the README's first command, really opens the front-door notebook
+(and `make browser` tells a user without root how to get the browser tests).
 
 Runs the Makefile's own `lab` target in the background, as whoever runs the
 tests (root included: containers, cloud VMs), with no browser, on a free
@@ -176,23 +177,34 @@ def test_make_lab_opens_the_front_door_notebook_and_starts_a_kernel(tmp_path):
         stop_group(server)
 
 
-def fake_lab(tmp_path: Path, user_id: int, env: dict, *variables: str) -> tuple[str, list[str], str]:
-    """(what `make lab` prints, the arguments and token it gives `jupyter`) with a
-    stand-in `jupyter` that only reports them, and `id -u` answering `user_id`."""
-    bin_dir, tools = tmp_path / "venv" / "bin", tmp_path / "tools"
-    bin_dir.mkdir(parents=True)
+def as_user(tmp_path: Path, user_id: int, env: dict) -> dict:
+    """`env` with an `id` on PATH whose `id -u` answers `user_id` (root or not, without being either)."""
+    tools = tmp_path / "tools"
     tools.mkdir()
+    (tools / "id").write_text(f"#!/bin/sh\necho {user_id}\n")
+    (tools / "id").chmod(0o755)
+    return {**env, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"}
+
+
+def fake_lab(tmp_path: Path, user_id: int, env: dict, *variables: str) -> tuple[str, list[str], str]:
+    """(what `make lab` prints, the arguments and token it gives `jupyter`), run by
+    `user_id` with a stand-in `jupyter` that only reports them."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
     (bin_dir / "python").symlink_to(sys.executable)
     (bin_dir / "jupyter").write_text('#!/bin/sh\necho "token=$JUPYTER_TOKEN"; for a in "$@"; do echo "arg=$a"; done\n')
-    (tools / "id").write_text(f"#!/bin/sh\necho {user_id}\n")
-    for script in (bin_dir / "jupyter", tools / "id"):
-        script.chmod(0o755)
-    env = {**env, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"}
+    (bin_dir / "jupyter").chmod(0o755)
     command = make_command("lab", *variables, venv=str(tmp_path / "venv"))
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(command, env=as_user(tmp_path, user_id, env), capture_output=True, text=True, timeout=60,
+                         check=True).stdout
     args = [line[4:] for line in out.splitlines() if line.startswith("arg=")]
     token = next(line[6:] for line in out.splitlines() if line.startswith("token="))
     return out, args, token
+
+
+def test_make_lab_listens_where_asked(tmp_path):
+    _, args, _ = fake_lab(tmp_path, 1000, dict(os.environ), "IP=0.0.0.0")
+    assert [arg for arg in args if arg.startswith("--ip")] == ["--ip=0.0.0.0"]  # JupyterLab refuses two --ip
 
 
 @pytest.mark.parametrize("user_id", [0, 1000], ids=["root", "user"])
@@ -218,3 +230,12 @@ def test_make_lab_opens_a_browser_only_with_a_display(tmp_path, display):
     assert ("No display here" in out) == (display is None)
     assert token == "chosen-by-the-user"
     assert "http://127.0.0.1:8888/lab/tree/attention_explorer.ipynb?token=chosen-by-the-user" in out
+
+
+def test_make_browser_without_root_says_how_to_get_chromium(tmp_path):
+    missing = tmp_path / "no-chromium"
+    command = make_command("browser", f"CHROMIUM={missing}")
+    done = subprocess.run(command, env=as_user(tmp_path, 1000, dict(os.environ)), capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr                    # `make test` goes on, the browser tests skip
+    assert f"{missing} missing" in done.stdout and "sudo apt-get install chromium" in done.stdout
