@@ -1,17 +1,22 @@
 """The other ways in that the README promises agree with how the package builds:
 `conda env create -f environment.yml` installs what `make` installs, each
-notebook's Colab cell installs the package pyproject.toml builds, and a missing
-browser skips the browser tests with the command that enables them (fails under CI)."""
+notebook's Colab cell installs the package pyproject.toml builds (and that
+wheel ships every file of the package, the shipped model included), and a
+missing browser skips the browser tests with the command that enables them
+(fails under CI)."""
 
 import importlib.util
 import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import nbformat
 import pytest
 import yaml
+from conftest import require_oracle
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
@@ -68,6 +73,28 @@ def test_colab_cell_installs_the_package_pyproject_builds(path):
     assert canonicalize_name(requirement.name) == canonicalize_name(PYPROJECT["name"])
     assert requirement.extras <= set(PYPROJECT["optional-dependencies"])
     assert requirement.url == f"git+https://github.com/{badge[1]}", "install from the repository the badge opens"
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_every_file_of_the_package(tmp_path):
+    """What a `pip install` from the repository gets (Colab's cell): every file
+    git tracks under phi3lab/, assets included, and nothing else."""
+    require_oracle("setuptools.build_meta")
+    listed = shutil.which("git") and subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"],
+                                                    capture_output=True, timeout=60, check=False)
+    if not listed or listed.returncode != 0:
+        pytest.skip("not a git checkout: no list of tracked files to compare the wheel with")
+    tracked = [name for name in listed.stdout.decode().split("\0") if name]
+    source = tmp_path / "src"                                        # build a copy: no build/ in the repository
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "dist"), str(source)], capture_output=True, timeout=300, check=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    assert wheel.name.startswith(f"{canonicalize_name(PYPROJECT['name']).replace('-', '_')}-{PYPROJECT['version']}-")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in name}
+    assert shipped == {name for name in tracked if name.startswith("phi3lab/")}
 
 
 @pytest.fixture
