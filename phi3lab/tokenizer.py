@@ -286,7 +286,7 @@ class Phi3Tokenizer:
         [' When', ' Mary', ' and', ' John']
         """
         ids = self.encode(inputs, add_bos=add_bos) if isinstance(inputs, str) else self._check_ids(inputs)
-        return [self._token_text(i, lambda data: data.decode("utf-8", errors="replace")) for i in ids]
+        return [self._backend.token_bytes(i).decode("utf-8", errors="replace") for i in ids]
 
     def display_tokens(self, ids: Sequence[int] | np.ndarray, space: str = " ",
                        beyond_vocabulary: str | None = None) -> list[str]:
@@ -314,13 +314,12 @@ class Phi3Tokenizer:
             raise bad_argument("space", space, "a str")
         if beyond_vocabulary is not None and not isinstance(beyond_vocabulary, str):
             raise bad_argument("beyond_vocabulary", beyond_vocabulary, 'None or a format string like "<unused {}>"')
-        return [beyond_vocabulary.format(i) if i >= self.vocabulary_size else
-                self._token_text(i, lambda data: show_bytes(data, space))
+        return [beyond_vocabulary.format(i) if i >= self.vocabulary_size else self._display(i, space)
                 for i in self._check_ids(ids, bounded=beyond_vocabulary is None)]
 
-    def _token_text(self, token_id: int, show) -> str:
+    def _display(self, token_id: int, space: str) -> str:
         token = self._backend.id_to_token(token_id)
-        return token if token in self._backend.special_tokens else show(self._backend.token_bytes(token_id))
+        return token if token in self._backend.special_tokens else show_bytes(self._backend.token_bytes(token_id), space)
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
                             **variables) -> str:

@@ -49,7 +49,7 @@ class TokenizerBackend(Protocol):
         """The id of a vocabulary entry, None if there is none."""
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes of text a (non-special) token stands for: `"▁Hi"` and `"ĠHi"` give b" Hi"."""
+        """The bytes of text a token stands for: `"▁Hi"` and `"ĠHi"` give b" Hi", `"<|user|>"` b"<|user|>"."""
 
     def vocabulary(self) -> Iterable[str]:
         """Every vocabulary entry (for "did you mean" messages)."""

@@ -124,10 +124,9 @@ class ByteLevelBPEBackend:
         return self._tokenizer.token_to_id(token)
 
     def token_bytes(self, token_id: int) -> bytes:
-        token = self.id_to_token(token_id)
-        if all(c in _BYTES for c in token):
-            return bytes(_BYTES[c] for c in token)
-        return token.encode()
+        """Each character of the alphabet is its byte, any other its UTF-8 (as the ByteLevel
+        decoder reads added tokens such as `<｜PAD▁TOKEN｜>`)."""
+        return b"".join(bytes([_BYTES[c]]) if c in _BYTES else c.encode() for c in self.id_to_token(token_id))
 
     def vocabulary(self) -> Iterable[str]:
         return self._tokenizer.get_vocab(with_added_tokens=True)

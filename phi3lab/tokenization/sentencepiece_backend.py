@@ -141,8 +141,10 @@ class SentencePieceBackend:
         return token_id if self._sp.id_to_piece(token_id) == token else None
 
     def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self._special_by_id:
+            return self._special_by_id[token_id].encode()
         piece = self._sp.id_to_piece(token_id)
-        return bytes([int(piece[3:5], 16)]) if self._is_byte(token_id) else piece.replace("▁", " ").encode()
+        return bytes([int(piece[3:5], 16)]) if self._sp.is_byte(token_id) else piece.replace("▁", " ").encode()
 
     def vocabulary(self) -> Iterable[str]:
         return [*self.special_tokens, *(self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size()))]
