@@ -55,11 +55,8 @@ def _sentencepiece(path: Path, config: dict) -> SentencePieceBackend:
 
 
 def _byte_level_bpe(path: Path, config: dict) -> TokenizerBackend:
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise ImportError(f"{path} holds a tokenizer.json (byte-level BPE); reading it needs the `tokenizers` "
-                          "package: pip install tokenizers") from None
+    from tokenizers import Tokenizer  # imported here: only byte-level checkpoints need it
+
     from phi3lab.tokenization.bpe_backend import ByteLevelBPEBackend
 
     try:
