@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import AddedToken, Tokenizer, decoders
 
 _TRANSFORMERS_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
@@ -59,10 +59,9 @@ class ByteLevelBPEBackend:
                  clean_up_tokenization_spaces: bool = False, source: str = "tokenizer.json"):
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError(f"`tokenizer` must be a tokenizers.Tokenizer; received {type(tokenizer).__name__}.")
-        decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
-        if decoder.get("type") != "ByteLevel":
-            raise ValueError(f"{source} must be a byte-level BPE tokenizer (a ByteLevel decoder, as Phi-4's); "
-                             f"its decoder is {decoder.get('type')!r}.")
+        if not isinstance(tokenizer.decoder, decoders.ByteLevel):
+            raise ValueError(f"{source} must be a byte-level BPE tokenizer (a ByteLevel decoder, as Phi-4's); "  # noqa: TRY004
+                             f"its decoder is {type(tokenizer.decoder).__name__!r}.")
         self._tokenizer, self._source = tokenizer, source
         for token_id, entry in sorted((added_tokens or {}).items(), key=lambda item: int(item[0])):
             self._add(int(token_id), entry)

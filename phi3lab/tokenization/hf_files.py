@@ -55,7 +55,8 @@ def _sentencepiece(path: Path, config: dict) -> SentencePieceBackend:
 
 
 def _byte_level_bpe(path: Path, config: dict) -> TokenizerBackend:
-    from tokenizers import Tokenizer  # imported here: only byte-level checkpoints need it
+    # Imported here: only byte-level checkpoints need the tokenizers library.
+    from tokenizers import Tokenizer
 
     from phi3lab.tokenization.bpe_backend import ByteLevelBPEBackend
 
