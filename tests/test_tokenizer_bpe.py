@@ -308,3 +308,29 @@ def test_save_hf_round_trips_through_transformers(layout, tmp_path):
         reloaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     with pytest.raises(AttributeError, match="SentencePiece"):
         tok.save_assets(tmp_path / "keras")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_encode_batch_pads_as_transformers(layout, side):
+    _, _, tok, oracle, _ = layout
+    texts = ["Hello world", "", "<|user|>Hi there, how are you?<|end|><|assistant|>", "東京 😀"]
+    ids, mask = tok.encode_batch(texts, padding_side=side)
+    expected = oracle(texts, add_special_tokens=False, padding="longest", padding_side=side, return_tensors="np")
+    np.testing.assert_array_equal(ids, expected["input_ids"])
+    np.testing.assert_array_equal(mask, expected["attention_mask"].astype(bool))
+
+
+def test_bad_arguments_name_themselves(layout):
+    _, _, tok, _, _ = layout
+    with pytest.raises(TypeError, match=r"`text`.*3"):
+        tok.to_single_token(3)
+    with pytest.raises(ValueError, match=rf"`ids`.*\[0, {tok.vocabulary_size}\)"):
+        tok.to_str_tokens([tok.vocabulary_size])
+    with pytest.raises(ValueError, match=r"`token`.*such as 'ĠMary'.*received token='ĠMaryy'"):
+        tok.token_to_id("ĠMaryy")
+    with pytest.raises(ValueError, match=r"`backend`.*TokenizerBackend"):
+        Phi3Tokenizer.from_backend("tokenizer.json")
+    with pytest.raises(ValueError, match=r"`messages\[0\]`.*content"):
+        tok.apply_chat_template([{"role": "user"}])
+    with pytest.raises(ValueError, match=r"`messages\[0\]\['role'\]`.*a str"):
+        tok.apply_chat_template([{"role": None, "content": "x"}])
