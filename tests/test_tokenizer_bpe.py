@@ -334,3 +334,30 @@ def test_bad_arguments_name_themselves(layout):
         tok.apply_chat_template([{"role": "user"}])
     with pytest.raises(ValueError, match=r"`messages\[0\]\['role'\]`.*a str"):
         tok.apply_chat_template([{"role": None, "content": "x"}])
+
+
+RICH_TEMPLATE = (
+    "{%- set ns = namespace(system='', count=0) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'system' -%}{%- set ns.system = m.content | trim -%}"
+    "{%- else -%}{%- set ns.count = ns.count + 1 -%}{%- endif -%}{%- endfor -%}"
+    "[{{ ns.system }}|{{ ns.count }}]\n"
+    "{% for m in messages if m.role != 'system' %}"
+    "{% if loop.index > 3 %}{% break %}{% endif %}"
+    "{{ loop.index }}:{{ m['role'] | upper }}={{ m.content | tojson }}{% if not loop.last %};{% endif %}\n"
+    "{% endfor %}"
+    "{% if tools is defined and tools %}{{ tools | tojson(indent=2) }}{% endif %}"
+    "{{ bos_token ~ '/' ~ eos_token }}{{ add_generation_prompt }}"
+)
+
+
+def test_template_features_match_transformers(layout):
+    """Namespaces, loop controls, filters, `tools` and the special-token names, as transformers."""
+    _, _, tok, oracle, _ = layout
+    ours = Phi3Tokenizer.from_backend(tok._backend, chat_template=RICH_TEMPLATE)
+    messages = CONVERSATIONS[1] + [{"role": "user", "content": f"turn {i} \"quoted\" é"} for i in range(3)]
+    tools = [{"name": "get_weather", "parameters": {"city": "東京"}}]
+    for kwargs in ({}, {"tools": tools}):
+        for prompt in (True, False):
+            assert ours.apply_chat_template(messages, add_generation_prompt=prompt, **kwargs) == (
+                oracle.apply_chat_template(messages, chat_template=RICH_TEMPLATE, tokenize=False,
+                                           add_generation_prompt=prompt, **kwargs))
