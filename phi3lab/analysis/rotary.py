@@ -20,10 +20,11 @@ import numpy as np
 import pandas as pd
 from jax import numpy as jnp
 
-from phi3lab.analysis._common import check_index, check_trace, is_int, require
-from phi3lab.errors import bad_argument, check_positive_int
+from phi3lab.analysis._common import check_trace, require
+from phi3lab.checks import check_index, check_positive_int
+from phi3lab.errors import bad_argument
 from phi3lab.model.attention import attention_mask
-from phi3lab.tracing.hooks import key_value_head_of
+from phi3lab.tracing.interventions import key_value_head_of
 from phi3lab.tracing.names import block_name
 from phi3lab.tracing.rope import describe_rotary
 
@@ -135,8 +136,7 @@ def rotary_band_scores(
     """
     check_trace(model, tr)
     layer = check_index("layer", layer, model.num_layers, "layer")
-    if not is_int(head) or not 0 <= head < model.num_query_heads:
-        raise bad_argument("head", head, f"an int query head in [0, {model.num_query_heads})")
+    head = check_index("head", head, model.num_query_heads, "query head")
     batch = check_index("batch", batch, tr.token_ids.shape[0], "batch row")
     names = [block_name(layer, "attn.hook_rot_q"), block_name(layer, "attn.hook_rot_k")]
     require(tr, names, "rotary_band_scores")

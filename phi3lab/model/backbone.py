@@ -7,7 +7,9 @@ import keras
 from jax import numpy as jnp
 
 from phi3lab.errors import bad_argument
-from phi3lab.model.config import check_backbone_arguments, check_token_ids
+from phi3lab import compile_cache
+from phi3lab.checks import check_token_ids
+from phi3lab.model.config import check_backbone_arguments
 from phi3lab.model.decoder import Phi3DecoderStack
 from phi3lab.model.embedding import Phi3TokenEmbedding
 from phi3lab.model.hook_points import NO_HOOKS
@@ -222,11 +224,27 @@ class Phi3Backbone(keras.Model):
             "ln_final.hook_normalized", self.final_norm.apply(params["final_norm"], x)
         )
         if sites.wants("hook_logits"):
-            sites(
-                "hook_logits",
-                self.token_embedding.apply(params["token_embedding"], x, reverse=True),
-            )
+            sites("hook_logits", self.unembed(params, x))
         return x, captures
+
+    # === Readout ===
+    def unembed(self, params, normalized):
+        """The LM head alone: final-normalized hidden states `[..., D]` to
+        logits `[..., V]` (the output embedding), as a pure function."""
+        return self.token_embedding.apply(params["token_embedding"], normalized, reverse=True)
+
+    def readout(self, params, resid):
+        """Residual streams `[..., D]` to logits `[..., V]`: the final norm,
+        then the LM head, exactly as the model reads its last block. The one
+        readout that the logit lens, patching metrics and generation use.
+
+        Example:
+        ```python
+        tr = phi3lab.trace(model, ids, names="blocks.*.hook_resid_post")
+        logits = model.readout(model.params(), tr.resid(-1, "post"))   # == tr.logits
+        ```
+        """
+        return self.unembed(params, self.final_norm.apply(params["final_norm"], resid))
 
     def call(self, inputs, training=False):
         token_ids = inputs["token_ids"]
@@ -242,12 +260,10 @@ class Phi3Backbone(keras.Model):
 
     @property
     def _compiled_forward(self):
-        """`apply` under `jax.jit`, made once per model, so eager calls do not
-        re-trace the layer scan every time."""
-        if getattr(self, "_forward_fn", None) is None:
-            forward = lambda params, ids, mask, key: self.apply(params, ids, mask, dropout_key=key)[0]
-            object.__setattr__(self, "_forward_fn", jax.jit(forward))
-        return self._forward_fn
+        """`apply` under `jax.jit`, made once per model (in the shared compile
+        cache), so eager calls do not re-trace the layer scan every time."""
+        forward = lambda params, ids, mask, key: self.apply(params, ids, mask, dropout_key=key)[0]
+        return compile_cache.cached(self, ("call",), lambda: jax.jit(forward))
 
     def get_config(self):
         config = super().get_config()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 
-from phi3lab.errors import bad_argument, check_positive_int
+from phi3lab.checks import check_positive_int
+from phi3lab.errors import bad_argument
 from phi3lab.model.rotary import SCALING_TYPES
 
 
@@ -143,26 +144,3 @@ def check_backbone_arguments(
             "rope_scaling_long_factor", rope_scaling_long_factor, head_dim // 2
         ),
     }
-
-
-def check_token_ids(token_ids, vocabulary_size: int, name: str = "token_ids"):
-    """Raise if concrete `token_ids` fall outside `[0, vocabulary_size)`.
-
-    Traced (abstract) arrays are not checked: call this before `jit`.
-    """
-    import jax
-    import numpy as np
-
-    if isinstance(token_ids, jax.core.Tracer):
-        return
-    ids = np.asarray(token_ids)
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(
-            f"`{name}` must hold integer token ids; received dtype {ids.dtype}."
-        )
-    if ids.size and (ids.min() < 0 or ids.max() >= vocabulary_size):
-        bad = ids[(ids < 0) | (ids >= vocabulary_size)]
-        raise ValueError(
-            f"`{name}` must be in [0, {vocabulary_size}) (the vocabulary size); "
-            f"received ids {sorted(set(bad.tolist()))[:10]} out of range."
-        )
