@@ -157,7 +157,7 @@ def train(steps: int, out: Path, seed: int = 0, init_from: Path | None = None, p
 
     def logits_of(params, ids):
         hidden, _ = model.apply(params, ids)
-        return model.token_embedding.apply(params["token_embedding"], hidden, reverse=True)
+        return model.unembed(params, hidden)
 
     def loss_fn(params, window):
         logp = jax.nn.log_softmax(logits_of(params, window[:, :-1]).astype(jnp.float32))
@@ -198,8 +198,7 @@ def train(steps: int, out: Path, seed: int = 0, init_from: Path | None = None, p
         length = 256 if step % 4 == 3 else 128
         window = jnp.asarray(batches(stream, 16 if length == 128 else 8, length, rng))
         params, moments, loss = update(params, moments, jnp.float32(step), window)
-        if step % 50 == 0:
-            losses.append(float(loss))
+        losses.append(float(loss))  # the curve's loss is the mean since the previous row
         if step % eval_every == 0 or step == steps - 1:
             row = {"step": step, "loss": round(float(np.mean(losses)), 4), "seconds": round(time.time() - started, 1),
                    "cpu_seconds": round(time.process_time() - cpu_started, 1),
