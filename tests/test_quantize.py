@@ -130,3 +130,18 @@ def test_clear_errors(pair, tmp_path):
 def test_dtype_policy_maps_and_quantized_policies_refused_at_construction(dtype):
     with pytest.raises(ValueError, match="DTypePolicyMap"):
         Phi3Backbone(**backbone_kwargs(None), dtype=dtype)
+
+
+def test_direct_logit_attribution_on_a_tied_int8_model():
+    """The decomposition reads the dequantized output kernel and the tied
+    head: head rows sum to their block's attention row, everything to the
+    model's own logit difference."""
+    model = random_backbone(seed=9, rope=None, tie_word_embeddings=True)
+    model.quantize("int8")
+    ids, mask = token_batch(LENGTHS["below"])
+    tr = phi3lab.trace(model, ids, padding_mask=mask)
+    table = phi3lab.analysis.direct_logit_attribution(model, tr, answer=5, counterfactual=7)
+    assert table.attrs["total"] == pytest.approx(table.attrs["logit_diff"], abs=1e-3)
+    heads = table[table.kind == "head"].groupby("layer")["attribution"].sum()
+    attn = table[table.kind == "attn"].set_index("layer")["attribution"]
+    np.testing.assert_allclose(heads.values, attn.loc[heads.index].values, atol=1e-4)

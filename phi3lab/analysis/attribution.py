@@ -20,6 +20,7 @@ from jax import numpy as jnp
 
 from phi3lab.analysis._common import as_list, check_index, check_trace, compiled, is_int, last_positions, require
 from phi3lab.errors import bad_argument
+from phi3lab.model.quantize import float_weight
 from phi3lab.tracing.names import block_name
 
 
@@ -126,7 +127,7 @@ def decompose_resid(model, tr, batch: int | Sequence[int] | None = None, positio
     cols = _rows(tr, "positions", positions, "position", tr.token_ids.shape[1])
     take = lambda a: np.asarray(a)[rows][:, cols]
     z = np.stack([take(tr[block_name(l, "attn.hook_z")]) for l in layers])
-    kernel = model.decoder.attention.output_kernel.value
+    kernel = float_weight(model.decoder.attention, "output_kernel")
     split = compiled(model, "attribution.heads", _head_fn)
     return ResidualDecomposition(
         embed=take(tr["hook_embed"]),
@@ -235,7 +236,7 @@ def direct_logit_attribution(
     inv_rms, scale = frozen_norm_scale(model, final)
 
     head = model.token_embedding
-    reverse = np.asarray(head.params()["reverse_embeddings"])
+    reverse = np.asarray(head.lm_head(head.params()))
     columns = [answer_id] + ([counter_id] if counter_id is not None else [])
     read = lambda vectors: np.asarray(
         head.apply({"reverse_embeddings": jnp.asarray(reverse[:, columns])}, jnp.asarray(vectors * scale, jnp.float32), reverse=True),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import keras
 from jax import numpy as jnp
 
@@ -58,13 +59,19 @@ class Phi3TokenEmbedding(keras.layers.Layer):
             params["reverse_embeddings"] = self.reverse_embeddings.value
         return params
 
+    def lm_head(self, params) -> "jax.Array":
+        """The LM head `[D, V]`: `reverse_embeddings` when `params` hold one
+        (an untied model, or columns passed explicitly), else `embeddings.T`."""
+        if "reverse_embeddings" in params:
+            return params["reverse_embeddings"]
+        return params["embeddings"].T
+
     def apply(self, params, x, reverse: bool = False):
         """Ids `[B, T]` to vectors `[B, T, D]`, or with `reverse=True` hidden
         states `[B, T, D]` to logits `[B, T, V]`."""
         dtype = self.compute_dtype
         if reverse:
-            head = params["embeddings"].T if self.tie_weights else params["reverse_embeddings"]
-            return x.astype(dtype) @ head.astype(dtype)
+            return x.astype(dtype) @ self.lm_head(params).astype(dtype)
         return jnp.take(params["embeddings"], x, axis=0).astype(dtype)
 
     def call(self, x, reverse=False):

@@ -85,5 +85,8 @@ def dequantize(params: dict, dtype) -> dict:
     }
 
 
-def is_quantized(layer) -> bool:
-    return any(name.endswith(SCALE_SUFFIX) for name in layer.stacked_weight_names)
+def float_weight(layer, name: str, dtype=None):
+    """One stacked kernel of `layer` as floats (dequantized if int8), in
+    `dtype` (default: the layer's compute dtype)."""
+    params = {key: getattr(layer, key).value for key in (name, name + SCALE_SUFFIX) if hasattr(layer, key)}
+    return dequantize(params, dtype or layer.compute_dtype)[name]
