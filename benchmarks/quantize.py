@@ -22,16 +22,16 @@ import statistics
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
-import phi3lab  # noqa: F401  (selects the JAX backend)
-import jax
+import phi3lab
 
-CONFIG = dict(
-    vocabulary_size=32064, num_layers=12, hidden_dim=768, intermediate_dim=2048,
-    num_query_heads=12, num_key_value_heads=12, max_sequence_length=4096,
-    pretraining_sequence_length=4096,
-)
+CONFIG = {
+    "vocabulary_size": 32064, "num_layers": 12, "hidden_dim": 768, "intermediate_dim": 2048,
+    "num_query_heads": 12, "num_key_value_heads": 12, "max_sequence_length": 4096,
+    "pretraining_sequence_length": 4096,
+}
 ROOT = Path(__file__).resolve().parent.parent
 
 

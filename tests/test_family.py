@@ -9,12 +9,10 @@ import json
 import keras
 import numpy as np
 import pytest
-
 from conftest import (
     HEADS,
     HIDDEN,
     LENGTHS,
-    PRETRAINING,
     backbone_kwargs,
     forward,
     hf_config,
@@ -26,6 +24,7 @@ from conftest import (
     rope_factors,
     token_batch,
 )
+
 from phi3lab import Phi3Backbone
 from phi3lab.model.rotary import apply_rotary
 from phi3lab.presets import save_hf_checkpoint, save_preset
@@ -130,6 +129,9 @@ def test_rotary_descriptions_separate_pass_through_dims():
 
     model = random_backbone(seed=2, rope="su", partial_rotary_factor=PARTIAL,
                             rope_scaling_short_factor=rope_factors(6)[0], rope_scaling_long_factor=rope_factors(6)[1])
+    view = phi3lab.widgets.RopeView(model, seq_len=LENGTHS["above"])
+    assert "pass-through dims (not rotated)</b></td><td>12–15" in view.summary.value
+    assert "rotary dims 0–11 of head_dim 16" in view.summary.value
     table = phi3lab.analysis.rotary_table(model, seq_len=LENGTHS["above"])
     assert len(table) == 6 and table["dims"].iloc[0] == "0,6"
     assert table.attrs["pass_through_dims"] == list(range(12, 16)) and table.attrs["rotary_dim"] == 12
@@ -166,7 +168,7 @@ def test_tied_model_saves_and_loads_in_both_formats(tmp_path):
     assert config["tie_word_embeddings"] is True and config["partial_rotary_factor"] == PARTIAL
     from phi3lab.presets.safetensors_io import SafetensorsFile
 
-    assert "lm_head.weight" not in SafetensorsFile(hf_dir / "model.safetensors").keys()
+    assert "lm_head.weight" not in SafetensorsFile(hf_dir / "model.safetensors").keys()  # noqa: SIM118 (a method, not a dict)
     hub_dir = save_preset(model, tmp_path / "keras_hub")
     saved = json.loads((hub_dir / "config.json").read_text())["config"]
     assert saved["tie_word_embeddings"] is True and "quantization" not in saved and "sliding_window" not in saved
@@ -185,14 +187,14 @@ def test_default_model_writes_keras_hub_config_unchanged(tmp_path):
 
 SHAPES = {
     # Phi-3.5-mini: LongRoPE with 128k-style factors, full rotary, untied, MHA.
-    "phi3_5_mini": dict(rope="longrope", num_key_value_heads=HEADS),
+    "phi3_5_mini": {"rope": "longrope", "num_key_value_heads": HEADS},
     # Phi-4-mini: partial rotary 0.75 (6 factor pairs), tied, GQA, LongRoPE.
-    "phi4_mini": dict(
-        num_key_value_heads=2, partial_rotary_factor=PARTIAL, tie_word_embeddings=True,
-        rope_scaling={"type": "longrope", "short_factor": rope_factors(6)[0], "long_factor": rope_factors(6)[1]},
-    ),
+    "phi4_mini": {
+        "num_key_value_heads": 2, "partial_rotary_factor": PARTIAL, "tie_word_embeddings": True,
+        "rope_scaling": {"type": "longrope", "short_factor": rope_factors(6)[0], "long_factor": rope_factors(6)[1]},
+    },
     # Phi-4: full rotary, rope_theta 250000, no scaling, GQA, untied.
-    "phi4": dict(rope=None, num_key_value_heads=2, rope_theta=250000.0),
+    "phi4": {"rope": None, "num_key_value_heads": 2, "rope_theta": 250000.0},
 }
 
 

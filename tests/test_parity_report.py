@@ -7,8 +7,15 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import (
+    LENGTHS,
+    hf_config,
+    hf_model,
+    require_oracle,
+    rope_factors,
+    token_batch,
+)
 
-from conftest import LENGTHS, hf_config, hf_model, require_oracle, rope_factors, token_batch
 import phi3lab
 from phi3lab import Phi3Backbone
 from phi3lab.tracing.names import all_names

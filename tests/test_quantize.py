@@ -10,8 +10,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-
 from conftest import LENGTHS, backbone_kwargs, forward, random_backbone, token_batch
+
 import phi3lab
 from phi3lab import Phi3Backbone
 from phi3lab import hooks as H

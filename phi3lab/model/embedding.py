@@ -59,7 +59,7 @@ class Phi3TokenEmbedding(keras.layers.Layer):
             params["reverse_embeddings"] = self.reverse_embeddings.value
         return params
 
-    def lm_head(self, params) -> "jax.Array":
+    def lm_head(self, params) -> jax.Array:
         """The LM head `[D, V]`: `reverse_embeddings` when `params` hold one
         (an untied model, or columns passed explicitly), else `embeddings.T`."""
         if "reverse_embeddings" in params:

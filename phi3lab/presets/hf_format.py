@@ -12,6 +12,7 @@ copied into the model one at a time.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np

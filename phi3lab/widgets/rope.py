@@ -161,8 +161,8 @@ class RopeView(View):
             ("max_sequence_length", f"{rope.max_sequence_length}"),
             ("factors in force", f"{rope.factor_set}: {rope.reason}"),
             ("attention factor (scales cos/sin)", f"{rope.attention_factor:.6g}"),
-            ("dimension pairs", f"{len(rope.inverse_frequencies)} (rotary dims 0–{rope.rotary_dim - 1} of head_dim "
-                                f"{rope.head_dim})"),
+            ("dimension pairs", (f"{len(rope.inverse_frequencies)} (rotary dims 0–{rope.rotary_dim - 1} of head_dim "
+                                 f"{rope.head_dim})")),
             ("pass-through dims (not rotated)",
              f"{rope.rotary_dim}–{rope.head_dim - 1}" if len(rope.pass_through_dims) else "none (full rotary)"),
         ]
