@@ -145,3 +145,26 @@ def test_direct_logit_attribution_on_a_tied_int8_model():
     heads = table[table.kind == "head"].groupby("layer")["attribution"].sum()
     attn = table[table.kind == "attn"].set_index("layer")["attribution"]
     np.testing.assert_allclose(heads.values, attn.loc[heads.index].values, atol=1e-4)
+
+
+def test_dtype_policy_map_in_a_keras_hub_preset_is_refused_too(tmp_path):
+    """Consistent with construction: a saved config carrying a DTypePolicyMap
+    is refused when loaded, never silently read as float32."""
+    import json
+
+    directory = save_preset(random_backbone(seed=10, rope=None), tmp_path)
+    saved = json.loads((directory / "config.json").read_text())
+    saved["config"]["dtype"] = keras.dtype_policies.serialize(keras.dtype_policies.DTypePolicyMap())
+    (directory / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="DTypePolicyMap"):
+        Phi3Backbone.from_preset(str(directory))
+
+
+def test_generation_runs_on_int8():
+    """Greedy generation on the shipped model, quantized, continues the
+    task prompt as the float32 model does."""
+    tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
+    prompt = "Mary and John went to the store. John gave a drink to"
+    expected = phi3lab.generate(Phi3Backbone.from_preset("phi3lab_tiny_en"), tokenizer, prompt, max_new_tokens=4)
+    model = Phi3Backbone.from_preset("phi3lab_tiny_en", quantization="int8")
+    assert expected and phi3lab.generate(model, tokenizer, prompt, max_new_tokens=4) == expected

@@ -82,11 +82,16 @@ def read_config(directory: Path) -> dict:
     kwargs = {key: config[key] for key in ARGUMENTS if key in config}
     dtype = config.get("dtype")
     if isinstance(dtype, dict):
-        if dtype.get("class_name") not in ("DTypePolicy", "DTypePolicyMap", None):
+        if dtype.get("class_name") == "DTypePolicyMap":
+            raise ValueError(
+                f"{path}: the dtype is a per-layer DTypePolicyMap; phi3lab models use one dtype policy for all "
+                "layers (pass dtype='float32' or 'bfloat16' to from_preset, and model.quantize('int8') for int8)."
+            )
+        if dtype.get("class_name") not in ("DTypePolicy", None):
             raise ValueError(f"{path}: refusing dtype object of class {dtype.get('class_name')!r}.")
         dtype_module = dtype.get("module")
         if not (dtype_module is None or dtype_module == "keras" or (isinstance(dtype_module, str) and dtype_module.startswith("keras."))) \
-                or dtype.get("registered_name") not in (None, "DTypePolicy", "DTypePolicyMap"):
+                or dtype.get("registered_name") not in (None, "DTypePolicy"):
             raise ValueError(
                 f"{path}: refusing dtype object from module {dtype.get('module')!r} "
                 f"(registered_name {dtype.get('registered_name')!r}); only Keras' own DTypePolicy is read."
