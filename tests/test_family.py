@@ -136,8 +136,12 @@ def test_rotary_descriptions_separate_pass_through_dims():
     assert len(table) == 6 and table["dims"].iloc[0] == "0,6"
     assert table.attrs["pass_through_dims"] == list(range(12, 16)) and table.attrs["rotary_dim"] == 12
     ids, mask = token_batch(LENGTHS["above"])
-    tr = phi3lab.trace(model, ids, padding_mask=mask, names=["blocks.1.attn.hook_rot_*", "blocks.1.attn.hook_attn_scores"])
+    tr = phi3lab.trace(model, ids, padding_mask=mask, names=["blocks.1.attn.hook_q", "blocks.1.attn.hook_rot_*",
+                                                           "blocks.1.attn.hook_attn_scores"])
     assert tr.rope.rotary_dim == 12 and tr.rope.cos.shape == (LENGTHS["above"], 12)
+    rot_q, q = tr["blocks.1.attn.hook_rot_q"], tr["blocks.1.attn.hook_q"]
+    np.testing.assert_array_equal(rot_q[..., 12:], q[..., 12:])  # pass-through dims untouched
+    assert not np.allclose(rot_q[:, 1:, :, :12], q[:, 1:, :, :12])
     parts = phi3lab.analysis.rotary_band_scores(model, tr, layer=1, head=3, batch=1)
     assert parts.shape[0] == 7  # 6 rotary pairs + the pass-through block
     scores = tr["blocks.1.attn.hook_attn_scores"][1, 3]

@@ -188,7 +188,7 @@ class BackboneConfig:
         }
 
     @classmethod
-    def signature(cls, **extra: inspect.Parameter) -> list[inspect.Parameter]:
+    def signature(cls) -> list[inspect.Parameter]:
         """The fields as `inspect.Parameter`s (for the constructor's signature)."""
         kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
         return [

@@ -2,9 +2,8 @@
 
 Each dict holds `Phi3Backbone` arguments transcribed from the checkpoint's
 `config.json` (microsoft/<repo> on huggingface.co), so `from_preset(name,
-load_weights=False)` builds the real architecture offline. `PUBLISHED_PARAMETERS`
-is the parameter count the hub publishes for each checkpoint (the safetensors
-total: bytes of the bfloat16 weights / 2).
+load_weights=False)` builds the real architecture offline (tests/test_family.py
+checks each `count_params()` against the count published with the checkpoint).
 """
 
 from __future__ import annotations
@@ -109,14 +108,4 @@ PHI4 = {
     "max_sequence_length": 16384,
     "pretraining_sequence_length": 16384,
     "rope_max_wavelength": 250000,
-}
-
-# Parameter counts published with the checkpoints (Hugging Face safetensors
-# metadata; keras-hub's preset metadata gives the same 3,821,079,552 for Phi-3-mini).
-PUBLISHED_PARAMETERS = {
-    "phi3_mini_4k_instruct_en": 3_821_079_552,
-    "phi3_5_mini_instruct_en": 3_821_079_552,
-    "phi3_medium_4k_instruct_en": 13_960_238_080,
-    "phi4_mini_instruct_en": 3_836_021_760,
-    "phi4_en": 14_659_507_200,
 }
