@@ -35,9 +35,9 @@ def quantize_int8(kernel, input_axes: tuple[int, ...]):
     channel (reducing over `input_axes`, kept as size-1 axes).
 
     Example:
-    >>> q, scale = quantize_int8(jnp.array([[1.0, -4.0], [0.5, 2.0]]), (0,))
+    >>> q, scale = quantize_int8(jnp.array([[1.0, -4.0], [0.25, 1.0]]), (0,))
     >>> q.tolist(), scale.shape
-    ([[127, -127], [64, 64]], (1, 2))
+    ([[127, -127], [32, 32]], (1, 2))
     """
     kernel = jnp.asarray(kernel, jnp.float32)
     peak = jnp.max(jnp.abs(kernel), axis=input_axes, keepdims=True)
