@@ -7,6 +7,7 @@ select_jax_backend()
 from phi3lab import analysis, hooks, sharding, tracing, widgets  # noqa: E402
 from phi3lab.generation import generate  # noqa: E402
 from phi3lab.model import Phi3Backbone  # noqa: E402
+from phi3lab.parity import compare_with_transformers  # noqa: E402
 from phi3lab.tokenizer import Phi3Tokenizer  # noqa: E402
 from phi3lab.tracing import Trace, estimate, trace  # noqa: E402
 
@@ -15,6 +16,7 @@ __all__ = [
     "Phi3Tokenizer",
     "Trace",
     "analysis",
+    "compare_with_transformers",
     "estimate",
     "generate",
     "hooks",

@@ -22,6 +22,7 @@ from phi3lab import compile_cache
 from phi3lab.analysis._common import as_list, check_trace, require
 from phi3lab.checks import check_index, is_int, last_positions
 from phi3lab.errors import bad_argument
+from phi3lab.model.quantize import float_weight
 from phi3lab.tracing.names import block_name
 
 
@@ -135,7 +136,7 @@ def decompose_resid(model, tr, batch: int | Sequence[int] | None = None, positio
     cols = _rows(tr, "positions", positions, "position", tr.token_ids.shape[1])
     take = lambda a: np.asarray(a)[rows][:, cols]
     z = np.stack([take(tr[block_name(l, "attn.hook_z")]) for l in layers])
-    kernel = model.decoder.attention.output_kernel.value
+    kernel = float_weight(model.decoder.attention, "output_kernel")
     split = compile_cache.cached(model, ("attribution.heads",), _head_fn)
     return ResidualDecomposition(
         embed=take(tr["hook_embed"]),

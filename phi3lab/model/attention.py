@@ -16,6 +16,7 @@ from jax import numpy as jnp
 from phi3lab.model.dropout import dropout
 from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.initializers import default_initializer
+from phi3lab.model.quantize import dequantize
 from phi3lab.model.stacked import add_stacked_weights
 from phi3lab.model.rotary import apply_rotary
 
@@ -167,7 +168,7 @@ class Phi3Attention(keras.layers.Layer):
         Args:
             params: this layer's kernels (no leading layer axis).
             x: normalized input `[B, T, D]`.
-            cos, sin: rotary tables `[T, head_dim]`.
+            cos, sin: rotary tables `[T, rotary_dim]`.
             padding_mask: boolean `[B, T]`, True for real tokens.
             sites: hook points (`NO_HOOKS` for the plain forward).
             dropout_key: JAX key for attention dropout, or None.
@@ -180,7 +181,7 @@ class Phi3Attention(keras.layers.Layer):
         those query rows of the pattern and scores are reported.
         """
         dtype = self.compute_dtype
-        w = {name: value.astype(dtype) for name, value in params.items()}
+        w = dequantize(params, dtype)
         q = sites("attn.hook_q", jnp.einsum("btd,dnh->btnh", x, w["query_kernel"]))
         k = sites("attn.hook_k", jnp.einsum("bsd,dkh->bskh", x, w["key_kernel"]))
         v = sites("attn.hook_v", jnp.einsum("bsd,dkh->bskh", x, w["value_kernel"]))
