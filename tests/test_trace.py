@@ -379,6 +379,33 @@ def test_every_hook_matches_transformers(oracles, case):
     assert tr.rope.factor_set == expected_set
 
 
+@pytest.mark.parametrize("rope, length", [("su", BELOW), ("su", ABOVE), (None, BELOW)])
+def test_loss_matches_transformers(oracles, rope, length):
+    """`Trace.loss` against `Phi3ForCausalLM(labels=...)` on the same weights
+    (mean) and torch's cross-entropy of its logits (per token), on a batch
+    with an unpadded, a left-padded and a right-padded row. A pair counts
+    when both tokens are real, so the labels are -100 elsewhere."""
+    torch = require_oracle("torch")
+    model, hf = oracles[rope]
+    ids = random_ids((3, length), seed=20 + length)
+    mask = np.ones(ids.shape, bool)
+    mask[1, :3] = mask[2, -4:] = False
+    tr = phi3lab.trace(model, ids, padding_mask=mask, names="hook_logits")
+    counts = mask[:, :-1] & mask[:, 1:]
+    labels = np.full(ids.shape, -100, np.int64)
+    labels[:, 1:] = np.where(counts, ids[:, 1:], -100)
+    with torch.no_grad():
+        out = hf(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                 labels=torch.as_tensor(labels))
+        per_token = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].transpose(1, 2), torch.as_tensor(ids[:, 1:], dtype=torch.long), reduction="none").numpy()
+    assert math.isclose(tr.loss(), float(out.loss), rel_tol=1e-5)
+    ours = tr.loss(per_token=True)
+    assert ours.shape == (3, length - 1)
+    np.testing.assert_array_equal(np.isnan(ours), ~counts)
+    np.testing.assert_allclose(ours[counts], per_token[counts], rtol=1e-5)
+
+
 # === Name selection ===
 
 
