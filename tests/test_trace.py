@@ -30,6 +30,7 @@ import jax
 from jax import numpy as jnp
 
 from phi3lab.tracing import compiled_count
+from phi3lab.tracing.rope import MixedRotaryWarning
 
 # === Small models with random weights ===
 
@@ -493,6 +494,52 @@ def test_padding_mask_is_validated(model, ids):
         phi3lab.trace(model, ids, padding_mask=np.ones((2, 5), bool))
     with pytest.raises(ValueError, match="`ids`"):
         phi3lab.trace(model, np.full((1, 3), VOCAB))
+
+
+# === Batches that mix short and long prompts ===
+
+
+@pytest.fixture(scope="module")
+def su_model():
+    return make_model("su", seed=9)
+
+
+def test_a_batch_mixing_short_and_long_prompts_warns(su_model, recwarn):
+    """A short row in a batch beyond the pretraining window gets the long
+    rotary factors (as in transformers): its logits move, and trace says so,
+    pointing at the caller's line."""
+    model = su_model
+    ids = random_ids((3, ABOVE), seed=9)
+    mask = np.ones(ids.shape, bool)
+    mask[1, BELOW:] = False  # 11 real tokens, right-padded
+    mask[2, : ABOVE - AT] = False  # 16 real tokens, left-padded
+    with pytest.warns(MixedRotaryWarning) as caught:
+        batch = phi3lab.trace(model, ids, padding_mask=mask, names="hook_logits")
+    assert len(caught) == 1 and caught[0].filename == __file__
+    message = str(caught[0].message)
+    assert "Rows [1, 2]" in message and f"({PRETRAINING})" in message and "separate batches" in message
+    alone = phi3lab.trace(model, ids[1, :BELOW], names="hook_logits")
+    assert alone.rope.factor_set == "short" and batch.rope.factor_set == "long"
+    assert max_error(batch.logits[1, :BELOW], alone.logits[0]) > 1e-2  # why it warns
+
+    recwarn.clear()
+    phi3lab.trace(model, ids, names="hook_logits")  # every row beyond the window
+    phi3lab.trace(model, ids[:, :AT], padding_mask=mask[:, :AT] | True)  # every row within it
+    phi3lab.trace(make_model(seed=9), ids, padding_mask=mask, names="hook_logits")  # no rotary scaling
+    assert not [w for w in recwarn if issubclass(w.category, MixedRotaryWarning)]
+
+
+def test_activation_patching_warns_once_about_mixed_prompts(su_model):
+    from phi3lab import analysis
+
+    ids = random_ids((2, AT + 1), seed=10)
+    mask = np.ones(ids.shape, bool)
+    mask[1, BELOW:] = False
+    with pytest.warns(MixedRotaryWarning) as caught:
+        analysis.activation_patching(su_model, ids, ids[:, ::-1], answer=3, padding_mask=mask, sites="attn_out",
+                                     progress=False)
+    assert [w.category for w in caught if issubclass(w.category, MixedRotaryWarning)] == [MixedRotaryWarning]
+    assert caught[0].filename == __file__
 
 
 # === Compile once ===
