@@ -18,10 +18,12 @@ captures only the output is compared bitwise.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import phi3lab  # noqa: F401  (selects the JAX backend before keras loads)
@@ -572,6 +574,102 @@ def test_plain_call_is_unchanged_by_traces(model, full, ids):
     assert np.array_equal(phi3lab.trace(model, ids).output, full.output)
     after = np.asarray(model(inputs))
     assert np.array_equal(before, after)
+
+
+def test_trace_documents_every_public_method():
+    """`help(phi3lab.Trace)` shows Trace's own docs: no section comment as a
+    method's doc, nothing inherited from `Mapping` (whose `get` doc keras
+    overwrites with its LayoutMap's)."""
+    import inspect
+    import pydoc
+    from collections.abc import Mapping
+
+    text = pydoc.render_doc(phi3lab.Trace, renderer=pydoc.plaintext)
+    assert "===" not in text and "LayoutMap" not in text
+    public = [n for n in dir(phi3lab.Trace) if not n.startswith("_")]
+    public += ["__getitem__", "__contains__", "__iter__", "__len__", "__repr__"]
+    assert {"get", "keys", "values", "items", "attention", "resid", "logits", "loss", "to_pandas", "save", "load"} <= set(public)
+    for name in public:
+        member = inspect.getattr_static(phi3lab.Trace, name)
+        assert name in vars(phi3lab.Trace), f"Trace.{name} is inherited"
+        function = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+        doc = function.__doc__
+        assert doc and doc.strip(), f"Trace.{name} has no docstring"
+        assert doc != getattr(getattr(Mapping, name, None), "__doc__", None), f"Trace.{name} has Mapping's docstring"
+    assert "not captured" in phi3lab.Trace.get.__doc__
+
+
+# === Saving a trace ===
+
+
+def assert_same_trace(loaded, saved):
+    assert type(loaded) is phi3lab.Trace and loaded.names == saved.names
+    for name in saved.names:
+        assert loaded[name].dtype == saved[name].dtype, name
+        np.testing.assert_array_equal(loaded[name], saved[name], err_msg=name)
+    for attribute in ("token_ids", "padding_mask", "output"):
+        value = getattr(loaded, attribute)
+        assert value.dtype == getattr(saved, attribute).dtype, attribute
+        np.testing.assert_array_equal(value, getattr(saved, attribute), err_msg=attribute)
+    for attribute in ("tokens", "query_window", "attention_heads", "prompt_length",
+                      "num_layers", "num_query_heads", "num_key_value_heads"):
+        assert getattr(loaded, attribute) == getattr(saved, attribute), attribute
+    for field in dataclasses.fields(saved.rope):
+        ours, theirs = getattr(loaded.rope, field.name), getattr(saved.rope, field.name)
+        if isinstance(theirs, np.ndarray):
+            assert ours.dtype == theirs.dtype, field.name
+            np.testing.assert_array_equal(ours, theirs, err_msg=field.name)
+        else:
+            assert ours == theirs and type(ours) is type(theirs), field.name
+
+
+def test_save_and_load_round_trip(su_model, tmp_path, monkeypatch):
+    """Every part of a trace survives `save`/`load`, and loading uses no
+    pickle: a windowed, head-selected, padded trace beyond the pretraining
+    window (long rotary factors), with display tokens and a prompt length."""
+    import pickle
+
+    ids = random_ids((2, ABOVE), seed=30)
+    mask = np.ones(ids.shape, bool)
+    mask[1, :2] = False
+    tr = phi3lab.trace(su_model, ids, padding_mask=mask, names=["blocks.*.attn.hook_pattern", "hook_logits"],
+                       queries=slice(5, 20), heads=[3, 1])
+    tr.tokens = [[f"▁tok{t}é" if t % 3 else "" for t in row] for row in ids.tolist()]
+    tr.prompt_length = 7
+    path = tr.save(tmp_path / "trace")
+    assert path == tmp_path / "trace.npz" and path.is_file()
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, lambda *a, **k: pytest.fail(f"pickle.{name} used"))
+    loaded = phi3lab.Trace.load(path)
+    assert_same_trace(loaded, tr)
+    assert loaded.rope.factor_set == "long"
+    np.testing.assert_array_equal(loaded.attention(2, head=1), tr.attention(2, head=1))
+    pd.testing.assert_frame_equal(loaded.to_pandas("blocks.0.attn.hook_pattern", batch=1),
+                                  tr.to_pandas("blocks.0.attn.hook_pattern", batch=1))
+    pd.testing.assert_frame_equal(loaded.rope.to_pandas(), tr.rope.to_pandas())
+    assert loaded.loss() == tr.loss()
+    with np.load(path, allow_pickle=False) as stored:  # plain NumPy reads it too
+        np.testing.assert_array_equal(stored["activation/hook_logits"], tr.logits)
+
+
+def test_save_and_load_keep_bfloat16_and_a_plain_trace(model, full, tmp_path):
+    import ml_dtypes
+
+    halved = phi3lab.Trace({name: value.astype(ml_dtypes.bfloat16) for name, value in full.items()},
+                           token_ids=full.token_ids, padding_mask=full.padding_mask, tokens=None,
+                           output=full.output.astype(ml_dtypes.bfloat16), rope=full.rope, model=model)
+    for tr in (full, halved):
+        assert_same_trace(phi3lab.Trace.load(tr.save(tmp_path / "t.npz")), tr)
+    assert phi3lab.Trace.load(tmp_path / "t.npz")["hook_embed"].dtype == ml_dtypes.bfloat16
+
+
+def test_loading_what_is_not_a_trace_fails_clearly(tmp_path):
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    (tmp_path / "text.npz").write_text("not a zip")
+    for name in ("missing.npz", "array.npy", "other.npz", "text.npz"):
+        with pytest.raises(ValueError, match=r"`path` must be a trace file written by Trace.save"):
+            phi3lab.Trace.load(tmp_path / name)
 
 
 # === Rotary description ===
