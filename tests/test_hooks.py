@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import phi3lab  # noqa: F401  (selects the JAX backend before keras loads)
-from conftest import randomize_keras
+from conftest import random_backbone
 from phi3lab import hooks as H
 from phi3lab.tracing import compiled_count
 
@@ -24,18 +24,14 @@ VOCAB, LAYERS, HIDDEN, FFN, HQ, HKV = 64, 3, 32, 48, 4, 2
 HEAD_DIM = HIDDEN // HQ
 
 
+SIZES = dict(vocabulary_size=VOCAB, num_layers=LAYERS, hidden_dim=HIDDEN, intermediate_dim=FFN,
+             num_query_heads=HQ, num_key_value_heads=HKV, max_sequence_length=64, pretraining_sequence_length=16)
+
+
 def make_model(seed=0, **overrides):
     """A GQA Phi-3 (4 query heads over 2 key/value heads) with every weight
-    random: norm scales 1 + 0.3 N, everything else 0.3 N."""
-    kwargs = dict(
-        vocabulary_size=VOCAB, num_layers=LAYERS, hidden_dim=HIDDEN, intermediate_dim=FFN,
-        num_query_heads=HQ, num_key_value_heads=HKV, layer_norm_epsilon=1e-5,
-        max_sequence_length=64, pretraining_sequence_length=16,
-    )
-    kwargs.update(overrides)
-    model = phi3lab.Phi3Backbone(**kwargs)
-    randomize_keras(model, seed)
-    return model
+    random (`random_backbone`)."""
+    return random_backbone(seed, rope=None, **{**SIZES, **overrides})
 
 
 def random_ids(shape, seed):

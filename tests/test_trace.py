@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 
 import phi3lab  # noqa: F401  (selects the JAX backend before keras loads)
-from conftest import randomize_keras, require_oracle
+from conftest import random_backbone, require_oracle, rope_factors
 import jax
 from jax import numpy as jnp
 
@@ -77,30 +77,15 @@ def design_names(num_layers):
     return names + ["ln_final.hook_normalized", "hook_logits"]
 
 
-def su_factors(num_pairs=HEAD_DIM // 2):
-    rng = np.random.default_rng(5)
-    short = (1.0 + 0.8 * rng.random(num_pairs)).tolist()
-    long = (1.0 + np.linspace(0.0, 6.0, num_pairs) + 0.3 * rng.random(num_pairs)).tolist()
-    return short, long
+SIZES = dict(vocabulary_size=VOCAB, num_layers=LAYERS, hidden_dim=HIDDEN, intermediate_dim=FFN,
+             num_query_heads=HQ, num_key_value_heads=HKV, max_sequence_length=MAX_POSITIONS,
+             pretraining_sequence_length=PRETRAINING)
 
 
-def make_model(rope=None, seed=0, vocabulary_size=VOCAB, **overrides):
-    """A GQA Phi-3 whose every weight is random: norm scales 1 + 0.3 N,
-    everything else 0.3 N, so no error can hide behind ones or zeros."""
-    kwargs = dict(
-        vocabulary_size=vocabulary_size, num_layers=LAYERS, hidden_dim=HIDDEN,
-        intermediate_dim=FFN, num_query_heads=HQ, num_key_value_heads=HKV,
-        layer_norm_epsilon=1e-5, max_sequence_length=MAX_POSITIONS,
-        pretraining_sequence_length=PRETRAINING,
-    )
-    if rope == "su":
-        short, long = su_factors()
-        kwargs.update(rope_scaling_type="su", rope_scaling_short_factor=short,
-                      rope_scaling_long_factor=long)
-    kwargs.update(overrides)
-    model = phi3lab.Phi3Backbone(**kwargs)
-    randomize_keras(model, seed)
-    return model
+def make_model(rope=None, seed=0, **overrides):
+    """A GQA Phi-3 whose every weight is random (`random_backbone`), so no
+    error can hide behind ones or zeros."""
+    return random_backbone(seed, rope=rope, **{**SIZES, **overrides})
 
 
 def random_ids(shape, seed, vocabulary_size=VOCAB):
@@ -697,7 +682,7 @@ def test_rope_description_matches_numpy_formulas(rope, length, expected_set):
     # rotary module); here every case is checked against NumPy.
     description = describe_rotary(model.rotary, length)
     assert description.factor_set == expected_set
-    short, long = su_factors()
+    short, long = rope_factors(HEAD_DIM // 2)
     factors = {"none": np.ones(HEAD_DIM // 2), "short": short, "long": long}[expected_set]
     inverse, cos, sin, factor = numpy_rotary(
         length, factors, 10000.0, HEAD_DIM, MAX_POSITIONS, PRETRAINING, rope == "su"
@@ -733,7 +718,7 @@ def test_trace_rope_is_what_the_attention_applied(length, expected_set):
     model = make_model("su", seed=7)
     tr = phi3lab.trace(model, random_ids((1, length), seed=2), names="blocks.1.attn.hook_*q")
     assert tr.rope.factor_set == expected_set and tr.rope.num_positions == length
-    short, long = su_factors()
+    short, long = rope_factors(HEAD_DIM // 2)
     _, cos, sin, _ = numpy_rotary(length, short if expected_set == "short" else long, 10000.0,
                                   HEAD_DIM, MAX_POSITIONS, PRETRAINING, True)
     np.testing.assert_allclose(tr.rope.cos, cos, atol=2e-5)
