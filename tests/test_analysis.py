@@ -218,7 +218,9 @@ def test_patching_user_metric_and_compile_once(model, ids):
     sizes = {key: fn._cache_size() for key, fn in compile_cache.entries(model).items() if key[0] == "patching"}
     analysis.activation_patching(model, corrupted, ids, metric=metric, progress=True, batch_size=8)
     after = {key: fn._cache_size() for key, fn in compile_cache.entries(model).items() if key[0] == "patching"}
-    assert after == sizes and len(sizes) == 2
+    # the two programs of this test (other tests' sites share the module's model)
+    assert {("patching", "resid_pre", "logit_diff"), ("patching", "resid_pre", metric)} <= set(sizes)
+    assert after == sizes
 
 
 def test_patching_errors(model, ids):

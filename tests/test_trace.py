@@ -624,7 +624,7 @@ def test_save_and_load_round_trip(su_model, tmp_path, monkeypatch):
     path = tr.save(tmp_path / "trace")
     assert path == tmp_path / "trace.npz" and path.is_file()
     for name in ("load", "loads", "Unpickler"):
-        monkeypatch.setattr(pickle, name, lambda *a, **k: pytest.fail(f"pickle.{name} used"))
+        monkeypatch.setattr(pickle, name, lambda *a, name=name, **k: pytest.fail(f"pickle.{name} used"))
     loaded = phi3lab.Trace.load(path)
     assert_same_trace(loaded, tr)
     assert loaded.rope.factor_set == "long"
