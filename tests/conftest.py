@@ -34,8 +34,10 @@ def rope_factors(num_pairs: int = HIDDEN // HEADS // 2, seed: int = 0):
 
 
 def backbone_kwargs(rope: str | None = "su", num_key_value_heads: int = 2, **overrides) -> dict:
-    """Constructor arguments shared by phi3lab's and keras-hub's Phi3Backbone."""
-    short, long = rope_factors()
+    """Constructor arguments shared by phi3lab's and keras-hub's Phi3Backbone.
+
+    The sizes above unless overridden; with `rope`, `rope_factors` sized to
+    the head (`hidden_dim / num_query_heads / 2` pairs) unless given."""
     kwargs = dict(
         vocabulary_size=VOCAB,
         num_layers=LAYERS,
@@ -47,10 +49,11 @@ def backbone_kwargs(rope: str | None = "su", num_key_value_heads: int = 2, **ove
         max_sequence_length=MAX_POSITIONS,
         pretraining_sequence_length=PRETRAINING,
         rope_scaling_type=rope,
-        rope_scaling_short_factor=short if rope else None,
-        rope_scaling_long_factor=long if rope else None,
     )
     kwargs.update(overrides)
+    short, long = rope_factors(kwargs["hidden_dim"] // kwargs["num_query_heads"] // 2) if rope else (None, None)
+    kwargs.setdefault("rope_scaling_short_factor", short)
+    kwargs.setdefault("rope_scaling_long_factor", long)
     return kwargs
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import phi3lab  # noqa: F401  (selects the JAX backend before keras loads)
-from conftest import randomize_keras
+from conftest import random_backbone
 from phi3lab import hooks as H
 from phi3lab.tracing import compiled_count
 
@@ -24,18 +24,14 @@ VOCAB, LAYERS, HIDDEN, FFN, HQ, HKV = 64, 3, 32, 48, 4, 2
 HEAD_DIM = HIDDEN // HQ
 
 
+SIZES = dict(vocabulary_size=VOCAB, num_layers=LAYERS, hidden_dim=HIDDEN, intermediate_dim=FFN,
+             num_query_heads=HQ, num_key_value_heads=HKV, max_sequence_length=64, pretraining_sequence_length=16)
+
+
 def make_model(seed=0, **overrides):
     """A GQA Phi-3 (4 query heads over 2 key/value heads) with every weight
-    random: norm scales 1 + 0.3 N, everything else 0.3 N."""
-    kwargs = dict(
-        vocabulary_size=VOCAB, num_layers=LAYERS, hidden_dim=HIDDEN, intermediate_dim=FFN,
-        num_query_heads=HQ, num_key_value_heads=HKV, layer_norm_epsilon=1e-5,
-        max_sequence_length=64, pretraining_sequence_length=16,
-    )
-    kwargs.update(overrides)
-    model = phi3lab.Phi3Backbone(**kwargs)
-    randomize_keras(model, seed)
-    return model
+    random (`random_backbone`)."""
+    return random_backbone(seed, rope=None, **{**SIZES, **overrides})
 
 
 def random_ids(shape, seed):
@@ -306,6 +302,67 @@ def test_hook_errors(model, ids):
         phi3lab.trace(model, ids, hooks={f"blocks.{LAYERS}.hook_resid_post": double})
     with pytest.raises(TypeError, match="hooks"):
         phi3lab.trace(model, ids, hooks={"blocks.0.hook_resid_post": 3})
+
+
+def python_float(x, ctx):
+    return x * float(x[0, 0, 0])
+
+
+def python_if(x, ctx):
+    if x.sum() > 0:
+        return -x
+    return x
+
+
+def python_index(x, ctx):
+    return x * [1.0, 2.0][(x[0, 0, 0] > 0).astype("int32")]
+
+
+def python_numpy(x, ctx):
+    return np.asarray(x) * 2
+
+
+@pytest.mark.parametrize("hook, jax_error", [
+    (python_float, "ConcretizationTypeError"),
+    (python_if, "TracerBoolConversionError"),
+    (python_index, "TracerIntegerConversionError"),
+    (python_numpy, "TracerArrayConversionError"),
+])
+def test_python_side_work_in_a_hook_is_explained(model, ids, hook, jax_error):
+    """A hook that asks a tracer for a value gets an error naming the hook and
+    the site, saying why (the compiled program) and what to use instead,
+    raised from phi3lab (JAX's error is its cause)."""
+    before = compiled_count(model)
+    with pytest.raises(TypeError) as caught:
+        phi3lab.trace(model, ids, hooks={"blocks.1.hook_resid_mid": hook})
+    error = caught.value
+    assert type(error).__name__ == "HookTracingError" and type(error.__cause__).__name__ == jax_error
+    message = str(error)
+    for fragment in (hook.__name__, "'blocks.1.hook_resid_mid'", jax_error, "compiled program", "tracer",
+                     "jnp", "jax.debug.print", "jax.debug.callback"):
+        assert fragment in message, fragment
+    assert "phi3lab" in caught.traceback[-1].path.parts
+    assert compiled_count(model) == before  # nothing was compiled, and the model still traces
+    assert np.array_equal(phi3lab.trace(model, ids, names="hook_embed")["hook_embed"], phi3lab.trace(model, ids)["hook_embed"])
+
+
+def test_the_advised_alternatives_work_in_a_hook(model, ids, clean):
+    """What the error advises: `jnp` instead of `if`, and
+    `jax.debug.callback` to see the values."""
+    import jax
+    from jax import numpy as jnp
+
+    seen = []
+
+    def look(x, ctx):
+        jax.debug.callback(lambda value: seen.append(np.asarray(value)), x)
+        return jnp.where(x.sum() > 0, -x, x)
+
+    tr = phi3lab.trace(model, ids, names="blocks.1.hook_resid_mid", hooks={"blocks.1.hook_resid_mid": look})
+    assert len(seen) == 1  # the values the hook saw: the unhooked run's (up to XLA's fusion)
+    np.testing.assert_allclose(seen[0], clean["blocks.1.hook_resid_mid"], rtol=1e-5, atol=1e-5)
+    expected = -seen[0] if seen[0].sum() > 0 else seen[0]
+    np.testing.assert_array_equal(tr["blocks.1.hook_resid_mid"], expected)
 
 
 # === Compile once ===

@@ -193,20 +193,55 @@ def test_sharded_trace_equals_unsharded(tmp_path):
     assert "max difference" in result.stdout
 
 
-def test_full_phi3_mini_128k_fits_16gb_in_bfloat16():
-    """jax.eval_shape on the real 128k architecture: weights in bfloat16 plus
-    a capture of two layers' patterns for a 4k window fit a 16 GB GPU."""
+def _phi3_mini_estimates(dtype: str, requests: dict) -> dict:
+    """`phi3lab.estimate` of each request on Phi-3-mini-128k's real
+    architecture. The model is built inside `jax.eval_shape`, so its 3.8B
+    weights are abstract shapes: nothing is allocated, XLA only compiles."""
     from phi3lab.presets.registry import BUILTIN
 
     config = dict(BUILTIN["phi3_mini_128k_instruct_en"]["config"])
-    # The factor values come with the download; their count is what matters here.
+    # The factor values come with the download; only their count matters here.
     config.update(rope_scaling_short_factor=[1.0] * 48, rope_scaling_long_factor=[1.0] * 48)
-    shapes = jax.eval_shape(lambda: phi3lab.Phi3Backbone(**config, dtype="bfloat16").params())
-    weights = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
-    assert 7.0e9 < weights < 8.0e9  # 3.8B parameters in bfloat16
-    window, length = 512, 4096
-    captured = 2 * (1 * 32 * window * length * 4) + length * config["vocabulary_size"] * 4
-    assert weights + captured < 16e9 * 0.9
+    estimates = {}
+
+    def build():
+        model = phi3lab.Phi3Backbone(**config, dtype=dtype)
+        for key, kwargs in requests.items():
+            estimates[key] = phi3lab.estimate(model, **kwargs)
+        return model.params()
+
+    jax.eval_shape(build)
+    return estimates
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "the decoder slices the stacked weights per layer range (`a[start:stop]`) before `lax.scan`, which "
+    "copies them: capturing one layer of Phi-3-mini adds ~13 GiB (float32) of weight copies to the working set"))
+def test_phi3_mini_128k_window_capture_fits_16gb_in_bfloat16():
+    """Two layers' patterns for the last 512 of 4096 queries plus the logits,
+    beside the bfloat16 weights, fit a 16 GB accelerator; every layer's full
+    patterns would not (the contrast: the estimate sees the request).
+
+    On a CPU, XLA computes bfloat16 matrix products in float32 and keeps a
+    float32 copy of the weights in the working set, which an accelerator
+    does not; there the working set is taken from the float32 program, an
+    upper bound of the bfloat16 one (same operations, twice the bytes)."""
+    window = dict(seq_len=4096, names=["blocks.0.attn.hook_pattern", "blocks.31.attn.hook_pattern", "hook_logits"],
+                  queries=slice(-512, None))
+    every_pattern = dict(seq_len=4096, names="blocks.*.attn.hook_pattern")
+    bf16 = _phi3_mini_estimates("bfloat16", {"window": window, "every_pattern": every_pattern})
+    assert 7.0e9 < bf16["window"].weights < 8.0e9  # 3.8B parameters, 2 bytes each
+    # Patterns [1, 32, 512, 4096] x 2 layers and logits [1, 4096, 32064] (plus the
+    # output [1, 4096, 3072]): at least 2, at most 4 bytes per value.
+    values = 2 * 32 * 512 * 4096 + 4096 * 32064 + 4096 * 3072
+    assert 2 * values <= bf16["window"].captured <= 4 * values + 2**20
+    assert bf16["every_pattern"].captured > 32 * 32 * 4096 * 4096 * 2  # > 34 GB
+    working = bf16["window"].working
+    if jax.default_backend() == "cpu":
+        working = _phi3_mini_estimates("float32", {"window": window})["window"].working
+    assert bf16["window"].weights + working + 2 * bf16["window"].captured < 16e9 * 0.9
+    assert bf16["window"].weights + bf16["every_pattern"].captured > 16e9
 
 
 def test_windowed_trace_to_pandas_labels_true_positions_and_heads(model):

@@ -18,18 +18,21 @@ captures only the output is compared bitwise.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import phi3lab  # noqa: F401  (selects the JAX backend before keras loads)
-from conftest import randomize_keras, require_oracle
+from conftest import random_backbone, require_oracle, rope_factors
 import jax
 from jax import numpy as jnp
 
 from phi3lab.tracing import compiled_count
+from phi3lab.tracing.rope import MixedRotaryWarning
 
 # === Small models with random weights ===
 
@@ -74,30 +77,15 @@ def design_names(num_layers):
     return names + ["ln_final.hook_normalized", "hook_logits"]
 
 
-def su_factors(num_pairs=HEAD_DIM // 2):
-    rng = np.random.default_rng(5)
-    short = (1.0 + 0.8 * rng.random(num_pairs)).tolist()
-    long = (1.0 + np.linspace(0.0, 6.0, num_pairs) + 0.3 * rng.random(num_pairs)).tolist()
-    return short, long
+SIZES = dict(vocabulary_size=VOCAB, num_layers=LAYERS, hidden_dim=HIDDEN, intermediate_dim=FFN,
+             num_query_heads=HQ, num_key_value_heads=HKV, max_sequence_length=MAX_POSITIONS,
+             pretraining_sequence_length=PRETRAINING)
 
 
-def make_model(rope=None, seed=0, vocabulary_size=VOCAB, **overrides):
-    """A GQA Phi-3 whose every weight is random: norm scales 1 + 0.3 N,
-    everything else 0.3 N, so no error can hide behind ones or zeros."""
-    kwargs = dict(
-        vocabulary_size=vocabulary_size, num_layers=LAYERS, hidden_dim=HIDDEN,
-        intermediate_dim=FFN, num_query_heads=HQ, num_key_value_heads=HKV,
-        layer_norm_epsilon=1e-5, max_sequence_length=MAX_POSITIONS,
-        pretraining_sequence_length=PRETRAINING,
-    )
-    if rope == "su":
-        short, long = su_factors()
-        kwargs.update(rope_scaling_type="su", rope_scaling_short_factor=short,
-                      rope_scaling_long_factor=long)
-    kwargs.update(overrides)
-    model = phi3lab.Phi3Backbone(**kwargs)
-    randomize_keras(model, seed)
-    return model
+def make_model(rope=None, seed=0, **overrides):
+    """A GQA Phi-3 whose every weight is random (`random_backbone`), so no
+    error can hide behind ones or zeros."""
+    return random_backbone(seed, rope=rope, **{**SIZES, **overrides})
 
 
 def random_ids(shape, seed, vocabulary_size=VOCAB):
@@ -379,6 +367,33 @@ def test_every_hook_matches_transformers(oracles, case):
     assert tr.rope.factor_set == expected_set
 
 
+@pytest.mark.parametrize("rope, length", [("su", BELOW), ("su", ABOVE), (None, BELOW)])
+def test_loss_matches_transformers(oracles, rope, length):
+    """`Trace.loss` against `Phi3ForCausalLM(labels=...)` on the same weights
+    (mean) and torch's cross-entropy of its logits (per token), on a batch
+    with an unpadded, a left-padded and a right-padded row. A pair counts
+    when both tokens are real, so the labels are -100 elsewhere."""
+    torch = require_oracle("torch")
+    model, hf = oracles[rope]
+    ids = random_ids((3, length), seed=20 + length)
+    mask = np.ones(ids.shape, bool)
+    mask[1, :3] = mask[2, -4:] = False
+    tr = phi3lab.trace(model, ids, padding_mask=mask, names="hook_logits")
+    counts = mask[:, :-1] & mask[:, 1:]
+    labels = np.full(ids.shape, -100, np.int64)
+    labels[:, 1:] = np.where(counts, ids[:, 1:], -100)
+    with torch.no_grad():
+        out = hf(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                 labels=torch.as_tensor(labels))
+        per_token = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].transpose(1, 2), torch.as_tensor(ids[:, 1:], dtype=torch.long), reduction="none").numpy()
+    assert math.isclose(tr.loss(), float(out.loss), rel_tol=1e-5)
+    ours = tr.loss(per_token=True)
+    assert ours.shape == (3, length - 1)
+    np.testing.assert_array_equal(np.isnan(ours), ~counts)
+    np.testing.assert_allclose(ours[counts], per_token[counts], rtol=1e-5)
+
+
 # === Name selection ===
 
 
@@ -468,6 +483,52 @@ def test_padding_mask_is_validated(model, ids):
         phi3lab.trace(model, np.full((1, 3), VOCAB))
 
 
+# === Batches that mix short and long prompts ===
+
+
+@pytest.fixture(scope="module")
+def su_model():
+    return make_model("su", seed=9)
+
+
+def test_a_batch_mixing_short_and_long_prompts_warns(su_model, recwarn):
+    """A short row in a batch beyond the pretraining window gets the long
+    rotary factors (as in transformers): its logits move, and trace says so,
+    pointing at the caller's line."""
+    model = su_model
+    ids = random_ids((3, ABOVE), seed=9)
+    mask = np.ones(ids.shape, bool)
+    mask[1, BELOW:] = False  # 11 real tokens, right-padded
+    mask[2, : ABOVE - AT] = False  # 16 real tokens, left-padded
+    with pytest.warns(MixedRotaryWarning) as caught:
+        batch = phi3lab.trace(model, ids, padding_mask=mask, names="hook_logits")
+    assert len(caught) == 1 and caught[0].filename == __file__
+    message = str(caught[0].message)
+    assert "Rows [1, 2]" in message and f"({PRETRAINING})" in message and "separate batches" in message
+    alone = phi3lab.trace(model, ids[1, :BELOW], names="hook_logits")
+    assert alone.rope.factor_set == "short" and batch.rope.factor_set == "long"
+    assert max_error(batch.logits[1, :BELOW], alone.logits[0]) > 1e-2  # why it warns
+
+    recwarn.clear()
+    phi3lab.trace(model, ids, names="hook_logits")  # every row beyond the window
+    phi3lab.trace(model, ids[:, :AT], padding_mask=mask[:, :AT] | True)  # every row within it
+    phi3lab.trace(make_model(seed=9), ids, padding_mask=mask, names="hook_logits")  # no rotary scaling
+    assert not [w for w in recwarn if issubclass(w.category, MixedRotaryWarning)]
+
+
+def test_activation_patching_warns_once_about_mixed_prompts(su_model):
+    from phi3lab import analysis
+
+    ids = random_ids((2, AT + 1), seed=10)
+    mask = np.ones(ids.shape, bool)
+    mask[1, BELOW:] = False
+    with pytest.warns(MixedRotaryWarning) as caught:
+        analysis.activation_patching(su_model, ids, ids[:, ::-1], answer=3, padding_mask=mask, sites="attn_out",
+                                     progress=False)
+    assert [w.category for w in caught if issubclass(w.category, MixedRotaryWarning)] == [MixedRotaryWarning]
+    assert caught[0].filename == __file__
+
+
 # === Compile once ===
 
 
@@ -500,6 +561,102 @@ def test_plain_call_is_unchanged_by_traces(model, full, ids):
     assert np.array_equal(before, after)
 
 
+def test_trace_documents_every_public_method():
+    """`help(phi3lab.Trace)` shows Trace's own docs: no section comment as a
+    method's doc, nothing inherited from `Mapping` (whose `get` doc keras
+    overwrites with its LayoutMap's)."""
+    import inspect
+    import pydoc
+    from collections.abc import Mapping
+
+    text = pydoc.render_doc(phi3lab.Trace, renderer=pydoc.plaintext)
+    assert "===" not in text and "LayoutMap" not in text
+    public = [n for n in dir(phi3lab.Trace) if not n.startswith("_")]
+    public += ["__getitem__", "__contains__", "__iter__", "__len__", "__repr__"]
+    assert {"get", "keys", "values", "items", "attention", "resid", "logits", "loss", "to_pandas", "save", "load"} <= set(public)
+    for name in public:
+        member = inspect.getattr_static(phi3lab.Trace, name)
+        assert name in vars(phi3lab.Trace), f"Trace.{name} is inherited"
+        function = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+        doc = function.__doc__
+        assert doc and doc.strip(), f"Trace.{name} has no docstring"
+        assert doc != getattr(getattr(Mapping, name, None), "__doc__", None), f"Trace.{name} has Mapping's docstring"
+    assert "not captured" in phi3lab.Trace.get.__doc__
+
+
+# === Saving a trace ===
+
+
+def assert_same_trace(loaded, saved):
+    assert type(loaded) is phi3lab.Trace and loaded.names == saved.names
+    for name in saved.names:
+        assert loaded[name].dtype == saved[name].dtype, name
+        np.testing.assert_array_equal(loaded[name], saved[name], err_msg=name)
+    for attribute in ("token_ids", "padding_mask", "output"):
+        value = getattr(loaded, attribute)
+        assert value.dtype == getattr(saved, attribute).dtype, attribute
+        np.testing.assert_array_equal(value, getattr(saved, attribute), err_msg=attribute)
+    for attribute in ("tokens", "query_window", "attention_heads", "prompt_length",
+                      "num_layers", "num_query_heads", "num_key_value_heads"):
+        assert getattr(loaded, attribute) == getattr(saved, attribute), attribute
+    for field in dataclasses.fields(saved.rope):
+        ours, theirs = getattr(loaded.rope, field.name), getattr(saved.rope, field.name)
+        if isinstance(theirs, np.ndarray):
+            assert ours.dtype == theirs.dtype, field.name
+            np.testing.assert_array_equal(ours, theirs, err_msg=field.name)
+        else:
+            assert ours == theirs and type(ours) is type(theirs), field.name
+
+
+def test_save_and_load_round_trip(su_model, tmp_path, monkeypatch):
+    """Every part of a trace survives `save`/`load`, and loading uses no
+    pickle: a windowed, head-selected, padded trace beyond the pretraining
+    window (long rotary factors), with display tokens and a prompt length."""
+    import pickle
+
+    ids = random_ids((2, ABOVE), seed=30)
+    mask = np.ones(ids.shape, bool)
+    mask[1, :2] = False
+    tr = phi3lab.trace(su_model, ids, padding_mask=mask, names=["blocks.*.attn.hook_pattern", "hook_logits"],
+                       queries=slice(5, 20), heads=[3, 1])
+    tr.tokens = [[f"▁tok{t}é" if t % 3 else "" for t in row] for row in ids.tolist()]
+    tr.prompt_length = 7
+    path = tr.save(tmp_path / "trace")
+    assert path == tmp_path / "trace.npz" and path.is_file()
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, lambda *a, name=name, **k: pytest.fail(f"pickle.{name} used"))
+    loaded = phi3lab.Trace.load(path)
+    assert_same_trace(loaded, tr)
+    assert loaded.rope.factor_set == "long"
+    np.testing.assert_array_equal(loaded.attention(2, head=1), tr.attention(2, head=1))
+    pd.testing.assert_frame_equal(loaded.to_pandas("blocks.0.attn.hook_pattern", batch=1),
+                                  tr.to_pandas("blocks.0.attn.hook_pattern", batch=1))
+    pd.testing.assert_frame_equal(loaded.rope.to_pandas(), tr.rope.to_pandas())
+    assert loaded.loss() == tr.loss()
+    with np.load(path, allow_pickle=False) as stored:  # plain NumPy reads it too
+        np.testing.assert_array_equal(stored["activation/hook_logits"], tr.logits)
+
+
+def test_save_and_load_keep_bfloat16_and_a_plain_trace(model, full, tmp_path):
+    import ml_dtypes
+
+    halved = phi3lab.Trace({name: value.astype(ml_dtypes.bfloat16) for name, value in full.items()},
+                           token_ids=full.token_ids, padding_mask=full.padding_mask, tokens=None,
+                           output=full.output.astype(ml_dtypes.bfloat16), rope=full.rope, model=model)
+    for tr in (full, halved):
+        assert_same_trace(phi3lab.Trace.load(tr.save(tmp_path / "t.npz")), tr)
+    assert phi3lab.Trace.load(tmp_path / "t.npz")["hook_embed"].dtype == ml_dtypes.bfloat16
+
+
+def test_loading_what_is_not_a_trace_fails_clearly(tmp_path):
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    (tmp_path / "text.npz").write_text("not a zip")
+    for name in ("missing.npz", "array.npy", "other.npz", "text.npz"):
+        with pytest.raises(ValueError, match=r"`path` must be a trace file written by Trace.save"):
+            phi3lab.Trace.load(tmp_path / name)
+
+
 # === Rotary description ===
 
 
@@ -525,7 +682,7 @@ def test_rope_description_matches_numpy_formulas(rope, length, expected_set):
     # rotary module); here every case is checked against NumPy.
     description = describe_rotary(model.rotary, length)
     assert description.factor_set == expected_set
-    short, long = su_factors()
+    short, long = rope_factors(HEAD_DIM // 2)
     factors = {"none": np.ones(HEAD_DIM // 2), "short": short, "long": long}[expected_set]
     inverse, cos, sin, factor = numpy_rotary(
         length, factors, 10000.0, HEAD_DIM, MAX_POSITIONS, PRETRAINING, rope == "su"
@@ -561,7 +718,7 @@ def test_trace_rope_is_what_the_attention_applied(length, expected_set):
     model = make_model("su", seed=7)
     tr = phi3lab.trace(model, random_ids((1, length), seed=2), names="blocks.1.attn.hook_*q")
     assert tr.rope.factor_set == expected_set and tr.rope.num_positions == length
-    short, long = su_factors()
+    short, long = rope_factors(HEAD_DIM // 2)
     _, cos, sin, _ = numpy_rotary(length, short if expected_set == "short" else long, 10000.0,
                                   HEAD_DIM, MAX_POSITIONS, PRETRAINING, True)
     np.testing.assert_allclose(tr.rope.cos, cos, atol=2e-5)

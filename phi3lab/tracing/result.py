@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import json
+import os
+import types
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pandas as pd
 
@@ -17,6 +23,8 @@ class Trace(Mapping):
     """Captured activations of one run, by hook name, as NumPy arrays.
 
     A read-only mapping (`tr["blocks.3.attn.hook_pattern"]`) with helpers.
+    `tr.save(path)` writes it to one `.npz` file and `Trace.load(path)`
+    reads it back (arrays and metadata only, no pickle).
 
     Attributes:
         names: every captured name, in forward order.
@@ -51,8 +59,10 @@ class Trace(Mapping):
         self.attention_heads = attention_heads
         self.prompt_length = prompt_length
 
-    # === Mapping ===
     def __getitem__(self, name: str) -> np.ndarray:
+        """The captured activation `name` (a hook name such as
+        `"blocks.0.attn.hook_pattern"`); a `KeyError` listing close captured
+        names if it was not captured."""
         try:
             return self._arrays[name]
         except KeyError:
@@ -62,17 +72,39 @@ class Trace(Mapping):
                 f"phi3lab.trace(..., names=[{name!r}]) (or names=None for everything)."
             ) from None
 
-    def __iter__(self):
+    def get(self, name: str, default=None):
+        """The captured activation `name`, or `default` if it was not captured."""
+        return self._arrays.get(name, default)
+
+    def __contains__(self, name) -> bool:
+        """Whether activation `name` was captured."""
+        return name in self._arrays
+
+    def keys(self):
+        """The captured names, in forward order (a view, like `dict.keys`)."""
+        return self._arrays.keys()
+
+    def values(self):
+        """The captured arrays, in forward order."""
+        return self._arrays.values()
+
+    def items(self):
+        """`(name, array)` pairs, in forward order."""
+        return self._arrays.items()
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterate over the captured names, in forward order."""
         return iter(self.names)
 
-    def __len__(self):
+    def __len__(self) -> int:
+        """How many activations were captured."""
         return len(self.names)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
+        """`<Trace batch=B positions=T names=N>`."""
         batch, length = self.token_ids.shape
         return f"<Trace batch={batch} positions={length} names={len(self.names)}>"
 
-    # === Helpers ===
     def _layer(self, layer: int) -> int:
         return check_index("layer", layer, self.num_layers, "layer")
 
@@ -157,3 +189,118 @@ class Trace(Mapping):
         table.insert(0, "token", tokens)
         table.insert(0, "position", np.arange(length))
         return table[np.asarray(valid)].reset_index(drop=True)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the trace to one NumPy `.npz` file (no pickle).
+
+        Holds every captured array with its name, the token ids, padding
+        mask, display tokens, output, the rotary description and the window,
+        head and prompt-length settings; `Trace.load` reads it back.
+
+        Args:
+            path: the file; `.npz` is appended when missing.
+
+        Returns:
+            The `Path` written.
+
+        Example:
+        >>> tr.save("ioi_trace.npz")
+        >>> same = phi3lab.Trace.load("ioi_trace.npz")
+        """
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")
+        arrays = {f"activation/{name}": value for name, value in self._arrays.items()}
+        arrays.update(token_ids=self.token_ids, padding_mask=self.padding_mask, output=self.output)
+        if self.tokens is not None:
+            arrays["tokens"] = np.asarray(self.tokens, dtype=str).reshape(self.token_ids.shape)
+        rope = {}
+        for field in dataclasses.fields(self.rope):
+            value = getattr(self.rope, field.name)
+            if isinstance(value, np.ndarray):
+                arrays[f"rope/{field.name}"] = value
+            else:
+                rope[field.name] = _plain(value)
+        dtypes = {}
+        for key, value in arrays.items():
+            if value.dtype.kind == "V":  # ml_dtypes types such as bfloat16: stored as their bits
+                dtypes[key] = value.dtype.name
+                arrays[key] = value.view(f"uint{8 * value.dtype.itemsize}")
+        meta = {
+            "format": _FORMAT,
+            "names": self.names,
+            "num_layers": self.num_layers,
+            "num_query_heads": self.num_query_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "query_window": _plain(self.query_window),
+            "attention_heads": _plain(self.attention_heads),
+            "prompt_length": _plain(self.prompt_length),
+            "rope": rope,
+            "dtypes": dtypes,
+        }
+        np.savez(path, **{_META: np.asarray(json.dumps(meta))}, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Trace":
+        """Read a trace written by `Trace.save` (with `allow_pickle=False`).
+
+        Args:
+            path: a `.npz` file from `Trace.save`.
+
+        Returns:
+            A `Trace` equal to the saved one (same names, arrays, tokens,
+            rotary description and settings).
+
+        Example:
+        >>> tr = phi3lab.Trace.load("ioi_trace.npz")
+        >>> tr.attention(0, head=1).shape
+        """
+        not_a_trace = lambda why: ValueError(
+            f"`path` must be a trace file written by Trace.save; received path={str(path)!r} ({why}).")
+        try:
+            stored = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise not_a_trace(error) from None
+        if not isinstance(stored, np.lib.npyio.NpzFile):
+            raise not_a_trace("a single NumPy array, not an .npz archive")
+        with stored:
+            if _META not in stored.files:
+                raise not_a_trace("no trace metadata")
+            data = {key: stored[key] for key in stored.files}
+        meta = json.loads(str(data.pop(_META)))
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"`path` holds trace format {meta.get('format')!r}; this phi3lab reads format {_FORMAT}.")
+        for key, name in meta["dtypes"].items():
+            data[key] = data[key].view(np.dtype(getattr(ml_dtypes, name, name)))
+        rope_fields = {field.name for field in dataclasses.fields(RotaryDescription)}
+        rope = {name: data.get(f"rope/{name}") for name in rope_fields}
+        rope.update(meta["rope"])
+        tokens = data.get("tokens")
+        shape = types.SimpleNamespace(**{key: meta[key] for key in ("num_layers", "num_query_heads", "num_key_value_heads")})
+        as_tuple = lambda value: None if value is None else tuple(value)
+        return cls(
+            {name: data[f"activation/{name}"] for name in meta["names"]},
+            token_ids=data["token_ids"],
+            padding_mask=data["padding_mask"],
+            tokens=None if tokens is None else tokens.tolist(),
+            output=data["output"],
+            rope=RotaryDescription(**rope),
+            model=shape,
+            query_window=as_tuple(meta["query_window"]),
+            attention_heads=as_tuple(meta["attention_heads"]),
+            prompt_length=meta["prompt_length"],
+        )
+
+
+_FORMAT = 1
+_META = "phi3lab_trace"
+
+
+def _plain(value):
+    """`value` with NumPy scalars and tuples made JSON types."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value

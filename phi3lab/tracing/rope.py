@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -109,3 +112,46 @@ def describe_rotary(spec: RotarySpec, num_positions: int) -> RotaryDescription:
         pretraining_sequence_length=limit,
         max_sequence_length=spec.max_sequence_length,
     )
+
+
+class MixedRotaryWarning(UserWarning):
+    """A batch mixes prompts within and beyond the pretraining window, so the
+    short ones run with the long rotary factors."""
+
+
+def warn_mixed_rotary(spec: RotarySpec, padding_mask: np.ndarray) -> None:
+    """Warn (`MixedRotaryWarning`) when the rows of a batch of `padding_mask
+    [B, T]` would pick other rotary factors if run alone.
+
+    The factors follow the largest position in use, `T` for the whole batch
+    (as in transformers), so a row with at most `pretraining_sequence_length`
+    real tokens in a longer batch gets the long factors, and its results
+    differ from running it alone.
+    """
+    counts = np.asarray(padding_mask).sum(axis=1)
+    length = padding_mask.shape[1]
+    if spec.factor_set(length) != "long":
+        return
+    rows = [int(b) for b in np.flatnonzero((counts > 0) & (counts <= spec.pretraining_sequence_length))]
+    if not rows:
+        return
+    limit = spec.pretraining_sequence_length
+    warnings.warn(
+        f"Rows {rows} of this batch have {sorted({int(counts[b]) for b in rows})} real tokens, within the "
+        f"pretraining window ({limit}), but the batch is {length} positions long, so every row runs with the "
+        f"long rotary factors (they follow the largest position in use, as in transformers). Those rows' "
+        f"results differ from running them alone, with the short factors. To avoid it, run prompts of at most "
+        f"{limit} tokens and longer prompts in separate batches (or give every prompt of a batch more than "
+        f"{limit} tokens).",
+        MixedRotaryWarning,
+        stacklevel=_stacklevel_outside_phi3lab(),
+    )
+
+
+def _stacklevel_outside_phi3lab() -> int:
+    """The `warnings.warn` stack level of the first caller outside phi3lab."""
+    package = str(Path(__file__).resolve().parents[1])
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

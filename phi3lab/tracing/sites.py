@@ -5,11 +5,42 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from phi3lab.model.hook_points import HookPoints
 from phi3lab.tracing.interventions import Hook, HookContext
 from phi3lab.tracing.names import block_name, split_name
 
 ATTENTION_MAPS = ("attn.hook_attn_scores", "attn.hook_pattern")
+
+#: What JAX raises when Python code asks a traced value for a concrete one.
+_CONCRETE_VALUE_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerArrayConversionError,
+)
+
+
+class HookTracingError(TypeError):
+    """A hook function did Python-side work on a traced value."""
+
+
+def _call_hook(hook: Hook, x, ctx: HookContext):
+    """`hook.fn(x, ctx)`, with JAX's errors about concrete values explained
+    in terms of the hook."""
+    try:
+        return hook.fn(x, ctx)
+    except _CONCRETE_VALUE_ERRORS as error:
+        fn = getattr(hook.fn, "__qualname__", None) or repr(hook.fn)
+        raise HookTracingError(
+            f"The hook {fn} on {ctx.name!r} needs a concrete value of a traced array "
+            f"({type(error).__name__}). Hooks run inside a compiled program (jax.jit): `x` (shape "
+            f"{tuple(x.shape)}, {x.dtype}) and `ctx.data` are tracers, stand-ins without values, so Python "
+            "cannot turn them into numbers or decide on them: float(x), int(x), `if x > 0:`, np.asarray(x) "
+            "and x.item() fail, and print(x) shows the tracer. Write the hook with `jnp` operations "
+            "(jnp.where(x > 0, a, b) instead of `if`), print values with jax.debug.print('{}', x), or run "
+            "Python on them with jax.debug.callback(fn, x)."
+        ) from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +110,7 @@ class TraceSites(HookPoints):
         for index in self.plan.hooks_at(full):
             hook = self.hooks[index]
             layer, _ = split_name(full)
-            result = hook.fn(x, HookContext(full, layer, self.data[index], hook.static))
+            result = _call_hook(hook, x, HookContext(full, layer, self.data[index], hook.static))
             if result is not None:
                 if result.shape != x.shape:
                     raise ValueError(

@@ -13,7 +13,7 @@ from phi3lab.tracing.forward import ForwardFn, as_hooks, forward_fn
 from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure
 from phi3lab.tracing.names import Selection, all_names, block_name
 from phi3lab.tracing.result import Trace
-from phi3lab.tracing.rope import describe_rotary
+from phi3lab.tracing.rope import describe_rotary, warn_mixed_rotary
 
 
 def compiled_count(model) -> int:
@@ -47,6 +47,7 @@ def _prepare_inputs(model, inputs, padding_mask, tokenizer):
         padding_mask = mask if padding_mask is None else padding_mask
     token_ids = check_ids("ids", inputs, model)
     mask = check_mask(padding_mask, token_ids.shape)
+    warn_mixed_rotary(model.rotary, mask)
     tokens = None if tokenizer is None else [tokenizer.display_tokens(row) for row in token_ids.tolist()]
     return token_ids, mask, tokens
 
