@@ -11,7 +11,8 @@ from phi3lab.errors import bad_argument
 from phi3lab.model.rotary import RotarySpec
 from phi3lab.tracing.rope import RotaryDescription, describe_rotary
 from phi3lab.widgets.common import (
-    DIVERGING, HIGHLIGHT, Scale, View, base_layout, check_int, escape, live, mpl_heatmap, new_figure, window, window_slider,
+    DIVERGING, HIGHLIGHT, Scale, View, base_layout, check_int, colorbar, escape, live, mpl_heatmap, new_figure, window,
+    window_slider,
 )
 
 _SHORT, _LONG, _NONE = "#1f77b4", "#d62728", "#7f7f7f"
@@ -94,7 +95,7 @@ class RopeView(View):
         self.frequencies.update_yaxes(type="log", title="radians per token", row=1, col=1)
         self.frequencies.update_yaxes(type="log", title="tokens", row=1, col=2)
         self.frequencies.update_xaxes(title="dimension pair i (dims i, i + head_dim/2)")
-        self.frequencies.update_layout(**base_layout("", height=400, width=1000, plot_bgcolor="white",
+        self.frequencies.update_layout(**base_layout("", height=400, plot_bgcolor="white",
                                                      margin=dict(l=70, r=20, t=90, b=60)),
                                        legend=dict(x=0.56, y=0.98, bgcolor="rgba(255,255,255,0.8)"))
         self.factors = make_subplots(
@@ -107,7 +108,7 @@ class RopeView(View):
         self.factors.update_xaxes(title="dimension pair", row=1, col=1)
         self.factors.update_yaxes(title="factor", row=1, col=1)
         self.factors.update_xaxes(title="positions (log)", type="log", row=1, col=2)
-        self.factors.update_layout(**base_layout("", height=380, width=1000, plot_bgcolor="white", barmode="group",
+        self.factors.update_layout(**base_layout("", height=380, plot_bgcolor="white", barmode="group",
                                                  margin=dict(l=70, r=20, t=90, b=60)),
                                    legend=dict(x=0.01, y=0.98, bgcolor="rgba(255,255,255,0.8)"))
         self.tables = make_subplots(rows=1, cols=2, subplot_titles=("cos", "sin"), shared_yaxes=True,
@@ -117,7 +118,7 @@ class RopeView(View):
                                     hovertemplate=f"position %{{y}}<br>dim %{{x}}<br>{name} %{{z:.4f}}<extra></extra>")
             self.tables.update_xaxes(title="head dimension", row=1, col=col)
         self.tables.update_yaxes(title="position", autorange="reversed", row=1, col=1)
-        self.tables.update_layout(**base_layout("", height=460, width=1000, margin=dict(l=70, r=20, t=90, b=60)))
+        self.tables.update_layout(**base_layout("", height=460, margin=dict(l=70, r=20, t=90, b=60)))
 
         self.length_box.observe(self._on_length, names="value")
         self.window_slider.observe(lambda _: self._refresh_tables(), names="value")
@@ -202,7 +203,7 @@ class RopeView(View):
                 heat.y = np.arange(positions.start, positions.stop)
                 heat.x = np.arange(table.shape[1])
             self.tables.layout.coloraxis = dict(colorscale=scale.plotly()["colorscale"], cmin=scale.vmin,
-                                                cmax=scale.vmax, colorbar=dict(title=dict(text="value", side="right")))
+                                                cmax=scale.vmax, colorbar=colorbar("value"))
             self.tables.layout.title.text = (f"cos/sin tables (× attention factor {rope.attention_factor:.4f}), "
                                              f"positions {positions.start}–{positions.stop - 1} of "
                                              f"{rope.num_positions}")
