@@ -64,7 +64,7 @@ def test_head_grid_thumbnails_are_the_patterns(tr):
         np.testing.assert_array_equal(image[y:y + 12, x:x + 12], Scale.probability().rgb(pooled))
     # kv groups of 2 stand apart: the gap between heads 1 and 2 is wider than between 0 and 1.
     assert grid.cell_origin(0, 2)[0] - grid.cell_origin(0, 1)[0] > grid.cell_origin(0, 1)[0] - grid.cell_origin(0, 0)[0]
-    heat = grid.figure.data[1]
+    heat = grid.figure.data[0]
     assert heat.text[1][3].startswith("layer 1 · head 3 (kv 1)")
     assert list(grid.figure.layout.yaxis.ticktext) == ["L0", "L1"]
     assert list(grid.figure.layout.xaxis.ticktext) == ["h0", "h1", "h2", "h3"]
@@ -82,7 +82,8 @@ def test_head_grid_click_opens_the_head_in_the_explorer(tr):
     assert shape.x0 < x < shape.x1 and shape.y0 < y < shape.y1
     grid.explorer.head_select.value = 0                                              # and back: the outline follows
     assert grid.selected == (1, 0) and "layer 1 · head 0" in grid.readout.value
-    grid.explorer.thumbnail_buttons[3].click()
+    grid.explorer.head_select.value = 3
+    assert grid.explorer.thumbnail_buttons == []                                     # the grid shows every head
     assert grid.selected == (1, 3)
     with pytest.raises(ValueError, match="`head` must be one of the captured query heads"):
         grid.select(0, 7)
@@ -100,7 +101,7 @@ def test_head_grid_sorts_and_annotates_by_score(tr, model):
     image, scale = grid.mosaic(), Scale.signed(values)
     x, y = grid.cell_origin(1, 0)                    # row 1, column 0 holds head 0 (0.5)
     np.testing.assert_array_equal(image[y + grid.cell + 2, x], scale.rgb(0.5))
-    assert "made up: 0.8" in grid.figure.data[1].text[1][2]                          # column 2 is head 3 now
+    assert "made up: 0.8" in grid.figure.data[0].text[1][2]                          # column 2 is head 3 now
     grid._on_click(None, types.SimpleNamespace(point_inds=[[1, 2]]), None)
     assert grid.selected == (1, 3) and "made up = 0.8" in grid.readout.value
     scores = phi3lab.analysis.head_scores(model, tr)
@@ -161,7 +162,7 @@ def test_explorer_on_a_windowed_trace_shows_what_it_holds(model, ids):
     check_static(view)
     grid = HeadGrid(windowed, explorer=False)                          # missing heads are blank, marked on hover
     assert np.isnan(grid.thumbnails[0, 0]).all() and not np.isnan(grid.thumbnails[0, 1]).any()
-    assert grid.figure.data[1].text[0][0].endswith("not captured")
+    assert grid.figure.data[0].text[0][0].endswith("not captured")
 
 
 def heat_labels(view):

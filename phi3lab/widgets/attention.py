@@ -32,7 +32,7 @@ class AttentionExplorer(View):
     Long inputs: the heatmap is a zoom window of `zoom` positions a side
     (chosen from a menu, at most `max_tokens`), small enough for its token
     labels to be legible. An overview of the whole head (block maxima, a
-    rectangle marks the window) sits beside it: click the overview to move
+    rectangle marks the window) sits above it: click the overview to move
     the window there, or step it with the "queries from" / "keys from"
     sliders (arrow keys step one position). Only the window, the overview
     and the thumbnails (all at most `thumbnail_size` cells a side) are sent
@@ -60,6 +60,8 @@ class AttentionExplorer(View):
         tokens: optional display strings, one per position (else
             `trace.tokens`, else `#id`).
         thumbnail_size: int. Thumbnail resolution in cells. Defaults to 64.
+        thumbnails: bool. Show the layer's head thumbnails (a `HeadGrid`
+            showing every head turns them off). Defaults to True.
 
     Example:
     ```python
@@ -72,7 +74,7 @@ class AttentionExplorer(View):
 
     def __init__(self, trace, batch: int = 0, *, layer: int | None = None, head: int | None = None,
                  values: str = "pattern", group_by_kv: bool = False, max_tokens: int = 256, zoom: int | None = None,
-                 tokens=None, thumbnail_size: int = 64):
+                 tokens=None, thumbnail_size: int = 64, thumbnails: bool = True):
         self.trace = trace
         self.batch = check_int("batch", batch, 0, trace.token_ids.shape[0])
         check_choice("values", values, VALUES)
@@ -116,7 +118,8 @@ class AttentionExplorer(View):
         self.values_select = widgets.ToggleButtons(options=options, value=values, style={"button_width": "auto"},
                                                    tooltips=["softmax probabilities", "scaled logits before the softmax"
                                                              ][:len(options)])
-        self.group_toggle = widgets.Checkbox(value=group_by_kv, description="group by kv head (GQA)", indent=False)
+        self.group_toggle = widgets.Checkbox(value=group_by_kv, description="group by kv head (GQA)", indent=False,
+                                             layout=widgets.Layout(display=None if thumbnails else "none"))
         self.zoom_select = widgets.Dropdown(options=zooms, value=zoom, description="Zoom",
                                             layout=widgets.Layout(width="150px"))
         self.query_slider = _window_slider("queries from", self.query_rows, zoom)
@@ -129,7 +132,7 @@ class AttentionExplorer(View):
 
         # === Thumbnails ===
         self.thumbnail_images, self.thumbnail_buttons, self._cells = [], [], []
-        for h in self.heads:
+        for h in self.heads if thumbnails else []:
             image = widgets.Image(format="png", layout=widgets.Layout(width="72px", height="72px"))
             button = widgets.Button(description=f"head {h}", tooltip=f"query head {h}, kv head {self.kv_head(h)}",
                                     layout=widgets.Layout(width="72px", height="24px", padding="0"))
@@ -143,20 +146,17 @@ class AttentionExplorer(View):
         # === Heatmap and overview ===
         self.heatmap = go.Figure(go.Heatmap(hoverongaps=False, colorbar=colorbar("")))
         self.heatmap.update_layout(**base_layout("", height=600, margin=dict(l=110, r=30, t=50, b=110)))
-        self.heatmap.update_yaxes(autorange="reversed", title="query (position token)", type="category")
-        self.heatmap.update_xaxes(title="key (position token)", type="category", tickangle=-90)
+        self.heatmap.update_yaxes(autorange="reversed", title="query (position token)", type="category",
+                                  tickfont=dict(size=11))
+        self.heatmap.update_xaxes(title="key (position token)", type="category", tickangle=-90, tickfont=dict(size=11))
         self.overview = go.Figure(go.Heatmap(hoverongaps=False, showscale=False))
         self.overview.update_layout(**base_layout("", height=300, width=300, margin=dict(l=50, r=10, t=40, b=40)))
         self.overview.update_yaxes(autorange="reversed", title="query")
         self.overview.update_xaxes(title="key")
 
         # === Tokens ===
-        self.token_buttons = []
-        for i in range(max(zooms)):
-            button = widgets.Button(layout=widgets.Layout(width="auto", height="26px", padding="0 4px", margin="1px"))
-            button.add_class("phi3lab-token")
-            button.on_click(lambda _, i=i: self.select_token(self.query_window[i]))
-            self.token_buttons.append(button)
+        self.token_buttons = []                        # one per query row of the window, made as the zoom needs
+        self.token_row = widgets.Box(layout=widgets.Layout(flex_flow="row wrap"))
         self.token_strips = widgets.HTML()
         self.token_strips.add_class("phi3lab-strips")
         self.status = widgets.HTML()
@@ -178,18 +178,19 @@ class AttentionExplorer(View):
                                                         "window)"), self.overview])
         self._overview_box.add_class("phi3lab-overview")
         self._overview_box.layout.display = None if self.windowed else "none"
-        token_row = widgets.Box(self.token_buttons, layout=widgets.Layout(flex_flow="row wrap"))
+        heatmap_box = widgets.VBox([self.heatmap], layout=widgets.Layout(width="100%"))
+        heatmap_box.add_class("phi3lab-heatmap")
         self.widget = widgets.VBox([
             widgets.HBox([self.layer_select, self.head_select, self.values_select, self.group_toggle],
                          layout=widgets.Layout(flex_flow="row wrap")),
             widgets.HBox([self.zoom_select, self.query_slider, self.key_slider],
                          layout=widgets.Layout(flex_flow="row wrap", display=None if self.windowed else "none")),
             self.status,
-            widgets.HBox([widgets.VBox([self.thumbnails, self._overview_box]),
-                          widgets.Box([self.heatmap], layout=widgets.Layout(flex="1 1 auto", min_width="0"))],
-                         layout=widgets.Layout(align_items="flex-start", width="100%")),
+            widgets.HBox([self.thumbnails, self._overview_box],
+                         layout=widgets.Layout(align_items="flex-start", flex_flow="row wrap")),
+            heatmap_box,
             widgets.HTML("<b>Tokens</b> (click one to see what it attends to and what attends to it)"),
-            token_row,
+            self.token_row,
             self.token_strips,
         ], layout=widgets.Layout(width="100%"))
         self.widget.add_class(self.css_class)
@@ -318,10 +319,17 @@ class AttentionExplorer(View):
         for slider, rows in ((self.query_slider, self.query_rows), (self.key_slider, range(self.length))):
             slider.max = max(rows.stop - zoom, rows.start)
             slider.disabled = len(rows) <= zoom
+        rows = len(self.query_window)
+        for i in range(len(self.token_buttons), rows):
+            button = widgets.Button(layout=widgets.Layout(width="auto", height="26px", padding="0 4px", margin="1px"))
+            button.add_class("phi3lab-token")
+            button.on_click(lambda _, i=i: self.select_token(self.query_window[i]))
+            self.token_buttons.append(button)
+        self.token_row.children = self.token_buttons
         for i, button in enumerate(self.token_buttons):
-            button.layout.display = None if i < len(self.query_window) else "none"
-        # About 12 pixels a row keeps every token label legible up to 64 rows.
-        self.heatmap.layout.height = int(np.clip(12 * len(self.query_window) + 170, 450, 1000))
+            button.layout.display = None if i < rows else "none"
+        # 16 pixels a row keep every token label (11 px font) legible up to 64 rows.
+        self.heatmap.layout.height = int(np.clip(16 * len(self.query_window) + 170, 450, 1200))
         self._refresh()
 
     def _refresh(self) -> None:
@@ -371,6 +379,8 @@ class AttentionExplorer(View):
             image.value = self.scale(full).png(pool_max(full, self.thumbnail_size), 72)
 
     def _arrange_thumbnails(self) -> None:
+        if not self._cells:
+            return
         cells = dict(zip(self.heads, self._cells))
         buttons = dict(zip(self.heads, self.thumbnail_buttons))
         if self.group_toggle.value:

@@ -115,16 +115,14 @@ def blank_infinite(values) -> np.ndarray:
 
 def pool_max(values, size: int) -> np.ndarray:
     """Downsample `[..., rows, cols]` to at most `size x size` by block maxima
-    (NaN-aware), so a thumbnail keeps the sharp, sparse attention peaks."""
-    values = np.asarray(values)
-    *lead, rows, cols = values.shape
-    fr, fc = -(-rows // size), -(-cols // size)
-    if fr == 1 and fc == 1:
-        return np.asarray(values, np.float32)
-    padded = np.full((*lead, -(-rows // fr) * fr, -(-cols // fc) * fc), np.nan, np.float32)
-    padded[..., :rows, :cols] = values
-    blocks = padded.reshape(*lead, padded.shape[-2] // fr, fr, padded.shape[-1] // fc, fc)
-    return np.fmax.reduce(np.fmax.reduce(blocks, axis=-1), axis=-2)
+    (NaN-aware), so a thumbnail keeps the sharp, sparse attention peaks.
+    Blocks are `ceil(n / size)` long from the start; the last may be shorter."""
+    values = np.asarray(values, np.float32)
+    for axis in (-2, -1):                         # rows first: whole contiguous rows at a time
+        factor = pool_factor(values.shape[axis], size)
+        if factor > 1:
+            values = np.fmax.reduceat(values, np.arange(0, values.shape[axis], factor), axis=axis)
+    return values
 
 
 def pool_factor(length: int, size: int) -> int:

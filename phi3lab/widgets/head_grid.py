@@ -135,26 +135,27 @@ class HeadGrid(View):
         self.readout = widgets.HTML()
         self.readout.add_class("phi3lab-grid-readout")
 
-        # === The mosaic: one image, a transparent heatmap over it for hover and clicks ===
-        self.figure = go.Figure([go.Image(source="", hoverinfo="skip"),
-                                 go.Heatmap(opacity=0, showscale=False, hoverongaps=False, xgap=0, ygap=0)])
+        # === The mosaic: one layout image, a transparent heatmap over it for hover and clicks ===
+        self.figure = go.Figure(go.Heatmap(opacity=0, showscale=False, hoverongaps=False))
         width, height = self._pixels()
-        self.figure.update_layout(**base_layout("", height=int(min(900, height * 1.0 + 110)),
-                                                margin=dict(l=60, r=20, t=70, b=40), plot_bgcolor="white"))
-        self.figure.update_xaxes(showgrid=False, zeroline=False, side="top", tickangle=0, range=[-0.5, width - 0.5])
+        shown = int(np.clip(height, 420, 800))              # small grids drawn larger, large ones at most 800 px
+        self.figure.update_layout(**base_layout("", height=shown + 100, margin=dict(l=60, r=20, t=70, b=30),
+                                                plot_bgcolor="white"))
+        self.figure.update_xaxes(showgrid=False, zeroline=False, side="top", tickangle=0, range=[-0.5, width - 0.5],
+                                 constrain="domain")
         self.figure.update_yaxes(showgrid=False, zeroline=False, autorange="reversed", scaleanchor="x",
-                                 range=[height - 0.5, -0.5])
+                                 range=[height - 0.5, -0.5], constrain="domain")
         self.score_select.observe(lambda _: self._refresh(), names="value")
         self.sort_toggle.observe(lambda _: self._refresh(), names="value")
         self._refresh()
         self.figure = go.FigureWidget(self.figure)
-        self.figure.data[1].on_click(self._on_click)
+        self.figure.data[0].on_click(self._on_click)
 
         self.explorer = None
         children = [widgets.HBox([self.score_select, self.sort_toggle]), self.readout, self.figure]
         if explorer:
             self.explorer = AttentionExplorer(trace, self.batch, layer=self.layers[0], head=self.heads[0],
-                                              tokens=tokens)
+                                              tokens=tokens, thumbnails=False)     # the grid shows every head
             for control in (self.explorer.layer_select, self.explorer.head_select):
                 control.observe(lambda _: self._follow_explorer(), names="value")
             children.append(self.explorer.widget)
@@ -171,19 +172,22 @@ class HeadGrid(View):
         return self.sort_toggle.value
 
     def head_score(self, layer: int, head: int) -> float:
-        return float(self.scores.loc[(layer, head), self.score]) if self.scores is not None else np.nan
+        return float(self._score_array()[layer, head]) if self.scores is not None else np.nan
+
+    def _score_array(self) -> np.ndarray:
+        """The chosen score as `[num_layers, num_heads]`."""
+        return self.scores[self.score].to_numpy().reshape(self.trace.num_layers, self.num_heads)
 
     def order(self) -> np.ndarray:
         """`[layers, heads]`: the query head shown in each column of each row
         (kv groups stay together; sorted by score, descending, within them)."""
         order = np.tile(np.arange(self.num_heads), (len(self.layers), 1))
         if self.sorted and self.score is not None:
-            for r, layer in enumerate(self.layers):
-                for start in range(0, self.num_heads, self.group_size):
-                    group = np.arange(start, start + self.group_size)
-                    values = np.array([self.head_score(layer, h) for h in group])
-                    order[r, start:start + self.group_size] = group[np.argsort(-np.nan_to_num(values, nan=-np.inf),
-                                                                                kind="stable")]
+            scores = np.nan_to_num(self._score_array()[self.layers], nan=-np.inf)
+            groups = scores.reshape(len(self.layers), -1, self.group_size)        # [layers, kv, group]
+            ranked = np.argsort(-groups, axis=-1, kind="stable") + np.arange(0, self.num_heads,
+                                                                               self.group_size)[:, None]
+            order = ranked.reshape(len(self.layers), self.num_heads)
         return order
 
     def cell_origin(self, row: int, column: int) -> tuple[int, int]:
@@ -237,15 +241,15 @@ class HeadGrid(View):
         image = np.full((height, width, 3), 255, np.uint8)
         order = self.order()
         rgb = Scale.probability().rgb(self.thumbnails)            # [layers, heads, cell, cell, 3]
-        bar = self._score_scale()
-        for r, layer in enumerate(self.layers):
+        scale = self._score_scale()
+        bars = None if scale is None else scale.rgb(self._score_array()[self.layers])   # [layers, heads, 3]
+        for r in range(len(self.layers)):
             for c in range(self.num_heads):
                 head = order[r, c]
                 x, y = self.cell_origin(r, c)
                 image[y:y + self.cell, x:x + self.cell] = rgb[r, head]
-                if bar is not None:
-                    image[y + self.cell + 1:y + self.cell + _BAR, x:x + self.cell] = bar.rgb(self.head_score(layer,
-                                                                                                             head))
+                if bars is not None:
+                    image[y + self.cell + 1:y + self.cell + _BAR, x:x + self.cell] = bars[r, head]
         return image
 
     def _score_scale(self) -> Scale | None:
@@ -258,24 +262,25 @@ class HeadGrid(View):
         from PIL import Image
 
         order = self.order()
+        width, height = self._pixels()
         buffer = io.BytesIO()
         Image.fromarray(self.mosaic()).save(buffer, format="PNG", optimize=True)
         source = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
         centres_x = [self.cell_origin(0, c)[0] + (self.cell - 1) / 2 for c in range(self.num_heads)]
         centres_y = [self.cell_origin(r, 0)[1] + (self.cell + _BAR - 1) / 2 for r in range(len(self.layers))]
-        hover = [[self._hover(layer, int(head)) for head in order[r]] for r, layer in enumerate(self.layers)]
-        kv = self.trace.num_key_value_heads
+        table = None if self.scores is None else self.scores.to_numpy().reshape(self.trace.num_layers,
+                                                                                 self.num_heads, -1)
+        hover = [[self._hover(layer, int(head), table) for head in order[r]] for r, layer in enumerate(self.layers)]
         with self.figure.batch_update():
-            self.figure.data[0].source = source
-            heat = self.figure.data[1]
+            self.figure.layout.images = [dict(source=source, xref="x", yref="y", x=-0.5, y=-0.5, sizex=width,
+                                              sizey=height, xanchor="left", yanchor="top", sizing="stretch",
+                                              layer="below")]
+            heat = self.figure.data[0]
             heat.z = np.zeros((len(self.layers), self.num_heads), np.float32).tolist()
             heat.x, heat.y = centres_x, centres_y
             heat.text = hover
             heat.hovertemplate = "%{text}<extra></extra>"
-            self.figure.layout.xaxis.update(
-                tickvals=centres_x, ticktext=self._column_labels(),
-                title=("rank by score within each kv group" if self.sorted else "query head")
-                + (f" · {kv} kv groups of {self.group_size}" if self.group_size > 1 else ""))
+            self.figure.layout.xaxis.update(tickvals=centres_x, ticktext=self._column_labels())
             self.figure.layout.yaxis.update(tickvals=centres_y, ticktext=[f"L{l}" for l in self.layers],
                                             title="layer")
             self.figure.layout.title.text = self.title()
@@ -286,19 +291,22 @@ class HeadGrid(View):
             return [f"#{c % self.group_size + 1}" for c in range(self.num_heads)]
         return [f"h{h}" for h in range(self.num_heads)]
 
-    def _hover(self, layer: int, head: int) -> str:
+    def _hover(self, layer: int, head: int, table: np.ndarray | None) -> str:
         text = f"layer {layer} · head {head} (kv {head // self.group_size})"
         if head not in self.heads:
             return text + "<br>not captured"
-        if self.scores is not None:
-            for name, value in self.scores.loc[(layer, head)].items():
+        if table is not None:
+            for name, value in zip(self.scores.columns, table[layer, head]):
                 text += f"<br>{escape(str(name))}: {value:.4g}"
         return text
 
     def title(self) -> str:
         rows = self.trace.query_window
         held = f"queries {rows[0]}–{rows[1] - 1}" if rows is not None else f"{self.trace.token_ids.shape[1]} positions"
-        text = f"All {len(self.layers)} × {self.num_heads} heads ({held}; block maxima, 0–1)"
+        text = f"{len(self.layers)} layers × {self.num_heads} query heads ({held}, block maxima 0–1)"
+        if self.group_size > 1:
+            text += f"<br>columns: {self.trace.num_key_value_heads} kv groups of {self.group_size}"
+            text += ", ranked by score within each" if self.sorted else ""
         if self.score is not None:
             text += f" · bar: {escape(self.score)}"
         return text
@@ -321,7 +329,7 @@ class HeadGrid(View):
     def _draw_static(self):
         image = self.mosaic()
         height, width = image.shape[:2]
-        figure = new_figure(min(14, max(6, width / 60 + 2)), min(14, max(4, height / 60 + 1.5)))
+        figure = new_figure(min(9, max(6, width / 90 + 2)), min(9, max(4, height / 90 + 1.5)))
         ax = figure.subplots()
         ax.imshow(image, interpolation="nearest")
         order = self.order()
@@ -330,7 +338,6 @@ class HeadGrid(View):
         ax.set_yticks([self.cell_origin(r, 0)[1] + self.cell / 2 for r in range(len(self.layers))],
                       [f"L{l}" for l in self.layers], fontsize=7)
         ax.xaxis.tick_top()
-        ax.set_xlabel("rank by score within each kv group" if self.sorted else "query head")
         ax.set_ylabel("layer")
         layer, head = self.selected
         row = self.layers.index(layer)
@@ -339,7 +346,7 @@ class HeadGrid(View):
 
         ax.add_patch(Rectangle((x - 1.5, y - 1.5), self.cell + 2, self.cell + _BAR + 2, fill=False,
                                edgecolor=HIGHLIGHT, linewidth=2))
-        ax.set_title(self.title().replace("&amp;", "&"), fontsize=10, loc="left")
+        ax.set_title(self.title().replace("<br>", "\n").replace("&amp;", "&"), fontsize=10, loc="left")
         if self.score is not None:
             scale = self._score_scale()
             mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(scale.vmin, scale.vmax),
