@@ -2,7 +2,6 @@
 AttentionExplorer, generation marks, and the bytes each view sends."""
 
 import base64
-import io
 import re
 import types
 
@@ -247,7 +246,8 @@ def test_token_view_attention_and_neurons_are_the_trace(tr):
 @pytest.mark.slow
 def test_payload_stays_under_budget_at_32_layers_by_32_heads():
     """A synthetic 32 x 32-head trace (random weights, small width) at T=512: the grid and the explorer
-    each send well under 2 MB, whatever the zoom; the trace's patterns alone are 1 GiB."""
+    each send well under 2 MB of data, whatever the zoom; the trace's patterns alone are 1 GiB. On top
+    comes plotly.js, which every FigureWidget carries in its state (~5 MB each): one per view here."""
     import keras
 
     keras.utils.set_random_seed(0)
@@ -257,17 +257,22 @@ def test_payload_stays_under_budget_at_32_layers_by_32_heads():
     big_tr = phi3lab.trace(big, ids, names=["blocks.*.attn.hook_pattern"])
     grid = HeadGrid(big_tr, {"random": np.random.RandomState(1).rand(32, 32)}, explorer=False)
     assert grid.cell == 18 and grid.thumbnails.shape == (32, 32, 18, 18)
-    grid_bytes = payload_bytes(grid)
     explorer = AttentionExplorer(big_tr, layer=31, head=31)
-    explorer_bytes = payload_bytes(explorer)
+    grid_bytes, explorer_bytes = payload_bytes(grid, code=False), payload_bytes(explorer, code=False)
     explorer.zoom_select.value = 256                                   # the largest window
-    widest = payload_bytes(explorer)
-    print(f"payload bytes: HeadGrid {grid_bytes}, AttentionExplorer {explorer_bytes} (zoom 64), {widest} (zoom 256)")
+    widest = payload_bytes(explorer, code=False)
+    linked = HeadGrid(big_tr)
+    code = payload_bytes(linked) - payload_bytes(linked, code=False)
+    print(f"data bytes: HeadGrid {grid_bytes}, AttentionExplorer {explorer_bytes} (zoom 64), {widest} (zoom 256), "
+          f"HeadGrid + linked explorer {payload_bytes(linked, code=False)}; widget code {code}")
     assert grid_bytes < BUDGET and explorer_bytes < BUDGET and widest < BUDGET
-    assert payload_bytes(HeadGrid(big_tr)) < 2 * BUDGET                 # grid + its linked explorer
+    assert payload_bytes(linked, code=False) < BUDGET
+    plotly_js = len(linked.figure._esm)
+    assert code >= 2 * plotly_js and code < 2.1 * plotly_js           # two FigureWidgets: grid and heatmap
     # Bounded by the window, not T: the same views over the first 256 positions send about as much.
     half = phi3lab.tracing.result.Trace({k: v[:, :, :256, :256] for k, v in big_tr.items()},
                                         token_ids=ids[:, :256], padding_mask=big_tr.padding_mask[:, :256],
                                         tokens=None, output=None, rope=None, model=big)
-    assert explorer_bytes < 1.2 * payload_bytes(AttentionExplorer(half, layer=31, head=31))
-    assert grid_bytes < 1.5 * payload_bytes(HeadGrid(half, {"random": np.zeros((32, 32))}, explorer=False))
+    assert explorer_bytes < 1.2 * payload_bytes(AttentionExplorer(half, layer=31, head=31), code=False)
+    assert grid_bytes < 1.5 * payload_bytes(HeadGrid(half, {"random": np.zeros((32, 32))}, explorer=False),
+                                            code=False)

@@ -174,14 +174,17 @@ def test_attention_zoom_window_and_overview(long_tr):
     assert view.zoom == 64 and view.windowed and not view._overview_box.layout.display
     np.testing.assert_array_equal(z_of(view.heatmap), pattern[:64, :64])
     assert sum(not b.layout.display for b in view.token_buttons) == 64
-    # The overview is the head's block maxima (600 -> 96 cells of 7 positions) with the window outlined.
-    np.testing.assert_array_equal(z_of(view.overview), pool_max(pattern, 96))
-    assert unpacked(view.overview.data[0].z).shape == (86, 86)
-    view._on_overview_click(None, types.SimpleNamespace(xs=[300.0], ys=[500.0]), None)   # click centres the window
+    # The overview is the head's block maxima (600 -> 86 cells of 7 positions, 3 pixels each), window boxed.
+    image = view.overview_image()
+    assert image.shape == (258, 258, 3)
+    np.testing.assert_array_equal(image[1::3, 1::3][20:, 20:], Scale.probability().rgb(pool_max(pattern, 96))[20:, 20:])
+    view.move_window(500, 300)                                             # centre the window there
     assert view.query_window == range(468, 532) and view.key_window == range(268, 332)
     np.testing.assert_array_equal(z_of(view.heatmap), pattern[468:532, 268:332])
-    rect = view.overview.layout.shapes[0]
-    assert (rect.x0, rect.x1, rect.y0, rect.y1) == (267.5, 331.5, 467.5, 531.5)
+    image = view.overview_image()
+    orange = (image == [255, 127, 14]).all(-1)
+    rows, cols = np.flatnonzero(orange.any(1)), np.flatnonzero(orange.any(0))
+    assert (rows[0], rows[-1], cols[0], cols[-1]) == (468 // 7 * 3, -(-532 // 7) * 3 - 1, 268 // 7 * 3, -(-332 // 7) * 3 - 1)
     view.zoom_select.value = 16                                            # zoom in: smaller window, same start
     assert view.query_window == range(468, 484) and z_of(view.heatmap).shape == (16, 16)
     assert sum(not b.layout.display for b in view.token_buttons) == 16

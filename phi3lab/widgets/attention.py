@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import ipywidgets as widgets
+import matplotlib
 import numpy as np
 import plotly.graph_objects as go
 
@@ -31,10 +34,11 @@ class AttentionExplorer(View):
 
     Long inputs: the heatmap is a zoom window of `zoom` positions a side
     (chosen from a menu, at most `max_tokens`), small enough for its token
-    labels to be legible. An overview of the whole head (block maxima, a
-    rectangle marks the window) sits above it: click the overview to move
-    the window there, or step it with the "queries from" / "keys from"
-    sliders (arrow keys step one position). Only the window, the overview
+    labels to be legible. An overview of the whole head (block maxima, an
+    orange box marks the window) sits above it; step the window with the
+    "queries from" / "keys from" sliders (arrow keys step one position) or
+    `move_window`. The overview is a PNG, not a plot: every plotly
+    FigureWidget ships plotly.js (~5 MB) with its state. Only the window, the overview
     and the thumbnails (all at most `thumbnail_size` cells a side) are sent
     to the browser, whatever the input's length.
 
@@ -149,10 +153,8 @@ class AttentionExplorer(View):
         self.heatmap.update_yaxes(autorange="reversed", title="query (position token)", type="category",
                                   tickfont=dict(size=11))
         self.heatmap.update_xaxes(title="key (position token)", type="category", tickangle=-90, tickfont=dict(size=11))
-        self.overview = go.Figure(go.Heatmap(hoverongaps=False, showscale=False))
-        self.overview.update_layout(**base_layout("", height=300, width=300, margin=dict(l=50, r=10, t=40, b=40)))
-        self.overview.update_yaxes(autorange="reversed", title="query")
-        self.overview.update_xaxes(title="key")
+        self.overview = widgets.Image(format="png", layout=widgets.Layout(width="auto", height="auto"))
+        self.overview_title = widgets.HTML()
 
         # === Tokens ===
         self.token_buttons = []                        # one per query row of the window, made as the zoom needs
@@ -173,9 +175,7 @@ class AttentionExplorer(View):
         self._refresh_thumbnails()
         self._resize_window()
         self.heatmap = live(self.heatmap, self._on_cell_click)
-        self.overview = live(self.overview, self._on_overview_click)
-        self._overview_box = widgets.VBox([widgets.HTML("<b>Overview</b> (block maxima; click to move the zoom "
-                                                        "window)"), self.overview])
+        self._overview_box = widgets.VBox([self.overview_title, self.overview])
         self._overview_box.add_class("phi3lab-overview")
         self._overview_box.layout.display = None if self.windowed else "none"
         heatmap_box = widgets.VBox([self.heatmap], layout=widgets.Layout(width="100%"))
@@ -304,10 +304,6 @@ class AttentionExplorer(View):
         if points.ys:
             self.select_token(int(str(points.ys[0]).split(" ", 1)[0]))
 
-    def _on_overview_click(self, trace, points, state):
-        if points.xs:
-            self.move_window(int(round(points.ys[0])), int(round(points.xs[0])))
-
     # === Rendering ===
     _holding = False
 
@@ -354,22 +350,32 @@ class AttentionExplorer(View):
         self._refresh_highlight()
         self._refresh_status()
 
-    def _refresh_overview(self) -> None:
+    def overview_image(self) -> np.ndarray:
+        """The overview as uint8 RGB: block maxima of the held rows (at most
+        96 cells a side, each drawn `pixels` wide), the zoom window boxed."""
         full = self.head_values(self.layer, self.head)
         pooled = pool_max(full, 96)
         fr, fc = pool_factor(full.shape[0], 96), pool_factor(full.shape[1], 96)
+        pixels = max(1, 288 // max(pooled.shape))
+        image = np.repeat(np.repeat(self.scale(full).rgb(pooled), pixels, 0), pixels, 1)
         q, k = self.query_window, self.key_window
-        with self.overview.batch_update():
-            heat = self.overview.data[0]
-            heat.z = packed(pooled)
-            heat.x0, heat.dx = (fc - 1) / 2, fc
-            heat.y0, heat.dy = self.query_rows.start + (fr - 1) / 2, fr
-            heat.update(**self.scale(full).plotly())
-            heat.hovertemplate = (f"queries from %{{y:.0f}} (±{fr // 2})<br>keys from %{{x:.0f}} (±{fc // 2})<br>"
-                                  f"block max %{{z:.3g}}<extra></extra>")
-            self.overview.layout.title.text = f"head {self.head}: {full.shape[0]} × {full.shape[1]}"
-            self.overview.layout.shapes = [dict(type="rect", x0=k.start - 0.5, x1=k.stop - 0.5, y0=q.start - 0.5,
-                                                y1=q.stop - 0.5, line=dict(color=HIGHLIGHT, width=2))]
+        top = (q.start - self.query_rows.start) // fr * pixels
+        bottom = min(image.shape[0], -(-(q.stop - self.query_rows.start) // fr) * pixels) - 1
+        left, right = k.start // fc * pixels, min(image.shape[1], -(-k.stop // fc) * pixels) - 1
+        box = np.round(np.array(matplotlib.colors.to_rgb(HIGHLIGHT)) * 255).astype(np.uint8)
+        image[top:bottom + 1, [left, right]] = box
+        image[[top, bottom], left:right + 1] = box
+        return image
+
+    def _refresh_overview(self) -> None:
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(self.overview_image()).save(buffer, format="PNG")
+        self.overview.value = buffer.getvalue()
+        held = self.head_values(self.layer, self.head).shape
+        self.overview_title.value = (f"<b>Overview</b> of head {self.head}: {held[0]} × {held[1]} (block maxima; "
+                                     "the box is the zoom window)")
 
     def _refresh_thumbnails(self) -> None:
         if self._holding:
@@ -479,7 +485,7 @@ class AttentionExplorer(View):
         self.status.value = f"<span class='phi3lab-status-text'>{text}</span>"
 
     def _figures(self):
-        return [self.heatmap, self.overview] if self.windowed else [self.heatmap]
+        return [self.heatmap]
 
     def _draw_static(self):
         heads = len(self.heads)

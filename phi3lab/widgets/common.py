@@ -290,7 +290,7 @@ def unpacked(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def payload_bytes(view) -> int:
+def payload_bytes(view, code: bool = True) -> int:
     """Bytes of widget state a view (or widget) sends to the browser when
     displayed now: the JSON of every widget model it reaches, binary buffers
     base64-encoded, as `ipywidgets.embed` saves them into a notebook.
@@ -298,6 +298,9 @@ def payload_bytes(view) -> int:
     A plotly FigureWidget's synced state holds its data as first built and
     sends later edits as messages; it is counted with its current data and
     layout instead, which is what a browser displaying it now receives.
+    With `code=True`, the JavaScript each anywidget-based model carries in
+    its state (`_esm`, `_css`: plotly.js, ~5 MB per FigureWidget) is
+    counted too; `code=False` counts the data alone.
     """
     from ipywidgets import embed
     from ipywidgets.widgets.widget import _instances
@@ -305,10 +308,13 @@ def payload_bytes(view) -> int:
     widget = getattr(view, "widget", view)
     state = embed.dependency_state([widget], drop_defaults=True)
     for model_id, entry in state.items():
-        figure = _instances.get(model_id)
-        if isinstance(figure, go.FigureWidget):
-            entry["state"]["_widget_data"] = figure._data
-            entry["state"]["_widget_layout"] = figure._layout
+        instance = _instances.get(model_id)
+        if isinstance(instance, go.FigureWidget):
+            entry["state"]["_widget_data"] = instance._data
+            entry["state"]["_widget_layout"] = instance._layout
+        for trait in ("_esm", "_css"):
+            if trait in entry["state"] or (code and instance is not None and instance.has_trait(trait)):
+                entry["state"][trait] = str(getattr(instance, trait)) if code else ""
     return len(json.dumps(state, separators=(",", ":"), default=_json_default).encode())
 
 

@@ -108,7 +108,7 @@ class HeadGrid(View):
         self.batch = check_int("batch", batch, 0, trace.token_ids.shape[0])
         self.num_heads = trace.num_query_heads
         self.group_size = trace.num_query_heads // trace.num_key_value_heads
-        self.layers = [l for l in range(trace.num_layers) if block_name(l, "attn.hook_pattern") in trace]
+        self.layers = [layer for layer in range(trace.num_layers) if block_name(layer, "attn.hook_pattern") in trace]
         if not self.layers:
             raise KeyError("HeadGrid needs 'blocks.*.attn.hook_pattern' for at least one layer. Capture it with "
                            "phi3lab.trace(model, ids, names=['blocks.*.attn.hook_pattern']).")
@@ -281,7 +281,7 @@ class HeadGrid(View):
             heat.text = hover
             heat.hovertemplate = "%{text}<extra></extra>"
             self.figure.layout.xaxis.update(tickvals=centres_x, ticktext=self._column_labels())
-            self.figure.layout.yaxis.update(tickvals=centres_y, ticktext=[f"L{l}" for l in self.layers],
+            self.figure.layout.yaxis.update(tickvals=centres_y, ticktext=[f"L{layer}" for layer in self.layers],
                                             title="layer")
             self.figure.layout.title.text = self.title()
         self._refresh_selection()
@@ -336,7 +336,7 @@ class HeadGrid(View):
         ax.set_xticks([self.cell_origin(0, c)[0] + (self.cell - 1) / 2 for c in range(self.num_heads)],
                       self._column_labels(), fontsize=7)
         ax.set_yticks([self.cell_origin(r, 0)[1] + self.cell / 2 for r in range(len(self.layers))],
-                      [f"L{l}" for l in self.layers], fontsize=7)
+                      [f"L{layer}" for layer in self.layers], fontsize=7)
         ax.xaxis.tick_top()
         ax.set_ylabel("layer")
         layer, head = self.selected

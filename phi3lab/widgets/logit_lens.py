@@ -183,7 +183,7 @@ class LogitLensView(View):
             self.grid,
             widgets.HBox([self.answer_box, self.message]),
             self.curve,
-        ])
+        ], layout=widgets.Layout(width="100%"))
         self.widget.add_class(self.css_class)
 
     # === State ===

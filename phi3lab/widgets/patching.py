@@ -70,7 +70,7 @@ class PatchingView(View):
         self.heatmap.update_yaxes(title=row_label, type="category", autorange="reversed")
         self.readout = widgets.HTML("<i>Click a cell for its value.</i>")
         self.heatmap = live(self.heatmap, self._on_click)
-        self.widget = widgets.VBox([self.heatmap, self.readout])
+        self.widget = widgets.VBox([self.heatmap, self.readout], layout=widgets.Layout(width="100%"))
         self.widget.add_class(self.css_class)
 
     @classmethod

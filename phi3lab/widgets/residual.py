@@ -107,7 +107,7 @@ class ResidualStreamView(View):
             widgets.HBox([self.component_select, self.position_slider, self.window_slider]),
             self.heatmap,
             widgets.HBox([self.lines, self.table], layout=widgets.Layout(align_items="flex-start")),
-        ])
+        ], layout=widgets.Layout(width="100%"))
         self.widget.add_class(self.css_class)
 
     @property

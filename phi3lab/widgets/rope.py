@@ -95,7 +95,7 @@ class RopeView(View):
         self.frequencies.update_yaxes(type="log", title="radians per token", row=1, col=1)
         self.frequencies.update_yaxes(type="log", title="tokens", row=1, col=2)
         self.frequencies.update_xaxes(title="dimension pair i (dims i, i + head_dim/2)")
-        self.frequencies.update_layout(**base_layout("", height=400, plot_bgcolor="white",
+        self.frequencies.update_layout(**base_layout("", height=400, width=1000, plot_bgcolor="white",
                                                      margin=dict(l=70, r=20, t=90, b=60)),
                                        legend=dict(x=0.56, y=0.98, bgcolor="rgba(255,255,255,0.8)"))
         self.factors = make_subplots(
@@ -108,7 +108,7 @@ class RopeView(View):
         self.factors.update_xaxes(title="dimension pair", row=1, col=1)
         self.factors.update_yaxes(title="factor", row=1, col=1)
         self.factors.update_xaxes(title="positions (log)", type="log", row=1, col=2)
-        self.factors.update_layout(**base_layout("", height=380, plot_bgcolor="white", barmode="group",
+        self.factors.update_layout(**base_layout("", height=380, width=1000, plot_bgcolor="white", barmode="group",
                                                  margin=dict(l=70, r=20, t=90, b=60)),
                                    legend=dict(x=0.01, y=0.98, bgcolor="rgba(255,255,255,0.8)"))
         self.tables = make_subplots(rows=1, cols=2, subplot_titles=("cos", "sin"), shared_yaxes=True,
@@ -118,7 +118,7 @@ class RopeView(View):
                                     hovertemplate=f"position %{{y}}<br>dim %{{x}}<br>{name} %{{z:.4f}}<extra></extra>")
             self.tables.update_xaxes(title="head dimension", row=1, col=col)
         self.tables.update_yaxes(title="position", autorange="reversed", row=1, col=1)
-        self.tables.update_layout(**base_layout("", height=460, margin=dict(l=70, r=20, t=90, b=60)))
+        self.tables.update_layout(**base_layout("", height=460, width=1000, margin=dict(l=70, r=20, t=90, b=60)))
 
         self.length_box.observe(self._on_length, names="value")
         self.window_slider.observe(lambda _: self._refresh_tables(), names="value")

@@ -171,7 +171,8 @@ class TokenView(View):
                 background, text, shown = BLANK, "#000000", "no value"
             classes = "phi3lab-tok" + (" generated" if self._generated(p) else "") + \
                 (" selected" if p == self.selected else "")
-            tip = f"{p} {escape(token)} · {escape(self.label)}: {shown}" + (" · generated" if self._generated(p) else "")
+            tip = f"{p} {escape(token)} · {escape(self.label)}: {shown}"
+            tip += " · generated" if self._generated(p) else ""
             spans.append(f'<span class="{classes}" data-position="{p}" data-value="{value:.6g}" '
                          f'style="background:{background};color:{text}">{escape(token)}'
                          f'<span class="phi3lab-tip">{tip}</span></span>')

@@ -1,6 +1,8 @@
 """Constants and helpers of the browser tests (the fixtures are in conftest.py)."""
 
+import json
 import os
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,21 +30,34 @@ def require_chromium():
 
 
 def shot(locator, name: str) -> Path:
+    """Screenshot `locator` once every visible plot in it has drawn its
+    traces (plotly draws a plot when it first comes on screen)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
     locator.scroll_into_view_if_needed()
+    locator.page.wait_for_function(
+        """el => [...el.querySelectorAll('.js-plotly-plot')].filter(p => p.offsetParent !== null).every(
+             p => p.querySelector('g.trace, g.hm, g.imagelayer image'))""",
+        arg=locator.element_handle(), timeout=60_000)
     locator.page.mouse.move(0, 0)                                   # no hover toolbar over the titles
     locator.screenshot(path=str(path), animations="disabled")
     return path
 
 
-
-
 def open_and_run(lab, page, notebook: str) -> float:
-    """Open `notebook`, wait for its kernel, start "run all" (not awaited);
-    returns the page's clock (ms since epoch) when run-all was issued."""
+    """Open `notebook` in a fresh workspace of its own (kernels of earlier
+    tests shut down, so no other notebook's widgets are restored), wait for
+    its kernel, start "run all" (not awaited); returns the page's clock (ms
+    since epoch) when run-all was issued."""
     base, token = lab
-    page.goto(f"{base}/lab/tree/{notebook}?token={token}")
+    auth = {"Authorization": f"token {token}"}
+    with urllib.request.urlopen(urllib.request.Request(f"{base}/api/sessions", headers=auth)) as reply:
+        sessions = json.load(reply)
+    for session in sessions:
+        urllib.request.urlopen(urllib.request.Request(f"{base}/api/sessions/{session['id']}", headers=auth,
+                                                      method="DELETE"))
+    workspace = Path(notebook).stem
+    page.goto(f"{base}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={token}")
     page.wait_for_function(KERNEL_READY, timeout=90_000)
     return page.evaluate("() => { const t = Date.now(); jupyterapp.commands.execute('notebook:run-all-cells'); "
                          "return t; }")

@@ -18,7 +18,7 @@ import shutil
 import time
 
 import pytest
-from lab_helpers import ARTIFACTS, DOCS_IMAGES, shot
+from lab_helpers import ARTIFACTS, DOCS_IMAGES, KERNEL_READY, check_clean, open_and_run, shot
 
 NOTEBOOK = "views_demo.ipynb"
 # The one screenshot per view that documents it.
@@ -52,16 +52,18 @@ def _drive(lab, page):
     explorer = page.locator(".phi3lab-attention")
     image = explorer.locator(".phi3lab-heatmap .js-plotly-plot g.hm image")
     title = explorer.locator(".phi3lab-heatmap .js-plotly-plot .gtitle")
-    expect(image).to_be_attached(timeout=120_000)
-    mark("explorer rendered")
     for selector in VIEWS.values():                                 # every cell ran and rendered
-        expect(page.locator(f"{selector} .js-plotly-plot").first).to_be_attached(timeout=120_000)
+        expect(page.locator(f"{selector} .js-plotly-plot").first).to_be_attached(timeout=180_000)
     mark("all views rendered")
+    page.wait_for_function(KERNEL_READY, timeout=120_000)          # idle: widgets answer clicks
+    explorer.locator(".phi3lab-heatmap").scroll_into_view_if_needed()   # plotly draws a plot once on screen
+    expect(image).to_be_attached(timeout=60_000)
+    mark("explorer drawn")
     expect(title).to_have_text("Layer 0 · head 0 (kv head 0): attention pattern (probability)")
     ticks = explorer.locator(".phi3lab-heatmap .js-plotly-plot .ytick text")
     expect(ticks).to_have_count(15)
     expect(ticks.filter(has_text=re.compile(r"^0 <s>$"))).to_have_count(1)                 # token labels
-    expect(explorer.locator(".phi3lab-heatmap .js-plotly-plot .cbtitle")).to_have_text("probability")        # colour bar
+    expect(explorer.locator(".phi3lab-heatmap .js-plotly-plot .cbtitle")).to_have_text("probability")   # colour bar
     expect(explorer.locator(".phi3lab-thumbnail")).to_have_count(4)
     paths = {"attention_explorer": shot(explorer, "attention_explorer")}
     mark("first screenshot")
