@@ -141,21 +141,22 @@ def test_explorer_on_a_windowed_trace_shows_what_it_holds(model, ids):
     view = AttentionExplorer(windowed, zoom=16)
     assert view.layers == [1] and [h for _, h in view.head_select.options] == [1, 3]
     assert len(view.thumbnail_buttons) == 2 and view.query_window == range(10, 20)
-    np.testing.assert_array_equal(unpacked(view.heatmap.data[0].z), windowed.attention(1, 1)[0, :, :16])
+    assert view.key_window == range(8, 24)                  # keys start on the diagonal (clamped at the end)
+    np.testing.assert_array_equal(unpacked(view.heatmap.data[0].z), windowed.attention(1, 1)[0, :, 8:24])
     np.testing.assert_allclose(windowed.attention(1, 1)[0], full.attention(1, 1)[0, 10:20], atol=1e-6)  # rows 10-19
     assert heat_labels(view)[0] == "10 "
     assert "only queries 10–19 were captured" in view.status.value
     assert "only heads [1, 3] of 4" in view.status.value
     view.head_select.value = 3
-    np.testing.assert_array_equal(unpacked(view.heatmap.data[0].z), windowed.attention(1, 3)[0, :, :16])
+    np.testing.assert_array_equal(unpacked(view.heatmap.data[0].z), windowed.attention(1, 3)[0, :, 8:24])
     view.select_token(3)                              # a key outside the held rows: only its column is shown
     weights = [float(w) for w in re.findall(r'data-weight="([^"]+)"', view.token_strips.value)]
-    np.testing.assert_allclose(weights, windowed.attention(1, 3)[0, :, 3], rtol=1e-5)
+    np.testing.assert_allclose(weights, windowed.attention(1, 3)[0, :, 3], rtol=1e-5)      # column 3, rows 10-19
     assert "its row was not captured" in view.token_strips.value
     view.values_select.value = "scores"
     scores = windowed["blocks.1.attn.hook_attn_scores"][0, 1]
     z = unpacked(view.heatmap.data[0].z)
-    np.testing.assert_array_equal(np.isnan(z), np.isneginf(scores[:, :16]))
+    np.testing.assert_array_equal(np.isnan(z), np.isneginf(scores[:, 8:24]))
     with pytest.raises(ValueError, match=r"`head` must be one of the captured query heads \[1, 3\]"):
         AttentionExplorer(windowed, head=0)
     check_static(view)

@@ -128,6 +128,8 @@ class AttentionExplorer(View):
                                             layout=widgets.Layout(width="150px"))
         self.query_slider = _window_slider("queries from", self.query_rows, zoom)
         self.key_slider = _window_slider("keys from", range(self.length), zoom)
+        # Keys start on the diagonal of the held rows (a query window of a long input attends near itself).
+        self.key_slider.value = _window(self.query_rows.start, zoom, range(self.length)).start
         for control, css in ((self.layer_select, "phi3lab-layer"), (self.head_select, "phi3lab-head"),
                              (self.values_select, "phi3lab-values"), (self.group_toggle, "phi3lab-gqa"),
                              (self.zoom_select, "phi3lab-zoom"), (self.query_slider, "phi3lab-query-slider"),

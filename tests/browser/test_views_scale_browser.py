@@ -91,7 +91,8 @@ def _drive(lab, page):
     explorer = grid.locator(".phi3lab-attention")
     title = explorer.locator(".phi3lab-heatmap .js-plotly-plot .gtitle").first
     heat = explorer.locator(".phi3lab-heatmap .js-plotly-plot g.hm image").first
-    expect(mosaic).to_be_attached(timeout=180_000)
+    grid.scroll_into_view_if_needed()                                               # plots draw on screen
+    expect(mosaic).to_be_attached(timeout=120_000)
     expect(heat).to_be_attached(timeout=60_000)
     mark("grid rendered")
     expect(title).to_have_text("Layer 2 · head 0 (kv head 0): attention pattern (probability)", timeout=30_000)
@@ -148,7 +149,7 @@ def _drive(lab, page):
     expect(ticks).to_have_count(32)                                                # zoom 32: every label shown
     expect(ticks.filter(has_text=re.compile(r"^236 "))).to_have_count(1)
     expect(windowed.locator(".phi3lab-thumbnail")).to_have_count(2)
-    expect(windowed.locator(".phi3lab-overview .js-plotly-plot")).to_be_visible()
+    expect(windowed.locator(".phi3lab-overview img")).to_be_visible()
     paths["attention_explorer_windowed"] = shot(windowed, "attention_explorer_windowed")
     mark("windowed explorer")
 
