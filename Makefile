@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NOTEBOOK ?= notebooks/attention_explorer.ipynb
+PORT ?= 8888
+IP ?= 127.0.0.1
+LAB_ARGS ?=
+CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: lab test install browser clean
 
@@ -18,15 +22,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian's Chromium for the browser tests (never a browser download).
+# Debian's Chromium for the browser tests (never a browser download). Without it
+# (not root, no apt-get, offline) the browser tests skip, naming this command.
 browser:
-	@if [ -x /usr/bin/chromium ]; then :; \
+	@if [ -x $(CHROMIUM) ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	else echo "note: /usr/bin/chromium missing; browser tests will be skipped (run: sudo apt-get install chromium)"; fi
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "note: could not install chromium with apt-get; browser tests will be skipped"; \
+	else echo "note: $(CHROMIUM) missing; browser tests will be skipped (run: sudo apt-get install chromium)"; fi
 
+# JupyterLab on the front-door notebook, on $(IP):$(PORT), for whoever runs it: as
+# root (containers, cloud VMs) it adds --allow-root; without a display it opens no
+# browser and prints where to point one. More JupyterLab options: LAB_ARGS="...".
 lab: $(STAMP)
-	$(BIN)/jupyter lab $(NOTEBOOK)
+	@token="$${JUPYTER_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))')}"; \
+	args="--ip=$(IP) --port=$(PORT) --ServerApp.port_retries=0"; \
+	if [ "$$(id -u)" = 0 ]; then args="$$args --allow-root"; fi; \
+	if [ "$$(uname -s)" = Linux ] && [ -z "$$DISPLAY$$WAYLAND_DISPLAY" ]; then \
+		args="$$args --no-browser"; open="No display here: open this URL in a browser"; \
+	else open="Opening it in your browser; or open this URL"; fi; \
+	echo; echo "  JupyterLab on $(NOTEBOOK). $$open:"; \
+	echo; echo "      http://127.0.0.1:$(PORT)/lab/tree/$(notdir $(NOTEBOOK))?token=$$token"; \
+	echo; echo "  Ctrl-C stops it. Port $(PORT) taken? make lab PORT=8890"; echo; \
+	JUPYTER_TOKEN="$$token" exec $(BIN)/jupyter lab $$args $(LAB_ARGS) $(NOTEBOOK)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -rs --timeout=900 tests --nbmake notebooks --nbmake-timeout=300; rc=$$?; \

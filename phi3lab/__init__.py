@@ -4,23 +4,25 @@ from phi3lab._backend import select_jax_backend
 
 select_jax_backend()
 
-from phi3lab import analysis, sharding, widgets  # noqa: E402
-from phi3lab.generate import generate  # noqa: E402
+from phi3lab import analysis, hooks, sharding, tracing, widgets  # noqa: E402
+from phi3lab.generation import generate  # noqa: E402
 from phi3lab.model import Phi3Backbone  # noqa: E402
+from phi3lab.parity import compare_with_transformers  # noqa: E402
 from phi3lab.tokenizer import Phi3Tokenizer  # noqa: E402
 from phi3lab.tracing import Trace, estimate, trace  # noqa: E402
-from phi3lab.tracing import hooks  # noqa: E402
 
 __all__ = [
     "Phi3Backbone",
     "Phi3Tokenizer",
     "Trace",
     "analysis",
+    "compare_with_transformers",
     "estimate",
     "generate",
     "hooks",
     "sharding",
     "trace",
+    "tracing",
     "widgets",
 ]
 __version__ = "0.1.0"

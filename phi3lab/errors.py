@@ -27,17 +27,3 @@ def close_matches(word: str, options: Iterable[str], n: int = 5) -> str:
     if not near:
         near = options[:n]
     return ", ".join(repr(o) for o in near)
-
-
-def check_positive_int(name: str, value) -> int:
-    """Return `value` if it is a positive Python/NumPy integer, else raise."""
-    import numbers
-
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"`{name}` must be a positive integer; received {name}={value!r} "
-            f"of type {type(value).__name__}."
-        )
-    if value <= 0:
-        raise bad_argument(name, value, "a positive integer")
-    return int(value)

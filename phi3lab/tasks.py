@@ -6,65 +6,120 @@ held-out examples from the same generators:
 
 * repeated random word sequences (induction heads), with varied periods;
 * name-mover sentences: "When Mary and John went to the store, John gave a
-  drink to" -> " Mary" (indirect object identification);
+  drink to" -> " Mary" (indirect object identification), in both orders
+  (the repeated name can be introduced first or second), several templates,
+  with distractor names, and with held-out names and a held-out template;
 * short chat turns in Phi-3's format.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
-TRAIN_NAMES = (
-    "Mary John Alice Bob Sarah James Emma David Laura Peter Anna Mark Julia "
-    "Paul Kate Tom Lucy Sam Nora Eric Grace Henry Ivy Jack Rose Adam Clara "
-    "Leo Mia Oscar Ruth Victor Zoe Hugo Ella Felix Iris Owen Vera Max"
-).split()
-HELD_OUT_NAMES = "Diana Frank Helen Ben Olivia Carl Sophie Dan Irene Luke".split()
-PLACES = "store park school office market station library garden beach cafe".split()
-OBJECTS = "drink book ball letter gift key phone ticket flower cake".split()
+from phi3lab.errors import bad_argument
+
+TRAIN_NAMES = ["Mary", "John", "Alice", "Bob", "Sarah", "James", "Emma", "David", "Laura", "Peter", "Anna", "Mark", "Julia", "Paul", "Kate", "Tom", "Lucy", "Sam", "Nora", "Eric", "Grace", "Henry", "Ivy", "Jack", "Rose", "Adam", "Clara", "Leo", "Mia", "Oscar", "Ruth", "Victor", "Zoe", "Hugo", "Ella", "Felix", "Iris", "Owen", "Vera", "Max"]
+HELD_OUT_NAMES = ["Diana", "Frank", "Helen", "Ben", "Olivia", "Carl", "Sophie", "Dan", "Irene", "Luke"]
+PLACES = ["store", "park", "school", "office", "market", "station", "library", "garden", "beach", "cafe"]
+OBJECTS = ["drink", "book", "ball", "letter", "gift", "key", "phone", "ticket", "flower", "cake"]
 VERBS = ("gave", "handed", "passed", "sent", "showed")
+# `{a}` and `{b}` are introduced in this order; `{s}` is the subject named
+# again (the repeated name) and the answer is the other one.
 TEMPLATES = (
-    "When {a} and {b} went to the {place}, {b} {verb} a {obj} to",
-    "After {a} and {b} arrived at the {place}, {b} {verb} a {obj} to",
-    "Then {a} and {b} walked to the {place}, and {b} {verb} the {obj} to",
+    "When {a} and {b} went to the {place}, {s} {verb} a {obj} to",
+    "After {a} and {b} arrived at the {place}, {s} {verb} a {obj} to",
+    "Then {a} and {b} walked to the {place}, and {s} {verb} the {obj} to",
+    "{a} and {b} were at the {place}. {s} {verb} a {obj} to",
+    "While {a} and {b} were working at the {place}, {s} {verb} the {obj} to",
 )
-WORDS = (
-    "red blue green river stone cloud apple window seven orange paper glass "
-    "music light table dream silver north winter coffee bridge horse candle "
-    "forest mirror rocket pencil garden ocean thunder valley yellow copper "
-    "lemon tiger purple castle desert island planet violin marble spider"
-).split()
+# Kept out of every training sentence: its structure (place first, names
+# after it) is new, its words are not.
+HELD_OUT_TEMPLATES = ("At the {place}, {a} and {b} were working, and {s} {verb} a {obj} to",)
+# Distractors put more repeated names in front of the pair, so the answer is
+# still the only name that occurs once, but neither "the first name" nor
+# "not the last name" finds it.
+DISTRACTORS = (
+    "{c} was at home, and {c} was tired. ",
+    "{s} and {c} talked, and {c} left. ",
+)
+ORDERS = ("ABBA", "BABA")
+WORDS = ["red", "blue", "green", "river", "stone", "cloud", "apple", "window", "seven", "orange", "paper", "glass", "music", "light", "table", "dream", "silver", "north", "winter", "coffee", "bridge", "horse", "candle", "forest", "mirror", "rocket", "pencil", "garden", "ocean", "thunder", "valley", "yellow", "copper", "lemon", "tiger", "purple", "castle", "desert", "island", "planet", "violin", "marble", "spider"]
 
 
 @dataclasses.dataclass(frozen=True)
 class NameMoverPrompt:
     """A prompt whose correct next word is `answer` (the indirect object),
     with `counterfactual` the subject named twice. Both are bare names; their
-    token ids come from `name_token(tokenizer, name)`."""
+    token ids come from `name_token(tokenizer, name)`. `order` is "ABBA" when
+    the answer is introduced first, "BABA" when the repeated name is;
+    `distractor` is the index into `DISTRACTORS` or -1."""
 
     text: str
     answer: str
     counterfactual: str
+    order: str = "ABBA"
+    template: str = ""
+    distractor: int = -1
+
+    def corrupted(self) -> str:
+        """The same prompt with the two names swapped, so the answer flips."""
+        swap = {self.answer: self.counterfactual, self.counterfactual: self.answer}
+        return " ".join(_swap_word(word, swap) for word in self.text.split(" "))
 
 
-def name_mover_prompts(count: int, seed: int = 0, names=HELD_OUT_NAMES) -> list[NameMoverPrompt]:
+def _swap_word(word: str, swap: dict[str, str]) -> str:
+    stem = word.rstrip(".,")
+    return swap.get(stem, stem) + word[len(stem):]
+
+
+def name_mover_prompts(
+    count: int,
+    seed: int = 0,
+    names: Sequence[str] = HELD_OUT_NAMES,
+    templates: Sequence[str] = TEMPLATES,
+    orders: Sequence[str] = ORDERS,
+    distractor_rate: float = 0.0,
+) -> list[NameMoverPrompt]:
     """`count` name-mover prompts using `names` (held-out ones by default).
 
+    Args:
+        count: number of prompts.
+        seed: seed of the generator.
+        names: the names to draw from (at least 2, or 3 with distractors).
+        templates: format strings with `{a}`, `{b}`, `{s}`, `{place}`,
+            `{verb}`, `{obj}`.
+        orders: the orders to draw from: "ABBA" (the answer is named first,
+            the subject second) and/or "BABA" (the subject is named first).
+        distractor_rate: probability of a distractor sentence in front.
+
     Example:
-    >>> name_mover_prompts(1, names=("Mary", "John"))[0].text[:21]
-    'When Mary and John we'
+    >>> prompt = name_mover_prompts(1, names=("Mary", "John"), orders=("ABBA",))[0]
+    >>> prompt.text.startswith(f"When {prompt.answer} and {prompt.counterfactual}")
+    True
     """
+    bad = [order for order in orders if order not in ORDERS]
+    if bad or not orders:
+        raise bad_argument("orders", orders, f"a non-empty sequence of {ORDERS}")
+    if len(set(names)) < (3 if distractor_rate > 0 else 2):
+        raise bad_argument("names", names, "at least 2 distinct names (3 with distractors)")
     rng = np.random.default_rng(seed)
     prompts = []
     for _ in range(count):
-        a, b = rng.choice(names, 2, replace=False)
-        template = TEMPLATES[rng.integers(len(TEMPLATES))]
-        text = template.format(
-            a=a, b=b, place=rng.choice(PLACES), verb=rng.choice(VERBS), obj=rng.choice(OBJECTS)
-        )
-        prompts.append(NameMoverPrompt(text, str(a), str(b)))
+        picked = [str(name) for name in rng.choice(names, 3 if distractor_rate > 0 else 2, replace=False)]
+        answer, subject, third = (picked + [""])[:3]
+        order = str(orders[rng.integers(len(orders))])
+        template = str(templates[rng.integers(len(templates))])
+        first, second = (answer, subject) if order == "ABBA" else (subject, answer)
+        fields = {"place": rng.choice(PLACES), "verb": rng.choice(VERBS), "obj": rng.choice(OBJECTS)}
+        text = template.format(a=first, b=second, s=subject, **fields)
+        distractor = -1
+        if distractor_rate > 0 and rng.random() < distractor_rate:
+            distractor = int(rng.integers(len(DISTRACTORS)))
+            text = DISTRACTORS[distractor].format(c=third, s=subject) + text
+        prompts.append(NameMoverPrompt(text, answer, subject, order, template, distractor))
     return prompts
 
 
@@ -73,6 +128,53 @@ def name_token(tokenizer, name: str) -> int:
     sentence. SentencePiece prefixes a word with "▁" by itself, so encode the
     bare name: `encode(" Mary")` would start with a lone "▁" token."""
     return tokenizer.encode(name.strip())[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class NameMoverBatch:
+    """Name-mover prompts as one right-padded batch.
+
+    Attributes:
+        token_ids, padding_mask: `[N, T]` (padding on the right, so causal
+            attention leaves every real position as it is alone).
+        last: `[N]`, the position of each prompt's last token.
+        answer, counterfactual: `[N]` token ids of the two names.
+    """
+
+    token_ids: np.ndarray
+    padding_mask: np.ndarray
+    last: np.ndarray
+    answer: np.ndarray
+    counterfactual: np.ndarray
+
+
+def name_mover_batch(tokenizer, prompts: Sequence[NameMoverPrompt], corrupted: bool = False) -> NameMoverBatch:
+    """Encode `prompts` (their `corrupted()` texts with `corrupted=True`,
+    keeping the clean answer) into a `NameMoverBatch`.
+
+    Example:
+    >>> batch = name_mover_batch(tokenizer, name_mover_prompts(8))
+    >>> batch.token_ids.shape[0], batch.answer.shape
+    (8, (8,))
+    """
+    texts = [prompt.corrupted() if corrupted else prompt.text for prompt in prompts]
+    token_ids, padding_mask = tokenizer.encode_batch(texts)
+    return NameMoverBatch(
+        token_ids, padding_mask, padding_mask.sum(1) - 1,
+        np.array([name_token(tokenizer, prompt.answer) for prompt in prompts]),
+        np.array([name_token(tokenizer, prompt.counterfactual) for prompt in prompts]),
+    )
+
+
+def name_mover_metrics(logits: np.ndarray, batch: NameMoverBatch) -> dict[str, float]:
+    """How well next-token `logits` `[N, T, V]` solve `batch`: `top1` (the
+    answer is the most likely token), `beats` (the answer scores above the
+    repeated name) and `logit_diff` (answer minus repeated name, mean)."""
+    final = np.asarray(logits)[np.arange(len(batch.last)), batch.last].astype(np.float64)
+    rows = np.arange(len(final))
+    diff = final[rows, batch.answer] - final[rows, batch.counterfactual]
+    return {"top1": float(np.mean(final.argmax(-1) == batch.answer)), "beats": float(np.mean(diff > 0)),
+            "logit_diff": float(np.mean(diff))}
 
 
 def repeated_words(period: int, repeats: int = 2, seed: int = 0) -> str:

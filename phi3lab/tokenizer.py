@@ -1,62 +1,55 @@
-"""Phi-3's tokenizer: SentencePiece plus Phi-3's special tokens, chat format and file layouts.
+"""`Phi3Tokenizer`: the tokenizer of every Phi-3-family checkpoint, behind one interface.
 
-Encoding matches `transformers.AutoTokenizer` on microsoft/Phi-3-mini-4k-instruct (its
-`tokenizer.json`): text is split on special-token strings, each piece between them is encoded
-by SentencePiece on its own, dummy-prefix "▁" included (the "legacy" Llama way), and tokens
-marked `rstrip` swallow the whitespace after them: `"<|user|>\\nHi"` gives `<|user|>`, `▁Hi`.
+Phi-3 and Phi-3.5 ship a SentencePiece `tokenizer.model`; Phi-4-mini and Phi-4 a byte-level
+BPE `tokenizer.json`. `Phi3Tokenizer.from_preset(directory)` picks the backend from what the
+directory holds (`phi3lab.tokenization`); both encode, decode and format chats exactly as
+`transformers.AutoTokenizer` on the same files.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
 
-from phi3lab.errors import bad_argument, check_positive_int, close_matches
+from phi3lab.checks import check_positive_int
+from phi3lab.errors import bad_argument, close_matches
+from phi3lab.tokenization.backend import TokenizerBackend, show_bytes
+from phi3lab.tokenization.chat_template import (
+    PHI3_CHAT_TEMPLATE,
+    ChatTemplateError,
+    render_chat_template,
+)
+from phi3lab.tokenization.hf_files import KERAS_VOCAB, load_backend
+from phi3lab.tokenization.sentencepiece_backend import (
+    ADDED_SPECIAL_TOKENS,
+    PHI3_RSTRIP_TOKENS,
+    SentencePieceBackend,
+)
 
-# Added after the SentencePiece pieces, in this order: ids 32000..32010 for Phi-3.
-ADDED_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
-    "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>",
-)
-# The tokens Phi-3's tokenizer_config.json marks `rstrip: true`.
-PHI3_RSTRIP_TOKENS = frozenset(["</s>", *ADDED_SPECIAL_TOKENS[1:]])
-CHAT_ROLES = ("system", "user", "assistant")
-CHAT_TEMPLATE = (  # Phi-3-mini-4k-instruct's, for save_hf.
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + "
-    "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + "
-    "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n'"
-    " + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
-# Rust's `char::is_whitespace`, which is what Hugging Face's `rstrip` swallows.
-_WHITESPACE = "\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000" + "".join(
-    map(chr, range(0x2000, 0x200B))
-)
-_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
-_KERAS_VOCAB = Path("assets", "tokenizer", "vocabulary.spm")
-_HF_FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json",
-             "special_tokens_map.json")
+__all__ = ["ADDED_SPECIAL_TOKENS", "CHAT_ROLES", "PHI3_RSTRIP_TOKENS", "ChatTemplateError", "Phi3Tokenizer"]
+
+CHAT_ROLES = ("system", "user", "assistant")  # the roles Phi-3's built-in template knows
 
 
 class Phi3Tokenizer:
-    """SentencePiece tokenizer with Phi-3's special tokens and chat format.
+    """Phi-3-family tokenizer: special tokens, chat template, and readable token strings.
 
-    `<unk>`, `<s>`, `</s>` keep their SentencePiece ids (0, 1, 2); the added tokens
-    (`ADDED_SPECIAL_TOKENS`) take the ids after the pieces (32000..32010 for Phi-3) unless the
-    model has them as pieces. All are single ids inside text. `pad_token_id` is `<|endoftext|>`,
-    `eos_token_id` `<|end|>` (end of a chat turn), `bos_token_id` `<s>`. `vocabulary_size` is
-    32011 for Phi-3; the model's embedding has 32064 rows, the last ones unused.
+    Built from a SentencePiece model it is Phi-3's tokenizer: `<unk>`, `<s>`, `</s>` keep their
+    ids (0, 1, 2), Phi-3's added tokens (`ADDED_SPECIAL_TOKENS`) follow the pieces (32000..32010),
+    `pad_token_id` is `<|endoftext|>`, `eos_token_id` `<|end|>` (end of a chat turn),
+    `vocabulary_size` 32011 (the model's embedding has 32064 rows, the last ones unused).
+    `from_preset` also reads Hugging Face directories, among them Phi-4-mini's and Phi-4's
+    byte-level BPE `tokenizer.json`, with the special tokens, flags and chat template of their
+    tokenizer_config.json.
 
     Args:
         proto: a serialized SentencePiece model (`bytes`), or the path of one.
         rstrip_tokens: special tokens that swallow the whitespace after them. `None` means
             Phi-3's: all but `<unk>`, `<s>` and `<|endoftext|>`.
+        chat_template: a Jinja chat template; None means Phi-3's.
 
     Example:
     >>> tok = Phi3Tokenizer.from_preset("/models/Phi-3-mini-4k-instruct")
@@ -64,59 +57,62 @@ class Phi3Tokenizer:
     [32010, 15043, 32007, 32001]
     """
 
-    def __init__(self, proto: bytes | str | os.PathLike,
-                 rstrip_tokens: Iterable[str] | None = None):
-        if isinstance(proto, (str, os.PathLike)) and Path(proto).is_file():
-            proto = Path(proto).read_bytes()
-        if not isinstance(proto, bytes):
-            raise TypeError("`proto` must be a serialized SentencePiece model (bytes) or its path; "
-                            f"received proto={str(proto)[:80]!r} of type {type(proto).__name__}.")
-        self.proto, self._sp = proto, spm.SentencePieceProcessor()
-        try:
-            self._sp.LoadFromSerializedProto(proto)
-        except Exception as error:  # RuntimeError or OSError, depending on the damage
-            raise ValueError(f"`proto` is not a SentencePiece model: {error}") from None
-        sp = self._sp
-        if min(sp.unk_id(), sp.bos_id(), sp.eos_id()) < 0:
-            raise ValueError("`proto` must define unk, bos and eos pieces (<unk>, <s>, </s>).")
-        ids = {sp.id_to_piece(i): i for i in (sp.unk_id(), sp.bos_id(), sp.eos_id())}
-        next_id = sp.get_piece_size()
-        for token in ADDED_SPECIAL_TOKENS:
-            piece_id = sp.piece_to_id(token)
-            if piece_id != sp.unk_id() and sp.id_to_piece(piece_id) == token:
-                ids[token] = piece_id  # e.g. a keras-hub vocabulary that holds them as pieces
-            else:
-                ids[token], next_id = next_id, next_id + 1
-        self._special_ids, self._special_tokens = ids, {i: t for t, i in ids.items()}
-        self.vocabulary_size = next_id
-        if rstrip_tokens is not None and (isinstance(rstrip_tokens, (str, bytes)) or not isinstance(
-                rstrip_tokens, Iterable) or not all(isinstance(t, str) for t in rstrip_tokens)):
-            raise bad_argument("rstrip_tokens", rstrip_tokens, f"None or special tokens (str), among {list(ids)}")
-        rstrip = PHI3_RSTRIP_TOKENS if rstrip_tokens is None else frozenset(rstrip_tokens)
-        if not rstrip <= ids.keys():
-            raise bad_argument("rstrip_tokens", sorted(rstrip - ids.keys()),
-                               f"special tokens, among {list(ids)}")
-        self.rstrip_tokens = rstrip
-        self._split = re.compile("|".join(map(re.escape, sorted(ids, key=len, reverse=True))))
-        self.unk_token_id, self.bos_token_id = sp.unk_id(), sp.bos_id()
-        self.pad_token_id, self.eos_token_id = ids["<|endoftext|>"], ids["<|end|>"]
-        # Phi-3's generation_config stops on any of these.
-        self.stop_token_ids = (ids["<|end|>"], ids["<|assistant|>"], ids["<|endoftext|>"])
+    def __init__(self, proto: bytes | str | os.PathLike, rstrip_tokens: Iterable[str] | None = None,
+                 chat_template: str | None = None):
+        self._bind(SentencePieceBackend(proto, rstrip_tokens), chat_template)
+
+    @classmethod
+    def from_backend(cls, backend: TokenizerBackend, chat_template: str | None = None) -> Phi3Tokenizer:
+        """A tokenizer over any `phi3lab.tokenization.backend.TokenizerBackend`.
+
+        Args:
+            backend: e.g. a `ByteLevelBPEBackend` over a `tokenizers.Tokenizer`.
+            chat_template: a Jinja chat template; None means Phi-3's.
+
+        Example:
+        >>> from tokenizers import Tokenizer
+        >>> from phi3lab.tokenization.bpe_backend import ByteLevelBPEBackend
+        >>> backend = ByteLevelBPEBackend(Tokenizer.from_file("tokenizer.json"),
+        ...                               template_tokens={"eos_token": "<|im_end|>"})
+        >>> tok = Phi3Tokenizer.from_backend(backend)
+        """
+        if not isinstance(backend, TokenizerBackend):
+            raise bad_argument("backend", backend, "a TokenizerBackend (phi3lab.tokenization.backend)")
+        tokenizer = cls.__new__(cls)
+        tokenizer._bind(backend, chat_template)
+        return tokenizer
+
+    def _bind(self, backend: TokenizerBackend, chat_template: str | None) -> None:
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise bad_argument("chat_template", chat_template, "None or a Jinja template (str)")
+        self._backend = backend
+        self.chat_template = PHI3_CHAT_TEMPLATE if chat_template is None else chat_template
+        self.has_own_chat_template = chat_template is not None
+        self.vocabulary_size = backend.vocabulary_size
+        self.bos_token_id, self.eos_token_id = backend.bos_token_id, backend.eos_token_id
+        self.pad_token_id, self.unk_token_id = backend.pad_token_id, backend.unk_token_id
+        self.stop_token_ids = tuple(backend.stop_token_ids)
 
     @classmethod
     def from_preset(cls, preset: str | os.PathLike) -> Phi3Tokenizer:
         """Load the tokenizer of a preset directory or of a built-in preset name.
 
-        A directory holds a keras-hub preset (`assets/tokenizer/vocabulary.spm`) or a Hugging
-        Face tokenizer (`tokenizer.model`; the ids in `added_tokens.json` and
-        `tokenizer_config.json` are checked, the `rstrip` flags of the latter used). Other
-        names go to `phi3lab.presets.resolve_preset_dir`.
+        A directory holds a keras-hub preset (`assets/tokenizer/vocabulary.spm`), or a Hugging
+        Face tokenizer: `tokenizer.model` (SentencePiece: Phi-3, Phi-3.5; the ids in
+        `added_tokens.json` and `tokenizer_config.json` are checked, the `rstrip` flags of the
+        latter used) or else `tokenizer.json` (byte-level BPE: Phi-4-mini, Phi-4; added tokens
+        and their flags from `tokenizer_config.json` as transformers applies them, stop tokens
+        from `generation_config.json`). The chat template is `chat_template.jinja`, else
+        tokenizer_config.json's, else Phi-3's. Other names go to
+        `phi3lab.presets.resolve_preset_dir`.
 
         Args:
             preset: a directory, or the name of a built-in preset.
 
         Example:
-        >>> tok = Phi3Tokenizer.from_preset("/models/Phi-3-mini-4k-instruct")
+        >>> tok = Phi3Tokenizer.from_preset("/models/Phi-4-mini-instruct")
+        >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+        '<|user|>Hi<|end|><|assistant|>'
         """
         if not isinstance(preset, (str, os.PathLike)):
             raise TypeError("`preset` must be a directory or a preset name (str); received "
@@ -130,56 +126,43 @@ class Phi3Tokenizer:
                                    "registry, phi3lab.presets.resolve_preset_dir, is installed)"
                                    ) from None
             path = Path(resolve_preset_dir(str(preset)))
-        if (path / _KERAS_VOCAB).is_file():
-            return cls((path / _KERAS_VOCAB).read_bytes())
-        if not (path / "tokenizer.model").is_file():
-            held = sorted(p.name for p in path.iterdir())[:20]
-            raise ValueError(f"`preset` must hold a keras-hub vocabulary ({_KERAS_VOCAB}) or a "
-                             f"Hugging Face tokenizer.model; received preset={str(preset)!r}, "
-                             f"a directory holding {held}.")
-        decoder = _read_json(path / "tokenizer_config.json").get("added_tokens_decoder", {})
-        rstrip = {t["content"] for t in decoder.values() if t.get("rstrip")} if decoder else None
-        tokenizer = cls((path / "tokenizer.model").read_bytes(), rstrip_tokens=rstrip)
-        pairs = [(t["content"], int(i)) for i, t in decoder.items()]
-        for token, token_id in pairs + list(_read_json(path / "added_tokens.json").items()):
-            if tokenizer._special_ids.get(token) != token_id:
-                raise ValueError(f"{path} gives the added token {token!r} the id {token_id}; this "
-                                 f"tokenizer.model supports only {tokenizer.special_tokens}.")
-        return tokenizer
+        return cls.from_backend(*load_backend(path))
 
     @property
     def special_tokens(self) -> dict[str, int]:
-        """Every special token, mapped to its id."""
-        return dict(self._special_ids)
+        """Every added (control) token, mapped to its id."""
+        return dict(self._backend.special_tokens)
+
+    @property
+    def rstrip_tokens(self) -> frozenset[str]:
+        """The SentencePiece special tokens that swallow the whitespace after them."""
+        return getattr(self._backend, "rstrip_tokens", frozenset())
+
+    @property
+    def proto(self) -> bytes:
+        """The serialized SentencePiece model (SentencePiece tokenizers only)."""
+        if not isinstance(self._backend, SentencePieceBackend):
+            raise AttributeError("`proto` is the SentencePiece model; this tokenizer is byte-level BPE.")  # noqa: TRY004
+        return self._backend.proto
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Encode a string to token ids, special-token strings as single ids.
 
         Args:
             text: the string.
-            add_bos: start with `<s>`. Phi-3's Hugging Face tokenizer does not
-                (`add_bos_token: false`), hence the default.
+            add_bos: start with the BOS token (`<s>`; Phi-4: `<|endoftext|>`). The Hugging
+                Face tokenizers of the family do not (`add_bos_token: false`), hence the default.
 
         Example:
         >>> tok.encode("Hello world")
         [15043, 3186]
         """
-        if not isinstance(text, str):
-            raise TypeError(f"`text` must be a str; received text={text!r} of type "
-                            f"{type(text).__name__}.")
+        self._check_text(text)
         if not isinstance(add_bos, (bool, np.bool_)):
             raise bad_argument("add_bos", add_bos, "True or False")
-        ids = [self.bos_token_id] if add_bos else []
-        start, strip = 0, False
-        for match in self._split.finditer(text):
-            ids += self._encode_plain(text[start:match.start()], strip)
-            ids.append(self._special_ids[match.group()])
-            start, strip = match.end(), match.group() in self.rstrip_tokens
-        return ids + self._encode_plain(text[start:], strip)
-
-    def _encode_plain(self, text: str, strip: bool) -> list[int]:
-        text = text.lstrip(_WHITESPACE) if strip else text
-        return self._sp.encode(text) if text else []
+        if add_bos and self.bos_token_id is None:
+            raise bad_argument("add_bos", add_bos, "False: this tokenizer names no bos_token")
+        return ([self.bos_token_id] if add_bos else []) + self._backend.encode(text)
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False,
                      padding: str | int = "longest",
@@ -188,7 +171,7 @@ class Phi3Tokenizer:
 
         Args:
             texts: a list of strings.
-            add_bos: start every sequence with `<s>`.
+            add_bos: start every sequence with the BOS token.
             padding: `"longest"`, or a length (no sequence may be longer).
             padding_side: `"right"`, or `"left"` for generation.
 
@@ -220,14 +203,16 @@ class Phi3Tokenizer:
         return token_ids, padding_mask
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
-        """Turn token ids back into text, the way Hugging Face's Phi-3 tokenizer does.
+        """Turn token ids back into text, as the Hugging Face tokenizer of the same files does.
 
-        "▁" becomes a space, byte pieces are joined as UTF-8 (an invalid run gives one
-        U+FFFD per byte) and one leading space is dropped.
+        SentencePiece: "▁" becomes a space, byte pieces are joined as UTF-8 (an invalid run
+        gives one U+FFFD per byte) and one leading space is dropped. Byte-level BPE: the bytes
+        of all tokens joined as UTF-8.
 
         Args:
             ids: a 1-D list or array of token ids.
-            skip_special_tokens: leave out the tokens Phi-3 marks special (all but `</s>`).
+            skip_special_tokens: leave out the tokens the checkpoint marks special (Phi-3: all
+                added tokens but `</s>`).
 
         Example:
         >>> tok.decode([15043, 3186])
@@ -235,51 +220,87 @@ class Phi3Tokenizer:
         """
         if not isinstance(skip_special_tokens, (bool, np.bool_)):
             raise bad_argument("skip_special_tokens", skip_special_tokens, "True or False")
-        parts, run = [], bytearray()
-        for token_id in self._check_ids(ids):
-            if self._is_byte(token_id):
-                run.append(int(self._sp.id_to_piece(token_id)[3:5], 16))
-                continue
-            parts.append(_utf8(run))
-            run = bytearray()
-            token = self.id_to_token(token_id)
-            if not (skip_special_tokens and token in self._special_ids and token != "</s>"):
-                parts.append(token.replace("▁", " "))
-        text = "".join(parts) + _utf8(run)
-        return text[1:] if text.startswith(" ") else text
+        return self._backend.decode(self._check_ids(ids), bool(skip_special_tokens))
 
     def id_to_token(self, id: int) -> str:
-        """The piece or special token of an id: `"▁Hello"`, `"<0x0A>"`, `"<|user|>"`."""
+        """The vocabulary entry of an id: `"▁Hello"` (SentencePiece), `"ĠHello"` (byte-level
+        BPE), `"<0x0A>"`, `"<|user|>"`."""
         if isinstance(id, bool) or not isinstance(id, (int, np.integer)):
             raise bad_argument("id", id, f"an int in [0, {self.vocabulary_size})")
         self._check_ids([id])
-        return self._special_tokens.get(int(id)) or self._sp.id_to_piece(int(id))
+        return self._backend.id_to_token(int(id))
 
     def token_to_id(self, token: str) -> int:
-        """The id of a piece or special token (a `ValueError` for other strings)."""
+        """The id of a vocabulary entry (`id_to_token`'s inverse; a `ValueError` for other
+        strings: `to_single_token` takes text)."""
         if not isinstance(token, str):
             raise bad_argument("token", token, "a str")
-        if token in self._special_ids:
-            return self._special_ids[token]
-        token_id = self._sp.piece_to_id(token)
-        if self._sp.id_to_piece(token_id) != token:
-            pieces = (self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size()))
-            near = close_matches(token, [*self._special_ids, *pieces])
+        token_id = self._backend.token_to_id(token)
+        if token_id is None:
+            near = close_matches(token, self._backend.vocabulary())
             raise bad_argument("token", token, f"a piece of the vocabulary, such as {near}")
         return token_id
+
+    def to_single_token(self, text: str) -> int:
+        """The id of the one token `text` is inside a longer text, or a `ValueError`.
+
+        `text` is taken as it appears after other text: `" Mary"` is the token of "Mary" after
+        a space inside a sentence (`▁Mary` for SentencePiece, `ĠMary` for byte-level BPE),
+        `"Mary"` the token of "Mary" glued to what precedes it. (`encode(" Mary")` encodes a
+        whole text, to which SentencePiece adds its dummy-prefix "▁": `▁`, `▁Mary`.)
+
+        Args:
+            text: the text of one token.
+
+        Raises:
+            ValueError: `text` is not exactly one token; the message names the tokens it became.
+
+        Example:
+        >>> tok.to_single_token(" Mary") == tok.encode("When Mary")[-1]
+        True
+        """
+        self._check_text(text)
+        ids = self._backend.encode_in_context(text)
+        if len(ids) != 1:
+            shown = [self._backend.id_to_token(i) for i in ids]
+            hint = ""
+            if text[:1] != " " and len(self._backend.encode_in_context(" " + text)) == 1:
+                hint = f" ({' ' + text!r} is one token: a word after a space starts with the space)"
+            raise ValueError(f"`text` must be exactly one token inside a text; received text={text!r}, which is "
+                             f"{len(ids)} tokens: {shown}{hint}.")
+        return ids[0]
+
+    def to_str_tokens(self, inputs: str | Sequence[int] | np.ndarray, add_bos: bool = False) -> list[str]:
+        """The text of each token of a string or of token ids (TransformerLens' `to_str_tokens`).
+
+        Each token gives the text it stands for in a sequence: `▁Mary` and `ĠMary` give
+        `" Mary"`, special tokens their string; a token holding part of a character's bytes
+        gives U+FFFD for them. Joined, they give the decoded text (SentencePiece: with the
+        dummy-prefix space kept).
+
+        Args:
+            inputs: a string (encoded with `encode`) or a 1-D sequence of token ids.
+            add_bos: for a string, start with the BOS token.
+
+        Example:
+        >>> tok.to_str_tokens("When Mary and John")
+        [' When', ' Mary', ' and', ' John']
+        """
+        ids = self.encode(inputs, add_bos=add_bos) if isinstance(inputs, str) else self._check_ids(inputs)
+        return [self._backend.token_bytes(i).decode("utf-8", errors="replace") for i in ids]
 
     def display_tokens(self, ids: Sequence[int] | np.ndarray, space: str = " ",
                        beyond_vocabulary: str | None = None) -> list[str]:
         """Readable strings for token ids, one per id, for tables and widgets.
 
-        "▁" shows as `space` (a real space by default; `"␣"` makes it visible). Byte pieces
-        show as their ASCII character, or as `\\xNN` for bytes of multi-byte characters.
-        Non-printable characters are escaped (`<0x0A>` shows as `\\n`, U+3000 as `\\u3000`).
-        Special tokens stay as they are.
+        A space (SentencePiece's "▁", byte-level BPE's "Ġ") shows as `space` (a real space by
+        default; `"␣"` makes it visible). Bytes of a character split over several tokens show
+        as `\\xNN`; non-printable characters are escaped (`<0x0A>` and `Ċ` show as `\\n`,
+        U+3000 as `\\u3000`). Special tokens stay as they are.
 
         Args:
             ids: a 1-D list or array of token ids.
-            space: what to show for SentencePiece's "▁".
+            space: what to show for a space.
             beyond_vocabulary: None (ids past the tokenizer's vocabulary are
                 an error), or a format such as `"<unused {}>"` for them: a
                 model's embedding may have more rows than the tokenizer has
@@ -294,32 +315,31 @@ class Phi3Tokenizer:
             raise bad_argument("space", space, "a str")
         if beyond_vocabulary is not None and not isinstance(beyond_vocabulary, str):
             raise bad_argument("beyond_vocabulary", beyond_vocabulary, 'None or a format string like "<unused {}>"')
-        shown = []
-        for token_id in self._check_ids(ids, bounded=beyond_vocabulary is None):
-            if token_id >= self.vocabulary_size:
-                shown.append(beyond_vocabulary.format(token_id))
-                continue
-            token = self.id_to_token(token_id)
-            if token_id in self._special_tokens:
-                shown.append(token)
-            elif self._is_byte(token_id):
-                shown.append(_escape(chr(int(token[3:5], 16))) if token[3] < "8" else
-                             f"\\x{token[3:5]}")
-            else:
-                shown.append(_escape(token).replace("▁", space))
-        return shown
+        return [beyond_vocabulary.format(i) if i >= self.vocabulary_size else self._display(i, space)
+                for i in self._check_ids(ids, bounded=beyond_vocabulary is None)]
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
-                            add_generation_prompt: bool = True) -> str:
-        """Format chat messages as Phi-3-mini-4k-instruct's chat template does.
+    def _display(self, token_id: int, space: str) -> str:
+        token = self._backend.id_to_token(token_id)
+        return token if token in self._backend.special_tokens else show_bytes(self._backend.token_bytes(token_id), space)
 
-        Each message becomes `<|role|>\\n{content}<|end|>\\n`, followed by `<|assistant|>\\n`
-        if `add_generation_prompt`, else by `<|endoftext|>` (the template's `eos_token`).
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
+                            **variables) -> str:
+        """Format chat messages with the checkpoint's chat template (Phi-3's if it has none).
+
+        Phi-3's gives `<|role|>\\n{content}<|end|>\\n` per message, then `<|assistant|>\\n` if
+        `add_generation_prompt`, else `<|endoftext|>`; Phi-4-mini's `<|role|>{content}<|end|>`;
+        Phi-4's `<|im_start|>role<|im_sep|>{content}<|im_end|>`. The template runs in a Jinja
+        sandbox and sees `messages`, `add_generation_prompt`, the special-token strings
+        (`bos_token`, `eos_token`, ...) and `variables`.
 
         Args:
-            messages: dicts with a `"role"` (`"system"`, `"user"` or `"assistant"`) and a
-                str `"content"`.
+            messages: dicts with a str `"role"` (with Phi-3's template: `"system"`, `"user"` or
+                `"assistant"`) and a str `"content"`.
             add_generation_prompt: end by opening the assistant's turn.
+            **variables: more names for the template, e.g. `tools`.
+
+        Raises:
+            ChatTemplateError: the template is invalid, reaches outside the sandbox, or raised.
 
         Example:
         >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])
@@ -331,57 +351,40 @@ class Phi3Tokenizer:
                                "dicts")
         if not isinstance(add_generation_prompt, (bool, np.bool_)):
             raise bad_argument("add_generation_prompt", add_generation_prompt, "True or False")
-        parts = []
         for index, message in enumerate(messages):
             if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
                 raise bad_argument(f"messages[{index}]", message, 'a dict with a str "content"')
-            if message.get("role") not in CHAT_ROLES:
-                raise bad_argument(f"messages[{index}]['role']", message.get("role"),
-                                   f"one of {CHAT_ROLES}")
-            parts.append(f"<|{message['role']}|>\n{message['content']}<|end|>\n")
-        parts.append("<|assistant|>\n" if add_generation_prompt else "<|endoftext|>")
-        return "".join(parts)
+            role = message.get("role")
+            if not isinstance(role, str) or (not self.has_own_chat_template and role not in CHAT_ROLES):
+                accepted = "a str" if self.has_own_chat_template else f"one of {CHAT_ROLES}"
+                raise bad_argument(f"messages[{index}]['role']", role, accepted)
+        names = {**self._backend.template_tokens, **variables}
+        return render_chat_template(self.chat_template, [dict(m) for m in messages], bool(add_generation_prompt),
+                                    names)
 
     def save_assets(self, directory: str | os.PathLike) -> Path:
         """Write the SentencePiece model to `assets/tokenizer/vocabulary.spm` (keras-hub)."""
-        path = Path(directory) / _KERAS_VOCAB
+        path = Path(directory) / KERAS_VOCAB
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(self.proto)
         return path
 
     def save_hf(self, directory: str | os.PathLike) -> list[Path]:
-        """Write Phi-3's Hugging Face tokenizer files (`_HF_FILES`; no `tokenizer.json`).
+        """Write Hugging Face tokenizer files that `from_preset` and transformers read back.
 
-        `tokenizer_config.json` is Phi-3's but for `"legacy": true`. Phi-3 says `false`, yet
-        its `tokenizer.json` encodes the legacy way; without that file, `true` makes
-        transformers rebuild the same encoding from `tokenizer.model` (given the model's
-        `config.json`, model_type "phi3", in the directory too).
+        SentencePiece: Phi-3's `tokenizer.model`, `tokenizer_config.json`, `added_tokens.json`,
+        `special_tokens_map.json` (no `tokenizer.json`; `"legacy": true` makes transformers
+        rebuild Phi-3's encoding from `tokenizer.model`, given a `config.json` with model_type
+        "phi3"). Byte-level BPE: `tokenizer.json` and `tokenizer_config.json`.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        flags = {"lstrip": False, "normalized": False, "single_word": False}
-        decoder = {str(i): {"content": t, **flags, "rstrip": t in self.rstrip_tokens,
-                            "special": t != "</s>"}
-                   for i, t in sorted(self._special_tokens.items())}
-        config = {
-            "add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": decoder,
-            "bos_token": "<s>", "chat_template": CHAT_TEMPLATE,
-            "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>", "legacy": True,
-            "pad_token": "<|endoftext|>", "padding_side": "left", "sp_model_kwargs": {},
-            "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>",
-            "use_default_system_prompt": False,
-        }
-        added = {t: i for i, t in self._special_tokens.items() if i >= self._sp.get_piece_size()}
-        special_map = {key: {"content": t, **flags, "rstrip": False} for key, t in (
-            ("bos_token", "<s>"), ("eos_token", "<|endoftext|>"), ("pad_token", "<|endoftext|>"),
-            ("unk_token", "<unk>"))}
-        (directory / "tokenizer.model").write_bytes(self.proto)
-        for name, content in zip(_HF_FILES[1:], (config, added, special_map)):
-            (directory / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-        return [directory / name for name in _HF_FILES]
+        return self._backend.save_hf(directory, self.chat_template)
 
-    def _is_byte(self, token_id: int) -> bool:
-        return token_id not in self._special_tokens and self._sp.is_byte(token_id)
+    def _check_text(self, text) -> None:
+        if not isinstance(text, str):
+            raise TypeError(f"`text` must be a str; received text={text!r} of type "
+                            f"{type(text).__name__}.")
 
     def _check_ids(self, ids, bounded: bool = True) -> list[int]:
         try:
@@ -397,24 +400,3 @@ class Phi3Tokenizer:
             accepted = f"[0, {self.vocabulary_size})" if bounded else "non-negative"
             raise bad_argument("ids", ids, f"token ids in {accepted}; {int(bad[0])} is not")
         return array.tolist()
-
-
-def _escape(text: str) -> str:
-    """Non-printable characters as escapes: "\\n", "\\t", "\\r", "\\x1C", "\\u3000"."""
-    return "".join(c if c.isprintable() else _ESCAPES.get(c) or (
-        f"\\x{ord(c):02X}" if ord(c) < 256 else f"\\u{ord(c):04X}") for c in text)
-
-
-def _utf8(run: bytearray) -> str:
-    """Bytes as text; as Hugging Face's ByteFallback, an invalid run gives U+FFFD per byte."""
-    try:
-        return run.decode("utf-8")
-    except UnicodeDecodeError:
-        return "\ufffd" * len(run)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from phi3lab.errors import check_positive_int
+from phi3lab.checks import check_positive_int
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int,

@@ -1,32 +1,41 @@
 """Train `phi3lab_tiny_en`, the small Phi-3 shipped in `phi3lab/assets/`.
 
-Seeded and reproducible, CPU only, in two stages (about 15 + 6 minutes on
-this 2-core machine while other work ran; the shipped model was made so):
+One command from scratch, seeded and reproducible, CPU only:
 
-    .venv/bin/python scripts/train_tiny.py --steps 2400 --out /tmp/stage1
-    .venv/bin/python scripts/train_tiny.py --init-from /tmp/stage1 --steps 900 --seed 1 --peak-lr 1e-3
-
-Induction heads appear late in stage 1 (a phase change near step 2200);
-stage 2 continues on fresh documents until they are solid.
+    .venv/bin/python scripts/train_tiny.py
 
 The corpus is generated here from `phi3lab.tasks`: repeated random word
 sequences and repeated random token sequences with varied periods (held-out
 periods are never trained on, so induction cannot be a fixed-offset
-shortcut), name-mover sentences with training names only (held-out names
-appear only in other sentences), short chat turns in Phi-3's format, and
-simple sentences. A SentencePiece vocabulary is trained on the same corpus. The
-model is phi3lab's own `Phi3Backbone`, trained with AdamW written in JAX.
+shortcut); name-mover sentences in both orders (the repeated name introduced
+first or second), over several templates, with distractor sentences, using
+training names and training templates only (held-out names appear only in
+other sentences, the held-out template nowhere); short chat turns in Phi-3's
+format; and simple sentences. A SentencePiece vocabulary is trained on the
+same corpus. The model is phi3lab's own `Phi3Backbone`, trained with AdamW
+written in JAX. Every `--eval-every` steps the script measures the
+name-mover task (held-out names, each order) and induction (held-out
+periods) and writes these curves to `training_report.json`.
+
+Status: one 4,000-step run of this recipe (seed 0, 41 CPU-minutes) learned
+the text (held-out loss 2.07 against a unigram 5.21) but formed neither
+induction (second/first-copy loss ratio 0.98) nor the name-mover circuit
+(top-1 0 % on held-out names); see docs/tiny_model.md. The shipped weights
+still come from the earlier answer-first recipe.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from jax import numpy as jnp
 
 import phi3lab
 from phi3lab import tasks
@@ -35,19 +44,16 @@ from phi3lab.presets.weights import set_params
 from phi3lab.tokenizer import Phi3Tokenizer
 from phi3lab.tokenizer_training import train_sentencepiece
 
-import jax
-from jax import numpy as jnp
-
 HELD_OUT_PERIODS = (7, 13, 23)
 TRAIN_PERIODS = tuple(p for p in range(3, 33) if p not in HELD_OUT_PERIODS)
-CONFIG = dict(
-    num_layers=4, hidden_dim=128, intermediate_dim=384, num_query_heads=4,
-    num_key_value_heads=2, layer_norm_epsilon=1e-5, max_sequence_length=512,
-    pretraining_sequence_length=128, rope_max_wavelength=10000,
-    rope_scaling_type="su",
-    rope_scaling_short_factor=[round(1.0 + 0.05 * i / 15, 4) for i in range(16)],
-    rope_scaling_long_factor=[round(1.0 + 3.0 * (i / 15) ** 2, 4) for i in range(16)],
-)
+CONFIG = {
+    "num_layers": 4, "hidden_dim": 128, "intermediate_dim": 384, "num_query_heads": 4,
+    "num_key_value_heads": 2, "layer_norm_epsilon": 1e-5, "max_sequence_length": 512,
+    "pretraining_sequence_length": 128, "rope_max_wavelength": 10000,
+    "rope_scaling_type": "su",
+    "rope_scaling_short_factor": [round(1.0 + 0.05 * i / 15, 4) for i in range(16)],
+    "rope_scaling_long_factor": [round(1.0 + 3.0 * (i / 15) ** 2, 4) for i in range(16)],
+}
 
 
 def documents(count: int, seed: int) -> list[str]:
@@ -57,13 +63,13 @@ def documents(count: int, seed: int) -> list[str]:
     names = tasks.TRAIN_NAMES
     for index in range(count):
         kind = rng.random()
-        if kind < 0.4:
+        if kind < 0.3:
             period = int(rng.choice(TRAIN_PERIODS))
             docs.append(tasks.repeated_words(period, int(rng.integers(2, 5)), seed=seed * 100003 + index))
-        elif kind < 0.7:
-            for prompt in tasks.name_mover_prompts(3, seed=seed * 7919 + index, names=names):
+        elif kind < 0.75:
+            for prompt in tasks.name_mover_prompts(3, seed=seed * 7919 + index, names=names, distractor_rate=0.3):
                 docs.append(f"{prompt.text} {prompt.answer}.")
-        elif kind < 0.85:
+        elif kind < 0.88:
             conv = tasks.chat_turns(1, seed=seed * 31 + index)[0]
             docs.append("".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in conv))
         else:
@@ -98,8 +104,40 @@ def batches(stream: np.ndarray, batch: int, length: int, rng):
     return np.stack([stream[s:s + length + 1] for s in starts])
 
 
-def train(steps: int, out: Path, seed: int = 0, init_from: Path | None = None, peak_lr: float = 2e-3) -> dict:
-    started = time.time()
+def probes(tokenizer: Phi3Tokenizer, count: int = 64) -> dict:
+    """Fixed evaluation sets for the training curves: name-mover prompts on
+    held-out names per order (training templates, then the held-out
+    template) and random token repeats of held-out periods."""
+    sets = {}
+    for label, templates in (("", tasks.TEMPLATES), ("held_out_template_", tasks.HELD_OUT_TEMPLATES)):
+        for order in tasks.ORDERS:
+            prompts = tasks.name_mover_prompts(count, seed=999, templates=templates, orders=(order,))
+            sets[label + order] = tasks.name_mover_batch(tokenizer, prompts)
+    plain = tokenizer.vocabulary_size - len(tokenizer.special_tokens) + 3
+    repeats = {period: tasks.repeated_tokens(plain, period, batch=16, seed=period) for period in HELD_OUT_PERIODS}
+    return {"name_mover": sets, "induction": repeats}
+
+
+def evaluate(logits_fn, probe_sets: dict) -> dict:
+    """Name-mover top-1 / beats-the-repeated-name accuracy per set (the
+    padding sits on the right, after every prompt's last token), and the
+    ratio of second-copy to first-copy loss on the held-out periods."""
+    row = {}
+    for label, batch in probe_sets["name_mover"].items():
+        metrics = tasks.name_mover_metrics(logits_fn(jnp.asarray(batch.token_ids)), batch)
+        row[f"{label}_top1"], row[f"{label}_beats"] = round(metrics["top1"], 3), round(metrics["beats"], 3)
+    ratios = []
+    for period, ids in probe_sets["induction"].items():
+        logp = np.asarray(jax.nn.log_softmax(logits_fn(jnp.asarray(ids)).astype(jnp.float32)))
+        losses = -np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
+        ratios.append(losses[:, period + 1:].mean() / losses[:, : period - 1].mean())
+    row["induction_ratio"] = round(float(np.mean(ratios)), 3)
+    return row
+
+
+def train(steps: int, out: Path, seed: int = 0, init_from: Path | None = None, peak_lr: float = 2e-3,
+          eval_every: int = 100) -> dict:
+    started, cpu_started = time.time(), time.process_time()
     docs = documents(40000, seed)
     if init_from is None:
         tokenizer = Phi3Tokenizer(train_sentencepiece(documents(40000, 0)[:20000], vocab_size=1000))
@@ -117,11 +155,17 @@ def train(steps: int, out: Path, seed: int = 0, init_from: Path | None = None, p
         model = phi3lab.Phi3Backbone.from_preset(init_from)
     params = model.params()
 
+    def logits_of(params, ids):
+        hidden, _ = model.apply(params, ids)
+        return model.unembed(params, hidden)
+
     def loss_fn(params, window):
-        hidden, _ = model.apply(params, window[:, :-1])
-        logits = model.token_embedding.apply(params["token_embedding"], hidden, reverse=True)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        logp = jax.nn.log_softmax(logits_of(params, window[:, :-1]).astype(jnp.float32))
         return -jnp.mean(jnp.take_along_axis(logp, window[:, 1:, None], axis=-1))
+
+    logits_jit = jax.jit(logits_of)
+    probe_sets = probes(tokenizer)
+    curve = []
 
     def schedule(step):
         warm = jnp.minimum(1.0, (step + 1) / 100)
@@ -147,14 +191,21 @@ def train(steps: int, out: Path, seed: int = 0, init_from: Path | None = None, p
 
     moments = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params))
     rng = np.random.default_rng(seed)
+    losses = []
     for step in range(steps):
         # Every fourth batch is longer than the pretraining window, so the
         # long rotary factors are trained too.
         length = 256 if step % 4 == 3 else 128
         window = jnp.asarray(batches(stream, 16 if length == 128 else 8, length, rng))
         params, moments, loss = update(params, moments, jnp.float32(step), window)
-        if step % 100 == 0 or step == steps - 1:
-            print(f"step {step:5d}  loss {float(loss):.3f}  {time.time() - started:.0f}s", flush=True)
+        losses.append(float(loss))  # the curve's loss is the mean since the previous row
+        if step % eval_every == 0 or step == steps - 1:
+            row = {"step": step, "loss": round(float(np.mean(losses)), 4), "seconds": round(time.time() - started, 1),
+                   "cpu_seconds": round(time.process_time() - cpu_started, 1),
+                   **evaluate(functools.partial(logits_jit, params), probe_sets)}
+            losses = []
+            curve.append(row)
+            print(json.dumps(row), flush=True)
     set_params(model, params)
 
     eval_rng = np.random.default_rng(seed + 2)
@@ -173,7 +224,8 @@ def train(steps: int, out: Path, seed: int = 0, init_from: Path | None = None, p
     if init_from is not None and (Path(init_from) / "training_report.json").is_file():
         stages = json.loads((Path(init_from) / "training_report.json").read_text()).get("stages", [])
     stages.append({"steps": steps, "seed": seed, "peak_lr": peak_lr, "seconds": round(time.time() - started, 1),
-                   "init_from": None if init_from is None else "previous stage"})
+                   "cpu_seconds": round(time.process_time() - cpu_started, 1),
+                   "init_from": None if init_from is None else "previous stage", "curve": curve})
     report = {
         "stages": stages, "total_steps": sum(stage["steps"] for stage in stages),
         "total_seconds": round(sum(stage["seconds"] for stage in stages), 1),
@@ -187,10 +239,11 @@ def train(steps: int, out: Path, seed: int = 0, init_from: Path | None = None, p
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-lr", type=float, default=2e-3)
     parser.add_argument("--init-from", type=Path, default=None, help="continue training this preset")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "phi3lab/assets/phi3lab_tiny_en")
     args = parser.parse_args()
-    train(args.steps, args.out, args.seed, args.init_from, args.peak_lr)
+    train(args.steps, args.out, args.seed, args.init_from, args.peak_lr, args.eval_every)

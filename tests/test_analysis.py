@@ -13,7 +13,7 @@ from jax import numpy as jnp
 import phi3lab
 import phi3lab.analysis as analysis
 from phi3lab.analysis.patching import _sweep
-from phi3lab.tracing.hooks import Hook, Hooks
+from phi3lab.hooks import Hook, Hooks
 
 VOCAB, LAYERS, HEADS, KV_HEADS, HIDDEN = 64, 3, 4, 2, 32
 ANSWER, COUNTER = 5, 7
@@ -213,11 +213,12 @@ def test_patching_user_metric_and_compile_once(model, ids):
     default = analysis.activation_patching(model, ids, corrupted, answer=ANSWER, counterfactual=COUNTER, progress=False)
     custom = analysis.activation_patching(model, ids, corrupted, metric=metric, progress=False, batch_size=8)
     np.testing.assert_allclose(custom.values, default.values, atol=1e-4)
-    from phi3lab.analysis._common import _COMPILED
+    from phi3lab import compile_cache
 
-    sizes = {key: fn._cache_size() for key, fn in _COMPILED[model].items()}
+    sizes = {key: fn._cache_size() for key, fn in compile_cache.entries(model).items() if key[0] == "patching"}
     analysis.activation_patching(model, corrupted, ids, metric=metric, progress=True, batch_size=8)
-    assert {key: fn._cache_size() for key, fn in _COMPILED[model].items()} == sizes
+    after = {key: fn._cache_size() for key, fn in compile_cache.entries(model).items() if key[0] == "patching"}
+    assert after == sizes and ("patching", "resid_pre", metric) in sizes
 
 
 def test_patching_errors(model, ids):

@@ -508,9 +508,9 @@ bad_queries = st.one_of(
     st.integers(), short_text, st.booleans(), floats,
 )
 bad_heads = st.one_of(
-    st.integers(HQ, 100), st.integers(-100, -1), st.booleans(), st.floats(), short_text, st.just([]),
+    st.integers(HQ, 100), st.integers(-100, -HQ - 1), st.booleans(), st.floats(), short_text, st.just([]),
     st.lists(st.integers(0, HQ - 1), max_size=3).flatmap(
-        lambda good: st.one_of(st.integers(HQ, 50), st.integers(-50, -1), st.floats(), short_text, st.booleans(), st.none()).map(
+        lambda good: st.one_of(st.integers(HQ, 50), st.integers(-50, -HQ - 1), st.floats(), short_text, st.booleans(), st.none()).map(
             lambda bad: good + [bad])),
     st.just(object()),
 )
@@ -582,11 +582,11 @@ def test_hooks(data, model, traces):
     before = compiled_count(model)
     run = lambda hooks: phi3lab.trace(model, IDS, hooks=hooks)
     if kind == "ablate_layer":
-        value = data.draw(st.one_of(st.integers(max_value=-1), st.floats(), short_text, st.none(), st.booleans(),
+        value = data.draw(st.one_of(st.floats(), short_text, st.none(), st.booleans(),
                                     st.lists(st.integers(0, 1), max_size=2)))
         expect_bad(lambda: H.ablate_heads(value, [0]), arg("layer"))
     elif kind == "ablate_layer_range":
-        value = data.draw(st.integers(LAYERS, 10**6))
+        value = data.draw(st.integers(LAYERS, 10**6) | st.integers(-(10**6), -LAYERS - 1))
         expect_bad(lambda: run(H.ablate_heads(value, [0])), arg("layer"))
     elif kind == "ablate_heads":
         value = data.draw(st.one_of(st.none(), st.floats(), short_text, st.just([]), st.booleans(),
@@ -594,7 +594,7 @@ def test_hooks(data, model, traces):
         expect_bad(lambda: H.ablate_heads(0, value), arg("heads"))
     elif kind == "ablate_heads_range":
         value = data.draw(st.lists(st.integers(0, HQ - 1), max_size=2).flatmap(
-            lambda good: st.one_of(st.integers(HQ, 1000), st.integers(-1000, -1)).map(lambda bad: good + [bad])))
+            lambda good: st.one_of(st.integers(HQ, 1000), st.integers(-1000, -HQ - 1)).map(lambda bad: good + [bad])))
         expect_bad(lambda: run(H.ablate_heads(1, value)), arg("heads"))
     elif kind == "ablate_mode":
         value = data.draw(st.one_of(short_text.filter(lambda m: m not in ("zero", "mean")), st.integers(), st.none(),
@@ -706,7 +706,7 @@ analysis_cases = st.one_of(
     # rotary
     st.tuples(st.just("rotary_table"), st.fixed_dictionaries({"seq_len": st.one_of(bad_positive_int, st.integers(MAX_LEN + 1, 10**12))}), st.just(arg("seq_len"))),
     st.tuples(st.just("bands"), st.fixed_dictionaries({"layer": st.one_of(st.integers(LAYERS, 99), st.integers(-99, -LAYERS - 1), st.floats(), short_text, st.none())}), st.just(arg("layer"))),
-    st.tuples(st.just("bands"), st.fixed_dictionaries({"head": st.one_of(st.integers(HQ, 99), st.integers(max_value=-1), st.floats(), short_text, st.none())}), st.just(arg("head"))),
+    st.tuples(st.just("bands"), st.fixed_dictionaries({"head": st.one_of(st.integers(HQ, 99), st.integers(max_value=-HQ - 1), st.floats(), short_text, st.none())}), st.just(arg("head"))),
     st.tuples(st.just("bands"), st.fixed_dictionaries({"batch": bad_batch}), st.just(arg("batch"))),
     st.tuples(st.just("bands"), st.fixed_dictionaries({"bands": st.one_of(
         st.integers(), short_text, st.just([]), st.just([[]]),
@@ -823,7 +823,7 @@ def test_trace_result(data, traces):
         value = data.draw(st.one_of(st.integers(LAYERS, 99), st.integers(-99, -LAYERS - 1), st.floats(), short_text, st.none()))
         expect_bad(lambda: full.attention(value), arg("layer"))
     elif kind == "attention_head":
-        value = data.draw(st.one_of(st.integers(HQ, 99), st.integers(-99, -1), st.floats(), short_text, st.booleans()))
+        value = data.draw(st.one_of(st.integers(HQ, 99), st.integers(-99, -HQ - 1), st.floats(), short_text, st.booleans()))
         expect_bad(lambda: full.attention(0, head=value), arg("head"))
     elif kind == "resid_where":
         value = data.draw(st.one_of(short_text.filter(lambda w: w not in ("pre", "mid", "post")), st.integers(), st.none()))

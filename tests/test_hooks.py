@@ -111,9 +111,9 @@ def test_mean_ablation_replaces_by_the_mean_over_batch_and_positions(model, ids,
 def test_ablate_heads_rejects_bad_arguments(model, ids):
     with pytest.raises(ValueError, match=r"`layer` must be an int in \[0, 3\)"):
         phi3lab.trace(model, ids, hooks=H.ablate_heads(LAYERS, 0))
-    with pytest.raises(ValueError, match="`layer`"):
-        phi3lab.trace(model, ids, hooks=H.ablate_heads(-1, 0))
-    with pytest.raises(ValueError, match=r"`heads` must be query-head indices in \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"`layer` must be an int in \[0, 3\)"):
+        phi3lab.trace(model, ids, hooks=H.ablate_heads(-LAYERS - 1, 0))
+    with pytest.raises(ValueError, match=r"`heads` must be an int in \[0, 4\)"):
         phi3lab.trace(model, ids, hooks=H.ablate_heads(0, [1, HQ]))
     with pytest.raises(ValueError, match="`heads`"):
         H.ablate_heads(0, [])
@@ -139,7 +139,18 @@ def test_query_heads_sharing_and_key_value_head_of(model):
     with pytest.raises(ValueError, match="`query_head`"):
         H.key_value_head_of(model, HQ)
     with pytest.raises(ValueError, match="`query_head`"):
-        H.key_value_head_of(model, -1)
+        H.key_value_head_of(model, -HQ - 1)
+    # One rule for indices everywhere: negative values count from the end.
+    assert H.key_value_head_of(model, -1) == H.key_value_head_of(model, HQ - 1)
+    assert H.query_heads_sharing(model, -1) == H.query_heads_sharing(model, HKV - 1)
+
+
+def test_negative_layers_count_from_the_end(model, ids):
+    last = phi3lab.trace(model, ids, names="blocks.-1.hook_resid_post", hooks=H.ablate_heads(-1, [0, -1]))
+    named = phi3lab.trace(model, ids, names=f"blocks.{LAYERS - 1}.hook_resid_post",
+                          hooks=H.ablate_heads(LAYERS - 1, [0, HQ - 1]))
+    assert last.names == named.names == [f"blocks.{LAYERS - 1}.hook_resid_post"]
+    assert np.array_equal(last.resid(-1), named.resid(LAYERS - 1))
 
 
 def test_gqa_helpers_describe_what_the_attention_computes(clean):

@@ -13,9 +13,11 @@ added tokens with Phi-3's flags) and a `config.json` with model_type "phi3", so 
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -432,3 +434,114 @@ def test_display_tokens_can_label_model_rows_past_the_vocabulary(tok):
         tok.display_tokens([past])
     with pytest.raises(ValueError, match="ids"):
         tok.display_tokens([-1], beyond_vocabulary="<unused {}>")
+
+
+def test_decode_joins_bytes_around_a_skipped_special_token(tok, oracle):
+    """Hugging Face leaves skipped tokens out before joining byte pieces: "日" (E6 97 A5) split by
+    a skipped <|user|> still decodes whole, while a kept one splits it into U+FFFDs."""
+    user, eos = tok.special_tokens["<|user|>"], tok.special_tokens["</s>"]
+    byte = {b: tok.token_to_id(f"<0x{b:02X}>") for b in (0xE6, 0x97, 0xA5)}
+    sequences = [[byte[0xE6], user, byte[0x97], byte[0xA5]], [byte[0xE6], byte[0x97], user, user, byte[0xA5]],
+                 [byte[0xE6], eos, byte[0x97], byte[0xA5]], [user, byte[0xE6], byte[0x97], byte[0xA5], user]]
+    for ids in sequences:
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == oracle.decode(ids, skip_special_tokens=skip), ids
+    assert tok.decode(sequences[0], skip_special_tokens=True) == "日"
+    assert tok.decode(sequences[0]) == "\ufffd<|user|>\ufffd\ufffd"
+
+
+@pytest.fixture(scope="session")
+def in_context_oracle(proto, tmp_path_factory):
+    """transformers' non-legacy Llama tokenizer: no dummy prefix after a special token, so
+    `encode("<|endoftext|>" + text)[1:]` is `text` as it appears inside a longer text."""
+    directory = write_phi3_hf_dir(tmp_path_factory.mktemp("non_legacy"), proto, legacy_json=False)
+    (directory / "config.json").unlink()
+    return load_oracle(directory)
+
+
+def test_to_single_token_is_the_token_inside_a_text(tok, oracle, in_context_oracle):
+    eot, lengths = tok.special_tokens["<|endoftext|>"], set()
+    for word in WORDS + ["Mary", "capital"]:
+        in_context = in_context_oracle.encode(f"<|endoftext|> {word}", add_special_tokens=False)
+        assert in_context[0] == eot
+        lengths.add(min(len(in_context) - 1, 2))
+        if len(in_context) == 2:
+            assert tok.to_single_token(" " + word) == in_context[1] == oracle_ids(oracle, f"a {word}")[-1]
+        else:
+            with pytest.raises(ValueError, match=rf"`text`.*' {word}'.*{len(in_context) - 1} tokens: \['▁"):
+                tok.to_single_token(" " + word)
+    assert lengths == {1, 2}  # both single tokens and words of several
+    assert tok.to_single_token("<|user|>") == tok.special_tokens["<|user|>"]
+    for glued in ["ary", "'s", "7", "\n"]:
+        ids = in_context_oracle.encode("<|endoftext|>" + glued, add_special_tokens=False)[1:]
+        if len(ids) == 1:
+            assert tok.to_single_token(glued) == ids[0]
+        else:
+            with pytest.raises(ValueError, match=f"{len(ids)} tokens"):
+                tok.to_single_token(glued)
+
+
+def test_to_str_tokens(tok, oracle):
+    ids = tok.encode("<|user|>\nHello\tworld 😀 東京<|end|>")
+    strings = tok.to_str_tokens(ids)
+    assert strings == tok.to_str_tokens("<|user|>\nHello\tworld 😀 東京<|end|>")
+    assert strings[0] == "<|user|>" and strings[-1] == "<|end|>" and "\t" in strings
+    for text in PLAIN_TEXTS:
+        joined = "".join(tok.to_str_tokens(text))
+        if "\ufffd" not in joined:  # no token holds part of a character
+            assert joined == " " + oracle.decode(tok.encode(text)) or joined == oracle.decode(tok.encode(text)), text
+    assert tok.to_str_tokens("Hi", add_bos=True)[0] == "<s>"
+    with pytest.raises(ValueError, match="`ids`"):
+        tok.to_str_tokens([[1, 2]])
+
+
+def test_from_preset_uses_the_checkpoints_chat_template(hf_dir, proto, tmp_path, oracle):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "ignored by Phi-3's"}]
+    loaded = Phi3Tokenizer.from_preset(hf_dir)
+    assert loaded.has_own_chat_template
+    assert loaded.apply_chat_template(messages) == oracle.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    directory = write_phi3_hf_dir(tmp_path, proto, legacy_json=False)
+    (directory / "chat_template.jinja").write_text("{% for m in messages %}{{ m.role }}:{{ m.content }}|{% endfor %}")
+    assert Phi3Tokenizer.from_preset(directory).apply_chat_template(messages) == "user:Hi|tool:ignored by Phi-3's|"
+    saved = loaded.save_hf(tmp_path / "saved")
+    assert json.loads(saved[1].read_text())["chat_template"] == PHI3_TEMPLATE
+
+
+REAL_PHI3 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "phi3_sentencepiece.model"
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """Phi-3-mini's real tokenizer.model, with transformers' tokenizer of the same files."""
+    if not REAL_PHI3.is_file():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"the real Phi-3 vocabulary is missing under CI: {REAL_PHI3}")
+        pytest.skip(f"the real Phi-3 vocabulary is not here ({REAL_PHI3}; a clone outside the workspace)")
+    proto = REAL_PHI3.read_bytes()
+    return Phi3Tokenizer(proto), load_oracle(write_phi3_hf_dir(tmp_path_factory.mktemp("real"), proto))
+
+
+def test_real_phi3_vocabulary(real):
+    tok, oracle = real
+    assert tok.encode("The quick brown fox.") == [450, 4996, 17354, 1701, 29916, 29889]  # keras-hub's test
+    sentence = "When Mary and John went to the store, John gave a drink to"
+    ids = oracle_ids(oracle, sentence)
+    assert tok.encode(sentence) == ids
+    assert tok.encode(" Mary") == [29871, ids[1]]  # "▁", "▁Mary": `[0]` would be the lone "▁"
+    assert tok.to_single_token(" Mary") == ids[1] == tok.token_to_id("▁Mary")
+    assert tok.to_single_token(" John") == ids[3]
+    assert tok.to_str_tokens(sentence) == [" " + oracle.decode([i]) if tok.id_to_token(i).startswith("▁")
+                                           else oracle.decode([i]) for i in ids]
+    assert tok.to_str_tokens(sentence)[:3] == [" When", " Mary", " and"]
+    with pytest.raises(ValueError, match=r"' Zürichsee'.*tokens: \['▁Z"):
+        tok.to_single_token(" Zürichsee")
+    with pytest.raises(ValueError, match=r"'Mary'.*2 tokens: \['M', 'ary'\] \(' Mary' is one token"):
+        tok.to_single_token("Mary")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "東京は?"}]
+    text = tok.apply_chat_template(chat)
+    assert text == oracle.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert tok.encode(text) == oracle_ids(oracle, text)
+    everything = list(range(tok.vocabulary_size))
+    assert [tok.id_to_token(i) for i in everything] == oracle.convert_ids_to_tokens(everything)
+    assert all(s.isprintable() for s in tok.display_tokens(everything))

@@ -12,7 +12,6 @@ import pytest
 import phi3lab
 from phi3lab.widgets import AttentionExplorer, LogitLensView, PatchingView, ResidualStreamView, RopeView
 from phi3lab.widgets.common import Scale, pool_max, unpacked
-from phi3lab.widgets.logit_lens import _from_frame, lens_top_k
 
 PNG = b"\x89PNG\r\n\x1a\n"
 LENGTH = 9
@@ -249,15 +248,6 @@ def test_logit_lens_grid_is_the_lens(model, tr):
     assert heat(view.grid).text[1][2] == ToyTokenizer.vocabulary[probs[1, 2].argmax()]
     assert heat(view.grid).hovertext[0][0].count("<br>") == 2                          # top-3 per cell
     assert list(heat(view.grid).y) == ["0 post", "1 post"]
-
-
-def test_logit_lens_own_top_k_matches_analysis(model, tr):
-    own_ids, own_probs = lens_top_k(model, tr, [(0, "pre"), (1, "post")], 0, 4, chunk=4)
-    import phi3lab.analysis.logit_lens as analysis
-    frame = analysis.logit_lens(model, tr, k=4, where=["pre", "post"])
-    ids, probs = _from_frame(frame, [(0, "pre"), (1, "post")], LENGTH, 4)
-    np.testing.assert_array_equal(own_ids, ids)
-    np.testing.assert_allclose(own_probs, probs, rtol=1e-4)
 
 
 def test_logit_lens_answer_and_position(model, tr):

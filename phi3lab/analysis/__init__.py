@@ -28,7 +28,7 @@ from phi3lab.analysis.heads import (
     head_scores,
     repeated_tokens,
 )
-from phi3lab.analysis.logit_lens import logit_lens, logit_lens_logits
+from phi3lab.analysis.lens import answer_curve, logit_lens, logit_lens_logits
 from phi3lab.analysis.patching import PatchingResult, activation_patching
 from phi3lab.analysis.rotary import rotary_band_scores, rotary_table
 
@@ -36,6 +36,7 @@ __all__ = [
     "PatchingResult",
     "ResidualDecomposition",
     "activation_patching",
+    "answer_curve",
     "attention_stats",
     "decompose_resid",
     "detector_scores",

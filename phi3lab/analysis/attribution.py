@@ -18,8 +18,11 @@ import numpy as np
 import pandas as pd
 from jax import numpy as jnp
 
-from phi3lab.analysis._common import as_list, check_index, check_trace, compiled, is_int, last_positions, require
+from phi3lab import compile_cache
+from phi3lab.analysis._common import as_list, check_trace, require
+from phi3lab.checks import check_index, is_int, last_positions
 from phi3lab.errors import bad_argument
+from phi3lab.model.quantize import float_weight
 from phi3lab.tracing.names import block_name
 
 
@@ -84,6 +87,13 @@ def _head_fn():
     return jax.jit(split)
 
 
+def _unembed_columns(model):
+    """Compiled `(params, x [N, D], columns [C]) -> logits [N, C]` through
+    the model's LM head (`model.unembed`): a linear read-out of components."""
+    read = lambda params, x, columns: model.unembed(params, x)[:, columns]
+    return compile_cache.cached(model, ("attribution.unembed",), lambda: jax.jit(read))
+
+
 def _rows(tr, name: str, values, what: str, size: int) -> np.ndarray:
     if values is None:
         return np.arange(size)
@@ -126,8 +136,8 @@ def decompose_resid(model, tr, batch: int | Sequence[int] | None = None, positio
     cols = _rows(tr, "positions", positions, "position", tr.token_ids.shape[1])
     take = lambda a: np.asarray(a)[rows][:, cols]
     z = np.stack([take(tr[block_name(l, "attn.hook_z")]) for l in layers])
-    kernel = model.decoder.attention.output_kernel.value
-    split = compiled(model, "attribution.heads", _head_fn)
+    kernel = float_weight(model.decoder.attention, "output_kernel")
+    split = compile_cache.cached(model, ("attribution.heads",), _head_fn)
     return ResidualDecomposition(
         embed=take(tr["hook_embed"]),
         attn_out=np.stack([take(tr[block_name(l, "hook_attn_out")]) for l in layers]),
@@ -234,13 +244,9 @@ def direct_logit_attribution(
     final = parts.final[0, 0]
     inv_rms, scale = frozen_norm_scale(model, final)
 
-    head = model.token_embedding
-    reverse = np.asarray(head.params()["reverse_embeddings"])
-    columns = [answer_id] + ([counter_id] if counter_id is not None else [])
-    read = lambda vectors: np.asarray(
-        head.apply({"reverse_embeddings": jnp.asarray(reverse[:, columns])}, jnp.asarray(vectors * scale, jnp.float32), reverse=True),
-        np.float64,
-    )
+    columns = jnp.asarray([answer_id] + ([counter_id] if counter_id is not None else []), jnp.int32)
+    unembed, params = _unembed_columns(model), model.params()
+    read = lambda vectors: np.asarray(unembed(params, jnp.asarray(vectors * scale, jnp.float32), columns), np.float64)
     signed = lambda logits: logits[:, 0] - (logits[:, 1] if counter_id is not None else 0.0)
     fine = signed(read(parts.stack(heads=True)[:, 0, 0]))
     whole = signed(read(parts.stack(heads=False)[:, 0, 0]))
@@ -252,10 +258,7 @@ def direct_logit_attribution(
     if "hook_logits" in tr.names:
         logits = np.asarray(tr["hook_logits"][batch, absolute], np.float64)
     else:
-        from phi3lab.analysis.logit_lens import decoder
-
-        decode, params = decoder(model)
-        logits = np.asarray(decode(params, jnp.asarray(final[None, None])), np.float64)[0, 0]
+        logits = np.asarray(jax.jit(model.readout)(params, jnp.asarray(final[None], jnp.float32)), np.float64)[0]
     model_value = logits[answer_id] - (logits[counter_id] if counter_id is not None else 0.0)
     table.attrs.update(
         total=float(whole.sum()), logit_diff=float(model_value), inv_rms=inv_rms, answer=answer_id,

@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from phi3lab.analysis._common import check_trace, is_int, require
-from phi3lab.errors import bad_argument, check_positive_int
+from phi3lab.analysis._common import check_trace, require
+from phi3lab.checks import check_index, check_positive_int, is_int
+from phi3lab.errors import bad_argument
 from phi3lab.tracing import Trace
-from phi3lab.tracing.hooks import query_heads_sharing
+from phi3lab.model.attention import key_value_heads
+from phi3lab.tracing.interventions import query_heads_sharing
 from phi3lab.tracing.names import block_name
-from phi3lab.tracing.trace import trace
+from phi3lab.tracing.tracer import trace
 
 
 def group_heads(model) -> dict[int, list[int]]:
@@ -35,13 +37,6 @@ def group_heads(model) -> dict[int, list[int]]:
     {0: [0, 1], 1: [2, 3]}
     """
     return {kv: query_heads_sharing(model, kv) for kv in range(model.num_key_value_heads)}
-
-
-def _kv_of(model) -> np.ndarray:
-    owner = np.zeros(model.num_query_heads, np.int64)
-    for kv, heads in group_heads(model).items():
-        owner[heads] = kv
-    return owner
 
 
 def _patterns(tr, purpose: str) -> list[np.ndarray]:
@@ -168,7 +163,7 @@ def head_scores(
         tr = trace(model, ids, names="blocks.*.attn.hook_pattern")
     check_trace(model, tr)
     valid = np.asarray(tr.padding_mask, bool)
-    kv = _kv_of(model)
+    kv = key_value_heads(model.num_query_heads, model.num_key_value_heads)
     frames = []
     for layer, pattern in enumerate(_patterns(tr, "head_scores")):
         scores = detector_scores(pattern, np.asarray(tr.token_ids), valid)
@@ -202,14 +197,12 @@ def attention_stats(tr, batch: int | None = None) -> pd.DataFrame:
         raise bad_argument("tr", tr, "a phi3lab.Trace (from phi3lab.trace(model, ids))")
     rows = np.arange(tr.token_ids.shape[0])
     if batch is not None:
-        if not is_int(batch) or not 0 <= batch < len(rows):
-            raise bad_argument("batch", batch, f"None or an int in [0, {len(rows)})")
-        rows = rows[[batch]]
+        rows = rows[[check_index("batch", batch, len(rows), "batch row")]]
     valid = np.asarray(tr.padding_mask, bool)[rows]
     length = valid.shape[1]
     first = np.argmax(valid, axis=1)
     distance = (np.arange(length)[:, None] - np.arange(length)[None, :]).astype(np.float64)
-    kv = _kv_of(tr)
+    kv = key_value_heads(tr.num_query_heads, tr.num_key_value_heads)
     frames = []
     for layer, pattern in enumerate(_patterns(tr, "attention_stats")):
         pattern = pattern[rows]

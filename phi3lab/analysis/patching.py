@@ -19,12 +19,13 @@ import numpy as np
 import pandas as pd
 from jax import numpy as jnp
 
-from phi3lab.analysis._common import check_ids, check_mask, check_token, compiled, is_int, last_positions
+from phi3lab import compile_cache
+from phi3lab.checks import check_ids, check_mask, check_token, is_int, last_positions
 from phi3lab.errors import bad_argument
-from phi3lab.tracing.hooks import Hook
+from phi3lab.tracing.forward import forward_fn
+from phi3lab.tracing.interventions import Hook
 from phi3lab.tracing.names import block_name
-from phi3lab.tracing.sites import TracePlan, TraceSites
-from phi3lab.tracing.trace import trace
+from phi3lab.tracing.tracer import trace
 
 # site -> (block hook name, unit axis of the activation, unit name)
 SITES = {
@@ -109,18 +110,11 @@ def _user_metric(metric):
 def _patcher(model, site: str, metric_fn: Callable):
     """Compiled `run(params, ids [N,B,T], padding, clean [L,...], masks [N,L,U], data) -> [N]`."""
     name, axis, _ = SITES[site]
-    plan = TracePlan(
-        keep=frozenset(),
-        hooked=tuple((block_name(l, name), (0,)) for l in range(model.num_layers)),
-        num_layers=model.num_layers,
-    )
-    hooks = (Hook(_patch_units, None, (axis,)),)
+    forward = forward_fn(model, hooks={block_name("*", name): Hook(_patch_units, static=(axis,))})
 
     def one(params, ids, padding, clean, mask, data):
-        sites = TraceSites(plan, hooks, ((clean, mask),))
-        hidden, _ = model.apply(params, ids, padding_mask=padding, sites=sites)
-        head = lambda h: model.token_embedding.apply(params["token_embedding"], h, reverse=True)
-        return metric_fn(hidden, head, data)
+        hidden = forward(params, ids, padding, hook_data=((clean, mask),)).hidden
+        return metric_fn(hidden, lambda h: model.unembed(params, h), data)
 
     return jax.jit(jax.vmap(one, in_axes=(None, 0, None, None, 0, None)))
 
@@ -130,7 +124,7 @@ class _Sweep:
 
     def __init__(self, model, site, clean_ids, corrupted_ids, padding, metric_key, metric_fn, data, batch_size):
         self.model, self.site, self.batch_size = model, site, batch_size
-        self.run_fn = compiled(model, ("patching", site, metric_key), lambda: _patcher(model, site, metric_fn))
+        self.run_fn = compile_cache.cached(model, ("patching", site, metric_key), lambda: _patcher(model, site, metric_fn))
         self.clean_ids, self.corrupted_ids = clean_ids, corrupted_ids
         self.padding, self.data = jnp.asarray(padding), data
         tr = trace(model, clean_ids, padding_mask=padding, names=block_name("*", SITES[site][0]))
@@ -166,11 +160,7 @@ def _sweep(model, clean_ids, corrupted_ids, metric, answer, counterfactual, site
     corrupted = check_ids("corrupted_ids", corrupted_ids, model)
     if clean.shape != corrupted.shape:
         raise bad_argument("corrupted_ids", f"array of shape {corrupted.shape}", f"the shape of clean_ids, {clean.shape}")
-    padding = np.ones(clean.shape, bool) if padding_mask is None else check_mask(padding_mask)
-    if padding.ndim == 1:
-        padding = padding[None]
-    if padding.shape != clean.shape:
-        raise bad_argument("padding_mask", f"array of shape {np.shape(padding_mask)}", f"None or the shape of clean_ids, {clean.shape}")
+    padding = check_mask(padding_mask, clean.shape)
     if not is_int(batch_size) or batch_size < 1:
         raise bad_argument("batch_size", batch_size, "a positive int (patched runs per compiled call)")
     rows = clean.shape[0]

@@ -4,11 +4,14 @@ The table is built from the model's own `RotarySpec` (through
 `phi3lab.tracing.rope.describe_rotary`); nothing here re-derives a
 frequency. Band scores split a head's attention logits into the
 contributions of its rotary dimension pairs: Phi-3 rotates dimension `i`
-together with `i + head_dim / 2`, so after rotation
+together with `i + rotary_dim / 2`, so after rotation
 
-    score[t, s] = scale * sum_i (q[t, i] k[s, i] + q[t, i + P] k[s, i + P])
+    score[t, s] = scale * (sum_i (q[t, i] k[s, i] + q[t, i + P] k[s, i + P])
+                           + sum_{j >= rotary_dim} q[t, j] k[s, j])
 
-with `P = head_dim / 2` and `scale` the attention layer's `score_scale` (`head_dim ** -0.5`).
+with `P = rotary_dim / 2` and `scale` the attention layer's `score_scale`
+(`head_dim ** -0.5`). The last sum is over the pass-through dimensions of a
+partially rotary model (Phi-4-mini: 32 of 128), which carry no position.
 Low pairs turn fast (position-sensitive), high pairs slowly (semantic).
 """
 
@@ -20,10 +23,11 @@ import numpy as np
 import pandas as pd
 from jax import numpy as jnp
 
-from phi3lab.analysis._common import check_index, check_trace, is_int, require
-from phi3lab.errors import bad_argument, check_positive_int
+from phi3lab.analysis._common import check_trace, require
+from phi3lab.checks import check_index, check_positive_int
+from phi3lab.errors import bad_argument
 from phi3lab.model.attention import attention_mask
-from phi3lab.tracing.hooks import key_value_head_of
+from phi3lab.tracing.interventions import key_value_head_of
 from phi3lab.tracing.names import block_name
 from phi3lab.tracing.rope import describe_rotary
 
@@ -31,14 +35,16 @@ from phi3lab.tracing.rope import describe_rotary
 def rotary_table(model, seq_len: int) -> pd.DataFrame:
     """The rotary embedding of `model` over `seq_len` positions, per pair.
 
-    One row per dimension pair `(i, i + head_dim/2)`: the factor in force,
+    One row per rotary dimension pair `(i, i + rotary_dim/2)`: the factor in force,
     inverse frequency, wavelength in tokens, turns over `seq_len`
     positions (from `RotaryDescription.to_pandas`), and side by side the
     "su" `short_factor` / `long_factor` with the wavelengths each gives
     (`short_wavelength`, `long_wavelength`; all factors are 1 without
     scaling). `attrs` holds `factor_set` (the set in force at this length),
     `reason`, `attention_factor` (the cos/sin multiplier), `seq_len`,
-    `pretraining_sequence_length` and `max_sequence_length`.
+    `pretraining_sequence_length`, `max_sequence_length`, `head_dim`,
+    `rotary_dim` and `pass_through_dims` (the unrotated dimensions, which
+    have no row: with partial rotary only `rotary_dim // 2` pairs turn).
 
     Args:
         model: a `Phi3Backbone`.
@@ -73,23 +79,26 @@ def rotary_table(model, seq_len: int) -> pd.DataFrame:
         pretraining_sequence_length=spec.pretraining_sequence_length,
         max_sequence_length=spec.max_sequence_length,
         max_wavelength=spec.max_wavelength,
-    )
+    )  # head_dim, rotary_dim and pass_through_dims come from the description
     return table
 
 
-def _check_bands(bands, num_pairs: int) -> list[np.ndarray]:
+def _check_bands(bands, num_pairs: int, num_groups: int) -> list[np.ndarray]:
+    """Bands as index arrays over the `num_groups` groups (the rotary pairs,
+    then the pass-through block when there is one)."""
     if bands is None:
-        return [np.array([i]) for i in range(num_pairs)]
-    accepted = f"None or a list of pair-index lists (or slices) within [0, {num_pairs})"
+        return [np.array([i]) for i in range(num_groups)]
+    where = f"[0, {num_groups})" + (f" ({num_pairs} is the pass-through block)" if num_groups > num_pairs else "")
+    accepted = f"None or a list of pair-index lists (or slices) within {where}"
     if isinstance(bands, (str, bytes)) or not hasattr(bands, "__iter__"):
         raise bad_argument("bands", bands, accepted)
     chosen = []
     for band in bands:
         try:
-            pairs = np.arange(num_pairs)[band] if isinstance(band, slice) else np.atleast_1d(np.asarray(band))
+            pairs = np.arange(num_groups)[band] if isinstance(band, slice) else np.atleast_1d(np.asarray(band))
         except (TypeError, ValueError, IndexError):
             raise bad_argument("bands", bands, accepted) from None
-        if pairs.size == 0 or pairs.ndim != 1 or not np.issubdtype(pairs.dtype, np.integer) or pairs.min() < 0 or pairs.max() >= num_pairs:
+        if pairs.size == 0 or pairs.ndim != 1 or not np.issubdtype(pairs.dtype, np.integer) or pairs.min() < 0 or pairs.max() >= num_groups:
             raise bad_argument("bands", bands, accepted)
         chosen.append(pairs)
     if not chosen:
@@ -109,9 +118,12 @@ def rotary_band_scores(
 
     From `attn.hook_rot_q` (the query head) and `attn.hook_rot_k` (its
     key/value head under grouped-query attention), pair `i` contributes
-    `scale * (q[t,i] k[s,i] + q[t,i+P] k[s,i+P])`. Summed over all pairs
-    this is `attn.hook_attn_scores` on the allowed (query, key) entries;
-    masked entries (future keys, padding, outside a sliding window) are NaN.
+    `scale * (q[t,i] k[s,i] + q[t,i+P] k[s,i+P])`, `P = rotary_dim / 2`.
+    With partial rotary (`rotary_dim < head_dim`) one more group, index
+    `P`, holds the pass-through dimensions' `scale * sum_j q[t,j] k[s,j]`.
+    Summed over all groups this is `attn.hook_attn_scores` on the allowed
+    (query, key) entries; masked entries (future keys, padding, outside a
+    sliding window) are NaN.
 
     Args:
         model: the `Phi3Backbone` that produced `tr`.
@@ -119,8 +131,9 @@ def rotary_band_scores(
         layer: int. Decoder block.
         head: int. Query head.
         batch: int. Row of the trace.
-        bands: None (one band per pair) or a list of bands, each a list of
-            pair indices or a slice, e.g. `[slice(0, 8), slice(8, 16)]`.
+        bands: None (one band per pair, plus the pass-through block if any)
+            or a list of bands, each a list of group indices or a slice,
+            e.g. `[slice(0, 8), slice(8, 16)]`.
 
     Returns:
         float32 `[num_bands, Tq, Tk]`.
@@ -129,22 +142,27 @@ def rotary_band_scores(
     ```python
     tr = phi3lab.trace(model, ids, names="blocks.0.attn.hook_rot_*")
     parts = phi3lab.analysis.rotary_band_scores(model, tr, layer=0, head=1)
-    parts.shape                               # (head_dim // 2, T, T)
+    parts.shape                               # (rotary_dim // 2 [+ 1], T, T)
     np.nansum(np.abs(parts), axis=(1, 2))     # which pairs matter most
     ```
     """
     check_trace(model, tr)
     layer = check_index("layer", layer, model.num_layers, "layer")
-    if not is_int(head) or not 0 <= head < model.num_query_heads:
-        raise bad_argument("head", head, f"an int query head in [0, {model.num_query_heads})")
+    head = check_index("head", head, model.num_query_heads, "query head")
     batch = check_index("batch", batch, tr.token_ids.shape[0], "batch row")
     names = [block_name(layer, "attn.hook_rot_q"), block_name(layer, "attn.hook_rot_k")]
     require(tr, names, "rotary_band_scores")
-    pairs = model.head_dim // 2
-    chosen = _check_bands(bands, pairs)
+    rotary_dim = model.rotary.rotary_dim
+    pairs = rotary_dim // 2
+    groups = pairs + (rotary_dim < model.head_dim)
+    chosen = _check_bands(bands, pairs, groups)
     q = np.asarray(tr[names[0]][batch, :, head], np.float64)
     k = np.asarray(tr[names[1]][batch, :, key_value_head_of(model, int(head))], np.float64)
-    per_pair = np.einsum("thi,shi->its", q.reshape(-1, 2, pairs), k.reshape(-1, 2, pairs)) * model.decoder.attention.score_scale
+    rotated = lambda x: x[:, :rotary_dim].reshape(-1, 2, pairs)
+    per_pair = np.einsum("thi,shi->its", rotated(q), rotated(k))
+    if groups > pairs:
+        per_pair = np.concatenate([per_pair, (q[:, rotary_dim:] @ k[:, rotary_dim:].T)[None]])
+    per_pair = per_pair * model.decoder.attention.score_scale
     out = np.stack([per_pair[band].sum(0) for band in chosen])
     padding = jnp.asarray(tr.padding_mask[batch : batch + 1])
     allowed = np.asarray(attention_mask(padding, 0, q.shape[0], model.sliding_window))[0]

@@ -10,13 +10,28 @@ from __future__ import annotations
 
 import jax
 import keras
+import numpy as np
 from jax import numpy as jnp
 
 from phi3lab.model.dropout import dropout
 from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.initializers import default_initializer
+from phi3lab.model.quantize import dequantize
 from phi3lab.model.stacked import add_stacked_weights
 from phi3lab.model.rotary import apply_rotary
+
+
+def key_value_heads(num_query_heads: int, num_key_value_heads: int) -> np.ndarray:
+    """The key/value head each query head reads, int `[num_query_heads]`:
+    query head `n` reads `n // (num_query_heads // num_key_value_heads)`.
+    The one statement of the grouped-query mapping; hooks, analysis and
+    widgets use it.
+
+    Example:
+    >>> key_value_heads(4, 2)
+    array([0, 0, 1, 1])
+    """
+    return np.arange(num_query_heads) // (num_query_heads // num_key_value_heads)
 
 
 def attention_mask(padding_mask, query_start, num_queries: int, sliding_window=None):
@@ -103,10 +118,15 @@ class Phi3Attention(keras.layers.Layer):
     def params(self) -> dict:
         return {name: getattr(self, name).value for name in self.stacked_weight_names}
 
-    def attend(self, q, k, v, padding_mask, query_start, dropout_key=None):
+    def attend(self, q, k, v, padding_mask, query_start, dropout_key=None, sites=NO_HOOKS):
         """Attention of query rows `q [B, n, Hq, dh]` (positions `query_start
-        ...`) over all keys; returns `(scores, pattern, z)` with scores and
-        pattern `[B, Hq, n, T]` (float32) and `z [B, n, Hq, dh]`."""
+        ...`) over all keys: scores, softmax, then the weighted values.
+
+        The masked scores and the pattern go through `sites`
+        (`attn.hook_attn_scores`, `attn.hook_pattern`), so a hook on the
+        scores changes the pattern and a hook on the pattern changes `z`.
+        Returns `(scores, pattern, z)`: scores and pattern `[B, Hq, n, T]`
+        (float32) and `z [B, n, Hq, dh]`."""
         batch, rows, length = q.shape[0], q.shape[1], k.shape[1]
         grouped_q = q.reshape(
             batch, rows, self.num_key_value_heads, self.group_size, self.head_dim
@@ -116,8 +136,8 @@ class Phi3Attention(keras.layers.Layer):
         ).reshape(batch, self.num_query_heads, rows, length)
         scores = scores * jnp.float32(self.score_scale)
         mask = attention_mask(padding_mask, query_start, rows, self.sliding_window)[:, None]
-        scores = jnp.where(mask, scores, -jnp.inf)
-        pattern = masked_softmax(scores, mask)
+        scores = sites("attn.hook_attn_scores", jnp.where(mask, scores, -jnp.inf))
+        pattern = sites("attn.hook_pattern", masked_softmax(scores, mask))
         weights = dropout(pattern, self.dropout, dropout_key).astype(v.dtype)
         z = jnp.einsum(
             "bkgts,bskh->btkgh",
@@ -148,7 +168,7 @@ class Phi3Attention(keras.layers.Layer):
         Args:
             params: this layer's kernels (no leading layer axis).
             x: normalized input `[B, T, D]`.
-            cos, sin: rotary tables `[T, head_dim]`.
+            cos, sin: rotary tables `[T, rotary_dim]`.
             padding_mask: boolean `[B, T]`, True for real tokens.
             sites: hook points (`NO_HOOKS` for the plain forward).
             dropout_key: JAX key for attention dropout, or None.
@@ -161,7 +181,7 @@ class Phi3Attention(keras.layers.Layer):
         those query rows of the pattern and scores are reported.
         """
         dtype = self.compute_dtype
-        w = {name: value.astype(dtype) for name, value in params.items()}
+        w = dequantize(params, dtype)
         q = sites("attn.hook_q", jnp.einsum("btd,dnh->btnh", x, w["query_kernel"]))
         k = sites("attn.hook_k", jnp.einsum("bsd,dkh->bskh", x, w["key_kernel"]))
         v = sites("attn.hook_v", jnp.einsum("bsd,dkh->bskh", x, w["value_kernel"]))
@@ -172,25 +192,17 @@ class Phi3Attention(keras.layers.Layer):
         reported = sites.wants("attn.hook_attn_scores") or sites.wants("attn.hook_pattern")
         window = sites.query_window
         if reported and window is None:
-            scores, _, _ = self.attend(q, k, v, padding_mask, 0)
-            scores = sites("attn.hook_attn_scores", scores)
-            mask = attention_mask(padding_mask, 0, length, self.sliding_window)[:, None]
-            pattern = sites("attn.hook_pattern", masked_softmax(scores, mask))
-            pattern = dropout(pattern, self.dropout, dropout_key).astype(dtype)
-            grouped = pattern.reshape(
-                pattern.shape[0], self.num_key_value_heads, self.group_size, length, length
-            )
-            z = jnp.einsum("bkgts,bskh->btkgh", grouped, v).reshape(q.shape)
+            z = self.attend(q, k, v, padding_mask, 0, dropout_key, sites)[2]
         else:
             if length > 2 * self.query_chunk_size and dropout_key is None:
                 z = self._attend_in_chunks(q, k, v, padding_mask)
             else:
                 z = self.attend(q, k, v, padding_mask, 0, dropout_key)[2]
             if reported:
+                # Only the window's rows are reported (hooks on attention
+                # maps are refused with a window, so nothing flows back).
                 start, stop = window
-                scores, pattern, _ = self.attend(q[:, start:stop], k, v, padding_mask, start)
-                sites("attn.hook_attn_scores", scores)
-                sites("attn.hook_pattern", pattern)
+                self.attend(q[:, start:stop], k, v, padding_mask, start, sites=sites)
         z = sites("attn.hook_z", z)
         return jnp.einsum("btnh,nhd->btd", z, w["output_kernel"])
 

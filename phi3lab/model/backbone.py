@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import jax
 import keras
 from jax import numpy as jnp
 
+from phi3lab import compile_cache
+from phi3lab.checks import check_token_ids
 from phi3lab.errors import bad_argument
-from phi3lab.model.config import check_backbone_arguments, check_token_ids
+from phi3lab.model.config import BackboneConfig
 from phi3lab.model.decoder import Phi3DecoderStack
 from phi3lab.model.embedding import Phi3TokenEmbedding
 from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.norm import Phi3RMSNorm
-from phi3lab.model.rotary import RotarySpec
+from phi3lab.model.quantize import quantize_stacked_weights
 
 
 class _ClassProperty:
@@ -50,8 +55,9 @@ class Phi3Backbone(keras.Model):
         rope_max_wavelength: float. Rotary base. Defaults to `10000`.
         rope_scaling_type: `None` or `"su"` (`"longrope"` is accepted as the
             same thing and stored as `"su"`).
-        rope_scaling_short_factor: list of `hidden_dim // num_query_heads // 2`
-            floats, required with "su".
+        rope_scaling_short_factor: list of `rotary_dim // 2` floats
+            (`rotary_dim = hidden_dim // num_query_heads` with full rotary),
+            required with "su".
         rope_scaling_long_factor: list of the same length, required with "su".
         dtype: string or `keras.DTypePolicy` (`"float32"`, `"bfloat16"`,
             `"mixed_bfloat16"`). Softmax and norms always run in float32.
@@ -59,6 +65,18 @@ class Phi3Backbone(keras.Model):
             last `sliding_window` positions (itself included), as Hugging
             Face transformers does for Phi-3-mini-4k (2047). keras-hub has no
             such argument and attends to everything.
+        partial_rotary_factor: float in (0, 1]. Rotary is applied to the
+            first `int(head_dim * partial_rotary_factor)` dimensions of each
+            query/key head, the rest pass through (Phi-4-mini: 0.75; the "su"
+            factor lists then have `rotary_dim // 2` entries). Defaults to 1.
+        tie_word_embeddings: bool. When True the LM head is the token
+            embedding's transpose (Phi-4-mini); there is no separate
+            `reverse_embeddings` weight. Defaults to False.
+        quantization: `None` or `"int8"` (weight-only int8 projection
+            kernels, see `quantize`). Defaults to None.
+
+    All arguments are described once, by `phi3lab.model.config.BackboneConfig`,
+    which checks them and which the preset formats read and write.
 
     Inputs: `{"token_ids": int [B, T], "padding_mask": int/bool [B, T]}`.
     Output: the final normalized hidden states `[B, T, hidden_dim]`.
@@ -79,111 +97,60 @@ class Phi3Backbone(keras.Model):
     ```
     """
 
-    def __init__(
-        self,
-        vocabulary_size,
-        num_layers,
-        hidden_dim,
-        intermediate_dim,
-        num_query_heads,
-        num_key_value_heads,
-        layer_norm_epsilon=1e-6,
-        dropout=0.0,
-        max_sequence_length=4096,
-        pretraining_sequence_length=4096,
-        rope_max_wavelength=10000,
-        rope_scaling_type=None,
-        rope_scaling_short_factor=None,
-        rope_scaling_long_factor=None,
-        dtype=None,
-        sliding_window=None,
-        **kwargs,
-    ):
-        rope = check_backbone_arguments(
-            vocabulary_size,
-            num_layers,
-            hidden_dim,
-            intermediate_dim,
-            num_query_heads,
-            num_key_value_heads,
-            layer_norm_epsilon,
-            dropout,
-            max_sequence_length,
-            pretraining_sequence_length,
-            rope_max_wavelength,
-            rope_scaling_type,
-            rope_scaling_short_factor,
-            rope_scaling_long_factor,
-            sliding_window,
-        )
-        if dtype is not None:
-            # Only names and policies: a dict would go through Keras deserialization.
-            # The one dict accepted is a plain DTypePolicy as `get_config()`
-            # writes it (from_config and `.keras` files pass it back); it is
-            # reduced to its name, never deserialized.
-            if (
-                isinstance(dtype, dict)
-                and dtype.get("class_name") == "DTypePolicy"
-                and isinstance(dtype.get("config"), dict)
-                and isinstance(dtype["config"].get("name"), str)
-            ):
-                dtype = dtype["config"]["name"]
-            if not isinstance(dtype, (str, keras.DTypePolicy)):
-                raise bad_argument("dtype", dtype, 'None, a dtype name such as "float32", "bfloat16" or "mixed_bfloat16", or a keras.DTypePolicy')
-            try:
-                keras.dtype_policies.get(dtype)
-            except ValueError as error:
-                raise bad_argument("dtype", dtype, f'a dtype policy name ("float32", "bfloat16", "mixed_bfloat16", ...): {error}') from None
-        super().__init__(dtype=dtype, **kwargs)
+    def __init__(self, *args, **kwargs):
+        bound = _SIGNATURE.bind(self, *args, **kwargs).arguments
+        bound.pop("self")
+        dtype = _check_dtype(bound.pop("dtype", None))
+        layer_kwargs = bound.pop("kwargs", {})
+        config = BackboneConfig(**bound)
+        super().__init__(dtype=dtype, **layer_kwargs)
+        # Keras wraps `quantize` per instance to resolve its own quantization
+        # configs (int4, float8, gptq) before the method runs; phi3lab checks
+        # the mode itself, so the method is used unwrapped.
+        vars(self).pop("quantize", None)
 
         # === Layers ===
         self.token_embedding = Phi3TokenEmbedding(
-            vocabulary_size, hidden_dim, dtype=self.dtype_policy, name="token_embedding"
+            config.vocabulary_size, config.hidden_dim, tie_weights=config.tie_word_embeddings,
+            dtype=self.dtype_policy, name="token_embedding",
         )
         self.decoder = Phi3DecoderStack(
-            num_layers=num_layers,
-            hidden_dim=hidden_dim,
-            intermediate_dim=intermediate_dim,
-            num_query_heads=num_query_heads,
-            num_key_value_heads=num_key_value_heads,
-            layer_norm_epsilon=layer_norm_epsilon,
-            dropout=dropout,
-            sliding_window=sliding_window,
+            num_layers=config.num_layers,
+            hidden_dim=config.hidden_dim,
+            intermediate_dim=config.intermediate_dim,
+            num_query_heads=config.num_query_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            layer_norm_epsilon=config.layer_norm_epsilon,
+            dropout=config.dropout,
+            sliding_window=config.sliding_window,
             dtype=self.dtype_policy,
             name="decoder",
         )
         self.final_norm = Phi3RMSNorm(
-            hidden_dim, layer_norm_epsilon, dtype=self.dtype_policy, name="final_norm"
+            config.hidden_dim, config.layer_norm_epsilon, dtype=self.dtype_policy, name="final_norm"
         )
         self.dropout_seed = keras.random.SeedGenerator(0)
+        if config.quantization == "int8":
+            self._quantize_kernels()
         self.built = True
 
         # === Config ===
-        self.vocabulary_size = vocabulary_size
-        self.num_layers = num_layers
-        self.hidden_dim = hidden_dim
-        self.intermediate_dim = intermediate_dim
-        self.num_query_heads = num_query_heads
-        self.num_key_value_heads = num_key_value_heads
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.dropout = dropout
-        self.max_sequence_length = max_sequence_length
-        self.pretraining_sequence_length = pretraining_sequence_length
-        self.rope_max_wavelength = rope_max_wavelength
-        self.rope_scaling_type = rope["rope_scaling_type"]
-        self.rope_scaling_short_factor = rope["rope_scaling_short_factor"]
-        self.rope_scaling_long_factor = rope["rope_scaling_long_factor"]
-        self.sliding_window = sliding_window
-        self.head_dim = hidden_dim // num_query_heads
-        self.rotary = RotarySpec(
-            head_dim=self.head_dim,
-            max_wavelength=float(rope_max_wavelength),
-            scaling_type=self.rope_scaling_type,
-            short_factor=self.rope_scaling_short_factor,
-            long_factor=self.rope_scaling_long_factor,
-            max_sequence_length=max_sequence_length,
-            pretraining_sequence_length=pretraining_sequence_length,
-        )
+        self._set_config(config)
+
+    def _quantize_kernels(self) -> None:
+        # One code path for `quantize()` and for building a quantized model
+        # from its config, so both hold the same variables in the same order.
+        for layer in (self.decoder.attention, self.decoder.mlp):
+            quantize_stacked_weights(layer)
+
+    def _set_config(self, config: BackboneConfig) -> None:
+        """Expose every argument as an attribute (`model.hidden_dim`, ...)."""
+        self.backbone_config = config
+        for name in BackboneConfig.names():
+            setattr(self, name, getattr(config, name))
+        self.head_dim = config.head_dim
+        self.rotary_dim = config.rotary_dim
+        self.rotary = config.rotary_spec()
 
     def params(self) -> dict:
         """Current weight values as a nested dict of arrays (a pytree)."""
@@ -222,11 +189,28 @@ class Phi3Backbone(keras.Model):
             "ln_final.hook_normalized", self.final_norm.apply(params["final_norm"], x)
         )
         if sites.wants("hook_logits"):
-            sites(
-                "hook_logits",
-                self.token_embedding.apply(params["token_embedding"], x, reverse=True),
-            )
+            sites("hook_logits", self.unembed(params, x))
         return x, captures
+
+    # === Readout ===
+    def unembed(self, params, normalized):
+        """The LM head alone: final-normalized hidden states `[..., D]` to
+        logits `[..., V]` (the output embedding, tied or not), as a pure
+        function."""
+        return self.token_embedding.apply(params["token_embedding"], normalized, reverse=True)
+
+    def readout(self, params, resid):
+        """Residual streams `[..., D]` to logits `[..., V]`: the final norm,
+        then the LM head, exactly as the model reads its last block. The one
+        readout that the logit lens, patching metrics and generation use.
+
+        Example:
+        ```python
+        tr = phi3lab.trace(model, ids, names="blocks.*.hook_resid_post")
+        logits = model.readout(model.params(), tr.resid(-1, "post"))   # == tr.logits
+        ```
+        """
+        return self.unembed(params, self.final_norm.apply(params["final_norm"], resid))
 
     def call(self, inputs, training=False):
         token_ids = inputs["token_ids"]
@@ -242,35 +226,47 @@ class Phi3Backbone(keras.Model):
 
     @property
     def _compiled_forward(self):
-        """`apply` under `jax.jit`, made once per model, so eager calls do not
-        re-trace the layer scan every time."""
-        if getattr(self, "_forward_fn", None) is None:
-            forward = lambda params, ids, mask, key: self.apply(params, ids, mask, dropout_key=key)[0]
-            object.__setattr__(self, "_forward_fn", jax.jit(forward))
-        return self._forward_fn
+        """`apply` under `jax.jit`, made once per model (in the shared compile
+        cache), so eager calls do not re-trace the layer scan every time."""
+        forward = lambda params, ids, mask, key: self.apply(params, ids, mask, dropout_key=key)[0]
+        return compile_cache.cached(self, ("call",), lambda: jax.jit(forward))
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "vocabulary_size": self.vocabulary_size,
-                "num_layers": self.num_layers,
-                "hidden_dim": self.hidden_dim,
-                "intermediate_dim": self.intermediate_dim,
-                "num_query_heads": self.num_query_heads,
-                "num_key_value_heads": self.num_key_value_heads,
-                "layer_norm_epsilon": self.layer_norm_epsilon,
-                "dropout": self.dropout,
-                "max_sequence_length": self.max_sequence_length,
-                "pretraining_sequence_length": self.pretraining_sequence_length,
-                "rope_max_wavelength": self.rope_max_wavelength,
-                "rope_scaling_type": self.rope_scaling_type,
-                "rope_scaling_short_factor": _as_list(self.rope_scaling_short_factor),
-                "rope_scaling_long_factor": _as_list(self.rope_scaling_long_factor),
-                "sliding_window": self.sliding_window,
-            }
-        )
+        config.update(self.backbone_config.to_dict())
         return config
+
+    def quantize(self, mode: str, **kwargs) -> None:
+        """Store every projection kernel as int8 with per-output-channel scales.
+
+        Weight-only quantization of the attention (q, k, v, o) and MLP (gate,
+        up, down) kernels of all layers: `kernel = int8 * scale`, one float32
+        scale per output channel, dequantized inside the compiled forward one
+        layer at a time. Embeddings, the LM head and norms stay as they are.
+        Traces, hooks and `phi3lab.estimate` work on the quantized model;
+        `get_config()` records `quantization="int8"`, so `model.save(...)` and
+        `keras.saving.load_model` round-trip it. Weight bytes of the kernels
+        drop about 4x from float32 (2x from bfloat16).
+
+        Args:
+            mode: `"int8"` (the only mode supported).
+
+        Example:
+        ```python
+        model = phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
+        model.quantize("int8")
+        tr = phi3lab.trace(model, ids, names="blocks.0.attn.hook_z")
+        ```
+        """
+        if mode != "int8" or kwargs:
+            raise bad_argument(
+                "mode", mode if not kwargs else (mode, kwargs),
+                '"int8" (weight-only, per-output-channel scales; no other mode or option is supported)',
+            )
+        if self.quantization == "int8":
+            raise ValueError("This model is already quantized (quantization='int8').")
+        self._quantize_kernels()
+        self._set_config(dataclasses.replace(self.backbone_config, quantization=mode))
 
     @_ClassProperty
     def presets(cls) -> dict:
@@ -298,5 +294,48 @@ class Phi3Backbone(keras.Model):
         return load_backbone(cls, preset, load_weights=load_weights, **kwargs)
 
 
-def _as_list(values):
-    return None if values is None else list(values)
+def _check_dtype(dtype):
+    """A dtype name or plain `keras.DTypePolicy`, else a clear error.
+
+    The one dict accepted is a plain DTypePolicy as `get_config()` writes it
+    (from_config and `.keras` files pass it back); it is reduced to its name,
+    never deserialized. Per-layer `DTypePolicyMap`s and quantized policies are
+    refused here (phi3lab's layers share one policy; use `quantize("int8")`).
+    """
+    if dtype is None:
+        return None
+    if (
+        isinstance(dtype, dict)
+        and dtype.get("class_name") == "DTypePolicy"
+        and isinstance(dtype.get("config"), dict)
+        and isinstance(dtype["config"].get("name"), str)
+    ):
+        dtype = dtype["config"]["name"]
+    accepted = ('None, a dtype name such as "float32", "bfloat16" or "mixed_bfloat16", or a plain '
+                "keras.DTypePolicy (per-layer DTypePolicyMaps and quantized policies are not supported; "
+                'for int8 weights use model.quantize("int8"))')
+    if isinstance(dtype, keras.dtype_policies.DTypePolicyMap) or not isinstance(dtype, (str, keras.DTypePolicy)):
+        raise bad_argument("dtype", dtype, accepted)
+    try:
+        policy = keras.dtype_policies.get(dtype)
+    except ValueError as error:
+        raise bad_argument("dtype", dtype, f'a dtype policy name ("float32", "bfloat16", "mixed_bfloat16", ...): {error}') from None
+    if policy.quantization_mode is not None:
+        raise bad_argument("dtype", dtype, accepted)
+    return dtype
+
+
+def _signature() -> inspect.Signature:
+    """The constructor's signature, from `BackboneConfig`: its fields, with
+    `dtype` where keras-hub's constructor has it (after the rotary factors)."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    fields = BackboneConfig.signature()
+    at = [p.name for p in fields].index("rope_scaling_long_factor") + 1
+    return inspect.Signature(
+        [inspect.Parameter("self", kind)] + fields[:at] + [inspect.Parameter("dtype", kind, default=None)]
+        + fields[at:] + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+    )
+
+
+_SIGNATURE = _signature()
+Phi3Backbone.__init__.__signature__ = _SIGNATURE

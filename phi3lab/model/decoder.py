@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import keras
-from jax import numpy as jnp
 
 from phi3lab.model.attention import Phi3Attention
 from phi3lab.model.dropout import dropout
@@ -137,7 +136,7 @@ class Phi3DecoderStack(keras.layers.Layer):
         for start, stop in sites.segments(self.num_layers):
             take = lambda tree: jax.tree.map(lambda a: a[start:stop], tree)
             if stop - start == 1:
-                block_sites = sites.block(start, stop, start)
+                block_sites = sites.block(start)
                 x = self.block(
                     jax.tree.map(lambda a: a[start], params),
                     x, cos, sin, padding_mask, block_sites,
@@ -146,9 +145,9 @@ class Phi3DecoderStack(keras.layers.Layer):
                 captured = jax.tree.map(lambda a: a[None], block_sites.captured)
             else:
 
-                def body(carry, inputs, start=start, stop=stop):
-                    layer_params, layer, key = inputs
-                    block_sites = sites.block(start, stop, layer)
+                def body(carry, inputs, start=start):
+                    layer_params, key = inputs
+                    block_sites = sites.block(start)
                     carry = self.block(
                         layer_params, carry, cos, sin, padding_mask, block_sites, key
                     )
@@ -157,11 +156,7 @@ class Phi3DecoderStack(keras.layers.Layer):
                 x, captured = jax.lax.scan(
                     body,
                     x,
-                    (
-                        take(params),
-                        jnp.arange(start, stop),
-                        None if layer_keys is None else layer_keys[start:stop],
-                    ),
+                    (take(params), None if layer_keys is None else layer_keys[start:stop]),
                 )
             captures.append((start, stop, captured))
         return x, captures

@@ -1,7 +1,8 @@
-"""Token embedding with a separate (untied) output projection."""
+"""Token embedding and the LM head, separate or tied."""
 
 from __future__ import annotations
 
+import jax
 import keras
 from jax import numpy as jnp
 
@@ -11,13 +12,16 @@ from phi3lab.model.initializers import default_initializer
 class Phi3TokenEmbedding(keras.layers.Layer):
     """Looks up token vectors; `reverse=True` projects hidden states to logits.
 
-    Phi-3 does not tie its input and output embeddings: `embeddings
-    [V, D]` maps ids to vectors and `reverse_embeddings [D, V]` (the LM head)
-    maps hidden states to logits.
+    Phi-3 and Phi-4 do not tie their input and output embeddings:
+    `embeddings [V, D]` maps ids to vectors and `reverse_embeddings [D, V]`
+    (the LM head) maps hidden states to logits. Phi-4-mini ties them
+    (`tie_weights=True`): there is no `reverse_embeddings` weight and the LM
+    head is `embeddings.T`.
 
     Args:
         vocabulary_size: int. `V`.
         hidden_dim: int. `D`.
+        tie_weights: bool. Use the transposed token embedding as the LM head.
         embeddings_initializer: initializer for both matrices.
 
     Example:
@@ -27,11 +31,12 @@ class Phi3TokenEmbedding(keras.layers.Layer):
     """
 
     def __init__(
-        self, vocabulary_size, hidden_dim, embeddings_initializer=None, **kwargs
+        self, vocabulary_size, hidden_dim, tie_weights=False, embeddings_initializer=None, **kwargs
     ):
         super().__init__(**kwargs)
         self.vocabulary_size = vocabulary_size
         self.hidden_dim = hidden_dim
+        self.tie_weights = tie_weights
         initializer = embeddings_initializer or default_initializer(stddev=0.01)
         self.embeddings = self.add_weight(
             name="embeddings",
@@ -39,26 +44,34 @@ class Phi3TokenEmbedding(keras.layers.Layer):
             initializer=initializer,
             dtype=self.variable_dtype,
         )
-        self.reverse_embeddings = self.add_weight(
-            name="reverse_embeddings",
-            shape=(hidden_dim, vocabulary_size),
-            initializer=initializer,
-            dtype=self.variable_dtype,
-        )
+        if not tie_weights:
+            self.reverse_embeddings = self.add_weight(
+                name="reverse_embeddings",
+                shape=(hidden_dim, vocabulary_size),
+                initializer=initializer,
+                dtype=self.variable_dtype,
+            )
         self.built = True
 
     def params(self) -> dict:
-        return {
-            "embeddings": self.embeddings.value,
-            "reverse_embeddings": self.reverse_embeddings.value,
-        }
+        params = {"embeddings": self.embeddings.value}
+        if not self.tie_weights:
+            params["reverse_embeddings"] = self.reverse_embeddings.value
+        return params
+
+    def lm_head(self, params) -> jax.Array:
+        """The LM head `[D, V]`: `reverse_embeddings` when `params` hold one
+        (an untied model, or columns passed explicitly), else `embeddings.T`."""
+        if "reverse_embeddings" in params:
+            return params["reverse_embeddings"]
+        return params["embeddings"].T
 
     def apply(self, params, x, reverse: bool = False):
         """Ids `[B, T]` to vectors `[B, T, D]`, or with `reverse=True` hidden
         states `[B, T, D]` to logits `[B, T, V]`."""
         dtype = self.compute_dtype
         if reverse:
-            return x.astype(dtype) @ params["reverse_embeddings"].astype(dtype)
+            return x.astype(dtype) @ self.lm_head(params).astype(dtype)
         return jnp.take(params["embeddings"], x, axis=0).astype(dtype)
 
     def call(self, x, reverse=False):
@@ -67,6 +80,6 @@ class Phi3TokenEmbedding(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"vocabulary_size": self.vocabulary_size, "hidden_dim": self.hidden_dim}
+            {"vocabulary_size": self.vocabulary_size, "hidden_dim": self.hidden_dim, "tie_weights": self.tie_weights}
         )
         return config

@@ -24,15 +24,19 @@ class HookPoints:
         `lax.scan` over stacked weights.
       * `sites.query_window`: None, or `(start, stop)` query rows that the
         attention scores/pattern sites report (long inputs).
-      * `sites.block(start, stop, layer)`: the hook points of one decoder
-        block inside a range; `layer` is an int or a traced scalar. Values it
-        captures are in `.captured` (a dict) after the block ran.
+      * `sites.block(start)`: the hook points of a decoder block in the
+        range that starts at layer `start` (every layer of a range behaves
+        alike). Values it captures are in `.captured` (a dict, block-local
+        names) after the block ran; inside a scan they come out stacked.
+      * `sites.query_window`: see above.
     """
 
-    captured: dict = {}
     # Query rows `(start, stop)` that attention scores/pattern report, or
     # None for all rows.
     query_window = None
+
+    def __init__(self):
+        self.captured: dict = {}
 
     def __call__(self, name: str, x):
         return x
@@ -43,7 +47,7 @@ class HookPoints:
     def segments(self, num_layers: int) -> list[tuple[int, int]]:
         return [(0, num_layers)]
 
-    def block(self, start: int, stop: int, layer) -> "HookPoints":
+    def block(self, start: int) -> "HookPoints":
         return self
 
 

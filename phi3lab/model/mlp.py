@@ -8,6 +8,7 @@ from jax import numpy as jnp
 
 from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.initializers import default_initializer
+from phi3lab.model.quantize import dequantize
 from phi3lab.model.stacked import add_stacked_weights
 
 
@@ -21,7 +22,9 @@ class Phi3MLP(keras.layers.Layer):
         kernel_initializer: initializer for the kernels.
 
     Weights: `gate_kernel [L, D, F]`, `up_kernel [L, D, F]`,
-    `down_kernel [L, F, D]`. The activation runs in float32.
+    `down_kernel [L, F, D]`. The activation runs in float32. After
+    int8 quantization (`phi3lab.model.quantize`) each kernel is int8 with a
+    `<name>_scale` weight beside it.
     """
 
     def __init__(
@@ -46,7 +49,7 @@ class Phi3MLP(keras.layers.Layer):
     def apply(self, params, x, sites=NO_HOOKS):
         """One layer's MLP on `x` `[B, T, D]`; returns `[B, T, D]`."""
         dtype = self.compute_dtype
-        w = {name: value.astype(dtype) for name, value in params.items()}
+        w = dequantize(params, dtype)
         gate = sites("mlp.hook_pre", x @ w["gate_kernel"])
         up = sites("mlp.hook_pre_linear", x @ w["up_kernel"])
         activated = jax.nn.silu(gate.astype(jnp.float32)).astype(dtype)

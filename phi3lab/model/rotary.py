@@ -3,11 +3,15 @@
 One place for the rotary formulas: the attention layer applies them, and the
 trace and the analysis library describe them with the same functions.
 
-Phi-3 rotates the two halves of each head (`rotate_half`, not interleaved
-pairs): dimension `i` and `i + head_dim / 2` form pair `i`, turned by the
-angle `position * inverse_frequency[i]`, with
+Phi-3 rotates the two halves of the rotary part of each head (`rotate_half`,
+not interleaved pairs). The rotary part is the first `rotary_dim` dimensions
+(`rotary_dim = int(head_dim * partial_rotary_factor)`: all of them for
+Phi-3 and Phi-4, three quarters for Phi-4-mini); the remaining
+`head_dim - rotary_dim` dimensions pass through unrotated, as in
+transformers. Dimension `i` and `i + rotary_dim / 2` form pair `i`, turned by
+the angle `position * inverse_frequency[i]`, with
 
-    inverse_frequency[i] = 1 / (factor[i] * max_wavelength ** (2 i / head_dim))
+    inverse_frequency[i] = 1 / (factor[i] * max_wavelength ** (2 i / rotary_dim))
 
 `factor` is all ones without scaling. Under "su" scaling it is the short
 factor list while every position in use fits the pretraining window and the
@@ -38,13 +42,16 @@ class RotarySpec:
     """The rotary embedding of a Phi-3 model, as data.
 
     Args:
-        head_dim: int. Size of one attention head; pairs are `head_dim // 2`.
+        head_dim: int. Size of one attention head.
         max_wavelength: float. The base of the geometric frequency ladder.
         scaling_type: `None` or `"su"`.
-        short_factor: tuple of floats or None, length `head_dim // 2`.
-        long_factor: tuple of floats or None, length `head_dim // 2`.
+        short_factor: tuple of floats or None, length `rotary_dim // 2`.
+        long_factor: tuple of floats or None, length `rotary_dim // 2`.
         max_sequence_length: int. Longest context the model supports.
         pretraining_sequence_length: int. Context of pretraining.
+        rotary_dim: int or None. Leading dimensions of each head that are
+            rotated (even, at most `head_dim`); None means all of them.
+            Pairs are `rotary_dim // 2`.
 
     Example:
     >>> spec = RotarySpec(64, 10000.0, None, None, None, 4096, 4096)
@@ -59,22 +66,36 @@ class RotarySpec:
     long_factor: tuple[float, ...] | None
     max_sequence_length: int
     pretraining_sequence_length: int
+    rotary_dim: int | None = None
+
+    def __post_init__(self):
+        if self.rotary_dim is None:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
 
     @property
     def num_pairs(self) -> int:
-        return self.head_dim // 2
+        return self.rotary_dim // 2
+
+    @property
+    def pass_through_dims(self) -> range:
+        """Dimensions of each head left unrotated (empty with full rotary)."""
+        return range(self.rotary_dim, self.head_dim)
+
+    @staticmethod
+    def su_attention_factor(max_sequence_length: int, pretraining_sequence_length: int) -> float:
+        """`sqrt(1 + ln(s) / ln(pretraining))`, `s = max / pretraining`, or 1
+        when `s <= 1`: the "su" multiplier of the cos/sin tables."""
+        scale = max_sequence_length / pretraining_sequence_length
+        if scale <= 1.0:
+            return 1.0
+        return math.sqrt(1.0 + math.log(scale) / math.log(pretraining_sequence_length))
 
     @property
     def attention_factor(self) -> float:
         """Multiplier of the cos/sin tables (1.0 without "su" scaling)."""
         if self.scaling_type is None:
             return 1.0
-        scale = self.max_sequence_length / self.pretraining_sequence_length
-        if scale <= 1.0:
-            return 1.0
-        return math.sqrt(
-            1.0 + math.log(scale) / math.log(self.pretraining_sequence_length)
-        )
+        return self.su_attention_factor(self.max_sequence_length, self.pretraining_sequence_length)
 
     def factor_set(self, num_positions: int) -> str:
         """`"none"`, `"short"` or `"long"`: the factors in force when the
@@ -86,7 +107,7 @@ class RotarySpec:
         return "short"
 
     def factors(self, num_positions: int) -> np.ndarray:
-        """The per-pair frequency divisors in force, float32 `[head_dim/2]`."""
+        """The per-pair frequency divisors in force, float32 `[rotary_dim/2]`."""
         chosen = self.factor_set(num_positions)
         if chosen == "none":
             return np.ones(self.num_pairs, np.float32)
@@ -94,10 +115,10 @@ class RotarySpec:
         return np.asarray(values, np.float32)
 
     def inverse_frequencies(self, num_positions: int) -> np.ndarray:
-        """Radians per token for each dimension pair, float32 `[head_dim/2]`."""
+        """Radians per token for each dimension pair, float32 `[rotary_dim/2]`."""
         exponent = (
-            np.arange(0, self.head_dim, 2).astype(np.float32)
-            / np.float32(self.head_dim)
+            np.arange(0, self.rotary_dim, 2).astype(np.float32)
+            / np.float32(self.rotary_dim)
         )
         base = np.float32(self.max_wavelength) ** exponent
         return (
@@ -105,10 +126,10 @@ class RotarySpec:
         ).astype(np.float32)
 
     def tables(self, num_positions: int, start: int = 0):
-        """cos and sin tables `[num_positions - start, head_dim]` (float32).
+        """cos and sin tables `[num_positions - start, rotary_dim]` (float32).
 
         Rows are positions `start, ..., num_positions - 1`; both halves of
-        the head share the pair's angle. The attention factor is applied.
+        the rotary part share the pair's angle. The attention factor is applied.
         """
         inverse = jnp.asarray(self.inverse_frequencies(num_positions))
         positions = jnp.arange(start, num_positions, dtype=jnp.float32)
@@ -119,13 +140,17 @@ class RotarySpec:
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate `x` `[batch, seq, heads, head_dim]` by tables `[seq, head_dim]`.
+    """Rotate `x` `[batch, seq, heads, head_dim]` by tables `[seq, rotary_dim]`.
 
-    Computes `x * cos + rotate_half(x) * sin` in `x`'s dtype, where
-    `rotate_half([a, b]) = [-b, a]` over the two halves of the head.
+    The first `rotary_dim` dimensions (the tables' width) become
+    `x * cos + rotate_half(x) * sin` in `x`'s dtype, where
+    `rotate_half([a, b]) = [-b, a]` over their two halves; the remaining
+    dimensions are returned unchanged (partial rotary).
     """
+    rotary_dim = cos.shape[-1]
     cos = cos[None, :, None, :].astype(x.dtype)
     sin = sin[None, :, None, :].astype(x.dtype)
-    first, second = jnp.split(x, 2, axis=-1)
+    part, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+    first, second = jnp.split(part, 2, axis=-1)
     rotated = jnp.concatenate([-second, first], axis=-1)
-    return x * cos + rotated * sin
+    return jnp.concatenate([part * cos + rotated * sin, passed], axis=-1)

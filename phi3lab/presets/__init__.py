@@ -54,19 +54,28 @@ def load_backbone(cls, preset, load_weights: bool = True, **kwargs):
         )
     if not isinstance(load_weights, bool):
         raise TypeError(f"`load_weights` must be True or False; received load_weights={load_weights!r}.")
+    quantization = kwargs.pop("quantization", None)
     entry = BUILTIN.get(preset) if isinstance(preset, str) else None
     known_config = (entry or {}).get("config")
-    # A built-in architecture is known offline unless its rotary factors
-    # only come with the download (the 128k preset).
-    if not load_weights and known_config and known_config.get("rope_scaling_type") is None:
-        return cls(**{**known_config, **kwargs})
-    directory = resolve_preset_dir(preset)
-    config, load_weights_into = read_backbone_config(directory)
-    if entry:
-        config.update(entry.get("overrides", {}))
-    if not load_weights:
-        return cls(**{**config, **kwargs})
-    with zero_initialization():  # every weight is overwritten next
-        model = cls(**{**config, **kwargs})
-    load_weights_into(model, directory)
+    if not load_weights and known_config and _complete(known_config):
+        model = cls(**{**known_config, **kwargs})
+    else:
+        directory = resolve_preset_dir(preset)
+        config, load_weights_into = read_backbone_config(directory)
+        if entry:
+            config.update(entry.get("overrides", {}))
+        if not load_weights:
+            model = cls(**{**config, **kwargs})
+        else:
+            with zero_initialization():  # every weight is overwritten next
+                model = cls(**{**config, **kwargs})
+            load_weights_into(model, directory)
+    if quantization is not None:
+        model.quantize(quantization)
     return model
+
+
+def _complete(config: dict) -> bool:
+    """Whether a built-in architecture is known offline: everything but the
+    "su" rotary factors of a preset that only come with the download."""
+    return config.get("rope_scaling_type") is None or config.get("rope_scaling_long_factor") is not None

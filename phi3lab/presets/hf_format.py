@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from phi3lab.model.rotary import RotarySpec
 from phi3lab.presets.safetensors_io import SafetensorsFile, write_safetensors
 from phi3lab.presets.weights import WeightFiller
 
@@ -58,8 +59,8 @@ def read_config(directory: Path) -> dict:
         "original_max_position_embeddings",
         rope.get("original_max_position_embeddings", kwargs["max_sequence_length"]),
     )
-    if hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError(f"{path}: partial_rotary_factor != 1 is not a Phi-3 configuration phi3lab supports.")
+    kwargs["partial_rotary_factor"] = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+    kwargs["tie_word_embeddings"] = hf.get("tie_word_embeddings", False)
     kind = rope.get("type", rope.get("rope_type"))
     if kind in ("su", "longrope"):
         kwargs["rope_scaling_type"] = "su"
@@ -81,7 +82,7 @@ def _check_no_override(path, rope, kwargs):
     if rope.get("factor") not in (None, scale):
         raise ValueError(f"{path}: rope 'factor'={rope['factor']} differs from max/original positions ({scale}); unsupported.")
     if rope.get("attention_factor") is not None:
-        derived = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(kwargs["pretraining_sequence_length"]))
+        derived = RotarySpec.su_attention_factor(kwargs["max_sequence_length"], kwargs["pretraining_sequence_length"])
         if not math.isclose(rope["attention_factor"], derived, rel_tol=1e-6):
             raise ValueError(f"{path}: rope 'attention_factor'={rope['attention_factor']} differs from Phi-3's {derived}; unsupported.")
 
@@ -155,12 +156,13 @@ def load_weights(model, directory: Path) -> None:
 
     embed = checkpoint.get("model.embed_tokens.weight", "token_embedding/embeddings")
     filler.put("token_embedding/embeddings", embed, source="model.embed_tokens.weight")
-    # The output head is the input embedding only when the config ties them
-    # (Phi-3 does not); otherwise a missing lm_head.weight is an error.
-    tied = json.loads((directory / "config.json").read_text()).get("tie_word_embeddings", False)
-    head_name = "lm_head.weight" if "lm_head.weight" in checkpoint or not tied else "model.embed_tokens.weight"
-    head = checkpoint.get(head_name, "token_embedding/reverse_embeddings", (model.vocabulary_size, d))
-    filler.put("token_embedding/reverse_embeddings", head.T, source=head_name)
+    # A tied model's LM head is the token embedding (transformers writes no
+    # lm_head.weight then, and ignores one if present); an untied model
+    # needs lm_head.weight.
+    if not model.tie_word_embeddings:
+        head = checkpoint.get("lm_head.weight", "token_embedding/reverse_embeddings (the config does not tie "
+                              "word embeddings)", (model.vocabulary_size, d))
+        filler.put("token_embedding/reverse_embeddings", head.T, source="lm_head.weight")
     filler.put("final_norm/scale", checkpoint.get("model.norm.weight", "final_norm/scale"), source="model.norm.weight")
 
     for i in range(model.num_layers):
@@ -207,8 +209,11 @@ def save_checkpoint(model, directory: str | Path, max_shard_bytes: int = 4 * 2**
     """Write `model` as a Hugging Face Phi-3 checkpoint (fused layout).
 
     Shards above `max_shard_bytes` and writes `model.safetensors.index.json`
-    when more than one shard is needed. Converts one tensor at a time.
+    when more than one shard is needed. Converts one tensor at a time. A
+    model with tied embeddings writes no `lm_head.weight`, as transformers
+    does. An int8-quantized model is refused (save before quantizing).
     """
+    refuse_quantized(model, "save_hf_checkpoint")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     params = model.params()
@@ -228,7 +233,8 @@ def save_checkpoint(model, directory: str | Path, max_shard_bytes: int = 4 * 2**
             yield p + "mlp.gate_up_proj.weight", lambda i=i, m=m: np.concatenate([np.asarray(m["gate_kernel"][i]).T, np.asarray(m["up_kernel"][i]).T])
             yield p + "mlp.down_proj.weight", lambda i=i, m=m: np.asarray(m["down_kernel"][i]).T
         yield "model.norm.weight", lambda: params["final_norm"]["scale"]
-        yield "lm_head.weight", lambda: np.asarray(params["token_embedding"]["reverse_embeddings"]).T
+        if not model.tie_word_embeddings:
+            yield "lm_head.weight", lambda: np.asarray(params["token_embedding"]["reverse_embeddings"]).T
 
     written, current, size = [], {}, 0
 
@@ -281,7 +287,8 @@ def hf_config(model) -> dict:
         "rope_scaling": None,
         "sliding_window": model.sliding_window,
         "hidden_act": "silu",
-        "tie_word_embeddings": False,
+        "partial_rotary_factor": model.partial_rotary_factor,
+        "tie_word_embeddings": model.tie_word_embeddings,
         "attention_bias": False,
     }
     # Phi-3's special ids, where the vocabulary has room for them.
@@ -294,3 +301,13 @@ def hf_config(model) -> dict:
             "long_factor": list(model.rope_scaling_long_factor),
         }
     return config
+
+
+def refuse_quantized(model, writer: str) -> None:
+    """Preset formats hold float weights: refuse an int8-quantized model."""
+    if getattr(model, "quantization", None) is not None:
+        raise ValueError(
+            f"{writer} writes float weights, but this model is quantized (quantization={model.quantization!r}). "
+            "Save it before calling quantize(), or save the quantized model with model.save('name.keras') "
+            "(keras.saving.load_model reads it back)."
+        )

@@ -17,15 +17,13 @@ import h5py
 import keras
 import numpy as np
 
+from phi3lab.model.config import BackboneConfig
+from phi3lab.presets.hf_format import refuse_quantized
 from phi3lab.presets.weights import WeightFiller
 
-ARGUMENTS = (
-    "vocabulary_size", "num_layers", "hidden_dim", "intermediate_dim",
-    "num_query_heads", "num_key_value_heads", "layer_norm_epsilon", "dropout",
-    "max_sequence_length", "pretraining_sequence_length", "rope_max_wavelength",
-    "rope_scaling_type", "rope_scaling_short_factor", "rope_scaling_long_factor",
-    "sliding_window",
-)
+# Every constructor argument except `quantization`: presets hold float
+# weights (`from_preset(..., quantization="int8")` quantizes after loading).
+ARGUMENTS = tuple(name for name in BackboneConfig.names() if name != "quantization")
 ACCEPTED_CLASSES = ("Phi3Backbone",)
 # Where a keras-hub (or keras-nlp, or phi3lab) Phi3Backbone config may say it comes from.
 # Nothing is imported from them; any other origin is refused.
@@ -84,11 +82,16 @@ def read_config(directory: Path) -> dict:
     kwargs = {key: config[key] for key in ARGUMENTS if key in config}
     dtype = config.get("dtype")
     if isinstance(dtype, dict):
-        if dtype.get("class_name") not in ("DTypePolicy", "DTypePolicyMap", None):
+        if dtype.get("class_name") == "DTypePolicyMap":
+            raise ValueError(
+                f"{path}: the dtype is a per-layer DTypePolicyMap; phi3lab models use one dtype policy for all "
+                "layers (pass dtype='float32' or 'bfloat16' to from_preset, and model.quantize('int8') for int8)."
+            )
+        if dtype.get("class_name") not in ("DTypePolicy", None):
             raise ValueError(f"{path}: refusing dtype object of class {dtype.get('class_name')!r}.")
         dtype_module = dtype.get("module")
         if not (dtype_module is None or dtype_module == "keras" or (isinstance(dtype_module, str) and dtype_module.startswith("keras."))) \
-                or dtype.get("registered_name") not in (None, "DTypePolicy", "DTypePolicyMap"):
+                or dtype.get("registered_name") not in (None, "DTypePolicy"):
             raise ValueError(
                 f"{path}: refusing dtype object from module {dtype.get('module')!r} "
                 f"(registered_name {dtype.get('registered_name')!r}); only Keras' own DTypePolicy is read."
@@ -118,6 +121,8 @@ def load_weights(model, directory: Path) -> None:
         if not isinstance(layers, h5py.Group):
             raise ValueError(f"{path} has no 'layers' group: it is not a keras-hub Phi3Backbone weights file.")
         for source, key in TOP_MAP.items():
+            if key not in filler.variables:
+                continue  # the tied LM head has no variable of its own
             if source not in layers:
                 raise ValueError(f"{path} has no tensor 'layers/{source}' (needed for {key}).")
             filler.put(key, layers[source][()], source=f"layers/{source}")
@@ -143,14 +148,16 @@ def save_preset(model, directory: str | Path) -> Path:
     """Write `model` as a keras-hub preset directory (loadable by keras-hub).
 
     Writes `config.json` (class `keras_hub>Phi3Backbone`), `metadata.json`
-    and `model.weights.h5` in keras-hub's layout. `sliding_window` is kept in
-    the config only when set, since keras-hub does not know it.
+    and `model.weights.h5` in keras-hub's layout. phi3lab's extra arguments
+    (`sliding_window`, `partial_rotary_factor`, `tie_word_embeddings`) are
+    kept in the config only when they differ from the default, since
+    keras-hub does not know them. A tied model writes only the token
+    embedding (keras-hub's `ReversibleEmbedding(tie_weights=True)` layout).
     """
+    refuse_quantized(model, "save_preset")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {key: value for key, value in model.get_config().items() if key in ARGUMENTS}
-    if config.get("sliding_window") is None:
-        config.pop("sliding_window", None)
+    config = model.backbone_config.keras_hub_dict()
     config["name"] = "phi3_backbone"
     config["trainable"] = True
     config["dtype"] = keras.dtype_policies.serialize(model.dtype_policy)
@@ -171,12 +178,11 @@ def save_preset(model, directory: str | Path) -> Path:
     params = model.params()
     with h5py.File(directory / "model.weights.h5", "w") as handle:
         layers = handle.create_group("layers")
-        sources = {
-            "reversible_embedding/vars/0": params["token_embedding"]["embeddings"],
-            "reversible_embedding/vars/1": params["token_embedding"]["reverse_embeddings"],
-            "phi3_layer_norm/vars/0": params["final_norm"]["scale"],
-        }
-        for name, value in sources.items():
+        for name, key in TOP_MAP.items():
+            group, variable = key.split("/")
+            if variable not in params[group]:
+                continue  # the tied LM head
+            value = params[group][variable]
             layers.create_dataset(name, data=np.asarray(value))
         decoder = params["decoder"]
         for index in range(model.num_layers):

@@ -5,21 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from phi3lab.errors import close_matches
+from phi3lab.presets import family_configs as family
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-
-_PHI3_MINI = {
-    "vocabulary_size": 32064,
-    "num_layers": 32,
-    "hidden_dim": 3072,
-    "intermediate_dim": 8192,
-    "num_query_heads": 32,
-    "num_key_value_heads": 32,
-    "layer_norm_epsilon": 1e-5,
-    "dropout": 0.0,
-    "pretraining_sequence_length": 4096,
-    "rope_max_wavelength": 10000,
-}
 
 BUILTIN = {
     "phi3lab_tiny_en": {
@@ -31,15 +19,37 @@ BUILTIN = {
         "handle": "kaggle://keras/phi3/keras/phi3_mini_4k_instruct_en/2",
         # The reference implementation masks attention to the last 2047
         # positions (Hugging Face config); keras-hub's preset omits it.
-        "config": {**_PHI3_MINI, "max_sequence_length": 4096, "sliding_window": 2047},
+        "config": family.PHI3_MINI_4K,
         "overrides": {"sliding_window": 2047},
     },
     "phi3_mini_128k_instruct_en": {
         "description": "Phi-3-mini-128k-instruct: 3.8B parameters, 32 layers, 128k context with su/LongRoPE scaling (downloaded from Kaggle).",
         "handle": "kaggle://keras/phi3/keras/phi3_mini_128k_instruct_en/2",
         # The 48 short/long rotary factors come with the downloaded config.
-        "config": {**_PHI3_MINI, "max_sequence_length": 131072, "rope_scaling_type": "su"},
+        "config": family.PHI3_MINI_128K,
         "overrides": {},
+    },
+    "phi3_5_mini_instruct_en": {
+        "description": "Phi-3.5-mini-instruct: 3.8B parameters, 32 layers, 128k context with LongRoPE (downloaded from Hugging Face).",
+        "handle": "hf://microsoft/Phi-3.5-mini-instruct",
+        "config": family.PHI3_5_MINI,
+    },
+    "phi3_medium_4k_instruct_en": {
+        "description": "Phi-3-medium-4k-instruct: 14B parameters, 40 layers, grouped-query attention, 4k context (downloaded from Hugging Face).",
+        "handle": "hf://microsoft/Phi-3-medium-4k-instruct",
+        "config": family.PHI3_MEDIUM_4K,
+    },
+    "phi4_mini_instruct_en": {
+        "description": "Phi-4-mini-instruct: 3.8B parameters, 32 layers, grouped-query attention, rotary on 3/4 of each head, "
+                       "tied embeddings, 128k context with LongRoPE, byte-level BPE vocabulary of 200k (downloaded from Hugging Face).",
+        "handle": "hf://microsoft/Phi-4-mini-instruct",
+        "config": family.PHI4_MINI,
+    },
+    "phi4_en": {
+        "description": "Phi-4: 14B parameters, 40 layers, grouped-query attention, 16k context, rotary base 250000 "
+                       "(downloaded from Hugging Face).",
+        "handle": "hf://microsoft/phi-4",
+        "config": family.PHI4,
     },
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.spm"]
+HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.spm", "*.jinja"]  # *.jinja: chat templates
 
 
 def _offline_hint(handle: str) -> str:

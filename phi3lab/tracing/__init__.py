@@ -1,8 +1,27 @@
-"""Hook points, the `trace()` entry, the `Trace` result and interventions."""
+"""Hook points, the `trace()` entry, the `Trace` result and interventions.
 
+Public names: `trace`, `Trace`, `estimate`, `forward_fn` (the pure,
+differentiable forward every run goes through), `all_names`, `block_name`,
+`compiled_count`, `CaptureTooLarge`, `MemoryEstimate`. Interventions are in
+`phi3lab.hooks`.
+"""
+
+from phi3lab.tracing.forward import ForwardFn, ForwardOutput, forward_fn
+from phi3lab.tracing.memory import CaptureTooLarge, MemoryEstimate
 from phi3lab.tracing.names import all_names, block_name
 from phi3lab.tracing.result import Trace
-from phi3lab.tracing.memory import CaptureTooLarge, MemoryEstimate
-from phi3lab.tracing.trace import compiled_count, estimate, trace
+from phi3lab.tracing.tracer import compiled_count, estimate, trace
 
-__all__ = ["CaptureTooLarge", "MemoryEstimate", "Trace", "all_names", "block_name", "compiled_count", "estimate", "trace"]
+__all__ = [
+    "CaptureTooLarge",
+    "ForwardFn",
+    "ForwardOutput",
+    "MemoryEstimate",
+    "Trace",
+    "all_names",
+    "block_name",
+    "compiled_count",
+    "estimate",
+    "forward_fn",
+    "trace",
+]

@@ -10,6 +10,7 @@ import fnmatch
 import re
 from typing import Callable, Iterable
 
+from phi3lab.checks import is_int
 from phi3lab.errors import close_matches
 
 # Block-local hook names in the order the forward reaches them, with shapes
@@ -41,6 +42,7 @@ MODEL_SITES = {
     "hook_logits": ("B", "T", "V"),
 }
 _BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_NEGATIVE_BLOCK = re.compile(r"^blocks\.(-\d+)\.")
 
 
 def block_name(layer: int, site: str) -> str:
@@ -56,8 +58,15 @@ def split_name(name: str) -> tuple[int | None, str]:
     return None, name
 
 
-def all_names(num_layers: int) -> list[str]:
-    """Every hook name of a model with `num_layers` blocks, in forward order."""
+def all_names(model) -> list[str]:
+    """Every hook name of `model` (a `Phi3Backbone`, or its number of
+    blocks), in forward order.
+
+    Example:
+    >>> phi3lab.tracing.all_names(model)[:2]
+    ['hook_embed', 'blocks.0.hook_resid_pre']
+    """
+    num_layers = model if is_int(model) else model.num_layers
     names = ["hook_embed"]
     for layer in range(num_layers):
         names += [block_name(layer, site) for site in BLOCK_SITES]
@@ -74,6 +83,16 @@ def site_shape(model, name: str, batch: int, length: int) -> tuple[int, ...]:
     }
     symbols = BLOCK_SITES.get(site) or MODEL_SITES[site]
     return tuple(sizes[s] for s in symbols)
+
+
+def _count_from_end(pattern: str, names: list[str]) -> str:
+    """`blocks.-1.` counts from the last block, as negative indices do."""
+    match = _NEGATIVE_BLOCK.match(pattern)
+    if not match:
+        return pattern
+    num_layers = sum(name.endswith(".hook_resid_pre") for name in names)
+    layer = int(match.group(1)) + num_layers
+    return pattern if layer < 0 else f"blocks.{layer}." + pattern[match.end():]
 
 
 Selection = None | str | Iterable[str] | Callable[[str], bool]
@@ -109,7 +128,7 @@ def select(selection: Selection, names: list[str], argument: str = "names") -> l
                 f"`{argument}` must hold hook names or glob patterns (strings); "
                 f"received {pattern!r} of type {type(pattern).__name__}."
             )
-        matched = fnmatch.filter(names, pattern)
+        matched = fnmatch.filter(names, _count_from_end(pattern, names))
         if not matched:
             raise ValueError(
                 f"`{argument}` entry {pattern!r} matches no hook name. Close "

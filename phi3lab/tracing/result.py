@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from phi3lab.checks import check_index
 from phi3lab.errors import bad_argument, close_matches
 from phi3lab.tracing.names import block_name
 from phi3lab.tracing.rope import RotaryDescription
@@ -30,10 +31,12 @@ class Trace(Mapping):
             or None for all rows.
         attention_heads: the query heads held by the attention maps (in
             that order), or None for all heads.
+        prompt_length: for a generation trace, how many positions (from the
+            left, padding included) were the prompt; None for a plain trace.
     """
 
     def __init__(self, arrays, *, token_ids, padding_mask, tokens, output, rope, model,
-                 query_window=None, attention_heads=None):
+                 query_window=None, attention_heads=None, prompt_length=None):
         self._arrays = arrays
         self.names = list(arrays)
         self.token_ids = token_ids
@@ -46,6 +49,7 @@ class Trace(Mapping):
         self.num_key_value_heads = model.num_key_value_heads
         self.query_window = query_window
         self.attention_heads = attention_heads
+        self.prompt_length = prompt_length
 
     # === Mapping ===
     def __getitem__(self, name: str) -> np.ndarray:
@@ -70,9 +74,7 @@ class Trace(Mapping):
 
     # === Helpers ===
     def _layer(self, layer: int) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -self.num_layers <= layer < self.num_layers:
-            raise bad_argument("layer", layer, f"an int in [0, {self.num_layers})")
-        return int(layer) % self.num_layers
+        return check_index("layer", layer, self.num_layers, "layer")
 
     def attention(self, layer: int, head: int | None = None) -> np.ndarray:
         """Attention probabilities `[B, H, Tq, Tk]`, or `[B, Tq, Tk]` for one head."""
@@ -80,9 +82,10 @@ class Trace(Mapping):
         if head is None:
             return pattern
         kept = self.attention_heads or tuple(range(self.num_query_heads))
-        if isinstance(head, bool) or not isinstance(head, (int, np.integer)) or head not in kept:
+        chosen = check_index("head", head, self.num_query_heads, "query head")
+        if chosen not in kept:
             raise bad_argument("head", head, f"one of the captured query heads {list(kept)}")
-        return pattern[:, kept.index(head)]
+        return pattern[:, kept.index(chosen)]
 
     def resid(self, layer: int, where: str = "post") -> np.ndarray:
         """Residual stream `[B, T, D]` before (`"pre"`), between (`"mid"`) or
@@ -96,6 +99,31 @@ class Trace(Mapping):
         """Next-token logits `[B, T, V]` (`hook_logits`)."""
         return self["hook_logits"]
 
+    def loss(self, per_token: bool = False):
+        """Next-token cross-entropy of the traced tokens (from `hook_logits`).
+
+        Position `t` predicts token `t + 1`; pairs where either token is
+        padding do not count.
+
+        Args:
+            per_token: bool. Return the loss of every position, float64
+                `[B, T - 1]` with NaN where it does not count, instead of the
+                mean over the positions that count.
+
+        Example:
+        >>> tr = phi3lab.trace(model, ids, names="hook_logits")
+        >>> tr.loss(), tr.loss(per_token=True)[0, :5]
+        """
+        logits = np.asarray(self.logits[:, :-1], np.float64)
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        log_norm = np.log(np.exp(shifted).sum(axis=-1))
+        chosen = np.take_along_axis(shifted, self.token_ids[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
+        losses = log_norm - chosen
+        counts = self.padding_mask[:, :-1] & self.padding_mask[:, 1:]
+        if per_token:
+            return np.where(counts, losses, np.nan)
+        return float(losses[counts].mean()) if counts.any() else float("nan")
+
     def to_pandas(self, name: str, batch: int = 0) -> pd.DataFrame:
         """A tidy per-token table of activation `name` for row `batch`.
 
@@ -103,10 +131,7 @@ class Trace(Mapping):
         both tokens (only the captured heads and query window); every other site gives one row per position with its
         token, the vector's L2 norm, and the values as columns `0, 1, ...`.
         """
-        rows = self.token_ids.shape[0]
-        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or not -rows <= batch < rows:
-            raise bad_argument("batch", batch, f"an int in [0, {rows})")
-        batch = int(batch) % rows
+        batch = check_index("batch", batch, self.token_ids.shape[0], "batch row")
         values = self[name][batch]
         length = self.token_ids.shape[1]
         tokens = self.tokens[batch] if self.tokens is not None else [str(t) for t in self.token_ids[batch]]

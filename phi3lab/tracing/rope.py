@@ -19,18 +19,24 @@ class RotaryDescription:
         num_positions: positions in use (largest position + 1).
         factor_set: `"none"`, `"short"` or `"long"`.
         reason: why that factor set is in force.
-        factors: per-pair frequency divisors in force `[P]` (P = head_dim/2).
+        head_dim: size of one attention head.
+        rotary_dim: leading dimensions of each head that are rotated; the
+            others (`pass_through_dims`) enter attention unrotated.
+        factors: per-pair frequency divisors in force `[P]` (P = rotary_dim/2).
         short_factor, long_factor: both "su" lists `[P]` (None without "su").
         inverse_frequencies: radians per token `[P]`.
         wavelengths: tokens per full turn, `2 pi / inverse_frequencies`.
         attention_factor: multiplier of the cos/sin tables.
-        cos, sin: tables `[num_positions, head_dim]` as applied.
+        cos, sin: tables `[num_positions, rotary_dim]` as applied to the
+            rotary dimensions.
         pretraining_sequence_length, max_sequence_length: the context sizes.
     """
 
     num_positions: int
     factor_set: str
     reason: str
+    head_dim: int
+    rotary_dim: int
     factors: np.ndarray
     short_factor: np.ndarray | None
     long_factor: np.ndarray | None
@@ -42,9 +48,16 @@ class RotaryDescription:
     pretraining_sequence_length: int
     max_sequence_length: int
 
+    @property
+    def pass_through_dims(self) -> range:
+        """Head dimensions left unrotated (empty with full rotary)."""
+        return range(self.rotary_dim, self.head_dim)
+
     def to_pandas(self) -> pd.DataFrame:
-        """One row per dimension pair: factors, frequency, wavelength, and how
-        many turns the pair makes over the positions in use."""
+        """One row per rotary dimension pair: factors, frequency, wavelength,
+        and how many turns the pair makes over the positions in use. `attrs`
+        names the factor set, the attention factor, `head_dim`,
+        `rotary_dim` and the unrotated `pass_through_dims`."""
         pairs = len(self.inverse_frequencies)
         table = pd.DataFrame(
             {
@@ -60,7 +73,10 @@ class RotaryDescription:
         if self.short_factor is not None:
             table.insert(3, "short_factor", self.short_factor)
             table.insert(4, "long_factor", self.long_factor)
-        table.attrs.update(factor_set=self.factor_set, reason=self.reason, attention_factor=self.attention_factor)
+        table.attrs.update(
+            factor_set=self.factor_set, reason=self.reason, attention_factor=self.attention_factor,
+            head_dim=self.head_dim, rotary_dim=self.rotary_dim, pass_through_dims=list(self.pass_through_dims),
+        )
         return table
 
 
@@ -80,6 +96,8 @@ def describe_rotary(spec: RotarySpec, num_positions: int) -> RotaryDescription:
         num_positions=num_positions,
         factor_set=chosen,
         reason=reason,
+        head_dim=spec.head_dim,
+        rotary_dim=spec.rotary_dim,
         factors=spec.factors(num_positions),
         short_factor=as_array(spec.short_factor),
         long_factor=as_array(spec.long_factor),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from phi3lab.model.hook_points import HookPoints
-from phi3lab.tracing.hooks import Hook, HookContext
+from phi3lab.tracing.interventions import Hook, HookContext
 from phi3lab.tracing.names import block_name, split_name
 
 ATTENTION_MAPS = ("attn.hook_attn_scores", "attn.hook_pattern")
@@ -55,16 +55,17 @@ class TraceSites(HookPoints):
         plan: the `TracePlan`.
         hooks: the `Hook`s the plan's indices refer to.
         data: each hook's (traced) data, in the same order.
+        prefix_layer: None for model-level sites; for a block's sites, the
+            first layer of its range (names resolve against it).
     """
 
-    def __init__(self, plan: TracePlan, hooks: tuple[Hook, ...], data: tuple, prefix_layer=None, layer=None):
+    def __init__(self, plan: TracePlan, hooks: tuple[Hook, ...], data: tuple, prefix_layer: int | None = None):
+        super().__init__()
         self.plan = plan
         self.hooks = hooks
         self.data = data
         self.prefix_layer = prefix_layer
-        self.layer = layer
         self.query_window = plan.query_window
-        self.captured = {}
 
     def _full(self, name: str) -> str:
         return name if self.prefix_layer is None else block_name(self.prefix_layer, name)
@@ -97,7 +98,7 @@ class TraceSites(HookPoints):
     def segments(self, num_layers: int) -> list[tuple[int, int]]:
         return self.plan.segments()
 
-    def block(self, start: int, stop: int, layer) -> "TraceSites":
+    def block(self, start: int) -> "TraceSites":
         # Every layer of a range shares the signature of its first layer, and
         # hooked layers are ranges of one, so names resolve against `start`.
-        return TraceSites(self.plan, self.hooks, self.data, prefix_layer=start, layer=layer)
+        return TraceSites(self.plan, self.hooks, self.data, prefix_layer=start)

@@ -9,6 +9,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from phi3lab.analysis.lens import WHERE, answer_curve, logit_lens
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.names import block_name
 from phi3lab.widgets.common import (
@@ -17,54 +18,12 @@ from phi3lab.widgets.common import (
     position_labels, vocabulary_labeler, window, window_slider,
 )
 
-WHERE = ("pre", "mid", "post")
-
-
-def lens_logits(model, hidden) -> np.ndarray:
-    """Logits of hidden states `[..., D]` read through the model's own final
-    norm and LM head (`model.final_norm`, `model.token_embedding(reverse=True)`)."""
-    return np.asarray(model.token_embedding(model.final_norm(np.asarray(hidden)), reverse=True), np.float32)
-
 
 def _rank_ticks(vocabulary_size: int) -> list[int]:
     """1, 2, 5, 10, ... up to the vocabulary size (powers of 10 for large ones)."""
     ticks = [m * 10**e for e in range(len(str(vocabulary_size))) for m in (1, 2, 5)]
     ticks = [t for t in ticks if t <= vocabulary_size]
     return ticks if len(ticks) <= 10 else [t for t in ticks if str(t).startswith("1")]
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def lens_top_k(model, trace, rows, batch: int, k: int, chunk: int = 256):
-    """Top-`k` token ids and probabilities `[R, T, k]` of each `(layer, where)`
-    row, computed a chunk of positions at a time (memory `chunk x V`)."""
-    length = trace.token_ids.shape[1]
-    ids = np.empty((len(rows), length, k), np.int64)
-    probs = np.empty((len(rows), length, k), np.float32)
-    for r, (layer, where) in enumerate(rows):
-        hidden = trace[block_name(layer, f"hook_resid_{where}")][batch]
-        for start in range(0, length, chunk):
-            log_probs = _log_softmax(lens_logits(model, hidden[None, start:start + chunk])[0])
-            top = np.argpartition(-log_probs, k - 1, axis=-1)[:, :k]
-            order = np.argsort(-np.take_along_axis(log_probs, top, axis=-1), axis=-1, kind="stable")
-            top = np.take_along_axis(top, order, axis=-1)
-            ids[r, start:start + chunk] = top
-            probs[r, start:start + chunk] = np.exp(np.take_along_axis(log_probs, top, axis=-1))
-    return ids, probs
-
-
-def _analysis_lens(model, trace, k: int, where, batch: int):
-    """`phi3lab.analysis.logit_lens` (top-k on the device) when it is
-    available, else None (then `lens_top_k` computes the same here)."""
-    try:
-        from phi3lab.analysis.logit_lens import logit_lens
-    except ImportError:
-        return None
-    return logit_lens(model, trace, k=k, where=list(where), batch=batch)
 
 
 def _from_frame(frame, rows, length: int, k: int):
@@ -100,9 +59,9 @@ class LogitLensView(View):
         answer: token id or string to follow (default: the final prediction).
         max_tokens: int. Widest window of positions sent. Defaults to 48.
         lens: optional DataFrame from `phi3lab.analysis.logit_lens` (same
-            `k`, `where`, `batch`) to reuse. By default the view calls
-            `phi3lab.analysis.logit_lens` itself, or, where that is not
-            installed, `lens_top_k` (the same numbers, computed here).
+            `k`, `where`, `batch`) to reuse; by default the view calls it.
+            The view computes no logits of its own: the grid comes from
+            `analysis.logit_lens`, the answer curve from `analysis.answer_curve`.
         tokens: optional display strings of the input, one per position.
 
     Example:
@@ -135,11 +94,8 @@ class LogitLensView(View):
         self.vocab = vocabulary_labeler(tokenizer)
         self.tokenizer = tokenizer
         if lens is None:
-            lens = _analysis_lens(model, trace, self.k, self.where, self.batch)
-        if lens is None:
-            self.top_ids, self.top_probs = lens_top_k(model, trace, self.rows, self.batch, self.k)
-        else:
-            self.top_ids, self.top_probs = _from_frame(lens, self.rows, self.length, self.k)
+            lens = logit_lens(model, trace, k=self.k, where=list(self.where), batch=self.batch)
+        self.top_ids, self.top_probs = _from_frame(lens, self.rows, self.length, self.k)
         if position is None:
             position = int(np.flatnonzero(trace.padding_mask[self.batch])[-1])
         position = check_int("position", position, 0, self.length)
@@ -229,11 +185,8 @@ class LogitLensView(View):
         `position`, for every row (layer, stream) of the lens."""
         answer = self.answer if answer is None else self.parse_token(answer)
         position = self.position if position is None else check_int("position", position, 0, self.length)
-        hidden = np.stack([self.trace[block_name(l, f"hook_resid_{w}")][self.batch, position] for l, w in self.rows])
-        logits = lens_logits(self.model, hidden[None])[0]
-        log_probs = _log_softmax(logits)
-        ranks = (logits > logits[:, answer:answer + 1]).sum(axis=-1) + 1
-        return np.exp(log_probs[:, answer]), ranks
+        curve = answer_curve(self.model, self.trace, answer, position, self.where, self.batch)
+        return curve["probability"].to_numpy(), curve["rank"].to_numpy()
 
     # === Rendering ===
     def _on_cell_click(self, trace, points, state):

@@ -94,7 +94,7 @@ class RopeView(View):
             self.frequencies.add_scatter(meta=name, mode="lines", line=dict(color=colour, dash="dash"), row=1, col=2)
         self.frequencies.update_yaxes(type="log", title="radians per token", row=1, col=1)
         self.frequencies.update_yaxes(type="log", title="tokens", row=1, col=2)
-        self.frequencies.update_xaxes(title="dimension pair i (dims i, i + head_dim/2)")
+        self.frequencies.update_xaxes(title="dimension pair i (dims i, i + rotary_dim/2)")
         self.frequencies.update_layout(**base_layout("", height=400, width=1000, plot_bgcolor="white",
                                                      margin=dict(l=70, r=20, t=90, b=60)),
                                        legend=dict(x=0.56, y=0.98, bgcolor="rgba(255,255,255,0.8)"))
@@ -116,7 +116,7 @@ class RopeView(View):
         for col, name in ((1, "cos"), (2, "sin")):
             self.tables.add_heatmap(name=name, row=1, col=col, coloraxis="coloraxis",
                                     hovertemplate=f"position %{{y}}<br>dim %{{x}}<br>{name} %{{z:.4f}}<extra></extra>")
-            self.tables.update_xaxes(title="head dimension", row=1, col=col)
+            self.tables.update_xaxes(title="rotary head dimension", row=1, col=col)
         self.tables.update_yaxes(title="position", autorange="reversed", row=1, col=1)
         self.tables.update_layout(**base_layout("", height=460, width=1000, margin=dict(l=70, r=20, t=90, b=60)))
 
@@ -162,7 +162,10 @@ class RopeView(View):
             ("max_sequence_length", f"{rope.max_sequence_length}"),
             ("factors in force", f"{rope.factor_set}: {rope.reason}"),
             ("attention factor (scales cos/sin)", f"{rope.attention_factor:.6g}"),
-            ("dimension pairs", f"{len(rope.inverse_frequencies)} (head_dim {rope.cos.shape[1]})"),
+            ("dimension pairs", (f"{len(rope.inverse_frequencies)} (rotary dims 0–{rope.rotary_dim - 1} of head_dim "
+                                 f"{rope.head_dim})")),
+            ("pass-through dims (not rotated)",
+             f"{rope.rotary_dim}–{rope.head_dim - 1}" if len(rope.pass_through_dims) else "none (full rotary)"),
         ]
 
     def _refresh(self) -> None:
@@ -255,7 +258,7 @@ class RopeView(View):
         scale = Scale(DIVERGING, -rope.attention_factor, rope.attention_factor)
         for ax, table, name in ((axes[1, 1], rope.cos, "cos"), (axes[1, 2], rope.sin, "sin")):
             mpl_heatmap(ax, table[positions.start:positions.stop], scale,
-                        title=f"{name}, positions {positions.start}–{positions.stop - 1}", xlabel="head dimension",
+                        title=f"{name}, positions {positions.start}–{positions.stop - 1}", xlabel="rotary head dimension",
                         ylabel="position", colorbar="value",
                         y_labels=[str(p) for p in positions], max_ticks=16)
         figure.suptitle(f"Rotary embedding for {rope.num_positions} positions", fontsize=12)

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import numpy as np
 from jax import numpy as jnp
 
+from phi3lab.checks import check_index, is_int
 from phi3lab.errors import bad_argument
+from phi3lab.model.attention import key_value_heads
 from phi3lab.tracing.names import block_name
 
 
@@ -119,10 +120,6 @@ def _as_hook(pattern, hook) -> Hook:
 # === Ready-made interventions ===
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _ablate(z, ctx):
     heads = np.asarray(ctx.static[0])
     mode = ctx.static[1]
@@ -150,15 +147,15 @@ def ablate_heads(layer: int, heads: int | Iterable[int], mode: str = "zero") -> 
     Example:
     >>> tr = phi3lab.trace(model, ids, hooks=ablate_heads(0, [1, 2]))
     """
-    if not _is_int(layer) or layer < 0:
-        raise bad_argument("layer", layer, "a non-negative int (a decoder block index)")
-    if _is_int(heads):
+    if not is_int(layer):
+        raise bad_argument("layer", layer, "an int (a decoder block index; negative values count from the end)")
+    if is_int(heads):
         heads = (heads,)
     elif isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
         raise bad_argument("heads", heads, "an int or a list of int query-head indices")
     else:
         heads = tuple(heads)
-        if not all(_is_int(h) for h in heads):
+        if not all(is_int(h) for h in heads):
             raise bad_argument("heads", heads, "an int or a list of int query-head indices")
         heads = tuple(int(h) for h in heads)
     layer = int(layer)
@@ -168,11 +165,9 @@ def ablate_heads(layer: int, heads: int | Iterable[int], mode: str = "zero") -> 
         raise bad_argument("heads", heads, "a non-empty list of query-head indices")
 
     def check(model):
-        if not 0 <= layer < model.num_layers:
-            raise bad_argument("layer", layer, f"an int in [0, {model.num_layers})")
-        bad = [h for h in heads if not 0 <= h < model.num_query_heads]
-        if bad:
-            raise bad_argument("heads", list(heads), f"query-head indices in [0, {model.num_query_heads})")
+        check_index("layer", layer, model.num_layers, "layer")
+        for head in heads:
+            check_index("heads", head, model.num_query_heads, "query head")
 
     return Hooks({block_name(layer, "attn.hook_z"): Hook(_ablate, static=(heads, mode), check=check)})
 
@@ -186,11 +181,14 @@ def _check_source(x, source, name):
 
 
 def _patch(x, ctx):
+    """Take `source` at `positions` along the position axis `ctx.static[0]`."""
     source, positions = ctx.data
+    (axis,) = ctx.static
     _check_source(x, source, ctx.name)
     if positions is None:
         return source.astype(x.dtype)
-    return x.at[:, positions].set(source[:, positions].astype(x.dtype))
+    index = (slice(None),) * axis + (positions,)
+    return x.at[index].set(source[index].astype(x.dtype))
 
 
 def patch(name: str, source_trace, positions=None) -> Hooks:
@@ -236,17 +234,9 @@ def patch(name: str, source_trace, positions=None) -> Hooks:
     entries = []
     for site in matched:
         source = jnp.asarray(source_trace[site])
-        fn = _patch_queries if site.endswith(("hook_attn_scores", "hook_pattern")) else _patch
-        entries.append((site, Hook(fn, data=(source, index))))
+        axis = 2 if site.endswith(("hook_attn_scores", "hook_pattern")) else 1
+        entries.append((site, Hook(_patch, data=(source, index), static=(axis,))))
     return Hooks(entries)
-
-
-def _patch_queries(x, ctx):
-    source, positions = ctx.data
-    _check_source(x, source, ctx.name)
-    if positions is None:
-        return source.astype(x.dtype)
-    return x.at[:, :, positions].set(source[:, :, positions].astype(x.dtype))
 
 
 def _add(x, ctx):
@@ -291,7 +281,7 @@ def add(name: str, vector, scale: float = 1.0) -> Hooks:
     def check(model):
         from phi3lab.tracing.names import MODEL_SITES, BLOCK_SITES, all_names, select, site_shape, split_name
 
-        for full in select(name, all_names(model.num_layers), argument="name"):
+        for full in select(name, all_names(model), argument="name"):
             shape = site_shape(model, full, 1, 1)
             symbols = BLOCK_SITES.get(split_name(full)[1]) or MODEL_SITES[full]
             fits = vector.ndim <= len(shape) and all(
@@ -314,14 +304,12 @@ def query_heads_sharing(model, key_value_head: int) -> list[int]:
     Example:
     >>> query_heads_sharing(model, 0)   # e.g. [0, 1] with 4 query, 2 kv heads
     """
-    group = model.num_query_heads // model.num_key_value_heads
-    if not _is_int(key_value_head) or not 0 <= key_value_head < model.num_key_value_heads:
-        raise bad_argument("key_value_head", key_value_head, f"an int in [0, {model.num_key_value_heads})")
-    return list(range(key_value_head * group, (key_value_head + 1) * group))
+    kv = check_index("key_value_head", key_value_head, model.num_key_value_heads, "key/value head")
+    owners = key_value_heads(model.num_query_heads, model.num_key_value_heads)
+    return np.flatnonzero(owners == kv).tolist()
 
 
 def key_value_head_of(model, query_head: int) -> int:
     """The key/value head that query head `query_head` reads."""
-    if not _is_int(query_head) or not 0 <= query_head < model.num_query_heads:
-        raise bad_argument("query_head", query_head, f"an int in [0, {model.num_query_heads})")
-    return query_head // (model.num_query_heads // model.num_key_value_heads)
+    head = check_index("query_head", query_head, model.num_query_heads, "query head")
+    return int(key_value_heads(model.num_query_heads, model.num_key_value_heads)[head])

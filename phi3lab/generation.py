@@ -4,30 +4,26 @@ from __future__ import annotations
 
 import math
 import numbers
-import weakref
 
 import jax
 import numpy as np
 from jax import numpy as jnp
 
-from phi3lab.errors import bad_argument, check_positive_int
+from phi3lab import compile_cache
+from phi3lab.checks import check_positive_int
+from phi3lab.errors import bad_argument
 
 _BUCKET = 64
-_STEP_FUNCTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _next_logits(model):
     """A jitted `(params, ids [1, L], last) -> logits [V]` for `model`."""
-    if model not in _STEP_FUNCTIONS:
 
-        @jax.jit
-        def step(params, ids, last):
-            hidden, _ = model.apply(params, ids)
-            row = jax.lax.dynamic_index_in_dim(hidden[0], last, keepdims=False)
-            return model.token_embedding.apply(params["token_embedding"], row, reverse=True)
+    def step(params, ids, last):
+        hidden, _ = model.apply(params, ids)
+        return model.unembed(params, jax.lax.dynamic_index_in_dim(hidden[0], last, keepdims=False))
 
-        _STEP_FUNCTIONS[model] = step
-    return _STEP_FUNCTIONS[model]
+    return compile_cache.cached(model, ("generate.step",), lambda: jax.jit(step))
 
 
 def generate(

@@ -1,0 +1,67 @@
+"""The one cache of compiled programs, per model and bounded.
+
+Everything that compiles a program for a model (`trace`, the analysis sweeps,
+generation, the model's own eager call) stores it here under a key that says
+what the program is (`("trace", plan, hooks, shapes)`, ...). Entries live as
+long as their model and, per model, at most `limit()` of them are kept, the
+least recently used going first. `PHI3LAB_COMPILE_CACHE_SIZE` sets the limit
+(default 64 programs per model); `set_limit` changes it at run time.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections import OrderedDict
+from typing import Any, Callable, Hashable
+
+_DEFAULT_LIMIT = 64
+_CACHES: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+_limit = int(os.environ.get("PHI3LAB_COMPILE_CACHE_SIZE", _DEFAULT_LIMIT))
+
+
+def cached(model, key: Hashable, build: Callable[[], Any]):
+    """The program stored for `(model, key)`, built by `build()` on first use.
+
+    Example:
+    >>> run = cached(model, ("forward",), lambda: jax.jit(forward))
+    """
+    cache = _CACHES.setdefault(model, OrderedDict())
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    program = build()
+    cache[key] = program
+    while len(cache) > _limit:
+        cache.popitem(last=False)
+    return program
+
+
+def size(model, kind: str | None = None) -> int:
+    """How many programs are cached for `model` (only keys starting with
+    `kind` when given, e.g. `"trace"`)."""
+    cache = _CACHES.get(model, {})
+    if kind is None:
+        return len(cache)
+    return sum(1 for key in cache if isinstance(key, tuple) and key and key[0] == kind)
+
+
+def entries(model) -> dict:
+    """A copy of `model`'s cache, key -> program (for inspection and tests)."""
+    return dict(_CACHES.get(model, {}))
+
+
+def limit() -> int:
+    """The most programs kept per model."""
+    return _limit
+
+
+def set_limit(value: int) -> None:
+    """Keep at most `value` programs per model (older ones are dropped now)."""
+    from phi3lab.checks import check_positive_int
+
+    global _limit
+    _limit = check_positive_int("value", value)
+    for cache in _CACHES.values():
+        while len(cache) > _limit:
+            cache.popitem(last=False)

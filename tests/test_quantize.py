@@ -1,0 +1,170 @@
+"""`model.quantize("int8")`: weight-only int8 projection kernels with
+per-output-channel scales, dequantized inside the compiled forward.
+
+Oracles: the quantization formula written out in NumPy, and the exact
+identity that a quantized model computes what a float model holding the
+dequantized kernels computes."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from conftest import LENGTHS, backbone_kwargs, forward, random_backbone, token_batch
+
+import phi3lab
+from phi3lab import Phi3Backbone
+from phi3lab import hooks as H
+from phi3lab.presets import save_hf_checkpoint, save_preset
+
+KERNELS = {  # name -> (layer, axes reduced for the per-output-channel scale, stacked shape)
+    "query_kernel": ("attention", (1,)), "key_kernel": ("attention", (1,)), "value_kernel": ("attention", (1,)),
+    "output_kernel": ("attention", (1, 2)), "gate_kernel": ("mlp", (1,)), "up_kernel": ("mlp", (1,)),
+    "down_kernel": ("mlp", (1,)),
+}
+
+
+def reference_int8(kernel, axes):
+    """int8 = round(w / s), s = max|w| / 127 over the input axes, per layer."""
+    scale = np.max(np.abs(kernel), axis=axes, keepdims=True) / 127.0
+    return np.clip(np.round(kernel / scale), -127, 127).astype(np.int8), scale.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A float model and the same weights quantized (GQA, partial rotary)."""
+    float_model = random_backbone(seed=7, rope=None, partial_rotary_factor=0.75)
+    quantized = Phi3Backbone.from_config(float_model.get_config())
+    quantized.set_weights(float_model.get_weights())
+    quantized.quantize("int8")
+    return float_model, quantized
+
+
+def test_kernels_are_int8_with_per_output_channel_scales(pair):
+    float_model, quantized = pair
+    assert quantized.quantization == "int8" and quantized.get_config()["quantization"] == "int8"
+    for name, (part, axes) in KERNELS.items():
+        original = np.asarray(getattr(getattr(float_model.decoder, part), name).value)
+        layer = getattr(quantized.decoder, part)
+        kernel, scale = getattr(layer, name), getattr(layer, name + "_scale")
+        assert kernel.dtype == "int8" and scale.dtype == "float32" and not kernel.trainable
+        expected_kernel, expected_scale = reference_int8(original, axes)
+        np.testing.assert_allclose(np.asarray(scale.value), expected_scale, rtol=1e-6)
+        assert np.abs(np.asarray(kernel.value).astype(int) - expected_kernel).max() <= 1  # rounding at .5 ties
+        error = np.abs(np.asarray(kernel.value) * np.asarray(scale.value) - original)
+        assert (error <= np.asarray(scale.value) / 2 + 1e-7).all()
+
+
+def test_forward_equals_float_model_with_dequantized_kernels(pair):
+    """Exact identity: the compiled int8 forward is the float forward of
+    `int8 * scale` kernels (the dequantization is all that changed)."""
+    float_model, quantized = pair
+    dequantized = Phi3Backbone.from_config({**float_model.get_config()})
+    dequantized.set_weights(float_model.get_weights())
+    for name, (part, _) in KERNELS.items():
+        layer = getattr(quantized.decoder, part)
+        value = np.asarray(getattr(layer, name).value, np.float32) * np.asarray(getattr(layer, name + "_scale").value)
+        getattr(getattr(dequantized.decoder, part), name).assign(value)
+    ids, mask = token_batch(LENGTHS["above"])
+    np.testing.assert_allclose(forward(quantized, ids, mask)[1], forward(dequantized, ids, mask)[1], atol=2e-5)
+    # ... and it is not the float model: int8 rounding shows, but stays small on average.
+    float_logits = forward(float_model, ids, mask)[1]
+    error = np.abs(forward(quantized, ids, mask)[1] - float_logits)
+    assert error.max() > 0 and error.mean() < 0.05 * np.abs(float_logits).mean()
+
+
+def test_trace_hooks_and_estimate_on_int8(pair):
+    float_model, quantized = pair
+    ids, mask = token_batch(LENGTHS["below"])
+    tr = phi3lab.trace(quantized, ids, padding_mask=mask, names=["blocks.1.attn.hook_z", "hook_logits"])
+    np.testing.assert_allclose(tr["hook_logits"], forward(quantized, ids, mask)[1], atol=1e-5)
+    ablated = phi3lab.trace(quantized, ids, padding_mask=mask, names=["blocks.1.attn.hook_z"],
+                            hooks=H.ablate_heads(1, [2]))
+    assert np.all(ablated["blocks.1.attn.hook_z"][:, :, 2] == 0)
+    assert not np.allclose(ablated["blocks.1.attn.hook_z"][:, :, 0], 0)
+    kernel_bytes = lambda model, itemsize: sum(
+        int(np.prod(getattr(getattr(model.decoder, part), name).shape)) * itemsize for name, (part, _) in KERNELS.items()
+    )
+    saved = phi3lab.estimate(float_model, 8).weights - phi3lab.estimate(quantized, 8).weights
+    scales = sum(int(np.prod(v.shape)) * 4 for v in quantized.weights if v.path.endswith("_scale"))
+    assert saved == kernel_bytes(float_model, 4) - kernel_bytes(float_model, 1) - scales
+
+
+def test_keras_file_round_trip(pair, tmp_path):
+    _, quantized = pair
+    quantized.save(tmp_path / "int8.keras")
+    loaded = keras.saving.load_model(tmp_path / "int8.keras")
+    assert loaded.get_config() == quantized.get_config()
+    assert [(v.path, v.dtype) for v in loaded.weights] == [(v.path, v.dtype) for v in quantized.weights]
+    ids, mask = token_batch(LENGTHS["below"])
+    np.testing.assert_array_equal(forward(loaded, ids, mask)[1], forward(quantized, ids, mask)[1])
+    rebuilt = Phi3Backbone.from_config(quantized.get_config())
+    assert [(v.path, v.dtype, v.shape) for v in rebuilt.weights] == [(v.path, v.dtype, v.shape) for v in quantized.weights]
+
+
+def test_from_preset_quantizes_after_loading(pair, tmp_path):
+    float_model, quantized = pair
+    directory = save_hf_checkpoint(float_model, tmp_path)
+    loaded = Phi3Backbone.from_preset(str(directory), quantization="int8")
+    ids, mask = token_batch(LENGTHS["below"])
+    np.testing.assert_allclose(forward(loaded, ids, mask)[1], forward(quantized, ids, mask)[1], atol=1e-6)
+
+
+def test_clear_errors(pair, tmp_path):
+    _, quantized = pair
+    model = random_backbone(seed=8, rope=None)
+    for mode in ("int4", "float8", None, "INT8"):
+        with pytest.raises(ValueError, match='"int8"'):
+            model.quantize(mode)
+    assert model.quantization is None and model.decoder.attention.query_kernel.dtype == "float32"
+    with pytest.raises(ValueError, match="already quantized"):
+        quantized.quantize("int8")
+    for save in (save_preset, save_hf_checkpoint):
+        with pytest.raises(ValueError, match=r"quantized .* model.save\('name.keras'\)"):
+            save(quantized, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "dtype", [keras.dtype_policies.DTypePolicyMap(), "int8_from_float32", {"class_name": "DTypePolicyMap", "config": {}}]
+)
+def test_dtype_policy_maps_and_quantized_policies_refused_at_construction(dtype):
+    with pytest.raises(ValueError, match="DTypePolicyMap"):
+        Phi3Backbone(**backbone_kwargs(None), dtype=dtype)
+
+
+def test_direct_logit_attribution_on_a_tied_int8_model():
+    """The decomposition reads the dequantized output kernel and the tied
+    head: head rows sum to their block's attention row, everything to the
+    model's own logit difference."""
+    model = random_backbone(seed=9, rope=None, tie_word_embeddings=True)
+    model.quantize("int8")
+    ids, mask = token_batch(LENGTHS["below"])
+    tr = phi3lab.trace(model, ids, padding_mask=mask)
+    table = phi3lab.analysis.direct_logit_attribution(model, tr, answer=5, counterfactual=7)
+    assert table.attrs["total"] == pytest.approx(table.attrs["logit_diff"], abs=1e-3)
+    heads = table[table.kind == "head"].groupby("layer")["attribution"].sum()
+    attn = table[table.kind == "attn"].set_index("layer")["attribution"]
+    np.testing.assert_allclose(heads.values, attn.loc[heads.index].values, atol=1e-4)
+
+
+def test_dtype_policy_map_in_a_keras_hub_preset_is_refused_too(tmp_path):
+    """Consistent with construction: a saved config carrying a DTypePolicyMap
+    is refused when loaded, never silently read as float32."""
+    import json
+
+    directory = save_preset(random_backbone(seed=10, rope=None), tmp_path)
+    saved = json.loads((directory / "config.json").read_text())
+    saved["config"]["dtype"] = keras.dtype_policies.serialize(keras.dtype_policies.DTypePolicyMap())
+    (directory / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="DTypePolicyMap"):
+        Phi3Backbone.from_preset(str(directory))
+
+
+def test_generation_runs_on_int8():
+    """Greedy generation on the shipped model, quantized, continues the
+    task prompt as the float32 model does."""
+    tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
+    prompt = "Mary and John went to the store. John gave a drink to"
+    expected = phi3lab.generate(Phi3Backbone.from_preset("phi3lab_tiny_en"), tokenizer, prompt, max_new_tokens=4)
+    model = Phi3Backbone.from_preset("phi3lab_tiny_en", quantization="int8")
+    assert expected and phi3lab.generate(model, tokenizer, prompt, max_new_tokens=4) == expected
