@@ -235,7 +235,7 @@ def test_token_view_attention_and_neurons_are_the_trace(tr):
     view.row_select.value = "layer 1 · head 3"
     np.testing.assert_array_equal(view.current[:21], tr.attention(1, 3)[0, 20, :21])
     assert 'class="phi3lab-tok selected" data-position="20"' in view.text.value
-    with pytest.raises(ValueError, match="`head` must be one of the captured query heads"):
+    with pytest.raises(ValueError, match="`head` must be"):
         TokenView.attention(tr, 1, 9, 3)
     neurons = TokenView.neurons(tr, 1, [3, 7], where="pre")
     np.testing.assert_array_equal(neurons.rows["layer 1 · neuron 7"], tr["blocks.1.mlp.hook_pre"][0, :, 7])
