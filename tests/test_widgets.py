@@ -11,7 +11,7 @@ import pytest
 
 import phi3lab
 from phi3lab.widgets import AttentionExplorer, LogitLensView, PatchingView, ResidualStreamView, RopeView
-from phi3lab.widgets.common import Scale, pool_max
+from phi3lab.widgets.common import Scale, pool_max, unpacked
 
 PNG = b"\x89PNG\r\n\x1a\n"
 LENGTH = 9
@@ -57,6 +57,11 @@ def heat(figure, index=0):
     return figure.data[index]
 
 
+def z_of(figure, index=0):
+    """The heatmap values a figure sends (packed typed arrays read back)."""
+    return unpacked(figure.data[index].z)
+
+
 def check_static(view):
     png = view.static()
     assert png.startswith(PNG) and len(png) > 5_000
@@ -69,7 +74,7 @@ def check_static(view):
 # === AttentionExplorer ===
 def test_attention_heatmap_is_the_trace(tr):
     view = AttentionExplorer(tr)
-    np.testing.assert_array_equal(heat(view.heatmap).z, tr.attention(0, 0)[0])
+    np.testing.assert_array_equal(z_of(view.heatmap), tr.attention(0, 0)[0])
     assert list(heat(view.heatmap).x) == [f"{p} {t}" for p, t in enumerate(["&lt;s&gt;"] + tr.tokens[0][1:])]
     assert list(heat(view.heatmap).y) == list(heat(view.heatmap).x)
     assert view.heatmap.layout.yaxis.autorange == "reversed"
@@ -82,24 +87,24 @@ def test_attention_selectors_update_the_figure(tr):
     view = AttentionExplorer(tr, batch=1)
     view.layer_select.value = 1
     view.head_select.value = 3
-    np.testing.assert_array_equal(heat(view.heatmap).z, tr.attention(1, 3)[1])
+    np.testing.assert_array_equal(z_of(view.heatmap), tr.attention(1, 3)[1])
     assert "Layer 1 · head 3 (kv head 1)" in view.heatmap.layout.title.text
     view.thumbnail_buttons[2].click()                      # a thumbnail selects its head
     assert view.head == 2
-    np.testing.assert_array_equal(heat(view.heatmap).z, tr.attention(1, 2)[1])
+    np.testing.assert_array_equal(z_of(view.heatmap), tr.attention(1, 2)[1])
     assert [b.button_style for b in view.thumbnail_buttons] == ["", "", "primary", ""]
 
 
 def test_attention_scores_blank_the_masked_entries(tr):
     view = AttentionExplorer(tr, layer=1, head=1, values="scores")
     scores = tr["blocks.1.attn.hook_attn_scores"][0, 1]
-    z = heat(view.heatmap).z
+    z = z_of(view.heatmap)
     assert np.isneginf(scores).sum() == LENGTH * (LENGTH - 1) // 2
     np.testing.assert_array_equal(np.isnan(z), np.isneginf(scores))
     np.testing.assert_array_equal(z[np.isfinite(scores)], scores[np.isfinite(scores)])
     assert heat(view.heatmap).zmin == -heat(view.heatmap).zmax             # diverging, centred at 0
     view.values_select.value = "pattern"
-    np.testing.assert_array_equal(heat(view.heatmap).z, tr.attention(1, 1)[0])
+    np.testing.assert_array_equal(z_of(view.heatmap), tr.attention(1, 1)[0])
 
 
 def test_attention_thumbnails_follow_the_layer(tr):
@@ -140,17 +145,17 @@ def test_attention_token_click_highlights_row_and_column(tr):
 
 
 def test_attention_long_input_sends_one_window(long_tr):
-    view = AttentionExplorer(long_tr, max_tokens=256)
+    view = AttentionExplorer(long_tr, max_tokens=256, zoom=256)
     pattern = long_tr.attention(0, 0)[0]
-    assert not view.query_slider.layout.display and view.query_slider.max == 600 - 256
-    np.testing.assert_array_equal(heat(view.heatmap).z, pattern[:256, :256])
+    assert view.query_slider.max == 600 - 256 and view.zoom_select.options == (16, 32, 64, 128, 256)
+    np.testing.assert_array_equal(z_of(view.heatmap), pattern[:256, :256])
     view.query_slider.value = 344
     view.key_slider.value = 100
-    np.testing.assert_array_equal(heat(view.heatmap).z, pattern[344:600, 100:356])
+    np.testing.assert_array_equal(z_of(view.heatmap), pattern[344:600, 100:356])
     assert heat(view.heatmap).y[0].startswith("344 ") and heat(view.heatmap).x[0].startswith("100 ")
-    assert len(view.token_buttons) == 256 and view.token_buttons[0].tooltip == "position 344"
+    assert view.token_buttons[0].tooltip == "position 344"
     # What goes to the browser: one 256 x 256 window and 64 x 64 thumbnails, never 600 x 600 per head.
-    assert sum(np.size(t.z) for t in view.heatmap.data) == 256 * 256
+    assert np.size(z_of(view.heatmap)) == 256 * 256
     assert len(pio.to_json(view.heatmap)) < 600 * 600 * 4 * 4 / 3 / 2
     from PIL import Image
     import io
@@ -159,16 +164,42 @@ def test_attention_long_input_sends_one_window(long_tr):
     assert all(size == (72, 72) for size in sizes)
     assert sum(len(image.value) for image in view.thumbnail_images) < 100_000
     view.values_select.value = "scores"
-    assert heat(view.heatmap).z.shape == (256, 256)
+    assert z_of(view.heatmap).shape == (256, 256)
 
 
-def test_short_input_hides_window_sliders(tr):
+def test_attention_zoom_window_and_overview(long_tr):
+    view = AttentionExplorer(long_tr)                                      # default zoom: 64, legible labels
+    pattern = long_tr.attention(0, 0)[0]
+    assert view.zoom == 64 and view.windowed and not view._overview_box.layout.display
+    np.testing.assert_array_equal(z_of(view.heatmap), pattern[:64, :64])
+    assert sum(not b.layout.display for b in view.token_buttons) == 64
+    # The overview is the head's block maxima (600 -> 86 cells of 7 positions, 3 pixels each), window boxed.
+    image = view.overview_image()
+    assert image.shape == (258, 258, 3)
+    np.testing.assert_array_equal(image[1::3, 1::3][20:, 20:], Scale.probability().rgb(pool_max(pattern, 96))[20:, 20:])
+    view.move_window(500, 300)                                             # centre the window there
+    assert view.query_window == range(468, 532) and view.key_window == range(268, 332)
+    np.testing.assert_array_equal(z_of(view.heatmap), pattern[468:532, 268:332])
+    image = view.overview_image()
+    orange = (image == [255, 127, 14]).all(-1)
+    rows, cols = np.flatnonzero(orange.any(1)), np.flatnonzero(orange.any(0))
+    box = (468 // 7 * 3, -(-532 // 7) * 3 - 1, 268 // 7 * 3, -(-332 // 7) * 3 - 1)      # cells of 7 positions
+    assert (rows[0], rows[-1], cols[0], cols[-1]) == box
+    view.zoom_select.value = 16                                            # zoom in: smaller window, same start
+    assert view.query_window == range(468, 484) and z_of(view.heatmap).shape == (16, 16)
+    assert sum(not b.layout.display for b in view.token_buttons) == 16
+    view.query_slider.value = view.query_slider.max                      # step to the end
+    assert view.query_window == range(584, 600)
+
+
+def test_short_input_has_no_zoom_window(tr):
     view = AttentionExplorer(tr)
-    assert view.query_slider.layout.display == "none" and view.key_slider.layout.display == "none"
+    assert not view.windowed and view._overview_box.layout.display == "none"
+    assert view.zoom == LENGTH and view.query_window == range(LENGTH)
 
 
 def test_attention_arguments_are_checked(tr, model, ids):
-    with pytest.raises(ValueError, match="`head` must be an int in \\[0, 4\\)"):
+    with pytest.raises(ValueError, match=r"`head` must be one of the captured query heads \[0, 1, 2, 3\]"):
         AttentionExplorer(tr, head=4)
     only_pattern = phi3lab.trace(model, ids, names="blocks.*.attn.hook_pattern")
     with pytest.raises(ValueError, match="hook_attn_scores"):
@@ -182,11 +213,11 @@ def test_attention_arguments_are_checked(tr, model, ids):
 def test_residual_norms_are_the_trace(tr):
     view = ResidualStreamView(tr, batch=1)
     expected = np.stack([np.linalg.norm(tr.resid(l, "post")[1].astype(np.float64), axis=-1) for l in range(2)])
-    np.testing.assert_array_equal(heat(view.heatmap).z, expected)
+    np.testing.assert_array_equal(z_of(view.heatmap), expected)
     view.component_select.value = "attn_out"
     attn = np.stack([np.linalg.norm(tr[f"blocks.{l}.hook_attn_out"][1].astype(np.float64), axis=-1)
                      for l in range(2)])
-    np.testing.assert_array_equal(heat(view.heatmap).z, attn)
+    np.testing.assert_array_equal(z_of(view.heatmap), attn)
     assert "attn_out" in view.heatmap.layout.title.text
     view.position_slider.value = 4
     lines = {scatter.name: scatter.y for scatter in view.lines.data}
@@ -211,7 +242,7 @@ def reference_probs(model, hidden):
 def test_logit_lens_grid_is_the_lens(model, tr):
     view = LogitLensView(tr, model, ToyTokenizer.vocabulary, k=3)
     probs = np.stack([reference_probs(model, tr.resid(l, "post")[0]) for l in range(2)])
-    np.testing.assert_allclose(heat(view.grid).z, probs.max(-1), rtol=1e-4)
+    np.testing.assert_allclose(z_of(view.grid), probs.max(-1), rtol=1e-4)
     np.testing.assert_array_equal(view.top_ids[..., 0], probs.argmax(-1))
     np.testing.assert_array_equal(view.top_ids[-1, :, 0], tr.logits[0].argmax(-1))   # last layer = the model
     assert heat(view.grid).text[1][2] == ToyTokenizer.vocabulary[probs[1, 2].argmax()]
@@ -285,7 +316,7 @@ def test_rope_view_switches_factors_at_the_pretraining_length():
 def test_patching_view_is_diverging_around_zero():
     values = np.array([[0.5, -2.0, 0.0], [1.0, 0.25, -0.5]])
     view = PatchingView(values, "layer", ["a", "b", "a"], "Patching resid_pre")
-    np.testing.assert_array_equal(heat(view.heatmap).z, values)
+    np.testing.assert_array_equal(z_of(view.heatmap), values)
     assert (heat(view.heatmap).zmin, heat(view.heatmap).zmax) == (-2.0, 2.0)
     assert list(heat(view.heatmap).x) == ["0 a", "1 b", "2 a"]              # repeated tokens stay apart
     view._on_click(None, types.SimpleNamespace(point_inds=[[1, 2]]), None)
@@ -301,7 +332,7 @@ def test_patching_view_is_diverging_around_zero():
                                    site="resid_pre", hook="blocks.*.hook_resid_pre", axes=("layer", "position"),
                                    clean_ids=np.zeros((1, 3), int), corrupted_ids=np.ones((1, 3), int))
     view = PatchingView.from_result(real)
-    np.testing.assert_array_equal(heat(view.heatmap).z, real.values)
+    np.testing.assert_array_equal(z_of(view.heatmap), real.values)
     assert view.heatmap.layout.xaxis.title.text == "position"
     assert view.heatmap.data[0].colorbar.title.text == "patched metric"                   # raw == values
     with pytest.raises(ValueError, match="`values` must be a non-empty numeric array"):
@@ -326,7 +357,7 @@ def test_scales_and_pooling():
     assert pool_max(np.ones((600, 600)), 64).shape == (60, 60)
 
 
-def test_attention_explorer_offers_only_captured_layers_and_refuses_windows():
+def test_attention_explorer_offers_only_captured_layers():
     import phi3lab as _phi3lab
     from phi3lab.widgets import AttentionExplorer as _Explorer
 
@@ -338,6 +369,3 @@ def test_attention_explorer_offers_only_captured_layers_and_refuses_windows():
     assert [value for _, value in explorer.layer_select.options] == [2]
     with pytest.raises(ValueError, match="layer"):
         _Explorer(partial, layer=0)
-    windowed = _phi3lab.trace(model, ids, names=["blocks.2.attn.hook_pattern"], queries=slice(4, 8))
-    with pytest.raises(ValueError, match="query window"):
-        _Explorer(windowed, layer=2)

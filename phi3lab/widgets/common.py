@@ -15,6 +15,7 @@ import base64
 import dataclasses
 import html
 import io
+import json
 from typing import Callable, Sequence
 
 import ipywidgets as widgets
@@ -31,6 +32,7 @@ SEQUENTIAL = "Blues"
 DIVERGING = "RdBu_r"
 BLANK = "#d9d9d9"
 HIGHLIGHT = "#ff7f0e"
+GENERATED = "#2ca02c"  # marks generated tokens (after a trace's prompt_length)
 FONT = dict(family="DejaVu Sans, Arial, sans-serif", size=12)
 
 
@@ -112,16 +114,20 @@ def blank_infinite(values) -> np.ndarray:
 
 
 def pool_max(values, size: int) -> np.ndarray:
-    """Downsample `[rows, cols]` to at most `size x size` by block maxima
-    (NaN-aware), so a thumbnail keeps the sharp, sparse attention peaks."""
-    rows, cols = values.shape
-    fr, fc = -(-rows // size), -(-cols // size)
-    if fr == 1 and fc == 1:
-        return np.asarray(values, np.float32)
-    padded = np.full((-(-rows // fr) * fr, -(-cols // fc) * fc), np.nan, np.float32)
-    padded[:rows, :cols] = values
-    blocks = padded.reshape(padded.shape[0] // fr, fr, padded.shape[1] // fc, fc)
-    return np.fmax.reduce(np.fmax.reduce(blocks, axis=3), axis=1)
+    """Downsample `[..., rows, cols]` to at most `size x size` by block maxima
+    (NaN-aware), so a thumbnail keeps the sharp, sparse attention peaks.
+    Blocks are `ceil(n / size)` long from the start; the last may be shorter."""
+    values = np.asarray(values, np.float32)
+    for axis in (-2, -1):                         # rows first: whole contiguous rows at a time
+        factor = pool_factor(values.shape[axis], size)
+        if factor > 1:
+            values = np.fmax.reduceat(values, np.arange(0, values.shape[axis], factor), axis=axis)
+    return values
+
+
+def pool_factor(length: int, size: int) -> int:
+    """How many positions one cell of `pool_max(..., size)` covers."""
+    return -(-length // size)
 
 
 # === Token labels ===
@@ -139,6 +145,17 @@ def position_labels(trace, batch: int, tokens: Sequence[str] | None = None) -> l
         tokens = [f"#{int(i)}" for i in trace.token_ids[batch]]
     valid = np.asarray(trace.padding_mask[batch], bool)
     return [visible(t) if ok else "[pad]" for t, ok in zip(tokens, valid)]
+
+
+def prompt_length(trace) -> int | None:
+    """The prompt's length when `trace` comes from generation (it sets
+    `prompt_length`; positions from there on were generated), else None."""
+    length = getattr(trace, "prompt_length", None)
+    if length is None:
+        return None
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+        raise bad_argument("trace.prompt_length", length, "None or an int >= 0")
+    return int(length)
 
 
 def visible(token: str) -> str:
@@ -224,16 +241,89 @@ def check_int(name: str, value, low: int, high: int) -> int:
 
 
 # === Figures ===
-def base_layout(title: str, height: int = 420, width: int = 1000, **extra) -> dict:
-    """The layout every live figure starts from (fixed size: widget
-    containers do not give plotly a width to fill)."""
+def base_layout(title: str, height: int = 420, width: int | None = None, **extra) -> dict:
+    """The layout every live figure starts from.
+
+    Without `width` the figure fills its container's width (plotly's
+    autosize). The paper stays white, so figures read the same in light and
+    dark notebook themes; margins leave room for colour-bar titles.
+    """
     layout = dict(
         title=dict(text=title, x=0.01, xanchor="left", font=dict(size=14)),
-        template="plotly_white", font=FONT, height=height, width=width,
-        margin=dict(l=70, r=20, t=50, b=60), plot_bgcolor=BLANK,
+        template="plotly_white", font=FONT, height=height, autosize=width is None,
+        margin=dict(l=70, r=30, t=50, b=60), plot_bgcolor=BLANK, paper_bgcolor="white",
     )
+    if width is not None:
+        layout["width"] = width
     layout.update(extra)
     return layout
+
+
+def colorbar(title: str) -> dict:
+    """A colour bar whose title sits above it (never clipped at the right edge)."""
+    return dict(title=dict(text=title, side="top"), thickness=14, len=0.9)
+
+
+def packed(values) -> dict:
+    """`values` as a plotly typed-array spec (base64 of the raw bytes).
+
+    A FigureWidget sends NumPy arrays to the browser as JSON lists of
+    float64 text (~20 bytes a number); packed, a float32 costs 5.3 bytes,
+    keeps every bit, and NaN stays a gap. `unpacked` reads it back.
+    """
+    values = np.ascontiguousarray(values)
+    dtype = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8"}.get(values.dtype)
+    if dtype is None:
+        values, dtype = values.astype(np.float64), "f8"
+    spec = {"dtype": dtype, "bdata": base64.b64encode(values.tobytes()).decode("ascii")}
+    if values.ndim > 1:
+        spec["shape"] = ", ".join(str(n) for n in values.shape)
+    return spec
+
+
+def unpacked(value) -> np.ndarray:
+    """The NumPy array behind a figure property (`packed` spec, list or array)."""
+    if isinstance(value, dict) and "bdata" in value:
+        array = np.frombuffer(base64.b64decode(value["bdata"]), {"f4": np.float32, "f8": np.float64}[value["dtype"]])
+        shape = [int(n) for n in value.get("shape", str(array.size)).split(",")]
+        return array.reshape(shape)
+    return np.asarray(value)
+
+
+def payload_bytes(view, code: bool = True) -> int:
+    """Bytes of widget state a view (or widget) sends to the browser when
+    displayed now: the JSON of every widget model it reaches, binary buffers
+    base64-encoded, as `ipywidgets.embed` saves them into a notebook.
+
+    A plotly FigureWidget's synced state holds its data as first built and
+    sends later edits as messages; it is counted with its current data and
+    layout instead, which is what a browser displaying it now receives.
+    With `code=True`, the JavaScript each anywidget-based model carries in
+    its state (`_esm`, `_css`: plotly.js, ~5 MB per FigureWidget) is
+    counted too; `code=False` counts the data alone.
+    """
+    from ipywidgets import embed
+    from ipywidgets.widgets.widget import _instances
+
+    widget = getattr(view, "widget", view)
+    state = embed.dependency_state([widget], drop_defaults=True)
+    for model_id, entry in state.items():
+        instance = _instances.get(model_id)
+        if isinstance(instance, go.FigureWidget):
+            entry["state"]["_widget_data"] = instance._data
+            entry["state"]["_widget_layout"] = instance._layout
+        for trait in ("_esm", "_css"):
+            if trait in entry["state"] or (code and instance is not None and instance.has_trait(trait)):
+                entry["state"][trait] = str(getattr(instance, trait)) if code else ""
+    return len(json.dumps(state, separators=(",", ":"), default=_json_default).encode())
+
+
+def _json_default(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
 
 
 def live(figure: go.Figure, on_click=None) -> go.FigureWidget:

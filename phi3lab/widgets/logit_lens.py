@@ -13,7 +13,8 @@ from phi3lab.analysis.lens import WHERE, answer_curve, logit_lens
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.names import block_name
 from phi3lab.widgets.common import (
-    HIGHLIGHT, Scale, View, axis_labels, base_layout, check_int, column_highlight, escape, live, mpl_heatmap, new_figure,
+    HIGHLIGHT, Scale, View, axis_labels, base_layout, check_int, colorbar, column_highlight, escape, live, mpl_heatmap,
+    new_figure,
     position_labels, vocabulary_labeler, window, window_slider,
 )
 
@@ -110,7 +111,7 @@ class LogitLensView(View):
 
         # === Figures ===
         self.grid = go.Figure(go.Heatmap(texttemplate="%{text}", textfont=dict(size=10),
-                                               colorbar=dict(title=dict(text="top-1 probability", side="right"))))
+                                               colorbar=colorbar("top-1 probability")))
         self.grid.update_layout(**base_layout("", height=max(320, 28 * len(self.rows) + 140)))
         self.grid.update_xaxes(title="position (input token)", type="category", tickangle=-90)
         self.grid.update_yaxes(title="layer, residual stream", type="category", autorange="reversed")
@@ -118,7 +119,7 @@ class LogitLensView(View):
         self.curve.add_scatter(name="probability", mode="lines+markers", x=self.row_labels, secondary_y=False)
         self.curve.add_scatter(name="rank (1 = top)", mode="lines+markers", x=self.row_labels, secondary_y=True,
                                line=dict(dash="dot"))
-        self.curve.update_layout(**base_layout("", height=340, width=800, plot_bgcolor="white"))
+        self.curve.update_layout(**base_layout("", height=340, plot_bgcolor="white"))
         self.curve.update_xaxes(title="layer, residual stream", type="category")
         self.curve.update_yaxes(title="probability", range=[0, 1], secondary_y=False)
         self.curve.update_yaxes(title="rank (log, 1 = top)", type="log", secondary_y=True,
@@ -138,7 +139,7 @@ class LogitLensView(View):
             self.grid,
             widgets.HBox([self.answer_box, self.message]),
             self.curve,
-        ])
+        ], layout=widgets.Layout(width="100%"))
         self.widget.add_class(self.css_class)
 
     # === State ===

@@ -7,7 +7,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from phi3lab.errors import bad_argument
-from phi3lab.widgets.common import Scale, View, base_layout, escape, live, mpl_heatmap, new_figure
+from phi3lab.widgets.common import Scale, View, base_layout, colorbar, escape, live, mpl_heatmap, new_figure
 
 
 def _unique(labels) -> list[str]:
@@ -62,16 +62,15 @@ class PatchingView(View):
 
         self.heatmap = go.Figure(go.Heatmap(
             z=values, x=_unique(self.col_labels), y=_unique(self.row_labels),
-            colorbar=dict(title=dict(text=value_label, side="right")),
+            colorbar=colorbar(value_label),
             hovertemplate=f"{row_label} %{{y}}<br>{col_label} %{{x}}<br>{value_label} %{{z:.4g}}<extra></extra>",
             **self.scale.plotly()))
-        self.heatmap.update_layout(**base_layout(escape(title), height=max(320, 24 * rows + 160),
-                                                 width=min(1100, max(520, 36 * cols + 260))))
+        self.heatmap.update_layout(**base_layout(escape(title), height=max(320, 24 * rows + 160)))
         self.heatmap.update_xaxes(title=col_label, type="category", tickangle=-90)
         self.heatmap.update_yaxes(title=row_label, type="category", autorange="reversed")
         self.readout = widgets.HTML("<i>Click a cell for its value.</i>")
         self.heatmap = live(self.heatmap, self._on_click)
-        self.widget = widgets.VBox([self.heatmap, self.readout])
+        self.widget = widgets.VBox([self.heatmap, self.readout], layout=widgets.Layout(width="100%"))
         self.widget.add_class(self.css_class)
 
     @classmethod

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from phi3lab.tracing.names import block_name
 from phi3lab.widgets.common import (
     HIGHLIGHT, Scale, View, axis_labels, base_layout, check_choice, check_int, column_highlight, escape, live, mpl_heatmap,
-    new_figure, position_labels, window, window_slider,
+    colorbar, new_figure, packed, position_labels, window, window_slider,
 )
 
 # In the order a block computes them.
@@ -84,7 +84,7 @@ class ResidualStreamView(View):
                                            start=position - max_tokens // 2)
 
         # === Figures ===
-        self.heatmap = go.Figure(go.Heatmap(colorbar=dict(title=dict(text="L2 norm", side="right"))))
+        self.heatmap = go.Figure(go.Heatmap(colorbar=colorbar("L2 norm")))
         self.heatmap.update_layout(**base_layout("", height=360))
         self.heatmap.update_xaxes(title="position (token)", type="category", tickangle=-90)
         self.heatmap.update_yaxes(title="layer", autorange="reversed", dtick=1)
@@ -107,7 +107,7 @@ class ResidualStreamView(View):
             widgets.HBox([self.component_select, self.position_slider, self.window_slider]),
             self.heatmap,
             widgets.HBox([self.lines, self.table], layout=widgets.Layout(align_items="flex-start")),
-        ])
+        ], layout=widgets.Layout(width="100%"))
         self.widget.add_class(self.css_class)
 
     @property
@@ -152,7 +152,7 @@ class ResidualStreamView(View):
         positions = self.positions
         with self.heatmap.batch_update():
             heat = self.heatmap.data[0]
-            heat.z = values[:, positions.start:positions.stop]
+            heat.z = packed(values[:, positions.start:positions.stop])
             heat.x = axis_labels(self.labels, positions)
             heat.y = list(range(self.trace.num_layers))
             heat.update(**Scale.magnitude(values).plotly())

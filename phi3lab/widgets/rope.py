@@ -11,7 +11,8 @@ from phi3lab.errors import bad_argument
 from phi3lab.model.rotary import RotarySpec
 from phi3lab.tracing.rope import RotaryDescription, describe_rotary
 from phi3lab.widgets.common import (
-    DIVERGING, HIGHLIGHT, Scale, View, base_layout, check_int, escape, live, mpl_heatmap, new_figure, window, window_slider,
+    DIVERGING, HIGHLIGHT, Scale, View, base_layout, check_int, colorbar, escape, live, mpl_heatmap, new_figure, window,
+    window_slider,
 )
 
 _SHORT, _LONG, _NONE = "#1f77b4", "#d62728", "#7f7f7f"
@@ -205,7 +206,7 @@ class RopeView(View):
                 heat.y = np.arange(positions.start, positions.stop)
                 heat.x = np.arange(table.shape[1])
             self.tables.layout.coloraxis = dict(colorscale=scale.plotly()["colorscale"], cmin=scale.vmin,
-                                                cmax=scale.vmax, colorbar=dict(title=dict(text="value", side="right")))
+                                                cmax=scale.vmax, colorbar=colorbar("value"))
             self.tables.layout.title.text = (f"cos/sin tables (× attention factor {rope.attention_factor:.4f}), "
                                              f"positions {positions.start}–{positions.stop - 1} of "
                                              f"{rope.num_positions}")

@@ -14,32 +14,13 @@ never downloads a browser. Without it the test is skipped, except under CI
 
 import os
 import re
-import secrets
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.parse
-import urllib.request
-from pathlib import Path
 
 import pytest
+from lab_helpers import ARTIFACTS, DOCS_IMAGES, KERNEL_READY, check_clean, open_and_run, shot
 
-HERE = Path(__file__).parent
-ROOT = HERE.parent.parent
-ARTIFACTS = ROOT / "test-artifacts" / "browser"
-DOCS_IMAGES = ROOT / "docs" / "images"
-CHROMIUM = Path("/usr/bin/chromium")
 NOTEBOOK = "views_demo.ipynb"
-LOCAL_HOSTS = {"127.0.0.1"}
-CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--disable-default-apps", "--disable-domain-reliability", "--no-pings"]
-# Connected and idle kernel on a ready notebook (needs --LabApp.expose_app_in_browser=True).
-KERNEL_READY = """() => { const w = window.jupyterapp?.shell.currentWidget;
-  const k = w?.sessionContext?.session?.kernel;
-  return !!(w?.context?.isReady && k && k.connectionStatus === 'connected' && k.status === 'idle'); }"""
 # The one screenshot per view that documents it.
 VIEWS = {
     "attention_explorer": ".phi3lab-attention",
@@ -50,99 +31,6 @@ VIEWS = {
 }
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def _require_chromium():
-    if CHROMIUM.exists():
-        return
-    reason = f"{CHROMIUM} is missing; install Debian's Chromium with `apt-get install chromium` (or `make browser`)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"browser test cannot run under CI: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    _require_chromium()
-    root = tmp_path_factory.mktemp("lab")                           # autosave must not touch the repo
-    shutil.copy(HERE / NOTEBOOK, root)
-    for rel, cfg in {"apputils-extension/notification": '{"fetchNews": "false", "checkForUpdates": false}',
-                     "notebook-extension/tracker": '{"windowingMode": "none"}'}.items():
-        settings = root / ".settings/@jupyterlab" / f"{rel}.jupyterlab-settings"
-        settings.parent.mkdir(parents=True, exist_ok=True)
-        settings.write_text(cfg)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    token = secrets.token_hex(16)
-    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
-               f"--port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-               f"--ServerApp.root_dir={root}", f"--LabApp.workspaces_dir={root}/.ws",
-               f"--LabApp.user_settings_dir={root}/.settings", "--LabApp.expose_app_in_browser=True"]
-    log = open(root / "lab.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    break
-                time.sleep(0.5)
-        else:
-            pytest.fail("JupyterLab did not start:\n" + (root / "lab.log").read_text())
-        if server.poll() is not None:
-            pytest.fail("JupyterLab exited:\n" + (root / "lab.log").read_text())
-        yield base, token
-    finally:
-        server.terminate()                                          # by its PID; it shuts down its kernels
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(root / "lab.log", ARTIFACTS / "lab.log")
-
-
-@pytest.fixture
-def page(lab):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROME_ARGS)
-        context = browser.new_context(viewport={"width": 1500, "height": 2200}, service_workers="block")
-        outside = []
-
-        def only_local(route):
-            url = urllib.parse.urlsplit(route.request.url)
-            if url.scheme in ("http", "https", "ws", "wss") and url.hostname not in LOCAL_HOSTS:
-                outside.append(route.request.url)
-                route.abort()
-            else:
-                route.continue_()
-
-        context.route("**/*", only_local)
-        pg = context.new_page()
-        pg.outside_requests = outside
-        pg.errors, console = [], []
-        pg.on("pageerror", lambda error: pg.errors.append(str(error)))
-        pg.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
-        yield pg
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        (ARTIFACTS / "console.log").write_text("\n".join(console + [f"pageerror: {e}" for e in pg.errors]))
-        browser.close()
-
-
-def shot(locator, name: str) -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    locator.scroll_into_view_if_needed()
-    locator.page.mouse.move(0, 0)                                   # no hover toolbar over the titles
-    locator.screenshot(path=str(path), animations="disabled")
-    return path
 
 
 def test_attention_explorer_in_jupyterlab(lab, page):
@@ -159,24 +47,23 @@ def _drive(lab, page):
 
     start = time.monotonic()
     mark = lambda what: print(f"{time.monotonic() - start:6.1f} s  {what}")     # shown when the test fails
-    base, token = lab
-    page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}")
-    page.wait_for_function(KERNEL_READY, timeout=60_000)
-    mark("kernel ready")
-    page.evaluate("() => { jupyterapp.commands.execute('notebook:run-all-cells'); }")   # never await it
+    open_and_run(lab, page, NOTEBOOK)
+    mark("kernel ready, run all")
     explorer = page.locator(".phi3lab-attention")
-    image = explorer.locator(".js-plotly-plot g.hm image")
-    title = explorer.locator(".js-plotly-plot .gtitle")
-    expect(image).to_be_attached(timeout=120_000)
-    mark("explorer rendered")
+    image = explorer.locator(".phi3lab-heatmap .js-plotly-plot g.hm image")
+    title = explorer.locator(".phi3lab-heatmap .js-plotly-plot .gtitle")
     for selector in VIEWS.values():                                 # every cell ran and rendered
-        expect(page.locator(f"{selector} .js-plotly-plot").first).to_be_attached(timeout=120_000)
+        expect(page.locator(f"{selector} .js-plotly-plot").first).to_be_attached(timeout=180_000)
     mark("all views rendered")
+    page.wait_for_function(KERNEL_READY, timeout=120_000)          # idle: widgets answer clicks
+    explorer.locator(".phi3lab-heatmap").scroll_into_view_if_needed()   # plotly draws a plot once on screen
+    expect(image).to_be_attached(timeout=60_000)
+    mark("explorer drawn")
     expect(title).to_have_text("Layer 0 · head 0 (kv head 0): attention pattern (probability)")
-    ticks = explorer.locator(".js-plotly-plot .ytick text")
+    ticks = explorer.locator(".phi3lab-heatmap .js-plotly-plot .ytick text")
     expect(ticks).to_have_count(15)
     expect(ticks.filter(has_text=re.compile(r"^0 <s>$"))).to_have_count(1)                 # token labels
-    expect(explorer.locator(".js-plotly-plot .cbtitle")).to_have_text("probability")        # colour bar
+    expect(explorer.locator(".phi3lab-heatmap .js-plotly-plot .cbtitle")).to_have_text("probability")   # colour bar
     expect(explorer.locator(".phi3lab-thumbnail")).to_have_count(4)
     paths = {"attention_explorer": shot(explorer, "attention_explorer")}
     mark("first screenshot")
@@ -201,7 +88,7 @@ def _drive(lab, page):
     token.click()
     expect(token).to_have_class(re.compile(r"mod-warning"), timeout=30_000)
     expect(explorer.locator(".phi3lab-status")).to_contain_text("selected 4 John", timeout=30_000)
-    expect(explorer.locator(".js-plotly-plot .shapelayer path")).to_have_count(2, timeout=30_000)
+    expect(explorer.locator(".phi3lab-heatmap .js-plotly-plot .shapelayer path")).to_have_count(2, timeout=30_000)
     weights = explorer.locator(".phi3lab-weight")
     expect(weights).to_have_count(2 * 15)                                                   # row + column
     assert weights.first.get_attribute("data-weight") != weights.nth(1).get_attribute("data-weight")
@@ -221,9 +108,7 @@ def _drive(lab, page):
             paths[name] = shot(view, name)
 
     mark("all screenshots")
-    assert page.outside_requests == [], f"the browser tried to leave 127.0.0.1: {page.outside_requests}"
-    widget_errors = [e for e in page.errors if "plotly" in e.lower() or "widget" in e.lower()]
-    assert widget_errors == [], widget_errors
+    check_clean(page)
     if os.environ.get("PHI3LAB_UPDATE_DOCS_IMAGES") == "1":
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
         paths["attention_explorer"] = paths["attention_explorer_selected"]    # shows the token highlight
