@@ -9,11 +9,29 @@ import matplotlib
 import numpy as np
 import plotly.graph_objects as go
 
+from phi3lab.checks import check_choice, check_in_range, check_index
 from phi3lab.errors import bad_argument
+from phi3lab.model.attention import key_value_heads
 from phi3lab.tracing.names import block_name
 from phi3lab.widgets.common import (
-    GENERATED, HIGHLIGHT, Scale, View, axis_labels, base_layout, blank_infinite, check_choice, check_int, colorbar,
-    escape, live, mpl_heatmap, new_figure, packed, pool_factor, pool_max, position_labels, prompt_length, window,
+    GENERATED,
+    HIGHLIGHT,
+    Scale,
+    View,
+    axis_labels,
+    base_layout,
+    blank_infinite,
+    colorbar,
+    escape,
+    live,
+    mpl_heatmap,
+    new_figure,
+    packed,
+    pool_factor,
+    pool_max,
+    position_labels,
+    prompt_length,
+    window,
 )
 
 VALUES = ("pattern", "scores")
@@ -80,10 +98,10 @@ class AttentionExplorer(View):
                  values: str = "pattern", group_by_kv: bool = False, max_tokens: int = 256, zoom: int | None = None,
                  tokens=None, thumbnail_size: int = 64, thumbnails: bool = True):
         self.trace = trace
-        self.batch = check_int("batch", batch, 0, trace.token_ids.shape[0])
+        self.batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         check_choice("values", values, VALUES)
-        self.max_tokens = check_int("max_tokens", max_tokens, 1, 1 << 31)
-        self.thumbnail_size = check_int("thumbnail_size", thumbnail_size, 1, 1 << 16)
+        self.max_tokens = check_in_range("max_tokens", max_tokens, 1, 1 << 31)
+        self.thumbnail_size = check_in_range("thumbnail_size", thumbnail_size, 1, 1 << 16)
         self.length = trace.token_ids.shape[1]
         self.group_size = trace.num_query_heads // trace.num_key_value_heads
         self.labels = position_labels(trace, self.batch, tokens)
@@ -230,7 +248,7 @@ class AttentionExplorer(View):
 
     def kv_head(self, head: int) -> int:
         """The key/value head that query head `head` reads."""
-        return head // self.group_size
+        return int(key_value_heads(self.trace.num_query_heads, self.trace.num_key_value_heads)[head])
 
     def head_values(self, layer: int, head: int, values: str | None = None) -> np.ndarray:
         """The held `[rows, T]` matrix of one head, rows being `query_rows`
@@ -276,7 +294,7 @@ class AttentionExplorer(View):
     def select_token(self, position: int | None) -> None:
         """Highlight what `position` attends to and what attends to it (None clears)."""
         if position is not None:
-            position = check_int("position", position, 0, self.length)
+            position = check_index("position", position, self.length, "position")
         self.selected = position
         self._refresh_tokens()
         self._refresh_highlight()

@@ -228,18 +228,6 @@ def window_slider(description: str, total: int, size: int, start: int = 0) -> wi
     return slider
 
 
-def check_choice(name: str, value, options: Sequence) -> None:
-    if value not in options:
-        raise bad_argument(name, value, f"one of {list(options)}")
-
-
-def check_int(name: str, value, low: int, high: int) -> int:
-    """`value` as an int in `[low, high)`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value < high:
-        raise bad_argument(name, value, f"an int in [{low}, {high})")
-    return int(value)
-
-
 # === Figures ===
 def base_layout(title: str, height: int = 420, width: int | None = None, **extra) -> dict:
     """The layout every live figure starts from.

@@ -13,11 +13,20 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from phi3lab.checks import check_in_range, check_index
 from phi3lab.errors import bad_argument
+from phi3lab.model.attention import key_value_heads
 from phi3lab.tracing.names import block_name
 from phi3lab.widgets.attention import AttentionExplorer
 from phi3lab.widgets.common import (
-    BLANK, HIGHLIGHT, Scale, View, base_layout, check_int, escape, new_figure, pool_max,
+    BLANK,
+    HIGHLIGHT,
+    Scale,
+    View,
+    base_layout,
+    escape,
+    new_figure,
+    pool_max,
 )
 
 _GAP = 2            # pixels between thumbnails
@@ -105,7 +114,7 @@ class HeadGrid(View):
     def __init__(self, trace, scores=None, *, batch: int = 0, score: str | None = None, sort: bool = False,
                  cell: int | None = None, explorer: bool = True, tokens=None):
         self.trace = trace
-        self.batch = check_int("batch", batch, 0, trace.token_ids.shape[0])
+        self.batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         self.num_heads = trace.num_query_heads
         self.group_size = trace.num_query_heads // trace.num_key_value_heads
         self.layers = [layer for layer in range(trace.num_layers) if block_name(layer, "attn.hook_pattern") in trace]
@@ -114,7 +123,7 @@ class HeadGrid(View):
                            "phi3lab.trace(model, ids, names=['blocks.*.attn.hook_pattern']).")
         self.heads = list(trace.attention_heads) if trace.attention_heads is not None else list(range(self.num_heads))
         side = max(len(self.layers), self.num_heads)
-        self.cell = check_int("cell", cell, 4, 257) if cell is not None else int(np.clip(640 // side - _GAP, 8, 64))
+        self.cell = check_in_range("cell", cell, 4, 257) if cell is not None else int(np.clip(640 // side - _GAP, 8, 64))
         self.scores = None if scores is None else score_table(scores, trace.num_layers, self.num_heads,
                                                               self.group_size)
         columns = [] if self.scores is None else list(self.scores.columns)
@@ -292,7 +301,8 @@ class HeadGrid(View):
         return [f"h{h}" for h in range(self.num_heads)]
 
     def _hover(self, layer: int, head: int, table: np.ndarray | None) -> str:
-        text = f"layer {layer} · head {head} (kv {head // self.group_size})"
+        kv = key_value_heads(self.trace.num_query_heads, self.trace.num_key_value_heads)[head]
+        text = f"layer {layer} · head {head} (kv {kv})"
         if head not in self.heads:
             return text + "<br>not captured"
         if table is not None:

@@ -10,12 +10,25 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from phi3lab.analysis.lens import WHERE, answer_curve, logit_lens
+from phi3lab.checks import check_in_range, check_index
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.names import block_name
 from phi3lab.widgets.common import (
-    HIGHLIGHT, Scale, View, axis_labels, base_layout, check_int, colorbar, column_highlight, escape, live, mpl_heatmap,
+    HIGHLIGHT,
+    Scale,
+    View,
+    axis_labels,
+    base_layout,
+    colorbar,
+    column_highlight,
+    escape,
+    live,
+    mpl_heatmap,
     new_figure,
-    position_labels, vocabulary_labeler, window, window_slider,
+    position_labels,
+    vocabulary_labeler,
+    window,
+    window_slider,
 )
 
 
@@ -76,12 +89,12 @@ class LogitLensView(View):
     def __init__(self, trace, model, tokenizer=None, *, k: int = 5, batch: int = 0, where="post",
                  position: int | None = None, answer=None, max_tokens: int = 48, lens=None, tokens=None):
         self.trace, self.model = trace, model
-        self.batch = check_int("batch", batch, 0, trace.token_ids.shape[0])
-        self.k = check_int("k", k, 1, model.vocabulary_size + 1)
+        self.batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
+        self.k = check_in_range("k", k, 1, model.vocabulary_size + 1)
         self.where = (where,) if isinstance(where, str) else tuple(where)
         if not self.where or any(w not in WHERE for w in self.where):
             raise bad_argument("where", where, 'any of "pre", "mid", "post"')
-        self.max_tokens = check_int("max_tokens", max_tokens, 1, 1 << 31)
+        self.max_tokens = check_in_range("max_tokens", max_tokens, 1, 1 << 31)
         self.length = trace.token_ids.shape[1]
         self.rows = [(layer, w) for layer in range(trace.num_layers) for w in self.where]
         self.row_labels = [f"{layer} {w}" for layer, w in self.rows]
@@ -98,7 +111,7 @@ class LogitLensView(View):
         self.top_ids, self.top_probs = _from_frame(lens, self.rows, self.length, self.k)
         if position is None:
             position = int(np.flatnonzero(trace.padding_mask[self.batch])[-1])
-        position = check_int("position", position, 0, self.length)
+        position = check_index("position", position, self.length, "position")
 
         # === Controls ===
         self.position_slider = widgets.IntSlider(value=position, min=0, max=self.length - 1,
@@ -160,16 +173,16 @@ class LogitLensView(View):
         """A token id from an id, `"#17"`, `"text #17"` or a token string."""
         vocabulary = self.model.vocabulary_size
         if isinstance(answer, (int, np.integer)) and not isinstance(answer, bool):
-            return check_int("answer", answer, 0, vocabulary)
+            return check_in_range("answer", answer, 0, vocabulary)
         if isinstance(answer, str):
             match = re.search(r"#(\d+)$", answer.strip())
             if match:
-                return check_int("answer", int(match.group(1)), 0, vocabulary)
+                return check_in_range("answer", int(match.group(1)), 0, vocabulary)
             if isinstance(self.tokenizer, (list, tuple)) and answer in self.tokenizer:
                 return self.tokenizer.index(answer)
             if hasattr(self.tokenizer, "token_to_id"):
                 try:
-                    return check_int("answer", int(self.tokenizer.token_to_id(answer)), 0, vocabulary)
+                    return check_in_range("answer", int(self.tokenizer.token_to_id(answer)), 0, vocabulary)
                 except (KeyError, ValueError):
                     pass
         raise bad_argument("answer", answer, f"a token id in [0, {vocabulary}), '#id', or a token of the tokenizer")
@@ -184,7 +197,7 @@ class LogitLensView(View):
         """Probability `[R]` and rank `[R]` (1 = most likely) of `answer` at
         `position`, for every row (layer, stream) of the lens."""
         answer = self.answer if answer is None else self.parse_token(answer)
-        position = self.position if position is None else check_int("position", position, 0, self.length)
+        position = self.position if position is None else check_index("position", position, self.length, "position")
         curve = answer_curve(self.model, self.trace, answer, position, self.where, self.batch)
         return curve["probability"].to_numpy(), curve["rank"].to_numpy()
 

@@ -8,10 +8,24 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from phi3lab.checks import check_choice, check_in_range, check_index
 from phi3lab.tracing.names import block_name
 from phi3lab.widgets.common import (
-    HIGHLIGHT, Scale, View, axis_labels, base_layout, check_choice, check_int, column_highlight, escape, live, mpl_heatmap,
-    colorbar, new_figure, packed, position_labels, window, window_slider,
+    HIGHLIGHT,
+    Scale,
+    View,
+    axis_labels,
+    base_layout,
+    colorbar,
+    column_highlight,
+    escape,
+    live,
+    mpl_heatmap,
+    new_figure,
+    packed,
+    position_labels,
+    window,
+    window_slider,
 )
 
 # In the order a block computes them.
@@ -59,9 +73,9 @@ class ResidualStreamView(View):
     def __init__(self, trace, batch: int = 0, *, component: str = "resid_post", position: int | None = None,
                  max_tokens: int = 512, tokens=None):
         self.trace = trace
-        self.batch = check_int("batch", batch, 0, trace.token_ids.shape[0])
+        self.batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         check_choice("component", component, COMPONENTS)
-        self.max_tokens = check_int("max_tokens", max_tokens, 1, 1 << 31)
+        self.max_tokens = check_in_range("max_tokens", max_tokens, 1, 1 << 31)
         self.length = trace.token_ids.shape[1]
         missing = [f"blocks.*.hook_{c}" for c in COMPONENTS if block_name(0, f"hook_{c}") not in trace]
         if missing:
@@ -72,7 +86,7 @@ class ResidualStreamView(View):
         self.norm_array = residual_norms(trace, self.batch)
         if position is None:
             position = int(np.flatnonzero(trace.padding_mask[self.batch])[-1])
-        position = check_int("position", position, 0, self.length)
+        position = check_index("position", position, self.length, "position")
 
         # === Controls ===
         self.component_select = widgets.Dropdown(options=COMPONENTS, value=component, description="Heatmap of")
@@ -134,7 +148,7 @@ class ResidualStreamView(View):
 
     def position_numbers(self, position: int | None = None) -> pd.DataFrame:
         """Norms of every component through the layers at one position."""
-        position = self.position if position is None else check_int("position", position, 0, self.length)
+        position = self.position if position is None else check_index("position", position, self.length, "position")
         return pd.DataFrame(self.norm_array[:, :, position].T, columns=list(COMPONENTS)).rename_axis("layer")
 
     def title(self) -> str:

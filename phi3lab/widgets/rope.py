@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import ipywidgets as widgets
 import numpy as np
-import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from phi3lab.checks import check_in_range
 from phi3lab.errors import bad_argument
 from phi3lab.model.rotary import RotarySpec
 from phi3lab.tracing.rope import RotaryDescription, describe_rotary
 from phi3lab.widgets.common import (
-    DIVERGING, HIGHLIGHT, Scale, View, base_layout, check_int, colorbar, escape, live, mpl_heatmap, new_figure, window,
+    DIVERGING,
+    HIGHLIGHT,
+    Scale,
+    View,
+    base_layout,
+    colorbar,
+    escape,
+    live,
+    mpl_heatmap,
+    new_figure,
+    window,
     window_slider,
 )
 
@@ -40,7 +50,7 @@ def _source(model_or_trace, seq_len):
         return None, description
     if seq_len is None:
         seq_len = spec.pretraining_sequence_length
-    seq_len = check_int("seq_len", seq_len, 1, spec.max_sequence_length + 1)
+    seq_len = check_in_range("seq_len", seq_len, 1, spec.max_sequence_length + 1)
     return spec, describe_rotary(spec, seq_len)
 
 
@@ -73,7 +83,7 @@ class RopeView(View):
 
     def __init__(self, model_or_trace, seq_len: int | None = None, *, max_positions: int = 256):
         self.spec, self.rope = _source(model_or_trace, seq_len)
-        self.max_positions = check_int("max_positions", max_positions, 1, 1 << 31)
+        self.max_positions = check_in_range("max_positions", max_positions, 1, 1 << 31)
         limit = self.spec.max_sequence_length if self.spec is not None else self.rope.num_positions
         self.length_box = widgets.BoundedIntText(value=self.rope.num_positions, min=1, max=limit,
                                                  description="Sequence length", disabled=self.spec is None,
@@ -138,7 +148,7 @@ class RopeView(View):
         """Describe the rotary embedding for `seq_len` positions (model only)."""
         if self.spec is None:
             raise bad_argument("seq_len", seq_len, "unchanged: this view was built from a trace's fixed tables")
-        self.length_box.value = check_int("seq_len", seq_len, 1, self.spec.max_sequence_length + 1)
+        self.length_box.value = check_in_range("seq_len", seq_len, 1, self.spec.max_sequence_length + 1)
 
     def _on_length(self, change) -> None:
         self.rope = describe_rotary(self.spec, change["new"])

@@ -8,10 +8,19 @@ from typing import Sequence
 import ipywidgets as widgets
 import numpy as np
 
+from phi3lab.checks import check_in_range, check_index
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.names import block_name
 from phi3lab.widgets.common import (
-    BLANK, GENERATED, HIGHLIGHT, Scale, View, check_int, escape, new_figure, position_labels, prompt_length,
+    BLANK,
+    GENERATED,
+    HIGHLIGHT,
+    Scale,
+    View,
+    escape,
+    new_figure,
+    position_labels,
+    prompt_length,
 )
 
 # Scoped to the view: a token shows its value in a tooltip while hovered.
@@ -63,9 +72,9 @@ class TokenView(View):
         self.tokens = [str(t) for t in tokens]
         self.rows = _rows(values, names, len(self.tokens))
         self.title, self.label = str(title), str(label)
-        self.prompt_length = None if prompt_length is None else check_int("prompt_length", prompt_length, 0,
+        self.prompt_length = None if prompt_length is None else check_in_range("prompt_length", prompt_length, 0,
                                                                           len(self.tokens) + 1)
-        self.selected = None if selected is None else check_int("selected", selected, 0, len(self.tokens))
+        self.selected = None if selected is None else check_in_range("selected", selected, 0, len(self.tokens))
         names = list(self.rows)
         self.row_select = widgets.Dropdown(options=names, value=names[0], description="Values",
                                            layout=widgets.Layout(width="auto", display=None if len(names) > 1
@@ -84,7 +93,7 @@ class TokenView(View):
         """Each token coloured by the model's next-token loss on it:
         `-log softmax(logits[t - 1])[ids[t]]` in nats (the first token and
         padding have none). Needs `hook_logits`."""
-        batch = check_int("batch", batch, 0, trace.token_ids.shape[0])
+        batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         logits = np.asarray(trace.logits[batch], np.float64)
         ids = trace.token_ids[batch]
         top = logits.max(-1, keepdims=True)
@@ -104,9 +113,9 @@ class TokenView(View):
         probability from position `query` (negative counts from the end),
         one row per captured head of `layer` (`head` shown first). Keys after
         the query (never attended) and padding are grey."""
-        batch = check_int("batch", batch, 0, trace.token_ids.shape[0])
+        batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         length = trace.token_ids.shape[1]
-        query = check_int("query", query, -length, length) % length
+        query = check_index("query", query, length, "position")
         rows = range(*trace.query_window) if trace.query_window is not None else range(length)
         if query not in rows:
             raise bad_argument("query", query, f"a position whose attention row the trace holds: {rows.start}–"
@@ -131,14 +140,14 @@ class TokenView(View):
         """Each token coloured by MLP neuron activations of `layer`
         (`blocks.{layer}.mlp.hook_{where}`, `where` one of "pre", "post"),
         one row per neuron."""
-        batch = check_int("batch", batch, 0, trace.token_ids.shape[0])
+        batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         if where not in ("pre", "post"):
             raise bad_argument("where", where, '"pre" or "post"')
         acts = trace[block_name(trace._layer(layer), f"mlp.hook_{where}")][batch]
         chosen = [neurons] if np.ndim(neurons) == 0 else list(neurons)
         if not chosen:
             raise bad_argument("neurons", neurons, "a neuron index or a non-empty list of them")
-        values = {f"layer {layer} · neuron {n}": np.asarray(acts[:, check_int("neurons", n, 0, acts.shape[-1])],
+        values = {f"layer {layer} · neuron {n}": np.asarray(acts[:, check_in_range("neurons", n, 0, acts.shape[-1])],
                                                             np.float64) for n in chosen}
         return cls(position_labels(trace, batch, tokens), values, label=f"activation (mlp.hook_{where})",
                    title=f"MLP neuron activations, layer {layer}", prompt_length=prompt_length(trace))
