@@ -8,7 +8,7 @@ from phi3lab import analysis, hooks, sharding, tracing, widgets  # noqa: E402
 from phi3lab.generation import generate  # noqa: E402
 from phi3lab.model import Phi3Backbone  # noqa: E402
 from phi3lab.tokenizer import Phi3Tokenizer  # noqa: E402
-from phi3lab.tracing import Trace, estimate, trace  # noqa: E402
+from phi3lab.tracing import Trace, estimate, gradients, trace  # noqa: E402
 
 __all__ = [
     "Phi3Backbone",
@@ -17,6 +17,7 @@ __all__ = [
     "analysis",
     "estimate",
     "generate",
+    "gradients",
     "hooks",
     "sharding",
     "trace",

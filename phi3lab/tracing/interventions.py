@@ -22,6 +22,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
+import jax
 import numpy as np
 from jax import numpy as jnp
 
@@ -250,33 +251,58 @@ def _add(x, ctx):
     return x + (scale * vector).astype(x.dtype)
 
 
+def _is_tracer(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _float_array(name: str, value):
+    """`value` as a float JAX array (tracers pass through, so hook data can
+    be differentiated), or a clear error naming `name`."""
+    if not _is_tracer(value):
+        try:
+            value = np.asarray(value)
+        except (TypeError, ValueError):
+            value = None
+    if value is None or not jnp.issubdtype(value.dtype, jnp.floating):
+        raise bad_argument(name, value, "a float array")
+    return jnp.asarray(value)
+
+
+def _scale(scale):
+    """`scale` as a float32 scalar; the finiteness check needs a concrete
+    value, so a tracer (under `jax.grad`, `jax.vmap`...) is checked only for
+    shape and dtype."""
+    if _is_tracer(scale):
+        if scale.ndim != 0 or not (jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer)):
+            raise bad_argument("scale", scale, "a finite number (a scalar)")
+        return scale.astype(jnp.float32)
+    try:
+        array = np.asarray(scale)
+    except (TypeError, ValueError):
+        array = None
+    if (isinstance(scale, bool) or array is None or array.ndim != 0
+            or not (np.issubdtype(array.dtype, np.integer) or jnp.issubdtype(array.dtype, jnp.floating))
+            or not math.isfinite(float(array))):
+        raise bad_argument("scale", scale, "a finite number")
+    return jnp.float32(array)
+
+
 def add(name: str, vector, scale: float = 1.0) -> Hooks:
     """Add `scale * vector` to activation `name` (steering).
 
     `vector` broadcasts against the activation (e.g. `[D]` for a residual
     stream `[B, T, D]`). Both are compiled inputs: new vectors or scales
-    reuse the compiled trace.
+    reuse the compiled trace. Both may be JAX tracers, so `jax.grad`,
+    `jax.jvp` and `jax.vmap` can differentiate or map a run with respect
+    to them (see `phi3lab.tracing.forward_fn`).
 
     Example:
     >>> tr = phi3lab.trace(model, ids, hooks=add("blocks.1.hook_resid_post", v, scale=4.0))
     """
     if not isinstance(name, str):
         raise bad_argument("name", name, "a hook name or glob pattern (a str)")
-    try:
-        array = np.asarray(vector)
-    except (TypeError, ValueError):
-        array = None
-    if array is None or not jnp.issubdtype(array.dtype, jnp.floating):
-        raise bad_argument("vector", vector, "a float array")
-    vector = jnp.asarray(vector)
-    try:
-        scale_array = np.asarray(scale)
-    except (TypeError, ValueError):
-        scale_array = None
-    if (isinstance(scale, bool) or scale_array is None or scale_array.ndim != 0
-            or not (np.issubdtype(scale_array.dtype, np.integer) or jnp.issubdtype(scale_array.dtype, jnp.floating))
-            or not math.isfinite(float(scale_array))):
-        raise bad_argument("scale", scale, "a finite number")
+    vector = _float_array("vector", vector)
+    scale = _scale(scale)
 
     def check(model):
         from phi3lab.tracing.names import MODEL_SITES, BLOCK_SITES, all_names, select, site_shape, split_name
@@ -289,13 +315,14 @@ def add(name: str, vector, scale: float = 1.0) -> Hooks:
                 for size, want, symbol in zip(vector.shape[::-1], shape[::-1], symbols[::-1])
             )
             if not fits:
+                sizes = ", ".join(s if s in ("B", "T") else str(n) for s, n in zip(symbols, shape))
                 raise bad_argument(
                     "vector", f"array of shape {vector.shape}",
-                    f"an array that broadcasts against {full!r} of shape [{', '.join(symbols)}] = {shape} "
-                    "(B and T are the input's batch and length)",
+                    f"an array that broadcasts against {full!r} of shape [{', '.join(symbols)}] = [{sizes}] "
+                    "(B and T are the input's batch size and length)",
                 )
 
-    return Hooks({name: Hook(_add, data=(vector, jnp.float32(scale)), check=check)})
+    return Hooks({name: Hook(_add, data=(vector, scale), check=check)})
 
 
 def query_heads_sharing(model, key_value_head: int) -> list[int]:
