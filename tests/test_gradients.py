@@ -14,14 +14,15 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import HIDDEN, random_backbone
 from jax import numpy as jnp
 
 import phi3lab
-from conftest import HIDDEN, random_backbone
 from phi3lab import hooks as H
 
 ANSWER, COUNTER = 7, 11
@@ -103,9 +104,10 @@ def test_gradients_equal_central_finite_differences_in_float64():
     rounding, ~1e-4 once divided by the step: sites after the last
     attention (the final norm) agree to 1e-8, the others to ~2e-4; the
     bound is 1e-3."""
-    env = dict(os.environ, JAX_ENABLE_X64="1", PYTHONPATH=os.getcwd())
-    done = subprocess.run([sys.executable, "-c", FINITE_DIFFERENCES], capture_output=True, text=True,
-                          env=env, cwd=os.getcwd(), timeout=600)
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, JAX_ENABLE_X64="1", PYTHONPATH=root)
+    done = subprocess.run([sys.executable, "-c", FINITE_DIFFERENCES], capture_output=True, text=True, check=False,
+                          env=env, cwd=root, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(report) == set(SITES)
