@@ -104,7 +104,7 @@ def resolve_metric(model, metric, answer, counterfactual, padding_mask: np.ndarr
         if answer is not None or counterfactual is not None:
             raise bad_argument("answer", answer, "None when `metric` is given (pass one or the other)")
         takes_batch = _takes_batch(metric)
-        return Metric(("user", metric, takes_batch), _user_metric(metric, takes_batch))
+        return Metric(metric, _user_metric(metric, takes_batch))
     if answer is None:
         raise bad_argument("answer", None, "a token id (or one per row) when `metric` is None; or pass `metric`")
     rows = padding_mask.shape[0]
@@ -114,7 +114,7 @@ def resolve_metric(model, metric, answer, counterfactual, padding_mask: np.ndarr
         None if counterfactual is None
         else jnp.asarray(check_token("counterfactual", counterfactual, model.vocabulary_size, rows)),
     )
-    return Metric(("logit_diff",), _logit_diff, data)
+    return Metric("logit_diff", _logit_diff, data)
 
 
 def check_finite(values, what: str = "the metric") -> np.ndarray:
