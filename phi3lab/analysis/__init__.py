@@ -10,6 +10,7 @@ tr = phi3lab.trace(model, ids)
 phi3lab.analysis.logit_lens(model, tr, k=3)
 phi3lab.analysis.direct_logit_attribution(model, tr, answer=17, counterfactual=4)
 phi3lab.analysis.activation_patching(model, clean_ids, corrupted_ids, answer=17, counterfactual=4)
+phi3lab.analysis.attribution_patching(model, clean_ids, corrupted_ids, answer=17, counterfactual=4)
 phi3lab.analysis.head_scores(model)
 phi3lab.analysis.rotary_table(model, seq_len=4096)
 ```
@@ -21,6 +22,7 @@ from phi3lab.analysis.attribution import (
     direct_logit_attribution,
     frozen_norm_scale,
 )
+from phi3lab.analysis.attribution_patching import attribution_patching
 from phi3lab.analysis.heads import (
     attention_stats,
     detector_scores,
@@ -38,6 +40,7 @@ __all__ = [
     "activation_patching",
     "answer_curve",
     "attention_stats",
+    "attribution_patching",
     "decompose_resid",
     "detector_scores",
     "direct_logit_attribution",
