@@ -32,10 +32,12 @@ from phi3lab.analysis.heads import (
 )
 from phi3lab.analysis.lens import answer_curve, logit_lens, logit_lens_logits
 from phi3lab.analysis.patching import PatchingResult, activation_patching
+from phi3lab.analysis.path_patching import PathPatchingResult, path_patching
 from phi3lab.analysis.rotary import rotary_band_scores, rotary_table
 
 __all__ = [
     "PatchingResult",
+    "PathPatchingResult",
     "ResidualDecomposition",
     "activation_patching",
     "answer_curve",
@@ -49,6 +51,7 @@ __all__ = [
     "head_scores",
     "logit_lens",
     "logit_lens_logits",
+    "path_patching",
     "repeated_tokens",
     "rotary_band_scores",
     "rotary_table",
