@@ -22,11 +22,11 @@ import numpy as np
 import phi3lab
 from phi3lab import analysis, tasks
 
-CONFIG = dict(
-    vocabulary_size=32064, num_layers=12, hidden_dim=768, intermediate_dim=2048,
-    num_query_heads=12, num_key_value_heads=12, max_sequence_length=4096,
-    pretraining_sequence_length=4096,
-)
+CONFIG = {
+    "vocabulary_size": 32064, "num_layers": 12, "hidden_dim": 768, "intermediate_dim": 2048,
+    "num_query_heads": 12, "num_key_value_heads": 12, "max_sequence_length": 4096,
+    "pretraining_sequence_length": 4096,
+}
 
 
 def make_model():
