@@ -35,7 +35,9 @@ from phi3lab.analysis.patching import (
     PatchingResult,
     check_pair,
     check_site,
+    metric_of,
     patching_result,
+    stacked_site,
 )
 from phi3lab.checks import check_choice, check_positive_int
 from phi3lab.tracing.gradient_trace import gradient_program, zero_probes
@@ -75,7 +77,8 @@ def attribution_patching(
 ) -> PatchingResult:
     """Estimate `activation_patching` for every layer and unit from gradients.
 
-    The same sites, units, metric and normalisation (clean = 1, corrupted
+    Two forwards (clean, corrupted) and one backward (corrupted) give
+    every unit's estimate. The same sites, units, metric and normalisation (clean = 1, corrupted
     = 0) as `activation_patching`, and the same result type, so both go
     side by side (and into `phi3lab.widgets.PatchingView`).
 
@@ -120,12 +123,11 @@ def attribution_patching(
     params, mask = model.params(), jnp.asarray(padding)
     probes = zero_probes(model, names, clean.shape)
 
+    clean_metric = metric_of(model, clean, padding, resolved)
+    clean_stack = np.asarray(stacked_site(model, clean, padding, sites), np.float64)
     plain = gradient_program(model, names, Hooks(), resolved, reduce="mean")
-    clean_values, _, clean_acts, _ = plain(params, jnp.asarray(clean), mask, (), probes, resolved.data)
     bad_values, _, bad_acts, bad_grads = plain(params, jnp.asarray(corrupted), mask, (), probes, resolved.data)
-    clean_metric = float(np.mean(check_finite(clean_values, "the clean run")))
     corrupted_metric = float(np.mean(check_finite(bad_values, "the corrupted run")))
-    clean_stack = np.stack([np.asarray(clean_acts[n], np.float64) for n in names])
     delta = clean_stack - np.stack([np.asarray(bad_acts[n], np.float64) for n in names])
     delta = np.where(np.isfinite(delta), delta, 0.0)  # -inf - -inf of masked scores
 

@@ -96,6 +96,17 @@ def mean_metric(model, metric: Metric, params, hidden, ids, padding, data):
     return jnp.mean(metric.rows(hidden, lambda h: model.unembed(params, h), data, batch))
 
 
+def metric_of(model, ids, padding, metric: Metric) -> float:
+    """The metric of a plain run of `ids` (compiled once per model and metric)."""
+    def build():
+        forward = forward_fn(model)
+        return jax.jit(lambda params, ids, padding, data: mean_metric(
+            model, metric, params, forward(params, ids, padding).hidden, ids, padding, data))
+
+    run = compile_cache.cached(model, ("patching.metric", metric.key), build)
+    return float(check_finite(run(model.params(), jnp.asarray(ids), jnp.asarray(padding), metric.data), "the clean run"))
+
+
 def _patcher(model, site: str, metric: Metric):
     """Compiled `run(params, ids [N,B,T], padding, clean [L,...], masks [N,L,U], data) -> [N]`."""
     name, axis, _ = SITES[site]

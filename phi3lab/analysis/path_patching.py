@@ -36,6 +36,7 @@ from phi3lab.analysis.patching import (
     _patch_units,
     check_pair,
     mean_metric,
+    metric_of,
     patching_result,
     stacked_site,
 )
@@ -188,17 +189,6 @@ def _program(model, kinds: tuple, freeze: bool, metric):
     return jax.jit(jax.vmap(one, in_axes=(None, None, None, (z_axes, z_axes), None, None)))
 
 
-def _metric_of(model, ids, padding, metric) -> float:
-    """The metric of a plain run of `ids`."""
-    def build():
-        forward = forward_fn(model)
-        return jax.jit(lambda params, ids, padding, data: mean_metric(
-            model, metric, params, forward(params, ids, padding).hidden, ids, padding, data))
-
-    run = compile_cache.cached(model, ("path_patching.metric", metric.key), build)
-    return float(check_finite(run(model.params(), jnp.asarray(ids), jnp.asarray(padding), metric.data), "the clean run"))
-
-
 def _run(model, clean, corrupted, padding, metric, senders_masks, receivers, freeze, batch_size) -> np.ndarray:
     """The path-patched metric for each sender set `(heads [N,L,H], mlps [N,L,1])`."""
     masks = _receiver_masks(model, receivers)
@@ -297,7 +287,7 @@ def path_patching(
     values = _run(model, clean, corrupted, padding, resolved, (np.stack([m[0] for m in masks]), np.stack([m[1] for m in masks])),
                   receivers, freeze, batch_size)
     corrupted_metric = values[0]
-    clean_metric = _metric_of(model, clean, padding, resolved)
+    clean_metric = metric_of(model, clean, padding, resolved)
     if sweep:
         raw = values[1:].reshape(layers, heads)  # heads with no path give the corrupted metric exactly
         return patching_result(model, "head_z", raw, clean_metric, corrupted_metric, clean, corrupted, normalize)
