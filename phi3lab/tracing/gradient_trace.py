@@ -21,6 +21,7 @@ from phi3lab.tracing.metrics import Metric, check_finite, resolve_metric
 from phi3lab.tracing.names import Selection, all_names, select, site_shape
 from phi3lab.tracing.result import Trace
 from phi3lab.tracing.rope import describe_rotary
+from phi3lab.tracing.sites import ATTENTION_MAPS
 
 REDUCTIONS = ("sum", "mean")
 
@@ -94,8 +95,14 @@ def gradient_program(model, names: tuple[str, ...], hooks: Hooks, metric: Metric
 
 
 def zero_probes(model, names, shape: tuple[int, int]) -> tuple:
-    """One float32 zero array per name, the activation's shape for ids of `shape`."""
-    return tuple(jnp.zeros(site_shape(model, name, *shape), jnp.float32) for name in names)
+    """One zero array per name, the activation's shape for ids of `shape`
+    and its dtype (the model's compute dtype; attention maps are float32),
+    so gradients come back in the activation's precision."""
+    compute = jnp.dtype(model.compute_dtype)
+    return tuple(
+        jnp.zeros(site_shape(model, name, *shape), jnp.float32 if name.endswith(ATTENTION_MAPS) else compute)
+        for name in names
+    )
 
 
 def gradients(
