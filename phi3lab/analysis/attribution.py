@@ -11,7 +11,7 @@ value in the traced run, which makes the read-out linear.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from typing import Sequence
 
 import jax
 import numpy as np

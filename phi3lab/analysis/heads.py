@@ -14,8 +14,8 @@ import pandas as pd
 from phi3lab.analysis._common import check_trace, require
 from phi3lab.checks import check_index, check_positive_int, is_int
 from phi3lab.errors import bad_argument
-from phi3lab.model.attention import key_value_heads
 from phi3lab.tracing import Trace
+from phi3lab.model.attention import key_value_heads
 from phi3lab.tracing.interventions import query_heads_sharing
 from phi3lab.tracing.names import block_name
 from phi3lab.tracing.tracer import trace

@@ -9,7 +9,7 @@ it computes none of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
 import numpy as np

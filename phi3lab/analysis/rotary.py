@@ -14,7 +14,7 @@ Low pairs turn fast (position-sensitive), high pairs slowly (semantic).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
