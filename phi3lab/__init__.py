@@ -9,7 +9,7 @@ from phi3lab.generation import generate  # noqa: E402
 from phi3lab.model import Phi3Backbone  # noqa: E402
 from phi3lab.parity import compare_with_transformers  # noqa: E402
 from phi3lab.tokenizer import Phi3Tokenizer  # noqa: E402
-from phi3lab.tracing import Trace, estimate, trace  # noqa: E402
+from phi3lab.tracing import Trace, estimate, gradients, trace  # noqa: E402
 
 __all__ = [
     "Phi3Backbone",
@@ -19,6 +19,7 @@ __all__ = [
     "compare_with_transformers",
     "estimate",
     "generate",
+    "gradients",
     "hooks",
     "sharding",
     "trace",

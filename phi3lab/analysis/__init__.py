@@ -10,6 +10,7 @@ tr = phi3lab.trace(model, ids)
 phi3lab.analysis.logit_lens(model, tr, k=3)
 phi3lab.analysis.direct_logit_attribution(model, tr, answer=17, counterfactual=4)
 phi3lab.analysis.activation_patching(model, clean_ids, corrupted_ids, answer=17, counterfactual=4)
+phi3lab.analysis.attribution_patching(model, clean_ids, corrupted_ids, answer=17, counterfactual=4)
 phi3lab.analysis.head_scores(model)
 phi3lab.analysis.rotary_table(model, seq_len=4096)
 ```
@@ -21,6 +22,7 @@ from phi3lab.analysis.attribution import (
     direct_logit_attribution,
     frozen_norm_scale,
 )
+from phi3lab.analysis.attribution_patching import attribution_patching
 from phi3lab.analysis.heads import (
     attention_stats,
     detector_scores,
@@ -30,14 +32,17 @@ from phi3lab.analysis.heads import (
 )
 from phi3lab.analysis.lens import answer_curve, logit_lens, logit_lens_logits
 from phi3lab.analysis.patching import PatchingResult, activation_patching
+from phi3lab.analysis.path_patching import PathPatchingResult, path_patching
 from phi3lab.analysis.rotary import rotary_band_scores, rotary_table
 
 __all__ = [
     "PatchingResult",
+    "PathPatchingResult",
     "ResidualDecomposition",
     "activation_patching",
     "answer_curve",
     "attention_stats",
+    "attribution_patching",
     "decompose_resid",
     "detector_scores",
     "direct_logit_attribution",
@@ -46,6 +51,7 @@ __all__ = [
     "head_scores",
     "logit_lens",
     "logit_lens_logits",
+    "path_patching",
     "repeated_tokens",
     "rotary_band_scores",
     "rotary_table",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -20,10 +20,11 @@ import pandas as pd
 from jax import numpy as jnp
 
 from phi3lab import compile_cache
-from phi3lab.checks import check_ids, check_mask, check_token, is_int, last_positions
+from phi3lab.checks import check_ids, check_mask, is_int
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.forward import forward_fn
 from phi3lab.tracing.interventions import Hook
+from phi3lab.tracing.metrics import Metric, check_finite, resolve_metric
 from phi3lab.tracing.names import block_name
 from phi3lab.tracing.tracer import trace
 
@@ -89,46 +90,51 @@ def _patch_units(x, ctx):
     return jnp.where(chosen, clean[ctx.layer].astype(x.dtype), x)
 
 
-def _logit_diff(hidden, head, data):
-    """Mean over rows of `logit[answer] - logit[counterfactual]` at `positions`."""
-    positions, answer, counter = data
-    rows = jnp.arange(hidden.shape[0])
-    logits = head(hidden[rows, positions]).astype(jnp.float32)
-    diff = logits[rows, answer]
-    if counter is not None:
-        diff = diff - logits[rows, counter]
-    return jnp.mean(diff)
+def mean_metric(model, metric: Metric, params, hidden, ids, padding, data):
+    """The metric of a patched run: the rows' mean (or the metric's total)."""
+    batch = {"token_ids": ids, "padding_mask": padding}
+    return jnp.mean(metric.rows(hidden, lambda h: model.unembed(params, h), data, batch))
 
 
-def _user_metric(metric):
-    def wrapped(hidden, head, data):
-        return jnp.asarray(metric(head(hidden)), jnp.float32).reshape(())
+def metric_of(model, ids, padding, metric: Metric) -> float:
+    """The metric of a plain run of `ids` (compiled once per model and metric)."""
+    def build():
+        forward = forward_fn(model)
+        return jax.jit(lambda params, ids, padding, data: mean_metric(
+            model, metric, params, forward(params, ids, padding).hidden, ids, padding, data))
 
-    return wrapped
+    run = compile_cache.cached(model, ("patching.metric", metric.key), build)
+    return float(check_finite(run(model.params(), jnp.asarray(ids), jnp.asarray(padding), metric.data), "the clean run"))
 
 
-def _patcher(model, site: str, metric_fn: Callable):
+def _patcher(model, site: str, metric: Metric):
     """Compiled `run(params, ids [N,B,T], padding, clean [L,...], masks [N,L,U], data) -> [N]`."""
     name, axis, _ = SITES[site]
     forward = forward_fn(model, hooks={block_name("*", name): Hook(_patch_units, static=(axis,))})
 
     def one(params, ids, padding, clean, mask, data):
         hidden = forward(params, ids, padding, hook_data=((clean, mask),)).hidden
-        return metric_fn(hidden, lambda h: model.unembed(params, h), data)
+        return mean_metric(model, metric, params, hidden, ids, padding, data)
 
     return jax.jit(jax.vmap(one, in_axes=(None, 0, None, None, 0, None)))
+
+
+def stacked_site(model, ids, padding, site: str) -> jnp.ndarray:
+    """Activation `site` of every layer for `ids`, stacked `[L, ...]`."""
+    hook = SITES[site][0]
+    tr = trace(model, ids, padding_mask=padding, names=block_name("*", hook))
+    return jnp.asarray(np.stack([tr[block_name(layer, hook)] for layer in range(model.num_layers)]))
 
 
 class _Sweep:
     """Runs many patched forwards (each an ids array and a mask) in chunks."""
 
-    def __init__(self, model, site, clean_ids, corrupted_ids, padding, metric_key, metric_fn, data, batch_size):
+    def __init__(self, model, site, clean_ids, corrupted_ids, padding, metric: Metric, batch_size):
         self.model, self.site, self.batch_size = model, site, batch_size
-        self.run_fn = compile_cache.cached(model, ("patching", site, metric_key), lambda: _patcher(model, site, metric_fn))
+        self.run_fn = compile_cache.cached(model, ("patching", site, metric.key), lambda: _patcher(model, site, metric))
         self.clean_ids, self.corrupted_ids = clean_ids, corrupted_ids
-        self.padding, self.data = jnp.asarray(padding), data
-        tr = trace(model, clean_ids, padding_mask=padding, names=block_name("*", SITES[site][0]))
-        self.clean = jnp.asarray(np.stack([tr[block_name(l, SITES[site][0])] for l in range(model.num_layers)]))
+        self.padding, self.data = jnp.asarray(padding), metric.data
+        self.clean = stacked_site(model, clean_ids, padding, site)
 
     def units(self) -> int:
         return int(self.clean.shape[1 + SITES[self.site][1]])
@@ -150,32 +156,50 @@ class _Sweep:
             chunk_ids[: stop - start], chunk_masks[: stop - start] = ids[start:stop], masks[start:stop]
             values = self.run_fn(params, jnp.asarray(chunk_ids), self.padding, self.clean, jnp.asarray(chunk_masks), self.data)
             out.append(np.asarray(values)[: stop - start])
-        return np.concatenate(out).astype(np.float64)
+        return check_finite(np.concatenate(out), "the patched runs")
 
 
-def _sweep(model, clean_ids, corrupted_ids, metric, answer, counterfactual, sites, padding_mask, batch_size) -> _Sweep:
+def check_site(sites) -> str:
+    """`sites` if it names a row of `SITES`, else a clear error."""
     if not isinstance(sites, str) or sites not in SITES:
         raise bad_argument("sites", sites, f"one of {list(SITES)}")
+    return sites
+
+
+def check_pair(model, clean_ids, corrupted_ids, padding_mask):
+    """Clean and corrupted ids `[B, T]` of one shape and their shared mask."""
     clean = check_ids("clean_ids", clean_ids, model)
     corrupted = check_ids("corrupted_ids", corrupted_ids, model)
     if clean.shape != corrupted.shape:
         raise bad_argument("corrupted_ids", f"array of shape {corrupted.shape}", f"the shape of clean_ids, {clean.shape}")
-    padding = check_mask(padding_mask, clean.shape)
+    return clean, corrupted, check_mask(padding_mask, clean.shape)
+
+
+def _sweep(model, clean_ids, corrupted_ids, metric, answer, counterfactual, sites, padding_mask, batch_size) -> _Sweep:
+    check_site(sites)
+    clean, corrupted, padding = check_pair(model, clean_ids, corrupted_ids, padding_mask)
     if not is_int(batch_size) or batch_size < 1:
         raise bad_argument("batch_size", batch_size, "a positive int (patched runs per compiled call)")
-    rows = clean.shape[0]
-    if metric is None:
-        if answer is None:
-            raise bad_argument("answer", None, "a token id (or one per row) when `metric` is None; or pass `metric`")
-        data = (
-            jnp.asarray(last_positions(padding)),
-            jnp.asarray(check_token("answer", answer, model.vocabulary_size, rows)),
-            None if counterfactual is None else jnp.asarray(check_token("counterfactual", counterfactual, model.vocabulary_size, rows)),
-        )
-        return _Sweep(model, sites, clean, corrupted, padding, "logit_diff", _logit_diff, data, batch_size)
-    if not callable(metric):
-        raise bad_argument("metric", metric, "None or a function metric(logits [B, T, V]) -> scalar, written in jax.numpy")
-    return _Sweep(model, sites, clean, corrupted, padding, metric, _user_metric(metric), None, batch_size)
+    resolved = resolve_metric(model, metric, answer, counterfactual, padding)
+    return _Sweep(model, sites, clean, corrupted, padding, resolved, batch_size)
+
+
+def patching_result(model, sites, raw, clean_metric, corrupted_metric, clean_ids, corrupted_ids, normalize) -> PatchingResult:
+    """A `PatchingResult` of raw metric values `[L, U]`, normalized so the
+    clean metric is 1 and the corrupted 0 when `normalize`."""
+    scaled = raw
+    if normalize:
+        span = clean_metric - corrupted_metric
+        if span == 0.0:
+            warnings.warn("The clean and corrupted metrics are equal; normalized values are NaN.", stacklevel=3)
+            scaled = np.full_like(raw, np.nan)
+        else:
+            scaled = (raw - corrupted_metric) / span
+    return PatchingResult(
+        values=scaled, raw=raw, clean_metric=float(clean_metric), corrupted_metric=float(corrupted_metric),
+        site=sites, hook=block_name("*", SITES[sites][0]), axes=("layer", SITES[sites][2]),
+        clean_ids=clean_ids, corrupted_ids=corrupted_ids,
+    )
 
 
 def activation_patching(
@@ -209,9 +233,11 @@ def activation_patching(
     Args:
         model: a `Phi3Backbone`.
         clean_ids, corrupted_ids: token ids `[T]` or `[B, T]`, same shape.
-        metric: None, or `metric(logits) -> scalar` on the logits
-            `[B, T, V]`, written with `jax.numpy` (it runs compiled; define
-            it once to reuse the compilation).
+        metric: None, or `metric(logits)` / `metric(logits, batch)` on the
+            logits `[B, T, V]` (`batch = {"token_ids", "padding_mask"}`),
+            returning a scalar or one value per row (averaged), written
+            with `jax.numpy` (it runs compiled; define it once to reuse the
+            compilation).
         answer: token id (or one per row) for the default metric.
         counterfactual: token id (or one per row), or None.
         sites: which activations to patch, one of the names above.
@@ -243,18 +269,5 @@ def activation_patching(
     ids = np.repeat(sweep.corrupted_ids[None], count + 2, axis=0)
     ids[0] = sweep.clean_ids  # first two runs: unpatched clean and corrupted
     values = sweep.run(ids, masks, progress=progress)
-    clean_metric, corrupted_metric = float(values[0]), float(values[1])
     raw = values[2:].reshape(layers, units)
-    scaled = raw
-    if normalize:
-        span = clean_metric - corrupted_metric
-        if span == 0.0:
-            warnings.warn("The clean and corrupted metrics are equal; normalized values are NaN.", stacklevel=2)
-            scaled = np.full_like(raw, np.nan)
-        else:
-            scaled = (raw - corrupted_metric) / span
-    return PatchingResult(
-        values=scaled, raw=raw, clean_metric=clean_metric, corrupted_metric=corrupted_metric,
-        site=sites, hook=block_name("*", SITES[sites][0]), axes=("layer", SITES[sites][2]),
-        clean_ids=sweep.clean_ids, corrupted_ids=sweep.corrupted_ids,
-    )
+    return patching_result(model, sites, raw, values[0], values[1], sweep.clean_ids, sweep.corrupted_ids, normalize)

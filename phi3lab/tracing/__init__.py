@@ -1,12 +1,14 @@
 """Hook points, the `trace()` entry, the `Trace` result and interventions.
 
 Public names: `trace`, `Trace`, `estimate`, `forward_fn` (the pure,
-differentiable forward every run goes through), `all_names`, `block_name`,
+differentiable forward every run goes through), `gradients` and
+`GradientTrace` (d metric / d activation at hook points), `all_names`, `block_name`,
 `compiled_count`, `CaptureTooLarge`, `MemoryEstimate`. Interventions are in
 `phi3lab.hooks`.
 """
 
 from phi3lab.tracing.forward import ForwardFn, ForwardOutput, forward_fn
+from phi3lab.tracing.gradient_trace import GradientTrace, gradients
 from phi3lab.tracing.memory import CaptureTooLarge, MemoryEstimate
 from phi3lab.tracing.names import all_names, block_name
 from phi3lab.tracing.result import Trace
@@ -16,6 +18,7 @@ __all__ = [
     "CaptureTooLarge",
     "ForwardFn",
     "ForwardOutput",
+    "GradientTrace",
     "MemoryEstimate",
     "Trace",
     "all_names",
@@ -23,5 +26,6 @@ __all__ = [
     "compiled_count",
     "estimate",
     "forward_fn",
+    "gradients",
     "trace",
 ]

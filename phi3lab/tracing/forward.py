@@ -141,10 +141,18 @@ def forward_fn(model, names: Selection = (), hooks=None, *, window=None, heads=N
         A `ForwardFn`: `fn(params, token_ids, padding_mask=None,
         hook_data=None) -> ForwardOutput`, pure in all its arguments.
 
+    Hook data may be JAX tracers (`hooks.add(name, tracer)` inside a
+    `jax.grad`), and `hook_data` is an ordinary argument, so `jax.grad`,
+    `jax.jvp` and `jax.vmap` compose with it (docs/design.md, "Differentiable
+    runs"); `phi3lab.gradients` is built on it.
+
     Example:
     ```python
     fn = phi3lab.tracing.forward_fn(model, names="hook_logits")
     logits = jax.jit(fn)(model.params(), ids).logits
+    steer = phi3lab.tracing.forward_fn(model, hooks=phi3lab.hooks.add("blocks.1.hook_resid_post", v))
+    answer_logit = lambda data: model.unembed(model.params(), steer(model.params(), ids, None, data).hidden)[0, -1, 7]
+    d_vector, d_scale = jax.jit(jax.grad(answer_logit))(steer.hook_data)[0]
     ```
     """
     hooks = as_hooks(hooks)

@@ -22,6 +22,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
+import jax
 import numpy as np
 from jax import numpy as jnp
 
@@ -120,78 +121,158 @@ def _as_hook(pattern, hook) -> Hook:
 # === Ready-made interventions ===
 
 
+ABLATION_MODES = ("zero", "mean", "resample")
+
+
 def _ablate(z, ctx):
     heads = np.asarray(ctx.static[0])
     mode = ctx.static[1]
     if mode == "zero":
         replacement = jnp.zeros_like(z[:, :, heads])
-    else:
+    elif mode == "mean":
         replacement = jnp.broadcast_to(
             jnp.mean(z[:, :, heads], axis=(0, 1), keepdims=True), z[:, :, heads].shape
         )
-    return z.at[:, :, heads].set(replacement)
+    else:
+        _check_source(z, ctx.data, ctx.name, "source")
+        replacement = ctx.data[:, :, heads]
+    return z.at[:, :, heads].set(replacement.astype(z.dtype))
 
 
-def ablate_heads(layer: int, heads: int | Iterable[int], mode: str = "zero") -> Hooks:
-    """Remove query heads' contributions at `layer` (on `attn.hook_z`).
+def _head_list(heads) -> tuple[int, ...]:
+    if is_int(heads):
+        return (int(heads),)
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
+        raise bad_argument("heads", heads, "an int or a list of int query-head indices")
+    heads = tuple(heads)
+    if not all(is_int(h) for h in heads):
+        raise bad_argument("heads", heads, "an int or a list of int query-head indices")
+    if not heads:
+        raise bad_argument("heads", heads, "a non-empty list of query-head indices")
+    return tuple(int(h) for h in heads)
+
+
+def _layer_pairs(pairs) -> dict[int, tuple[int, ...]]:
+    """`{(layer, head), ...}` grouped as layer -> heads."""
+    grouped: dict[int, list[int]] = {}
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and is_int(pair[0]) and is_int(pair[1])):
+            raise bad_argument("layer", pairs, "an int layer with `heads`, or a set of (layer, head) pairs")
+        grouped.setdefault(int(pair[0]), []).append(int(pair[1]))
+    if not grouped:
+        raise bad_argument("layer", pairs, "a non-empty set of (layer, head) pairs")
+    return {layer: tuple(heads) for layer, heads in grouped.items()}
+
+
+def _resample_source(source, model, layer: int):
+    """The `attn.hook_z` of `layer` in the resample source (a `Trace`, or
+    token ids run through `model`)."""
+    from phi3lab.tracing.result import Trace
+
+    if not isinstance(source, Trace):
+        if model is None:
+            raise ValueError(
+                '`mode`="resample" needs `source`: a phi3lab.Trace that captured the heads\' attn.hook_z, or '
+                f"token ids together with `model=`; received source={source!r:.80}, model=None."
+            )
+        from phi3lab.tracing.tracer import trace
+
+        source = trace(model, source, names=block_name("*", "attn.hook_z"))
+    if not -source.num_layers <= layer < source.num_layers:
+        raise bad_argument("layer", layer, f"an int in [{-source.num_layers}, {source.num_layers})")
+    name = block_name(layer % source.num_layers, "attn.hook_z")
+    if name not in source.names:
+        raise bad_argument("source", source, f"a phi3lab.Trace that captured {name!r}")
+    return jnp.asarray(source[name])
+
+
+def ablate_heads(layer, heads: int | Iterable[int] | None = None, mode: str = "zero", *, source=None,
+                 model=None) -> Hooks:
+    """Remove query heads' contributions (on `attn.hook_z`).
 
     Grouped-query aware: each query head is ablated alone, leaving the other
     query heads that share its key/value head untouched.
 
     Args:
-        layer: int. Decoder block index.
+        layer: int (a decoder block index) with `heads`, or a set of
+            `(layer, head)` pairs (then leave `heads` out): every pair is
+            ablated in the same run.
         heads: an int or a list of query-head indices.
         mode: `"zero"` sets the head's output to 0; `"mean"` replaces it by
-            its mean over batch and positions of the same run.
+            its mean over batch and positions of the same run;
+            `"resample"` replaces it by the same head's output in another
+            run (`source`), same shape.
+        source: for `"resample"`, a `Trace` that captured the layers'
+            `attn.hook_z`, or token ids (then pass `model=` to run them).
+        model: the `Phi3Backbone` to run `source` ids through.
 
     Example:
     >>> tr = phi3lab.trace(model, ids, hooks=ablate_heads(0, [1, 2]))
+    >>> tr = phi3lab.trace(model, ids, hooks=ablate_heads({(0, 1), (2, 3)}, mode="mean"))
+    >>> tr = phi3lab.trace(model, ids, hooks=ablate_heads(1, 0, mode="resample", source=other_ids, model=model))
     """
-    if not is_int(layer):
-        raise bad_argument("layer", layer, "an int (a decoder block index; negative values count from the end)")
-    if is_int(heads):
-        heads = (heads,)
-    elif isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
-        raise bad_argument("heads", heads, "an int or a list of int query-head indices")
+    if not isinstance(mode, str) or mode not in ABLATION_MODES:
+        raise bad_argument("mode", mode, '"zero", "mean" or "resample"')
+    if is_int(layer):
+        if heads is None:
+            raise bad_argument("heads", heads, "an int or a list of int query-head indices (with an int `layer`)")
+        grouped = {int(layer): _head_list(heads)}
+    elif isinstance(layer, Iterable) and not isinstance(layer, (str, bytes)) and heads is None:
+        grouped = _layer_pairs(layer)
     else:
-        heads = tuple(heads)
-        if not all(is_int(h) for h in heads):
-            raise bad_argument("heads", heads, "an int or a list of int query-head indices")
-        heads = tuple(int(h) for h in heads)
-    layer = int(layer)
-    if not isinstance(mode, str) or mode not in ("zero", "mean"):
-        raise bad_argument("mode", mode, '"zero" or "mean"')
-    if not heads:
-        raise bad_argument("heads", heads, "a non-empty list of query-head indices")
+        raise bad_argument("layer", layer, "an int (a decoder block index; negative values count from the end) "
+                           "or, without `heads`, a set of (layer, head) pairs")
+    hooks = Hooks()
+    for block, chosen in sorted(grouped.items()):
+        data = _resample_source(source, model, block) if mode == "resample" else None
 
-    def check(model):
-        check_index("layer", layer, model.num_layers, "layer")
-        for head in heads:
-            check_index("heads", head, model.num_query_heads, "query head")
+        def check(model, block=block, chosen=chosen):
+            check_index("layer", block, model.num_layers, "layer")
+            for head in chosen:
+                check_index("heads", head, model.num_query_heads, "query head")
 
-    return Hooks({block_name(layer, "attn.hook_z"): Hook(_ablate, static=(heads, mode), check=check)})
+        hooks = hooks | {block_name(block, "attn.hook_z"): Hook(_ablate, data=data, static=(chosen, mode), check=check)}
+    return hooks
 
 
-def _check_source(x, source, name):
+def _check_source(x, source, name, argument="source_trace"):
     if source.shape != x.shape:
         raise ValueError(
-            f"`source_trace` holds {name!r} with shape {tuple(source.shape)}, but this run's is "
-            f"{tuple(x.shape)}: patch from a trace of inputs of the same shape."
+            f"`{argument}` holds {name!r} with shape {tuple(source.shape)}, but this run's is "
+            f"{tuple(x.shape)}: patch from a run of inputs of the same shape."
         )
 
 
+# Sites with a head axis: local name -> (axis, size attribute of the model).
+HEAD_AXES = {
+    "attn.hook_q": (2, "num_query_heads"), "attn.hook_rot_q": (2, "num_query_heads"),
+    "attn.hook_z": (2, "num_query_heads"), "attn.hook_k": (2, "num_key_value_heads"),
+    "attn.hook_rot_k": (2, "num_key_value_heads"), "attn.hook_v": (2, "num_key_value_heads"),
+    "attn.hook_attn_scores": (1, "num_query_heads"), "attn.hook_pattern": (1, "num_query_heads"),
+}
+
+
+def _axis_mask(ndim: int, axis: int, size: int, chosen):
+    shape = [1] * ndim
+    shape[axis] = size
+    return jnp.zeros(size, bool).at[chosen].set(True).reshape(shape)
+
+
 def _patch(x, ctx):
-    """Take `source` at `positions` along the position axis `ctx.static[0]`."""
+    """Take `source` at `positions` (along axis `ctx.static[0]`) and `heads`
+    (along axis `ctx.static[1]`)."""
     source, positions = ctx.data
-    (axis,) = ctx.static
+    axis, head_axis, heads = ctx.static
     _check_source(x, source, ctx.name)
-    if positions is None:
-        return source.astype(x.dtype)
-    index = (slice(None),) * axis + (positions,)
-    return x.at[index].set(source[index].astype(x.dtype))
+    chosen = jnp.ones((), bool)
+    if positions is not None:
+        chosen = chosen & _axis_mask(x.ndim, axis, x.shape[axis], positions)
+    if heads is not None:
+        chosen = chosen & _axis_mask(x.ndim, head_axis, x.shape[head_axis], np.asarray(heads))
+    return jnp.where(chosen, source.astype(x.dtype), x)
 
 
-def patch(name: str, source_trace, positions=None) -> Hooks:
+def patch(name: str, source_trace, positions=None, heads=None) -> Hooks:
     """Replace activation `name` by its value in another run (`source_trace`).
 
     Args:
@@ -201,13 +282,18 @@ def patch(name: str, source_trace, positions=None) -> Hooks:
         positions: None (all positions) or a list/array of positions to
             patch (the position axis is axis 1 for every site but attention
             scores/pattern, where it is the query axis 2).
+        heads: None (all heads) or a list of heads to patch, on sites with
+            a head axis (`attn.hook_q/k/v/z`, rotated q/k, scores and
+            pattern); key/value heads for `hook_k`, `hook_v`, `hook_rot_k`.
 
     Example:
     >>> clean = phi3lab.trace(model, clean_ids)
     >>> tr = phi3lab.trace(model, corrupt_ids, hooks=patch("blocks.0.hook_resid_pre", clean))
+    >>> tr = phi3lab.trace(model, corrupt_ids, hooks=patch("blocks.2.attn.hook_z", clean, positions=[-1], heads=[1]))
     """
     import fnmatch
 
+    from phi3lab.tracing.names import split_name
     from phi3lab.tracing.result import Trace
 
     if not isinstance(name, str):
@@ -231,11 +317,23 @@ def patch(name: str, source_trace, positions=None) -> Hooks:
                 or chosen.min() < -length or chosen.max() >= length):
             raise bad_argument("positions", positions, f"None or int positions in [-{length}, {length})")
         index = jnp.asarray(chosen % length, jnp.int32)
+    if heads is not None:
+        heads = _head_list(heads)
+        without = [site for site in matched if split_name(site)[1] not in HEAD_AXES]
+        if without:
+            raise bad_argument("heads", heads, f"None for sites without a head axis (such as {without[0]!r})")
     entries = []
     for site in matched:
-        source = jnp.asarray(source_trace[site])
-        axis = 2 if site.endswith(("hook_attn_scores", "hook_pattern")) else 1
-        entries.append((site, Hook(_patch, data=(source, index), static=(axis,))))
+        local = split_name(site)[1]
+        axis = 2 if local.endswith(("hook_attn_scores", "hook_pattern")) else 1
+        head_axis, size = HEAD_AXES.get(local, (None, None))
+
+        def check(model, size=size, heads=heads):
+            for head in heads:
+                check_index("heads", head, getattr(model, size), "head")
+
+        entries.append((site, Hook(_patch, data=(jnp.asarray(source_trace[site]), index), static=(axis, head_axis, heads),
+                                   check=check if heads is not None else None)))
     return Hooks(entries)
 
 
@@ -250,33 +348,58 @@ def _add(x, ctx):
     return x + (scale * vector).astype(x.dtype)
 
 
+def _is_tracer(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _float_array(name: str, value):
+    """`value` as a float JAX array (tracers pass through, so hook data can
+    be differentiated), or a clear error naming `name`."""
+    if not _is_tracer(value):
+        try:
+            value = np.asarray(value)
+        except (TypeError, ValueError):
+            value = None
+    if value is None or not jnp.issubdtype(value.dtype, jnp.floating):
+        raise bad_argument(name, value, "a float array")
+    return jnp.asarray(value)
+
+
+def _scale(scale):
+    """`scale` as a float32 scalar; the finiteness check needs a concrete
+    value, so a tracer (under `jax.grad`, `jax.vmap`...) is checked only for
+    shape and dtype."""
+    if _is_tracer(scale):
+        if scale.ndim != 0 or not (jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer)):
+            raise bad_argument("scale", scale, "a finite number (a scalar)")
+        return scale.astype(jnp.float32)
+    try:
+        array = np.asarray(scale)
+    except (TypeError, ValueError):
+        array = None
+    if (isinstance(scale, bool) or array is None or array.ndim != 0
+            or not (np.issubdtype(array.dtype, np.integer) or jnp.issubdtype(array.dtype, jnp.floating))
+            or not math.isfinite(float(array))):
+        raise bad_argument("scale", scale, "a finite number")
+    return jnp.float32(array)
+
+
 def add(name: str, vector, scale: float = 1.0) -> Hooks:
     """Add `scale * vector` to activation `name` (steering).
 
     `vector` broadcasts against the activation (e.g. `[D]` for a residual
     stream `[B, T, D]`). Both are compiled inputs: new vectors or scales
-    reuse the compiled trace.
+    reuse the compiled trace. Both may be JAX tracers, so `jax.grad`,
+    `jax.jvp` and `jax.vmap` can differentiate or map a run with respect
+    to them (see `phi3lab.tracing.forward_fn`).
 
     Example:
     >>> tr = phi3lab.trace(model, ids, hooks=add("blocks.1.hook_resid_post", v, scale=4.0))
     """
     if not isinstance(name, str):
         raise bad_argument("name", name, "a hook name or glob pattern (a str)")
-    try:
-        array = np.asarray(vector)
-    except (TypeError, ValueError):
-        array = None
-    if array is None or not jnp.issubdtype(array.dtype, jnp.floating):
-        raise bad_argument("vector", vector, "a float array")
-    vector = jnp.asarray(vector)
-    try:
-        scale_array = np.asarray(scale)
-    except (TypeError, ValueError):
-        scale_array = None
-    if (isinstance(scale, bool) or scale_array is None or scale_array.ndim != 0
-            or not (np.issubdtype(scale_array.dtype, np.integer) or jnp.issubdtype(scale_array.dtype, jnp.floating))
-            or not math.isfinite(float(scale_array))):
-        raise bad_argument("scale", scale, "a finite number")
+    vector = _float_array("vector", vector)
+    scale = _scale(scale)
 
     def check(model):
         from phi3lab.tracing.names import MODEL_SITES, BLOCK_SITES, all_names, select, site_shape, split_name
@@ -289,13 +412,14 @@ def add(name: str, vector, scale: float = 1.0) -> Hooks:
                 for size, want, symbol in zip(vector.shape[::-1], shape[::-1], symbols[::-1])
             )
             if not fits:
+                sizes = ", ".join(s if s in ("B", "T") else str(n) for s, n in zip(symbols, shape))
                 raise bad_argument(
                     "vector", f"array of shape {vector.shape}",
-                    f"an array that broadcasts against {full!r} of shape [{', '.join(symbols)}] = {shape} "
-                    "(B and T are the input's batch and length)",
+                    f"an array that broadcasts against {full!r} of shape [{', '.join(symbols)}] = [{sizes}] "
+                    "(B and T are the input's batch size and length)",
                 )
 
-    return Hooks({name: Hook(_add, data=(vector, jnp.float32(scale)), check=check)})
+    return Hooks({name: Hook(_add, data=(vector, scale), check=check)})
 
 
 def query_heads_sharing(model, key_value_head: int) -> list[int]:
