@@ -64,7 +64,7 @@ def generation_variant(model, args):
     import phi3lab
 
     module = phi3lab.generation
-    if not any("cache" in name.lower() for name in dir(module)):
+    if not any("kv" in name.lower() and "cache" in name.lower() for name in dir(module)):
         return None, "skipped: phi3lab.generation has no KV cache on this branch"
     tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
     prompt = "When Mary and John went to the store, John gave a drink to"
