@@ -9,7 +9,7 @@ IP ?= 127.0.0.1
 LAB_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: lab test install browser clean
+.PHONY: lab test install browser clean bench-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,17 @@ lab: $(STAMP)
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -rs --timeout=900 tests --nbmake notebooks --nbmake-timeout=300; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# TransformerLens 3.9 for the comparison rows of benchmarks/trace.py. The
+# installed torch, numpy, jax and keras are pinned by a constraints file, so
+# pip may add TransformerLens' dependencies but never change those
+# (PIP_ARGS=--dry-run shows what it would install).
+BENCH_CONSTRAINTS := $(VENV)/bench-constraints.txt
+PIP_ARGS ?=
+bench-deps: $(STAMP)
+	$(BIN)/python -c "import importlib.metadata as m; \
+	print('\n'.join(f'{p}=={m.version(p)}' for p in ('torch', 'numpy', 'jax', 'jaxlib', 'keras')))" > $(BENCH_CONSTRAINTS)
+	$(BIN)/pip install $(PIP_ARGS) -c $(BENCH_CONSTRAINTS) "transformer-lens==3.9.*"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -13,6 +13,9 @@ Rows:
                          computes the logits too)
   trace: everything      phi3lab.trace(model, ids): every hook point, copied
                          to host NumPy arrays
+  ..., bf16 maps         the same with capture_dtype="bfloat16"
+  ... but scores         everything except hook_attn_scores (is it worth
+                         making the scores opt-in?)
   trace: patterns only   names="blocks.*.attn.hook_pattern"
   trace: residual only   names="blocks.*.hook_resid_*"
 and, when transformer_lens is importable, a HookedTransformer of the same
@@ -142,6 +145,9 @@ def phi3lab_variants(model, ids):
         "plain forward": lambda: plain(params, token_ids, mask).block_until_ready(),
         "plain forward + logits": lambda: with_logits(params, token_ids, mask).block_until_ready(),
         "trace: everything": lambda: phi3lab.trace(model, ids),
+        "trace: everything, bf16 maps": lambda: phi3lab.trace(model, ids, capture_dtype="bfloat16"),
+        "trace: everything but scores": lambda: phi3lab.trace(
+            model, ids, names=lambda name: not name.endswith("hook_attn_scores")),
         "trace: patterns only": lambda: phi3lab.trace(model, ids, names="blocks.*.attn.hook_pattern"),
         "trace: residual only": lambda: phi3lab.trace(model, ids, names="blocks.*.hook_resid_*"),
     }

@@ -4,6 +4,10 @@ from phi3lab._backend import select_jax_backend
 
 select_jax_backend()
 
+from phi3lab.disk_cache import enable_disk_cache  # noqa: E402
+
+enable_disk_cache()
+
 from phi3lab import analysis, hooks, sharding, tracing, widgets  # noqa: E402
 from phi3lab.generation import generate  # noqa: E402
 from phi3lab.model import Phi3Backbone  # noqa: E402

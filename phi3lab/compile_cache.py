@@ -6,6 +6,12 @@ what the program is (`("trace", plan, hooks, shapes)`, ...). Entries live as
 long as their model and, per model, at most `limit()` of them are kept, the
 least recently used going first. `PHI3LAB_COMPILE_CACHE_SIZE` sets the limit
 (default 64 programs per model); `set_limit` changes it at run time.
+
+Input lengths are padded to a few *length buckets* (`bucket_length`), so
+prompts of 33, 40 and 57 tokens share one program: 64, 128, then multiples
+of 128 up to 512, then powers of two, never past the model's
+`max_sequence_length`. Ten prompt lengths between 20 and 300 tokens compile
+at most four programs (64, 128, 256, 384).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Hashable
 
 _DEFAULT_LIMIT = 64
+_BUCKETS = (64, 128, 256, 384, 512)
 _CACHES: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
 _limit = int(os.environ.get("PHI3LAB_COMPILE_CACHE_SIZE", _DEFAULT_LIMIT))
 
@@ -65,3 +72,18 @@ def set_limit(value: int) -> None:
     for cache in _CACHES.values():
         while len(cache) > _limit:
             cache.popitem(last=False)
+
+
+def bucket_length(length: int, max_length: int) -> int:
+    """The padded length that inputs of `length` positions run at: the
+    smallest of 64, 128, 256, 384, 512, 1024, 2048, ... that holds `length`,
+    capped at `max_length` (and never below `length`).
+
+    Example:
+    >>> [bucket_length(n, 4096) for n in (20, 64, 65, 300, 513)]
+    [64, 64, 128, 384, 1024]
+    """
+    bucket = next((b for b in _BUCKETS if b >= length), None)
+    if bucket is None:
+        bucket = 1 << (length - 1).bit_length()
+    return max(length, min(bucket, max_length))

@@ -11,6 +11,15 @@ import os
 import weakref
 
 os.environ["KERAS_BACKEND"] = "jax"  # before anything imports keras
+# Compiled programs go to a fresh directory per test session (notebook kernels
+# inherit it), never to the user's cache.
+if "PHI3LAB_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["PHI3LAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="phi3lab-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["PHI3LAB_CACHE_DIR"], ignore_errors=True)
 
 import numpy as np
 import pytest

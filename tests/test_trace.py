@@ -190,6 +190,11 @@ def test_final_norm_is_the_output_and_the_plain_forward(model, full, ids):
     assert_close(full.output, expected, 1e-5, "full trace vs plain forward")
     only_output = phi3lab.trace(model, ids, names="ln_final.hook_normalized")
     assert only_output.names == ["ln_final.hook_normalized"]
+    # trace runs the input padded to its length bucket: the same program as
+    # the plain forward on the padded input, bit for bit.
+    extra = ((0, 0), (0, phi3lab.compile_cache.bucket_length(ids.shape[1], MAX_POSITIONS) - ids.shape[1]))
+    padded = plain(model.params(), jnp.asarray(np.pad(ids, extra)), jnp.asarray(np.pad(np.ones(ids.shape, bool), extra)))
+    expected = np.asarray(padded)[:, : ids.shape[1]]
     assert np.array_equal(only_output.output, expected)
     assert np.array_equal(only_output["ln_final.hook_normalized"], expected)
 
@@ -544,7 +549,9 @@ def test_same_names_and_shapes_compile_once():
     mask = np.stack([np.arange(9) < 6, np.arange(9) >= 2])
     phi3lab.trace(model, random_ids((2, 9), seed=5), padding_mask=mask, names=names)
     assert compiled_count(model) == 1
-    phi3lab.trace(model, random_ids((2, 10), seed=0), names=names)  # a new shape
+    phi3lab.trace(model, random_ids((2, 10), seed=0), names=names)  # a new length, same length bucket
+    assert compiled_count(model) == 1
+    phi3lab.trace(model, random_ids((3, 9), seed=0), names=names)  # a new shape
     assert compiled_count(model) == 2
     phi3lab.trace(model, random_ids((2, 9), seed=0), names="hook_logits")  # a new selection
     assert compiled_count(model) == 3

@@ -60,6 +60,41 @@ def masked_softmax(scores, mask):
     return exp / jnp.where(total == 0.0, 1.0, total)
 
 
+def _has_allowed_key(padding_mask, sliding_window=None):
+    """Whether query `t` has any key it may attend to, boolean `[B, T]`:
+    a real key at `s <= t` (and `s > t - sliding_window`)."""
+    seen = jnp.cumsum(padding_mask.astype(jnp.int32), axis=1)
+    if sliding_window is not None:
+        seen = seen - jnp.pad(seen, ((0, 0), (sliding_window, 0)))[:, : seen.shape[1]]
+    return seen > 0
+
+
+def fused_attention(q, k, v, padding_mask, sliding_window=None, flash_only=False):
+    """`z [B, T, Hq, dh]` of causal grouped-query attention through
+    `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs for
+    16-bit inputs, XLA elsewhere), never exposing the `[T, T]` maps. Equal to
+    `Phi3Attention.attend`'s `z`, including all-zero rows for queries with
+    no key to attend to (left padding). With `flash_only`, returns None
+    where flash attention is not available (XLA's version materializes the
+    scores of every head)."""
+    mask = padding_mask[:, None, None, :].astype(bool)
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    call = lambda implementation: jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=True, local_window_size=window, implementation=implementation
+    )
+    z = None
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            z = call("cudnn")
+        except Exception:  # noqa: BLE001 (cuDNN missing or the shape unsupported: XLA below)
+            z = None
+    if z is None:
+        if flash_only:
+            return None
+        z = call(None)
+    return jnp.where(_has_allowed_key(padding_mask, sliding_window)[:, :, None, None], z, 0).astype(v.dtype)
+
+
 class Phi3Attention(keras.layers.Layer):
     """Grouped-query self-attention with rotary embedding, for all layers.
 
@@ -105,6 +140,9 @@ class Phi3Attention(keras.layers.Layer):
         self.head_dim = hidden_dim // num_query_heads
         self.score_scale = self.head_dim**-0.5  # scores = q . k * score_scale
         self.group_size = num_query_heads // num_key_value_heads
+        # Attention whose maps nobody reads runs `fused_attention` (False:
+        # always the explicit scores -> softmax -> z of `attend`).
+        self.use_fused_attention = True
         initializer = kernel_initializer or default_initializer(stddev=0.02)
         shapes = {
             "query_kernel": (hidden_dim, num_query_heads, self.head_dim),
@@ -175,10 +213,14 @@ class Phi3Attention(keras.layers.Layer):
 
         Returns the attention output `[B, T, D]` (after the output kernel).
 
-        Long inputs (more than two chunks of `query_chunk_size` queries) are
-        processed a chunk of queries at a time unless every row of the
-        pattern or scores is asked for; with `sites.query_window` set, only
-        those query rows of the pattern and scores are reported.
+        When no full attention map is reported (the plain forward, or a
+        `sites.query_window`), `z` comes from `fused_attention` (flash
+        attention on GPUs); otherwise, or with `use_fused_attention = False`,
+        from `attend`. Long inputs (more than two chunks of
+        `query_chunk_size` queries) without flash attention are attended a
+        chunk of queries at a time. With
+        `sites.query_window` set, only those query rows of the pattern and
+        scores are reported.
         """
         dtype = self.compute_dtype
         w = dequantize(params, dtype)
@@ -194,9 +236,13 @@ class Phi3Attention(keras.layers.Layer):
         if reported and window is None:
             z = self.attend(q, k, v, padding_mask, 0, dropout_key, sites)[2]
         else:
-            if length > 2 * self.query_chunk_size and dropout_key is None:
+            long = length > 2 * self.query_chunk_size
+            z = None
+            if dropout_key is None and self.use_fused_attention:
+                z = fused_attention(q, k, v, padding_mask, self.sliding_window, flash_only=long)
+            if z is None and long and dropout_key is None:
                 z = self._attend_in_chunks(q, k, v, padding_mask)
-            else:
+            elif z is None:
                 z = self.attend(q, k, v, padding_mask, 0, dropout_key)[2]
             if reported:
                 # Only the window's rows are reported (hooks on attention

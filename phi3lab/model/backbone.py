@@ -161,7 +161,7 @@ class Phi3Backbone(keras.Model):
         }
 
     def apply(
-        self, params, token_ids, padding_mask=None, sites=NO_HOOKS, dropout_key=None
+        self, params, token_ids, padding_mask=None, sites=NO_HOOKS, dropout_key=None, *, num_positions=None
     ):
         """The forward pass as a pure function of `params`.
 
@@ -171,6 +171,11 @@ class Phi3Backbone(keras.Model):
             padding_mask: array `[B, T]` (1/True for real tokens) or None.
             sites: hook points; `NO_HOOKS` for the plain forward.
             dropout_key: JAX key to enable dropout (training), or None.
+            num_positions: static int or None: one more than the largest
+                real position, which picks the rotary factors in force
+                (default `T`). Inputs padded on the right to a length
+                bucket pass their real length, so padding never switches
+                "su" scaling from the short to the long factors.
 
         Returns:
             `(hidden, captures)`: final normalized hidden states `[B, T, D]`
@@ -181,7 +186,7 @@ class Phi3Backbone(keras.Model):
             jnp.ones(token_ids.shape, bool) if padding_mask is None else padding_mask.astype(bool)
         )
         x = sites("hook_embed", self.token_embedding.apply(params["token_embedding"], token_ids))
-        cos, sin = self.rotary.tables(length)
+        cos, sin = self.rotary.tables(length, factor_positions=num_positions)
         x, captures = self.decoder.apply(
             params["decoder"], x, cos, sin, padding_mask, sites, dropout_key
         )

@@ -125,13 +125,17 @@ class RotarySpec:
             np.float32(1.0) / (self.factors(num_positions) * base)
         ).astype(np.float32)
 
-    def tables(self, num_positions: int, start: int = 0):
+    def tables(self, num_positions: int, start: int = 0, factor_positions: int | None = None):
         """cos and sin tables `[num_positions - start, rotary_dim]` (float32).
 
         Rows are positions `start, ..., num_positions - 1`; both halves of
         the rotary part share the pair's angle. The attention factor is applied.
+        The factors in force follow `factor_positions` (default
+        `num_positions`): inputs padded to a longer length keep the factors
+        of their real length.
         """
-        inverse = jnp.asarray(self.inverse_frequencies(num_positions))
+        chosen = num_positions if factor_positions is None else factor_positions
+        inverse = jnp.asarray(self.inverse_frequencies(chosen))
         positions = jnp.arange(start, num_positions, dtype=jnp.float32)
         angles = positions[:, None] * inverse[None, :]
         angles = jnp.concatenate([angles, angles], axis=-1)

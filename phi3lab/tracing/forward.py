@@ -66,18 +66,21 @@ class ForwardFn:
     hooks: tuple[Hook, ...]
     hook_data: tuple
 
-    def run(self, params, token_ids, padding_mask=None, hook_data=None):
+    def run(self, params, token_ids, padding_mask=None, hook_data=None, num_positions=None, length=None):
         """The raw result `(hidden, model_captures, segments)`: model-level
         captures by name and, per layer range of `plan.segments()`, block
         captures stacked over the range's layers (what `trace` unpacks on the
-        host without copies)."""
+        host without copies). `num_positions` (static) picks the rotary
+        factors of inputs padded past their real length (see
+        `Phi3Backbone.apply`); `length` (static), their real length: hooks
+        then see only the first `length` positions."""
         data = self.hook_data if hook_data is None else tuple(hook_data)
         if len(data) != len(self.hooks):
             raise ValueError(
                 f"`hook_data` must hold one entry per hook ({len(self.hooks)}); received {len(data)} entries."
             )
-        sites = TraceSites(self.plan, self.hooks, data)
-        hidden, segments = self.model.apply(params, token_ids, padding_mask, sites)
+        sites = TraceSites(self.plan, self.hooks, data, length=length)
+        hidden, segments = self.model.apply(params, token_ids, padding_mask, sites, num_positions=num_positions)
         return hidden, sites.captured, [captured for _, _, captured in segments]
 
     def __call__(self, params, token_ids, padding_mask=None, hook_data=None) -> ForwardOutput:
@@ -90,7 +93,7 @@ class ForwardFn:
         return ForwardOutput(hidden, captures)
 
 
-def plan_for(model, names: Selection, hooks: Hooks, window=None, heads=None) -> TracePlan:
+def plan_for(model, names: Selection, hooks: Hooks, window=None, heads=None, capture_dtype=None) -> TracePlan:
     """The static `TracePlan` for captures `names` and `hooks` on `model`.
 
     Resolves names and hook patterns against the catalogue (clear errors for
@@ -117,6 +120,7 @@ def plan_for(model, names: Selection, hooks: Hooks, window=None, heads=None) -> 
         num_layers=model.num_layers,
         query_window=window,
         attention_heads=heads,
+        capture_dtype=capture_dtype,
     )
 
 
@@ -125,7 +129,7 @@ def as_hooks(hooks) -> Hooks:
     return hooks if isinstance(hooks, Hooks) else Hooks(hooks if hooks is not None else {})
 
 
-def forward_fn(model, names: Selection = (), hooks=None, *, window=None, heads=None) -> ForwardFn:
+def forward_fn(model, names: Selection = (), hooks=None, *, window=None, heads=None, capture_dtype=None) -> ForwardFn:
     """A pure, jittable, differentiable forward of `model`.
 
     Args:
@@ -136,6 +140,8 @@ def forward_fn(model, names: Selection = (), hooks=None, *, window=None, heads=N
         window: None, or `(start, stop)` query rows that the attention maps
             report (`trace`'s `queries=`, already resolved to positions).
         heads: None, or a tuple of query heads whose maps are kept.
+        capture_dtype: None, or `"bfloat16"`: the dtype captured attention
+            scores and patterns are returned in (`trace`'s argument).
 
     Returns:
         A `ForwardFn`: `fn(params, token_ids, padding_mask=None,
@@ -156,6 +162,6 @@ def forward_fn(model, names: Selection = (), hooks=None, *, window=None, heads=N
     ```
     """
     hooks = as_hooks(hooks)
-    plan = plan_for(model, names, hooks, window, heads)
+    plan = plan_for(model, names, hooks, window, heads, capture_dtype)
     return ForwardFn(model, plan, tuple(hook for _, hook in hooks.entries), tuple(h.data for _, h in hooks.entries))
 

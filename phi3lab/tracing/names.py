@@ -85,6 +85,15 @@ def site_shape(model, name: str, batch: int, length: int) -> tuple[int, ...]:
     return tuple(sizes[s] for s in symbols)
 
 
+def position_index(site: str, length: int) -> tuple[slice, ...]:
+    """The index that keeps the first `length` positions of every position
+    axis of hook `site` (e.g. `[:, :, :length, :length]` for a pattern):
+    inputs padded on the right are cut back with it."""
+    _, site = split_name(site)
+    symbols = BLOCK_SITES.get(site) or MODEL_SITES[site]
+    return tuple(slice(0, length) if s == "T" else slice(None) for s in symbols)
+
+
 def _count_from_end(pattern: str, names: list[str]) -> str:
     """`blocks.-1.` counts from the last block, as negative indices do."""
     match = _NEGATIVE_BLOCK.match(pattern)

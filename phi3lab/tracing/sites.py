@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+from jax import numpy as jnp
 
 from phi3lab.model.hook_points import HookPoints
 from phi3lab.tracing.interventions import Hook, HookContext
-from phi3lab.tracing.names import block_name, split_name
+from phi3lab.tracing.names import block_name, position_index, split_name
 
 ATTENTION_MAPS = ("attn.hook_attn_scores", "attn.hook_pattern")
 
@@ -51,6 +52,10 @@ class TracePlan:
         keep: names whose values are returned.
         hooked: name -> indices into the hook list, in order.
         num_layers: depth of the model.
+        query_window: `(start, stop)` rows of the attention maps kept, or None.
+        attention_heads: query heads of the attention maps kept, or None.
+        capture_dtype: None (captures keep the computation's dtype) or
+            `"bfloat16"` for the captured attention scores and patterns.
     """
 
     keep: frozenset
@@ -58,6 +63,7 @@ class TracePlan:
     num_layers: int
     query_window: tuple | None = None  # (start, stop) rows of scores/pattern
     attention_heads: tuple | None = None  # query heads of scores/pattern kept
+    capture_dtype: str | None = None  # dtype of captured scores/pattern
 
     def hooks_at(self, name: str) -> tuple:
         return dict(self.hooked).get(name, ())
@@ -79,6 +85,17 @@ class TracePlan:
         return ranges
 
 
+def _write_back(x, value):
+    """`x` with its leading corner (the real positions) replaced by `value`,
+    axis by axis with concatenations (the rest is padding)."""
+    for axis in range(x.ndim):
+        if value.shape[axis] != x.shape[axis]:
+            rest = jax.lax.slice_in_dim(x, value.shape[axis], x.shape[axis], axis=axis)
+            index = tuple(slice(0, n) if a != axis else slice(None) for a, n in enumerate(value.shape))
+            value = jnp.concatenate([value, rest[index]], axis=axis)
+    return value
+
+
 class TraceSites(HookPoints):
     """Runs the plan's hooks and records the kept values.
 
@@ -88,14 +105,18 @@ class TraceSites(HookPoints):
         data: each hook's (traced) data, in the same order.
         prefix_layer: None for model-level sites; for a block's sites, the
             first layer of its range (names resolve against it).
+        length: None, or the real length of inputs padded on the right:
+            hooks then see (and return) only the first `length` positions.
     """
 
-    def __init__(self, plan: TracePlan, hooks: tuple[Hook, ...], data: tuple, prefix_layer: int | None = None):
+    def __init__(self, plan: TracePlan, hooks: tuple[Hook, ...], data: tuple, prefix_layer: int | None = None,
+                 length: int | None = None):
         super().__init__()
         self.plan = plan
         self.hooks = hooks
         self.data = data
         self.prefix_layer = prefix_layer
+        self.length = length
         self.query_window = plan.query_window
 
     def _full(self, name: str) -> str:
@@ -107,23 +128,35 @@ class TraceSites(HookPoints):
 
     def __call__(self, name: str, x):
         full = self._full(name)
-        for index in self.plan.hooks_at(full):
-            hook = self.hooks[index]
-            layer, _ = split_name(full)
-            result = _call_hook(hook, x, HookContext(full, layer, self.data[index], hook.static))
-            if result is not None:
-                if result.shape != x.shape:
-                    raise ValueError(
-                        f"The hook on {full!r} returned shape {result.shape}; it must "
-                        f"return the activation's shape {x.shape} (or None)."
-                    )
-                x = result.astype(x.dtype)
+        indices = self.plan.hooks_at(full)
+        if indices:
+            real = None if self.length is None else position_index(name, self.length)
+            value = x if real is None else x[real]
+            for index in indices:
+                hook = self.hooks[index]
+                layer, _ = split_name(full)
+                result = _call_hook(hook, value, HookContext(full, layer, self.data[index], hook.static))
+                if result is not None:
+                    if result.shape != value.shape:
+                        raise ValueError(
+                            f"The hook on {full!r} returned shape {result.shape}; it must "
+                            f"return the activation's shape {value.shape} (or None)."
+                        )
+                    value = result.astype(x.dtype)
+            x = value if real is None else _write_back(x, value)
         if full in self.plan.keep:
-            heads = self.plan.attention_heads
-            if heads is not None and name in ATTENTION_MAPS:
-                self.captured[name] = x[:, list(heads)]
-            else:
-                self.captured[name] = x
+            self.captured[name] = self._as_captured(name, x)
+        return x
+
+    def _as_captured(self, name: str, x):
+        """The value kept for `name`: attention maps reduced to the plan's
+        heads and cast to its `capture_dtype`; everything else as computed."""
+        if name not in ATTENTION_MAPS:
+            return x
+        if self.plan.attention_heads is not None:
+            x = x[:, list(self.plan.attention_heads)]
+        if self.plan.capture_dtype is not None:
+            x = x.astype(self.plan.capture_dtype)
         return x
 
     def segments(self, num_layers: int) -> list[tuple[int, int]]:
@@ -132,4 +165,4 @@ class TraceSites(HookPoints):
     def block(self, start: int) -> "TraceSites":
         # Every layer of a range shares the signature of its first layer, and
         # hooked layers are ranges of one, so names resolve against `start`.
-        return TraceSites(self.plan, self.hooks, self.data, prefix_layer=start)
+        return TraceSites(self.plan, self.hooks, self.data, prefix_layer=start, length=self.length)

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from jax import numpy as jnp
 
 from phi3lab import compile_cache
-from phi3lab.checks import check_ids, check_indices, check_mask, check_positive_int, is_int
+from phi3lab.checks import (
+    check_choice,
+    check_ids,
+    check_indices,
+    check_mask,
+    check_positive_int,
+    is_int,
+)
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.forward import ForwardFn, as_hooks, forward_fn
 from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure
-from phi3lab.tracing.names import Selection, all_names, block_name
+from phi3lab.tracing.names import Selection, all_names, block_name, position_index
 from phi3lab.tracing.result import Trace
 from phi3lab.tracing.rope import describe_rotary, warn_mixed_rotary
 
@@ -23,14 +32,35 @@ def compiled_count(model) -> int:
     return compile_cache.size(model, "trace")
 
 
-def compiled_program(fn: ForwardFn, args):
+def compiled_program(fn: ForwardFn, args, num_positions: int | None = None, length: int | None = None):
     """The compiled program of `fn.run` for the shapes of `args` (compiled
     ahead of time, so its memory is known before it runs; cached per model,
-    plan, hook functions and statics, and shapes)."""
+    plan, hook functions and statics, shapes, `num_positions` and, for
+    hooked runs of padded inputs, the real `length` the hooks see)."""
     leaves, treedef = jax.tree.flatten(args)
     shapes = (treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
-    key = ("trace", fn.plan, tuple((h.fn, h.static) for h in fn.hooks), shapes)
-    return compile_cache.cached(fn.model, key, lambda: jax.jit(fn.run).lower(*args).compile())
+    key = ("trace", fn.plan, tuple((h.fn, h.static) for h in fn.hooks), shapes, num_positions, length)
+    run = functools.partial(fn.run, num_positions=num_positions, length=length)
+    return compile_cache.cached(fn.model, key, lambda: jax.jit(run).lower(*args).compile())
+
+
+def _padded_length(model, length: int) -> tuple[int, int | None]:
+    """`(padded, num_positions)`: the length bucket a run of `length`
+    positions uses and the `num_positions` that keeps the real length's
+    rotary factors (None when the padded length picks the same ones, so
+    every length of a bucket shares one program)."""
+    padded = compile_cache.bucket_length(length, model.max_sequence_length)
+    rotary = model.rotary
+    if rotary.factor_set(padded) == rotary.factor_set(length):
+        return padded, None
+    return padded, rotary.pretraining_sequence_length  # the short factors, as for `length`
+
+
+def _unpadded(site: str, array: np.ndarray, length: int) -> np.ndarray:
+    """A view of `array` (of hook `site`) with every position axis cut back
+    to the first `length` positions."""
+    index = position_index(site, length)
+    return array if all(i == slice(None) or array.shape[a] == length for a, i in enumerate(index)) else array[index]
 
 
 def _prepare_inputs(model, inputs, padding_mask, tokenizer):
@@ -83,6 +113,7 @@ def trace(
     queries=None,
     heads=None,
     memory_budget: int | None = None,
+    capture_dtype: str | None = None,
 ) -> Trace:
     """Run `model` once, compiled, and return the activations asked for.
 
@@ -107,11 +138,22 @@ def trace(
         memory_budget: bytes the run may use; default the device's free
             memory. The request is refused before running if it needs more
             (`phi3lab.tracing.memory.CaptureTooLarge`, a `ValueError`).
+        capture_dtype: None (float32 attention maps) or `"bfloat16"`: the
+            captured `hook_attn_scores` and `hook_pattern` are returned in
+            bfloat16, halving their memory (8 bits of mantissa: a relative
+            error up to 2**-9 per entry; rows of a pattern sum to 1 within
+            about 1e-2). The computation itself is unchanged.
 
     Returns:
         A `Trace`. The same model, names, hook functions and input shapes
         reuse one compiled program; hook data (patch sources, steering
-        vectors) are inputs, so new values do not recompile.
+        vectors) are inputs, so new values do not recompile. Inputs run
+        padded on the right (masked) to a length bucket
+        (`phi3lab.compile_cache.bucket_length`: 64, 128, 256, 384, 512, then
+        powers of two) and the results are cut back, so prompts of 33, 40
+        and 57 tokens share one program; the rotary factors stay those of
+        the real length. Hook functions see only the real positions (a
+        hooked run compiles per length).
 
     Example:
     ```python
@@ -124,37 +166,47 @@ def trace(
     """
     if memory_budget is not None and (not is_int(memory_budget) or memory_budget <= 0):
         raise bad_argument("memory_budget", memory_budget, "None or a positive int (bytes)")
+    if capture_dtype is not None:
+        check_choice("capture_dtype", capture_dtype, (None, "bfloat16"))
     token_ids, mask, tokens = _prepare_inputs(model, inputs, padding_mask, tokenizer)
-    fn = forward_fn(model, names, as_hooks(hooks), window=_window(queries, token_ids.shape[1]), heads=_heads(model, heads))
+    length = token_ids.shape[1]
+    hooks = as_hooks(hooks)
+    fn = forward_fn(model, names, hooks, window=_window(queries, length), heads=_heads(model, heads),
+                    capture_dtype=capture_dtype)
+    padded, num_positions = _padded_length(model, length)
+    extra = ((0, 0), (0, padded - length))
     params = model.params()
-    args = (params, jnp.asarray(token_ids), jnp.asarray(mask), fn.hook_data)
-    run = compiled_program(fn, args)
+    args = (params, jnp.asarray(np.pad(token_ids, extra)), jnp.asarray(np.pad(mask, extra)), fn.hook_data)
+    # Hooks see (and hook data hold) the real positions only.
+    run = compiled_program(fn, args, num_positions, length if fn.hooks and padded != length else None)
     check_fits(measure(run, params), memory_budget)
     hidden, top, segments = run(*args)
     plan = fn.plan
-    arrays = {name: np.asarray(value) for name, value in top.items()}
+    arrays = {name: _unpadded(name, np.asarray(value), length) for name, value in top.items()}
     for (start, _), captured in zip(plan.segments(), segments):
         for site, stacked in captured.items():
-            stacked = np.asarray(stacked)
+            stacked = np.asarray(stacked)  # no copy on CPU; views below
             for offset in range(stacked.shape[0]):
-                arrays[block_name(start + offset, site)] = stacked[offset]
+                arrays[block_name(start + offset, site)] = _unpadded(site, stacked[offset], length)
     ordered = {name: arrays[name] for name in all_names(model) if name in arrays}
     return Trace(
         ordered,
         token_ids=token_ids,
         padding_mask=mask,
         tokens=tokens,
-        output=np.asarray(hidden),
-        rope=describe_rotary(model.rotary, token_ids.shape[1]),
+        output=np.asarray(hidden)[:, :length],
+        rope=describe_rotary(model.rotary, length),
         model=model,
         query_window=plan.query_window,
         attention_heads=plan.attention_heads,
     )
 
 
-def estimate(model, seq_len: int, batch: int = 1, names: Selection = None, queries=None, heads=None) -> MemoryEstimate:
+def estimate(model, seq_len: int, batch: int = 1, names: Selection = None, queries=None, heads=None,
+             capture_dtype: str | None = None) -> MemoryEstimate:
     """Bytes of weights, working set and captured activations of a trace,
-    from XLA's analysis of the compiled program (nothing is allocated).
+    from XLA's analysis of the compiled program that `trace` runs (at the
+    length bucket of `seq_len`, with `capture_dtype`; nothing is allocated).
 
     Example:
     >>> est = phi3lab.estimate(model, seq_len=4096, names="blocks.0.attn.hook_pattern")
@@ -162,10 +214,14 @@ def estimate(model, seq_len: int, batch: int = 1, names: Selection = None, queri
     """
     check_positive_int("seq_len", seq_len)
     check_positive_int("batch", batch)
+    if capture_dtype is not None:
+        check_choice("capture_dtype", capture_dtype, (None, "bfloat16"))
     if seq_len > model.max_sequence_length:
         raise bad_argument("seq_len", seq_len, f"at most max_sequence_length={model.max_sequence_length}")
-    fn = forward_fn(model, names, window=_window(queries, seq_len), heads=_heads(model, heads))
+    fn = forward_fn(model, names, window=_window(queries, seq_len), heads=_heads(model, heads),
+                    capture_dtype=capture_dtype)
+    padded, num_positions = _padded_length(model, seq_len)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), model.params())
-    ids = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-    mask = jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_)
-    return measure(compiled_program(fn, (params, ids, mask, ())), params)
+    ids = jax.ShapeDtypeStruct((batch, padded), jnp.int32)
+    mask = jax.ShapeDtypeStruct((batch, padded), jnp.bool_)
+    return measure(compiled_program(fn, (params, ids, mask, ()), num_positions), params)

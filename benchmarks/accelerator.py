@@ -1,0 +1,144 @@
+"""phi3lab against keras-hub on whatever device JAX finds (GPU, TPU or CPU).
+
+    python benchmarks/accelerator.py [--lengths 128 512 2048] [--dtype bfloat16] [--repeats 10]
+
+Same configuration and weights for both models (keras-hub writes a preset,
+phi3lab loads it); every variant compiled and warmed up, then timed
+round-robin in one process so load drift hits all alike. Rows, each as a
+ratio to keras-hub's jitted forward at the same length:
+
+  phi3lab forward        jax.jit(model.apply): final hidden states (on GPUs
+                         attention runs `jax.nn.dot_product_attention`, cuDNN
+                         flash attention in 16-bit dtypes)
+  full trace             phi3lab.trace(model, ids): every hook point, to NumPy
+  full trace, bf16 maps  the same with capture_dtype="bfloat16"
+  patterns only          names="blocks.*.attn.hook_pattern"
+  generation             phi3lab.generate, ms per new token (only when
+                         phi3lab.generation has a KV cache; else skipped)
+
+Defaults: 12 layers, width 768, 12 heads, MLP 2048, vocabulary 32064, batch 1,
+bfloat16 on accelerators and float32 on CPU. Prints the device, the load
+average and the largest output difference between the two forwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--kv-heads", type=int, default=12)
+    parser.add_argument("--intermediate", type=int, default=2048)
+    parser.add_argument("--vocabulary", type=int, default=32064)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU/TPU, float32 on CPU")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    return parser.parse_args()
+
+
+def median_times(variants: dict, repeats: int, warmup: int = 2) -> dict:
+    times = {name: [] for name in variants}
+    for round_ in range(warmup + repeats):
+        names = list(variants) if round_ % 2 == 0 else list(variants)[::-1]
+        for name in names:
+            start = time.perf_counter()
+            variants[name]()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def generation_variant(model, args):
+    """A `generate` timing, or a reason it is skipped."""
+    import phi3lab
+
+    module = phi3lab.generation
+    if not any("kv" in name.lower() and "cache" in name.lower() for name in dir(module)):
+        return None, "skipped: phi3lab.generation has no KV cache on this branch"
+    tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    # A stop token would end early and time fewer tokens: random weights
+    # rarely produce one; the count is printed.
+    run = lambda: phi3lab.generate(model, tokenizer, prompt, max_new_tokens=args.new_tokens)
+    return run, None
+
+
+def main():
+    args = parse_args()
+    import jax
+    import keras
+    import keras_hub
+    import numpy as np
+
+    import phi3lab
+
+    device = jax.devices()[0]
+    dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
+    config = dict(
+        vocabulary_size=args.vocabulary, num_layers=args.layers, hidden_dim=args.hidden,
+        intermediate_dim=args.intermediate, num_query_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_sequence_length=max(4096, max(args.lengths)), dtype=dtype,
+    )
+    keras.utils.set_random_seed(0)
+    reference = keras_hub.models.Phi3Backbone(**config)
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_to_preset(directory)
+        model = phi3lab.Phi3Backbone.from_preset(directory)
+
+    params = model.params()
+    ours = jax.jit(lambda p, ids, mask: model.apply(p, ids, mask)[0])
+    trainable = [v.value for v in reference.trainable_variables]
+    non_trainable = [v.value for v in reference.non_trainable_variables]
+    theirs = jax.jit(lambda t, n, x: reference.stateless_call(t, n, x)[0])
+
+    print(f"device: {device.platform} {device.device_kind} ({len(jax.devices())} visible); jax {jax.__version__}; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"config: layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads} "
+          f"intermediate={args.intermediate} vocabulary={args.vocabulary} {dtype}, batch 1; "
+          f"median of {args.repeats} interleaved rounds after 2 warm-up")
+    generation, skipped = generation_variant(model, args)
+    rng = np.random.default_rng(0)
+    for length in args.lengths:
+        ids = rng.integers(0, args.vocabulary, (1, length)).astype("int32")
+        token_ids, mask = jax.numpy.asarray(ids), jax.numpy.ones((1, length), "int32")
+        variants = {
+            "keras-hub forward": lambda: theirs(trainable, non_trainable,
+                                                {"token_ids": token_ids, "padding_mask": mask}).block_until_ready(),
+            "phi3lab forward": lambda: ours(params, token_ids, mask).block_until_ready(),
+            "full trace": lambda: phi3lab.trace(model, ids),
+            "full trace, bf16 maps": lambda: phi3lab.trace(model, ids, capture_dtype="bfloat16"),
+            "patterns only": lambda: phi3lab.trace(model, ids, names="blocks.*.attn.hook_pattern"),
+        }
+        times = median_times(variants, args.repeats)
+        base = times["keras-hub forward"]
+        a = np.asarray(ours(params, token_ids, mask), np.float64)
+        b = np.asarray(theirs(trainable, non_trainable, {"token_ids": token_ids, "padding_mask": mask}), np.float64)
+        print(f"\nT={length}  (load average {os.getloadavg()[0]:.1f}; max |phi3lab - keras-hub| = "
+              f"{np.abs(a - b).max():.2e} on outputs up to {np.abs(b).max():.2f})")
+        print(f"{'variant':28s} {'ms':>9s} {'x keras-hub':>12s}")
+        for name, seconds in times.items():
+            print(f"{name:28s} {seconds * 1e3:9.2f} {seconds / base:12.2f}")
+    if generation is None:
+        print(f"\ngeneration: {skipped}")
+    else:
+        generation()  # compile
+        start = time.perf_counter()
+        text = generation()
+        seconds = time.perf_counter() - start
+        print(f"\ngeneration: {args.new_tokens} new tokens at most ({len(text)} characters) in {seconds:.2f} s "
+              f"= {1e3 * seconds / args.new_tokens:.1f} ms per token")
+
+
+if __name__ == "__main__":
+    main()
