@@ -64,13 +64,15 @@ def _prompt_rows(model, tokenizer, prompt, chat: bool) -> tuple[list[list[int]],
     if isinstance(prompt, (str, bytes)) or not (isinstance(prompt, (list, tuple, np.ndarray, jax.Array))
                                                 and len(prompt)):
         raise bad_argument("prompt", prompt, "a string, a list of strings, or token ids ([T], [B, T] or a list of id lists)")
-    array = np.asarray(prompt, dtype=object) if isinstance(prompt, (list, tuple)) else np.asarray(prompt)
-    single = array.ndim == 1 and all(is_int(v) for v in array.tolist())
-    rows = [list(prompt)] if single else [list(row) for row in prompt]
+    items = np.asarray(prompt).tolist() if isinstance(prompt, (np.ndarray, jax.Array)) else list(prompt)
+    single = all(is_int(v) for v in items)
+    rows = [items] if single else items
     for row in rows:
-        if not row:
-            raise bad_argument("prompt", prompt, "token id rows with at least one token each")
-        check_ids("prompt", [row], model)
+        if (not isinstance(row, (list, tuple, np.ndarray)) or not len(row)
+                or not all(is_int(v) for v in np.asarray(row, dtype=object).ravel().tolist())
+                or np.asarray(row, dtype=object).ndim != 1):
+            raise bad_argument("prompt", prompt, "token ids [T], or rows of token ids with at least one token each")
+        check_ids("prompt", [list(row)], model)
     return [[int(v) for v in row] for row in rows], single
 
 
@@ -221,10 +223,16 @@ def generate(
         raise bad_argument("tokenizer", tokenizer, "a Phi3Tokenizer, or None with token id prompts")
     if not isinstance(chat, (bool, np.bool_)):
         raise bad_argument("chat", chat, "True or False")
-    rows, single = _prompt_rows(model, tokenizer, prompt, bool(chat))
     check_positive_int("max_new_tokens", max_new_tokens)
     sampler = Sampler(temperature, top_k, top_p)
     rng = np.random.default_rng(check_seed(seed))
+    if stream is not None and not callable(stream):
+        raise bad_argument("stream", stream, "None or a callable")
+    if progress is not None and not isinstance(progress, (bool, np.bool_)):
+        raise bad_argument("progress", progress, "None, True or False")
+    if memory_budget is not None and (not is_int(memory_budget) or memory_budget <= 0):
+        raise bad_argument("memory_budget", memory_budget, "None or a positive int (bytes)")
+    rows, single = _prompt_rows(model, tokenizer, prompt, bool(chat))
     longest, limit = max(len(r) for r in rows), model.max_sequence_length
     if longest >= limit:
         raise bad_argument("prompt", f"a prompt of {longest} tokens",
@@ -236,12 +244,6 @@ def generate(
     vocabulary = tokenizer.vocabulary_size if tokenizer is not None else model.vocabulary_size
     vocabulary = min(vocabulary, model.vocabulary_size)
     stops = _stop_ids(stop, tokenizer, vocabulary)
-    if stream is not None and not callable(stream):
-        raise bad_argument("stream", stream, "None or a callable")
-    if progress is not None and not isinstance(progress, (bool, np.bool_)):
-        raise bad_argument("progress", progress, "None, True or False")
-    if memory_budget is not None and (not is_int(memory_budget) or memory_budget <= 0):
-        raise bad_argument("memory_budget", memory_budget, "None or a positive int (bytes)")
 
     fn = forward_fn(model, () if names is None else names, as_hooks(hooks))
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
