@@ -7,9 +7,10 @@ offline: plotly's widget bundles its JavaScript, static HTML inlines it.
 """
 
 from phi3lab.widgets.attention import AttentionExplorer
+from phi3lab.widgets.generation import GenerationView
 from phi3lab.widgets.logit_lens import LogitLensView
 from phi3lab.widgets.patching import PatchingView
 from phi3lab.widgets.residual import ResidualStreamView
 from phi3lab.widgets.rope import RopeView
 
-__all__ = ["AttentionExplorer", "LogitLensView", "PatchingView", "ResidualStreamView", "RopeView"]
+__all__ = ["AttentionExplorer", "GenerationView", "LogitLensView", "PatchingView", "ResidualStreamView", "RopeView"]
