@@ -114,23 +114,27 @@ class _Decoder:
             self.sequence[r, prompt - len(ids):prompt] = ids
             self.slot_mask[r, :prompt - len(ids)] = False
         self.positions = np.maximum(np.cumsum(self.slot_mask, axis=1) - 1, 0).astype(np.int32)
+        self.device_slot_mask = jnp.asarray(self.slot_mask)  # fixed for the whole generation
+        self.programs = {}  # step length -> compiled step
         self.captures = StepCaptures(fn.plan)
         self.cache = KVCache.empty(model, batch, cache_length)
         self.length = 0  # slots processed
 
     def _args(self, token_ids, positions, index: int, last: int):
-        return (self.params, jnp.asarray(token_ids), jnp.asarray(self.slot_mask), jnp.asarray(positions),
-                self.cache, jnp.int32(index), jnp.int32(last), self.hook_data)
+        return (self.params, jnp.asarray(token_ids), self.device_slot_mask, jnp.asarray(positions),
+                self.cache, np.int32(index), np.int32(last), self.hook_data)
 
     def program(self, rows: int):
         """The compiled step over `rows` new slots (1 for decode)."""
-        batch = self.sequence.shape[0]
-        shapes = self._args(np.zeros((batch, rows), np.int32), np.zeros((batch, rows), np.int32), 0, 0)
-        return step_program(self.fn, shapes)
+        if rows not in self.programs:
+            batch = self.sequence.shape[0]
+            shapes = self._args(np.zeros((batch, rows), np.int32), np.zeros((batch, rows), np.int32), 0, 0)
+            self.programs[rows] = step_program(self.fn, shapes)
+        return self.programs[rows]
 
     def _run(self, token_ids, positions, index: int, rows: int):
         args = self._args(token_ids, positions, index, rows - 1)
-        logits, self.cache, top, segments = step_program(self.fn, args)(*args)
+        logits, self.cache, top, segments = self.program(token_ids.shape[1])(*args)
         self.captures.add(rows, top, segments)
         return np.asarray(logits, np.float64)
 
