@@ -200,18 +200,28 @@ class Phi3Attention(keras.layers.Layer):
         z = jnp.moveaxis(z, 0, 1).reshape(q.shape[0], count * chunk, *q.shape[2:])
         return z[:, :length]
 
-    def apply(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None):
+    def apply(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None,
+              cache=None, cache_index=0):
         """One layer's attention.
 
         Args:
             params: this layer's kernels (no leading layer axis).
             x: normalized input `[B, T, D]`.
-            cos, sin: rotary tables `[T, rotary_dim]`.
-            padding_mask: boolean `[B, T]`, True for real tokens.
+            cos, sin: rotary tables `[T, rotary_dim]` or `[B, T, rotary_dim]`.
+            padding_mask: boolean `[B, T]`, True for real tokens; with a
+                `cache`, `[B, S]` over the cache slots.
             sites: hook points (`NO_HOOKS` for the plain forward).
             dropout_key: JAX key for attention dropout, or None.
+            cache: None, or this layer's `(keys, values)`, each
+                `[B, S, Hkv, head_dim]`: the rotated keys and the values of
+                the inputs are written at slots `cache_index ...
+                cache_index + T - 1`, and the queries (at those slots)
+                attend over all `S` slots under the causal, padding and
+                sliding-window mask.
+            cache_index: int (may be traced), the slot of `x`'s first row.
 
-        Returns the attention output `[B, T, D]` (after the output kernel).
+        Returns the attention output `[B, T, D]` (after the output kernel),
+        and with a `cache` also the updated `(keys, values)`.
 
         When no full attention map is reported (the plain forward, or a
         `sites.query_window`), `z` comes from `fused_attention` (flash
@@ -229,6 +239,16 @@ class Phi3Attention(keras.layers.Layer):
         v = sites("attn.hook_v", jnp.einsum("bsd,dkh->bskh", x, w["value_kernel"]))
         q = sites("attn.hook_rot_q", apply_rotary(q, cos, sin))
         k = sites("attn.hook_rot_k", apply_rotary(k, cos, sin))
+
+        if cache is not None:
+            cache = tuple(
+                jax.lax.dynamic_update_slice(slots, new.astype(slots.dtype), (0, cache_index, 0, 0))
+                for slots, new in zip(cache, (k, v))
+            )
+            z = self.attend(q, *(slots.astype(dtype) for slots in cache), padding_mask, cache_index,
+                            dropout_key, sites)[2]
+            z = sites("attn.hook_z", z)
+            return jnp.einsum("btnh,nhd->btd", z, w["output_kernel"]), cache
 
         length = q.shape[1]
         reported = sites.wants("attn.hook_attn_scores") or sites.wants("attn.hook_pattern")

@@ -161,14 +161,16 @@ class Phi3Backbone(keras.Model):
         }
 
     def apply(
-        self, params, token_ids, padding_mask=None, sites=NO_HOOKS, dropout_key=None, *, num_positions=None
+        self, params, token_ids, padding_mask=None, sites=NO_HOOKS, dropout_key=None,
+        *, num_positions=None, positions=None, cache=None, cache_index=0,
     ):
         """The forward pass as a pure function of `params`.
 
         Args:
             params: weights, as `params()` returns them.
             token_ids: int array `[B, T]`.
-            padding_mask: array `[B, T]` (1/True for real tokens) or None.
+            padding_mask: array `[B, T]` (1/True for real tokens) or None;
+                with a `cache`, `[B, S]` over the cache slots (required).
             sites: hook points; `NO_HOOKS` for the plain forward.
             dropout_key: JAX key to enable dropout (training), or None.
             num_positions: static int or None: one more than the largest
@@ -176,26 +178,51 @@ class Phi3Backbone(keras.Model):
                 (default `T`). Inputs padded on the right to a length
                 bucket pass their real length, so padding never switches
                 "su" scaling from the short to the long factors.
+            positions: None (positions `0 .. T-1`), or int `[B, T]` rotary
+                positions per row (left-padded batches count from each row's
+                first real token; the long/short factors follow the largest).
+            cache: None, or a `KVCache` (`[L, B, S, Hkv, head_dim]`): the
+                tokens are the slots `cache_index .. cache_index + T - 1`,
+                their keys and values are written there and every query
+                attends over the cache's slots (prefill and decode steps).
+            cache_index: int (may be traced), the cache slot of the first token.
 
         Returns:
             `(hidden, captures)`: final normalized hidden states `[B, T, D]`
-            and the decoder's per-range captures (empty without hooks).
+            and the decoder's per-range captures (empty without hooks); with
+            a `cache`, `(hidden, captures, cache)` with the updated cache.
+
+        Example:
+        ```python
+        cache = KVCache.empty(model, batch=1, length=64)
+        mask = jnp.ones((1, 64), bool)
+        hidden, _, cache = model.apply(params, ids[:, :5], mask, cache=cache,
+                                       positions=jnp.arange(5)[None])      # prefill
+        hidden, _, cache = model.apply(params, ids[:, 5:6], mask, cache=cache, cache_index=5,
+                                       positions=jnp.array([[5]]))          # one decode step
+        ```
         """
         length = token_ids.shape[1]
+        if cache is not None and padding_mask is None:
+            raise ValueError("With a `cache`, `padding_mask` must be given: [B, S] over the cache slots.")
         padding_mask = (
             jnp.ones(token_ids.shape, bool) if padding_mask is None else padding_mask.astype(bool)
         )
         x = sites("hook_embed", self.token_embedding.apply(params["token_embedding"], token_ids))
-        cos, sin = self.rotary.tables(length, factor_positions=num_positions)
-        x, captures = self.decoder.apply(
-            params["decoder"], x, cos, sin, padding_mask, sites, dropout_key
+        if positions is None:
+            cos, sin = self.rotary.tables(length, factor_positions=num_positions)
+        else:
+            cos, sin = self.rotary.tables_at(positions)
+        decoded = self.decoder.apply(
+            params["decoder"], x, cos, sin, padding_mask, sites, dropout_key, cache, cache_index
         )
+        x, captures = decoded[:2]
         x = sites(
             "ln_final.hook_normalized", self.final_norm.apply(params["final_norm"], x)
         )
         if sites.wants("hook_logits"):
             sites("hook_logits", self.unembed(params, x))
-        return x, captures
+        return (x, captures) if cache is None else (x, captures, decoded[2])
 
     # === Readout ===
     def unembed(self, params, normalized):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import keras
+from jax import numpy as jnp
 
 from phi3lab.model.attention import Phi3Attention
 from phi3lab.model.dropout import dropout
@@ -89,8 +90,11 @@ class Phi3DecoderStack(keras.layers.Layer):
             "mlp": self.mlp.params(),
         }
 
-    def block(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None):
-        """One decoder block from its parameter slice; `x` is `[B, T, D]`."""
+    def block(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None,
+              cache=None, cache_index=0):
+        """One decoder block from its parameter slice; `x` is `[B, T, D]`.
+        With a `cache` (this layer's `(keys, values)`, see
+        `Phi3Attention.apply`) returns `(x, cache)`."""
         keys = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
         x = sites("hook_resid_pre", x)
         normalized = sites(
@@ -98,8 +102,10 @@ class Phi3DecoderStack(keras.layers.Layer):
             self.attention_norm.apply(params["attention_norm"], x),
         )
         attention_out = self.attention.apply(
-            params["attention"], normalized, cos, sin, padding_mask, sites, keys[0]
+            params["attention"], normalized, cos, sin, padding_mask, sites, keys[0], cache, cache_index
         )
+        if cache is not None:
+            attention_out, cache = attention_out
         attention_out = sites(
             "hook_attn_out", dropout(attention_out, self.dropout, keys[1])
         )
@@ -109,57 +115,62 @@ class Phi3DecoderStack(keras.layers.Layer):
         )
         mlp_out = self.mlp.apply(params["mlp"], normalized, sites)
         mlp_out = sites("hook_mlp_out", dropout(mlp_out, self.dropout, keys[2]))
-        return sites("hook_resid_post", x + mlp_out)
+        x = sites("hook_resid_post", x + mlp_out)
+        return x if cache is None else (x, cache)
 
-    def apply(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None):
+    def apply(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None,
+              cache=None, cache_index=0):
         """Run every block.
 
         Args:
             params: stacked parameters, as `params()` returns them.
             x: embedded tokens `[B, T, D]`.
-            cos, sin: rotary tables `[T, head_dim]`.
-            padding_mask: boolean `[B, T]`, True for real tokens.
+            cos, sin: rotary tables `[T, head_dim]` or `[B, T, head_dim]`.
+            padding_mask: boolean `[B, T]`, True for real tokens (with a
+                `cache`, `[B, S]` over its slots).
             sites: hook points.
             dropout_key: JAX key, or None for no dropout.
+            cache: None, or a `KVCache` of every layer (`[L, B, S, Hkv,
+                head_dim]` keys and values), carried through the scan.
+            cache_index: the cache slot of `x`'s first position.
 
         Returns:
             `(x, captures)`: the last residual stream `[B, T, D]` and a list
             of `(start, stop, captured)` per layer range, `captured` mapping
-            block-local hook names to arrays stacked over the range's layers.
+            block-local hook names to arrays stacked over the range's layers;
+            with a `cache`, `(x, captures, cache)` with the updated cache.
         """
         layer_keys = (
             None
             if dropout_key is None
             else jax.random.split(dropout_key, self.num_layers)
         )
-        captures = []
+        captures, cache_parts = [], []
         for start, stop in sites.segments(self.num_layers):
-            take = lambda tree: jax.tree.map(lambda a: a[start:stop], tree)
-            if stop - start == 1:
+            take = lambda tree, start=start, stop=stop: jax.tree.map(lambda a: a[start:stop], tree)
+
+            def body(carry, inputs, start=start):
+                layer_params, key, layer_cache = inputs
                 block_sites = sites.block(start)
-                x = self.block(
-                    jax.tree.map(lambda a: a[start], params),
-                    x, cos, sin, padding_mask, block_sites,
-                    None if layer_keys is None else layer_keys[start],
+                out = self.block(
+                    layer_params, carry, cos, sin, padding_mask, block_sites, key, layer_cache, cache_index
                 )
-                captured = jax.tree.map(lambda a: a[None], block_sites.captured)
+                carry, layer_cache = out if layer_cache is not None else (out, None)
+                return carry, (block_sites.captured, layer_cache)
+
+            inputs = (take(params), None if layer_keys is None else layer_keys[start:stop],
+                      None if cache is None else take(tuple(cache)))
+            if stop - start == 1:
+                x, outputs = body(x, jax.tree.map(lambda a: a[0], inputs))
+                captured, layer_cache = jax.tree.map(lambda a: a[None], outputs)
             else:
-
-                def body(carry, inputs, start=start):
-                    layer_params, key = inputs
-                    block_sites = sites.block(start)
-                    carry = self.block(
-                        layer_params, carry, cos, sin, padding_mask, block_sites, key
-                    )
-                    return carry, block_sites.captured
-
-                x, captured = jax.lax.scan(
-                    body,
-                    x,
-                    (take(params), None if layer_keys is None else layer_keys[start:stop]),
-                )
+                x, (captured, layer_cache) = jax.lax.scan(body, x, inputs)
             captures.append((start, stop, captured))
-        return x, captures
+            cache_parts.append(layer_cache)
+        if cache is None:
+            return x, captures
+        stacked = [jnp.concatenate(parts) for parts in zip(*cache_parts)]
+        return x, captures, type(cache)(*stacked)
 
     def get_config(self):
         config = super().get_config()

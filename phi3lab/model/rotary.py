@@ -24,6 +24,16 @@ Hugging Face transformers does. keras-hub decides by the length of the chunk
 being processed, which differs during cached decoding: a one-token step at
 position 5000 of a 4k-pretrained model uses the long factors here (as in the
 reference implementation), the short ones in keras-hub.
+
+Cached generation follows transformers' `generate`, which gives at every step
+what the uncached forward of the sequence so far gives: while the sequence
+fits the pretraining window, every key is rotated with the short factors;
+at the step where it first outgrows the window, transformers' Phi-3 drops its
+key/value cache and recomputes the whole sequence with the long factors
+(`Phi3ForCausalLM.prepare_inputs_for_generation`), and later steps add long
+keys to that cache. `phi3lab.generate` rebuilds its cache at the same step
+(see `phi3lab.generation`). keras-hub's chunk-length rule instead keeps
+short factors for every one-token decode step.
 """
 
 from __future__ import annotations
@@ -142,9 +152,29 @@ class RotarySpec:
         scale = jnp.float32(self.attention_factor)
         return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
+    def tables_at(self, positions):
+        """cos and sin tables `[B, n, rotary_dim]` for int `positions [B, n]`
+        (each row its own positions, e.g. left-padded prompts), float32.
+
+        The factors follow the largest position in the array (which may be a
+        traced value), as `tables(max(positions) + 1)` would choose them.
+        """
+        positions = jnp.asarray(positions)
+        num_positions = jnp.max(positions) + 1
+        inverse = jnp.where(
+            num_positions > self.pretraining_sequence_length,
+            jnp.asarray(self.inverse_frequencies(self.pretraining_sequence_length + 1)),
+            jnp.asarray(self.inverse_frequencies(1)),
+        )
+        angles = positions.astype(jnp.float32)[..., None] * inverse
+        angles = jnp.concatenate([angles, angles], axis=-1)
+        scale = jnp.float32(self.attention_factor)
+        return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
 
 def apply_rotary(x, cos, sin):
-    """Rotate `x` `[batch, seq, heads, head_dim]` by tables `[seq, rotary_dim]`.
+    """Rotate `x` `[batch, seq, heads, head_dim]` by tables `[seq, rotary_dim]`
+    (shared by the batch) or `[batch, seq, rotary_dim]` (per row).
 
     The first `rotary_dim` dimensions (the tables' width) become
     `x * cos + rotate_half(x) * sin` in `x`'s dtype, where
@@ -152,8 +182,10 @@ def apply_rotary(x, cos, sin):
     dimensions are returned unchanged (partial rotary).
     """
     rotary_dim = cos.shape[-1]
-    cos = cos[None, :, None, :].astype(x.dtype)
-    sin = sin[None, :, None, :].astype(x.dtype)
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
     part, passed = x[..., :rotary_dim], x[..., rotary_dim:]
     first, second = jnp.split(part, 2, axis=-1)
     rotated = jnp.concatenate([-second, first], axis=-1)

@@ -66,22 +66,28 @@ class ForwardFn:
     hooks: tuple[Hook, ...]
     hook_data: tuple
 
-    def run(self, params, token_ids, padding_mask=None, hook_data=None, num_positions=None, length=None):
+    def run(self, params, token_ids, padding_mask=None, hook_data=None, num_positions=None, length=None, **cached):
         """The raw result `(hidden, model_captures, segments)`: model-level
         captures by name and, per layer range of `plan.segments()`, block
         captures stacked over the range's layers (what `trace` unpacks on the
         host without copies). `num_positions` (static) picks the rotary
         factors of inputs padded past their real length (see
         `Phi3Backbone.apply`); `length` (static), their real length: hooks
-        then see only the first `length` positions."""
+        then see only the first `length` positions.
+
+        `cached` passes `positions`, `cache` and `cache_index` to
+        `Phi3Backbone.apply` (cached decoding, `phi3lab.generate`); with a
+        `cache`, the updated cache comes fourth."""
         data = self.hook_data if hook_data is None else tuple(hook_data)
         if len(data) != len(self.hooks):
             raise ValueError(
                 f"`hook_data` must hold one entry per hook ({len(self.hooks)}); received {len(data)} entries."
             )
         sites = TraceSites(self.plan, self.hooks, data, length=length)
-        hidden, segments = self.model.apply(params, token_ids, padding_mask, sites, num_positions=num_positions)
-        return hidden, sites.captured, [captured for _, _, captured in segments]
+        hidden, segments, *cache = self.model.apply(
+            params, token_ids, padding_mask, sites, num_positions=num_positions, **cached
+        )
+        return (hidden, sites.captured, [captured for _, _, captured in segments], *cache)
 
     def __call__(self, params, token_ids, padding_mask=None, hook_data=None) -> ForwardOutput:
         hidden, top, segments = self.run(params, token_ids, padding_mask, hook_data)

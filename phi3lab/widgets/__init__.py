@@ -8,6 +8,7 @@ offline: plotly's widget bundles its JavaScript, static HTML inlines it.
 
 from phi3lab.widgets.attention import AttentionExplorer
 from phi3lab.widgets.common import payload_bytes
+from phi3lab.widgets.generation import GenerationView
 from phi3lab.widgets.head_grid import HeadGrid
 from phi3lab.widgets.logit_lens import LogitLensView
 from phi3lab.widgets.patching import PatchingView
@@ -15,5 +16,5 @@ from phi3lab.widgets.residual import ResidualStreamView
 from phi3lab.widgets.rope import RopeView
 from phi3lab.widgets.tokens import TokenView
 
-__all__ = ["AttentionExplorer", "HeadGrid", "LogitLensView", "PatchingView", "ResidualStreamView", "RopeView",
-           "TokenView", "payload_bytes"]
+__all__ = ["AttentionExplorer", "GenerationView", "HeadGrid", "LogitLensView", "PatchingView", "ResidualStreamView",
+           "RopeView", "TokenView", "payload_bytes"]

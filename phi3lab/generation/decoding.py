@@ -1,0 +1,337 @@
+"""`phi3lab.generate`: cached, compiled, hookable, traceable generation.
+
+A prefill runs the prompt through the model and fills a fixed-size key/value
+cache; each decode step then runs one new token against it. Both are the
+model's one forward (`Phi3Backbone.apply` with a `KVCache`, through
+`phi3lab.tracing.forward_fn`), so hooks and captures work as in `trace`.
+
+Batches are left-padded: slot `s` of the cache holds column `s` of the batch,
+each row's rotary positions count from its first real token (transformers'
+`cumsum(attention_mask) - 1`), so each row gives what it gives alone.
+
+Rotary scaling across the pretraining window (see `phi3lab.model.rotary`):
+every step gives what the uncached forward of the sequence so far gives.
+When the sequence first outgrows `pretraining_sequence_length`, the cache is
+rebuilt by a prefill over the whole sequence with the long factors, as
+transformers' Phi-3 `generate` does at that step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax import numpy as jnp
+
+from phi3lab.checks import check_ids, check_positive_int, is_int
+from phi3lab.errors import bad_argument
+from phi3lab.generation.captures import StepCaptures, captured_bytes, row_trace
+from phi3lab.generation.programs import bucket, step_program
+from phi3lab.generation.result import Generation
+from phi3lab.generation.sampling import Sampler, check_seed, log_softmax
+from phi3lab.model.kv_cache import KVCache
+from phi3lab.tracing.forward import as_hooks, forward_fn
+from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure
+from phi3lab.tracing.names import Selection, all_names
+
+# Show a progress bar (with `progress=None`) from this many new tokens on.
+PROGRESS_FROM = 256
+
+
+def _prompt_rows(model, tokenizer, prompt, chat: bool) -> tuple[list[list[int]], bool]:
+    """Token id rows of `prompt` and whether it was a single prompt."""
+    if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
+                                   and all(isinstance(p, str) for p in prompt)):
+        if tokenizer is None:
+            raise bad_argument("tokenizer", tokenizer, "a Phi3Tokenizer when the prompt is text")
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if chat:
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+        rows = [tokenizer.encode(t) for t in texts]
+        for text, ids in zip(texts, rows):
+            if not ids:
+                raise bad_argument("prompt", text, "text that encodes to at least one token")
+            if max(ids) >= model.vocabulary_size:
+                raise bad_argument(
+                    "prompt", text,
+                    f"text whose token ids fit the model's vocabulary_size={model.vocabulary_size} (the "
+                    f"tokenizer gave id {max(ids)}: does `tokenizer` belong to `model`?)",
+                )
+        return rows, isinstance(prompt, str)
+    if chat:
+        raise bad_argument("chat", chat, "False when the prompt is token ids (chat formats text)")
+    if isinstance(prompt, (str, bytes)) or not (isinstance(prompt, (list, tuple, np.ndarray, jax.Array))
+                                                and len(prompt)):
+        raise bad_argument("prompt", prompt, "a string, a list of strings, or token ids ([T], [B, T] or a list of id lists)")
+    items = np.asarray(prompt).tolist() if isinstance(prompt, (np.ndarray, jax.Array)) else list(prompt)
+    single = all(is_int(v) for v in items)
+    rows = [items] if single else items
+    for row in rows:
+        if (not isinstance(row, (list, tuple, np.ndarray)) or not len(row)
+                or not all(is_int(v) for v in np.asarray(row, dtype=object).ravel().tolist())
+                or np.asarray(row, dtype=object).ndim != 1):
+            raise bad_argument("prompt", prompt, "token ids [T], or rows of token ids with at least one token each")
+        check_ids("prompt", [list(row)], model)
+    return [[int(v) for v in row] for row in rows], single
+
+
+def _stop_ids(stop, tokenizer, vocabulary: int) -> frozenset[int]:
+    if stop is None:
+        return frozenset(tokenizer.stop_token_ids) if tokenizer is not None else frozenset()
+    items = [stop] if isinstance(stop, str) or is_int(stop) else stop
+    if not isinstance(items, (list, tuple, set, frozenset)):
+        raise bad_argument("stop", stop, "None, a token id or token string, or a list of those")
+    ids = set()
+    for item in items:
+        if is_int(item) and 0 <= item < vocabulary:
+            ids.add(int(item))
+        elif isinstance(item, str) and tokenizer is not None:
+            try:
+                ids.add(tokenizer.token_to_id(item))
+            except (ValueError, KeyError):
+                raise bad_argument("stop", item, "token strings of the tokenizer's vocabulary (e.g. '<|end|>')") from None
+        else:
+            raise bad_argument(
+                "stop", item,
+                f"token ids in [0, {vocabulary}) or token strings of the tokenizer (a tokenizer is needed for strings)",
+            )
+    return frozenset(ids)
+
+
+class _Decoder:
+    """Runs the prefill and decode programs over one left-padded batch."""
+
+    def __init__(self, model, fn, rows: list[list[int]], cache_length: int, pad_id: int):
+        self.model, self.fn = model, fn
+        self.params = model.params()
+        self.hook_data = jax.tree.map(jnp.asarray, fn.hook_data)
+        batch, prompt = len(rows), max(len(r) for r in rows)
+        self.prompt_length = prompt
+        self.sequence = np.full((batch, cache_length), pad_id, np.int32)
+        self.slot_mask = np.ones((batch, cache_length), bool)
+        for r, ids in enumerate(rows):
+            self.sequence[r, prompt - len(ids):prompt] = ids
+            self.slot_mask[r, :prompt - len(ids)] = False
+        self.positions = np.maximum(np.cumsum(self.slot_mask, axis=1) - 1, 0).astype(np.int32)
+        self.device_slot_mask = jnp.asarray(self.slot_mask)  # fixed for the whole generation
+        self.programs = {}  # step length -> compiled step
+        self.captures = StepCaptures(fn.plan)
+        self.cache = KVCache.empty(model, batch, cache_length)
+        self.length = 0  # slots processed
+
+    def _args(self, token_ids, positions, index: int, last: int):
+        return (self.params, jnp.asarray(token_ids), self.device_slot_mask, jnp.asarray(positions),
+                self.cache, np.int32(index), np.int32(last), self.hook_data)
+
+    def program(self, rows: int):
+        """The compiled step over `rows` new slots (1 for decode)."""
+        if rows not in self.programs:
+            batch = self.sequence.shape[0]
+            shapes = self._args(np.zeros((batch, rows), np.int32), np.zeros((batch, rows), np.int32), 0, 0)
+            self.programs[rows] = step_program(self.fn, shapes)
+        return self.programs[rows]
+
+    def _run(self, token_ids, positions, index: int, rows: int):
+        args = self._args(token_ids, positions, index, rows - 1)
+        logits, self.cache, top, segments = self.program(token_ids.shape[1])(*args)
+        self.captures.add(rows, top, segments)
+        return np.asarray(logits, np.float64)
+
+    def prefill(self, length: int):
+        """Process slots `0 .. length - 1` from scratch (a new cache)."""
+        padded = bucket(length, self.sequence.shape[1])
+        token_ids = self.sequence[:, :padded]
+        positions = np.where(np.arange(padded) < length, self.positions[:, :padded], 0)
+        self.cache = KVCache.empty(self.model, *self.sequence.shape)
+        self.captures.reset()
+        self.length = length
+        return self._run(token_ids, positions, 0, length)
+
+    def advance(self):
+        """Process the next slot: a decode step, or a rebuilding prefill at
+        the step where the sequence outgrows the short rotary factors."""
+        t = self.length
+        rotary = self.model.rotary
+        if rotary.factor_set(t + 1) != rotary.factor_set(t):
+            return self.prefill(t + 1)
+        self.length = t + 1
+        return self._run(self.sequence[:, t:t + 1], self.positions[:, t:t + 1], t, 1)
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    seed: int = 0,
+    chat: bool = False,
+    *,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop=None,
+    hooks=None,
+    names: Selection = None,
+    stream: Callable | None = None,
+    progress: bool | None = None,
+    memory_budget: int | None = None,
+) -> Generation | list[Generation]:
+    """Continue `prompt` with a key/value cache, compiled once per shape.
+
+    Args:
+        model: a `Phi3Backbone`.
+        tokenizer: its `Phi3Tokenizer`, or None when `prompt` is token ids.
+        prompt: a string, a list of strings (a batch, left-padded), token ids
+            `[T]`, or a list / array of id rows.
+        max_new_tokens: int >= 1. At most this many new tokens per prompt;
+            prompt plus new tokens must fit `model.max_sequence_length`.
+        temperature: float >= 0. 0 is greedy decoding.
+        seed: int. Sampling seed (the same seed gives the same tokens).
+        chat: bool. Wrap each text prompt as a user turn of the chat template.
+        top_k: None or int >= 1, sample among the `top_k` likeliest tokens.
+        top_p: None or float in (0, 1], nucleus sampling.
+        stop: None (the tokenizer's stop tokens: `<|end|>`, `<|endoftext|>`,
+            ...), or token ids / token strings ending a row (`[]` for none).
+        hooks: interventions (`phi3lab.hooks`, or `{name: fn(x, ctx)}`) run
+            at every step: on the prompt in the prefill and on each new
+            token. Hooks see the step's positions (`[B, n, ...]`, attention
+            maps `[B, H, n, S]` over the cache's `S` slots), so
+            position-independent hooks act as on a trace of the final
+            sequence. Their data are compiled inputs: new values reuse the
+            programs.
+        names: None (no trace), or what to capture, as in `phi3lab.trace`
+            (`"*"` for everything): then `g.trace` holds it for the prompt
+            and every new token.
+        stream: None, or a callback run after each step with the new text
+            (a `str`; a token id without a tokenizer), or a list of those for
+            a batch (empty / None for rows already finished).
+        progress: bool or None. A progress bar (tqdm); None shows it from
+            256 new tokens on.
+        memory_budget: bytes the captures may use (default the free memory):
+            a request beyond it fails before running (`CaptureTooLarge`).
+
+    Returns:
+        A `Generation` for a single prompt (string or `[T]` ids), else a list
+        of them, one per row, each as if that prompt had run alone.
+
+    Example:
+    ```python
+    g = phi3lab.generate(model, tok, "When Mary and John went to the store, John gave a drink to",
+                         max_new_tokens=4, names="blocks.*.attn.hook_pattern")
+    str(g), g.new_token_ids, g.logprobs, g.trace.attention(0).shape
+    steered = phi3lab.generate(model, tok, "I think", hooks=phi3lab.hooks.add("blocks.1.hook_resid_post", v))
+    ```
+    """
+    if tokenizer is not None and not all(hasattr(tokenizer, a) for a in ("encode", "decode", "stop_token_ids")):
+        raise bad_argument("tokenizer", tokenizer, "a Phi3Tokenizer, or None with token id prompts")
+    if not isinstance(chat, (bool, np.bool_)):
+        raise bad_argument("chat", chat, "True or False")
+    check_positive_int("max_new_tokens", max_new_tokens)
+    sampler = Sampler(temperature, top_k, top_p)
+    rng = np.random.default_rng(check_seed(seed))
+    if stream is not None and not callable(stream):
+        raise bad_argument("stream", stream, "None or a callable")
+    if progress is not None and not isinstance(progress, (bool, np.bool_)):
+        raise bad_argument("progress", progress, "None, True or False")
+    if memory_budget is not None and (not is_int(memory_budget) or memory_budget <= 0):
+        raise bad_argument("memory_budget", memory_budget, "None or a positive int (bytes)")
+    rows, single = _prompt_rows(model, tokenizer, prompt, bool(chat))
+    longest, limit = max(len(r) for r in rows), model.max_sequence_length
+    if longest >= limit:
+        raise bad_argument("prompt", f"a prompt of {longest} tokens",
+                           f"prompts shorter than the model's max_sequence_length={limit}")
+    if longest + max_new_tokens > limit:
+        raise bad_argument("max_new_tokens", max_new_tokens,
+                           f"at most {limit - longest} for this prompt ({longest} tokens; "
+                           f"max_sequence_length={limit})")
+    vocabulary = tokenizer.vocabulary_size if tokenizer is not None else model.vocabulary_size
+    vocabulary = min(vocabulary, model.vocabulary_size)
+    stops = _stop_ids(stop, tokenizer, vocabulary)
+
+    fn = forward_fn(model, () if names is None else names, as_hooks(hooks))
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    decoder = _Decoder(model, fn, rows, bucket(longest + max_new_tokens, limit), pad_id)
+    if names is not None:
+        length = longest + max_new_tokens
+        estimate = measure(decoder.program(1), decoder.params)
+        check_fits(MemoryEstimate(estimate.weights, estimate.working,
+                                  captured_bytes(model, fn.plan.keep, len(rows), length)), memory_budget)
+
+    batch, prompt_length = len(rows), decoder.prompt_length
+    new = [[] for _ in rows]
+    logprobs = [[] for _ in rows]
+    finished = [None] * batch
+    texts = [""] * batch
+    from tqdm.auto import tqdm
+
+    show = max_new_tokens >= PROGRESS_FROM if progress is None else bool(progress)
+    bar = tqdm(total=max_new_tokens, desc="generate", unit="token", disable=not show)
+    logits = decoder.prefill(prompt_length)
+    for step in range(max_new_tokens):
+        scores = log_softmax(logits[:, :vocabulary])
+        pieces = [None if tokenizer is None else ""] * batch
+        for r in range(batch):
+            if finished[r]:
+                continue
+            token = sampler.choose(logits[r, :vocabulary], rng)
+            new[r].append(token)
+            logprobs[r].append(float(scores[r, token]))
+            decoder.sequence[r, prompt_length + step] = token
+            if token in stops:
+                finished[r] = "stop"
+            if tokenizer is not None:
+                text = tokenizer.decode(new[r][:-1] if finished[r] else new[r])
+                pieces[r], texts[r] = text[len(texts[r]):], text
+            else:
+                pieces[r] = token
+        bar.update(1)
+        if stream is not None:
+            stream(pieces[0] if single else pieces)
+        if all(finished) or step == max_new_tokens - 1:
+            break
+        logits = decoder.advance()
+    bar.close()
+    if names is not None:
+        decoder.advance()  # the last new tokens' own activations
+
+    arrays = decoder.captures.arrays(decoder.length, all_names(model)) if names is not None else {}
+    results = []
+    for r, ids in enumerate(rows):
+        start, stop_at = prompt_length - len(ids), prompt_length + len(new[r])
+        token_ids = decoder.sequence[r, start:stop_at].copy()
+        trace = None
+        if names is not None:
+            tokens = None if tokenizer is None else tokenizer.display_tokens(token_ids.tolist())
+            trace = row_trace(arrays, r, start, stop_at, token_ids=token_ids, tokens=tokens, model=model,
+                              prompt_length=len(ids))
+        results.append(Generation(
+            token_ids=token_ids,
+            prompt_length=len(ids),
+            finish_reason=finished[r] or "length",
+            logprobs=np.asarray(logprobs[r], np.float64),
+            text=texts[r] if tokenizer is not None else None,
+            trace=trace,
+        ))
+    return results[0] if single else results
+
+
+def estimate(model, prompt_length: int, max_new_tokens: int, batch: int = 1, names: Selection = None) -> MemoryEstimate:
+    """Bytes a generation needs: weights, the decode step's working set (its
+    key/value cache included) and the captures of `names` over the whole
+    sequence. Nothing runs.
+
+    Example:
+    >>> phi3lab.generation.estimate(model, 128, 128, names="blocks.*.attn.hook_pattern").captured
+    """
+    for name, value in (("prompt_length", prompt_length), ("max_new_tokens", max_new_tokens), ("batch", batch)):
+        check_positive_int(name, value)
+    if prompt_length + max_new_tokens > model.max_sequence_length:
+        raise bad_argument("max_new_tokens", max_new_tokens,
+                           f"at most max_sequence_length - prompt_length = {model.max_sequence_length - prompt_length}")
+    fn = forward_fn(model, () if names is None else names)
+    length = bucket(prompt_length + max_new_tokens, model.max_sequence_length)
+    decoder = _Decoder(model, fn, [[0]] * batch, length, 0)
+    measured = measure(decoder.program(1), decoder.params)
+    captured = captured_bytes(model, fn.plan.keep, batch, prompt_length + max_new_tokens)
+    return MemoryEstimate(measured.weights, measured.working, captured)
