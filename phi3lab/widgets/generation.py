@@ -5,13 +5,13 @@ from __future__ import annotations
 import ipywidgets as widgets
 import numpy as np
 
+from phi3lab.checks import check_in_range
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.names import block_name
 from phi3lab.widgets.common import (
     HIGHLIGHT,
     Scale,
     View,
-    check_int,
     escape,
     new_figure,
     position_labels,
@@ -56,7 +56,7 @@ class GenerationView(View):
         if prompt is None:
             raise bad_argument("prompt_length", prompt_length,
                                "an int (this trace has no prompt_length: it is not from phi3lab.generate)")
-        self.prompt_length = check_int("prompt_length", prompt, 1, self.length)
+        self.prompt_length = check_in_range("prompt_length", prompt, 1, self.length)
         self.layers = [l for l in range(trace.num_layers) if block_name(l, "attn.hook_pattern") in trace]
         if not self.layers:
             raise KeyError("GenerationView needs 'blocks.*.attn.hook_pattern': generate with "
@@ -65,12 +65,12 @@ class GenerationView(View):
             raise ValueError("GenerationView needs whole attention maps (no `queries=`/`heads=` in the trace).")
         self.labels = position_labels(trace, 0, tokens)
         generated = list(range(self.prompt_length, self.length))
-        position = generated[0] if position is None else check_int("position", position, self.prompt_length,
+        position = generated[0] if position is None else check_in_range("position", position, self.prompt_length,
                                                                   self.length)
         if layer != MEAN and layer not in self.layers:
             raise bad_argument("layer", layer, f"-1 (mean) or a captured layer {self.layers}")
         if head != MEAN:
-            check_int("head", head, 0, trace.num_query_heads)
+            check_in_range("head", head, 0, trace.num_query_heads)
 
         self.position_select = widgets.Dropdown(options=[(f"{p} {self.labels[p]}", p) for p in generated],
                                                 value=position, description="Generated token")
