@@ -218,9 +218,6 @@ def _phi3_mini_estimates(dtype: str, requests: dict) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "the decoder slices the stacked weights per layer range (`a[start:stop]`) before `lax.scan`, which "
-    "copies them: capturing one layer of Phi-3-mini adds ~13 GiB (float32) of weight copies to the working set"))
 def test_phi3_mini_128k_window_capture_fits_16gb_in_bfloat16():
     """Two layers' patterns for the last 512 of 4096 queries plus the logits,
     beside the bfloat16 weights, fit a 16 GB accelerator; every layer's full

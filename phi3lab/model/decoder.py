@@ -150,7 +150,10 @@ class Phi3DecoderStack(keras.layers.Layer):
             take = lambda tree, start=start, stop=stop: jax.tree.map(lambda a: a[start:stop], tree)
 
             def body(carry, inputs, start=start):
-                layer_params, key, layer_cache = inputs
+                layer, key, layer_cache = inputs
+                # Each layer's weights are read from the whole stack inside the
+                # loop: slicing the stack per range first would copy it.
+                layer_params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), params)
                 block_sites = sites.block(start)
                 out = self.block(
                     layer_params, carry, cos, sin, padding_mask, block_sites, key, layer_cache, cache_index
@@ -158,7 +161,7 @@ class Phi3DecoderStack(keras.layers.Layer):
                 carry, layer_cache = out if layer_cache is not None else (out, None)
                 return carry, (block_sites.captured, layer_cache)
 
-            inputs = (take(params), None if layer_keys is None else layer_keys[start:stop],
+            inputs = (jnp.arange(start, stop), None if layer_keys is None else layer_keys[start:stop],
                       None if cache is None else take(tuple(cache)))
             if stop - start == 1:
                 x, outputs = body(x, jax.tree.map(lambda a: a[0], inputs))
