@@ -9,7 +9,7 @@ IP ?= 127.0.0.1
 LAB_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: lab test install browser clean bench-deps
+.PHONY: lab test lint install browser clean bench-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,11 @@ lab: $(STAMP)
 	echo; echo "  Ctrl-C stops it. Port $(PORT) taken? make lab PORT=8890"; echo; \
 	JUPYTER_TOKEN="$$token" exec $(BIN)/jupyter lab $$args $(LAB_ARGS) $(NOTEBOOK)
 
-test: $(STAMP) browser
+lint: $(STAMP)
+	$(BIN)/ruff check phi3lab tests benchmarks scripts
+	$(BIN)/ruff format --check phi3lab tests benchmarks scripts
+
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q -rs --timeout=900 tests --nbmake notebooks --nbmake-timeout=300; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 

@@ -86,9 +86,14 @@ def main():
     device = jax.devices()[0]
     dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
     config = dict(
-        vocabulary_size=args.vocabulary, num_layers=args.layers, hidden_dim=args.hidden,
-        intermediate_dim=args.intermediate, num_query_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_sequence_length=max(4096, max(args.lengths)), dtype=dtype,
+        vocabulary_size=args.vocabulary,
+        num_layers=args.layers,
+        hidden_dim=args.hidden,
+        intermediate_dim=args.intermediate,
+        num_query_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_sequence_length=max(4096, max(args.lengths)),
+        dtype=dtype,
     )
     keras.utils.set_random_seed(0)
     reference = keras_hub.models.Phi3Backbone(**config)
@@ -102,19 +107,24 @@ def main():
     non_trainable = [v.value for v in reference.non_trainable_variables]
     theirs = jax.jit(lambda t, n, x: reference.stateless_call(t, n, x)[0])
 
-    print(f"device: {device.platform} {device.device_kind} ({len(jax.devices())} visible); jax {jax.__version__}; "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(f"config: layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads} "
-          f"intermediate={args.intermediate} vocabulary={args.vocabulary} {dtype}, batch 1; "
-          f"median of {args.repeats} interleaved rounds after 2 warm-up")
+    print(
+        f"device: {device.platform} {device.device_kind} ({len(jax.devices())} visible); jax {jax.__version__}; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"config: layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads} "
+        f"intermediate={args.intermediate} vocabulary={args.vocabulary} {dtype}, batch 1; "
+        f"median of {args.repeats} interleaved rounds after 2 warm-up"
+    )
     generation, skipped = generation_variant(model, args)
     rng = np.random.default_rng(0)
     for length in args.lengths:
         ids = rng.integers(0, args.vocabulary, (1, length)).astype("int32")
         token_ids, mask = jax.numpy.asarray(ids), jax.numpy.ones((1, length), "int32")
         variants = {
-            "keras-hub forward": lambda: theirs(trainable, non_trainable,
-                                                {"token_ids": token_ids, "padding_mask": mask}).block_until_ready(),
+            "keras-hub forward": lambda: theirs(
+                trainable, non_trainable, {"token_ids": token_ids, "padding_mask": mask}
+            ).block_until_ready(),
             "phi3lab forward": lambda: ours(params, token_ids, mask).block_until_ready(),
             "full trace": lambda: phi3lab.trace(model, ids),
             "full trace, bf16 maps": lambda: phi3lab.trace(model, ids, capture_dtype="bfloat16"),
@@ -124,8 +134,10 @@ def main():
         base = times["keras-hub forward"]
         a = np.asarray(ours(params, token_ids, mask), np.float64)
         b = np.asarray(theirs(trainable, non_trainable, {"token_ids": token_ids, "padding_mask": mask}), np.float64)
-        print(f"\nT={length}  (load average {os.getloadavg()[0]:.1f}; max |phi3lab - keras-hub| = "
-              f"{np.abs(a - b).max():.2e} on outputs up to {np.abs(b).max():.2f})")
+        print(
+            f"\nT={length}  (load average {os.getloadavg()[0]:.1f}; max |phi3lab - keras-hub| = "
+            f"{np.abs(a - b).max():.2e} on outputs up to {np.abs(b).max():.2f})"
+        )
         print(f"{'variant':28s} {'ms':>9s} {'x keras-hub':>12s}")
         for name, seconds in times.items():
             print(f"{name:28s} {seconds * 1e3:9.2f} {seconds / base:12.2f}")
@@ -136,8 +148,10 @@ def main():
         start = time.perf_counter()
         text = generation()
         seconds = time.perf_counter() - start
-        print(f"\ngeneration: {args.new_tokens} new tokens at most ({len(text)} characters) in {seconds:.2f} s "
-              f"= {1e3 * seconds / args.new_tokens:.1f} ms per token")
+        print(
+            f"\ngeneration: {args.new_tokens} new tokens at most ({len(text)} characters) in {seconds:.2f} s "
+            f"= {1e3 * seconds / args.new_tokens:.1f} ms per token"
+        )
 
 
 if __name__ == "__main__":

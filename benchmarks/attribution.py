@@ -23,8 +23,13 @@ import phi3lab
 from phi3lab import analysis, tasks
 
 CONFIG = {
-    "vocabulary_size": 32064, "num_layers": 12, "hidden_dim": 768, "intermediate_dim": 2048,
-    "num_query_heads": 12, "num_key_value_heads": 12, "max_sequence_length": 4096,
+    "vocabulary_size": 32064,
+    "num_layers": 12,
+    "hidden_dim": 768,
+    "intermediate_dim": 2048,
+    "num_query_heads": 12,
+    "num_key_value_heads": 12,
+    "max_sequence_length": 4096,
     "pretraining_sequence_length": 4096,
 }
 
@@ -68,12 +73,16 @@ def timed(fn):
 
 def compare(label, model, clean, corrupted, answer, counter, site, batch_size):
     kwargs = {"answer": answer, "counterfactual": counter, "sites": site}
-    exact_s, exact = timed(lambda: analysis.activation_patching(
-        model, clean, corrupted, progress=False, batch_size=batch_size, **kwargs))
+    exact_s, exact = timed(
+        lambda: analysis.activation_patching(model, clean, corrupted, progress=False, batch_size=batch_size, **kwargs)
+    )
     fast_s, fast = timed(lambda: analysis.attribution_patching(model, clean, corrupted, **kwargs))
     r = float(np.corrcoef(exact.values.ravel(), fast.values.ravel())[0, 1])
     units = exact.values.size
-    print(f"| {label} | {site} ({units} units) | {exact_s:.2f} | {fast_s:.3f} | {exact_s / fast_s:.1f}x | {r:.3f} |", flush=True)
+    print(
+        f"| {label} | {site} ({units} units) | {exact_s:.2f} | {fast_s:.3f} | {exact_s / fast_s:.1f}x | {r:.3f} |",
+        flush=True,
+    )
 
 
 def main():
@@ -88,7 +97,9 @@ def main():
     if args.shipped:
         model, clean, corrupted, answer, counter = name_mover_pair()
         for site in args.sites:
-            compare(f"phi3lab_tiny_en T={clean.shape[1]}", model, clean, corrupted, answer, counter, site, args.batch_size)
+            compare(
+                f"phi3lab_tiny_en T={clean.shape[1]}", model, clean, corrupted, answer, counter, site, args.batch_size
+            )
     model = make_model()
     for length in args.lengths:
         clean, corrupted, answer, counter = random_pair(length)

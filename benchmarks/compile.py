@@ -66,10 +66,16 @@ def depth():
         plain = first_and_second(model, ids, ["hook_logits"])
         rows.append((layers, full, patterns, plain, compiled_count(model)))
     base = {name: rows[0][i][0] for i, name in ((1, "full"), (2, "patterns"), (3, "logits"))}
-    print(f"{'layers':>6} | {'first full':>10} {'ratio':>6} | {'first patterns':>14} {'ratio':>6} | {'first logits':>12} {'ratio':>6} | {'2nd full':>8}")
+    print(
+        f"{'layers':>6} | {'first full':>10} {'ratio':>6} | {'first patterns':>14} {'ratio':>6} | "
+        f"{'first logits':>12} {'ratio':>6} | {'2nd full':>8}"
+    )
     for layers, full, patterns, plain, _ in rows:
-        print(f"{layers:>6} | {full[0]:>9.2f}s {full[0] / base['full']:>5.2f}x | {patterns[0]:>13.2f}s "
-              f"{patterns[0] / base['patterns']:>5.2f}x | {plain[0]:>11.2f}s {plain[0] / base['logits']:>5.2f}x | {full[1]:>7.3f}s")
+        print(
+            f"{layers:>6} | {full[0]:>9.2f}s {full[0] / base['full']:>5.2f}x | {patterns[0]:>13.2f}s "
+            f"{patterns[0] / base['patterns']:>5.2f}x | {plain[0]:>11.2f}s {plain[0] / base['logits']:>5.2f}x | "
+            f"{full[1]:>7.3f}s"
+        )
 
 
 def fresh_process(cache_dir: str) -> dict:
@@ -86,11 +92,16 @@ def disk(repeats: int):
             cold.append(fresh_process(directory))
             warm.append(fresh_process(directory))
     med = lambda runs, key: statistics.median(r[key] for r in runs)
-    print(f"fresh process, shipped model, full trace of 40 tokens; load average {os.getloadavg()[0]:.1f}; "
-          f"{repeats} interleaved cold/warm pairs (medians)")
+    print(
+        f"fresh process, shipped model, full trace of 40 tokens; load average {os.getloadavg()[0]:.1f}; "
+        f"{repeats} interleaved cold/warm pairs (medians)"
+    )
     print(f"{'':>6} | {'import':>7} | {'load':>6} | {'first trace':>11}")
     for label, runs in (("cold", cold), ("warm", warm)):
-        print(f"{label:>6} | {med(runs, 'import'):>6.2f}s | {med(runs, 'load'):>5.2f}s | {med(runs, 'first_trace'):>10.2f}s")
+        print(
+            f"{label:>6} | {med(runs, 'import'):>6.2f}s | {med(runs, 'load'):>5.2f}s | "
+            f"{med(runs, 'first_trace'):>10.2f}s"
+        )
     ratio = med(warm, "first_trace") / med(cold, "first_trace")
     print(f"warm / cold time to first trace: {ratio:.2f} (target <= 0.33)")
 

@@ -69,9 +69,7 @@ def main():
 
     runners = {
         "phi3lab": lambda ids, mask: ours(params, ids, mask),
-        "keras-hub": lambda ids, mask: theirs(
-            trainable, non_trainable, {"token_ids": ids, "padding_mask": mask}
-        ),
+        "keras-hub": lambda ids, mask: theirs(trainable, non_trainable, {"token_ids": ids, "padding_mask": mask}),
     }
 
     print(
@@ -107,7 +105,9 @@ def main():
     print()
     print(f"{'seq':>5} {'phi3lab ms':>11} {'keras-hub ms':>13} {'ratio':>6} {'max|diff|':>10} {'max|out|':>9}")
     for length, ours_ms, theirs_ms, diff, scale in rows:
-        print(f"{length:>5} {ours_ms:>11.1f} {theirs_ms:>13.1f} {ours_ms / theirs_ms:>6.2f} {diff:>10.2e} {scale:>9.2f}")
+        print(
+            f"{length:>5} {ours_ms:>11.1f} {theirs_ms:>13.1f} {ours_ms / theirs_ms:>6.2f} {diff:>10.2e} {scale:>9.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -45,9 +45,14 @@ def main():
     import phi3lab
 
     config = dict(
-        vocabulary_size=args.vocabulary, num_layers=args.layers, hidden_dim=args.hidden,
-        intermediate_dim=args.intermediate, num_query_heads=args.heads, num_key_value_heads=args.heads,
-        max_sequence_length=4096, dtype="float32",
+        vocabulary_size=args.vocabulary,
+        num_layers=args.layers,
+        hidden_dim=args.hidden,
+        intermediate_dim=args.intermediate,
+        num_query_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_sequence_length=4096,
+        dtype="float32",
     )
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.Phi3Backbone(**config)
@@ -61,20 +66,25 @@ def main():
     prompt = rng.integers(3, args.vocabulary, args.prompt).astype("int32")
     total = args.prompt + args.new
     hub_inputs = {"token_ids": np.zeros((1, total), "int32"), "padding_mask": np.zeros((1, total), "int32")}
-    hub_inputs["token_ids"][0, :args.prompt] = prompt
-    hub_inputs["padding_mask"][0, :args.prompt] = 1
+    hub_inputs["token_ids"][0, : args.prompt] = prompt
+    hub_inputs["padding_mask"][0, : args.prompt] = 1
     patterns = "blocks.*.attn.hook_pattern"
     runners = {
         "phi3lab": lambda: phi3lab.generate(model, None, prompt, args.new, stop=[]).new_token_ids,
-        "phi3lab + all patterns": lambda: phi3lab.generate(model, None, prompt, args.new, stop=[],
-                                                           names=patterns).new_token_ids,
-        "keras-hub": lambda: causal_lm.generate(hub_inputs, stop_token_ids=None)["token_ids"][0, args.prompt:],
+        "phi3lab + all patterns": lambda: (
+            phi3lab.generate(model, None, prompt, args.new, stop=[], names=patterns).new_token_ids
+        ),
+        "keras-hub": lambda: causal_lm.generate(hub_inputs, stop_token_ids=None)["token_ids"][0, args.prompt :],
     }
-    print(f"devices: {jax.devices()}  cpu cores: {os.cpu_count()}  load average: {os.getloadavg()[0]:.1f} "
-          "(shared machine: absolute times are noisy)")
-    print(f"config: layers={args.layers} hidden={args.hidden} heads={args.heads} vocabulary={args.vocabulary} "
-          f"float32, {model.count_params() / 1e6:.1f}M parameters; prompt {args.prompt}, {args.new} new tokens, "
-          f"greedy; median of {args.runs} interleaved runs after a warm-up")
+    print(
+        f"devices: {jax.devices()}  cpu cores: {os.cpu_count()}  load average: {os.getloadavg()[0]:.1f} "
+        "(shared machine: absolute times are noisy)"
+    )
+    print(
+        f"config: layers={args.layers} hidden={args.hidden} heads={args.heads} vocabulary={args.vocabulary} "
+        f"float32, {model.count_params() / 1e6:.1f}M parameters; prompt {args.prompt}, {args.new} new tokens, "
+        f"greedy; median of {args.runs} interleaved runs after a warm-up"
+    )
     outputs = {name: np.asarray(run()) for name, run in runners.items()}
     times = {name: [] for name in runners}
     for index in range(args.runs):
@@ -89,18 +99,21 @@ def main():
         same = np.array_equal(outputs[name], outputs["keras-hub"])
         print(f"{name:>24} {value:>7.2f} {args.new / value:>9.1f} {str(same):>25}")
     print(f"\ntokens/s phi3lab / keras-hub: {seconds['keras-hub'] / seconds['phi3lab']:.2f}x")
-    print(f"time with every layer's patterns captured / without: "
-          f"{seconds['phi3lab + all patterns'] / seconds['phi3lab']:.2f}x")
+    print(
+        f"time with every layer's patterns captured / without: "
+        f"{seconds['phi3lab + all patterns'] / seconds['phi3lab']:.2f}x"
+    )
 
     # Per-token time at positions 16 and 240: the time between stream callbacks.
     stamps = []
     short = prompt[:8]
     phi3lab.generate(model, None, short, 248, stop=[], progress=False)
-    phi3lab.generate(model, None, short, 248, stop=[], progress=False, stream=lambda _: stamps.append(time.perf_counter()))
+    phi3lab.generate(
+        model, None, short, 248, stop=[], progress=False, stream=lambda _: stamps.append(time.perf_counter())
+    )
     steps = np.diff(stamps)  # steps[i]: the decode step that gives the token at position 8 + i + 1
-    at = lambda position: 1e3 * float(np.median(steps[position - 11:position - 6]))
-    print(f"per-token ms at position 16: {at(16):.1f}, at position 240: {at(240):.1f} "
-          f"(ratio {at(240) / at(16):.2f})")
+    at = lambda position: 1e3 * float(np.median(steps[position - 11 : position - 6]))
+    print(f"per-token ms at position 16: {at(16):.1f}, at position 240: {at(240):.1f} (ratio {at(240) / at(16):.2f})")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,13 @@ import numpy as np
 import phi3lab
 
 CONFIG = {
-    "vocabulary_size": 32064, "num_layers": 12, "hidden_dim": 768, "intermediate_dim": 2048,
-    "num_query_heads": 12, "num_key_value_heads": 12, "max_sequence_length": 4096,
+    "vocabulary_size": 32064,
+    "num_layers": 12,
+    "hidden_dim": 768,
+    "intermediate_dim": 2048,
+    "num_query_heads": 12,
+    "num_key_value_heads": 12,
+    "max_sequence_length": 4096,
     "pretraining_sequence_length": 4096,
 }
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +65,7 @@ def logits_fn(model):
     def run(params, ids):
         hidden, _ = model.apply(params, ids)
         return model.token_embedding.apply(params["token_embedding"], hidden, reverse=True)
+
     return jax.jit(run)
 
 
@@ -88,15 +94,24 @@ def measure(name, model, ids, runs):
     diff = np.abs(int8_logits - float_logits)
     agreement = float(np.mean(int8_logits.argmax(-1) == float_logits.argmax(-1)))
     print(f"\n{name}: {model.num_layers} layers, width {model.hidden_dim}, input {ids.shape}")
-    print(f"  weight bytes, all:      float32 {nbytes(float_params) / 2**20:9.2f} MiB   int8 {nbytes(int8_params) / 2**20:9.2f} MiB"
-          f"   ratio {nbytes(float_params) / nbytes(int8_params):.2f}x")
-    print(f"  weight bytes, kernels:  float32 {kernels_before / 2**20:9.2f} MiB   int8 {kernels_after / 2**20:9.2f} MiB"
-          f"   ratio {kernels_before / kernels_after:.2f}x (int8 + float32 scales)")
-    print(f"  logits max |diff| {diff.max():.4g} (max |float logit| {np.abs(float_logits).max():.4g}, "
-          f"relative {diff.max() / np.abs(float_logits).max():.3g}); mean |diff| {diff.mean():.3g}")
+    print(
+        f"  weight bytes, all:      float32 {nbytes(float_params) / 2**20:9.2f} MiB   "
+        f"int8 {nbytes(int8_params) / 2**20:9.2f} MiB"
+        f"   ratio {nbytes(float_params) / nbytes(int8_params):.2f}x"
+    )
+    print(
+        f"  weight bytes, kernels:  float32 {kernels_before / 2**20:9.2f} MiB   int8 {kernels_after / 2**20:9.2f} MiB"
+        f"   ratio {kernels_before / kernels_after:.2f}x (int8 + float32 scales)"
+    )
+    print(
+        f"  logits max |diff| {diff.max():.4g} (max |float logit| {np.abs(float_logits).max():.4g}, "
+        f"relative {diff.max() / np.abs(float_logits).max():.3g}); mean |diff| {diff.mean():.3g}"
+    )
     print(f"  top-1 agreement {agreement:.4f} over {float_logits.shape[0] * float_logits.shape[1]} positions")
-    print(f"  forward + logits median: float32 {float_ms:.1f} ms, int8 {int8_ms:.1f} ms, ratio {int8_ms / float_ms:.2f}"
-          f" ({jax.devices()[0].platform})")
+    print(
+        f"  forward + logits median: float32 {float_ms:.1f} ms, int8 {int8_ms:.1f} ms, ratio {int8_ms / float_ms:.2f}"
+        f" ({jax.devices()[0].platform})"
+    )
 
 
 def main():
@@ -108,7 +123,12 @@ def main():
     tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
     tiny = phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
     tiny_ids = text_batch(tokenizer, args.batch, min(args.length, tiny.max_sequence_length))
-    measure("12-layer (random N(0, 0.02) weights)", twelve_layer_model(), text_batch(tokenizer, args.batch, args.length), args.runs)
+    measure(
+        "12-layer (random N(0, 0.02) weights)",
+        twelve_layer_model(),
+        text_batch(tokenizer, args.batch, args.length),
+        args.runs,
+    )
     measure("phi3lab_tiny_en (trained)", tiny, tiny_ids, args.runs)
 
 

@@ -29,7 +29,8 @@ load_seconds = time.time() - start
 peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 weights = sum(int(np.prod(v.shape)) * 2 for v in model.weights)
 start = time.time()
-tr = phi3lab.trace(model, np.arange(1, 17)[None], names=["blocks.0.attn.hook_pattern", "blocks.31.attn.hook_pattern", "hook_logits"])
+names = ["blocks.0.attn.hook_pattern", "blocks.31.attn.hook_pattern", "hook_logits"]
+tr = phi3lab.trace(model, np.arange(1, 17)[None], names=names)
 print(json.dumps({"weights_bytes": weights, "peak_rss_after_load": peak_load, "load_seconds": round(load_seconds, 1),
                   "trace_seconds": round(time.time() - start, 1), "logits_finite": bool(np.isfinite(tr.logits).all()),
                   "pattern_rows_sum_to_one": bool(np.allclose(tr.attention(31).sum(-1), 1, atol=1e-2))}))

@@ -36,15 +36,20 @@ import statistics
 import threading
 import time
 
-import numpy as np
-
-import phi3lab  # noqa: F401  (selects the JAX backend)
 import jax
+import numpy as np
 from jax import numpy as jnp
 
+import phi3lab  # noqa: F401  (selects the JAX backend)
+
 CONFIG = dict(
-    vocabulary_size=32064, num_layers=12, hidden_dim=768, intermediate_dim=2048,
-    num_query_heads=12, num_key_value_heads=12, max_sequence_length=4096,
+    vocabulary_size=32064,
+    num_layers=12,
+    hidden_dim=768,
+    intermediate_dim=2048,
+    num_query_heads=12,
+    num_key_value_heads=12,
+    max_sequence_length=4096,
     pretraining_sequence_length=4096,
 )
 
@@ -137,9 +142,7 @@ def phi3lab_variants(model, ids):
     mask = jnp.ones(ids.shape, bool)
     plain = jax.jit(lambda p, i, m: model.apply(p, i, m)[0])
     with_logits = jax.jit(
-        lambda p, i, m: model.token_embedding.apply(
-            p["token_embedding"], model.apply(p, i, m)[0], reverse=True
-        )
+        lambda p, i, m: model.token_embedding.apply(p["token_embedding"], model.apply(p, i, m)[0], reverse=True)
     )
     return {
         "plain forward": lambda: plain(params, token_ids, mask).block_until_ready(),
@@ -147,7 +150,8 @@ def phi3lab_variants(model, ids):
         "trace: everything": lambda: phi3lab.trace(model, ids),
         "trace: everything, bf16 maps": lambda: phi3lab.trace(model, ids, capture_dtype="bfloat16"),
         "trace: everything but scores": lambda: phi3lab.trace(
-            model, ids, names=lambda name: not name.endswith("hook_attn_scores")),
+            model, ids, names=lambda name: not name.endswith("hook_attn_scores")
+        ),
         "trace: patterns only": lambda: phi3lab.trace(model, ids, names="blocks.*.attn.hook_pattern"),
         "trace: residual only": lambda: phi3lab.trace(model, ids, names="blocks.*.hook_resid_*"),
     }
@@ -164,11 +168,20 @@ def transformer_lens_variants(length: int, threads: int | None = None):
         torch.set_num_threads(threads)
     print(f"TransformerLens on torch {torch.__version__} CPU, {torch.get_num_threads()} threads")
     config = HookedTransformerConfig(
-        d_model=CONFIG["hidden_dim"], n_layers=CONFIG["num_layers"], n_heads=CONFIG["num_query_heads"],
-        d_head=CONFIG["hidden_dim"] // CONFIG["num_query_heads"], d_mlp=CONFIG["intermediate_dim"],
-        d_vocab=CONFIG["vocabulary_size"], act_fn="silu", gated_mlp=True,
-        normalization_type="RMS", positional_embedding_type="rotary", n_ctx=512,
-        dtype=torch.float32, device="cpu", seed=0,
+        d_model=CONFIG["hidden_dim"],
+        n_layers=CONFIG["num_layers"],
+        n_heads=CONFIG["num_query_heads"],
+        d_head=CONFIG["hidden_dim"] // CONFIG["num_query_heads"],
+        d_mlp=CONFIG["intermediate_dim"],
+        d_vocab=CONFIG["vocabulary_size"],
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        n_ctx=512,
+        dtype=torch.float32,
+        device="cpu",
+        seed=0,
     )
     model = HookedTransformer(config).eval()
     ids = torch.randint(0, CONFIG["vocabulary_size"], (1, length))
@@ -178,6 +191,7 @@ def transformer_lens_variants(length: int, threads: int | None = None):
         def run():
             with torch.no_grad():
                 return fn()
+
         return run
 
     return {
@@ -192,14 +206,20 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-transformer-lens", action="store_true")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch.set_num_threads for TransformerLens (default: torch's own)")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for TransformerLens (default: torch's own)",
+    )
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     model = make_model()
     for length in args.lengths:
         ids = np.random.default_rng(length).integers(0, CONFIG["vocabulary_size"], (1, length)).astype(np.int32)
@@ -215,19 +235,25 @@ def main():
         for name, seconds in times.items():
             print(f"{name:36s} {seconds * 1e3:9.1f} {seconds / base:8.2f}")
         if tl:
-            for ours, theirs in (("trace: everything", "TL run_with_cache: everything"),
-                                 ("trace: patterns only", "TL run_with_cache: patterns only"),
-                                 ("plain forward + logits", "TL forward")):
+            for ours, theirs in (
+                ("trace: everything", "TL run_with_cache: everything"),
+                ("trace: patterns only", "TL run_with_cache: patterns only"),
+                ("plain forward + logits", "TL forward"),
+            ):
                 print(f"speedup {theirs} / {ours}: {times[theirs] / times[ours]:.2f}x")
         achieved = forward_flops(length) / base / 1e9
         peak = 2.0 * MATMUL**3 / times["reference matmul 2048^3"] / 1e9
-        print(f"plain forward: {forward_flops(length) / 1e9:.1f} GFLOP -> {achieved:.1f} GFLOP/s "
-              f"= {achieved / peak:.0%} of a large jitted matmul's {peak:.1f} GFLOP/s (same rounds)")
+        print(
+            f"plain forward: {forward_flops(length) / 1e9:.1f} GFLOP -> {achieved:.1f} GFLOP/s "
+            f"= {achieved / peak:.0%} of a large jitted matmul's {peak:.1f} GFLOP/s (same rounds)"
+        )
 
         growth, tr = peak_rss_growth(lambda: phi3lab.trace(model, ids))
         captured = sum(tr[name].nbytes for name in tr.names) + tr.output.nbytes
-        print(f"full trace memory: peak RSS growth {growth / 2**20:.0f} MiB vs captured arrays "
-              f"{captured / 2**20:.0f} MiB ({len(tr.names)} arrays); ratio {growth / captured:.2f}")
+        print(
+            f"full trace memory: peak RSS growth {growth / 2**20:.0f} MiB vs captured arrays "
+            f"{captured / 2**20:.0f} MiB ({len(tr.names)} arrays); ratio {growth / captured:.2f}"
+        )
         estimate = getattr(phi3lab, "estimate", None)
         if estimate is not None:
             print(f"phi3lab.estimate: {estimate(model, seq_len=length)}")

@@ -29,7 +29,6 @@ def select_jax_backend() -> None:
         os.environ["KERAS_BACKEND"] = "jax"
     elif chosen != "jax":
         warnings.warn(
-            f"KERAS_BACKEND={chosen!r} is set; phi3lab needs 'jax'. Tracing "
-            "will not work on this backend.",
+            f"KERAS_BACKEND={chosen!r} is set; phi3lab needs 'jax'. Tracing will not work on this backend.",
             stacklevel=3,
         )

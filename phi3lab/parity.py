@@ -40,14 +40,21 @@ def _reference_model(hf_model_or_dir, torch, transformers):
     """A float32 eager `Phi3ForCausalLM` in eval mode."""
     if isinstance(hf_model_or_dir, (str, Path)):
         if not Path(hf_model_or_dir).is_dir():
-            raise bad_argument("hf_model_or_dir", hf_model_or_dir, "a transformers Phi-3 model or a local checkpoint directory")
+            raise bad_argument(
+                "hf_model_or_dir", hf_model_or_dir, "a transformers Phi-3 model or a local checkpoint directory"
+            )
         return transformers.AutoModelForCausalLM.from_pretrained(
             str(hf_model_or_dir), dtype=torch.float32, attn_implementation="eager"
         ).eval()
-    if not isinstance(hf_model_or_dir, torch.nn.Module) or getattr(getattr(hf_model_or_dir, "config", None),
-                                                                   "model_type", None) != "phi3":
-        raise bad_argument("hf_model_or_dir", hf_model_or_dir,
-                           "a transformers Phi-3 model (model_type 'phi3') or a local checkpoint directory")
+    if (
+        not isinstance(hf_model_or_dir, torch.nn.Module)
+        or getattr(getattr(hf_model_or_dir, "config", None), "model_type", None) != "phi3"
+    ):
+        raise bad_argument(
+            "hf_model_or_dir",
+            hf_model_or_dir,
+            "a transformers Phi-3 model (model_type 'phi3') or a local checkpoint directory",
+        )
     model = hf_model_or_dir.eval()
     if model.config._attn_implementation != "eager":
         model.set_attn_implementation("eager")  # patterns come from the eager path only
@@ -75,6 +82,7 @@ def _hf_captures(model, torch):
     def input_of(module, name):
         def hook(m, args, kwargs):
             put(name, args[0] if args else kwargs["hidden_states"])
+
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def split_qkv(layer):
@@ -84,6 +92,7 @@ def _hf_captures(model, torch):
             put(f"blocks.{layer}.attn.hook_q", q.reshape(batch, length, heads, head_dim))
             put(f"blocks.{layer}.attn.hook_k", k.reshape(batch, length, kv_heads, head_dim))
             put(f"blocks.{layer}.attn.hook_v", v.reshape(batch, length, kv_heads, head_dim))
+
         return hook
 
     def split_gate_up(layer):
@@ -91,6 +100,7 @@ def _hf_captures(model, torch):
             gate, up = out.chunk(2, dim=-1)
             put(f"blocks.{layer}.mlp.hook_pre", gate)
             put(f"blocks.{layer}.mlp.hook_pre_linear", up)
+
         return hook
 
     decoder = model.model
@@ -233,15 +243,17 @@ def compare_with_transformers(
         theirs = _real_rows(name, np.asarray(captured[name], np.float64).reshape(np.shape(tr[name])), mask)
         diff = float(np.max(np.abs(ours - theirs))) if ours.size else 0.0
         scale = float(np.max(np.abs(theirs))) if theirs.size else 0.0
-        rows.append({
-            "name": name,
-            "layer": split_name(name)[0],
-            "shape": tuple(np.shape(tr[name])),
-            "max_abs_diff": diff,
-            "max_rel_diff": diff / scale if scale > 0 else diff,
-            "reference_max_abs": scale,
-            "passed": diff <= atol + rtol * scale,
-        })
+        rows.append(
+            {
+                "name": name,
+                "layer": split_name(name)[0],
+                "shape": tuple(np.shape(tr[name])),
+                "max_abs_diff": diff,
+                "max_rel_diff": diff / scale if scale > 0 else diff,
+                "reference_max_abs": scale,
+                "passed": diff <= atol + rtol * scale,
+            }
+        )
     table = pd.DataFrame(rows)
     table["layer"] = table["layer"].astype("Int64")
     table.attrs.update(atol=atol, rtol=rtol, all_passed=bool(table["passed"].all()))

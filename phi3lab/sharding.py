@@ -74,6 +74,4 @@ def model_parallel(model_axis: int | None = None, num_key_value_heads: int | Non
     mesh = keras.distribution.DeviceMesh(
         shape=(len(devices) // model_axis, model_axis), axis_names=("batch", "model"), devices=devices
     )
-    return keras.distribution.ModelParallel(
-        layout_map=layout_map(mesh, num_key_value_heads), batch_dim_name="batch"
-    )
+    return keras.distribution.ModelParallel(layout_map=layout_map(mesh, num_key_value_heads), batch_dim_name="batch")

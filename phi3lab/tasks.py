@@ -21,7 +21,48 @@ import numpy as np
 
 from phi3lab.errors import bad_argument
 
-TRAIN_NAMES = ["Mary", "John", "Alice", "Bob", "Sarah", "James", "Emma", "David", "Laura", "Peter", "Anna", "Mark", "Julia", "Paul", "Kate", "Tom", "Lucy", "Sam", "Nora", "Eric", "Grace", "Henry", "Ivy", "Jack", "Rose", "Adam", "Clara", "Leo", "Mia", "Oscar", "Ruth", "Victor", "Zoe", "Hugo", "Ella", "Felix", "Iris", "Owen", "Vera", "Max"]
+TRAIN_NAMES = [
+    "Mary",
+    "John",
+    "Alice",
+    "Bob",
+    "Sarah",
+    "James",
+    "Emma",
+    "David",
+    "Laura",
+    "Peter",
+    "Anna",
+    "Mark",
+    "Julia",
+    "Paul",
+    "Kate",
+    "Tom",
+    "Lucy",
+    "Sam",
+    "Nora",
+    "Eric",
+    "Grace",
+    "Henry",
+    "Ivy",
+    "Jack",
+    "Rose",
+    "Adam",
+    "Clara",
+    "Leo",
+    "Mia",
+    "Oscar",
+    "Ruth",
+    "Victor",
+    "Zoe",
+    "Hugo",
+    "Ella",
+    "Felix",
+    "Iris",
+    "Owen",
+    "Vera",
+    "Max",
+]
 HELD_OUT_NAMES = ["Diana", "Frank", "Helen", "Ben", "Olivia", "Carl", "Sophie", "Dan", "Irene", "Luke"]
 PLACES = ["store", "park", "school", "office", "market", "station", "library", "garden", "beach", "cafe"]
 OBJECTS = ["drink", "book", "ball", "letter", "gift", "key", "phone", "ticket", "flower", "cake"]
@@ -46,7 +87,51 @@ DISTRACTORS = (
     "{s} and {c} talked, and {c} left. ",
 )
 ORDERS = ("ABBA", "BABA")
-WORDS = ["red", "blue", "green", "river", "stone", "cloud", "apple", "window", "seven", "orange", "paper", "glass", "music", "light", "table", "dream", "silver", "north", "winter", "coffee", "bridge", "horse", "candle", "forest", "mirror", "rocket", "pencil", "garden", "ocean", "thunder", "valley", "yellow", "copper", "lemon", "tiger", "purple", "castle", "desert", "island", "planet", "violin", "marble", "spider"]
+WORDS = [
+    "red",
+    "blue",
+    "green",
+    "river",
+    "stone",
+    "cloud",
+    "apple",
+    "window",
+    "seven",
+    "orange",
+    "paper",
+    "glass",
+    "music",
+    "light",
+    "table",
+    "dream",
+    "silver",
+    "north",
+    "winter",
+    "coffee",
+    "bridge",
+    "horse",
+    "candle",
+    "forest",
+    "mirror",
+    "rocket",
+    "pencil",
+    "garden",
+    "ocean",
+    "thunder",
+    "valley",
+    "yellow",
+    "copper",
+    "lemon",
+    "tiger",
+    "purple",
+    "castle",
+    "desert",
+    "island",
+    "planet",
+    "violin",
+    "marble",
+    "spider",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +157,7 @@ class NameMoverPrompt:
 
 def _swap_word(word: str, swap: dict[str, str]) -> str:
     stem = word.rstrip(".,")
-    return swap.get(stem, stem) + word[len(stem):]
+    return swap.get(stem, stem) + word[len(stem) :]
 
 
 def name_mover_prompts(
@@ -160,7 +245,9 @@ def name_mover_batch(tokenizer, prompts: Sequence[NameMoverPrompt], corrupted: b
     texts = [prompt.corrupted() if corrupted else prompt.text for prompt in prompts]
     token_ids, padding_mask = tokenizer.encode_batch(texts)
     return NameMoverBatch(
-        token_ids, padding_mask, padding_mask.sum(1) - 1,
+        token_ids,
+        padding_mask,
+        padding_mask.sum(1) - 1,
         np.array([name_token(tokenizer, prompt.answer) for prompt in prompts]),
         np.array([name_token(tokenizer, prompt.counterfactual) for prompt in prompts]),
     )
@@ -173,8 +260,11 @@ def name_mover_metrics(logits: np.ndarray, batch: NameMoverBatch) -> dict[str, f
     final = np.asarray(logits)[np.arange(len(batch.last)), batch.last].astype(np.float64)
     rows = np.arange(len(final))
     diff = final[rows, batch.answer] - final[rows, batch.counterfactual]
-    return {"top1": float(np.mean(final.argmax(-1) == batch.answer)), "beats": float(np.mean(diff > 0)),
-            "logit_diff": float(np.mean(diff))}
+    return {
+        "top1": float(np.mean(final.argmax(-1) == batch.answer)),
+        "beats": float(np.mean(diff > 0)),
+        "logit_diff": float(np.mean(diff)),
+    }
 
 
 def repeated_words(period: int, repeats: int = 2, seed: int = 0) -> str:
@@ -184,7 +274,9 @@ def repeated_words(period: int, repeats: int = 2, seed: int = 0) -> str:
     return " ".join(words * repeats)
 
 
-def repeated_tokens(vocabulary: int, period: int, batch: int = 1, first_id: int = 1, low: int = 3, seed: int = 0) -> np.ndarray:
+def repeated_tokens(
+    vocabulary: int, period: int, batch: int = 1, first_id: int = 1, low: int = 3, seed: int = 0
+) -> np.ndarray:
     """Token ids `[batch, 1 + 2 * period]`: a first token, then a random
     sequence of `period` ids from `[low, vocabulary)` repeated twice."""
     rng = np.random.default_rng(seed)

@@ -57,8 +57,12 @@ class Phi3Tokenizer:
     [32010, 15043, 32007, 32001]
     """
 
-    def __init__(self, proto: bytes | str | os.PathLike, rstrip_tokens: Iterable[str] | None = None,
-                 chat_template: str | None = None):
+    def __init__(
+        self,
+        proto: bytes | str | os.PathLike,
+        rstrip_tokens: Iterable[str] | None = None,
+        chat_template: str | None = None,
+    ):
         self._bind(SentencePieceBackend(proto, rstrip_tokens), chat_template)
 
     @classmethod
@@ -115,16 +119,20 @@ class Phi3Tokenizer:
         '<|user|>Hi<|end|><|assistant|>'
         """
         if not isinstance(preset, (str, os.PathLike)):
-            raise TypeError("`preset` must be a directory or a preset name (str); received "
-                            f"preset={preset!r} of type {type(preset).__name__}.")
+            raise TypeError(
+                "`preset` must be a directory or a preset name (str); received "
+                f"preset={preset!r} of type {type(preset).__name__}."
+            )
         path = Path(preset)
         if not path.is_dir():
             try:
                 from phi3lab.presets import resolve_preset_dir
             except ImportError:
-                raise bad_argument("preset", str(preset), "an existing directory (no preset "
-                                   "registry, phi3lab.presets.resolve_preset_dir, is installed)"
-                                   ) from None
+                raise bad_argument(
+                    "preset",
+                    str(preset),
+                    "an existing directory (no preset registry, phi3lab.presets.resolve_preset_dir, is installed)",
+                ) from None
             path = Path(resolve_preset_dir(str(preset)))
         return cls.from_backend(*load_backend(path))
 
@@ -164,9 +172,9 @@ class Phi3Tokenizer:
             raise bad_argument("add_bos", add_bos, "False: this tokenizer names no bos_token")
         return ([self.bos_token_id] if add_bos else []) + self._backend.encode(text)
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = False,
-                     padding: str | int = "longest",
-                     padding_side: str = "right") -> tuple[np.ndarray, np.ndarray]:
+    def encode_batch(
+        self, texts: Sequence[str], add_bos: bool = False, padding: str | int = "longest", padding_side: str = "right"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Encode strings into a padded `int32` id array and a `bool` padding mask.
 
         Args:
@@ -185,14 +193,12 @@ class Phi3Tokenizer:
             raise bad_argument("texts", texts, "a list of str (`encode` takes one string)")
         for index, text in enumerate(texts):
             if not isinstance(text, str):
-                raise TypeError(f"`texts[{index}]` must be a str; received {text!r} of type "
-                                f"{type(text).__name__}.")
+                raise TypeError(f"`texts[{index}]` must be a str; received {text!r} of type {type(text).__name__}.")
         if padding_side not in ("right", "left"):
             raise bad_argument("padding_side", padding_side, '"right" or "left"')
         encoded = [self.encode(text, add_bos=add_bos) for text in texts]
         longest = max(map(len, encoded), default=0)
-        if padding != "longest" and (isinstance(padding, str)
-                                     or check_positive_int("padding", padding) < longest):
+        if padding != "longest" and (isinstance(padding, str) or check_positive_int("padding", padding) < longest):
             raise bad_argument("padding", padding, f'"longest" or an int >= {longest} (longest)')
         length = longest if padding == "longest" else int(padding)
         token_ids = np.full((len(encoded), length), self.pad_token_id, dtype=np.int32)
@@ -266,8 +272,10 @@ class Phi3Tokenizer:
             hint = ""
             if text[:1] != " " and len(self._backend.encode_in_context(" " + text)) == 1:
                 hint = f" ({' ' + text!r} is one token: a word after a space starts with the space)"
-            raise ValueError(f"`text` must be exactly one token inside a text; received text={text!r}, which is "
-                             f"{len(ids)} tokens: {shown}{hint}.")
+            raise ValueError(
+                f"`text` must be exactly one token inside a text; received text={text!r}, which is "
+                f"{len(ids)} tokens: {shown}{hint}."
+            )
         return ids[0]
 
     def to_str_tokens(self, inputs: str | Sequence[int] | np.ndarray, add_bos: bool = False) -> list[str]:
@@ -289,8 +297,9 @@ class Phi3Tokenizer:
         ids = self.encode(inputs, add_bos=add_bos) if isinstance(inputs, str) else self._check_ids(inputs)
         return [self._backend.token_bytes(i).decode("utf-8", errors="replace") for i in ids]
 
-    def display_tokens(self, ids: Sequence[int] | np.ndarray, space: str = " ",
-                       beyond_vocabulary: str | None = None) -> list[str]:
+    def display_tokens(
+        self, ids: Sequence[int] | np.ndarray, space: str = " ", beyond_vocabulary: str | None = None
+    ) -> list[str]:
         """Readable strings for token ids, one per id, for tables and widgets.
 
         A space (SentencePiece's "▁", byte-level BPE's "Ġ") shows as `space` (a real space by
@@ -315,15 +324,20 @@ class Phi3Tokenizer:
             raise bad_argument("space", space, "a str")
         if beyond_vocabulary is not None and not isinstance(beyond_vocabulary, str):
             raise bad_argument("beyond_vocabulary", beyond_vocabulary, 'None or a format string like "<unused {}>"')
-        return [beyond_vocabulary.format(i) if i >= self.vocabulary_size else self._display(i, space)
-                for i in self._check_ids(ids, bounded=beyond_vocabulary is None)]
+        return [
+            beyond_vocabulary.format(i) if i >= self.vocabulary_size else self._display(i, space)
+            for i in self._check_ids(ids, bounded=beyond_vocabulary is None)
+        ]
 
     def _display(self, token_id: int, space: str) -> str:
         token = self._backend.id_to_token(token_id)
-        return token if token in self._backend.special_tokens else show_bytes(self._backend.token_bytes(token_id), space)
+        return (
+            token if token in self._backend.special_tokens else show_bytes(self._backend.token_bytes(token_id), space)
+        )
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
-                            **variables) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True, **variables
+    ) -> str:
         """Format chat messages with the checkpoint's chat template (Phi-3's if it has none).
 
         Phi-3's gives `<|role|>\\n{content}<|end|>\\n` per message, then `<|assistant|>\\n` if
@@ -345,10 +359,8 @@ class Phi3Tokenizer:
         >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])
         '<|user|>\\nHi<|end|>\\n<|assistant|>\\n'
         """
-        if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or (
-                not messages):
-            raise bad_argument("messages", messages, 'a non-empty list of {"role", "content"} '
-                               "dicts")
+        if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or (not messages):
+            raise bad_argument("messages", messages, 'a non-empty list of {"role", "content"} dicts')
         if not isinstance(add_generation_prompt, (bool, np.bool_)):
             raise bad_argument("add_generation_prompt", add_generation_prompt, "True or False")
         for index, message in enumerate(messages):
@@ -359,8 +371,7 @@ class Phi3Tokenizer:
                 accepted = "a str" if self.has_own_chat_template else f"one of {CHAT_ROLES}"
                 raise bad_argument(f"messages[{index}]['role']", role, accepted)
         names = {**self._backend.template_tokens, **variables}
-        return render_chat_template(self.chat_template, [dict(m) for m in messages], bool(add_generation_prompt),
-                                    names)
+        return render_chat_template(self.chat_template, [dict(m) for m in messages], bool(add_generation_prompt), names)
 
     def save_assets(self, directory: str | os.PathLike) -> Path:
         """Write the SentencePiece model to `assets/tokenizer/vocabulary.spm` (keras-hub)."""
@@ -383,8 +394,7 @@ class Phi3Tokenizer:
 
     def _check_text(self, text) -> None:
         if not isinstance(text, str):
-            raise TypeError(f"`text` must be a str; received text={text!r} of type "
-                            f"{type(text).__name__}.")
+            raise TypeError(f"`text` must be a str; received text={text!r} of type {type(text).__name__}.")
 
     def _check_ids(self, ids, bounded: bool = True) -> list[int]:
         try:

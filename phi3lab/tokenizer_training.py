@@ -13,8 +13,9 @@ import sentencepiece as spm
 from phi3lab.checks import check_positive_int
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int,
-                        model_prefix_dir: str | os.PathLike | None = None) -> bytes:
+def train_sentencepiece(
+    texts: Iterable[str], vocab_size: int, model_prefix_dir: str | os.PathLike | None = None
+) -> bytes:
     """Train a small Llama-style BPE SentencePiece model and return it serialized.
 
     Llama's (and Phi-3's) `tokenizer.model` settings: BPE, byte fallback, `<unk>`=0, `<s>`=1,
@@ -33,10 +34,21 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
     if texts is None or not all(isinstance(text, str) for text in texts):
         raise TypeError("`texts` must be an iterable of str, one training sentence each.")
     options = dict(
-        model_type="bpe", vocab_size=vocab_size, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, split_digits=True, add_dummy_prefix=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        character_coverage=0.99995, max_sentencepiece_length=16, minloglevel=2,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        split_digits=True,
+        add_dummy_prefix=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        character_coverage=0.99995,
+        max_sentencepiece_length=16,
+        minloglevel=2,
     )
     sentences = iter([text for text in texts if text])
     writer, prefix = io.BytesIO(), None
@@ -49,6 +61,5 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=sentences, **options)
     except RuntimeError as error:
-        raise ValueError(f"Training SentencePiece with vocab_size={vocab_size} failed: {error}"
-                         ) from None
+        raise ValueError(f"Training SentencePiece with vocab_size={vocab_size} failed: {error}") from None
     return prefix.with_suffix(".model").read_bytes() if prefix else writer.getvalue()

@@ -47,9 +47,15 @@ from phi3lab.tokenizer_training import train_sentencepiece
 HELD_OUT_PERIODS = (7, 13, 23)
 TRAIN_PERIODS = tuple(p for p in range(3, 33) if p not in HELD_OUT_PERIODS)
 CONFIG = {
-    "num_layers": 4, "hidden_dim": 128, "intermediate_dim": 384, "num_query_heads": 4,
-    "num_key_value_heads": 2, "layer_norm_epsilon": 1e-5, "max_sequence_length": 512,
-    "pretraining_sequence_length": 128, "rope_max_wavelength": 10000,
+    "num_layers": 4,
+    "hidden_dim": 128,
+    "intermediate_dim": 384,
+    "num_query_heads": 4,
+    "num_key_value_heads": 2,
+    "layer_norm_epsilon": 1e-5,
+    "max_sequence_length": 512,
+    "pretraining_sequence_length": 128,
+    "rope_max_wavelength": 10000,
     "rope_scaling_type": "su",
     "rope_scaling_short_factor": [round(1.0 + 0.05 * i / 15, 4) for i in range(16)],
     "rope_scaling_long_factor": [round(1.0 + 3.0 * (i / 15) ** 2, 4) for i in range(16)],
@@ -77,8 +83,10 @@ def documents(count: int, seed: int) -> list[str]:
             # Held-out names appear here (so they are known tokens) but
             # never in a name-mover sentence.
             everyone = names + tasks.HELD_OUT_NAMES
-            docs.append(f"The {words[0]} {words[1]} is near the {rng.choice(tasks.PLACES)}. "
-                        f"{rng.choice(everyone)} saw a {words[2]} {words[3]} and a {words[4]} {words[5]}.")
+            docs.append(
+                f"The {words[0]} {words[1]} is near the {rng.choice(tasks.PLACES)}. "
+                f"{rng.choice(everyone)} saw a {words[2]} {words[3]} and a {words[4]} {words[5]}."
+            )
     return docs
 
 
@@ -101,7 +109,7 @@ def token_stream(tokenizer: Phi3Tokenizer, docs: list[str], random_repeats: int 
 
 def batches(stream: np.ndarray, batch: int, length: int, rng):
     starts = rng.integers(0, len(stream) - length - 1, batch)
-    return np.stack([stream[s:s + length + 1] for s in starts])
+    return np.stack([stream[s : s + length + 1] for s in starts])
 
 
 def probes(tokenizer: Phi3Tokenizer, count: int = 64) -> dict:
@@ -130,13 +138,14 @@ def evaluate(logits_fn, probe_sets: dict) -> dict:
     for period, ids in probe_sets["induction"].items():
         logp = np.asarray(jax.nn.log_softmax(logits_fn(jnp.asarray(ids)).astype(jnp.float32)))
         losses = -np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
-        ratios.append(losses[:, period + 1:].mean() / losses[:, : period - 1].mean())
+        ratios.append(losses[:, period + 1 :].mean() / losses[:, : period - 1].mean())
     row["induction_ratio"] = round(float(np.mean(ratios)), 3)
     return row
 
 
-def train(steps: int, out: Path, seed: int = 0, init_from: Path | None = None, peak_lr: float = 2e-3,
-          eval_every: int = 100) -> dict:
+def train(
+    steps: int, out: Path, seed: int = 0, init_from: Path | None = None, peak_lr: float = 2e-3, eval_every: int = 100
+) -> dict:
     started, cpu_started = time.time(), time.process_time()
     docs = documents(40000, seed)
     if init_from is None:
@@ -200,9 +209,13 @@ def train(steps: int, out: Path, seed: int = 0, init_from: Path | None = None, p
         params, moments, loss = update(params, moments, jnp.float32(step), window)
         losses.append(float(loss))  # the curve's loss is the mean since the previous row
         if step % eval_every == 0 or step == steps - 1:
-            row = {"step": step, "loss": round(float(np.mean(losses)), 4), "seconds": round(time.time() - started, 1),
-                   "cpu_seconds": round(time.process_time() - cpu_started, 1),
-                   **evaluate(functools.partial(logits_jit, params), probe_sets)}
+            row = {
+                "step": step,
+                "loss": round(float(np.mean(losses)), 4),
+                "seconds": round(time.time() - started, 1),
+                "cpu_seconds": round(time.process_time() - cpu_started, 1),
+                **evaluate(functools.partial(logits_jit, params), probe_sets),
+            }
             losses = []
             curve.append(row)
             print(json.dumps(row), flush=True)
@@ -215,21 +228,45 @@ def train(steps: int, out: Path, seed: int = 0, init_from: Path | None = None, p
     out.mkdir(parents=True, exist_ok=True)
     save_preset(model, out)
     tokenizer.save_assets(out)
-    (out / "tokenizer.json").write_text(json.dumps({
-        "module": "keras_hub.src.models.phi3.phi3_tokenizer", "class_name": "Phi3Tokenizer",
-        "config": {"name": "phi3_tokenizer", "trainable": True, "dtype": "int32",
-                   "proto": None, "sequence_length": None, "add_bos": False, "add_eos": False},
-        "registered_name": "keras_hub>Phi3Tokenizer"}, indent=4))
+    (out / "tokenizer.json").write_text(
+        json.dumps(
+            {
+                "module": "keras_hub.src.models.phi3.phi3_tokenizer",
+                "class_name": "Phi3Tokenizer",
+                "config": {
+                    "name": "phi3_tokenizer",
+                    "trainable": True,
+                    "dtype": "int32",
+                    "proto": None,
+                    "sequence_length": None,
+                    "add_bos": False,
+                    "add_eos": False,
+                },
+                "registered_name": "keras_hub>Phi3Tokenizer",
+            },
+            indent=4,
+        )
+    )
     stages = []
     if init_from is not None and (Path(init_from) / "training_report.json").is_file():
         stages = json.loads((Path(init_from) / "training_report.json").read_text()).get("stages", [])
-    stages.append({"steps": steps, "seed": seed, "peak_lr": peak_lr, "seconds": round(time.time() - started, 1),
-                   "cpu_seconds": round(time.process_time() - cpu_started, 1),
-                   "init_from": None if init_from is None else "previous stage", "curve": curve})
+    stages.append(
+        {
+            "steps": steps,
+            "seed": seed,
+            "peak_lr": peak_lr,
+            "seconds": round(time.time() - started, 1),
+            "cpu_seconds": round(time.process_time() - cpu_started, 1),
+            "init_from": None if init_from is None else "previous stage",
+            "curve": curve,
+        }
+    )
     report = {
-        "stages": stages, "total_steps": sum(stage["steps"] for stage in stages),
+        "stages": stages,
+        "total_steps": sum(stage["steps"] for stage in stages),
         "total_seconds": round(sum(stage["seconds"] for stage in stages), 1),
-        "held_out_loss": round(float(np.mean(held)), 4), "unigram_loss": round(unigram, 4),
+        "held_out_loss": round(float(np.mean(held)), 4),
+        "unigram_loss": round(unigram, 4),
         "held_out_periods": list(HELD_OUT_PERIODS),
     }
     (out / "training_report.json").write_text(json.dumps(report, indent=2))
@@ -244,6 +281,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-lr", type=float, default=2e-3)
     parser.add_argument("--init-from", type=Path, default=None, help="continue training this preset")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "phi3lab/assets/phi3lab_tiny_en")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent.parent / "phi3lab/assets/phi3lab_tiny_en"
+    )
     args = parser.parse_args()
     train(args.steps, args.out, args.seed, args.init_from, args.peak_lr, args.eval_every)

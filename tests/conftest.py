@@ -110,7 +110,7 @@ def token_batch(length: int, seed: int = 0, vocab: int = VOCAB, pad: int = 3):
     ids = rng.integers(0, vocab, (3, length)).astype("int32")
     mask = np.ones((3, length), "int32")
     mask[1, :pad] = 0
-    mask[2, length - pad:] = 0
+    mask[2, length - pad :] = 0
     return ids, mask
 
 

@@ -23,10 +23,17 @@ ANSWER, COUNTER = 5, 7
 def model():
     """A small GQA model with "su" rotary scaling and O(1) random weights."""
     model = phi3lab.Phi3Backbone(
-        vocabulary_size=VOCAB, num_layers=LAYERS, hidden_dim=HIDDEN, intermediate_dim=64,
-        num_query_heads=HEADS, num_key_value_heads=KV_HEADS, max_sequence_length=64,
-        pretraining_sequence_length=32, rope_scaling_type="su",
-        rope_scaling_short_factor=[1.0, 1.2, 1.5, 2.0], rope_scaling_long_factor=[1.0, 2.0, 4.0, 8.0],
+        vocabulary_size=VOCAB,
+        num_layers=LAYERS,
+        hidden_dim=HIDDEN,
+        intermediate_dim=64,
+        num_query_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_sequence_length=64,
+        pretraining_sequence_length=32,
+        rope_scaling_type="su",
+        rope_scaling_short_factor=[1.0, 1.2, 1.5, 2.0],
+        rope_scaling_long_factor=[1.0, 2.0, 4.0, 8.0],
     )
     rng = np.random.default_rng(0)
     for weight in model.weights:
@@ -195,7 +202,14 @@ def put_head(x, ctx):
 def test_head_patching_matches_trace_hooks(model, ids, site, hook, units):
     corrupted = corrupt(ids)
     result = analysis.activation_patching(
-        model, ids, corrupted, answer=ANSWER, counterfactual=COUNTER, sites=site, progress=False, normalize=False,
+        model,
+        ids,
+        corrupted,
+        answer=ANSWER,
+        counterfactual=COUNTER,
+        sites=site,
+        progress=False,
+        normalize=False,
     )
     assert result.values.shape == (LAYERS, units)
     clean_tr = phi3lab.trace(model, ids, names=f"blocks.*.{hook}")
@@ -253,7 +267,9 @@ def reference_scores(pattern, ids, valid):
             for key, chosen in targets.items():
                 if chosen:
                     found[key].append(pattern[b, :, t, chosen].sum(0))
-    return {key: np.mean(values, axis=0) if values else np.full(pattern.shape[1], np.nan) for key, values in found.items()}
+    return {
+        key: np.mean(values, axis=0) if values else np.full(pattern.shape[1], np.nan) for key, values in found.items()
+    }
 
 
 def test_head_scores_match_loops(model):
@@ -296,9 +312,13 @@ def test_head_scores_on_a_padded_trace(model, side):
         expected = reference_scores(tr.attention(layer), ids, mask)
         for key, value in expected.items():
             assert np.isfinite(value).all(), key  # every detector has targets
-            np.testing.assert_allclose(scores[scores.layer == layer][key], value, atol=1e-6, err_msg=f"{key}, layer {layer}")
+            np.testing.assert_allclose(
+                scores[scores.layer == layer][key], value, atol=1e-6, err_msg=f"{key}, layer {layer}"
+            )
     unmasked = analysis.detector_scores(tr.attention(0), ids, np.ones(ids.shape, bool))
-    assert not np.allclose(unmasked["duplicate_token"], scores[scores.layer == 0].duplicate_token)  # the padding matters
+    assert not np.allclose(
+        unmasked["duplicate_token"], scores[scores.layer == 0].duplicate_token
+    )  # the padding matters
 
 
 def test_detectors_on_handcrafted_patterns():
@@ -361,7 +381,9 @@ def test_rotary_table(model):
     assert table.attrs["attention_factor"] == pytest.approx(np.sqrt(1 + np.log(2) / np.log(32)))
     np.testing.assert_allclose(table.wavelength, table.short_wavelength)
     assert analysis.rotary_table(model, seq_len=40).attrs["factor_set"] == "long"
-    np.testing.assert_allclose(table.long_wavelength / table.short_wavelength, table.long_factor / table.short_factor, rtol=1e-5)
+    np.testing.assert_allclose(
+        table.long_wavelength / table.short_wavelength, table.long_factor / table.short_factor, rtol=1e-5
+    )
 
 
 def test_rotary_band_scores_sum_to_the_scores(model, tr):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+
 from conftest import (
     LENGTHS,
     hf_config,
@@ -21,7 +22,6 @@ from conftest import (
     require_oracle,
     token_batch,
 )
-
 from phi3lab import Phi3Backbone
 
 HF_TOLERANCE = 1e-4

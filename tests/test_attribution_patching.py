@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_backbone
 
 import phi3lab
+from conftest import random_backbone
 from phi3lab import analysis, tasks
 
 ANSWER, COUNTER = 7, 11
@@ -47,7 +47,12 @@ def name_movers():
         clean, corrupted = tokenizer.encode(prompt.text), tokenizer.encode(swap_names(prompt))
         if len(clean) == len(corrupted):
             rows.setdefault(len(clean), []).append(
-                (clean, corrupted, tasks.name_token(tokenizer, prompt.answer), tasks.name_token(tokenizer, prompt.counterfactual))
+                (
+                    clean,
+                    corrupted,
+                    tasks.name_token(tokenizer, prompt.answer),
+                    tasks.name_token(tokenizer, prompt.counterfactual),
+                )
             )
     chosen = max(rows.values(), key=len)[:6]
     clean, corrupted, answer, counter = (np.array(column) for column in zip(*chosen))
@@ -90,8 +95,17 @@ def test_integrated_gradients_are_complete_per_layer(random_model, random_pair):
     """Units of one layer add up to patching that layer's whole site (the
     midpoint rule with 32 steps is exact to ~1e-3 of the effect)."""
     clean, corrupted = random_pair
-    result = analysis.attribution_patching(random_model, clean, corrupted, answer=ANSWER, counterfactual=COUNTER,
-                                           sites="head_z", method="integrated", steps=32, normalize=False)
+    result = analysis.attribution_patching(
+        random_model,
+        clean,
+        corrupted,
+        answer=ANSWER,
+        counterfactual=COUNTER,
+        sites="head_z",
+        method="integrated",
+        steps=32,
+        normalize=False,
+    )
     clean_tr = phi3lab.trace(random_model, clean, names="blocks.*.attn.hook_z")
     for layer in range(random_model.num_layers):
         name = f"blocks.{layer}.attn.hook_z"
@@ -107,9 +121,12 @@ def test_linear_attribution_is_the_first_order_term(random_model, random_pair):
     at the corrupted run, and integrated with one step at alpha = 1/2 is
     the midpoint gradient (a different number)."""
     clean, corrupted = random_pair
-    result = analysis.attribution_patching(random_model, clean, corrupted, answer=ANSWER, counterfactual=COUNTER,
-                                           sites="resid_pre", normalize=False)
-    g = phi3lab.gradients(random_model, corrupted, answer=ANSWER, counterfactual=COUNTER, names="blocks.*.hook_resid_pre")
+    result = analysis.attribution_patching(
+        random_model, clean, corrupted, answer=ANSWER, counterfactual=COUNTER, sites="resid_pre", normalize=False
+    )
+    g = phi3lab.gradients(
+        random_model, corrupted, answer=ANSWER, counterfactual=COUNTER, names="blocks.*.hook_resid_pre"
+    )
     clean_tr = phi3lab.trace(random_model, clean, names="blocks.*.hook_resid_pre")
     for layer in range(random_model.num_layers):
         name = f"blocks.{layer}.hook_resid_pre"

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from conftest import (
-    require_oracle,
     LENGTHS,
     PRETRAINING,
     backbone_kwargs,
@@ -28,6 +27,7 @@ from conftest import (
     max_diff,
     random_backbone,
     randomize_keras,
+    require_oracle,
     token_batch,
 )
 from phi3lab import Phi3Backbone

@@ -65,7 +65,10 @@ def test_unknown_rope_scaling_type(value):
 def test_query_heads_not_a_multiple_of_key_value_heads():
     kwargs = backbone_kwargs(None, num_key_value_heads=3)
     raises(
-        ValueError, "num_query_heads=4", "num_key_value_heads=3", "[1, 2, 4]",
+        ValueError,
+        "num_query_heads=4",
+        "num_key_value_heads=3",
+        "[1, 2, 4]",
         call=lambda: Phi3Backbone(**kwargs),
     )
 
@@ -81,8 +84,15 @@ def test_odd_head_size():
 
 
 SIZES = [
-    "vocabulary_size", "num_layers", "hidden_dim", "intermediate_dim", "num_query_heads",
-    "num_key_value_heads", "max_sequence_length", "pretraining_sequence_length", "sliding_window",
+    "vocabulary_size",
+    "num_layers",
+    "hidden_dim",
+    "intermediate_dim",
+    "num_query_heads",
+    "num_key_value_heads",
+    "max_sequence_length",
+    "pretraining_sequence_length",
+    "sliding_window",
 ]
 
 
@@ -100,7 +110,9 @@ def test_non_integer_sizes(name, value):
     raises(TypeError, f"{name}={value!r}", call=lambda: Phi3Backbone(**kwargs))
 
 
-@pytest.mark.parametrize("name, value", [("dropout", 1.0), ("dropout", -0.1), ("layer_norm_epsilon", 0.0), ("rope_max_wavelength", -1)])
+@pytest.mark.parametrize(
+    "name, value", [("dropout", 1.0), ("dropout", -0.1), ("layer_norm_epsilon", 0.0), ("rope_max_wavelength", -1)]
+)
 def test_bad_numbers(name, value):
     kwargs = backbone_kwargs(None, **{name: value})
     raises(ValueError, f"{name}={value!r}", call=lambda: Phi3Backbone(**kwargs))
@@ -118,7 +130,10 @@ def model():
 def test_token_ids_out_of_range(model, bad):
     ids = np.array([[1, 2, bad, 3]])
     raises(
-        ValueError, "token_ids", f"[0, {VOCAB})", f"[{bad}]",
+        ValueError,
+        "token_ids",
+        f"[0, {VOCAB})",
+        f"[{bad}]",
         call=lambda: model({"token_ids": ids, "padding_mask": np.ones_like(ids)}),
     )
 
@@ -218,13 +233,17 @@ def test_unknown_preset_name():
 
 def test_unknown_override(hf_dir):
     raises(
-        ValueError, "num_heads", "num_query_heads",
+        ValueError,
+        "num_heads",
+        "num_query_heads",
         call=lambda: Phi3Backbone.from_preset(str(hf_dir), num_heads=8),
     )
 
 
 def test_override_is_checked_like_the_constructor(hf_dir):
-    raises(ValueError, "num_key_value_heads=3", call=lambda: Phi3Backbone.from_preset(str(hf_dir), num_key_value_heads=3))
+    raises(
+        ValueError, "num_key_value_heads=3", call=lambda: Phi3Backbone.from_preset(str(hf_dir), num_key_value_heads=3)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +268,8 @@ def test_keras_hub_weights_missing_a_tensor(keras_hub_dir, tmp_path):
     with h5py.File(directory / "model.weights.h5", "r+") as handle:
         del handle["layers/phi3_decoder_1/attention/value_dense/vars/0"]
     raises(
-        ValueError, "phi3_decoder_1/attention/value_dense/vars/0",
+        ValueError,
+        "phi3_decoder_1/attention/value_dense/vars/0",
         call=lambda: Phi3Backbone.from_preset(str(directory)),
     )
 

@@ -9,6 +9,7 @@ import json
 import keras
 import numpy as np
 import pytest
+
 from conftest import (
     HEADS,
     HIDDEN,
@@ -24,14 +25,13 @@ from conftest import (
     rope_factors,
     token_batch,
 )
-
 from phi3lab import Phi3Backbone
 from phi3lab.model.rotary import apply_rotary
 from phi3lab.presets import save_hf_checkpoint, save_preset
 
 TOLERANCE = 1e-4
 HEAD_DIM = HIDDEN // HEADS  # 16
-PARTIAL = 0.75              # Phi-4-mini's factor: 12 of 16 dims rotate, 6 pairs
+PARTIAL = 0.75  # Phi-4-mini's factor: 12 of 16 dims rotate, 6 pairs
 
 # Published parameter counts (Hugging Face safetensors metadata of each
 # checkpoint; keras-hub's preset metadata gives 3,821,079,552 for Phi-3-mini).
@@ -127,8 +127,13 @@ def test_bad_family_arguments(overrides, fragments):
 def test_rotary_descriptions_separate_pass_through_dims():
     import phi3lab
 
-    model = random_backbone(seed=2, rope="su", partial_rotary_factor=PARTIAL,
-                            rope_scaling_short_factor=rope_factors(6)[0], rope_scaling_long_factor=rope_factors(6)[1])
+    model = random_backbone(
+        seed=2,
+        rope="su",
+        partial_rotary_factor=PARTIAL,
+        rope_scaling_short_factor=rope_factors(6)[0],
+        rope_scaling_long_factor=rope_factors(6)[1],
+    )
     view = phi3lab.widgets.RopeView(model, seq_len=LENGTHS["above"])
     assert "pass-through dims (not rotated)</b></td><td>12–15" in view.summary.value
     assert "rotary dims 0–11 of head_dim 16" in view.summary.value
@@ -136,8 +141,12 @@ def test_rotary_descriptions_separate_pass_through_dims():
     assert len(table) == 6 and table["dims"].iloc[0] == "0,6"
     assert table.attrs["pass_through_dims"] == list(range(12, 16)) and table.attrs["rotary_dim"] == 12
     ids, mask = token_batch(LENGTHS["above"])
-    tr = phi3lab.trace(model, ids, padding_mask=mask, names=["blocks.1.attn.hook_q", "blocks.1.attn.hook_rot_*",
-                                                           "blocks.1.attn.hook_attn_scores"])
+    tr = phi3lab.trace(
+        model,
+        ids,
+        padding_mask=mask,
+        names=["blocks.1.attn.hook_q", "blocks.1.attn.hook_rot_*", "blocks.1.attn.hook_attn_scores"],
+    )
     assert tr.rope.rotary_dim == 12 and tr.rope.cos.shape == (LENGTHS["above"], 12)
     rot_q, q = tr["blocks.1.attn.hook_rot_q"], tr["blocks.1.attn.hook_q"]
     np.testing.assert_array_equal(rot_q[..., 12:], q[..., 12:])  # pass-through dims untouched
@@ -194,7 +203,9 @@ SHAPES = {
     "phi3_5_mini": {"rope": "longrope", "num_key_value_heads": HEADS},
     # Phi-4-mini: partial rotary 0.75 (6 factor pairs), tied, GQA, LongRoPE.
     "phi4_mini": {
-        "num_key_value_heads": 2, "partial_rotary_factor": PARTIAL, "tie_word_embeddings": True,
+        "num_key_value_heads": 2,
+        "partial_rotary_factor": PARTIAL,
+        "tie_word_embeddings": True,
         "rope_scaling": {"type": "longrope", "short_factor": rope_factors(6)[0], "long_factor": rope_factors(6)[1]},
     },
     # Phi-4: full rotary, rope_theta 250000, no scaling, GQA, untied.
@@ -259,4 +270,3 @@ def test_untying_breaks_the_match(tmp_path):
     assert max_diff(forward(untied, ids, mask)[1], expected, mask) > 100 * TOLERANCE
     untied.token_embedding.reverse_embeddings.assign(np.asarray(model.token_embedding.embeddings.value).T)
     assert max_diff(forward(untied, ids, mask)[1], expected, mask) < TOLERANCE
-

@@ -56,13 +56,21 @@ CHECKED: contextvars.ContextVar[list | None] = contextvars.ContextVar("checked",
 # of size 4 over 2 key/value heads, 32 positions.
 VOCAB, LAYERS, HIDDEN, FFN, HQ, HKV, MAX_LEN = 64, 2, 16, 32, 4, 2, 32
 BASE_KWARGS = dict(
-    vocabulary_size=VOCAB, num_layers=LAYERS, hidden_dim=HIDDEN, intermediate_dim=FFN,
-    num_query_heads=HQ, num_key_value_heads=HKV, max_sequence_length=MAX_LEN,
+    vocabulary_size=VOCAB,
+    num_layers=LAYERS,
+    hidden_dim=HIDDEN,
+    intermediate_dim=FFN,
+    num_query_heads=HQ,
+    num_key_value_heads=HKV,
+    max_sequence_length=MAX_LEN,
 )
 PAIRS = HIDDEN // HQ // 2
 SU_KWARGS = dict(
-    BASE_KWARGS, rope_scaling_type="su", pretraining_sequence_length=8,
-    rope_scaling_short_factor=[1.0] * PAIRS, rope_scaling_long_factor=[2.0] * PAIRS,
+    BASE_KWARGS,
+    rope_scaling_type="su",
+    pretraining_sequence_length=8,
+    rope_scaling_short_factor=[1.0] * PAIRS,
+    rope_scaling_long_factor=[2.0] * PAIRS,
 )
 IDS = np.array([[1, 5, 9, 13, 17, 21], [2, 4, 8, 16, 32, 63]], np.int32)
 B, T = IDS.shape
@@ -155,8 +163,11 @@ def get_traces():
 
 
 CORPUS = [
-    "the cat sat on the mat", "hello world", "attention heads copy tokens",
-    "residual stream and logit lens", "Paris is the capital of France",
+    "the cat sat on the mat",
+    "hello world",
+    "attention heads copy tokens",
+    "residual stream and logit lens",
+    "Paris is the capital of France",
 ] * 20
 
 
@@ -192,10 +203,16 @@ floats = st.floats(allow_nan=True, allow_infinity=True)
 short_text = st.text(max_size=6)
 #: values that are neither ints nor containers of valid things
 junk = st.one_of(
-    st.none(), st.booleans(), floats, short_text, st.binary(max_size=4),
+    st.none(),
+    st.booleans(),
+    floats,
+    short_text,
+    st.binary(max_size=4),
     st.lists(st.integers(-3, 70), max_size=3).map(lambda v: [v, v + [1]]),  # ragged
-    st.just(object()), st.complex_numbers(max_magnitude=10, allow_nan=False),
-    finite.map(np.float32), st.just({"a": 1}),
+    st.just(object()),
+    st.complex_numbers(max_magnitude=10, allow_nan=False),
+    finite.map(np.float32),
+    st.just({"a": 1}),
 )
 #: not an int (floats, strings, None, bools, containers, objects)
 not_int = st.one_of(junk, st.lists(st.integers(0, 3), max_size=3), st.floats(0.5, 5).map(np.float64))
@@ -211,14 +228,38 @@ def pick(name, strategy, *fragments):
 
 # === Phi3Backbone(...) ======================================================
 
-INT_ARGS = ["vocabulary_size", "num_layers", "hidden_dim", "intermediate_dim", "num_query_heads",
-            "num_key_value_heads", "max_sequence_length", "pretraining_sequence_length"]
-bad_real = st.one_of(st.floats(max_value=0), st.just(math.nan), st.just(math.inf), st.just(-math.inf),
-                     short_text, st.none(), st.booleans(), st.lists(finite, max_size=2), st.integers(max_value=0))
-bad_dropout = st.one_of(floats.filter(lambda x: not 0 <= x < 1), short_text, st.none(), st.booleans(),
-                        st.integers(1, 100), st.integers(max_value=-1))
-bad_factor_entry = st.one_of(st.floats(max_value=0), st.just(math.nan), st.just(math.inf),
-                             short_text, st.none(), st.booleans(), st.just([1.0]))
+INT_ARGS = [
+    "vocabulary_size",
+    "num_layers",
+    "hidden_dim",
+    "intermediate_dim",
+    "num_query_heads",
+    "num_key_value_heads",
+    "max_sequence_length",
+    "pretraining_sequence_length",
+]
+bad_real = st.one_of(
+    st.floats(max_value=0),
+    st.just(math.nan),
+    st.just(math.inf),
+    st.just(-math.inf),
+    short_text,
+    st.none(),
+    st.booleans(),
+    st.lists(finite, max_size=2),
+    st.integers(max_value=0),
+)
+bad_dropout = st.one_of(
+    floats.filter(lambda x: not 0 <= x < 1),
+    short_text,
+    st.none(),
+    st.booleans(),
+    st.integers(1, 100),
+    st.integers(max_value=-1),
+)
+bad_factor_entry = st.one_of(
+    st.floats(max_value=0), st.just(math.nan), st.just(math.inf), short_text, st.none(), st.booleans(), st.just([1.0])
+)
 
 
 @st.composite
@@ -238,20 +279,37 @@ constructor_cases = st.one_of(
     *[pick(name, bad_positive_int) for name in INT_ARGS],
     # the head layout: hidden_dim must split into an even head size over heads
     pick("hidden_dim", st.integers(1, 512).filter(lambda h: h % HQ or (h // HQ) % 2)),
-    pick("num_query_heads", st.integers(1, 64).filter(
-        lambda q: not (HIDDEN % q == 0 and (HIDDEN // q) % 2 == 0 and q % HKV == 0))),
+    pick(
+        "num_query_heads",
+        st.integers(1, 64).filter(lambda q: not (HIDDEN % q == 0 and (HIDDEN // q) % 2 == 0 and q % HKV == 0)),
+    ),
     pick("num_key_value_heads", st.integers(1, 64).filter(lambda k: HQ % k)),
     pick("layer_norm_epsilon", bad_real),
     pick("rope_max_wavelength", bad_real),
     pick("dropout", bad_dropout),
     pick("sliding_window", st.one_of(not_positive, st.floats(0.5, 10), short_text, st.booleans())),
-    pick("rope_scaling_type", st.one_of(short_text.filter(lambda s: s not in ("su", "longrope")),
-                                         st.integers(), st.booleans(), st.lists(st.just("su"), max_size=1))),
+    pick(
+        "rope_scaling_type",
+        st.one_of(
+            short_text.filter(lambda s: s not in ("su", "longrope")),
+            st.integers(),
+            st.booleans(),
+            st.lists(st.just("su"), max_size=1),
+        ),
+    ),
     pick("rope_scaling_short_factor", st.lists(st.floats(0.1, 10), min_size=1, max_size=3)),  # without "su"
     pick("rope_scaling_long_factor", st.one_of(st.lists(finite, min_size=1, max_size=3), short_text)),
-    pick("dtype", st.one_of(short_text.map(lambda s: "no_such_dtype" + s), st.integers(), st.floats(),
-                            st.dictionaries(short_text, st.integers(), max_size=2),
-                            st.just({"class_name": "Lambda", "config": {}}), st.lists(short_text, max_size=2))),
+    pick(
+        "dtype",
+        st.one_of(
+            short_text.map(lambda s: "no_such_dtype" + s),
+            st.integers(),
+            st.floats(),
+            st.dictionaries(short_text, st.integers(), max_size=2),
+            st.just({"class_name": "Lambda", "config": {}}),
+            st.lists(short_text, max_size=2),
+        ),
+    ),
 )
 su_cases = st.one_of(
     pick("rope_scaling_short_factor", bad_factor_list()),
@@ -279,7 +337,9 @@ def _not_a_preset(text: str) -> bool:
 
 
 json_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False, allow_infinity=False), short_text),
+    st.one_of(
+        st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False, allow_infinity=False), short_text
+    ),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(short_text, inner, max_size=3)),
     max_leaves=8,
 )
@@ -295,11 +355,15 @@ def test_from_preset(data, preset_dir, tmp_path_factory):
         name = data.draw(st.text(max_size=20).filter(_not_a_preset))
         expect_bad(lambda: phi3lab.Phi3Backbone.from_preset(name), arg("preset"))
     elif kind == "type":
-        value = data.draw(st.one_of(st.integers(), st.none(), st.binary(max_size=4), st.lists(short_text, max_size=2), floats))
+        value = data.draw(
+            st.one_of(st.integers(), st.none(), st.binary(max_size=4), st.lists(short_text, max_size=2), floats)
+        )
         expect_bad(lambda: phi3lab.Phi3Backbone.from_preset(value), arg("preset"))
     elif kind == "override":
         name = data.draw(override_names)
-        value = data.draw(bad_positive_int if name in INT_ARGS else st.one_of(st.integers(-5, 0), short_text, st.booleans()))
+        value = data.draw(
+            bad_positive_int if name in INT_ARGS else st.one_of(st.integers(-5, 0), short_text, st.booleans())
+        )
         if name == "dropout":
             value = data.draw(bad_dropout)
         elif name == "layer_norm_epsilon":
@@ -307,20 +371,42 @@ def test_from_preset(data, preset_dir, tmp_path_factory):
         load = data.draw(st.booleans())
         expect_bad(lambda: phi3lab.Phi3Backbone.from_preset(preset_dir, load_weights=load, **{name: value}), arg(name))
     elif kind == "unknown":
-        name = data.draw(st.text(min_size=1, max_size=10).filter(
-            lambda s: s not in BASE_KWARGS and s not in SU_KWARGS and s not in (
-                "preset", "load_weights", "dtype", "dropout", "layer_norm_epsilon", "rope_max_wavelength", "sliding_window")))
+        name = data.draw(
+            st.text(min_size=1, max_size=10).filter(
+                lambda s: (
+                    s not in BASE_KWARGS
+                    and s not in SU_KWARGS
+                    and s
+                    not in (
+                        "preset",
+                        "load_weights",
+                        "dtype",
+                        "dropout",
+                        "layer_norm_epsilon",
+                        "rope_max_wavelength",
+                        "sliding_window",
+                    )
+                )
+            )
+        )
         expect_bad(lambda: phi3lab.Phi3Backbone.from_preset(preset_dir, **{name: 1}), repr(name))
     elif kind == "load_weights":
         value = data.draw(not_bool)
         expect_bad(lambda: phi3lab.Phi3Backbone.from_preset(preset_dir, load_weights=value), arg("load_weights"))
     else:  # a directory whose config.json is not a Phi-3 preset
         directory = tmp_path_factory.mktemp("bad_config")
-        config = data.draw(st.one_of(
-            json_values.filter(lambda v: not isinstance(v, dict) or not ({"class_name", "model_type"} & set(v))),
-            st.fixed_dictionaries({"class_name": short_text.filter(lambda s: s != "Phi3Backbone")}, optional={"config": json_values}),
-            st.fixed_dictionaries({"model_type": st.one_of(short_text, st.integers()).filter(lambda s: s != "phi3")}, optional={"vocab_size": json_values}),
-        ))
+        config = data.draw(
+            st.one_of(
+                json_values.filter(lambda v: not isinstance(v, dict) or not ({"class_name", "model_type"} & set(v))),
+                st.fixed_dictionaries(
+                    {"class_name": short_text.filter(lambda s: s != "Phi3Backbone")}, optional={"config": json_values}
+                ),
+                st.fixed_dictionaries(
+                    {"model_type": st.one_of(short_text, st.integers()).filter(lambda s: s != "phi3")},
+                    optional={"vocab_size": json_values},
+                ),
+            )
+        )
         (directory / "config.json").write_text(json.dumps(config))
         expect_bad(lambda: phi3lab.Phi3Backbone.from_preset(directory), str(directory))
 
@@ -341,18 +427,41 @@ def bad_ids(draw, vocabulary_size):
 
 
 bad_messages = st.one_of(
-    st.one_of(st.integers(), st.none(), short_text, st.just([]), st.dictionaries(short_text, short_text, max_size=2)).map(
-        lambda m: (m, arg("messages"))),
-    st.tuples(st.lists(st.one_of(st.integers(), short_text, st.none(), st.lists(st.integers(), max_size=2)), min_size=1, max_size=3),
-              st.just(arg("messages"))),
-    st.tuples(st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"])},
-                                              optional={"content": st.one_of(st.integers(), st.none(), st.lists(short_text))}),
-                       min_size=1, max_size=2),
-              st.just(arg("messages"))),
-    st.tuples(st.lists(st.fixed_dictionaries({"role": st.one_of(short_text.filter(lambda r: r not in ("user", "system", "assistant")),
-                                                                  st.integers(), st.none()),
-                                               "content": short_text}), min_size=1, max_size=2),
-              st.just(arg("messages"))),
+    st.one_of(
+        st.integers(), st.none(), short_text, st.just([]), st.dictionaries(short_text, short_text, max_size=2)
+    ).map(lambda m: (m, arg("messages"))),
+    st.tuples(
+        st.lists(
+            st.one_of(st.integers(), short_text, st.none(), st.lists(st.integers(), max_size=2)), min_size=1, max_size=3
+        ),
+        st.just(arg("messages")),
+    ),
+    st.tuples(
+        st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["user", "system", "assistant"])},
+                optional={"content": st.one_of(st.integers(), st.none(), st.lists(short_text))},
+            ),
+            min_size=1,
+            max_size=2,
+        ),
+        st.just(arg("messages")),
+    ),
+    st.tuples(
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    "role": st.one_of(
+                        short_text.filter(lambda r: r not in ("user", "system", "assistant")), st.integers(), st.none()
+                    ),
+                    "content": short_text,
+                }
+            ),
+            min_size=1,
+            max_size=2,
+        ),
+        st.just(arg("messages")),
+    ),
 )
 
 
@@ -367,35 +476,84 @@ def _not_a_file(text: str) -> bool:
 @fuzz(250)
 @given(data=st.data())
 def test_tokenizer(data, tok):
-    kind = data.draw(st.sampled_from([
-        "proto", "rstrip", "encode", "add_bos", "texts", "padding", "padding_side", "decode", "decode_type",
-        "skip", "display", "space", "id_to_token", "token_to_id", "chat", "generation_prompt", "from_preset",
-    ]))
+    kind = data.draw(
+        st.sampled_from(
+            [
+                "proto",
+                "rstrip",
+                "encode",
+                "add_bos",
+                "texts",
+                "padding",
+                "padding_side",
+                "decode",
+                "decode_type",
+                "skip",
+                "display",
+                "space",
+                "id_to_token",
+                "token_to_id",
+                "chat",
+                "generation_prompt",
+                "from_preset",
+            ]
+        )
+    )
     V = tok.vocabulary_size
     if kind == "proto":
-        value = data.draw(st.one_of(st.binary(max_size=64), st.integers(), st.none(), st.lists(st.integers(0, 255), max_size=3),
-                                    st.text(max_size=20).filter(_not_a_file)))
+        value = data.draw(
+            st.one_of(
+                st.binary(max_size=64),
+                st.integers(),
+                st.none(),
+                st.lists(st.integers(0, 255), max_size=3),
+                st.text(max_size=20).filter(_not_a_file),
+            )
+        )
         expect_bad(lambda: Phi3Tokenizer(value), arg("proto"))
     elif kind == "rstrip":
-        value = data.draw(st.one_of(st.integers(), st.floats(), st.just(object()), st.lists(st.integers(), min_size=1, max_size=2),
-                                    st.lists(short_text.filter(lambda s: s not in tok.special_tokens), min_size=1, max_size=2),
-                                    st.lists(st.lists(st.integers(), max_size=1), min_size=1, max_size=2)))
+        value = data.draw(
+            st.one_of(
+                st.integers(),
+                st.floats(),
+                st.just(object()),
+                st.lists(st.integers(), min_size=1, max_size=2),
+                st.lists(short_text.filter(lambda s: s not in tok.special_tokens), min_size=1, max_size=2),
+                st.lists(st.lists(st.integers(), max_size=1), min_size=1, max_size=2),
+            )
+        )
         expect_bad(lambda: Phi3Tokenizer(tok.proto, rstrip_tokens=value), arg("rstrip_tokens"))
     elif kind == "encode":
-        value = data.draw(st.one_of(st.integers(), st.none(), st.binary(max_size=4), st.lists(short_text, max_size=2), floats))
+        value = data.draw(
+            st.one_of(st.integers(), st.none(), st.binary(max_size=4), st.lists(short_text, max_size=2), floats)
+        )
         expect_bad(lambda: tok.encode(value), arg("text"))
     elif kind == "add_bos":
         value = data.draw(not_bool)
         expect_bad(lambda: tok.encode("hello", add_bos=value), arg("add_bos"))
     elif kind == "texts":
-        value = data.draw(st.one_of(
-            short_text, st.integers(), st.none(),
-            st.lists(st.one_of(short_text, st.integers(), st.none()), min_size=1, max_size=3).filter(
-                lambda v: not all(isinstance(t, str) for t in v))))
+        value = data.draw(
+            st.one_of(
+                short_text,
+                st.integers(),
+                st.none(),
+                st.lists(st.one_of(short_text, st.integers(), st.none()), min_size=1, max_size=3).filter(
+                    lambda v: not all(isinstance(t, str) for t in v)
+                ),
+            )
+        )
         expect_bad(lambda: tok.encode_batch(value), arg("texts"))
     elif kind == "padding":
-        value = data.draw(st.one_of(st.integers(max_value=0), st.floats(), short_text.filter(lambda s: s != "longest"),
-                                    st.booleans(), st.none(), st.integers(1, 3)))
+        value = data.draw(
+            st.one_of(
+                st.integers(max_value=0),
+                st.floats(),
+                short_text.filter(lambda s: s != "longest"),
+                st.booleans(),
+                st.none(),
+                st.integers(1, 3),
+            )
+        )
         expect_bad(lambda: tok.encode_batch(["the cat sat on the mat and hello world"], padding=value), arg("padding"))
     elif kind == "padding_side":
         value = data.draw(st.one_of(short_text.filter(lambda s: s not in ("left", "right")), st.integers(), st.none()))
@@ -404,11 +562,16 @@ def test_tokenizer(data, tok):
         ids = data.draw(bad_ids(V))
         expect_bad(lambda: tok.decode(ids), arg("ids"))
     elif kind == "decode_type":
-        value = data.draw(st.one_of(
-            st.lists(st.floats(), min_size=1, max_size=3), short_text.filter(bool), st.none(),
-            st.lists(st.integers(0, 3), min_size=1, max_size=3).map(lambda v: [v, v + [0]]),
-            st.lists(st.integers(0, 3), min_size=1, max_size=3).map(lambda v: [v, v]),  # 2-D
-            st.lists(st.integers(min_value=2**64), min_size=1, max_size=2)))
+        value = data.draw(
+            st.one_of(
+                st.lists(st.floats(), min_size=1, max_size=3),
+                short_text.filter(bool),
+                st.none(),
+                st.lists(st.integers(0, 3), min_size=1, max_size=3).map(lambda v: [v, v + [0]]),
+                st.lists(st.integers(0, 3), min_size=1, max_size=3).map(lambda v: [v, v]),  # 2-D
+                st.lists(st.integers(min_value=2**64), min_size=1, max_size=2),
+            )
+        )
         expect_bad(lambda: tok.decode(value), arg("ids"))
     elif kind == "skip":
         value = data.draw(not_bool)
@@ -420,7 +583,11 @@ def test_tokenizer(data, tok):
         value = data.draw(st.one_of(st.integers(), st.none(), st.binary(max_size=2), st.lists(short_text, max_size=1)))
         expect_bad(lambda: tok.display_tokens([5], space=value), arg("space"))
     elif kind == "id_to_token":
-        value = data.draw(st.one_of(st.integers(min_value=V), st.integers(max_value=-1), st.floats(), short_text, st.none(), st.booleans()))
+        value = data.draw(
+            st.one_of(
+                st.integers(min_value=V), st.integers(max_value=-1), st.floats(), short_text, st.none(), st.booleans()
+            )
+        )
         expect_bad(lambda: tok.id_to_token(value), arg("id"))
     elif kind == "token_to_id":
         value = data.draw(st.one_of(st.integers(), st.none(), st.text(max_size=5).map(lambda s: NOT_A_PIECE + s)))
@@ -430,8 +597,10 @@ def test_tokenizer(data, tok):
         expect_bad(lambda: tok.apply_chat_template(messages), fragment)
     elif kind == "generation_prompt":
         value = data.draw(not_bool)
-        expect_bad(lambda: tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=value),
-                   arg("add_generation_prompt"))
+        expect_bad(
+            lambda: tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=value),
+            arg("add_generation_prompt"),
+        )
     else:
         value = data.draw(st.one_of(st.text(max_size=20).filter(_not_a_preset), st.integers(), st.none()))
         expect_bad(lambda: Phi3Tokenizer.from_preset(value), arg("preset"))
@@ -452,7 +621,7 @@ def out_of_range_ids(draw):
     shape = draw(st.one_of(st.tuples(st.integers(1, 3), st.integers(1, MAX_LEN)), st.tuples(st.integers(1, MAX_LEN))))
     ids = draw(int_arrays(shape, 0, VOCAB - 1))
     flat = ids.reshape(-1)
-    flat[draw(st.integers(0, flat.size - 1))] = draw(st.one_of(st.integers(VOCAB, 2**40), st.integers(-2**40, -1)))
+    flat[draw(st.integers(0, flat.size - 1))] = draw(st.one_of(st.integers(VOCAB, 2**40), st.integers(-(2**40), -1)))
     return ids
 
 
@@ -466,8 +635,11 @@ bad_inputs = st.one_of(
     st.integers(MAX_LEN + 1, 200).map(lambda n: np.ones((1, n), np.int32)),  # too long
     st.lists(st.integers(0, 5), min_size=1, max_size=4).map(lambda v: [v, v + [1]]),  # ragged
     st.lists(st.one_of(st.integers(0, 5), st.text(max_size=2)), min_size=2, max_size=4).filter(
-        lambda v: any(isinstance(x, str) for x in v) and not all(isinstance(x, str) for x in v)),
-    st.just(None), st.just({"a": 1}), st.just(object()),
+        lambda v: any(isinstance(x, str) for x in v) and not all(isinstance(x, str) for x in v)
+    ),
+    st.just(None),
+    st.just({"a": 1}),
+    st.just(object()),
 )
 
 
@@ -503,19 +675,38 @@ def _noop(x, ctx):
 
 no_match = st.text(max_size=12).filter(_matches_nothing)
 bad_names = st.one_of(
-    no_match, st.integers(), floats, st.booleans(), st.just(object()),
+    no_match,
+    st.integers(),
+    floats,
+    st.booleans(),
+    st.just(object()),
     st.lists(st.one_of(no_match, st.integers(), st.none()), min_size=1, max_size=3).flatmap(
-        lambda bad: st.lists(st.sampled_from(NAMES), max_size=2).map(lambda good: good + bad)),
+        lambda bad: st.lists(st.sampled_from(NAMES), max_size=2).map(lambda good: good + bad)
+    ),
     st.binary(min_size=1, max_size=3),
 )
 bad_hooks = st.one_of(
-    st.integers(), floats, st.booleans(), st.just(object()), short_text, st.binary(max_size=3),
-    st.dictionaries(st.one_of(st.integers(), st.none(), st.tuples(st.integers())), st.just(_noop), min_size=1, max_size=2),
+    st.integers(),
+    floats,
+    st.booleans(),
+    st.just(object()),
+    short_text,
+    st.binary(max_size=3),
+    st.dictionaries(
+        st.one_of(st.integers(), st.none(), st.tuples(st.integers())), st.just(_noop), min_size=1, max_size=2
+    ),
     st.dictionaries(no_match, st.just(_noop), min_size=1, max_size=2),
-    st.dictionaries(st.sampled_from(NAMES), st.one_of(st.integers(), short_text, st.lists(st.integers(), max_size=1)),
-                    min_size=1, max_size=2),
-    st.lists(st.one_of(st.integers(), st.tuples(short_text), st.tuples(short_text, st.just(_noop), st.integers())),
-             min_size=1, max_size=2),
+    st.dictionaries(
+        st.sampled_from(NAMES),
+        st.one_of(st.integers(), short_text, st.lists(st.integers(), max_size=1)),
+        min_size=1,
+        max_size=2,
+    ),
+    st.lists(
+        st.one_of(st.integers(), st.tuples(short_text), st.tuples(short_text, st.just(_noop), st.integers())),
+        min_size=1,
+        max_size=2,
+    ),
     st.lists(st.tuples(no_match, st.just(_noop)), min_size=1, max_size=2),
 )
 small = st.integers(-40, 40)
@@ -528,24 +719,38 @@ bad_queries = st.one_of(
     st.lists(small, min_size=2, max_size=2).filter(lambda q: not 0 <= q[0] < q[1] <= T),
     st.tuples(st.one_of(st.floats(), short_text, st.none(), st.booleans()), small),
     st.lists(small, max_size=5).filter(lambda q: len(q) != 2),
-    st.integers(), short_text, st.booleans(), floats,
+    st.integers(),
+    short_text,
+    st.booleans(),
+    floats,
 )
 bad_heads = st.one_of(
-    st.integers(HQ, 100), st.integers(-100, -HQ - 1), st.booleans(), st.floats(), short_text, st.just([]),
+    st.integers(HQ, 100),
+    st.integers(-100, -HQ - 1),
+    st.booleans(),
+    st.floats(),
+    short_text,
+    st.just([]),
     st.lists(st.integers(0, HQ - 1), max_size=3).flatmap(
-        lambda good: st.one_of(st.integers(HQ, 50), st.integers(-50, -HQ - 1), st.floats(), short_text, st.booleans(), st.none()).map(
-            lambda bad: good + [bad])),
+        lambda good: st.one_of(
+            st.integers(HQ, 50), st.integers(-50, -HQ - 1), st.floats(), short_text, st.booleans(), st.none()
+        ).map(lambda bad: good + [bad])
+    ),
     st.just(object()),
 )
-bad_budgets = st.one_of(st.integers(max_value=0), st.floats(), short_text, st.booleans(), st.lists(st.integers(1, 9), max_size=2))
+bad_budgets = st.one_of(
+    st.integers(max_value=0), st.floats(), short_text, st.booleans(), st.lists(st.integers(1, 9), max_size=2)
+)
 
 trace_cases = st.one_of(
     bad_inputs.map(lambda v: ({"inputs": v}, (arg("ids"),))),
     st.lists(letters, min_size=1, max_size=2).map(lambda v: ({"inputs": v}, (arg("tokenizer"),))),  # text, no tokenizer
     st.one_of(letters, st.lists(letters, min_size=1, max_size=2)).map(
-        lambda v: ({"inputs": v, "tokenizer": TOK}, (arg("ids"),))),  # ids >= the model's vocabulary
+        lambda v: ({"inputs": v, "tokenizer": TOK}, (arg("ids"),))
+    ),  # ids >= the model's vocabulary
     st.tuples(letters, st.one_of(st.integers(), short_text, st.just(object()))).map(
-        lambda v: ({"inputs": v[0], "tokenizer": v[1]}, (arg("tokenizer"),))),
+        lambda v: ({"inputs": v[0], "tokenizer": v[1]}, (arg("tokenizer"),))
+    ),
     bad_padding_masks().map(lambda v: ({"padding_mask": v}, (arg("padding_mask"),))),
     bad_names.map(lambda v: ({"names": v}, (arg("names"),))),
     bad_hooks.map(lambda v: ({"hooks": v}, (arg("hooks"),))),
@@ -597,72 +802,153 @@ def test_estimate(case, model, traces):
 @given(data=st.data())
 def test_hooks(data, model, traces):
     full, partial, _ = traces
-    kind = data.draw(st.sampled_from([
-        "ablate_layer", "ablate_layer_range", "ablate_heads", "ablate_heads_range", "ablate_mode",
-        "patch_name", "patch_name_type", "patch_source", "patch_positions", "add_name", "add_vector",
-        "add_scale", "add_shape", "gqa",
-    ]))
+    kind = data.draw(
+        st.sampled_from(
+            [
+                "ablate_layer",
+                "ablate_layer_range",
+                "ablate_heads",
+                "ablate_heads_range",
+                "ablate_mode",
+                "patch_name",
+                "patch_name_type",
+                "patch_source",
+                "patch_positions",
+                "add_name",
+                "add_vector",
+                "add_scale",
+                "add_shape",
+                "gqa",
+            ]
+        )
+    )
     before = compiled_count(model)
     run = lambda hooks: phi3lab.trace(model, IDS, hooks=hooks)
     if kind == "ablate_layer":
-        value = data.draw(st.one_of(st.floats(), short_text, st.none(), st.booleans(),
-                                    st.lists(st.integers(0, 1), max_size=2)))
+        value = data.draw(
+            st.one_of(st.floats(), short_text, st.none(), st.booleans(), st.lists(st.integers(0, 1), max_size=2))
+        )
         expect_bad(lambda: H.ablate_heads(value, [0]), arg("layer"))
     elif kind == "ablate_layer_range":
         value = data.draw(st.integers(LAYERS, 10**6) | st.integers(-(10**6), -LAYERS - 1))
         expect_bad(lambda: run(H.ablate_heads(value, [0])), arg("layer"))
     elif kind == "ablate_heads":
-        value = data.draw(st.one_of(st.none(), st.floats(), short_text, st.just([]), st.booleans(),
-                                    st.lists(st.one_of(st.floats(), short_text, st.none(), st.booleans()), min_size=1, max_size=3)))
+        value = data.draw(
+            st.one_of(
+                st.none(),
+                st.floats(),
+                short_text,
+                st.just([]),
+                st.booleans(),
+                st.lists(st.one_of(st.floats(), short_text, st.none(), st.booleans()), min_size=1, max_size=3),
+            )
+        )
         expect_bad(lambda: H.ablate_heads(0, value), arg("heads"))
     elif kind == "ablate_heads_range":
-        value = data.draw(st.lists(st.integers(0, HQ - 1), max_size=2).flatmap(
-            lambda good: st.one_of(st.integers(HQ, 1000), st.integers(-1000, -HQ - 1)).map(lambda bad: good + [bad])))
+        value = data.draw(
+            st.lists(st.integers(0, HQ - 1), max_size=2).flatmap(
+                lambda good: st.one_of(st.integers(HQ, 1000), st.integers(-1000, -HQ - 1)).map(lambda bad: good + [bad])
+            )
+        )
         expect_bad(lambda: run(H.ablate_heads(1, value)), arg("heads"))
     elif kind == "ablate_mode":
-        value = data.draw(st.one_of(short_text.filter(lambda m: m not in ("zero", "mean")), st.integers(), st.none(),
-                                    st.lists(short_text, max_size=1)))
+        value = data.draw(
+            st.one_of(
+                short_text.filter(lambda m: m not in ("zero", "mean")),
+                st.integers(),
+                st.none(),
+                st.lists(short_text, max_size=1),
+            )
+        )
         expect_bad(lambda: H.ablate_heads(0, [1], mode=value), arg("mode"))
     elif kind == "patch_name":  # a name (or pattern) the source trace did not capture
-        name = data.draw(st.one_of(st.sampled_from(NAMES[2:]), st.text(max_size=12)).filter(
-            lambda n: not fnmatch.filter(partial.names, n)))
+        name = data.draw(
+            st.one_of(st.sampled_from(NAMES[2:]), st.text(max_size=12)).filter(
+                lambda n: not fnmatch.filter(partial.names, n)
+            )
+        )
         expect_bad(lambda: H.patch(name, partial), arg("name"))
     elif kind == "patch_name_type":
         value = data.draw(st.one_of(st.integers(), st.none(), st.lists(short_text, max_size=2), st.binary(max_size=3)))
         expect_bad(lambda: H.patch(value, full), arg("name"))
     elif kind == "patch_source":
-        value = data.draw(st.one_of(st.integers(), st.none(), short_text, st.dictionaries(short_text, st.integers(), max_size=2)))
+        value = data.draw(
+            st.one_of(st.integers(), st.none(), short_text, st.dictionaries(short_text, st.integers(), max_size=2))
+        )
         expect_bad(lambda: H.patch("blocks.0.hook_resid_pre", value), arg("source_trace"))
     elif kind == "patch_positions":
-        value = data.draw(st.one_of(
-            st.integers(T, 1000), st.integers(-1000, -T - 1), st.floats(), short_text, st.just([]),
-            st.lists(st.integers(-T, T - 1), max_size=3).flatmap(lambda good: st.integers(T, 99).map(lambda bad: good + [bad])),
-            st.just([[0, 1], [2, 3]]), st.lists(st.floats(0, 5), min_size=1, max_size=3)))
+        value = data.draw(
+            st.one_of(
+                st.integers(T, 1000),
+                st.integers(-1000, -T - 1),
+                st.floats(),
+                short_text,
+                st.just([]),
+                st.lists(st.integers(-T, T - 1), max_size=3).flatmap(
+                    lambda good: st.integers(T, 99).map(lambda bad: good + [bad])
+                ),
+                st.just([[0, 1], [2, 3]]),
+                st.lists(st.floats(0, 5), min_size=1, max_size=3),
+            )
+        )
         expect_bad(lambda: H.patch("blocks.0.hook_resid_pre", partial, positions=value), arg("positions"))
     elif kind == "add_name":
         value = data.draw(st.one_of(st.integers(), st.none(), st.lists(short_text, max_size=2)))
         expect_bad(lambda: H.add(value, np.ones(HIDDEN, np.float32)), arg("name"))
     elif kind == "add_vector":
-        value = data.draw(st.one_of(
-            hnp.arrays(hnp.integer_dtypes() | hnp.unsigned_integer_dtypes() | st.just(np.dtype(bool)), hnp.array_shapes(max_dims=2, max_side=HIDDEN)),
-            st.lists(st.integers(), min_size=1, max_size=3), short_text, st.none(), st.just(object()),
-            st.lists(finite, min_size=1, max_size=3).map(lambda v: [v, v + [1.0]])))
+        value = data.draw(
+            st.one_of(
+                hnp.arrays(
+                    hnp.integer_dtypes() | hnp.unsigned_integer_dtypes() | st.just(np.dtype(bool)),
+                    hnp.array_shapes(max_dims=2, max_side=HIDDEN),
+                ),
+                st.lists(st.integers(), min_size=1, max_size=3),
+                short_text,
+                st.none(),
+                st.just(object()),
+                st.lists(finite, min_size=1, max_size=3).map(lambda v: [v, v + [1.0]]),
+            )
+        )
         expect_bad(lambda: H.add("blocks.0.hook_resid_post", value), arg("vector"))
     elif kind == "add_scale":
-        value = data.draw(st.one_of(short_text, st.none(), st.just(math.nan), st.just(math.inf), st.booleans(),
-                                    st.lists(finite, min_size=1, max_size=2), st.just(object())))
+        value = data.draw(
+            st.one_of(
+                short_text,
+                st.none(),
+                st.just(math.nan),
+                st.just(math.inf),
+                st.booleans(),
+                st.lists(finite, min_size=1, max_size=2),
+                st.just(object()),
+            )
+        )
         expect_bad(lambda: H.add("blocks.0.hook_resid_post", np.ones(HIDDEN, np.float32), scale=value), arg("scale"))
     elif kind == "add_shape":  # checked against the site before compiling
-        site, width = data.draw(st.sampled_from([("blocks.1.hook_resid_post", HIDDEN), ("blocks.0.mlp.hook_post", FFN),
-                                                 ("hook_logits", VOCAB), ("blocks.0.attn.hook_z", HIDDEN // HQ)]))
-        shape = data.draw(st.one_of(
-            st.tuples(st.integers(2, 80).filter(lambda n: n != width)),
-            st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3))))
+        site, width = data.draw(
+            st.sampled_from(
+                [
+                    ("blocks.1.hook_resid_post", HIDDEN),
+                    ("blocks.0.mlp.hook_post", FFN),
+                    ("hook_logits", VOCAB),
+                    ("blocks.0.attn.hook_z", HIDDEN // HQ),
+                ]
+            )
+        )
+        shape = data.draw(
+            st.one_of(
+                st.tuples(st.integers(2, 80).filter(lambda n: n != width)),
+                st.tuples(
+                    st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)
+                ),
+            )
+        )
         expect_bad(lambda: run(H.add(site, np.ones(shape, np.float32))), arg("vector"))
     else:
         which = data.draw(st.sampled_from(["query_head", "key_value_head"]))
         limit = HQ if which == "query_head" else HKV
-        value = data.draw(st.one_of(st.integers(min_value=limit), st.integers(max_value=-1), st.floats(), short_text, st.none()))
+        value = data.draw(
+            st.one_of(st.integers(min_value=limit), st.integers(max_value=-1), st.floats(), short_text, st.none())
+        )
         fn = H.key_value_head_of if which == "query_head" else H.query_heads_sharing
         expect_bad(lambda: fn(model, value), arg(which))
     assert compiled_count(model) == before
@@ -675,14 +961,19 @@ def get_short_source(site):
 
 @pytest.mark.timeout(120)
 @fuzz(12)
-@given(positions=st.one_of(st.none(), st.lists(st.integers(0, 3), min_size=1, max_size=2)),
-       site=st.sampled_from(["blocks.0.hook_resid_pre", "blocks.1.attn.hook_pattern"]))
+@given(
+    positions=st.one_of(st.none(), st.lists(st.integers(0, 3), min_size=1, max_size=2)),
+    site=st.sampled_from(["blocks.0.hook_resid_pre", "blocks.1.attn.hook_pattern"]),
+)
 def test_patch_from_a_trace_of_another_shape(positions, site, model, traces):
     """The mismatch shows only once the run's shapes are known: while the
     program is traced, before anything is compiled."""
     source = get_short_source(site)
     before = compiled_count(model)
-    expect_bad(lambda: phi3lab.trace(model, IDS, names="hook_logits", hooks=H.patch(site, source, positions)), arg("source_trace"))
+    expect_bad(
+        lambda: phi3lab.trace(model, IDS, names="hook_logits", hooks=H.patch(site, source, positions)),
+        arg("source_trace"),
+    )
     assert compiled_count(model) == before
 
 
@@ -690,15 +981,30 @@ def test_patch_from_a_trace_of_another_shape(positions, site, model, traces):
 
 bad_batch = st.one_of(st.integers(B, 100), st.integers(-100, -B - 1), st.floats(), short_text, st.none(), st.booleans())
 bad_position_list = st.one_of(
-    st.integers(T, 100), st.integers(-100, -T - 1), st.floats(), short_text,
+    st.integers(T, 100),
+    st.integers(-100, -T - 1),
+    st.floats(),
+    short_text,
     st.lists(st.integers(0, T - 1), max_size=2).flatmap(lambda good: st.integers(T, 50).map(lambda bad: good + [bad])),
-    st.just([[0, 1], [1]]), st.just([[0], [1]]),
+    st.just([[0, 1], [1]]),
+    st.just([[0], [1]]),
 )
 bad_token = st.one_of(st.integers(min_value=VOCAB), st.integers(max_value=-1), st.floats(), short_text, st.booleans())
-bad_where = st.one_of(short_text.filter(lambda w: w not in ("pre", "mid", "post")), st.integers(), st.none(), st.just([]),
-                      st.lists(st.one_of(st.sampled_from(["pre", "mid", "post"]), st.integers(), short_text.filter(
-                          lambda w: w not in ("pre", "mid", "post"))), min_size=1, max_size=3).filter(
-                          lambda v: any(w not in ("pre", "mid", "post") for w in v)))
+bad_where = st.one_of(
+    short_text.filter(lambda w: w not in ("pre", "mid", "post")),
+    st.integers(),
+    st.none(),
+    st.just([]),
+    st.lists(
+        st.one_of(
+            st.sampled_from(["pre", "mid", "post"]),
+            st.integers(),
+            short_text.filter(lambda w: w not in ("pre", "mid", "post")),
+        ),
+        min_size=1,
+        max_size=3,
+    ).filter(lambda v: any(w not in ("pre", "mid", "post") for w in v)),
+)
 bad_tr = st.one_of(st.integers(), short_text, st.just({"hook_embed": np.zeros(3)}), st.just(object()))
 PARTIAL = object()  # stands for the trace that lacks most names
 
@@ -709,57 +1015,217 @@ def ap_case(name, strategy, fragment=None):
 
 analysis_cases = st.one_of(
     # logit lens
-    st.tuples(st.just("logit_lens"), st.fixed_dictionaries({"k": st.one_of(st.integers(max_value=0), st.integers(VOCAB + 1, 10**6), st.floats(), short_text, st.booleans())}), st.just(arg("k"))),
+    st.tuples(
+        st.just("logit_lens"),
+        st.fixed_dictionaries(
+            {
+                "k": st.one_of(
+                    st.integers(max_value=0), st.integers(VOCAB + 1, 10**6), st.floats(), short_text, st.booleans()
+                )
+            }
+        ),
+        st.just(arg("k")),
+    ),
     st.tuples(st.just("logit_lens"), st.fixed_dictionaries({"where": bad_where}), st.just(arg("where"))),
     st.tuples(st.just("logit_lens"), st.fixed_dictionaries({"batch": bad_batch}), st.just(arg("batch"))),
-    st.tuples(st.just("logit_lens"), st.fixed_dictionaries({"positions": bad_position_list}), st.just(arg("positions"))),
+    st.tuples(
+        st.just("logit_lens"), st.fixed_dictionaries({"positions": bad_position_list}), st.just(arg("positions"))
+    ),
     st.tuples(st.just("logit_lens_logits"), st.fixed_dictionaries({"where": bad_where}), st.just(arg("where"))),
     st.tuples(st.just("logit_lens_logits"), st.fixed_dictionaries({"batch": bad_batch}), st.just(arg("batch"))),
     # direct logit attribution and the residual decomposition
     st.tuples(st.just("dla"), st.fixed_dictionaries({"answer": bad_token | st.none()}), st.just(arg("answer"))),
-    st.tuples(st.just("dla"), st.fixed_dictionaries({"answer": st.just(3), "counterfactual": bad_token}), st.just(arg("counterfactual"))),
-    st.tuples(st.just("dla"), st.fixed_dictionaries({"answer": st.just(3), "position": st.one_of(
-        st.integers(T, 100), st.integers(-100, -T - 1), st.floats(), short_text, st.none())}), st.just(arg("position"))),
+    st.tuples(
+        st.just("dla"),
+        st.fixed_dictionaries({"answer": st.just(3), "counterfactual": bad_token}),
+        st.just(arg("counterfactual")),
+    ),
+    st.tuples(
+        st.just("dla"),
+        st.fixed_dictionaries(
+            {
+                "answer": st.just(3),
+                "position": st.one_of(
+                    st.integers(T, 100), st.integers(-100, -T - 1), st.floats(), short_text, st.none()
+                ),
+            }
+        ),
+        st.just(arg("position")),
+    ),
     st.tuples(st.just("dla"), st.fixed_dictionaries({"answer": st.just(3), "batch": bad_batch}), st.just(arg("batch"))),
-    st.tuples(st.just("decompose"), st.fixed_dictionaries({"batch": bad_position_list.filter(lambda v: not isinstance(v, int) or v >= B)}), st.just(arg("batch"))),
+    st.tuples(
+        st.just("decompose"),
+        st.fixed_dictionaries({"batch": bad_position_list.filter(lambda v: not isinstance(v, int) or v >= B)}),
+        st.just(arg("batch")),
+    ),
     st.tuples(st.just("decompose"), st.fixed_dictionaries({"positions": bad_position_list}), st.just(arg("positions"))),
-    st.tuples(st.just("frozen"), st.fixed_dictionaries({"final": st.one_of(
-        hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=20).filter(lambda s: s != (HIDDEN,))),
-        short_text, st.none(), st.lists(finite, max_size=3).map(lambda v: [v, v + [1.0]]))}), st.just(arg("final"))),
+    st.tuples(
+        st.just("frozen"),
+        st.fixed_dictionaries(
+            {
+                "final": st.one_of(
+                    hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=20).filter(lambda s: s != (HIDDEN,))),
+                    short_text,
+                    st.none(),
+                    st.lists(finite, max_size=3).map(lambda v: [v, v + [1.0]]),
+                )
+            }
+        ),
+        st.just(arg("final")),
+    ),
     # rotary
-    st.tuples(st.just("rotary_table"), st.fixed_dictionaries({"seq_len": st.one_of(bad_positive_int, st.integers(MAX_LEN + 1, 10**12))}), st.just(arg("seq_len"))),
-    st.tuples(st.just("bands"), st.fixed_dictionaries({"layer": st.one_of(st.integers(LAYERS, 99), st.integers(-99, -LAYERS - 1), st.floats(), short_text, st.none())}), st.just(arg("layer"))),
-    st.tuples(st.just("bands"), st.fixed_dictionaries({"head": st.one_of(st.integers(HQ, 99), st.integers(max_value=-HQ - 1), st.floats(), short_text, st.none())}), st.just(arg("head"))),
+    st.tuples(
+        st.just("rotary_table"),
+        st.fixed_dictionaries({"seq_len": st.one_of(bad_positive_int, st.integers(MAX_LEN + 1, 10**12))}),
+        st.just(arg("seq_len")),
+    ),
+    st.tuples(
+        st.just("bands"),
+        st.fixed_dictionaries(
+            {
+                "layer": st.one_of(
+                    st.integers(LAYERS, 99), st.integers(-99, -LAYERS - 1), st.floats(), short_text, st.none()
+                )
+            }
+        ),
+        st.just(arg("layer")),
+    ),
+    st.tuples(
+        st.just("bands"),
+        st.fixed_dictionaries(
+            {"head": st.one_of(st.integers(HQ, 99), st.integers(max_value=-HQ - 1), st.floats(), short_text, st.none())}
+        ),
+        st.just(arg("head")),
+    ),
     st.tuples(st.just("bands"), st.fixed_dictionaries({"batch": bad_batch}), st.just(arg("batch"))),
-    st.tuples(st.just("bands"), st.fixed_dictionaries({"bands": st.one_of(
-        st.integers(), short_text, st.just([]), st.just([[]]),
-        st.lists(st.one_of(st.integers(PAIRS, 20), st.integers(-20, -1)), min_size=1, max_size=2).map(lambda v: [v]),
-        st.builds(slice, st.one_of(st.floats(), short_text)).map(lambda s: [s]),
-        st.builds(slice, st.integers(PAIRS, 9), st.integers(PAIRS, 12)).map(lambda s: [s]),
-        st.just([[[0, 1], [1]]]), st.lists(st.floats(0, 1), min_size=1, max_size=2).map(lambda v: [v]))}), st.just(arg("bands"))),
+    st.tuples(
+        st.just("bands"),
+        st.fixed_dictionaries(
+            {
+                "bands": st.one_of(
+                    st.integers(),
+                    short_text,
+                    st.just([]),
+                    st.just([[]]),
+                    st.lists(st.one_of(st.integers(PAIRS, 20), st.integers(-20, -1)), min_size=1, max_size=2).map(
+                        lambda v: [v]
+                    ),
+                    st.builds(slice, st.one_of(st.floats(), short_text)).map(lambda s: [s]),
+                    st.builds(slice, st.integers(PAIRS, 9), st.integers(PAIRS, 12)).map(lambda s: [s]),
+                    st.just([[[0, 1], [1]]]),
+                    st.lists(st.floats(0, 1), min_size=1, max_size=2).map(lambda v: [v]),
+                )
+            }
+        ),
+        st.just(arg("bands")),
+    ),
     # heads
-    st.tuples(st.just("head_scores"), st.fixed_dictionaries({"seq_len": st.one_of(bad_positive_int, st.integers(MAX_LEN // 2, 10**9))}), st.just(arg("seq_len"))),
-    st.tuples(st.just("head_scores"), st.fixed_dictionaries({"num_sequences": bad_positive_int}), st.just(arg("num_sequences"))),
-    st.tuples(st.just("head_scores"), st.fixed_dictionaries({"seed": st.one_of(st.floats(), short_text, st.none(), st.booleans())}), st.just(arg("seed"))),
+    st.tuples(
+        st.just("head_scores"),
+        st.fixed_dictionaries({"seq_len": st.one_of(bad_positive_int, st.integers(MAX_LEN // 2, 10**9))}),
+        st.just(arg("seq_len")),
+    ),
+    st.tuples(
+        st.just("head_scores"),
+        st.fixed_dictionaries({"num_sequences": bad_positive_int}),
+        st.just(arg("num_sequences")),
+    ),
+    st.tuples(
+        st.just("head_scores"),
+        st.fixed_dictionaries({"seed": st.one_of(st.floats(), short_text, st.none(), st.booleans())}),
+        st.just(arg("seed")),
+    ),
     st.tuples(st.just("head_scores"), st.fixed_dictionaries({"bos_token": bad_token}), st.just(arg("bos_token"))),
-    st.tuples(st.just("attention_stats"), st.fixed_dictionaries({"batch": bad_batch.filter(lambda b: b is not None)}), st.just(arg("batch"))),
-    st.tuples(st.just("repeated_tokens"), st.fixed_dictionaries({"seq_len": bad_positive_int}), st.just(arg("seq_len"))),
-    st.tuples(st.just("repeated_tokens"), st.fixed_dictionaries({"num_sequences": bad_positive_int}), st.just(arg("num_sequences"))),
-    st.tuples(st.just("repeated_tokens"), st.fixed_dictionaries({"vocabulary_size": bad_positive_int}), st.just(arg("vocabulary_size"))),
+    st.tuples(
+        st.just("attention_stats"),
+        st.fixed_dictionaries({"batch": bad_batch.filter(lambda b: b is not None)}),
+        st.just(arg("batch")),
+    ),
+    st.tuples(
+        st.just("repeated_tokens"), st.fixed_dictionaries({"seq_len": bad_positive_int}), st.just(arg("seq_len"))
+    ),
+    st.tuples(
+        st.just("repeated_tokens"),
+        st.fixed_dictionaries({"num_sequences": bad_positive_int}),
+        st.just(arg("num_sequences")),
+    ),
+    st.tuples(
+        st.just("repeated_tokens"),
+        st.fixed_dictionaries({"vocabulary_size": bad_positive_int}),
+        st.just(arg("vocabulary_size")),
+    ),
     # activation patching: every check comes before anything is traced or compiled
-    st.tuples(st.just("patching"), st.fixed_dictionaries({"sites": st.one_of(short_text, st.integers(), st.none())}), st.just(arg("sites"))),
-    st.tuples(st.just("patching"), st.fixed_dictionaries({"clean_ids": bad_inputs.filter(lambda v: not isinstance(v, list) or not any(isinstance(x, str) for x in v))}), st.just(arg("clean_ids"))),
-    st.tuples(st.just("patching"), st.fixed_dictionaries({"corrupted_ids": st.one_of(out_of_range_ids(), int_arrays(st.tuples(st.integers(1, 3), st.integers(1, 8)).filter(lambda s: s != (B, T)), 0, 5))}), st.just(arg("corrupted_ids"))),
-    st.tuples(st.just("patching"), st.fixed_dictionaries({"padding_mask": bad_padding_masks()}), st.just(arg("padding_mask"))),
+    st.tuples(
+        st.just("patching"),
+        st.fixed_dictionaries({"sites": st.one_of(short_text, st.integers(), st.none())}),
+        st.just(arg("sites")),
+    ),
+    st.tuples(
+        st.just("patching"),
+        st.fixed_dictionaries(
+            {
+                "clean_ids": bad_inputs.filter(
+                    lambda v: not isinstance(v, list) or not any(isinstance(x, str) for x in v)
+                )
+            }
+        ),
+        st.just(arg("clean_ids")),
+    ),
+    st.tuples(
+        st.just("patching"),
+        st.fixed_dictionaries(
+            {
+                "corrupted_ids": st.one_of(
+                    out_of_range_ids(),
+                    int_arrays(st.tuples(st.integers(1, 3), st.integers(1, 8)).filter(lambda s: s != (B, T)), 0, 5),
+                )
+            }
+        ),
+        st.just(arg("corrupted_ids")),
+    ),
+    st.tuples(
+        st.just("patching"), st.fixed_dictionaries({"padding_mask": bad_padding_masks()}), st.just(arg("padding_mask"))
+    ),
     st.tuples(st.just("patching"), st.fixed_dictionaries({"batch_size": bad_positive_int}), st.just(arg("batch_size"))),
-    st.tuples(st.just("patching"), st.fixed_dictionaries({"answer": st.one_of(bad_token, st.lists(st.integers(0, 5), min_size=3, max_size=4), st.just(None))}), st.just(arg("answer"))),
-    st.tuples(st.just("patching"), st.fixed_dictionaries({"counterfactual": st.one_of(bad_token, st.lists(st.integers(0, 5), min_size=3, max_size=4))}), st.just(arg("counterfactual"))),
-    st.tuples(st.just("patching"), st.fixed_dictionaries({"metric": st.one_of(st.integers(), short_text, st.lists(st.integers(), max_size=1)), "answer": st.just(None)}), st.just(arg("metric"))),
+    st.tuples(
+        st.just("patching"),
+        st.fixed_dictionaries(
+            {"answer": st.one_of(bad_token, st.lists(st.integers(0, 5), min_size=3, max_size=4), st.just(None))}
+        ),
+        st.just(arg("answer")),
+    ),
+    st.tuples(
+        st.just("patching"),
+        st.fixed_dictionaries(
+            {"counterfactual": st.one_of(bad_token, st.lists(st.integers(0, 5), min_size=3, max_size=4))}
+        ),
+        st.just(arg("counterfactual")),
+    ),
+    st.tuples(
+        st.just("patching"),
+        st.fixed_dictionaries(
+            {
+                "metric": st.one_of(st.integers(), short_text, st.lists(st.integers(), max_size=1)),
+                "answer": st.just(None),
+            }
+        ),
+        st.just(arg("metric")),
+    ),
     # a trace that is not one, or lacks what the analysis reads (a lookup: KeyError)
-    st.tuples(st.sampled_from(["logit_lens", "logit_lens_logits", "dla", "decompose", "bands", "head_scores", "attention_stats"]),
-              st.fixed_dictionaries({"tr": bad_tr}), st.just(arg("tr"))),
-    st.tuples(st.sampled_from(["logit_lens", "logit_lens_logits", "dla", "decompose", "bands", "head_scores_tr", "attention_stats"]),
-              st.fixed_dictionaries({"tr": st.just(PARTIAL)}), st.just(arg("tr"))),
+    st.tuples(
+        st.sampled_from(
+            ["logit_lens", "logit_lens_logits", "dla", "decompose", "bands", "head_scores", "attention_stats"]
+        ),
+        st.fixed_dictionaries({"tr": bad_tr}),
+        st.just(arg("tr")),
+    ),
+    st.tuples(
+        st.sampled_from(
+            ["logit_lens", "logit_lens_logits", "dla", "decompose", "bands", "head_scores_tr", "attention_stats"]
+        ),
+        st.fixed_dictionaries({"tr": st.just(PARTIAL)}),
+        st.just(arg("tr")),
+    ),
 )
 
 
@@ -814,7 +1280,12 @@ generate_cases = st.one_of(
     pick("prompt", st.one_of(st.integers(), st.none(), st.lists(st.none(), max_size=2), st.binary(max_size=3))),
     pick("prompt", letters),  # encodes to ids beyond the model's 64-token vocabulary
     pick("max_new_tokens", bad_positive_int),
-    pick("temperature", st.one_of(st.floats(max_value=-1e-9), st.just(math.nan), st.just(math.inf), short_text, st.none(), st.booleans())),
+    pick(
+        "temperature",
+        st.one_of(
+            st.floats(max_value=-1e-9), st.just(math.nan), st.just(math.inf), short_text, st.none(), st.booleans()
+        ),
+    ),
     pick("seed", st.one_of(st.integers(max_value=-1), st.floats(), short_text, st.none(), st.booleans())),
     pick("chat", st.one_of(st.integers(), short_text, st.none(), floats)),
     pick("tokenizer", st.one_of(st.integers(), st.none(), short_text, st.just(object()))),
@@ -838,18 +1309,30 @@ def test_generate(case, model, tok):
 @given(data=st.data())
 def test_trace_result(data, traces):
     full, partial, _ = traces
-    kind = data.draw(st.sampled_from(["getitem", "attention_layer", "attention_head", "resid_where", "to_pandas_batch", "to_pandas_name"]))
+    kind = data.draw(
+        st.sampled_from(
+            ["getitem", "attention_layer", "attention_head", "resid_where", "to_pandas_batch", "to_pandas_name"]
+        )
+    )
     if kind == "getitem":
-        name = data.draw(st.one_of(st.sampled_from(NAMES), st.text(max_size=12)).filter(lambda n: n not in partial.names))
+        name = data.draw(
+            st.one_of(st.sampled_from(NAMES), st.text(max_size=12)).filter(lambda n: n not in partial.names)
+        )
         expect_bad(lambda: partial[name], repr(name), errors=(KeyError,))
     elif kind == "attention_layer":
-        value = data.draw(st.one_of(st.integers(LAYERS, 99), st.integers(-99, -LAYERS - 1), st.floats(), short_text, st.none()))
+        value = data.draw(
+            st.one_of(st.integers(LAYERS, 99), st.integers(-99, -LAYERS - 1), st.floats(), short_text, st.none())
+        )
         expect_bad(lambda: full.attention(value), arg("layer"))
     elif kind == "attention_head":
-        value = data.draw(st.one_of(st.integers(HQ, 99), st.integers(-99, -HQ - 1), st.floats(), short_text, st.booleans()))
+        value = data.draw(
+            st.one_of(st.integers(HQ, 99), st.integers(-99, -HQ - 1), st.floats(), short_text, st.booleans())
+        )
         expect_bad(lambda: full.attention(0, head=value), arg("head"))
     elif kind == "resid_where":
-        value = data.draw(st.one_of(short_text.filter(lambda w: w not in ("pre", "mid", "post")), st.integers(), st.none()))
+        value = data.draw(
+            st.one_of(short_text.filter(lambda w: w not in ("pre", "mid", "post")), st.integers(), st.none())
+        )
         expect_bad(lambda: full.resid(0, value), arg("where"))
     elif kind == "to_pandas_batch":
         value = data.draw(bad_batch)

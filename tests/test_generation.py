@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import MAX_POSITIONS, PRETRAINING, random_backbone, require_oracle
 
 import phi3lab
+from conftest import MAX_POSITIONS, PRETRAINING, random_backbone, require_oracle
 from phi3lab import compile_cache
 from phi3lab.generation import Sampler
 from phi3lab.presets import save_hf_checkpoint
@@ -42,11 +42,15 @@ def hf_generate(reference, rows, max_new_tokens):
     ids = np.zeros((len(rows), longest), np.int64)
     mask = np.zeros((len(rows), longest), np.int64)
     for i, row in enumerate(rows):
-        ids[i, longest - len(row):], mask[i, longest - len(row):] = row, 1
+        ids[i, longest - len(row) :], mask[i, longest - len(row) :] = row, 1
     with torch.no_grad():
         out = reference.generate(
-            input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
-            max_new_tokens=max_new_tokens, pad_token_id=0, eos_token_id=EOS,
+            input_ids=torch.as_tensor(ids),
+            attention_mask=torch.as_tensor(mask),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=0,
+            eos_token_id=EOS,
         )
     return [list(r) for r in out[:, longest:].numpy()]
 
@@ -70,8 +74,9 @@ def test_greedy_matches_transformers_generate(tmp_path, models, case, prompt):
     transformers = require_oracle("transformers")
     model = models(case)
     save_hf_checkpoint(model, tmp_path)
-    reference = transformers.Phi3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
-                                                             dtype="float32").eval()
+    reference = transformers.Phi3ForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", dtype="float32"
+    ).eval()
     rows, max_new = PROMPTS[prompt]
     assert max(map(len, rows)) < PRETRAINING < max(map(len, rows)) + max_new <= MAX_POSITIONS
     expected = hf_generate(reference, rows, max_new)
@@ -102,9 +107,13 @@ def test_every_step_equals_the_uncached_forward(models):
     reference = uncached_logits(model, g.token_ids.tolist())
     assert g.trace.logits.shape == (1, 8, model.vocabulary_size)
     assert relative_error(g.trace.logits[0], reference) < 1e-5
-    steps = reference[g.prompt_length - 1:-1]
+    steps = reference[g.prompt_length - 1 : -1]
     np.testing.assert_array_equal(g.new_token_ids, steps.argmax(-1))
-    log_probs = steps - np.log(np.exp(steps - steps.max(-1, keepdims=True)).sum(-1, keepdims=True)) - steps.max(-1, keepdims=True)
+    log_probs = (
+        steps
+        - np.log(np.exp(steps - steps.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - steps.max(-1, keepdims=True)
+    )
     chosen = log_probs[np.arange(len(steps)), g.new_token_ids]
     np.testing.assert_allclose(g.logprobs, chosen, atol=1e-5)
 
@@ -146,16 +155,18 @@ def test_capture_memory_guard_and_estimate(models):
 def test_sampling_is_reproducible_and_stays_in_the_allowed_set(models):
     model = models("plain")
     prompt = [4, 8, 15, 16]
-    runs = [phi3lab.generate(model, None, prompt, max_new_tokens=6, temperature=1.5, top_k=3, seed=s, stop=[])
-            for s in (1, 1, 2)]
+    runs = [
+        phi3lab.generate(model, None, prompt, max_new_tokens=6, temperature=1.5, top_k=3, seed=s, stop=[])
+        for s in (1, 1, 2)
+    ]
     np.testing.assert_array_equal(runs[0].token_ids, runs[1].token_ids)
     assert not np.array_equal(runs[0].token_ids, runs[2].token_ids)
     for g in runs:
-        steps = uncached_logits(model, g.token_ids.tolist())[g.prompt_length - 1:-1]
+        steps = uncached_logits(model, g.token_ids.tolist())[g.prompt_length - 1 : -1]
         for logits, token in zip(steps, g.new_token_ids):
             assert token in np.argsort(logits)[-3:]
     nucleus = phi3lab.generate(model, None, prompt, max_new_tokens=6, temperature=0.7, top_p=0.6, seed=3, stop=[])
-    steps = uncached_logits(model, nucleus.token_ids.tolist())[nucleus.prompt_length - 1:-1]
+    steps = uncached_logits(model, nucleus.token_ids.tolist())[nucleus.prompt_length - 1 : -1]
     for logits, token in zip(steps, nucleus.new_token_ids):
         probs = np.exp((logits - logits.max()) / 0.7)
         probs /= probs.sum()
@@ -198,22 +209,25 @@ def test_text_stream_stop_and_progress(tiny, capsys):
     assert batch[0].text == str(phi3lab.generate(model, tok, prompt, max_new_tokens=3))
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    ({"max_new_tokens": -1}, "max_new_tokens"),
-    ({"max_new_tokens": 0}, "max_new_tokens"),
-    ({"max_new_tokens": MAX_POSITIONS}, "max_new_tokens"),
-    ({"prompt": list(range(1, MAX_POSITIONS + 1))}, "prompt"),
-    ({"stop": [10_000]}, "stop"),
-    ({"stop": ["<|end|>"]}, "stop"),  # a string needs a tokenizer
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_k": 0}, "top_k"),
-    ({"temperature": -0.5}, "temperature"),
-    ({"prompt": []}, "prompt"),
-    ({"prompt": [[1, 2], []]}, "prompt"),
-    ({"prompt": "text"}, "tokenizer"),
-    ({"stream": 3}, "stream"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": MAX_POSITIONS}, "max_new_tokens"),
+        ({"prompt": list(range(1, MAX_POSITIONS + 1))}, "prompt"),
+        ({"stop": [10_000]}, "stop"),
+        ({"stop": ["<|end|>"]}, "stop"),  # a string needs a tokenizer
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[1, 2], []]}, "prompt"),
+        ({"prompt": "text"}, "tokenizer"),
+        ({"stream": 3}, "stream"),
+    ],
+)
 def test_bad_arguments(models, kwargs, fragment):
     args = {"prompt": [1, 2, 3], "max_new_tokens": 2, **kwargs}
     with pytest.raises(ValueError, match=fragment):
@@ -253,8 +267,7 @@ def test_steered_generation_equals_the_naive_loop_and_reuses_programs(models):
 def test_head_ablation_applies_at_every_step(models):
     model = models("su")
     hooks = phi3lab.hooks.ablate_heads(1, [0, 2])
-    g = phi3lab.generate(model, None, [7, 3, 51], max_new_tokens=4, stop=[], hooks=hooks,
-                         names="blocks.1.attn.hook_z")
+    g = phi3lab.generate(model, None, [7, 3, 51], max_new_tokens=4, stop=[], hooks=hooks, names="blocks.1.attn.hook_z")
     reference = phi3lab.trace(model, g.token_ids[None], hooks=hooks, names="blocks.1.attn.hook_z")
     z = g.trace["blocks.1.attn.hook_z"]
     assert not z[:, :, [0, 2]].any()

@@ -6,17 +6,18 @@ import re
 
 import numpy as np
 import pytest
-from conftest import random_backbone
 
 import phi3lab
+from conftest import random_backbone
 from phi3lab.widgets import GenerationView
 
 
 @pytest.fixture(scope="module")
 def generation():
     model = random_backbone(seed=4, rope=None)
-    g = phi3lab.generate(model, None, [3, 9, 27, 81 % 96], max_new_tokens=4, stop=[],
-                         names="blocks.*.attn.hook_pattern")
+    g = phi3lab.generate(
+        model, None, [3, 9, 27, 81 % 96], max_new_tokens=4, stop=[], names="blocks.*.attn.hook_pattern"
+    )
     return model, g
 
 
@@ -26,8 +27,9 @@ def test_strip_shows_the_selected_rows_attention(generation):
     view = GenerationView(g.trace, position=6, layer=1, head=2)
     expected = reference.attention(1, head=2)[0, 6, :7]
     np.testing.assert_allclose(view.weights(), expected, atol=1e-5)
-    spans = re.findall(r'class="phi3lab-weight phi3lab-(\w+)" data-position="(\d+)" data-weight="([^"]+)"',
-                       view.strip.value)
+    spans = re.findall(
+        r'class="phi3lab-weight phi3lab-(\w+)" data-position="(\d+)" data-weight="([^"]+)"', view.strip.value
+    )
     assert [int(p) for _, p, _ in spans] == list(range(7))
     assert [kind for kind, _, _ in spans] == ["prompt"] * 4 + ["generated"] * 3
     np.testing.assert_allclose([float(w) for _, _, w in spans], expected, rtol=1e-4, atol=1e-6)

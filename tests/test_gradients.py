@@ -19,10 +19,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import HIDDEN, random_backbone
 from jax import numpy as jnp
 
 import phi3lab
+from conftest import HIDDEN, random_backbone
 from phi3lab import hooks as H
 
 ANSWER, COUNTER = 7, 11
@@ -106,8 +106,15 @@ def test_gradients_equal_central_finite_differences_in_float64():
     bound is 1e-3."""
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, JAX_ENABLE_X64="1", PYTHONPATH=root)
-    done = subprocess.run([sys.executable, "-c", FINITE_DIFFERENCES], capture_output=True, text=True, check=False,
-                          env=env, cwd=root, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", FINITE_DIFFERENCES],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        cwd=root,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(report) == set(SITES)
@@ -137,7 +144,9 @@ def test_gradient_trace_holds_the_activations_and_the_metric(model, g):
 def test_rows_do_not_interact(model, g):
     """Row 0's gradient is the gradient of row 0's metric alone."""
     alone = phi3lab.gradients(model, IDS[:1], answer=ANSWER, counterfactual=COUNTER, names="blocks.1.attn.hook_z")
-    np.testing.assert_allclose(alone.grad("blocks.1.attn.hook_z")[0], g.grad("blocks.1.attn.hook_z")[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        alone.grad("blocks.1.attn.hook_z")[0], g.grad("blocks.1.attn.hook_z")[0], rtol=1e-4, atol=1e-6
+    )
     # The padded position of row 1 does not influence anything.
     assert np.all(g.grad("blocks.0.hook_resid_pre")[1, 0] == 0)
 
@@ -178,9 +187,11 @@ def test_grad_with_respect_to_hook_data_of_a_pure_forward(model):
 
     @jax.jit
     def grads(data):
-        return jax.grad(lambda d: model.unembed(params, fn(params, jnp.asarray(IDS), None, d).hidden)[0, -1, ANSWER])(data)
+        return jax.grad(lambda d: model.unembed(params, fn(params, jnp.asarray(IDS), None, d).hidden)[0, -1, ANSWER])(
+            data
+        )
 
-    (d_vector, d_scale), = grads(fn.hook_data)
+    ((d_vector, d_scale),) = grads(fn.hook_data)
     g0 = phi3lab.gradients(model, IDS, metric=lambda logits: logits[0, -1, ANSWER], names=site)
     site_grad = g0.grad(site).sum(axis=(0, 1))
     assert float(d_scale) == pytest.approx(float(site_grad @ vector), rel=1e-4)
@@ -202,8 +213,13 @@ def test_user_metric_with_the_batch_and_a_total(model, g):
 def test_gradients_after_interventions(model):
     """Gradients are taken at the values downstream sees: after a zero
     ablation of every head of block 1, nothing flows to block 1's q."""
-    ablated = phi3lab.gradients(model, IDS, answer=ANSWER, names=["blocks.1.attn.hook_q", "blocks.1.attn.hook_z"],
-                                hooks=H.ablate_heads(1, range(4)))
+    ablated = phi3lab.gradients(
+        model,
+        IDS,
+        answer=ANSWER,
+        names=["blocks.1.attn.hook_q", "blocks.1.attn.hook_z"],
+        hooks=H.ablate_heads(1, range(4)),
+    )
     assert np.all(ablated.grad("blocks.1.attn.hook_q") == 0)
     assert np.all(ablated["blocks.1.attn.hook_z"] == 0)
     assert np.any(ablated.grad("blocks.1.attn.hook_z") != 0)

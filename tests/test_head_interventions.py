@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_backbone
 
 import phi3lab
+from conftest import random_backbone
 from phi3lab import hooks as H
 
 HEADS, KV_HEADS = 4, 2
@@ -35,14 +35,20 @@ def plain(model, ids):
 
 def test_resample_from_the_run_itself_changes_nothing(model, ids, plain):
     for source in (plain, ids):
-        tr = phi3lab.trace(model, ids, names="hook_logits",
-                           hooks=H.ablate_heads(0, [1, 3], mode="resample", source=source, model=model))
+        tr = phi3lab.trace(
+            model,
+            ids,
+            names="hook_logits",
+            hooks=H.ablate_heads(0, [1, 3], mode="resample", source=source, model=model),
+        )
         np.testing.assert_array_equal(tr.logits, plain.logits)
 
 
 def test_resample_takes_the_other_runs_head_outputs(model, ids, other, plain):
     source = phi3lab.trace(model, other, names="blocks.*.attn.hook_z")
-    tr = phi3lab.trace(model, ids, names="blocks.1.attn.hook_z", hooks=H.ablate_heads(1, [2], mode="resample", source=source))
+    tr = phi3lab.trace(
+        model, ids, names="blocks.1.attn.hook_z", hooks=H.ablate_heads(1, [2], mode="resample", source=source)
+    )
     z = tr["blocks.1.attn.hook_z"]
     np.testing.assert_array_equal(z[:, :, 2], source["blocks.1.attn.hook_z"][:, :, 2])
     np.testing.assert_array_equal(z[:, :, [0, 1, 3]], plain["blocks.1.attn.hook_z"][:, :, [0, 1, 3]])
@@ -53,20 +59,30 @@ def test_ablate_a_set_of_pairs_in_one_call(model, ids):
     chained = phi3lab.trace(model, ids, names="hook_logits", hooks=H.ablate_heads(0, [1]) | H.ablate_heads(1, [0, 3]))
     np.testing.assert_array_equal(together.logits, chained.logits)
     zero = phi3lab.trace(model, ids, names="blocks.*.attn.hook_z", hooks=H.ablate_heads({(0, 1), (1, 3)}, mode="mean"))
-    np.testing.assert_allclose(zero["blocks.1.attn.hook_z"][:, :, 3], zero["blocks.1.attn.hook_z"][:1, :1, 3].repeat(2, 0).repeat(6, 1))
+    np.testing.assert_allclose(
+        zero["blocks.1.attn.hook_z"][:, :, 3], zero["blocks.1.attn.hook_z"][:1, :1, 3].repeat(2, 0).repeat(6, 1)
+    )
 
 
 def test_per_head_patch_of_all_heads_is_patching_z_whole(model, ids, other, plain):
     source = phi3lab.trace(model, other, names=["blocks.1.attn.hook_z", "blocks.0.attn.hook_k"])
     whole = phi3lab.trace(model, ids, names="hook_logits", hooks=H.patch("blocks.1.attn.hook_z", source))
-    heads = phi3lab.trace(model, ids, names="hook_logits", hooks=H.patch("blocks.1.attn.hook_z", source, heads=range(HEADS)))
+    heads = phi3lab.trace(
+        model, ids, names="hook_logits", hooks=H.patch("blocks.1.attn.hook_z", source, heads=range(HEADS))
+    )
     np.testing.assert_array_equal(heads.logits, whole.logits)
-    both = phi3lab.trace(model, ids, names="blocks.1.attn.hook_z",
-                         hooks=H.patch("blocks.1.attn.hook_z", source, positions=[-1], heads=[2]))
+    both = phi3lab.trace(
+        model,
+        ids,
+        names="blocks.1.attn.hook_z",
+        hooks=H.patch("blocks.1.attn.hook_z", source, positions=[-1], heads=[2]),
+    )
     expected = plain["blocks.1.attn.hook_z"].copy()
     expected[:, -1, 2] = source["blocks.1.attn.hook_z"][:, -1, 2]
     np.testing.assert_array_equal(both["blocks.1.attn.hook_z"], expected)
-    k = phi3lab.trace(model, ids, names="blocks.0.attn.hook_k", hooks=H.patch("blocks.0.attn.hook_k", source, heads=[-1]))
+    k = phi3lab.trace(
+        model, ids, names="blocks.0.attn.hook_k", hooks=H.patch("blocks.0.attn.hook_k", source, heads=[-1])
+    )
     np.testing.assert_array_equal(k["blocks.0.attn.hook_k"][:, :, 1], source["blocks.0.attn.hook_k"][:, :, 1])
 
 

@@ -24,8 +24,16 @@ VOCAB, LAYERS, HIDDEN, FFN, HQ, HKV = 64, 3, 32, 48, 4, 2
 HEAD_DIM = HIDDEN // HQ
 
 
-SIZES = dict(vocabulary_size=VOCAB, num_layers=LAYERS, hidden_dim=HIDDEN, intermediate_dim=FFN,
-             num_query_heads=HQ, num_key_value_heads=HKV, max_sequence_length=64, pretraining_sequence_length=16)
+SIZES = dict(
+    vocabulary_size=VOCAB,
+    num_layers=LAYERS,
+    hidden_dim=HIDDEN,
+    intermediate_dim=FFN,
+    num_query_heads=HQ,
+    num_key_value_heads=HKV,
+    max_sequence_length=64,
+    pretraining_sequence_length=16,
+)
 
 
 def make_model(seed=0, **overrides):
@@ -124,8 +132,11 @@ def test_query_heads_sharing_and_key_value_head_of(model):
     assert H.query_heads_sharing(model, 0) == [0, 1]
     assert H.query_heads_sharing(model, 1) == [2, 3]
     assert [H.key_value_head_of(model, q) for q in range(HQ)] == [0, 0, 1, 1]
-    for shape, groups in [((8, 2), [[0, 1, 2, 3], [4, 5, 6, 7]]), ((6, 6), [[h] for h in range(6)]),
-                          ((6, 1), [list(range(6))])]:
+    for shape, groups in [
+        ((8, 2), [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        ((6, 6), [[h] for h in range(6)]),
+        ((6, 1), [list(range(6))]),
+    ]:
         stand_in = types.SimpleNamespace(num_query_heads=shape[0], num_key_value_heads=shape[1])
         assert [H.query_heads_sharing(stand_in, k) for k in range(shape[1])] == groups
         for k, group in enumerate(groups):
@@ -143,8 +154,9 @@ def test_query_heads_sharing_and_key_value_head_of(model):
 
 def test_negative_layers_count_from_the_end(model, ids):
     last = phi3lab.trace(model, ids, names="blocks.-1.hook_resid_post", hooks=H.ablate_heads(-1, [0, -1]))
-    named = phi3lab.trace(model, ids, names=f"blocks.{LAYERS - 1}.hook_resid_post",
-                          hooks=H.ablate_heads(LAYERS - 1, [0, HQ - 1]))
+    named = phi3lab.trace(
+        model, ids, names=f"blocks.{LAYERS - 1}.hook_resid_post", hooks=H.ablate_heads(LAYERS - 1, [0, HQ - 1])
+    )
     assert last.names == named.names == [f"blocks.{LAYERS - 1}.hook_resid_post"]
     assert np.array_equal(last.resid(-1), named.resid(LAYERS - 1))
 
@@ -186,7 +198,7 @@ def test_patching_the_first_residual_stream_restores_the_clean_run(model, ids, c
     assert not np.allclose(corrupted.logits, clean.logits)
     patched = phi3lab.trace(model, corrupted_ids, hooks=H.patch("blocks.0.hook_resid_pre", clean))
     assert np.array_equal(patched.logits, clean.logits)
-    assert_same(patched, clean, clean.names[clean.names.index("blocks.0.hook_resid_pre"):])
+    assert_same(patched, clean, clean.names[clean.names.index("blocks.0.hook_resid_pre") :])
     assert not np.array_equal(patched["hook_embed"], clean["hook_embed"])
 
 
@@ -202,9 +214,7 @@ def test_patching_some_positions(model, ids, clean):
     assert not np.allclose(patched.logits[:, first:], clean.logits[:, first:])
     assert not np.allclose(patched.logits[:, first:], corrupted.logits[:, first:])
     # attention sites are patched along the query axis
-    patched = phi3lab.trace(
-        model, corrupted_ids, hooks=H.patch("blocks.1.attn.hook_pattern", clean, positions=[6])
-    )
+    patched = phi3lab.trace(model, corrupted_ids, hooks=H.patch("blocks.1.attn.hook_pattern", clean, positions=[6]))
     pattern, clean_pattern = patched.attention(1), clean.attention(1)
     assert np.array_equal(pattern[:, :, 6], clean_pattern[:, :, 6])
     rest = [t for t in range(ids.shape[1]) if t != 6]
@@ -231,8 +241,12 @@ def test_add_steers_the_residual_stream(model, ids, clean):
     scaled = phi3lab.trace(model, ids, hooks=H.add("blocks.1.hook_resid_post", vector, scale=-2.5))
     # Within one rounding of `scale * v`: XLA may fuse `x + scale * v` into a multiply-add.
     steer = np.float32(-2.5) * vector
-    np.testing.assert_allclose(scaled.resid(1, "post"), clean.resid(1, "post") + steer,
-                               rtol=2**-23, atol=float(np.spacing(np.abs(steer).max())))
+    np.testing.assert_allclose(
+        scaled.resid(1, "post"),
+        clean.resid(1, "post") + steer,
+        rtol=2**-23,
+        atol=float(np.spacing(np.abs(steer).max())),
+    )
     # a per-position vector [T, D] broadcasts over the batch
     per_position = np.random.default_rng(1).standard_normal((ids.shape[1], HIDDEN)).astype(np.float32)
     tr = phi3lab.trace(model, ids, hooks=H.add("blocks.0.hook_attn_out", per_position))
@@ -281,7 +295,8 @@ def test_hooks_see_their_context_and_may_only_read(model, ids, clean):
     batch, length = ids.shape
     assert sorted(seen, key=str) == sorted(
         [(f"blocks.{l}.hook_resid_mid", l, (batch, length, HIDDEN), ()) for l in range(LAYERS)]
-        + [("hook_embed", None, (batch, length, HIDDEN), ("tag",))], key=str
+        + [("hook_embed", None, (batch, length, HIDDEN), ("tag",))],
+        key=str,
     )
 
     def use_data(x, ctx):
@@ -325,12 +340,15 @@ def python_numpy(x, ctx):
     return np.asarray(x) * 2
 
 
-@pytest.mark.parametrize("hook, jax_error", [
-    (python_float, "ConcretizationTypeError"),
-    (python_if, "TracerBoolConversionError"),
-    (python_index, "TracerIntegerConversionError"),
-    (python_numpy, "TracerArrayConversionError"),
-])
+@pytest.mark.parametrize(
+    "hook, jax_error",
+    [
+        (python_float, "ConcretizationTypeError"),
+        (python_if, "TracerBoolConversionError"),
+        (python_index, "TracerIntegerConversionError"),
+        (python_numpy, "TracerArrayConversionError"),
+    ],
+)
 def test_python_side_work_in_a_hook_is_explained(model, ids, hook, jax_error):
     """A hook that asks a tracer for a value gets an error naming the hook and
     the site, saying why (the compiled program) and what to use instead,
@@ -341,12 +359,22 @@ def test_python_side_work_in_a_hook_is_explained(model, ids, hook, jax_error):
     error = caught.value
     assert type(error).__name__ == "HookTracingError" and type(error.__cause__).__name__ == jax_error
     message = str(error)
-    for fragment in (hook.__name__, "'blocks.1.hook_resid_mid'", jax_error, "compiled program", "tracer",
-                     "jnp", "jax.debug.print", "jax.debug.callback"):
+    for fragment in (
+        hook.__name__,
+        "'blocks.1.hook_resid_mid'",
+        jax_error,
+        "compiled program",
+        "tracer",
+        "jnp",
+        "jax.debug.print",
+        "jax.debug.callback",
+    ):
         assert fragment in message, fragment
     assert "phi3lab" in caught.traceback[-1].path.parts
     assert compiled_count(model) == before  # nothing was compiled, and the model still traces
-    assert np.array_equal(phi3lab.trace(model, ids, names="hook_embed")["hook_embed"], phi3lab.trace(model, ids)["hook_embed"])
+    assert np.array_equal(
+        phi3lab.trace(model, ids, names="hook_embed")["hook_embed"], phi3lab.trace(model, ids)["hook_embed"]
+    )
 
 
 def test_the_advised_alternatives_work_in_a_hook(model, ids, clean):
@@ -380,9 +408,11 @@ def test_new_hook_data_reuses_the_compiled_trace(ids):
         return phi3lab.trace(model, token_ids, names="blocks.0.hook_resid_pre")
 
     def run(token_ids, source, vector, scale):
-        hooks = (H.patch("blocks.0.hook_resid_pre", source)
-                 | H.add("blocks.1.hook_resid_post", vector, scale=scale)
-                 | H.ablate_heads(2, [0, 3]))
+        hooks = (
+            H.patch("blocks.0.hook_resid_pre", source)
+            | H.add("blocks.1.hook_resid_post", vector, scale=scale)
+            | H.ablate_heads(2, [0, 3])
+        )
         return phi3lab.trace(model, token_ids, names=names, hooks=hooks)
 
     run(ids, source_of(ids), rng.standard_normal(HIDDEN), 1.0)

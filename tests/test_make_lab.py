@@ -42,8 +42,17 @@ def make_command(target: str, *variables: str, venv: str = sys.prefix) -> list[s
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(reason)
         pytest.skip(reason)
-    return [make, "--no-print-directory", "-C", str(ROOT), target, f"VENV={venv}", "-o", f"{venv}/.installed",
-            *variables]
+    return [
+        make,
+        "--no-print-directory",
+        "-C",
+        str(ROOT),
+        target,
+        f"VENV={venv}",
+        "-o",
+        f"{venv}/.installed",
+        *variables,
+    ]
 
 
 def free_port() -> int:
@@ -65,8 +74,12 @@ def request(method: str, url: str, token: str, body: dict | None = None):
 def quiet_jupyter_env(home: Path) -> dict:
     """The caller's environment with Jupyter's folders in `home` and no display."""
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "JUPYTER_TOKEN")}
-    for name, folder in {"JUPYTER_CONFIG_DIR": "config", "JUPYTER_DATA_DIR": "data",
-                         "JUPYTER_RUNTIME_DIR": "runtime", "IPYTHONDIR": "ipython"}.items():
+    for name, folder in {
+        "JUPYTER_CONFIG_DIR": "config",
+        "JUPYTER_DATA_DIR": "data",
+        "JUPYTER_RUNTIME_DIR": "runtime",
+        "IPYTHONDIR": "ipython",
+    }.items():
         (home / folder).mkdir()
         env[name] = str(home / folder)
     env["JUPYTER_PLATFORM_DIRS"] = "1"
@@ -97,13 +110,31 @@ def run_in_kernel(base: str, kernel_id: str, token: str, code: str, timeout: flo
     ws = websocket.create_connection(url, header=[f"Authorization: token {token}"], timeout=timeout)
     try:
         msg_id = uuid.uuid4().hex
-        ws.send(json.dumps({
-            "header": {"msg_id": msg_id, "msg_type": "execute_request", "session": uuid.uuid4().hex,
-                       "username": "test", "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-            "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
-                        "allow_stdin": False, "stop_on_error": True},
-        }))
+        ws.send(
+            json.dumps(
+                {
+                    "header": {
+                        "msg_id": msg_id,
+                        "msg_type": "execute_request",
+                        "session": uuid.uuid4().hex,
+                        "username": "test",
+                        "version": "5.3",
+                    },
+                    "parent_header": {},
+                    "metadata": {},
+                    "channel": "shell",
+                    "buffers": [],
+                    "content": {
+                        "code": code,
+                        "silent": False,
+                        "store_history": False,
+                        "user_expressions": {},
+                        "allow_stdin": False,
+                        "stop_on_error": True,
+                    },
+                }
+            )
+        )
         printed, deadline = [], time.monotonic() + timeout
         while time.monotonic() < deadline:
             message = json.loads(ws.recv())
@@ -128,8 +159,8 @@ def stop_group(leader: subprocess.Popen, grace: float = 30) -> None:
     try:
         os.killpg(leader.pid, signal.SIGTERM)
         while time.monotonic() < deadline:
-            leader.poll()                                    # reap make so the group can empty
-            os.killpg(leader.pid, 0)                         # ProcessLookupError once nobody is left
+            leader.poll()  # reap make so the group can empty
+            os.killpg(leader.pid, 0)  # ProcessLookupError once nobody is left
             time.sleep(0.2)
         os.killpg(leader.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -148,13 +179,19 @@ def test_make_lab_opens_the_front_door_notebook_and_starts_a_kernel(tmp_path):
     lab_args = "LAB_ARGS=--no-browser --ServerApp.shutdown_no_activity_timeout=300"
     command = make_command("lab", f"PORT={port}", lab_args)
     with open(log, "w") as out:
-        server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                  env=quiet_jupyter_env(tmp_path), start_new_session=True)
+        server = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=quiet_jupyter_env(tmp_path),
+            start_new_session=True,
+        )
     try:
         found = wait_for_url(server, log, time.monotonic() + 120)
         assert int(found[1]) == port, f"`make lab PORT={port}` printed port {found[1]}"
         path, token = urllib.parse.unquote(found[2]), found[3]
-        assert path == FRONT_DOOR.name                          # JupyterLab serves the notebook's folder
+        assert path == FRONT_DOOR.name  # JupyterLab serves the notebook's folder
         base = f"http://127.0.0.1:{port}"
 
         status, page = request("GET", found[0].split("?")[0], token)
@@ -194,8 +231,9 @@ def fake_lab(tmp_path: Path, user_id: int, env: dict, *variables: str) -> tuple[
     (bin_dir / "jupyter").write_text('#!/bin/sh\necho "token=$JUPYTER_TOKEN"; for a in "$@"; do echo "arg=$a"; done\n')
     (bin_dir / "jupyter").chmod(0o755)
     command = make_command("lab", *variables, venv=str(tmp_path / "venv"))
-    out = subprocess.run(command, env=as_user(tmp_path, user_id, env), capture_output=True, text=True, timeout=60,
-                         check=True).stdout
+    out = subprocess.run(
+        command, env=as_user(tmp_path, user_id, env), capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     args = [line[4:] for line in out.splitlines() if line.startswith("arg=")]
     token = next(line[6:] for line in out.splitlines() if line.startswith("token="))
     return out, args, token
@@ -234,7 +272,8 @@ def test_make_lab_opens_a_browser_only_with_a_display(tmp_path, display):
 def test_make_browser_without_root_says_how_to_get_chromium(tmp_path):
     missing = tmp_path / "no-chromium"
     command = make_command("browser", f"CHROMIUM={missing}")
-    done = subprocess.run(command, env=as_user(tmp_path, 1000, dict(os.environ)), capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert done.returncode == 0, done.stderr                    # `make test` goes on, the browser tests skip
+    done = subprocess.run(
+        command, env=as_user(tmp_path, 1000, dict(os.environ)), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr  # `make test` goes on, the browser tests skip
     assert f"{missing} missing" in done.stdout and "sudo apt-get install chromium" in done.stdout

@@ -17,10 +17,11 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
-from conftest import require_oracle
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+
+from conftest import require_oracle
 
 try:
     import tomllib
@@ -50,8 +51,13 @@ def extras(line: str) -> set[str]:
 def test_environment_yml_installs_what_make_installs(tmp_path):
     if shutil.which("make") is None:
         unavailable("`make` is not on PATH; the README's commands need it")
-    plan = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "-n", "install", f"VENV={tmp_path}/v"],
-                          capture_output=True, text=True, timeout=60, check=True).stdout
+    plan = subprocess.run(
+        ["make", "--no-print-directory", "-C", str(ROOT), "-n", "install", f"VENV={tmp_path}/v"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     make_extras = extras(next(line for line in plan.splitlines() if "pip install" in line and "-e" in line))
 
     environment = yaml.safe_load((ROOT / "environment.yml").read_text())
@@ -68,8 +74,9 @@ def test_environment_yml_installs_what_make_installs(tmp_path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_colab_cell_installs_the_package_pyproject_builds(path):
     notebook = nbformat.read(path, as_version=4)
-    badge = re.search(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/[\w.-]+/(\S+?\.ipynb)",
-                      notebook.cells[0].source)
+    badge = re.search(
+        r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/[\w.-]+/(\S+?\.ipynb)", notebook.cells[0].source
+    )
     assert badge and badge[2] == f"notebooks/{path.name}", "the Colab badge must open this notebook"
     install = next(cell for cell in notebook.cells if cell.cell_type == "code").source
     lines = [line.strip() for line in install.splitlines() if re.match(r"\s*[%!]pip install", line)]
@@ -88,18 +95,36 @@ def test_the_wheel_ships_every_file_of_the_package(tmp_path):
     """What a `pip install` from the repository gets (Colab's cell): every file
     git tracks under phi3lab/, assets included, and nothing else."""
     require_oracle("setuptools.build_meta")
-    listed = shutil.which("git") and subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"],
-                                                    capture_output=True, timeout=60, check=False)
+    listed = shutil.which("git") and subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, timeout=60, check=False
+    )
     if not listed or listed.returncode != 0:
-        unavailable("git cannot list the tracked files to compare the wheel with: "
-                    + (listed.stderr.decode().strip() if listed else "git is not on PATH"))
+        unavailable(
+            "git cannot list the tracked files to compare the wheel with: "
+            + (listed.stderr.decode().strip() if listed else "git is not on PATH")
+        )
     tracked = [name for name in listed.stdout.decode().split("\0") if name]
-    source = tmp_path / "src"                                        # build a copy: no build/ in the repository
+    source = tmp_path / "src"  # build a copy: no build/ in the repository
     for name in tracked:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "dist"), str(source)], capture_output=True, timeout=300, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        capture_output=True,
+        timeout=300,
+        check=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     assert wheel.name.startswith(f"{canonicalize_name(PYPROJECT['name']).replace('-', '_')}-{PYPROJECT['version']}-")
     shipped = {name for name in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in name}
@@ -110,7 +135,8 @@ def test_the_wheel_ships_every_file_of_the_package(tmp_path):
 def require_chromium(monkeypatch, tmp_path):
     """The browser tests' own skip-or-fail helper, looking for a Chromium that is not there."""
     spec = importlib.util.spec_from_file_location(
-        "browser_under_test", ROOT / "tests" / "browser" / "test_attention_explorer_browser.py")
+        "browser_under_test", ROOT / "tests" / "browser" / "test_attention_explorer_browser.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "CHROMIUM", tmp_path / "no-chromium")

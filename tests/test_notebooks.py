@@ -8,9 +8,13 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 EXPECTED = {
-    "attention_explorer.ipynb", "01_quickstart.ipynb", "02_rotary_tables.ipynb",
-    "03_residual_stream_and_logit_lens.ipynb", "04_activation_patching.ipynb",
-    "05_induction_heads.ipynb", "06_phi3_mini_on_colab.ipynb",
+    "attention_explorer.ipynb",
+    "01_quickstart.ipynb",
+    "02_rotary_tables.ipynb",
+    "03_residual_stream_and_logit_lens.ipynb",
+    "04_activation_patching.ipynb",
+    "05_induction_heads.ipynb",
+    "06_phi3_mini_on_colab.ipynb",
 }
 
 

@@ -38,7 +38,8 @@ def test_no_test_skips_a_missing_module_by_itself():
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and node.attr == "importorskip") or (
-                    isinstance(node, ast.alias) and node.name == "importorskip"):
+                isinstance(node, ast.alias) and node.name == "importorskip"
+            ):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} importorskip")
             if isinstance(node, ast.ExceptHandler) and "ImportError" in ast.unparse(node.type or ast.Name("")):
                 calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)]

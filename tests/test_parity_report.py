@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+
+import phi3lab
 from conftest import (
     LENGTHS,
     hf_config,
@@ -15,8 +17,6 @@ from conftest import (
     rope_factors,
     token_batch,
 )
-
-import phi3lab
 from phi3lab import Phi3Backbone
 from phi3lab.tracing.names import all_names
 
@@ -25,7 +25,9 @@ from phi3lab.tracing.names import all_names
 def checkpoint(tmp_path_factory):
     require_oracle("transformers")
     config = hf_config(
-        num_key_value_heads=2, partial_rotary_factor=0.75, tie_word_embeddings=True,
+        num_key_value_heads=2,
+        partial_rotary_factor=0.75,
+        tie_word_embeddings=True,
         rope_scaling={"type": "longrope", "short_factor": rope_factors(6)[0], "long_factor": rope_factors(6)[1]},
     )
     reference = hf_model(config, seed=30)
@@ -54,7 +56,9 @@ def test_a_perturbed_weight_fails_from_its_site_on(checkpoint):
     kernel = model.decoder.attention.value_kernel
     kernel.assign(kernel.value.at[1].multiply(1.1))
     ids = token_batch(LENGTHS["below"], seed=3)[0]
-    table = phi3lab.compare_with_transformers(model, str(directory), ids, names=["blocks.*", "hook_logits"]).set_index("name")
+    table = phi3lab.compare_with_transformers(model, str(directory), ids, names=["blocks.*", "hook_logits"]).set_index(
+        "name"
+    )
     assert table.loc["blocks.1.attn.hook_k", "passed"] and table.loc["blocks.0.hook_resid_post", "passed"]
     assert not table.loc["blocks.1.attn.hook_v", "passed"] and not table.loc["hook_logits", "passed"]
     assert "hook_embed" not in table.index

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_backbone
 from jax import numpy as jnp
 
 import phi3lab
+from conftest import random_backbone
 from phi3lab import analysis
 from phi3lab.hooks import Hook, Hooks
 
@@ -44,14 +44,17 @@ def logit_diff(tr):
 
 def test_every_path_to_the_final_stream_is_activation_patching(model, pair):
     clean, corrupted = pair
-    exact = analysis.activation_patching(model, clean, corrupted, answer=ANSWER, counterfactual=COUNTER,
-                                         sites="head_z", progress=False)
-    sweep = analysis.path_patching(model, clean, corrupted, "heads", "resid_final", answer=ANSWER,
-                                   counterfactual=COUNTER, freeze=False)
+    exact = analysis.activation_patching(
+        model, clean, corrupted, answer=ANSWER, counterfactual=COUNTER, sites="head_z", progress=False
+    )
+    sweep = analysis.path_patching(
+        model, clean, corrupted, "heads", "resid_final", answer=ANSWER, counterfactual=COUNTER, freeze=False
+    )
     np.testing.assert_allclose(sweep.raw, exact.raw, atol=1e-5)
     np.testing.assert_allclose(sweep.values, exact.values, atol=1e-5)
-    one = analysis.path_patching(model, clean, corrupted, {(0, 2)}, "resid_final", answer=ANSWER,
-                                 counterfactual=COUNTER, freeze=False)
+    one = analysis.path_patching(
+        model, clean, corrupted, {(0, 2)}, "resid_final", answer=ANSWER, counterfactual=COUNTER, freeze=False
+    )
     assert one.raw == pytest.approx(exact.raw[0, 2], abs=1e-5)
     assert one.clean_metric == pytest.approx(exact.clean_metric, abs=1e-5)
     assert one.corrupted_metric == pytest.approx(exact.corrupted_metric, abs=1e-5)
@@ -78,10 +81,14 @@ def test_the_two_steps_written_out_with_hooks(model, pair):
     recorded = phi3lab.trace(model, corrupted, names="blocks.1.attn.hook_q", hooks=Hooks(step1))
     step2 = phi3lab.hooks.patch("blocks.1.attn.hook_q", recorded, heads=[2])
     expected = logit_diff(phi3lab.trace(model, corrupted, names="hook_logits", hooks=step2))
-    result = analysis.path_patching(model, clean, corrupted, {(0, 1)}, [(1, 2, "q")], answer=ANSWER, counterfactual=COUNTER)
+    result = analysis.path_patching(
+        model, clean, corrupted, {(0, 1)}, [(1, 2, "q")], answer=ANSWER, counterfactual=COUNTER
+    )
     assert result.raw == pytest.approx(expected, abs=1e-5)
     assert result.raw != pytest.approx(result.corrupted_metric, abs=1e-4)  # the path carries something
-    sweep = analysis.path_patching(model, clean, corrupted, "heads", [(1, 2, "q")], answer=ANSWER, counterfactual=COUNTER)
+    sweep = analysis.path_patching(
+        model, clean, corrupted, "heads", [(1, 2, "q")], answer=ANSWER, counterfactual=COUNTER
+    )
     assert sweep.raw[0, 1] == pytest.approx(expected, abs=1e-5)
     np.testing.assert_array_equal(sweep.raw[1], sweep.corrupted_metric)  # same-layer heads: no path to q
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from conftest import (
-    require_oracle,
     LENGTHS,
     MAX_POSITIONS,
     PRETRAINING,
@@ -27,6 +26,7 @@ from conftest import (
     max_diff,
     random_backbone,
     randomize_keras,
+    require_oracle,
     rope_factors,
     token_batch,
 )

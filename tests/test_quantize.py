@@ -10,16 +10,20 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import LENGTHS, backbone_kwargs, forward, random_backbone, token_batch
 
 import phi3lab
+from conftest import LENGTHS, backbone_kwargs, forward, random_backbone, token_batch
 from phi3lab import Phi3Backbone
 from phi3lab import hooks as H
 from phi3lab.presets import save_hf_checkpoint, save_preset
 
 KERNELS = {  # name -> (layer, axes reduced for the per-output-channel scale, stacked shape)
-    "query_kernel": ("attention", (1,)), "key_kernel": ("attention", (1,)), "value_kernel": ("attention", (1,)),
-    "output_kernel": ("attention", (1, 2)), "gate_kernel": ("mlp", (1,)), "up_kernel": ("mlp", (1,)),
+    "query_kernel": ("attention", (1,)),
+    "key_kernel": ("attention", (1,)),
+    "value_kernel": ("attention", (1,)),
+    "output_kernel": ("attention", (1, 2)),
+    "gate_kernel": ("mlp", (1,)),
+    "up_kernel": ("mlp", (1,)),
     "down_kernel": ("mlp", (1,)),
 }
 
@@ -78,12 +82,14 @@ def test_trace_hooks_and_estimate_on_int8(pair):
     ids, mask = token_batch(LENGTHS["below"])
     tr = phi3lab.trace(quantized, ids, padding_mask=mask, names=["blocks.1.attn.hook_z", "hook_logits"])
     np.testing.assert_allclose(tr["hook_logits"], forward(quantized, ids, mask)[1], atol=1e-5)
-    ablated = phi3lab.trace(quantized, ids, padding_mask=mask, names=["blocks.1.attn.hook_z"],
-                            hooks=H.ablate_heads(1, [2]))
+    ablated = phi3lab.trace(
+        quantized, ids, padding_mask=mask, names=["blocks.1.attn.hook_z"], hooks=H.ablate_heads(1, [2])
+    )
     assert np.all(ablated["blocks.1.attn.hook_z"][:, :, 2] == 0)
     assert not np.allclose(ablated["blocks.1.attn.hook_z"][:, :, 0], 0)
     kernel_bytes = lambda model, itemsize: sum(
-        int(np.prod(getattr(getattr(model.decoder, part), name).shape)) * itemsize for name, (part, _) in KERNELS.items()
+        int(np.prod(getattr(getattr(model.decoder, part), name).shape)) * itemsize
+        for name, (part, _) in KERNELS.items()
     )
     saved = phi3lab.estimate(float_model, 8).weights - phi3lab.estimate(quantized, 8).weights
     scales = sum(int(np.prod(v.shape)) * 4 for v in quantized.weights if v.path.endswith("_scale"))
@@ -99,7 +105,9 @@ def test_keras_file_round_trip(pair, tmp_path):
     ids, mask = token_batch(LENGTHS["below"])
     np.testing.assert_array_equal(forward(loaded, ids, mask)[1], forward(quantized, ids, mask)[1])
     rebuilt = Phi3Backbone.from_config(quantized.get_config())
-    assert [(v.path, v.dtype, v.shape) for v in rebuilt.weights] == [(v.path, v.dtype, v.shape) for v in quantized.weights]
+    assert [(v.path, v.dtype, v.shape) for v in rebuilt.weights] == [
+        (v.path, v.dtype, v.shape) for v in quantized.weights
+    ]
 
 
 def test_from_preset_quantizes_after_loading(pair, tmp_path):
@@ -125,7 +133,8 @@ def test_clear_errors(pair, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "dtype", [keras.dtype_policies.DTypePolicyMap(), "int8_from_float32", {"class_name": "DTypePolicyMap", "config": {}}]
+    "dtype",
+    [keras.dtype_policies.DTypePolicyMap(), "int8_from_float32", {"class_name": "DTypePolicyMap", "config": {}}],
 )
 def test_dtype_policy_maps_and_quantized_policies_refused_at_construction(dtype):
     with pytest.raises(ValueError, match="DTypePolicyMap"):

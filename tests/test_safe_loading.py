@@ -35,8 +35,15 @@ from phi3lab.presets import save_hf_checkpoint, save_preset
 
 pytestmark = pytest.mark.timeout(120)
 
-KWARGS = dict(vocabulary_size=64, num_layers=2, hidden_dim=16, intermediate_dim=32, num_query_heads=4,
-              num_key_value_heads=2, max_sequence_length=32)
+KWARGS = dict(
+    vocabulary_size=64,
+    num_layers=2,
+    hidden_dim=16,
+    intermediate_dim=32,
+    num_query_heads=4,
+    num_key_value_heads=2,
+    max_sequence_length=32,
+)
 SHARD_BYTES = 6000  # several shards for this model (its tensors are 1-4 KiB)
 
 
@@ -44,7 +51,7 @@ def flat_params(model) -> dict:
     out = {}
     for group, values in model.params().items():
         for name, value in values.items():
-            for leaf, array in (value.items() if isinstance(value, dict) else [(None, value)]):
+            for leaf, array in value.items() if isinstance(value, dict) else [(None, value)]:
                 out[f"{group}/{name}" + ("" if leaf is None else f"/{leaf}")] = np.asarray(array)
     return out
 
@@ -238,13 +245,48 @@ EVIL_MODULE = "phi3lab_evil_module_that_must_never_be_imported"
         (_set("module", ["keras_hub"]), "module"),
         (_set("registered_name", "evil>Phi3Backbone"), "evil>Phi3Backbone"),
         (_set("config", ["not", "a", "dict"]), "'config'"),
-        (_set_dtype({"module": "keras.layers", "class_name": "Lambda", "config": {}, "registered_name": None}), "'Lambda'"),
-        (_set_dtype({"module": EVIL_MODULE, "class_name": "DTypePolicy", "config": {"name": "float32"}, "registered_name": None}), EVIL_MODULE),
-        (_set_dtype({"module": "keras", "class_name": "DTypePolicy", "config": {"name": "float32"}, "registered_name": "evil>Policy"}), "evil>Policy"),
+        (
+            _set_dtype({"module": "keras.layers", "class_name": "Lambda", "config": {}, "registered_name": None}),
+            "'Lambda'",
+        ),
+        (
+            _set_dtype(
+                {
+                    "module": EVIL_MODULE,
+                    "class_name": "DTypePolicy",
+                    "config": {"name": "float32"},
+                    "registered_name": None,
+                }
+            ),
+            EVIL_MODULE,
+        ),
+        (
+            _set_dtype(
+                {
+                    "module": "keras",
+                    "class_name": "DTypePolicy",
+                    "config": {"name": "float32"},
+                    "registered_name": "evil>Policy",
+                }
+            ),
+            "evil>Policy",
+        ),
         # a policy whose "name" is itself an object to deserialize
-        (_set_dtype({"module": "keras", "class_name": "DTypePolicy",
-                     "config": {"name": {"module": EVIL_MODULE, "class_name": "Payload", "config": {}}}, "registered_name": None}), "dtype"),
-        (_set_dtype({"config": {"name": {"module": "keras.layers", "class_name": "Dense", "config": {"units": 1}}}}), "dtype"),
+        (
+            _set_dtype(
+                {
+                    "module": "keras",
+                    "class_name": "DTypePolicy",
+                    "config": {"name": {"module": EVIL_MODULE, "class_name": "Payload", "config": {}}},
+                    "registered_name": None,
+                }
+            ),
+            "dtype",
+        ),
+        (
+            _set_dtype({"config": {"name": {"module": "keras.layers", "class_name": "Dense", "config": {"units": 1}}}}),
+            "dtype",
+        ),
         (_set_dtype(["float32"]), "dtype"),
         (_set_dtype(7), "dtype"),
     ],
@@ -261,8 +303,12 @@ def test_keras_hub_dtype_strings_are_still_read(copy, forbid_code_loading):
     directory = copy("keras_hub")
     rewrite_config(directory, _set_dtype("bfloat16"))
     assert Phi3Backbone.from_preset(str(directory)).dtype_policy.name == "bfloat16"
-    rewrite_config(directory, _set_dtype({"module": "keras", "class_name": "DTypePolicy",
-                                          "config": {"name": "float32"}, "registered_name": None}))
+    rewrite_config(
+        directory,
+        _set_dtype(
+            {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "float32"}, "registered_name": None}
+        ),
+    )
     assert Phi3Backbone.from_preset(str(directory)).dtype_policy.name == "float32"
 
 
@@ -350,8 +396,10 @@ def test_symlinks_inside_the_directory_and_hub_caches_are_followed(copy, model, 
     (directory / "blobs").mkdir()
     shutil.move(first, directory / "blobs" / "abc123")
     first.symlink_to(Path("blobs") / "abc123")
-    np.testing.assert_array_equal(flat_params(Phi3Backbone.from_preset(str(directory)))["final_norm/scale"],
-                                  flat_params(model)["final_norm/scale"])
+    np.testing.assert_array_equal(
+        flat_params(Phi3Backbone.from_preset(str(directory)))["final_norm/scale"],
+        flat_params(model)["final_norm/scale"],
+    )
     # huggingface_hub's cache: snapshots/<revision>/<file> -> ../../blobs/<hash>
     repo = tmp_path / "models--someone--tiny-phi3"
     snapshot = repo / "snapshots" / "0123abcd"
@@ -362,8 +410,9 @@ def test_symlinks_inside_the_directory_and_hub_caches_are_followed(copy, model, 
         shutil.copy(path, blob)
         (snapshot / path.name).symlink_to(Path("..", "..", "blobs", blob.name))
     loaded = Phi3Backbone.from_preset(str(snapshot))
-    np.testing.assert_array_equal(flat_params(loaded)["decoder/mlp/down_kernel"],
-                                  flat_params(model)["decoder/mlp/down_kernel"])
+    np.testing.assert_array_equal(
+        flat_params(loaded)["decoder/mlp/down_kernel"], flat_params(model)["decoder/mlp/down_kernel"]
+    )
     # ... but not to blobs of another folder
     escape = tmp_path / "other" / "blobs"
     escape.mkdir(parents=True)
@@ -374,7 +423,9 @@ def test_symlinks_inside_the_directory_and_hub_caches_are_followed(copy, model, 
     refused(snapshot, "outside the preset directory")
 
 
-@pytest.mark.parametrize("index", ["{broken", "[]", '{"weight_map": [1, 2]}', '{"weight_map": {"model.norm.weight": 5}}', '{"metadata": {}}'])
+@pytest.mark.parametrize(
+    "index", ["{broken", "[]", '{"weight_map": [1, 2]}', '{"weight_map": {"model.norm.weight": 5}}', '{"metadata": {}}']
+)
 def test_malformed_index_is_refused(copy, index):
     directory = copy("sharded")
     (directory / "model.safetensors.index.json").write_text(index)
@@ -449,7 +500,19 @@ def test_corrupt_safetensors_header_names_the_file(copy, layout, damage):
     refused(directory, path.name)
 
 
-@pytest.mark.parametrize("damage", ["bad_json", "not_utf8", "deep_nesting", "length_past_the_end", "length_zero", "length_short", "empty", "seven_bytes"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "bad_json",
+        "not_utf8",
+        "deep_nesting",
+        "length_past_the_end",
+        "length_zero",
+        "length_short",
+        "empty",
+        "seven_bytes",
+    ],
+)
 def test_broken_safetensors_framing_names_the_file(copy, damage):
     directory = copy("single")
     path = directory / "model.safetensors"
@@ -474,8 +537,12 @@ def test_broken_safetensors_framing_names_the_file(copy, damage):
     refused(directory, "model.safetensors")
 
 
-@settings(max_examples=40, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(keep=st.floats(0.0, 1.0, exclude_max=True), layout=st.sampled_from(["single", "sharded"]))
 def test_truncated_safetensors_names_the_file(saved, tmp_path_factory, keep, layout):
     """Cut anywhere (inside the length, the header or the data), every shard

@@ -24,9 +24,13 @@ def readme_command() -> list[str]:
 def test_the_readme_command_removes_widget_state_and_keeps_the_rest(tmp_path):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {
-        "state": {"m": {"model_name": "FigureModel", "state": {"data": "x" * 2_000_000}}},
-        "version_major": 2, "version_minor": 0}}
+    nb.metadata["widgets"] = {
+        "application/vnd.jupyter.widget-state+json": {
+            "state": {"m": {"model_name": "FigureModel", "state": {"data": "x" * 2_000_000}}},
+            "version_major": 2,
+            "version_minor": 0,
+        }
+    }
     output = nbformat.v4.new_output("execute_result", data={"text/plain": "2"}, execution_count=1)
     nb.cells.append(nbformat.v4.new_code_cell("1 + 1", outputs=[output], execution_count=1))
     path = tmp_path / "notebook.ipynb"

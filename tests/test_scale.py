@@ -17,9 +17,16 @@ from phi3lab.tracing import CaptureTooLarge, compiled_count
 
 
 def small_model(**overrides):
-    config = dict(vocabulary_size=96, num_layers=3, hidden_dim=32, intermediate_dim=64,
-                  num_query_heads=4, num_key_value_heads=2, max_sequence_length=4096,
-                  pretraining_sequence_length=64)
+    config = dict(
+        vocabulary_size=96,
+        num_layers=3,
+        hidden_dim=32,
+        intermediate_dim=64,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        max_sequence_length=4096,
+        pretraining_sequence_length=64,
+    )
     config.update(overrides)
     return phi3lab.Phi3Backbone(**config)
 
@@ -79,7 +86,9 @@ def test_query_window_rows_equal_full_pattern(model):
     full = phi3lab.trace(model, ids, names="blocks.*.attn.hook_*")
     window = phi3lab.trace(model, ids, names="blocks.*.attn.hook_*", queries=slice(30, 45), heads=[1, 3])
     for layer in range(model.num_layers):
-        np.testing.assert_allclose(window.attention(layer, head=3)[0], full.attention(layer, head=3)[0, 30:45], atol=1e-6)
+        np.testing.assert_allclose(
+            window.attention(layer, head=3)[0], full.attention(layer, head=3)[0, 30:45], atol=1e-6
+        )
         np.testing.assert_array_equal(window[f"blocks.{layer}.attn.hook_pattern"].shape, (1, 2, 15, 50))
     with pytest.raises(ValueError, match="head"):
         window.attention(0, head=0)
@@ -93,8 +102,7 @@ def test_bad_query_window_is_refused(model, bad):
 
 def test_hooks_on_windowed_maps_are_refused(model):
     with pytest.raises(ValueError, match="query window"):
-        phi3lab.trace(model, ids_of(20), queries=slice(0, 4),
-                      hooks={"blocks.0.attn.hook_pattern": lambda x, ctx: x})
+        phi3lab.trace(model, ids_of(20), queries=slice(0, 4), hooks={"blocks.0.attn.hook_pattern": lambda x, ctx: x})
 
 
 def test_chunked_attention_equals_full(model):
@@ -114,10 +122,17 @@ def test_chunked_attention_equals_full(model):
 def test_32k_tokens_with_a_query_window_fit_in_memory():
     """The shipped model's architecture on a 32k-token input: patterns of one
     layer for the last 64 queries, without any T x T array for all heads."""
-    model = small_model(vocabulary_size=1024, num_layers=2, hidden_dim=128, intermediate_dim=384,
-                        max_sequence_length=32768, pretraining_sequence_length=128,
-                        rope_scaling_type="su", rope_scaling_short_factor=[1.0] * 16,
-                        rope_scaling_long_factor=[4.0] * 16)
+    model = small_model(
+        vocabulary_size=1024,
+        num_layers=2,
+        hidden_dim=128,
+        intermediate_dim=384,
+        max_sequence_length=32768,
+        pretraining_sequence_length=128,
+        rope_scaling_type="su",
+        rope_scaling_short_factor=[1.0] * 16,
+        rope_scaling_long_factor=[4.0] * 16,
+    )
     names = ["blocks.1.attn.hook_pattern", "hook_logits"]
     estimate = phi3lab.estimate(model, 32768, names=names, queries=slice(-64, None), heads=[0])
     full_maps = 2 * 4 * 32768 * 32768 * 4  # scores + pattern, 4 heads, float32: 32 GiB
@@ -189,9 +204,13 @@ SHARDED = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_trace_equals_unsharded(tmp_path):
-    result = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / "preset")],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "KERAS_BACKEND": "jax"})
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED, str(tmp_path / "preset")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "KERAS_BACKEND": "jax"},
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "max difference" in result.stdout
 
@@ -227,8 +246,11 @@ def test_phi3_mini_128k_window_capture_fits_16gb_in_bfloat16():
     float32 copy of the weights in the working set, which an accelerator
     does not; there the working set is taken from the float32 program, an
     upper bound of the bfloat16 one (same operations, twice the bytes)."""
-    window = dict(seq_len=4096, names=["blocks.0.attn.hook_pattern", "blocks.31.attn.hook_pattern", "hook_logits"],
-                  queries=slice(-512, None))
+    window = dict(
+        seq_len=4096,
+        names=["blocks.0.attn.hook_pattern", "blocks.31.attn.hook_pattern", "hook_logits"],
+        queries=slice(-512, None),
+    )
     every_pattern = dict(seq_len=4096, names="blocks.*.attn.hook_pattern")
     bf16 = _phi3_mini_estimates("bfloat16", {"window": window, "every_pattern": every_pattern})
     assert 7.0e9 < bf16["window"].weights < 8.0e9  # 3.8B parameters, 2 bytes each
@@ -247,8 +269,9 @@ def test_phi3_mini_128k_window_capture_fits_16gb_in_bfloat16():
 def test_windowed_trace_to_pandas_labels_true_positions_and_heads(model):
     ids = ids_of(20)
     full = phi3lab.trace(model, ids, names="blocks.0.attn.hook_pattern").to_pandas("blocks.0.attn.hook_pattern")
-    window = phi3lab.trace(model, ids, names="blocks.0.attn.hook_pattern", queries=slice(10, 15),
-                           heads=[3, 1]).to_pandas("blocks.0.attn.hook_pattern")
+    window = phi3lab.trace(
+        model, ids, names="blocks.0.attn.hook_pattern", queries=slice(10, 15), heads=[3, 1]
+    ).to_pandas("blocks.0.attn.hook_pattern")
     assert sorted(window["head"].unique()) == [1, 3]
     assert (window["query"].min(), window["query"].max()) == (10, 14)
     merged = window.merge(full, on=["head", "query", "key"], suffixes=("_window", "_full"))

@@ -12,9 +12,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from conftest import PRETRAINING, backbone_kwargs, random_backbone, token_batch
 
 import phi3lab
+from conftest import PRETRAINING, backbone_kwargs, random_backbone, token_batch
 from phi3lab import compile_cache
 from phi3lab.tracing import compiled_count, forward_fn
 
@@ -70,15 +70,16 @@ def test_padding_follows_real_length_for_rotary_factors(model):
 def test_window_and_heads_are_cut_back(model):
     ids, mask = token_batch(13, seed=2)
     full = phi3lab.trace(model, ids, padding_mask=mask, names="blocks.1.attn.hook_pattern")
-    part = phi3lab.trace(model, ids, padding_mask=mask, names="blocks.1.attn.hook_pattern",
-                         queries=slice(4, 9), heads=[2, 0])
-    np.testing.assert_allclose(part["blocks.1.attn.hook_pattern"],
-                               full["blocks.1.attn.hook_pattern"][:, [2, 0], 4:9], atol=1e-6)
+    part = phi3lab.trace(
+        model, ids, padding_mask=mask, names="blocks.1.attn.hook_pattern", queries=slice(4, 9), heads=[2, 0]
+    )
+    np.testing.assert_allclose(
+        part["blocks.1.attn.hook_pattern"], full["blocks.1.attn.hook_pattern"][:, [2, 0], 4:9], atol=1e-6
+    )
 
 
 def test_ten_lengths_compile_at_most_four_programs():
-    model = random_backbone(seed=3, config=None, **{**backbone_kwargs(), "num_layers": 1,
-                                                    "max_sequence_length": 512})
+    model = random_backbone(seed=3, config=None, **{**backbone_kwargs(), "num_layers": 1, "max_sequence_length": 512})
     lengths = [20, 33, 40, 57, 64, 97, 150, 201, 256, 300]
     names = ["blocks.0.attn.hook_pattern", "hook_logits"]
     for length in lengths:
@@ -90,8 +91,17 @@ def test_ten_lengths_compile_at_most_four_programs():
 
 
 def test_bucket_lengths():
-    assert [compile_cache.bucket_length(n, 4096) for n in (1, 64, 65, 129, 257, 385, 512, 513, 3000)] == \
-        [64, 64, 128, 256, 384, 512, 512, 1024, 4096]
+    assert [compile_cache.bucket_length(n, 4096) for n in (1, 64, 65, 129, 257, 385, 512, 513, 3000)] == [
+        64,
+        64,
+        128,
+        256,
+        384,
+        512,
+        512,
+        1024,
+        4096,
+    ]
     assert compile_cache.bucket_length(20, 32) == 32  # capped at max_sequence_length
     assert compile_cache.bucket_length(32, 32) == 32
 

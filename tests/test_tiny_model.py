@@ -101,8 +101,11 @@ def test_held_out_names_and_template_never_occur_in_a_training_name_mover_senten
     assert 0.4 < np.mean([match["s"] == match["a"] for match in found]) < 0.6
 
 
-@pytest.mark.xfail(strict=True, reason="the held-out documents now hold both name orders, five templates and distractors, "
-                   "which the shipped weights never saw: 3.02 nats/token against a unigram 4.70 (0.64x)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="the held-out documents now hold both name orders, five templates and distractors, "
+    "which the shipped weights never saw: 3.02 nats/token against a unigram 4.70 (0.64x)",
+)
 def test_held_out_loss_beats_unigram_baseline(model, tokenizer):
     """Cross-entropy on documents from seeds never trained on, against a
     unigram model fitted on another large sample of the same generator."""
@@ -111,7 +114,7 @@ def test_held_out_loss_beats_unigram_baseline(model, tokenizer):
     held_out = script.token_stream(tokenizer, script.documents(200, seed=202))
     counts = np.bincount(fit, minlength=model.vocabulary_size) + 1.0
     unigram = -np.mean(np.log(counts / counts.sum())[held_out[1:]])
-    windows = np.stack([held_out[i:i + 129] for i in range(0, len(held_out) - 129, 129)][:16])
+    windows = np.stack([held_out[i : i + 129] for i in range(0, len(held_out) - 129, 129)][:16])
     model_loss = token_losses(model, windows).mean()
     assert model_loss < 0.6 * unigram, (model_loss, unigram)
 
@@ -123,7 +126,7 @@ def induction_ratios(model, tokenizer) -> dict[int, float]:
     ratios = {}
     for period in HELD_OUT_PERIODS:
         losses = token_losses(model, tasks.repeated_tokens(vocab, period, batch=8, low=3, seed=period))
-        ratios[period] = losses[:, period + 1:].mean() / losses[:, : period - 1].mean()
+        ratios[period] = losses[:, period + 1 :].mean() / losses[:, : period - 1].mean()
     return ratios
 
 
@@ -134,8 +137,10 @@ def test_induction_on_unseen_periods(model, tokenizer):
     assert all(ratio < 0.5 for ratio in ratios.values()), ratios
 
 
-@pytest.mark.xfail(strict=True, reason="shipped weights: second/first-copy loss 0.47x at period 7 (7.03 -> 3.29), "
-                   "0.18x at 13, 0.08x at 23")
+@pytest.mark.xfail(
+    strict=True,
+    reason="shipped weights: second/first-copy loss 0.47x at period 7 (7.03 -> 3.29), 0.18x at 13, 0.08x at 23",
+)
 def test_induction_meets_the_both_orders_bar(model, tokenizer):
     ratios = induction_ratios(model, tokenizer)
     assert all(ratio < 0.3 for ratio in ratios.values()), ratios
@@ -164,8 +169,9 @@ def test_no_positional_shortcut(model, tokenizer):
     first (or the last) name would be right in one order only. (A model
     near 0 top-1 in both orders has no gap in top-1, so the gap is also
     measured on "beats the repeated name".)"""
-    metrics = [run(model, tasks.name_mover_batch(tokenizer, prompts(80, seed=11, orders=(order,))))
-               for order in tasks.ORDERS]
+    metrics = [
+        run(model, tasks.name_mover_batch(tokenizer, prompts(80, seed=11, orders=(order,)))) for order in tasks.ORDERS
+    ]
     for key in ("top1", "beats"):
         assert abs(metrics[0][key] - metrics[1][key]) <= 0.10, (key, metrics)
 
@@ -173,7 +179,9 @@ def test_no_positional_shortcut(model, tokenizer):
 @FIRST_NAME_SHORTCUT
 def test_name_mover_on_held_out_template_and_names(model, tokenizer):
     for order in tasks.ORDERS:
-        batch = tasks.name_mover_batch(tokenizer, prompts(80, seed=12, templates=tasks.HELD_OUT_TEMPLATES, orders=(order,)))
+        batch = tasks.name_mover_batch(
+            tokenizer, prompts(80, seed=12, templates=tasks.HELD_OUT_TEMPLATES, orders=(order,))
+        )
         metrics = run(model, batch)
         assert metrics["beats"] >= 0.85, (order, metrics)
 
@@ -186,9 +194,13 @@ def test_name_mover_with_distractor_names(model, tokenizer):
     assert run(model, batch)["beats"] >= 0.85
 
 
-@pytest.mark.parametrize("text", ["When Mary and John went to the store, John gave a drink to",
-                                  pytest.param("When John and Mary went to the store, John gave a drink to",
-                                               marks=FIRST_NAME_SHORTCUT)])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "When Mary and John went to the store, John gave a drink to",
+        pytest.param("When John and Mary went to the store, John gave a drink to", marks=FIRST_NAME_SHORTCUT),
+    ],
+)
 def test_generate_completes_a_name_mover_prompt_in_either_order(model, tokenizer, text):
     assert str(phi3lab.generate(model, tokenizer, text, max_new_tokens=3)).strip().startswith("Mary")
 

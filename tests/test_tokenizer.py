@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import require_oracle
 
 transformers = require_oracle("transformers")
@@ -31,12 +32,26 @@ from phi3lab.tokenizer import ADDED_SPECIAL_TOKENS, Phi3Tokenizer  # noqa: E402
 from phi3lab.tokenizer_training import train_sentencepiece  # noqa: E402
 
 PHI3_ADDED = [  # microsoft/Phi-3-mini-4k-instruct's added tokens, ids 32000.. in this order.
-    "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
-    "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>",
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|placeholder1|>",
+    "<|placeholder2|>",
+    "<|placeholder3|>",
+    "<|placeholder4|>",
+    "<|system|>",
+    "<|end|>",
+    "<|placeholder5|>",
+    "<|placeholder6|>",
+    "<|user|>",
 ]
 # Phi-3's tokenizer_config.json: (rstrip, special) of each token.
-PHI3_FLAGS = {"<unk>": (False, True), "<s>": (False, True), "</s>": (True, False),
-              "<|endoftext|>": (False, True), **{t: (True, True) for t in PHI3_ADDED[1:]}}
+PHI3_FLAGS = {
+    "<unk>": (False, True),
+    "<s>": (False, True),
+    "</s>": (True, False),
+    "<|endoftext|>": (False, True),
+    **{t: (True, True) for t in PHI3_ADDED[1:]},
+}
 PHI3_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + "
     "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + "
@@ -44,36 +59,91 @@ PHI3_TEMPLATE = (
     "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
-WORDS = ("the a of attention head layer residual stream token model neuron circuit induction "
-         "copy Paris France capital hello world question answer probe logit lens patch café "
-         "naïve Zürich résumé über 東京 日本 数学").split()
+WORDS = (
+    "the a of attention head layer residual stream token model neuron circuit induction "
+    "copy Paris France capital hello world question answer probe logit lens patch café "
+    "naïve Zürich résumé über 東京 日本 数学"
+).split()
 
 TEXTS = [
-    "", " ", "  ", "\n", "\n\n", "\t", "Hello world", "hello world", " leading space",
-    "trailing space ", "multiple   spaces  inside", "tabs\tand\nnewlines\r\n", "x\n\n\ny",
-    "digits 1234567890 and 3.14159, 2024-05-01", "café naïve Zürich résumé über",
-    "東京 日本語の文章 中文 한국어", "emoji 😀🎉 and a family 👩‍👩‍👧 👩🏽‍💻", "▁a", "a▁b ▁▁ c",
+    "",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\t",
+    "Hello world",
+    "hello world",
+    " leading space",
+    "trailing space ",
+    "multiple   spaces  inside",
+    "tabs\tand\nnewlines\r\n",
+    "x\n\n\ny",
+    "digits 1234567890 and 3.14159, 2024-05-01",
+    "café naïve Zürich résumé über",
+    "東京 日本語の文章 中文 한국어",
+    "emoji 😀🎉 and a family 👩‍👩‍👧 👩🏽‍💻",
+    "▁a",
+    "a▁b ▁▁ c",
     "<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\nParis.<|end|>\n",
-    "<|system|>  \n\t be brief<|end|>", "<|endoftext|> after end of text", "<|endoftext|>",
-    "x</s>  y", "<s>bos in text", "a <unk> b", "<|user|><|user|><|end|>", "<|user|>   ",
+    "<|system|>  \n\t be brief<|end|>",
+    "<|endoftext|> after end of text",
+    "<|endoftext|>",
+    "x</s>  y",
+    "<s>bos in text",
+    "a <unk> b",
+    "<|user|><|user|><|end|>",
+    "<|user|>   ",
     "<|placeholder1|>p<|placeholder2|> q<|placeholder3|>\nr<|placeholder4|>",
-    "<|placeholder5|><|placeholder6|>", " <|user|>Hi", "<|user", "<|unknown|>", "|>user<|",
-    "<|end|>\x1c\x1d\x1e\x1f x", "<|end|>\u3000\u00a0\u2003\u2028 x", "<|end|>\u200b x",
-    "<|end|>\r\n\r\nx", "tab after end<|end|>\tx", "<<|user|>>", "<|user|>\n\n\nHi",
+    "<|placeholder5|><|placeholder6|>",
+    " <|user|>Hi",
+    "<|user",
+    "<|unknown|>",
+    "|>user<|",
+    "<|end|>\x1c\x1d\x1e\x1f x",
+    "<|end|>\u3000\u00a0\u2003\u2028 x",
+    "<|end|>\u200b x",
+    "<|end|>\r\n\r\nx",
+    "tab after end<|end|>\tx",
+    "<<|user|>>",
+    "<|user|>\n\n\nHi",
 ]
 
 
 def random_texts(count: int, seed: int = 0) -> list[str]:
     """Strings mixing words, special tokens, whitespace, accents, CJK and emoji."""
     rng = random.Random(seed)
-    atoms = WORDS + PHI3_ADDED + ["<s>", "</s>", "<unk>", " ", "  ", "\n", "\t", "\u3000",
-                                  "😀", "é", "7", "42", ".", ",", "<", "|", ">", "▁", "\x1c"]
-    return ["".join(rng.choice(atoms) + rng.choice(["", " "]) for _ in range(rng.randint(0, 12)))
-            for _ in range(count)]
+    atoms = (
+        WORDS
+        + PHI3_ADDED
+        + [
+            "<s>",
+            "</s>",
+            "<unk>",
+            " ",
+            "  ",
+            "\n",
+            "\t",
+            "\u3000",
+            "😀",
+            "é",
+            "7",
+            "42",
+            ".",
+            ",",
+            "<",
+            "|",
+            ">",
+            "▁",
+            "\x1c",
+        ]
+    )
+    return ["".join(rng.choice(atoms) + rng.choice(["", " "]) for _ in range(rng.randint(0, 12))) for _ in range(count)]
 
 
-PLAIN_TEXTS = [t for t in TEXTS + random_texts(200, seed=5)
-               if not any(s in t for s in PHI3_ADDED + ["<s>", "</s>", "<unk>"])]
+PLAIN_TEXTS = [
+    t for t in TEXTS + random_texts(200, seed=5) if not any(s in t for s in PHI3_ADDED + ["<s>", "</s>", "<unk>"])
+]
 
 
 def corpus(count: int = 3000, seed: int = 1) -> list[str]:
@@ -99,25 +169,38 @@ def write_phi3_hf_dir(directory, proto: bytes, flags=PHI3_FLAGS, legacy_json=Tru
     tokens = [("<unk>", 0), ("<s>", 1), ("</s>", 2)]
     tokens += [(t, n + i) for i, t in enumerate(PHI3_ADDED)]
     entry = {"lstrip": False, "normalized": False, "single_word": False}
-    decoder = {str(i): {"content": t, **entry, "rstrip": flags[t][0], "special": flags[t][1]}
-               for t, i in tokens}
+    decoder = {str(i): {"content": t, **entry, "rstrip": flags[t][0], "special": flags[t][1]} for t, i in tokens}
     config = {
-        "add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": decoder,
-        "bos_token": "<s>", "chat_template": PHI3_TEMPLATE, "clean_up_tokenization_spaces": False,
-        "eos_token": "<|endoftext|>", "legacy": False, "model_max_length": 4096,
-        "pad_token": "<|endoftext|>", "padding_side": "left", "sp_model_kwargs": {},
-        "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "added_tokens_decoder": decoder,
+        "bos_token": "<s>",
+        "chat_template": PHI3_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>",
+        "legacy": False,
+        "model_max_length": 4096,
+        "pad_token": "<|endoftext|>",
+        "padding_side": "left",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
         "use_default_system_prompt": False,
     }
-    special_map = {k: {"content": v, **entry, "rstrip": False} for k, v in [
-        ("bos_token", "<s>"), ("eos_token", "<|endoftext|>"), ("pad_token", "<|endoftext|>"),
-        ("unk_token", "<unk>")]}
+    special_map = {
+        k: {"content": v, **entry, "rstrip": False}
+        for k, v in [
+            ("bos_token", "<s>"),
+            ("eos_token", "<|endoftext|>"),
+            ("pad_token", "<|endoftext|>"),
+            ("unk_token", "<unk>"),
+        ]
+    }
     (directory / "tokenizer.model").write_bytes(proto)
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     (directory / "added_tokens.json").write_text(json.dumps(dict(tokens[3:])))
     (directory / "special_tokens_map.json").write_text(json.dumps(special_map))
-    model_config = {"model_type": "phi3", "vocab_size": n + 64, "bos_token_id": 1,
-                    "eos_token_id": n, "pad_token_id": n}
+    model_config = {"model_type": "phi3", "vocab_size": n + 64, "bos_token_id": 1, "eos_token_id": n, "pad_token_id": n}
     (directory / "config.json").write_text(json.dumps(model_config))
     if legacy_json:
         from tokenizers import AddedToken, Tokenizer, decoders, normalizers
@@ -125,14 +208,16 @@ def write_phi3_hf_dir(directory, proto: bytes, flags=PHI3_FLAGS, legacy_json=Tru
         from transformers.tokenization_utils_base import generate_merges
 
         vocab = {sp.id_to_piece(i): i for i in range(n)}
-        backend = Tokenizer(BPE(vocab=vocab, merges=generate_merges(vocab), unk_token="<unk>",
-                                fuse_unk=True, byte_fallback=True))
-        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
-                                                   normalizers.Replace(" ", "▁")])
-        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                             decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-        backend.add_tokens([AddedToken(t, rstrip=flags[t][0], lstrip=False, normalized=False,
-                                       special=flags[t][1]) for t, _ in tokens])
+        backend = Tokenizer(
+            BPE(vocab=vocab, merges=generate_merges(vocab), unk_token="<unk>", fuse_unk=True, byte_fallback=True)
+        )
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        backend.add_tokens(
+            [AddedToken(t, rstrip=flags[t][0], lstrip=False, normalized=False, special=flags[t][1]) for t, _ in tokens]
+        )
         assert [backend.token_to_id(t) for t, _ in tokens] == [i for _, i in tokens]
         backend.save(str(directory / "tokenizer.json"))
     return directory
@@ -197,15 +282,18 @@ def test_encode_random_texts_match_oracle(tok, oracle):
 def test_chat_template_matches_oracle(tok, oracle):
     conversations = [
         [{"role": "user", "content": "What is the capital of France?"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\n"},
-         {"role": "assistant", "content": " Hello! 😀"}, {"role": "user", "content": ""}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi\n"},
+            {"role": "assistant", "content": " Hello! 😀"},
+            {"role": "user", "content": ""},
+        ],
         [{"role": "assistant", "content": "  leading spaces"}],
     ]
     for messages in conversations:
         for prompt in (True, False):
             text = tok.apply_chat_template(messages, add_generation_prompt=prompt)
-            assert text == oracle.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=prompt)
+            assert text == oracle.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
             assert tok.encode(text) == oracle_ids(oracle, text)
     first = tok.encode(tok.apply_chat_template(conversations[0]))[0]
     assert first == tok.special_tokens["<|user|>"]
@@ -213,14 +301,12 @@ def test_chat_template_matches_oracle(tok, oracle):
 
 def test_decode_matches_oracle(tok, oracle):
     rng = np.random.default_rng(0)
-    sequences = [rng.integers(0, tok.vocabulary_size, size=rng.integers(0, 12)).tolist()
-                 for _ in range(300)]
+    sequences = [rng.integers(0, tok.vocabulary_size, size=rng.integers(0, 12)).tolist() for _ in range(300)]
     sequences += [tok.encode(t) for t in TEXTS + random_texts(100, seed=3)]
     sequences += [[2, 0, 1, 5, 200], [3 + 0xE6, 3 + 0x97], [3 + 0x80, 3 + 0xE6, 3 + 0x97, 3 + 0xA5]]
     for ids in sequences:
         for skip in (False, True):
-            assert tok.decode(ids, skip_special_tokens=skip) == oracle.decode(
-                ids, skip_special_tokens=skip), ids
+            assert tok.decode(ids, skip_special_tokens=skip) == oracle.decode(ids, skip_special_tokens=skip), ids
     assert tok.decode(np.array(tok.encode("Hello world"), dtype=np.int32)) == "Hello world"
 
 
@@ -255,8 +341,7 @@ def test_display_tokens(tok):
 def test_encode_batch_matches_oracle_padding(tok, oracle, side):
     texts = ["Hello world", "", "<|user|>\nHi there, how are you?<|end|>\n<|assistant|>\n", "a"]
     ids, mask = tok.encode_batch(texts, padding_side=side)
-    expected = oracle(texts, add_special_tokens=False, padding="longest", padding_side=side,
-                      return_tensors="np")
+    expected = oracle(texts, add_special_tokens=False, padding="longest", padding_side=side, return_tensors="np")
     np.testing.assert_array_equal(ids, expected["input_ids"])
     np.testing.assert_array_equal(mask, expected["attention_mask"].astype(bool))
     assert ids.dtype == np.int32 and mask.dtype == bool
@@ -288,17 +373,19 @@ def test_from_preset_keras_hub_dir(tok, tmp_path):
 def test_save_hf_round_trips_through_transformers(tok, tmp_path):
     written = tok.save_hf(tmp_path)
     assert sorted(p.name for p in written) == sorted(
-        ["tokenizer.model", "tokenizer_config.json", "added_tokens.json",
-         "special_tokens_map.json"])
+        ["tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"]
+    )
     assert json.loads((tmp_path / "added_tokens.json").read_text()) == {
-        t: i for t, i in tok.special_tokens.items() if t in PHI3_ADDED}
+        t: i for t, i in tok.special_tokens.items() if t in PHI3_ADDED
+    }
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3"}))
     reloaded = load_oracle(tmp_path)
     for text in TEXTS + random_texts(200, seed=7):
         assert reloaded.encode(text, add_special_tokens=False) == tok.encode(text), text
     messages = [{"role": "user", "content": "Hi"}]
     assert reloaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
-        tok.apply_chat_template(messages))
+        tok.apply_chat_template(messages)
+    )
     assert Phi3Tokenizer.from_preset(tmp_path).special_tokens == tok.special_tokens
 
 
@@ -340,8 +427,7 @@ def test_spm_holding_the_added_tokens_as_pieces(tok):
     model_pb2 = require_oracle("sentencepiece.sentencepiece_model_pb2")
     model = model_pb2.ModelProto.FromString(tok.proto)
     for token in PHI3_ADDED:
-        model.pieces.add(piece=token, score=0.0,
-                         type=model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+        model.pieces.add(piece=token, score=0.0, type=model_pb2.ModelProto.SentencePiece.USER_DEFINED)
     extended = Phi3Tokenizer(model.SerializeToString())
     assert extended.special_tokens == tok.special_tokens
     assert extended.vocabulary_size == tok.vocabulary_size
@@ -381,8 +467,7 @@ def test_errors_name_the_argument(tok):
     with pytest.raises(ValueError, match=r"`token`.*vocabulary.*'no such piece'"):
         tok.token_to_id("no such piece")
     with pytest.raises(ValueError, match=r"`messages\[1\]\['role'\]`.*system.*user.*'robot'"):
-        tok.apply_chat_template([{"role": "user", "content": "a"},
-                                 {"role": "robot", "content": "b"}])
+        tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}])
     with pytest.raises(ValueError, match=r"`messages\[0\]`.*content"):
         tok.apply_chat_template([{"role": "user", "content": 3}])
     with pytest.raises(ValueError, match=r"`messages`"):
@@ -441,8 +526,12 @@ def test_decode_joins_bytes_around_a_skipped_special_token(tok, oracle):
     a skipped <|user|> still decodes whole, while a kept one splits it into U+FFFDs."""
     user, eos = tok.special_tokens["<|user|>"], tok.special_tokens["</s>"]
     byte = {b: tok.token_to_id(f"<0x{b:02X}>") for b in (0xE6, 0x97, 0xA5)}
-    sequences = [[byte[0xE6], user, byte[0x97], byte[0xA5]], [byte[0xE6], byte[0x97], user, user, byte[0xA5]],
-                 [byte[0xE6], eos, byte[0x97], byte[0xA5]], [user, byte[0xE6], byte[0x97], byte[0xA5], user]]
+    sequences = [
+        [byte[0xE6], user, byte[0x97], byte[0xA5]],
+        [byte[0xE6], byte[0x97], user, user, byte[0xA5]],
+        [byte[0xE6], eos, byte[0x97], byte[0xA5]],
+        [user, byte[0xE6], byte[0x97], byte[0xA5], user],
+    ]
     for ids in sequences:
         for skip in (False, True):
             assert tok.decode(ids, skip_special_tokens=skip) == oracle.decode(ids, skip_special_tokens=skip), ids
@@ -500,7 +589,8 @@ def test_from_preset_uses_the_checkpoints_chat_template(hf_dir, proto, tmp_path,
     loaded = Phi3Tokenizer.from_preset(hf_dir)
     assert loaded.has_own_chat_template
     assert loaded.apply_chat_template(messages) == oracle.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True)
+        messages, tokenize=False, add_generation_prompt=True
+    )
     directory = write_phi3_hf_dir(tmp_path, proto, legacy_json=False)
     (directory / "chat_template.jinja").write_text("{% for m in messages %}{{ m.role }}:{{ m.content }}|{% endfor %}")
     assert Phi3Tokenizer.from_preset(directory).apply_chat_template(messages) == "user:Hi|tool:ignored by Phi-3's|"
@@ -531,8 +621,9 @@ def test_real_phi3_vocabulary(real):
     assert tok.encode(" Mary") == [29871, ids[1]]  # "▁", "▁Mary": `[0]` would be the lone "▁"
     assert tok.to_single_token(" Mary") == ids[1] == tok.token_to_id("▁Mary")
     assert tok.to_single_token(" John") == ids[3]
-    assert tok.to_str_tokens(sentence) == [" " + oracle.decode([i]) if tok.id_to_token(i).startswith("▁")
-                                           else oracle.decode([i]) for i in ids]
+    assert tok.to_str_tokens(sentence) == [
+        " " + oracle.decode([i]) if tok.id_to_token(i).startswith("▁") else oracle.decode([i]) for i in ids
+    ]
     assert tok.to_str_tokens(sentence)[:3] == [" When", " Mary", " and"]
     with pytest.raises(ValueError, match=r"' Zürichsee'.*tokens: \['▁Z"):
         tok.to_single_token(" Zürichsee")

@@ -27,40 +27,109 @@ from bpe_checkpoints import (
     write_phi4_dir,
     write_phi4_mini_dir,
 )
+
 from conftest import require_oracle
 
 transformers = require_oracle("transformers")
 tokenizers = require_oracle("tokenizers")
 
-from phi3lab.tokenization.bpe_backend import ByteLevelBPEBackend, byte_level_alphabet
-from phi3lab.tokenizer import ChatTemplateError, Phi3Tokenizer
+from phi3lab.tokenization.bpe_backend import ByteLevelBPEBackend, byte_level_alphabet  # noqa: E402
+from phi3lab.tokenizer import ChatTemplateError, Phi3Tokenizer  # noqa: E402
 
 LAYOUTS = {
     "phi4": (CL100K, write_phi4_dir, PHI4_ADDED[:12]),
     "phi4_mini": (O200K, write_phi4_mini_dir, [t for t, _, _ in PHI4_MINI_ADDED] + [PHI4_MINI_UNK]),
 }
 TEXTS = [
-    "", " ", "  ", "\n", "\n\n", "\t", "\r\n", "Hello world", " leading space", "trailing space ",
-    "multiple   spaces  inside", "tabs\tand\nnewlines\r\n", "x\n\n\ny", "   \n  \n", "When Mary and John went",
-    "digits 1234567890 and 3.14159, 2024-05-01, 1e-9, -42", "café naïve Zürich résumé über", "Ελληνικά русский",
-    "東京 日本語の文章 中文 한국어", "emoji 😀🎉 and a family 👩‍👩‍👧 👩🏽‍💻", "don't DON'T it's WE'RE I'd",
-    "def f(x):\n    return x ** 2\n", "for (int i = 0; i < n; ++i) { a[i] += b[i]; }", "<div>&amp;</div>",
-    "a \ufffd b \ufffd\ufffd", PHI4_MINI_UNK, f"x{PHI4_MINI_UNK}y", "\x00\x01\x1c\x7f", "\u3000\u00a0\u2003 x",
-    "<|im_start|>user<|im_sep|>Hi<|im_end|>", " <|im_start|> spaced <|im_end|> ", "<|endoftext|>",
-    "<|user|>\nWhat?<|end|>\n<|assistant|>\n", "<|system|>  \n\t be brief<|end|>", "<|tool|>[]<|/tool|>",
-    "<|user|><|user|><|end|>", "<|user", "<|unknown|>", "|>user<|", "<<|user|>>", "<｜PAD▁TOKEN｜> pad",
-    "<|dummy_85|>", "<|endofprompt|> after",
+    "",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\t",
+    "\r\n",
+    "Hello world",
+    " leading space",
+    "trailing space ",
+    "multiple   spaces  inside",
+    "tabs\tand\nnewlines\r\n",
+    "x\n\n\ny",
+    "   \n  \n",
+    "When Mary and John went",
+    "digits 1234567890 and 3.14159, 2024-05-01, 1e-9, -42",
+    "café naïve Zürich résumé über",
+    "Ελληνικά русский",
+    "東京 日本語の文章 中文 한국어",
+    "emoji 😀🎉 and a family 👩‍👩‍👧 👩🏽‍💻",
+    "don't DON'T it's WE'RE I'd",
+    "def f(x):\n    return x ** 2\n",
+    "for (int i = 0; i < n; ++i) { a[i] += b[i]; }",
+    "<div>&amp;</div>",
+    "a \ufffd b \ufffd\ufffd",
+    PHI4_MINI_UNK,
+    f"x{PHI4_MINI_UNK}y",
+    "\x00\x01\x1c\x7f",
+    "\u3000\u00a0\u2003 x",
+    "<|im_start|>user<|im_sep|>Hi<|im_end|>",
+    " <|im_start|> spaced <|im_end|> ",
+    "<|endoftext|>",
+    "<|user|>\nWhat?<|end|>\n<|assistant|>\n",
+    "<|system|>  \n\t be brief<|end|>",
+    "<|tool|>[]<|/tool|>",
+    "<|user|><|user|><|end|>",
+    "<|user",
+    "<|unknown|>",
+    "|>user<|",
+    "<<|user|>>",
+    "<｜PAD▁TOKEN｜> pad",
+    "<|dummy_85|>",
+    "<|endofprompt|> after",
 ]
 
 
 def random_texts(count: int, specials, seed: int = 0) -> list[str]:
     """Strings mixing words, code, numbers, special tokens, whitespace runs, accents, CJK and emoji."""
     rng = random.Random(seed)
-    atoms = WORDS + list(specials) + [" ", "  ", "   ", "\n", "\n\n", "\t", "\r\n", "\u3000", "😀", "👩‍💻", "é",
-                                      "7", "42", "2024", "3.14", ".", ",", "'s", "<", "|", ">", "(", "):", "\ufffd",
-                                      "{", "}", "==", "->", "Ġ", "▁", "\x1c"]
-    return ["".join(rng.choice(atoms) + rng.choice(["", "", " "]) for _ in range(rng.randint(0, 14)))
-            for _ in range(count)]
+    atoms = (
+        WORDS
+        + list(specials)
+        + [
+            " ",
+            "  ",
+            "   ",
+            "\n",
+            "\n\n",
+            "\t",
+            "\r\n",
+            "\u3000",
+            "😀",
+            "👩‍💻",
+            "é",
+            "7",
+            "42",
+            "2024",
+            "3.14",
+            ".",
+            ",",
+            "'s",
+            "<",
+            "|",
+            ">",
+            "(",
+            "):",
+            "\ufffd",
+            "{",
+            "}",
+            "==",
+            "->",
+            "Ġ",
+            "▁",
+            "\x1c",
+        ]
+    )
+    return [
+        "".join(rng.choice(atoms) + rng.choice(["", "", " "]) for _ in range(rng.randint(0, 14))) for _ in range(count)
+    ]
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -88,7 +157,11 @@ def test_special_tokens_follow_the_checkpoint(layout):
     assert tok.vocabulary_size == len(oracle)
     assert tok.special_tokens == {t.content: i for i, t in oracle.added_tokens_decoder.items()}
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (
-        oracle.bos_token_id, oracle.eos_token_id, oracle.pad_token_id, oracle.unk_token_id)
+        oracle.bos_token_id,
+        oracle.eos_token_id,
+        oracle.pad_token_id,
+        oracle.unk_token_id,
+    )
     generation = json.loads((directory / "generation_config.json").read_text())["eos_token_id"]
     assert set(tok.stop_token_ids) == set(np.atleast_1d(generation).tolist())
     expected_eos = {"phi4": "<|im_end|>", "phi4_mini": "<|end|>"}[name]
@@ -120,7 +193,8 @@ def test_byte_level_alphabet_is_the_libraries():
     assert sorted(alphabet) == sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
     assert sorted(alphabet.values()) == list(range(256))
     pieces = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(
-        "".join(map(chr, range(128))))
+        "".join(map(chr, range(128)))
+    )
     assert [alphabet[c] for c in pieces[0][0]] == list(range(128))
 
 
@@ -141,7 +215,7 @@ def test_display_tokens(layout):
     shown = tok.display_tokens(tok.encode("Hello\tworld 😀\n"))
     assert "\\t" in "".join(shown) and shown[-1].endswith("\\n") and "Ġ" not in "".join(shown)
     assert all(s.isprintable() for s in tok.display_tokens(range(tok.vocabulary_size)))
-    split = tok.display_tokens(tok.encode("\U0001F9EC"))  # a character the training never saw: split bytes
+    split = tok.display_tokens(tok.encode("\U0001f9ec"))  # a character the training never saw: split bytes
     assert len(split) > 1 and "".join(split) == "\\xF0\\x9F\\xA7\\xAC"
     assert tok.display_tokens(tok.encode(" world"), space="␣") == [f"␣{tok.to_str_tokens(' world')[0][1:]}"]
 
@@ -160,24 +234,32 @@ def test_to_single_token(layout):
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\n"},
-     {"role": "assistant", "content": " Hello! 😀"}, {"role": "user", "content": ""}],
-    [{"role": "system", "content": "You call tools.", "tools": '[{"name": "f"}]'},
-     {"role": "user", "content": "  spaced  "}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi\n"},
+        {"role": "assistant", "content": " Hello! 😀"},
+        {"role": "user", "content": ""},
+    ],
+    [
+        {"role": "system", "content": "You call tools.", "tools": '[{"name": "f"}]'},
+        {"role": "user", "content": "  spaced  "},
+    ],
     [{"role": "assistant", "content": "東京 <|im_end|> inside"}],
 ]
 
 
-@pytest.mark.parametrize("template", [PHI3_TEMPLATE, PHI4_MINI_TEMPLATE, PHI4_TEMPLATE],
-                         ids=["phi3", "phi4_mini", "phi4"])
+@pytest.mark.parametrize(
+    "template", [PHI3_TEMPLATE, PHI4_MINI_TEMPLATE, PHI4_TEMPLATE], ids=["phi3", "phi4_mini", "phi4"]
+)
 def test_chat_templates_match_transformers(layout, template):
     _, _, tok, oracle, _ = layout
     ours = Phi3Tokenizer.from_backend(tok._backend, chat_template=template)
     for messages in CONVERSATIONS:
         for prompt in (True, False):
             text = ours.apply_chat_template(messages, add_generation_prompt=prompt)
-            assert text == oracle.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                      add_generation_prompt=prompt)
+            assert text == oracle.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
+            )
             assert ours.encode(text) == oracle_ids(oracle, text)
 
 
@@ -185,13 +267,15 @@ def test_checkpoint_template_is_used(layout):
     name, _, tok, oracle, _ = layout
     messages = CONVERSATIONS[1]
     assert tok.has_own_chat_template
-    assert tok.apply_chat_template(messages) == oracle.apply_chat_template(messages, tokenize=False,
-                                                                           add_generation_prompt=True)
+    assert tok.apply_chat_template(messages) == oracle.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
     opening = {"phi4": "<|im_start|>system<|im_sep|>Be brief.<|im_end|>", "phi4_mini": "<|system|>Be brief.<|end|>"}
     assert tok.apply_chat_template(messages).startswith(opening[name])
     robot = tok.apply_chat_template([{"role": "robot", "content": "beep"}])  # the checkpoint's template decides
-    assert robot == oracle.apply_chat_template([{"role": "robot", "content": "beep"}], tokenize=False,
-                                               add_generation_prompt=True)
+    assert robot == oracle.apply_chat_template(
+        [{"role": "robot", "content": "beep"}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_template_sources(tmp_path):
@@ -200,11 +284,19 @@ def test_template_sources(tmp_path):
     (directory / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
     messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     oracle = transformers.AutoTokenizer.from_pretrained(str(directory))
-    assert Phi3Tokenizer.from_preset(directory).apply_chat_template(messages) == "[a][b]" == (
-        oracle.apply_chat_template(messages, tokenize=False))
-    named = write_phi4_dir(tmp_path / "named", train_byte_level_bpe(CL100K, vocab_size=400),
-                           chat_template=[{"name": "default", "template": "{{ messages[0]['content'] }}!"},
-                                          {"name": "tool_use", "template": "tools"}])
+    assert (
+        Phi3Tokenizer.from_preset(directory).apply_chat_template(messages)
+        == "[a][b]"
+        == (oracle.apply_chat_template(messages, tokenize=False))
+    )
+    named = write_phi4_dir(
+        tmp_path / "named",
+        train_byte_level_bpe(CL100K, vocab_size=400),
+        chat_template=[
+            {"name": "default", "template": "{{ messages[0]['content'] }}!"},
+            {"name": "tool_use", "template": "tools"},
+        ],
+    )
     assert Phi3Tokenizer.from_preset(named).apply_chat_template(messages) == "a!"
     bare = write_phi4_dir(tmp_path / "none", train_byte_level_bpe(CL100K, vocab_size=400), chat_template=None)
     tok = Phi3Tokenizer.from_preset(bare)
@@ -258,8 +350,9 @@ def tok_sp():
 def test_config_flags_win_over_tokenizer_json(tmp_path):
     """tokenizer.json says `<|im_start|>` strips nothing; tokenizer_config.json says both sides,
     and transformers follows the config."""
-    directory = write_phi4_dir(tmp_path, train_byte_level_bpe(CL100K, vocab_size=500),
-                               json_flags={"<|im_start|>": (False, False)})
+    directory = write_phi4_dir(
+        tmp_path, train_byte_level_bpe(CL100K, vocab_size=500), json_flags={"<|im_start|>": (False, False)}
+    )
     tok, oracle = Phi3Tokenizer.from_preset(directory), transformers.AutoTokenizer.from_pretrained(str(directory))
     raw = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
     texts = ["a <|im_start|> b", "x\n<|im_start|>\ny", " <|im_start|>user"]
@@ -304,8 +397,11 @@ def test_save_hf_round_trips_through_transformers(layout, tmp_path):
     for text in TEXTS + random_texts(50, specials, seed=8):
         assert oracle_ids(reloaded, text) == tok.encode(text) == ours.encode(text), text
     messages = CONVERSATIONS[1]
-    assert ours.apply_chat_template(messages) == tok.apply_chat_template(messages) == (
-        reloaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    assert (
+        ours.apply_chat_template(messages)
+        == tok.apply_chat_template(messages)
+        == (reloaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    )
     with pytest.raises(AttributeError, match="SentencePiece"):
         tok.save_assets(tmp_path / "keras")
 
@@ -354,10 +450,12 @@ def test_template_features_match_transformers(layout):
     """Namespaces, loop controls, filters, `tools` and the special-token names, as transformers."""
     _, _, tok, oracle, _ = layout
     ours = Phi3Tokenizer.from_backend(tok._backend, chat_template=RICH_TEMPLATE)
-    messages = CONVERSATIONS[1] + [{"role": "user", "content": f"turn {i} \"quoted\" é"} for i in range(3)]
+    messages = CONVERSATIONS[1] + [{"role": "user", "content": f'turn {i} "quoted" é'} for i in range(3)]
     tools = [{"name": "get_weather", "parameters": {"city": "東京"}}]
     for kwargs in ({}, {"tools": tools}):
         for prompt in (True, False):
             assert ours.apply_chat_template(messages, add_generation_prompt=prompt, **kwargs) == (
-                oracle.apply_chat_template(messages, chat_template=RICH_TEMPLATE, tokenize=False,
-                                           add_generation_prompt=prompt, **kwargs))
+                oracle.apply_chat_template(
+                    messages, chat_template=RICH_TEMPLATE, tokenize=False, add_generation_prompt=prompt, **kwargs
+                )
+            )

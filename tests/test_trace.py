@@ -22,15 +22,14 @@ import dataclasses
 import fnmatch
 import math
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
+from jax import numpy as jnp
 
 import phi3lab  # noqa: F401  (selects the JAX backend before keras loads)
 from conftest import random_backbone, require_oracle, rope_factors
-import jax
-from jax import numpy as jnp
-
 from phi3lab.tracing import compiled_count
 from phi3lab.tracing.rope import MixedRotaryWarning
 
@@ -77,9 +76,16 @@ def design_names(num_layers):
     return names + ["ln_final.hook_normalized", "hook_logits"]
 
 
-SIZES = dict(vocabulary_size=VOCAB, num_layers=LAYERS, hidden_dim=HIDDEN, intermediate_dim=FFN,
-             num_query_heads=HQ, num_key_value_heads=HKV, max_sequence_length=MAX_POSITIONS,
-             pretraining_sequence_length=PRETRAINING)
+SIZES = dict(
+    vocabulary_size=VOCAB,
+    num_layers=LAYERS,
+    hidden_dim=HIDDEN,
+    intermediate_dim=FFN,
+    num_query_heads=HQ,
+    num_key_value_heads=HKV,
+    max_sequence_length=MAX_POSITIONS,
+    pretraining_sequence_length=PRETRAINING,
+)
 
 
 def make_model(rope=None, seed=0, **overrides):
@@ -124,8 +130,7 @@ def full(model, ids):
 
 def test_every_design_hook_name_is_captured_with_its_documented_shape(model, full, ids):
     batch, length = ids.shape
-    sizes = {"B": batch, "T": length, "D": HIDDEN, "F": FFN, "Hq": HQ, "Hkv": HKV,
-             "dh": HEAD_DIM, "V": VOCAB}
+    sizes = {"B": batch, "T": length, "D": HIDDEN, "F": FFN, "Hq": HQ, "Hkv": HKV, "dh": HEAD_DIM, "V": VOCAB}
     expected_names = design_names(LAYERS)
     assert full.names == expected_names  # all of them, in forward order, nothing else
     assert list(full) == expected_names and len(full) == len(expected_names)
@@ -193,7 +198,9 @@ def test_final_norm_is_the_output_and_the_plain_forward(model, full, ids):
     # trace runs the input padded to its length bucket: the same program as
     # the plain forward on the padded input, bit for bit.
     extra = ((0, 0), (0, phi3lab.compile_cache.bucket_length(ids.shape[1], MAX_POSITIONS) - ids.shape[1]))
-    padded = plain(model.params(), jnp.asarray(np.pad(ids, extra)), jnp.asarray(np.pad(np.ones(ids.shape, bool), extra)))
+    padded = plain(
+        model.params(), jnp.asarray(np.pad(ids, extra)), jnp.asarray(np.pad(np.ones(ids.shape, bool), extra))
+    )
     expected = np.asarray(padded)[:, : ids.shape[1]]
     assert np.array_equal(only_output.output, expected)
     assert np.array_equal(only_output["ln_final.hook_normalized"], expected)
@@ -226,7 +233,6 @@ def test_patterns_and_scores_are_masked_softmax(full, ids):
 
 
 # === Against transformers' eager Phi-3 ===
-
 
 
 @pytest.fixture(scope="module")
@@ -280,8 +286,7 @@ def run_transformers(hf, ids):
         ]
     try:
         with torch.no_grad():
-            out = hf(torch.tensor(ids, dtype=torch.long), output_attentions=True,
-                     output_hidden_states=True)
+            out = hf(torch.tensor(ids, dtype=torch.long), output_attentions=True, output_hidden_states=True)
             cos, sin = captured["rope"]
             batch, length = ids.shape
             heads, kv = hf.config.num_attention_heads, hf.config.num_key_value_heads
@@ -289,19 +294,24 @@ def run_transformers(hf, ids):
             for l in range(hf.config.num_hidden_layers):
                 qkv = captured.pop((l, "qkv"))
                 q = qkv[..., : heads * dh].view(batch, length, heads, dh)
-                k = qkv[..., heads * dh: (heads + kv) * dh].view(batch, length, kv, dh)
-                v = qkv[..., (heads + kv) * dh:].view(batch, length, kv, dh)
-                rot_q, rot_k = modeling_phi3.apply_rotary_pos_emb(
-                    q.transpose(1, 2), k.transpose(1, 2), cos, sin
-                )
+                k = qkv[..., heads * dh : (heads + kv) * dh].view(batch, length, kv, dh)
+                v = qkv[..., (heads + kv) * dh :].view(batch, length, kv, dh)
+                rot_q, rot_k = modeling_phi3.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
                 scores = rot_q @ modeling_phi3.repeat_kv(rot_k, heads // kv).transpose(2, 3) * dh**-0.5
                 gate, up = captured.pop((l, "gate_up")).chunk(2, dim=-1)
-                captured.update({
-                    (l, "q"): q, (l, "k"): k, (l, "v"): v,
-                    (l, "rot_q"): rot_q.transpose(1, 2), (l, "rot_k"): rot_k.transpose(1, 2),
-                    (l, "scores"): scores, (l, "pre"): gate, (l, "pre_linear"): up,
-                    (l, "z"): captured[(l, "z")].view(batch, length, heads, dh),
-                })
+                captured.update(
+                    {
+                        (l, "q"): q,
+                        (l, "k"): k,
+                        (l, "v"): v,
+                        (l, "rot_q"): rot_q.transpose(1, 2),
+                        (l, "rot_k"): rot_k.transpose(1, 2),
+                        (l, "scores"): scores,
+                        (l, "pre"): gate,
+                        (l, "pre_linear"): up,
+                        (l, "z"): captured[(l, "z")].view(batch, length, heads, dh),
+                    }
+                )
     finally:
         for handle in handles:
             handle.remove()
@@ -311,10 +321,19 @@ def run_transformers(hf, ids):
 
 
 OURS_FOR = {
-    "ln1": "ln1.hook_normalized", "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v",
-    "rot_q": "attn.hook_rot_q", "rot_k": "attn.hook_rot_k", "z": "attn.hook_z",
-    "attn_out": "hook_attn_out", "ln2": "ln2.hook_normalized", "pre": "mlp.hook_pre",
-    "pre_linear": "mlp.hook_pre_linear", "post": "mlp.hook_post", "mlp_out": "hook_mlp_out",
+    "ln1": "ln1.hook_normalized",
+    "q": "attn.hook_q",
+    "k": "attn.hook_k",
+    "v": "attn.hook_v",
+    "rot_q": "attn.hook_rot_q",
+    "rot_k": "attn.hook_rot_k",
+    "z": "attn.hook_z",
+    "attn_out": "hook_attn_out",
+    "ln2": "ln2.hook_normalized",
+    "pre": "mlp.hook_pre",
+    "pre_linear": "mlp.hook_pre_linear",
+    "post": "mlp.hook_post",
+    "mlp_out": "hook_mlp_out",
     "resid_post": "hook_resid_post",
 }
 
@@ -388,10 +407,14 @@ def test_loss_matches_transformers(oracles, rope, length):
     labels = np.full(ids.shape, -100, np.int64)
     labels[:, 1:] = np.where(counts, ids[:, 1:], -100)
     with torch.no_grad():
-        out = hf(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask, dtype=torch.long),
-                 labels=torch.as_tensor(labels))
+        out = hf(
+            input_ids=torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            labels=torch.as_tensor(labels),
+        )
         per_token = torch.nn.functional.cross_entropy(
-            out.logits[:, :-1].transpose(1, 2), torch.as_tensor(ids[:, 1:], dtype=torch.long), reduction="none").numpy()
+            out.logits[:, :-1].transpose(1, 2), torch.as_tensor(ids[:, 1:], dtype=torch.long), reduction="none"
+        ).numpy()
     assert math.isclose(tr.loss(), float(out.loss), rel_tol=1e-5)
     ours = tr.loss(per_token=True)
     assert ours.shape == (3, length - 1)
@@ -455,8 +478,11 @@ def test_padding_matches_unpadded_runs(model):
     alone_short = phi3lab.trace(model, short)
     alone_long = phi3lab.trace(model, long)
 
-    rows = {"right": (0, slice(0, 7), alone_short), "full": (1, slice(0, 10), alone_long),
-            "left": (2, slice(3, 10), alone_short)}
+    rows = {
+        "right": (0, slice(0, 7), alone_short),
+        "full": (1, slice(0, 10), alone_long),
+        "left": (2, slice(3, 10), alone_short),
+    }
     for label, (row, valid, alone) in rows.items():
         for name in tr.names:
             value = tr[name][row]
@@ -528,8 +554,9 @@ def test_activation_patching_warns_once_about_mixed_prompts(su_model):
     mask = np.ones(ids.shape, bool)
     mask[1, BELOW:] = False
     with pytest.warns(MixedRotaryWarning) as caught:
-        analysis.activation_patching(su_model, ids, ids[:, ::-1], answer=3, padding_mask=mask, sites="attn_out",
-                                     progress=False)
+        analysis.activation_patching(
+            su_model, ids, ids[:, ::-1], answer=3, padding_mask=mask, sites="attn_out", progress=False
+        )
     assert [w.category for w in caught if issubclass(w.category, MixedRotaryWarning)] == [MixedRotaryWarning]
     assert caught[0].filename == __file__
 
@@ -545,7 +572,9 @@ def test_same_names_and_shapes_compile_once():
     assert compiled_count(model) == 1
     for seed in range(1, 4):  # new token values, same shapes
         phi3lab.trace(model, random_ids((2, 9), seed=seed), names=names)
-        phi3lab.trace(model, random_ids((2, 9), seed=seed), names=[f"blocks.{l}.attn.hook_pattern" for l in range(LAYERS)])
+        phi3lab.trace(
+            model, random_ids((2, 9), seed=seed), names=[f"blocks.{l}.attn.hook_pattern" for l in range(LAYERS)]
+        )
     mask = np.stack([np.arange(9) < 6, np.arange(9) >= 2])
     phi3lab.trace(model, random_ids((2, 9), seed=5), padding_mask=mask, names=names)
     assert compiled_count(model) == 1
@@ -560,7 +589,9 @@ def test_same_names_and_shapes_compile_once():
 def test_plain_call_is_unchanged_by_traces(model, full, ids):
     inputs = {"token_ids": ids, "padding_mask": np.ones(ids.shape, bool)}
     before = np.asarray(model(inputs))
-    hooks = phi3lab.hooks.ablate_heads(0, [0, 1]) | phi3lab.hooks.add("blocks.1.hook_resid_post", np.ones(HIDDEN, np.float32))
+    hooks = phi3lab.hooks.ablate_heads(0, [0, 1]) | phi3lab.hooks.add(
+        "blocks.1.hook_resid_post", np.ones(HIDDEN, np.float32)
+    )
     traced = phi3lab.trace(model, ids, hooks=hooks)
     assert not np.allclose(traced.output, before)  # the hooks did act in the trace
     assert np.array_equal(phi3lab.trace(model, ids).output, full.output)
@@ -580,7 +611,19 @@ def test_trace_documents_every_public_method():
     assert "===" not in text and "LayoutMap" not in text
     public = [n for n in dir(phi3lab.Trace) if not n.startswith("_")]
     public += ["__getitem__", "__contains__", "__iter__", "__len__", "__repr__"]
-    assert {"get", "keys", "values", "items", "attention", "resid", "logits", "loss", "to_pandas", "save", "load"} <= set(public)
+    assert {
+        "get",
+        "keys",
+        "values",
+        "items",
+        "attention",
+        "resid",
+        "logits",
+        "loss",
+        "to_pandas",
+        "save",
+        "load",
+    } <= set(public)
     for name in public:
         member = inspect.getattr_static(phi3lab.Trace, name)
         assert name in vars(phi3lab.Trace), f"Trace.{name} is inherited"
@@ -603,8 +646,15 @@ def assert_same_trace(loaded, saved):
         value = getattr(loaded, attribute)
         assert value.dtype == getattr(saved, attribute).dtype, attribute
         np.testing.assert_array_equal(value, getattr(saved, attribute), err_msg=attribute)
-    for attribute in ("tokens", "query_window", "attention_heads", "prompt_length",
-                      "num_layers", "num_query_heads", "num_key_value_heads"):
+    for attribute in (
+        "tokens",
+        "query_window",
+        "attention_heads",
+        "prompt_length",
+        "num_layers",
+        "num_query_heads",
+        "num_key_value_heads",
+    ):
         assert getattr(loaded, attribute) == getattr(saved, attribute), attribute
     for field in dataclasses.fields(saved.rope):
         ours, theirs = getattr(loaded.rope, field.name), getattr(saved.rope, field.name)
@@ -624,8 +674,14 @@ def test_save_and_load_round_trip(su_model, tmp_path, monkeypatch):
     ids = random_ids((2, ABOVE), seed=30)
     mask = np.ones(ids.shape, bool)
     mask[1, :2] = False
-    tr = phi3lab.trace(su_model, ids, padding_mask=mask, names=["blocks.*.attn.hook_pattern", "hook_logits"],
-                       queries=slice(5, 20), heads=[3, 1])
+    tr = phi3lab.trace(
+        su_model,
+        ids,
+        padding_mask=mask,
+        names=["blocks.*.attn.hook_pattern", "hook_logits"],
+        queries=slice(5, 20),
+        heads=[3, 1],
+    )
     tr.tokens = [[f"▁tok{t}é" if t % 3 else "" for t in row] for row in ids.tolist()]
     tr.prompt_length = 7
     path = tr.save(tmp_path / "trace")
@@ -636,8 +692,9 @@ def test_save_and_load_round_trip(su_model, tmp_path, monkeypatch):
     assert_same_trace(loaded, tr)
     assert loaded.rope.factor_set == "long"
     np.testing.assert_array_equal(loaded.attention(2, head=1), tr.attention(2, head=1))
-    pd.testing.assert_frame_equal(loaded.to_pandas("blocks.0.attn.hook_pattern", batch=1),
-                                  tr.to_pandas("blocks.0.attn.hook_pattern", batch=1))
+    pd.testing.assert_frame_equal(
+        loaded.to_pandas("blocks.0.attn.hook_pattern", batch=1), tr.to_pandas("blocks.0.attn.hook_pattern", batch=1)
+    )
     pd.testing.assert_frame_equal(loaded.rope.to_pandas(), tr.rope.to_pandas())
     assert loaded.loss() == tr.loss()
     with np.load(path, allow_pickle=False) as stored:  # plain NumPy reads it too
@@ -647,9 +704,15 @@ def test_save_and_load_round_trip(su_model, tmp_path, monkeypatch):
 def test_save_and_load_keep_bfloat16_and_a_plain_trace(model, full, tmp_path):
     import ml_dtypes
 
-    halved = phi3lab.Trace({name: value.astype(ml_dtypes.bfloat16) for name, value in full.items()},
-                           token_ids=full.token_ids, padding_mask=full.padding_mask, tokens=None,
-                           output=full.output.astype(ml_dtypes.bfloat16), rope=full.rope, model=model)
+    halved = phi3lab.Trace(
+        {name: value.astype(ml_dtypes.bfloat16) for name, value in full.items()},
+        token_ids=full.token_ids,
+        padding_mask=full.padding_mask,
+        tokens=None,
+        output=full.output.astype(ml_dtypes.bfloat16),
+        rope=full.rope,
+        model=model,
+    )
     for tr in (full, halved):
         assert_same_trace(phi3lab.Trace.load(tr.save(tmp_path / "t.npz")), tr)
     assert phi3lab.Trace.load(tmp_path / "t.npz")["hook_embed"].dtype == ml_dtypes.bfloat16
@@ -676,10 +739,16 @@ def numpy_rotary(num_positions, factors, base, head_dim, max_len, pretraining, s
     return inverse, np.cos(angles) * factor, np.sin(angles) * factor, factor
 
 
-@pytest.mark.parametrize("rope,length,expected_set", [
-    (None, ABOVE, "none"), ("su", BELOW, "short"), ("su", AT, "short"), ("su", AT + 1, "long"),
-    ("su", MAX_POSITIONS, "long"),
-])
+@pytest.mark.parametrize(
+    "rope,length,expected_set",
+    [
+        (None, ABOVE, "none"),
+        ("su", BELOW, "short"),
+        ("su", AT, "short"),
+        ("su", AT + 1, "long"),
+        ("su", MAX_POSITIONS, "long"),
+    ],
+)
 def test_rope_description_matches_numpy_formulas(rope, length, expected_set):
     from phi3lab.tracing.rope import describe_rotary
 
@@ -726,8 +795,9 @@ def test_trace_rope_is_what_the_attention_applied(length, expected_set):
     tr = phi3lab.trace(model, random_ids((1, length), seed=2), names="blocks.1.attn.hook_*q")
     assert tr.rope.factor_set == expected_set and tr.rope.num_positions == length
     short, long = rope_factors(HEAD_DIM // 2)
-    _, cos, sin, _ = numpy_rotary(length, short if expected_set == "short" else long, 10000.0,
-                                  HEAD_DIM, MAX_POSITIONS, PRETRAINING, True)
+    _, cos, sin, _ = numpy_rotary(
+        length, short if expected_set == "short" else long, 10000.0, HEAD_DIM, MAX_POSITIONS, PRETRAINING, True
+    )
     np.testing.assert_allclose(tr.rope.cos, cos, atol=2e-5)
     np.testing.assert_allclose(tr.rope.sin, sin, atol=2e-5)
     q, rot_q = tr["blocks.1.attn.hook_q"][0], tr["blocks.1.attn.hook_rot_q"][0]

@@ -31,8 +31,9 @@ def model():
     import keras
 
     keras.utils.set_random_seed(0)
-    return phi3lab.Phi3Backbone(vocabulary_size=64, num_layers=2, hidden_dim=32, intermediate_dim=64,
-                                num_query_heads=4, num_key_value_heads=2)
+    return phi3lab.Phi3Backbone(
+        vocabulary_size=64, num_layers=2, hidden_dim=32, intermediate_dim=64, num_query_heads=4, num_key_value_heads=2
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,11 @@ def tr(model, ids):
 
 @pytest.fixture(scope="module")
 def long_tr(model):
-    return phi3lab.trace(model, np.random.RandomState(1).randint(0, 64, (1, 600)),
-                         names=["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_attn_scores"])
+    return phi3lab.trace(
+        model,
+        np.random.RandomState(1).randint(0, 64, (1, 600)),
+        names=["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_attn_scores"],
+    )
 
 
 def heat(figure, index=0):
@@ -89,7 +93,7 @@ def test_attention_selectors_update_the_figure(tr):
     view.head_select.value = 3
     np.testing.assert_array_equal(z_of(view.heatmap), tr.attention(1, 3)[1])
     assert "Layer 1 · head 3 (kv head 1)" in view.heatmap.layout.title.text
-    view.thumbnail_buttons[2].click()                      # a thumbnail selects its head
+    view.thumbnail_buttons[2].click()  # a thumbnail selects its head
     assert view.head == 2
     np.testing.assert_array_equal(z_of(view.heatmap), tr.attention(1, 2)[1])
     assert [b.button_style for b in view.thumbnail_buttons] == ["", "", "primary", ""]
@@ -102,7 +106,7 @@ def test_attention_scores_blank_the_masked_entries(tr):
     assert np.isneginf(scores).sum() == LENGTH * (LENGTH - 1) // 2
     np.testing.assert_array_equal(np.isnan(z), np.isneginf(scores))
     np.testing.assert_array_equal(z[np.isfinite(scores)], scores[np.isfinite(scores)])
-    assert heat(view.heatmap).zmin == -heat(view.heatmap).zmax             # diverging, centred at 0
+    assert heat(view.heatmap).zmin == -heat(view.heatmap).zmax  # diverging, centred at 0
     view.values_select.value = "pattern"
     np.testing.assert_array_equal(z_of(view.heatmap), tr.attention(1, 1)[0])
 
@@ -118,12 +122,12 @@ def test_attention_thumbnails_follow_the_layer(tr):
 def test_attention_groups_query_heads_by_kv_head(tr):
     view = AttentionExplorer(tr)
     assert [view.kv_head(h) for h in range(4)] == [0, 0, 1, 1]
-    assert len(view.thumbnails.children) == 1                              # 4 heads in one row of 4
+    assert len(view.thumbnails.children) == 1  # 4 heads in one row of 4
     view.group_toggle.value = True
     rows = view.thumbnails.children
     assert len(rows) == tr.num_key_value_heads
     assert [b.description for b in view.thumbnail_buttons] == ["q0·kv0", "q1·kv0", "q2·kv1", "q3·kv1"]
-    assert [len(row.children) - 1 for row in rows] == [2, 2]               # label + group of 2
+    assert [len(row.children) - 1 for row in rows] == [2, 2]  # label + group of 2
 
 
 def test_attention_token_click_highlights_row_and_column(tr):
@@ -131,15 +135,15 @@ def test_attention_token_click_highlights_row_and_column(tr):
     view.token_buttons[3].click()
     assert view.selected == 3 and view.token_buttons[3].button_style == "warning"
     shapes = view.heatmap.layout.shapes
-    assert [(s.y0, s.y1) for s in shapes][0] == (2.5, 3.5)                  # row 3: what it attends to
-    assert [(s.x0, s.x1) for s in shapes][1] == (2.5, 3.5)                  # column 3: what attends to it
+    assert [(s.y0, s.y1) for s in shapes][0] == (2.5, 3.5)  # row 3: what it attends to
+    assert [(s.x0, s.x1) for s in shapes][1] == (2.5, 3.5)  # column 3: what attends to it
     pattern = tr.attention(1, 2)[0]
     weights = [float(w) for w in re.findall(r'data-weight="([^"]+)"', view.token_strips.value)]
     np.testing.assert_allclose(weights, np.concatenate([pattern[3], pattern[:, 3]]), rtol=1e-5)
-    view.head_select.value = 0                                             # the strips follow the head
+    view.head_select.value = 0  # the strips follow the head
     weights = [float(w) for w in re.findall(r'data-weight="([^"]+)"', view.token_strips.value)]
     np.testing.assert_allclose(weights[:LENGTH], tr.attention(1, 0)[0, 3], rtol=1e-5)
-    view._on_cell_click(None, types.SimpleNamespace(ys=["5 w1"]), None)     # a heatmap click selects too
+    view._on_cell_click(None, types.SimpleNamespace(ys=["5 w1"]), None)  # a heatmap click selects too
     assert view.selected == 5 and "selected 5" in view.status.value
     check_static(view)
 
@@ -157,8 +161,9 @@ def test_attention_long_input_sends_one_window(long_tr):
     # What goes to the browser: one 256 x 256 window and 64 x 64 thumbnails, never 600 x 600 per head.
     assert np.size(z_of(view.heatmap)) == 256 * 256
     assert len(pio.to_json(view.heatmap)) < 600 * 600 * 4 * 4 / 3 / 2
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     sizes = [Image.open(io.BytesIO(bytes(image.value))).size for image in view.thumbnail_images]
     assert all(size == (72, 72) for size in sizes)
@@ -168,7 +173,7 @@ def test_attention_long_input_sends_one_window(long_tr):
 
 
 def test_attention_zoom_window_and_overview(long_tr):
-    view = AttentionExplorer(long_tr)                                      # default zoom: 64, legible labels
+    view = AttentionExplorer(long_tr)  # default zoom: 64, legible labels
     pattern = long_tr.attention(0, 0)[0]
     assert view.zoom == 64 and view.windowed and not view._overview_box.layout.display
     np.testing.assert_array_equal(z_of(view.heatmap), pattern[:64, :64])
@@ -177,18 +182,18 @@ def test_attention_zoom_window_and_overview(long_tr):
     image = view.overview_image()
     assert image.shape == (258, 258, 3)
     np.testing.assert_array_equal(image[1::3, 1::3][20:, 20:], Scale.probability().rgb(pool_max(pattern, 96))[20:, 20:])
-    view.move_window(500, 300)                                             # centre the window there
+    view.move_window(500, 300)  # centre the window there
     assert view.query_window == range(468, 532) and view.key_window == range(268, 332)
     np.testing.assert_array_equal(z_of(view.heatmap), pattern[468:532, 268:332])
     image = view.overview_image()
     orange = (image == [255, 127, 14]).all(-1)
     rows, cols = np.flatnonzero(orange.any(1)), np.flatnonzero(orange.any(0))
-    box = (468 // 7 * 3, -(-532 // 7) * 3 - 1, 268 // 7 * 3, -(-332 // 7) * 3 - 1)      # cells of 7 positions
+    box = (468 // 7 * 3, -(-532 // 7) * 3 - 1, 268 // 7 * 3, -(-332 // 7) * 3 - 1)  # cells of 7 positions
     assert (rows[0], rows[-1], cols[0], cols[-1]) == box
-    view.zoom_select.value = 16                                            # zoom in: smaller window, same start
+    view.zoom_select.value = 16  # zoom in: smaller window, same start
     assert view.query_window == range(468, 484) and z_of(view.heatmap).shape == (16, 16)
     assert sum(not b.layout.display for b in view.token_buttons) == 16
-    view.query_slider.value = view.query_slider.max                      # step to the end
+    view.query_slider.value = view.query_slider.max  # step to the end
     assert view.query_window == range(584, 600)
 
 
@@ -215,8 +220,7 @@ def test_residual_norms_are_the_trace(tr):
     expected = np.stack([np.linalg.norm(tr.resid(l, "post")[1].astype(np.float64), axis=-1) for l in range(2)])
     np.testing.assert_array_equal(z_of(view.heatmap), expected)
     view.component_select.value = "attn_out"
-    attn = np.stack([np.linalg.norm(tr[f"blocks.{l}.hook_attn_out"][1].astype(np.float64), axis=-1)
-                     for l in range(2)])
+    attn = np.stack([np.linalg.norm(tr[f"blocks.{l}.hook_attn_out"][1].astype(np.float64), axis=-1) for l in range(2)])
     np.testing.assert_array_equal(z_of(view.heatmap), attn)
     assert "attn_out" in view.heatmap.layout.title.text
     view.position_slider.value = 4
@@ -244,9 +248,9 @@ def test_logit_lens_grid_is_the_lens(model, tr):
     probs = np.stack([reference_probs(model, tr.resid(l, "post")[0]) for l in range(2)])
     np.testing.assert_allclose(z_of(view.grid), probs.max(-1), rtol=1e-4)
     np.testing.assert_array_equal(view.top_ids[..., 0], probs.argmax(-1))
-    np.testing.assert_array_equal(view.top_ids[-1, :, 0], tr.logits[0].argmax(-1))   # last layer = the model
+    np.testing.assert_array_equal(view.top_ids[-1, :, 0], tr.logits[0].argmax(-1))  # last layer = the model
     assert heat(view.grid).text[1][2] == ToyTokenizer.vocabulary[probs[1, 2].argmax()]
-    assert heat(view.grid).hovertext[0][0].count("<br>") == 2                          # top-3 per cell
+    assert heat(view.grid).hovertext[0][0].count("<br>") == 2  # top-3 per cell
     assert list(heat(view.grid).y) == ["0 post", "1 post"]
 
 
@@ -293,8 +297,15 @@ def test_rope_view_switches_factors_at_the_pretraining_length():
     from phi3lab.model.rotary import RotarySpec
 
     short, long = list(np.linspace(1.0, 1.5, 4)), list(np.geomspace(1.0, 30.0, 4))
-    spec = RotarySpec(head_dim=8, max_wavelength=10000.0, scaling_type="su", short_factor=tuple(short),
-                      long_factor=tuple(long), max_sequence_length=8192, pretraining_sequence_length=1024)
+    spec = RotarySpec(
+        head_dim=8,
+        max_wavelength=10000.0,
+        scaling_type="su",
+        short_factor=tuple(short),
+        long_factor=tuple(long),
+        max_sequence_length=8192,
+        pretraining_sequence_length=1024,
+    )
     model = types.SimpleNamespace(rotary=spec)
     view = RopeView(model, seq_len=1024, max_positions=100)
     np.testing.assert_array_equal(view.factors.data[0].y, np.float32(short))
@@ -318,7 +329,7 @@ def test_patching_view_is_diverging_around_zero():
     view = PatchingView(values, "layer", ["a", "b", "a"], "Patching resid_pre")
     np.testing.assert_array_equal(z_of(view.heatmap), values)
     assert (heat(view.heatmap).zmin, heat(view.heatmap).zmax) == (-2.0, 2.0)
-    assert list(heat(view.heatmap).x) == ["0 a", "1 b", "2 a"]              # repeated tokens stay apart
+    assert list(heat(view.heatmap).x) == ["0 a", "1 b", "2 a"]  # repeated tokens stay apart
     view._on_click(None, types.SimpleNamespace(point_inds=[[1, 2]]), None)
     assert "-0.5" in view.readout.value
     result = types.SimpleNamespace(values=values.T, raw=values.T * 3, axes=("layer", "head"), site="head_z")
@@ -327,14 +338,23 @@ def test_patching_view_is_diverging_around_zero():
     assert from_result.heatmap.layout.title.text.startswith("Activation patching of head_z")
     assert from_result.heatmap.data[0].colorbar.title.text == "normalized metric"
     assert "(1 = clean run, 0 = corrupted run)" in from_result.heatmap.layout.title.text
-    import phi3lab.analysis.patching as patching           # the real result type
-    real = patching.PatchingResult(values=values, raw=values, clean_metric=1.0, corrupted_metric=0.0,
-                                   site="resid_pre", hook="blocks.*.hook_resid_pre", axes=("layer", "position"),
-                                   clean_ids=np.zeros((1, 3), int), corrupted_ids=np.ones((1, 3), int))
+    import phi3lab.analysis.patching as patching  # the real result type
+
+    real = patching.PatchingResult(
+        values=values,
+        raw=values,
+        clean_metric=1.0,
+        corrupted_metric=0.0,
+        site="resid_pre",
+        hook="blocks.*.hook_resid_pre",
+        axes=("layer", "position"),
+        clean_ids=np.zeros((1, 3), int),
+        corrupted_ids=np.ones((1, 3), int),
+    )
     view = PatchingView.from_result(real)
     np.testing.assert_array_equal(z_of(view.heatmap), real.values)
     assert view.heatmap.layout.xaxis.title.text == "position"
-    assert view.heatmap.data[0].colorbar.title.text == "patched metric"                   # raw == values
+    assert view.heatmap.data[0].colorbar.title.text == "patched metric"  # raw == values
     with pytest.raises(ValueError, match="`values` must be a non-empty numeric array"):
         PatchingView(np.zeros(3))
     check_static(view)
@@ -343,15 +363,15 @@ def test_patching_view_is_diverging_around_zero():
 # === Shared ===
 def test_static_html_is_self_contained(tr):
     html = AttentionExplorer(tr).static("html")
-    assert "<script src=" not in html and "<script type=\"text/javascript\" src=" not in html   # nothing fetched
-    assert len(html) > 1_000_000                                          # plotly.js inlined
+    assert "<script src=" not in html and '<script type="text/javascript" src=' not in html  # nothing fetched
+    assert len(html) > 1_000_000  # plotly.js inlined
     with pytest.raises(ValueError, match='`format` must be "png" or "html"'):
         AttentionExplorer(tr).static("svg")
 
 
 def test_scales_and_pooling():
     assert Scale.signed([-3.0, 1.0]) == Scale("RdBu_r", -3.0, 3.0)
-    assert Scale.probability().css(0.0)[0] == "#f7fbff"                 # white-ish at 0
+    assert Scale.probability().css(0.0)[0] == "#f7fbff"  # white-ish at 0
     z = np.arange(16.0).reshape(4, 4)
     np.testing.assert_array_equal(pool_max(z, 2), [[5, 7], [13, 15]])
     assert pool_max(np.ones((600, 600)), 64).shape == (60, 60)
@@ -361,8 +381,9 @@ def test_attention_explorer_offers_only_captured_layers():
     import phi3lab as _phi3lab
     from phi3lab.widgets import AttentionExplorer as _Explorer
 
-    model = _phi3lab.Phi3Backbone(vocabulary_size=64, num_layers=3, hidden_dim=32, intermediate_dim=64,
-                                  num_query_heads=4, num_key_value_heads=2)
+    model = _phi3lab.Phi3Backbone(
+        vocabulary_size=64, num_layers=3, hidden_dim=32, intermediate_dim=64, num_query_heads=4, num_key_value_heads=2
+    )
     ids = np.arange(1, 13)[None]
     partial = _phi3lab.trace(model, ids, names=["blocks.2.attn.hook_pattern"])
     explorer = _Explorer(partial, layer=2)

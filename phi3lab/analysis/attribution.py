@@ -101,7 +101,9 @@ def _rows(tr, name: str, values, what: str, size: int) -> np.ndarray:
     return np.asarray(picked, np.int64)
 
 
-def decompose_resid(model, tr, batch: int | Sequence[int] | None = None, positions: int | Sequence[int] | None = None) -> ResidualDecomposition:
+def decompose_resid(
+    model, tr, batch: int | Sequence[int] | None = None, positions: int | Sequence[int] | None = None
+) -> ResidualDecomposition:
     """Split the final residual stream into embedding, heads and MLPs.
 
     Head contributions come from `attn.hook_z` and the attention's
@@ -129,8 +131,11 @@ def decompose_resid(model, tr, batch: int | Sequence[int] | None = None, positio
     """
     check_trace(model, tr)
     layers = range(model.num_layers)
-    names = (["hook_embed"] + [block_name(l, s) for l in layers for s in ("hook_attn_out", "attn.hook_z", "hook_mlp_out")]
-             + [block_name(model.num_layers - 1, "hook_resid_post")])
+    names = (
+        ["hook_embed"]
+        + [block_name(l, s) for l in layers for s in ("hook_attn_out", "attn.hook_z", "hook_mlp_out")]
+        + [block_name(model.num_layers - 1, "hook_resid_post")]
+    )
     require(tr, names, "The residual decomposition")
     rows = _rows(tr, "batch", batch, "batch row", tr.token_ids.shape[0])
     cols = _rows(tr, "positions", positions, "position", tr.token_ids.shape[1])
@@ -164,7 +169,9 @@ def frozen_norm_scale(model, final: np.ndarray) -> tuple[float, np.ndarray]:
         raise bad_argument("final", final, f"a float vector of shape [hidden_dim] = ({model.hidden_dim},)")
     norm = model.final_norm
     weight = np.asarray(norm.params()["scale"], np.float32)
-    unit = np.asarray(norm.apply({"scale": jnp.ones_like(weight)}, jnp.asarray(final[None], jnp.float32))[0], np.float64)
+    unit = np.asarray(
+        norm.apply({"scale": jnp.ones_like(weight)}, jnp.asarray(final[None], jnp.float32))[0], np.float64
+    )
     x = np.asarray(final, np.float64)
     inv_rms = float(unit @ x / (x @ x))
     return inv_rms, (inv_rms * weight.astype(np.float64))
@@ -233,7 +240,8 @@ def direct_logit_attribution(
     last = int(last_positions(np.asarray(tr.padding_mask, bool)[batch : batch + 1])[0])
     if not is_int(position) or not -(last + 1) <= position < length:
         raise bad_argument(
-            "position", position,
+            "position",
+            position,
             f"an int in [{-(last + 1)}, {length}) (negative values count back from the last real token, {last})",
         )
     absolute = last + 1 + int(position) if position < 0 else int(position)
@@ -261,7 +269,12 @@ def direct_logit_attribution(
         logits = np.asarray(jax.jit(model.readout)(params, jnp.asarray(final[None], jnp.float32)), np.float64)[0]
     model_value = logits[answer_id] - (logits[counter_id] if counter_id is not None else 0.0)
     table.attrs.update(
-        total=float(whole.sum()), logit_diff=float(model_value), inv_rms=inv_rms, answer=answer_id,
-        counterfactual=counter_id, position=absolute, batch=batch,
+        total=float(whole.sum()),
+        logit_diff=float(model_value),
+        inv_rms=inv_rms,
+        answer=answer_id,
+        counterfactual=counter_id,
+        position=absolute,
+        batch=batch,
     )
     return table

@@ -155,6 +155,8 @@ def _path_average_grads(model, hook, names, metric, params, corrupted, mask, cle
     for layer in range(layers):
         alphas = np.zeros((steps, layers), np.float32)
         alphas[:, layer] = midpoints
-        _, _, _, grads = mapped(params, jnp.asarray(corrupted), mask, ((clean, jnp.asarray(alphas)),), probes, metric.data)
+        _, _, _, grads = mapped(
+            params, jnp.asarray(corrupted), mask, ((clean, jnp.asarray(alphas)),), probes, metric.data
+        )
         averaged.append(np.asarray(grads[names[layer]], np.float64).mean(axis=0))
     return np.stack(averaged)

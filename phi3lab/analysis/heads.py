@@ -14,8 +14,8 @@ import pandas as pd
 from phi3lab.analysis._common import check_trace, require
 from phi3lab.checks import check_index, check_positive_int, is_int
 from phi3lab.errors import bad_argument
-from phi3lab.tracing import Trace
 from phi3lab.model.attention import key_value_heads
+from phi3lab.tracing import Trace
 from phi3lab.tracing.interventions import query_heads_sharing
 from phi3lab.tracing.names import block_name
 from phi3lab.tracing.tracer import trace
@@ -89,7 +89,9 @@ def detector_scores(pattern: np.ndarray, token_ids: np.ndarray, valid: np.ndarra
     return scores
 
 
-def repeated_tokens(vocabulary_size: int, seq_len: int, num_sequences: int, seed: int = 0, bos_token: int | None = 1) -> np.ndarray:
+def repeated_tokens(
+    vocabulary_size: int, seq_len: int, num_sequences: int, seed: int = 0, bos_token: int | None = 1
+) -> np.ndarray:
     """Random sequences repeated twice: `[bos, r_1..r_n, r_1..r_n]`.
 
     Tokens within a sequence are distinct when the vocabulary allows, so
@@ -154,7 +156,8 @@ def head_scores(
             raise bad_argument("bos_token", bos_token, f"None or a token id in [0, {model.vocabulary_size})")
         if 2 * seq_len + (bos_token is not None) > model.max_sequence_length:
             raise bad_argument(
-                "seq_len", seq_len,
+                "seq_len",
+                seq_len,
                 f"at most {(model.max_sequence_length - (bos_token is not None)) // 2} (each sequence is repeated "
                 f"twice{' after bos_token' if bos_token is not None else ''} within max_sequence_length="
                 f"{model.max_sequence_length})",
@@ -210,7 +213,9 @@ def attention_stats(tr, batch: int | None = None) -> pd.DataFrame:
         logs = np.log(np.where(pattern > 0, pattern, 1.0))
         stats = {
             "entropy": _mean_over(-(pattern * logs).sum(-1), chosen),
-            "bos_attention": _mean_over(np.take_along_axis(pattern, first[:, None, None, None], axis=-1)[..., 0], chosen),
+            "bos_attention": _mean_over(
+                np.take_along_axis(pattern, first[:, None, None, None], axis=-1)[..., 0], chosen
+            ),
             "mean_distance": _mean_over((pattern * distance).sum(-1), chosen),
         }
         frames.append(pd.DataFrame({"layer": layer, "head": np.arange(len(kv)), "kv_head": kv, **stats}))

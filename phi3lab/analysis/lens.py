@@ -113,7 +113,9 @@ def logit_lens_logits(
     batch = check_index("batch", batch, tr.token_ids.shape[0], "batch row")
     chosen = np.arange(tr.token_ids.shape[1]) if positions is None else _positions(tr, positions, batch)
     readout, params = _readout(model), model.params()
-    out = [np.asarray(readout(params, jnp.asarray(x)), np.float32) for _, x in _streams(model, tr, where, batch, chosen)]
+    out = [
+        np.asarray(readout(params, jnp.asarray(x)), np.float32) for _, x in _streams(model, tr, where, batch, chosen)
+    ]
     return np.stack(out)
 
 
@@ -209,9 +211,11 @@ def answer_curve(
     layers = range(model.num_layers)
     x = np.stack([x[:, 0] for _, x in _streams(model, tr, where, batch, np.array([position]))])  # [L, W, D]
     probability, rank = _answer_curve(model)(model.params(), jnp.asarray(x.reshape(-1, x.shape[-1])), answer)
-    return pd.DataFrame({
-        "layer": np.repeat(np.asarray(layers), len(where)),
-        "where": list(where) * model.num_layers,
-        "probability": np.asarray(probability, np.float64),
-        "rank": np.asarray(rank, np.int64),
-    })
+    return pd.DataFrame(
+        {
+            "layer": np.repeat(np.asarray(layers), len(where)),
+            "where": list(where) * model.num_layers,
+            "probability": np.asarray(probability, np.float64),
+            "rank": np.asarray(rank, np.int64),
+        }
+    )

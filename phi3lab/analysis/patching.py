@@ -71,8 +71,14 @@ class PatchingResult:
         """One row per (layer, unit): `layer`, the unit column, `value`,
         `raw`; position sites add the clean and corrupted token ids of row 0."""
         layers, units = np.meshgrid(*(np.arange(n) for n in self.values.shape), indexing="ij")
-        table = pd.DataFrame({"layer": layers.ravel(), self.axes[1]: units.ravel(),
-                              "value": self.values.ravel(), "raw": self.raw.ravel()})
+        table = pd.DataFrame(
+            {
+                "layer": layers.ravel(),
+                self.axes[1]: units.ravel(),
+                "value": self.values.ravel(),
+                "raw": self.raw.ravel(),
+            }
+        )
         if self.axes[1] == "position":
             table.insert(2, "clean_token", self.clean_ids[0][units.ravel()])
             table.insert(3, "corrupted_token", self.corrupted_ids[0][units.ravel()])
@@ -98,13 +104,19 @@ def mean_metric(model, metric: Metric, params, hidden, ids, padding, data):
 
 def metric_of(model, ids, padding, metric: Metric) -> float:
     """The metric of a plain run of `ids` (compiled once per model and metric)."""
+
     def build():
         forward = forward_fn(model)
-        return jax.jit(lambda params, ids, padding, data: mean_metric(
-            model, metric, params, forward(params, ids, padding).hidden, ids, padding, data))
+        return jax.jit(
+            lambda params, ids, padding, data: mean_metric(
+                model, metric, params, forward(params, ids, padding).hidden, ids, padding, data
+            )
+        )
 
     run = compile_cache.cached(model, ("patching.metric", metric.key), build)
-    return float(check_finite(run(model.params(), jnp.asarray(ids), jnp.asarray(padding), metric.data), "the clean run"))
+    return float(
+        check_finite(run(model.params(), jnp.asarray(ids), jnp.asarray(padding), metric.data), "the clean run")
+    )
 
 
 def _patcher(model, site: str, metric: Metric):
@@ -154,7 +166,9 @@ class _Sweep:
             chunk_ids = np.repeat(self.corrupted_ids[None], size, axis=0)
             chunk_masks = np.zeros((size,) + masks.shape[1:], bool)
             chunk_ids[: stop - start], chunk_masks[: stop - start] = ids[start:stop], masks[start:stop]
-            values = self.run_fn(params, jnp.asarray(chunk_ids), self.padding, self.clean, jnp.asarray(chunk_masks), self.data)
+            values = self.run_fn(
+                params, jnp.asarray(chunk_ids), self.padding, self.clean, jnp.asarray(chunk_masks), self.data
+            )
             out.append(np.asarray(values)[: stop - start])
         return check_finite(np.concatenate(out), "the patched runs")
 
@@ -171,7 +185,9 @@ def check_pair(model, clean_ids, corrupted_ids, padding_mask):
     clean = check_ids("clean_ids", clean_ids, model)
     corrupted = check_ids("corrupted_ids", corrupted_ids, model)
     if clean.shape != corrupted.shape:
-        raise bad_argument("corrupted_ids", f"array of shape {corrupted.shape}", f"the shape of clean_ids, {clean.shape}")
+        raise bad_argument(
+            "corrupted_ids", f"array of shape {corrupted.shape}", f"the shape of clean_ids, {clean.shape}"
+        )
     return clean, corrupted, check_mask(padding_mask, clean.shape)
 
 
@@ -184,7 +200,9 @@ def _sweep(model, clean_ids, corrupted_ids, metric, answer, counterfactual, site
     return _Sweep(model, sites, clean, corrupted, padding, resolved, batch_size)
 
 
-def patching_result(model, sites, raw, clean_metric, corrupted_metric, clean_ids, corrupted_ids, normalize) -> PatchingResult:
+def patching_result(
+    model, sites, raw, clean_metric, corrupted_metric, clean_ids, corrupted_ids, normalize
+) -> PatchingResult:
     """A `PatchingResult` of raw metric values `[L, U]`, normalized so the
     clean metric is 1 and the corrupted 0 when `normalize`."""
     scaled = raw
@@ -196,9 +214,15 @@ def patching_result(model, sites, raw, clean_metric, corrupted_metric, clean_ids
         else:
             scaled = (raw - corrupted_metric) / span
     return PatchingResult(
-        values=scaled, raw=raw, clean_metric=float(clean_metric), corrupted_metric=float(corrupted_metric),
-        site=sites, hook=block_name("*", SITES[sites][0]), axes=("layer", SITES[sites][2]),
-        clean_ids=clean_ids, corrupted_ids=corrupted_ids,
+        values=scaled,
+        raw=raw,
+        clean_metric=float(clean_metric),
+        corrupted_metric=float(corrupted_metric),
+        site=sites,
+        hook=block_name("*", SITES[sites][0]),
+        axes=("layer", SITES[sites][2]),
+        clean_ids=clean_ids,
+        corrupted_ids=corrupted_ids,
     )
 
 

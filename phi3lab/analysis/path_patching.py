@@ -95,11 +95,17 @@ def _check_senders(model, senders) -> tuple:
         raise bad_argument("senders", senders, 'a set of (layer, head) and (layer, "mlp") pairs, or "heads"')
     checked = []
     for sender in senders:
-        if not (isinstance(sender, tuple) and len(sender) == 2 and is_int(sender[0])
-                and (is_int(sender[1]) or sender[1] == "mlp")):
+        if not (
+            isinstance(sender, tuple)
+            and len(sender) == 2
+            and is_int(sender[0])
+            and (is_int(sender[1]) or sender[1] == "mlp")
+        ):
             raise bad_argument("senders", sender, 'a (layer, head) or (layer, "mlp") pair')
         layer = check_index("senders", sender[0], model.num_layers, "layer")
-        unit = sender[1] if sender[1] == "mlp" else check_index("senders", sender[1], model.num_query_heads, "query head")
+        unit = (
+            sender[1] if sender[1] == "mlp" else check_index("senders", sender[1], model.num_query_heads, "query head")
+        )
         checked.append((layer, unit))
     return tuple(sorted(set(checked), key=str))
 
@@ -116,11 +122,21 @@ def _check_receivers(model, receivers) -> tuple:
             checked.append(FINAL)
         elif isinstance(receiver, tuple) and len(receiver) == 2 and is_int(receiver[0]) and receiver[1] == "mlp":
             checked.append((check_index("receivers", receiver[0], model.num_layers, "layer"), "mlp"))
-        elif (isinstance(receiver, tuple) and len(receiver) == 3 and is_int(receiver[0]) and is_int(receiver[1])
-              and receiver[2] in ("q", "k", "v")):
+        elif (
+            isinstance(receiver, tuple)
+            and len(receiver) == 3
+            and is_int(receiver[0])
+            and is_int(receiver[1])
+            and receiver[2] in ("q", "k", "v")
+        ):
             heads = model.num_query_heads if receiver[2] == "q" else model.num_key_value_heads
-            checked.append((check_index("receivers", receiver[0], model.num_layers, "layer"),
-                            check_index("receivers", receiver[1], heads, RECEIVER_SITES[receiver[2]][2]), receiver[2]))
+            checked.append(
+                (
+                    check_index("receivers", receiver[0], model.num_layers, "layer"),
+                    check_index("receivers", receiver[1], heads, RECEIVER_SITES[receiver[2]][2]),
+                    receiver[2],
+                )
+            )
         else:
             raise bad_argument("receivers", receiver, f'(layer, head, "q"|"k"|"v"), (layer, "mlp") or {FINAL!r}')
     if not checked:
@@ -170,11 +186,15 @@ def _program(model, kinds: tuple, freeze: bool, metric):
     """Compiled `run(params, ids, padding, senders_data, receiver_masks, data) -> [N]`
     for `N` sender sets (vmapped)."""
     freeze_fn = _freeze_units if freeze else _patch_units
-    step1_hooks = {block_name("*", SITES["head_z"][0]): Hook(freeze_fn, static=(2,)),
-                   block_name("*", "hook_mlp_out"): Hook(freeze_fn, static=(1,))}
+    step1_hooks = {
+        block_name("*", SITES["head_z"][0]): Hook(freeze_fn, static=(2,)),
+        block_name("*", "hook_mlp_out"): Hook(freeze_fn, static=(1,)),
+    }
     inputs = [RECEIVER_SITES[kind] for kind in kinds]
     step1 = forward_fn(model, names=[block_name("*", name) for name, _, _ in inputs], hooks=step1_hooks)
-    step2 = forward_fn(model, hooks={block_name("*", name): Hook(_patch_units, static=(axis,)) for name, axis, _ in inputs})
+    step2 = forward_fn(
+        model, hooks={block_name("*", name): Hook(_patch_units, static=(axis,)) for name, axis, _ in inputs}
+    )
     layers = model.num_layers
 
     def one(params, ids, padding, senders, receiver_masks, data):
@@ -193,9 +213,14 @@ def _run(model, clean, corrupted, padding, metric, senders_masks, receivers, fre
     """The path-patched metric for each sender set `(heads [N,L,H], mlps [N,L,1])`."""
     masks = _receiver_masks(model, receivers)
     kinds = tuple(sorted(masks))
-    run = compile_cache.cached(model, ("path_patching", kinds, freeze, metric.key), lambda: _program(model, kinds, freeze, metric))
+    run = compile_cache.cached(
+        model, ("path_patching", kinds, freeze, metric.key), lambda: _program(model, kinds, freeze, metric)
+    )
     z_clean, z_bad = stacked_site(model, clean, padding, "head_z"), stacked_site(model, corrupted, padding, "head_z")
-    mlp_clean, mlp_bad = stacked_site(model, clean, padding, "mlp_out"), stacked_site(model, corrupted, padding, "mlp_out")
+    mlp_clean, mlp_bad = (
+        stacked_site(model, clean, padding, "mlp_out"),
+        stacked_site(model, corrupted, padding, "mlp_out"),
+    )
     heads, mlps = senders_masks
     params, ids, mask = model.params(), jnp.asarray(corrupted), jnp.asarray(padding)
     receiver_masks = tuple(jnp.asarray(masks[kind]) for kind in kinds)
@@ -284,8 +309,17 @@ def path_patching(
     else:
         sets = [(), checked]
     masks = [_sender_masks(model, chosen) for chosen in sets]
-    values = _run(model, clean, corrupted, padding, resolved, (np.stack([m[0] for m in masks]), np.stack([m[1] for m in masks])),
-                  receivers, freeze, batch_size)
+    values = _run(
+        model,
+        clean,
+        corrupted,
+        padding,
+        resolved,
+        (np.stack([m[0] for m in masks]), np.stack([m[1] for m in masks])),
+        receivers,
+        freeze,
+        batch_size,
+    )
     corrupted_metric = values[0]
     clean_metric = metric_of(model, clean, padding, resolved)
     if sweep:

@@ -98,7 +98,13 @@ def _check_bands(bands, num_pairs: int, num_groups: int) -> list[np.ndarray]:
             pairs = np.arange(num_groups)[band] if isinstance(band, slice) else np.atleast_1d(np.asarray(band))
         except (TypeError, ValueError, IndexError):
             raise bad_argument("bands", bands, accepted) from None
-        if pairs.size == 0 or pairs.ndim != 1 or not np.issubdtype(pairs.dtype, np.integer) or pairs.min() < 0 or pairs.max() >= num_groups:
+        if (
+            pairs.size == 0
+            or pairs.ndim != 1
+            or not np.issubdtype(pairs.dtype, np.integer)
+            or pairs.min() < 0
+            or pairs.max() >= num_groups
+        ):
             raise bad_argument("bands", bands, accepted)
         chosen.append(pairs)
     if not chosen:

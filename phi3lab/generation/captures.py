@@ -80,7 +80,7 @@ def row_trace(arrays: dict, row: int, start: int, stop: int, *, token_ids, token
     cut = {}
     for name, value in arrays.items():
         position_axis, key_axis = _axes(name)
-        value = value[row:row + 1]
+        value = value[row : row + 1]
         value = np.take(value, np.arange(start, stop), axis=position_axis)
         if key_axis is not None:
             value = np.take(value, np.arange(start, stop), axis=key_axis)
@@ -101,4 +101,3 @@ def row_trace(arrays: dict, row: int, start: int, stop: int, *, token_ids, token
 def captured_bytes(model, names, batch: int, length: int) -> int:
     """Host bytes of `names` over a `[batch, length]` sequence (float32)."""
     return sum(4 * int(np.prod(site_shape(model, name, batch, length))) for name in names)
-

@@ -41,8 +41,9 @@ PROGRESS_FROM = 256
 
 def _prompt_rows(model, tokenizer, prompt, chat: bool) -> tuple[list[list[int]], bool]:
     """Token id rows of `prompt` and whether it was a single prompt."""
-    if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
-                                   and all(isinstance(p, str) for p in prompt)):
+    if isinstance(prompt, str) or (
+        isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt)
+    ):
         if tokenizer is None:
             raise bad_argument("tokenizer", tokenizer, "a Phi3Tokenizer when the prompt is text")
         texts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -54,23 +55,30 @@ def _prompt_rows(model, tokenizer, prompt, chat: bool) -> tuple[list[list[int]],
                 raise bad_argument("prompt", text, "text that encodes to at least one token")
             if max(ids) >= model.vocabulary_size:
                 raise bad_argument(
-                    "prompt", text,
+                    "prompt",
+                    text,
                     f"text whose token ids fit the model's vocabulary_size={model.vocabulary_size} (the "
                     f"tokenizer gave id {max(ids)}: does `tokenizer` belong to `model`?)",
                 )
         return rows, isinstance(prompt, str)
     if chat:
         raise bad_argument("chat", chat, "False when the prompt is token ids (chat formats text)")
-    if isinstance(prompt, (str, bytes)) or not (isinstance(prompt, (list, tuple, np.ndarray, jax.Array))
-                                                and len(prompt)):
-        raise bad_argument("prompt", prompt, "a string, a list of strings, or token ids ([T], [B, T] or a list of id lists)")
+    if isinstance(prompt, (str, bytes)) or not (
+        isinstance(prompt, (list, tuple, np.ndarray, jax.Array)) and len(prompt)
+    ):
+        raise bad_argument(
+            "prompt", prompt, "a string, a list of strings, or token ids ([T], [B, T] or a list of id lists)"
+        )
     items = np.asarray(prompt).tolist() if isinstance(prompt, (np.ndarray, jax.Array)) else list(prompt)
     single = all(is_int(v) for v in items)
     rows = [items] if single else items
     for row in rows:
-        if (not isinstance(row, (list, tuple, np.ndarray)) or not len(row)
-                or not all(is_int(v) for v in np.asarray(row, dtype=object).ravel().tolist())
-                or np.asarray(row, dtype=object).ndim != 1):
+        if (
+            not isinstance(row, (list, tuple, np.ndarray))
+            or not len(row)
+            or not all(is_int(v) for v in np.asarray(row, dtype=object).ravel().tolist())
+            or np.asarray(row, dtype=object).ndim != 1
+        ):
             raise bad_argument("prompt", prompt, "token ids [T], or rows of token ids with at least one token each")
         check_ids("prompt", [list(row)], model)
     return [[int(v) for v in row] for row in rows], single
@@ -90,10 +98,13 @@ def _stop_ids(stop, tokenizer, vocabulary: int) -> frozenset[int]:
             try:
                 ids.add(tokenizer.token_to_id(item))
             except (ValueError, KeyError):
-                raise bad_argument("stop", item, "token strings of the tokenizer's vocabulary (e.g. '<|end|>')") from None
+                raise bad_argument(
+                    "stop", item, "token strings of the tokenizer's vocabulary (e.g. '<|end|>')"
+                ) from None
         else:
             raise bad_argument(
-                "stop", item,
+                "stop",
+                item,
                 f"token ids in [0, {vocabulary}) or token strings of the tokenizer (a tokenizer is needed for strings)",
             )
     return frozenset(ids)
@@ -111,8 +122,8 @@ class _Decoder:
         self.sequence = np.full((batch, cache_length), pad_id, np.int32)
         self.slot_mask = np.ones((batch, cache_length), bool)
         for r, ids in enumerate(rows):
-            self.sequence[r, prompt - len(ids):prompt] = ids
-            self.slot_mask[r, :prompt - len(ids)] = False
+            self.sequence[r, prompt - len(ids) : prompt] = ids
+            self.slot_mask[r, : prompt - len(ids)] = False
         self.positions = np.maximum(np.cumsum(self.slot_mask, axis=1) - 1, 0).astype(np.int32)
         self.device_slot_mask = jnp.asarray(self.slot_mask)  # fixed for the whole generation
         self.programs = {}  # step length -> compiled step
@@ -121,8 +132,16 @@ class _Decoder:
         self.length = 0  # slots processed
 
     def _args(self, token_ids, positions, index: int, last: int):
-        return (self.params, jnp.asarray(token_ids), self.device_slot_mask, jnp.asarray(positions),
-                self.cache, np.int32(index), np.int32(last), self.hook_data)
+        return (
+            self.params,
+            jnp.asarray(token_ids),
+            self.device_slot_mask,
+            jnp.asarray(positions),
+            self.cache,
+            np.int32(index),
+            np.int32(last),
+            self.hook_data,
+        )
 
     def program(self, rows: int):
         """The compiled step over `rows` new slots (1 for decode)."""
@@ -156,7 +175,7 @@ class _Decoder:
         if rotary.factor_set(t + 1) != rotary.factor_set(t):
             return self.prefill(t + 1)
         self.length = t + 1
-        return self._run(self.sequence[:, t:t + 1], self.positions[:, t:t + 1], t, 1)
+        return self._run(self.sequence[:, t : t + 1], self.positions[:, t : t + 1], t, 1)
 
 
 def generate(
@@ -239,12 +258,15 @@ def generate(
     rows, single = _prompt_rows(model, tokenizer, prompt, bool(chat))
     longest, limit = max(len(r) for r in rows), model.max_sequence_length
     if longest >= limit:
-        raise bad_argument("prompt", f"a prompt of {longest} tokens",
-                           f"prompts shorter than the model's max_sequence_length={limit}")
+        raise bad_argument(
+            "prompt", f"a prompt of {longest} tokens", f"prompts shorter than the model's max_sequence_length={limit}"
+        )
     if longest + max_new_tokens > limit:
-        raise bad_argument("max_new_tokens", max_new_tokens,
-                           f"at most {limit - longest} for this prompt ({longest} tokens; "
-                           f"max_sequence_length={limit})")
+        raise bad_argument(
+            "max_new_tokens",
+            max_new_tokens,
+            f"at most {limit - longest} for this prompt ({longest} tokens; max_sequence_length={limit})",
+        )
     vocabulary = tokenizer.vocabulary_size if tokenizer is not None else model.vocabulary_size
     vocabulary = min(vocabulary, model.vocabulary_size)
     stops = _stop_ids(stop, tokenizer, vocabulary)
@@ -255,8 +277,10 @@ def generate(
     if names is not None:
         length = longest + max_new_tokens
         estimate = measure(decoder.program(1), decoder.params)
-        check_fits(MemoryEstimate(estimate.weights, estimate.working,
-                                  captured_bytes(model, fn.plan.keep, len(rows), length)), memory_budget)
+        check_fits(
+            MemoryEstimate(estimate.weights, estimate.working, captured_bytes(model, fn.plan.keep, len(rows), length)),
+            memory_budget,
+        )
 
     batch, prompt_length = len(rows), decoder.prompt_length
     new = [[] for _ in rows]
@@ -282,7 +306,7 @@ def generate(
                 finished[r] = "stop"
             if tokenizer is not None:
                 text = tokenizer.decode(new[r][:-1] if finished[r] else new[r])
-                pieces[r], texts[r] = text[len(texts[r]):], text
+                pieces[r], texts[r] = text[len(texts[r]) :], text
             else:
                 pieces[r] = token
         bar.update(1)
@@ -303,16 +327,19 @@ def generate(
         trace = None
         if names is not None:
             tokens = None if tokenizer is None else tokenizer.display_tokens(token_ids.tolist())
-            trace = row_trace(arrays, r, start, stop_at, token_ids=token_ids, tokens=tokens, model=model,
-                              prompt_length=len(ids))
-        results.append(Generation(
-            token_ids=token_ids,
-            prompt_length=len(ids),
-            finish_reason=finished[r] or "length",
-            logprobs=np.asarray(logprobs[r], np.float64),
-            text=texts[r] if tokenizer is not None else None,
-            trace=trace,
-        ))
+            trace = row_trace(
+                arrays, r, start, stop_at, token_ids=token_ids, tokens=tokens, model=model, prompt_length=len(ids)
+            )
+        results.append(
+            Generation(
+                token_ids=token_ids,
+                prompt_length=len(ids),
+                finish_reason=finished[r] or "length",
+                logprobs=np.asarray(logprobs[r], np.float64),
+                text=texts[r] if tokenizer is not None else None,
+                trace=trace,
+            )
+        )
     return results[0] if single else results
 
 
@@ -327,8 +354,11 @@ def estimate(model, prompt_length: int, max_new_tokens: int, batch: int = 1, nam
     for name, value in (("prompt_length", prompt_length), ("max_new_tokens", max_new_tokens), ("batch", batch)):
         check_positive_int(name, value)
     if prompt_length + max_new_tokens > model.max_sequence_length:
-        raise bad_argument("max_new_tokens", max_new_tokens,
-                           f"at most max_sequence_length - prompt_length = {model.max_sequence_length - prompt_length}")
+        raise bad_argument(
+            "max_new_tokens",
+            max_new_tokens,
+            f"at most max_sequence_length - prompt_length = {model.max_sequence_length - prompt_length}",
+        )
     fn = forward_fn(model, () if names is None else names)
     length = bucket(prompt_length + max_new_tokens, model.max_sequence_length)
     decoder = _Decoder(model, fn, [[0]] * batch, length, 0)

@@ -40,11 +40,10 @@ class Generation:
     @property
     def new_token_ids(self) -> np.ndarray:
         """The generated tokens, int `[T - prompt_length]`."""
-        return self.token_ids[self.prompt_length:]
+        return self.token_ids[self.prompt_length :]
 
     def __str__(self) -> str:
         return self.text if self.text is not None else " ".join(map(str, self.new_token_ids.tolist()))
 
     def __repr__(self) -> str:
-        return (f"Generation({self.text!r}, new_tokens={len(self.new_token_ids)}, "
-                f"finish_reason={self.finish_reason!r})")
+        return f"Generation({self.text!r}, new_tokens={len(self.new_token_ids)}, finish_reason={self.finish_reason!r})"

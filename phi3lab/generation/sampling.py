@@ -57,7 +57,7 @@ class Sampler:
         keep = np.ones(logits.shape, bool)
         order = np.argsort(-logits, kind="stable")
         if self.top_k is not None and self.top_k < logits.size:
-            keep[order[self.top_k:]] = False
+            keep[order[self.top_k :]] = False
         if self.top_p is not None:
             probs = _softmax(np.where(keep, logits, -np.inf) / max(self.temperature, 1e-30))
             before = np.cumsum(probs[order]) - probs[order]  # mass of more likely tokens

@@ -17,8 +17,8 @@ from phi3lab.model.dropout import dropout
 from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.initializers import default_initializer
 from phi3lab.model.quantize import dequantize
-from phi3lab.model.stacked import add_stacked_weights
 from phi3lab.model.rotary import apply_rotary
+from phi3lab.model.stacked import add_stacked_weights
 
 
 def key_value_heads(num_query_heads: int, num_key_value_heads: int) -> np.ndarray:
@@ -166,12 +166,10 @@ class Phi3Attention(keras.layers.Layer):
         Returns `(scores, pattern, z)`: scores and pattern `[B, Hq, n, T]`
         (float32) and `z [B, n, Hq, dh]`."""
         batch, rows, length = q.shape[0], q.shape[1], k.shape[1]
-        grouped_q = q.reshape(
-            batch, rows, self.num_key_value_heads, self.group_size, self.head_dim
+        grouped_q = q.reshape(batch, rows, self.num_key_value_heads, self.group_size, self.head_dim)
+        scores = jnp.einsum("btkgh,bskh->bkgts", grouped_q, k, preferred_element_type=jnp.float32).reshape(
+            batch, self.num_query_heads, rows, length
         )
-        scores = jnp.einsum(
-            "btkgh,bskh->bkgts", grouped_q, k, preferred_element_type=jnp.float32
-        ).reshape(batch, self.num_query_heads, rows, length)
         scores = scores * jnp.float32(self.score_scale)
         mask = attention_mask(padding_mask, query_start, rows, self.sliding_window)[:, None]
         scores = sites("attn.hook_attn_scores", jnp.where(mask, scores, -jnp.inf))
@@ -200,8 +198,7 @@ class Phi3Attention(keras.layers.Layer):
         z = jnp.moveaxis(z, 0, 1).reshape(q.shape[0], count * chunk, *q.shape[2:])
         return z[:, :length]
 
-    def apply(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None,
-              cache=None, cache_index=0):
+    def apply(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None, cache=None, cache_index=0):
         """One layer's attention.
 
         Args:
@@ -245,8 +242,9 @@ class Phi3Attention(keras.layers.Layer):
                 jax.lax.dynamic_update_slice(slots, new.astype(slots.dtype), (0, cache_index, 0, 0))
                 for slots, new in zip(cache, (k, v))
             )
-            z = self.attend(q, *(slots.astype(dtype) for slots in cache), padding_mask, cache_index,
-                            dropout_key, sites)[2]
+            z = self.attend(
+                q, *(slots.astype(dtype) for slots in cache), padding_mask, cache_index, dropout_key, sites
+            )[2]
             z = sites("attn.hook_z", z)
             return jnp.einsum("btnh,nhd->btd", z, w["output_kernel"]), cache
 

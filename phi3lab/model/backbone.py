@@ -111,8 +111,11 @@ class Phi3Backbone(keras.Model):
 
         # === Layers ===
         self.token_embedding = Phi3TokenEmbedding(
-            config.vocabulary_size, config.hidden_dim, tie_weights=config.tie_word_embeddings,
-            dtype=self.dtype_policy, name="token_embedding",
+            config.vocabulary_size,
+            config.hidden_dim,
+            tie_weights=config.tie_word_embeddings,
+            dtype=self.dtype_policy,
+            name="token_embedding",
         )
         self.decoder = Phi3DecoderStack(
             num_layers=config.num_layers,
@@ -161,8 +164,17 @@ class Phi3Backbone(keras.Model):
         }
 
     def apply(
-        self, params, token_ids, padding_mask=None, sites=NO_HOOKS, dropout_key=None,
-        *, num_positions=None, positions=None, cache=None, cache_index=0,
+        self,
+        params,
+        token_ids,
+        padding_mask=None,
+        sites=NO_HOOKS,
+        dropout_key=None,
+        *,
+        num_positions=None,
+        positions=None,
+        cache=None,
+        cache_index=0,
     ):
         """The forward pass as a pure function of `params`.
 
@@ -205,9 +217,7 @@ class Phi3Backbone(keras.Model):
         length = token_ids.shape[1]
         if cache is not None and padding_mask is None:
             raise ValueError("With a `cache`, `padding_mask` must be given: [B, S] over the cache slots.")
-        padding_mask = (
-            jnp.ones(token_ids.shape, bool) if padding_mask is None else padding_mask.astype(bool)
-        )
+        padding_mask = jnp.ones(token_ids.shape, bool) if padding_mask is None else padding_mask.astype(bool)
         x = sites("hook_embed", self.token_embedding.apply(params["token_embedding"], token_ids))
         if positions is None:
             cos, sin = self.rotary.tables(length, factor_positions=num_positions)
@@ -217,9 +227,7 @@ class Phi3Backbone(keras.Model):
             params["decoder"], x, cos, sin, padding_mask, sites, dropout_key, cache, cache_index
         )
         x, captures = decoded[:2]
-        x = sites(
-            "ln_final.hook_normalized", self.final_norm.apply(params["final_norm"], x)
-        )
+        x = sites("ln_final.hook_normalized", self.final_norm.apply(params["final_norm"], x))
         if sites.wants("hook_logits"):
             sites("hook_logits", self.unembed(params, x))
         return (x, captures) if cache is None else (x, captures, decoded[2])
@@ -292,7 +300,8 @@ class Phi3Backbone(keras.Model):
         """
         if mode != "int8" or kwargs:
             raise bad_argument(
-                "mode", mode if not kwargs else (mode, kwargs),
+                "mode",
+                mode if not kwargs else (mode, kwargs),
                 '"int8" (weight-only, per-output-channel scales; no other mode or option is supported)',
             )
         if self.quantization == "int8":
@@ -343,15 +352,19 @@ def _check_dtype(dtype):
         and isinstance(dtype["config"].get("name"), str)
     ):
         dtype = dtype["config"]["name"]
-    accepted = ('None, a dtype name such as "float32", "bfloat16" or "mixed_bfloat16", or a plain '
-                "keras.DTypePolicy (per-layer DTypePolicyMaps and quantized policies are not supported; "
-                'for int8 weights use model.quantize("int8"))')
+    accepted = (
+        'None, a dtype name such as "float32", "bfloat16" or "mixed_bfloat16", or a plain '
+        "keras.DTypePolicy (per-layer DTypePolicyMaps and quantized policies are not supported; "
+        'for int8 weights use model.quantize("int8"))'
+    )
     if isinstance(dtype, keras.dtype_policies.DTypePolicyMap) or not isinstance(dtype, (str, keras.DTypePolicy)):
         raise bad_argument("dtype", dtype, accepted)
     try:
         policy = keras.dtype_policies.get(dtype)
     except ValueError as error:
-        raise bad_argument("dtype", dtype, f'a dtype policy name ("float32", "bfloat16", "mixed_bfloat16", ...): {error}') from None
+        raise bad_argument(
+            "dtype", dtype, f'a dtype policy name ("float32", "bfloat16", "mixed_bfloat16", ...): {error}'
+        ) from None
     if policy.quantization_mode is not None:
         raise bad_argument("dtype", dtype, accepted)
     return dtype
@@ -364,8 +377,11 @@ def _signature() -> inspect.Signature:
     fields = BackboneConfig.signature()
     at = [p.name for p in fields].index("rope_scaling_long_factor") + 1
     return inspect.Signature(
-        [inspect.Parameter("self", kind)] + fields[:at] + [inspect.Parameter("dtype", kind, default=None)]
-        + fields[at:] + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+        [inspect.Parameter("self", kind)]
+        + fields[:at]
+        + [inspect.Parameter("dtype", kind, default=None)]
+        + fields[at:]
+        + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
     )
 
 

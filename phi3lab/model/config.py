@@ -81,12 +81,23 @@ class BackboneConfig:
     # Arguments keras-hub does not know: its preset format carries them
     # only when they differ from the default.
     EXTENSIONS: ClassVar[tuple[str, ...]] = (
-        "sliding_window", "partial_rotary_factor", "tie_word_embeddings", "quantization",
+        "sliding_window",
+        "partial_rotary_factor",
+        "tie_word_embeddings",
+        "quantization",
     )
 
     def __post_init__(self):
-        for name in ("vocabulary_size", "num_layers", "hidden_dim", "intermediate_dim", "num_query_heads",
-                     "num_key_value_heads", "max_sequence_length", "pretraining_sequence_length"):
+        for name in (
+            "vocabulary_size",
+            "num_layers",
+            "hidden_dim",
+            "intermediate_dim",
+            "num_query_heads",
+            "num_key_value_heads",
+            "max_sequence_length",
+            "pretraining_sequence_length",
+        ):
             check_positive_int(name, getattr(self, name))
         if self.hidden_dim % self.num_query_heads:
             raise ValueError(
@@ -139,7 +150,8 @@ class BackboneConfig:
             return
         if self.pretraining_sequence_length == 1 and self.max_sequence_length > 1:
             raise bad_argument(
-                "pretraining_sequence_length", self.pretraining_sequence_length,
+                "pretraining_sequence_length",
+                self.pretraining_sequence_length,
                 'at least 2 with rope_scaling_type="su" and max_sequence_length > 1 (the attention '
                 "factor divides by its log)",
             )
@@ -184,7 +196,8 @@ class BackboneConfig:
         keras-hub can read what phi3lab writes whenever the model is one it knows."""
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
         return {
-            name: value for name, value in self.to_dict().items()
+            name: value
+            for name, value in self.to_dict().items()
             if name not in self.EXTENSIONS or value != defaults[name]
         }
 
@@ -194,6 +207,7 @@ class BackboneConfig:
         kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
         return [
             inspect.Parameter(field.name, kind, default=field.default)
-            if field.default is not dataclasses.MISSING else inspect.Parameter(field.name, kind)
+            if field.default is not dataclasses.MISSING
+            else inspect.Parameter(field.name, kind)
             for field in dataclasses.fields(cls)
         ]

@@ -59,9 +59,7 @@ class Phi3DecoderStack(keras.layers.Layer):
 
         # === Layers ===
         common = {"num_layers": num_layers, "dtype": self.dtype_policy}
-        self.attention_norm = Phi3RMSNorm(
-            hidden_dim, layer_norm_epsilon, name="attention_norm", **common
-        )
+        self.attention_norm = Phi3RMSNorm(hidden_dim, layer_norm_epsilon, name="attention_norm", **common)
         self.attention = Phi3Attention(
             hidden_dim=hidden_dim,
             num_query_heads=num_query_heads,
@@ -71,9 +69,7 @@ class Phi3DecoderStack(keras.layers.Layer):
             name="attention",
             **common,
         )
-        self.mlp_norm = Phi3RMSNorm(
-            hidden_dim, layer_norm_epsilon, name="mlp_norm", **common
-        )
+        self.mlp_norm = Phi3RMSNorm(hidden_dim, layer_norm_epsilon, name="mlp_norm", **common)
         self.mlp = Phi3MLP(
             hidden_dim=hidden_dim,
             intermediate_dim=intermediate_dim,
@@ -90,8 +86,7 @@ class Phi3DecoderStack(keras.layers.Layer):
             "mlp": self.mlp.params(),
         }
 
-    def block(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None,
-              cache=None, cache_index=0):
+    def block(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None, cache=None, cache_index=0):
         """One decoder block from its parameter slice; `x` is `[B, T, D]`.
         With a `cache` (this layer's `(keys, values)`, see
         `Phi3Attention.apply`) returns `(x, cache)`."""
@@ -106,20 +101,15 @@ class Phi3DecoderStack(keras.layers.Layer):
         )
         if cache is not None:
             attention_out, cache = attention_out
-        attention_out = sites(
-            "hook_attn_out", dropout(attention_out, self.dropout, keys[1])
-        )
+        attention_out = sites("hook_attn_out", dropout(attention_out, self.dropout, keys[1]))
         x = sites("hook_resid_mid", x + attention_out)
-        normalized = sites(
-            "ln2.hook_normalized", self.mlp_norm.apply(params["mlp_norm"], x)
-        )
+        normalized = sites("ln2.hook_normalized", self.mlp_norm.apply(params["mlp_norm"], x))
         mlp_out = self.mlp.apply(params["mlp"], normalized, sites)
         mlp_out = sites("hook_mlp_out", dropout(mlp_out, self.dropout, keys[2]))
         x = sites("hook_resid_post", x + mlp_out)
         return x if cache is None else (x, cache)
 
-    def apply(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None,
-              cache=None, cache_index=0):
+    def apply(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None, cache=None, cache_index=0):
         """Run every block.
 
         Args:
@@ -140,11 +130,7 @@ class Phi3DecoderStack(keras.layers.Layer):
             block-local hook names to arrays stacked over the range's layers;
             with a `cache`, `(x, captures, cache)` with the updated cache.
         """
-        layer_keys = (
-            None
-            if dropout_key is None
-            else jax.random.split(dropout_key, self.num_layers)
-        )
+        layer_keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
         captures, cache_parts = [], []
         for start, stop in sites.segments(self.num_layers):
             take = lambda tree, start=start, stop=stop: jax.tree.map(lambda a: a[start:stop], tree)
@@ -161,8 +147,11 @@ class Phi3DecoderStack(keras.layers.Layer):
                 carry, layer_cache = out if layer_cache is not None else (out, None)
                 return carry, (block_sites.captured, layer_cache)
 
-            inputs = (jnp.arange(start, stop), None if layer_keys is None else layer_keys[start:stop],
-                      None if cache is None else take(tuple(cache)))
+            inputs = (
+                jnp.arange(start, stop),
+                None if layer_keys is None else layer_keys[start:stop],
+                None if cache is None else take(tuple(cache)),
+            )
             if stop - start == 1:
                 x, outputs = body(x, jax.tree.map(lambda a: a[0], inputs))
                 captured, layer_cache = jax.tree.map(lambda a: a[None], outputs)

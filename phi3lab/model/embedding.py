@@ -30,9 +30,7 @@ class Phi3TokenEmbedding(keras.layers.Layer):
     ((1, 2, 4), (1, 2, 10))
     """
 
-    def __init__(
-        self, vocabulary_size, hidden_dim, tie_weights=False, embeddings_initializer=None, **kwargs
-    ):
+    def __init__(self, vocabulary_size, hidden_dim, tie_weights=False, embeddings_initializer=None, **kwargs):
         super().__init__(**kwargs)
         self.vocabulary_size = vocabulary_size
         self.hidden_dim = hidden_dim

@@ -27,9 +27,7 @@ class Phi3MLP(keras.layers.Layer):
     `<name>_scale` weight beside it.
     """
 
-    def __init__(
-        self, num_layers, hidden_dim, intermediate_dim, kernel_initializer=None, **kwargs
-    ):
+    def __init__(self, num_layers, hidden_dim, intermediate_dim, kernel_initializer=None, **kwargs):
         super().__init__(**kwargs)
         self.num_layers = num_layers
         self.hidden_dim = hidden_dim

@@ -20,13 +20,13 @@ SCALE_SUFFIX = "_scale"
 # The input axes of each projection kernel (one layer's shape): the scale is
 # one number per remaining (output) entry.
 INPUT_AXES = {
-    "query_kernel": (0,),     # [D, Hq, dh]
-    "key_kernel": (0,),       # [D, Hkv, dh]
-    "value_kernel": (0,),     # [D, Hkv, dh]
+    "query_kernel": (0,),  # [D, Hq, dh]
+    "key_kernel": (0,),  # [D, Hkv, dh]
+    "value_kernel": (0,),  # [D, Hkv, dh]
     "output_kernel": (0, 1),  # [Hq, dh, D]
-    "gate_kernel": (0,),      # [D, F]
-    "up_kernel": (0,),        # [D, F]
-    "down_kernel": (0,),      # [F, D]
+    "gate_kernel": (0,),  # [D, F]
+    "up_kernel": (0,),  # [D, F]
+    "down_kernel": (0,),  # [F, D]
 }
 
 
@@ -78,8 +78,11 @@ def dequantize(params: dict, dtype) -> dict:
     """One layer's kernels in `dtype`: an int8 kernel with a `<name>_scale`
     entry becomes `kernel * scale`, a float kernel is cast."""
     return {
-        name: (value.astype(dtype) * params[name + SCALE_SUFFIX].astype(dtype)
-               if name + SCALE_SUFFIX in params else value.astype(dtype))
+        name: (
+            value.astype(dtype) * params[name + SCALE_SUFFIX].astype(dtype)
+            if name + SCALE_SUFFIX in params
+            else value.astype(dtype)
+        )
         for name, value in params.items()
         if not name.endswith(SCALE_SUFFIX)
     }

@@ -126,14 +126,9 @@ class RotarySpec:
 
     def inverse_frequencies(self, num_positions: int) -> np.ndarray:
         """Radians per token for each dimension pair, float32 `[rotary_dim/2]`."""
-        exponent = (
-            np.arange(0, self.rotary_dim, 2).astype(np.float32)
-            / np.float32(self.rotary_dim)
-        )
+        exponent = np.arange(0, self.rotary_dim, 2).astype(np.float32) / np.float32(self.rotary_dim)
         base = np.float32(self.max_wavelength) ** exponent
-        return (
-            np.float32(1.0) / (self.factors(num_positions) * base)
-        ).astype(np.float32)
+        return (np.float32(1.0) / (self.factors(num_positions) * base)).astype(np.float32)
 
     def tables(self, num_positions: int, start: int = 0, factor_positions: int | None = None):
         """cos and sin tables `[num_positions - start, rotary_dim]` (float32).

@@ -49,9 +49,7 @@ def load_backbone(cls, preset, load_weights: bool = True, **kwargs):
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise ValueError(
-            f"from_preset got unknown config override(s) {unknown}; accepted: {sorted(accepted)}."
-        )
+        raise ValueError(f"from_preset got unknown config override(s) {unknown}; accepted: {sorted(accepted)}.")
     if not isinstance(load_weights, bool):
         raise TypeError(f"`load_weights` must be True or False; received load_weights={load_weights!r}.")
     quantization = kwargs.pop("quantization", None)

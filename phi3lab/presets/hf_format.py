@@ -32,10 +32,12 @@ def read_config(directory: Path) -> dict:
     path = directory / "config.json"
     hf = json.loads(path.read_text())
     if hf.get("model_type") != "phi3":
-        raise ValueError(
-            f"{path} has model_type={hf.get('model_type')!r}; phi3lab loads 'phi3' checkpoints."
-        )
-    missing = [k for k in ("vocab_size", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads") if k not in hf]
+        raise ValueError(f"{path} has model_type={hf.get('model_type')!r}; phi3lab loads 'phi3' checkpoints.")
+    missing = [
+        k
+        for k in ("vocab_size", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+        if k not in hf
+    ]
     if missing:
         raise ValueError(f"{path} lacks {missing}, which a Phi-3 config.json defines.")
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
@@ -68,9 +70,7 @@ def read_config(directory: Path) -> dict:
         kwargs["rope_scaling_long_factor"] = rope.get("long_factor")
         _check_no_override(path, rope, kwargs)
     elif kind not in (None, "default"):
-        raise ValueError(
-            f"{path}: rope scaling type {kind!r} is not Phi-3's; accepted: None, 'su', 'longrope'."
-        )
+        raise ValueError(f"{path}: rope scaling type {kind!r} is not Phi-3's; accepted: None, 'su', 'longrope'.")
     return kwargs
 
 
@@ -80,11 +80,16 @@ def _check_no_override(path, rope, kwargs):
     computing something else."""
     scale = kwargs["max_sequence_length"] / kwargs["pretraining_sequence_length"]
     if rope.get("factor") not in (None, scale):
-        raise ValueError(f"{path}: rope 'factor'={rope['factor']} differs from max/original positions ({scale}); unsupported.")
+        raise ValueError(
+            f"{path}: rope 'factor'={rope['factor']} differs from max/original positions ({scale}); unsupported."
+        )
     if rope.get("attention_factor") is not None:
         derived = RotarySpec.su_attention_factor(kwargs["max_sequence_length"], kwargs["pretraining_sequence_length"])
         if not math.isclose(rope["attention_factor"], derived, rel_tol=1e-6):
-            raise ValueError(f"{path}: rope 'attention_factor'={rope['attention_factor']} differs from Phi-3's {derived}; unsupported.")
+            raise ValueError(
+                f"{path}: rope 'attention_factor'={rope['attention_factor']} differs from Phi-3's {derived}; "
+                "unsupported."
+            )
 
 
 def _inside(directory: Path, path: Path) -> bool:
@@ -138,9 +143,7 @@ class _Checkpoint:
         """The tensor `name`; with `shape`, checked in the checkpoint's own
         layout (before any transpose, so the message shows the file's shapes)."""
         if name not in self.where:
-            raise ValueError(
-                f"The checkpoint at {self.directory} has no tensor {name!r} (needed for {needed_for})."
-            )
+            raise ValueError(f"The checkpoint at {self.directory} has no tensor {name!r} (needed for {needed_for}).")
         value = self.where[name].tensor(name)
         if shape is not None and tuple(value.shape) != tuple(shape):
             raise ValueError(f"Tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}.")
@@ -160,16 +163,27 @@ def load_weights(model, directory: Path) -> None:
     # lm_head.weight then, and ignores one if present); an untied model
     # needs lm_head.weight.
     if not model.tie_word_embeddings:
-        head = checkpoint.get("lm_head.weight", "token_embedding/reverse_embeddings (the config does not tie "
-                              "word embeddings)", (model.vocabulary_size, d))
+        head = checkpoint.get(
+            "lm_head.weight",
+            "token_embedding/reverse_embeddings (the config does not tie word embeddings)",
+            (model.vocabulary_size, d),
+        )
         filler.put("token_embedding/reverse_embeddings", head.T, source="lm_head.weight")
     filler.put("final_norm/scale", checkpoint.get("model.norm.weight", "final_norm/scale"), source="model.norm.weight")
 
     for i in range(model.num_layers):
         p = f"model.layers.{i}."
         put = lambda key, value, source: filler.put(key, value, layer=i, source=source)
-        put("decoder/attention_norm/scale", checkpoint.get(p + "input_layernorm.weight", "attention_norm"), p + "input_layernorm.weight")
-        put("decoder/mlp_norm/scale", checkpoint.get(p + "post_attention_layernorm.weight", "mlp_norm"), p + "post_attention_layernorm.weight")
+        put(
+            "decoder/attention_norm/scale",
+            checkpoint.get(p + "input_layernorm.weight", "attention_norm"),
+            p + "input_layernorm.weight",
+        )
+        put(
+            "decoder/mlp_norm/scale",
+            checkpoint.get(p + "post_attention_layernorm.weight", "mlp_norm"),
+            p + "post_attention_layernorm.weight",
+        )
         fused = p + "self_attn.qkv_proj.weight"
         if fused in checkpoint:
             qkv = checkpoint.get(fused, "attention")
@@ -181,7 +195,11 @@ def load_weights(model, directory: Path) -> None:
         else:
             sources = tuple(p + f"self_attn.{n}_proj.weight" for n in "qkv")
             q, k, v = (checkpoint.get(s, "attention") for s in sources)
-        for key, value, heads, source in (("query", q, hq, sources[0]), ("key", k, hkv, sources[1]), ("value", v, hkv, sources[2])):
+        for key, value, heads, source in (
+            ("query", q, hq, sources[0]),
+            ("key", k, hkv, sources[1]),
+            ("value", v, hkv, sources[2]),
+        ):
             if value.shape != (heads * dh, d):
                 raise ValueError(f"Tensor {source!r} has shape {value.shape}, expected {(heads * dh, d)}.")
             put(f"decoder/attention/{key}_kernel", value.reshape(heads, dh, d).transpose(2, 0, 1), source)
@@ -201,7 +219,11 @@ def load_weights(model, directory: Path) -> None:
             gate, up = checkpoint.get(gate_source, "mlp", (f, d)), checkpoint.get(up_source, "mlp", (f, d))
         put("decoder/mlp/gate_kernel", gate.T, gate_source)
         put("decoder/mlp/up_kernel", up.T, up_source)
-        put("decoder/mlp/down_kernel", checkpoint.get(p + "mlp.down_proj.weight", "mlp", (d, f)).T, p + "mlp.down_proj.weight")
+        put(
+            "decoder/mlp/down_kernel",
+            checkpoint.get(p + "mlp.down_proj.weight", "mlp", (d, f)).T,
+            p + "mlp.down_proj.weight",
+        )
     filler.finish(str(directory))
 
 
@@ -218,7 +240,7 @@ def save_checkpoint(model, directory: str | Path, max_shard_bytes: int = 4 * 2**
     directory.mkdir(parents=True, exist_ok=True)
     params = model.params()
     dec = params["decoder"]
-    d, f = model.hidden_dim, model.intermediate_dim
+    d = model.hidden_dim
 
     def tensors():
         yield "model.embed_tokens.weight", lambda: params["token_embedding"]["embeddings"]
@@ -226,11 +248,20 @@ def save_checkpoint(model, directory: str | Path, max_shard_bytes: int = 4 * 2**
             p, a, m = f"model.layers.{i}.", dec["attention"], dec["mlp"]
             yield p + "input_layernorm.weight", lambda i=i: dec["attention_norm"]["scale"][i]
             yield p + "post_attention_layernorm.weight", lambda i=i: dec["mlp_norm"]["scale"][i]
-            yield p + "self_attn.qkv_proj.weight", lambda i=i, a=a: np.concatenate(
-                [np.asarray(a[k][i]).transpose(1, 2, 0).reshape(-1, d) for k in ("query_kernel", "key_kernel", "value_kernel")]
+            yield (
+                p + "self_attn.qkv_proj.weight",
+                lambda i=i, a=a: np.concatenate(
+                    [
+                        np.asarray(a[k][i]).transpose(1, 2, 0).reshape(-1, d)
+                        for k in ("query_kernel", "key_kernel", "value_kernel")
+                    ]
+                ),
             )
             yield p + "self_attn.o_proj.weight", lambda i=i, a=a: np.asarray(a["output_kernel"][i]).reshape(-1, d).T
-            yield p + "mlp.gate_up_proj.weight", lambda i=i, m=m: np.concatenate([np.asarray(m["gate_kernel"][i]).T, np.asarray(m["up_kernel"][i]).T])
+            yield (
+                p + "mlp.gate_up_proj.weight",
+                lambda i=i, m=m: np.concatenate([np.asarray(m["gate_kernel"][i]).T, np.asarray(m["up_kernel"][i]).T]),
+            )
             yield p + "mlp.down_proj.weight", lambda i=i, m=m: np.asarray(m["down_kernel"][i]).T
         yield "model.norm.weight", lambda: params["final_norm"]["scale"]
         if not model.tie_word_embeddings:
@@ -255,9 +286,7 @@ def save_checkpoint(model, directory: str | Path, max_shard_bytes: int = 4 * 2**
     weight_map = {}
     for number, (path, names) in enumerate(written, start=1):
         file_name = (
-            "model.safetensors"
-            if len(written) == 1
-            else f"model-{number:05d}-of-{len(written):05d}.safetensors"
+            "model.safetensors" if len(written) == 1 else f"model-{number:05d}-of-{len(written):05d}.safetensors"
         )
         path.rename(directory / file_name)
         weight_map.update({name: file_name for name in names})

@@ -90,8 +90,11 @@ def read_config(directory: Path) -> dict:
         if dtype.get("class_name") not in ("DTypePolicy", None):
             raise ValueError(f"{path}: refusing dtype object of class {dtype.get('class_name')!r}.")
         dtype_module = dtype.get("module")
-        if not (dtype_module is None or dtype_module == "keras" or (isinstance(dtype_module, str) and dtype_module.startswith("keras."))) \
-                or dtype.get("registered_name") not in (None, "DTypePolicy"):
+        if not (
+            dtype_module is None
+            or dtype_module == "keras"
+            or (isinstance(dtype_module, str) and dtype_module.startswith("keras."))
+        ) or dtype.get("registered_name") not in (None, "DTypePolicy"):
             raise ValueError(
                 f"{path}: refusing dtype object from module {dtype.get('module')!r} "
                 f"(registered_name {dtype.get('registered_name')!r}); only Keras' own DTypePolicy is read."
@@ -133,8 +136,7 @@ def load_weights(model, directory: Path) -> None:
             index = int(match.group(1) or 0)
             if index >= model.num_layers:
                 raise ValueError(
-                    f"{path} holds decoder group {group_name!r} but the config "
-                    f"has num_layers={model.num_layers}."
+                    f"{path} holds decoder group {group_name!r} but the config has num_layers={model.num_layers}."
                 )
             for sub, key in DECODER_MAP.items():
                 name = f"{group_name}/{sub}/vars/0"
@@ -161,20 +163,30 @@ def save_preset(model, directory: str | Path) -> Path:
     config["name"] = "phi3_backbone"
     config["trainable"] = True
     config["dtype"] = keras.dtype_policies.serialize(model.dtype_policy)
-    (directory / "config.json").write_text(json.dumps({
-        "module": "keras_hub.src.models.phi3.phi3_backbone",
-        "class_name": "Phi3Backbone",
-        "config": config,
-        "registered_name": "keras_hub>Phi3Backbone",
-    }, indent=4))
-    (directory / "metadata.json").write_text(json.dumps({
-        "keras_version": keras.__version__,
-        "keras_hub_version": "0.32.0",
-        "parameter_count": int(model.count_params()),
-        "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
-        "tasks": [],
-        "saved_by": "phi3lab",
-    }, indent=4))
+    (directory / "config.json").write_text(
+        json.dumps(
+            {
+                "module": "keras_hub.src.models.phi3.phi3_backbone",
+                "class_name": "Phi3Backbone",
+                "config": config,
+                "registered_name": "keras_hub>Phi3Backbone",
+            },
+            indent=4,
+        )
+    )
+    (directory / "metadata.json").write_text(
+        json.dumps(
+            {
+                "keras_version": keras.__version__,
+                "keras_hub_version": "0.32.0",
+                "parameter_count": int(model.count_params()),
+                "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
+                "tasks": [],
+                "saved_by": "phi3lab",
+            },
+            indent=4,
+        )
+    )
     params = model.params()
     with h5py.File(directory / "model.weights.h5", "w") as handle:
         layers = handle.create_group("layers")
@@ -189,7 +201,5 @@ def save_preset(model, directory: str | Path) -> Path:
             group = "phi3_decoder" + (f"_{index}" if index else "")
             for sub, key in DECODER_MAP.items():
                 _, part, variable = key.split("/")
-                layers.create_dataset(
-                    f"{group}/{sub}/vars/0", data=np.asarray(decoder[part][variable][index])
-                )
+                layers.create_dataset(f"{group}/{sub}/vars/0", data=np.asarray(decoder[part][variable][index]))
     return directory

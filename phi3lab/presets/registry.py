@@ -23,31 +23,35 @@ BUILTIN = {
         "overrides": {"sliding_window": 2047},
     },
     "phi3_mini_128k_instruct_en": {
-        "description": "Phi-3-mini-128k-instruct: 3.8B parameters, 32 layers, 128k context with su/LongRoPE scaling (downloaded from Kaggle).",
+        "description": "Phi-3-mini-128k-instruct: 3.8B parameters, 32 layers, 128k context with su/LongRoPE scaling "
+        "(downloaded from Kaggle).",
         "handle": "kaggle://keras/phi3/keras/phi3_mini_128k_instruct_en/2",
         # The 48 short/long rotary factors come with the downloaded config.
         "config": family.PHI3_MINI_128K,
         "overrides": {},
     },
     "phi3_5_mini_instruct_en": {
-        "description": "Phi-3.5-mini-instruct: 3.8B parameters, 32 layers, 128k context with LongRoPE (downloaded from Hugging Face).",
+        "description": "Phi-3.5-mini-instruct: 3.8B parameters, 32 layers, 128k context with LongRoPE "
+        "(downloaded from Hugging Face).",
         "handle": "hf://microsoft/Phi-3.5-mini-instruct",
         "config": family.PHI3_5_MINI,
     },
     "phi3_medium_4k_instruct_en": {
-        "description": "Phi-3-medium-4k-instruct: 14B parameters, 40 layers, grouped-query attention, 4k context (downloaded from Hugging Face).",
+        "description": "Phi-3-medium-4k-instruct: 14B parameters, 40 layers, grouped-query attention, 4k context "
+        "(downloaded from Hugging Face).",
         "handle": "hf://microsoft/Phi-3-medium-4k-instruct",
         "config": family.PHI3_MEDIUM_4K,
     },
     "phi4_mini_instruct_en": {
-        "description": "Phi-4-mini-instruct: 3.8B parameters, 32 layers, grouped-query attention, rotary on 3/4 of each head, "
-                       "tied embeddings, 128k context with LongRoPE, byte-level BPE vocabulary of 200k (downloaded from Hugging Face).",
+        "description": "Phi-4-mini-instruct: 3.8B parameters, 32 layers, grouped-query attention, rotary on 3/4 of "
+        "each head, tied embeddings, 128k context with LongRoPE, byte-level BPE vocabulary of 200k "
+        "(downloaded from Hugging Face).",
         "handle": "hf://microsoft/Phi-4-mini-instruct",
         "config": family.PHI4_MINI,
     },
     "phi4_en": {
         "description": "Phi-4: 14B parameters, 40 layers, grouped-query attention, 16k context, rotary base 250000 "
-                       "(downloaded from Hugging Face).",
+        "(downloaded from Hugging Face).",
         "handle": "hf://microsoft/phi-4",
         "config": family.PHI4,
     },

@@ -28,21 +28,17 @@ def download(handle: str) -> Path:
             import kagglehub
         except ImportError:
             raise ImportError(
-                f"Loading {handle} needs kagglehub: pip install 'phi3lab[hub]'. "
-                + _offline_hint(handle)
+                f"Loading {handle} needs kagglehub: pip install 'phi3lab[hub]'. " + _offline_hint(handle)
             ) from None
-        fetch = lambda: kagglehub.model_download(handle[len("kaggle://"):])
+        fetch = lambda: kagglehub.model_download(handle[len("kaggle://") :])
     elif handle.startswith("hf://"):
         try:
             import huggingface_hub
         except ImportError:
             raise ImportError(
-                f"Loading {handle} needs huggingface_hub: pip install 'phi3lab[hub]'. "
-                + _offline_hint(handle)
+                f"Loading {handle} needs huggingface_hub: pip install 'phi3lab[hub]'. " + _offline_hint(handle)
             ) from None
-        fetch = lambda: huggingface_hub.snapshot_download(
-            handle[len("hf://"):], allow_patterns=HF_PATTERNS
-        )
+        fetch = lambda: huggingface_hub.snapshot_download(handle[len("hf://") :], allow_patterns=HF_PATTERNS)
     else:
         raise ValueError(f"`preset` handle {handle!r} must start with 'kaggle://' or 'hf://'.")
     try:

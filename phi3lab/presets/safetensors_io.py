@@ -68,10 +68,14 @@ class SafetensorsFile:
         data_size = size - self._data_start
         natural = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
         for name, entry in header.items():
-            if (not isinstance(entry, dict) or not isinstance(entry.get("shape"), list)
-                    or not all(natural(n) for n in entry["shape"])
-                    or not isinstance(entry.get("data_offsets"), list) or len(entry["data_offsets"]) != 2
-                    or not all(natural(n) for n in entry["data_offsets"])):
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("shape"), list)
+                or not all(natural(n) for n in entry["shape"])
+                or not isinstance(entry.get("data_offsets"), list)
+                or len(entry["data_offsets"]) != 2
+                or not all(natural(n) for n in entry["data_offsets"])
+            ):
                 raise ValueError(
                     f"{self.path} has a corrupt safetensors header: tensor {name!r} must be "
                     f'{{"dtype", "shape": [ints >= 0], "data_offsets": [begin, end]}}; received {str(entry)[:200]}.'

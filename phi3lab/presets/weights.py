@@ -25,11 +25,7 @@ def model_variables(model) -> dict:
         "decoder/mlp_norm": model.decoder.mlp_norm,
         "decoder/mlp": model.decoder.mlp,
     }
-    return {
-        f"{prefix}/{name}": getattr(layer, name)
-        for prefix, layer in layers.items()
-        for name in layer.params()
-    }
+    return {f"{prefix}/{name}": getattr(layer, name) for prefix, layer in layers.items() for name in layer.params()}
 
 
 STACKED_PREFIX = "decoder/"
@@ -83,8 +79,7 @@ class WeightFiller:
         if missing:
             raise ValueError(
                 f"The preset at {where} lacks weights for {len(missing)} "
-                f"variable(s): {', '.join(missing[:8])}"
-                + (" ..." if len(missing) > 8 else "")
+                f"variable(s): {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
             )
 
 

@@ -60,8 +60,10 @@ class TokenizerBackend(Protocol):
 
 def escape(text: str) -> str:
     """Non-printable characters as escapes: "\\n", "\\t", "\\r", "\\x1C", "\\u3000"."""
-    return "".join(c if c.isprintable() else _ESCAPES.get(c) or (
-        f"\\x{ord(c):02X}" if ord(c) < 256 else f"\\u{ord(c):04X}") for c in text)
+    return "".join(
+        c if c.isprintable() else _ESCAPES.get(c) or (f"\\x{ord(c):02X}" if ord(c) < 256 else f"\\u{ord(c):04X}")
+        for c in text
+    )
 
 
 def show_bytes(data: bytes, space: str) -> str:
@@ -70,5 +72,5 @@ def show_bytes(data: bytes, space: str) -> str:
     try:
         return escape(data.decode("utf-8")).replace(" ", space)
     except UnicodeDecodeError as error:
-        bad = "".join(f"\\x{b:02X}" for b in data[error.start:error.end])
-        return show_bytes(data[:error.start], space) + bad + show_bytes(data[error.end:], space)
+        bad = "".join(f"\\x{b:02X}" for b in data[error.start : error.end])
+        return show_bytes(data[: error.start], space) + bad + show_bytes(data[error.end :], space)

@@ -15,8 +15,18 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders
 
-_TRANSFORMERS_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+_TRANSFORMERS_CLEANUP = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 _FLAG_NAMES = ("lstrip", "rstrip", "normalized", "single_word", "special")
 
 
@@ -54,14 +64,22 @@ class ByteLevelBPEBackend:
         source: the file's name, for messages.
     """
 
-    def __init__(self, tokenizer: Tokenizer, added_tokens: Mapping[int | str, Mapping] | None = None,
-                 template_tokens: Mapping[str, str] | None = None, stop_token_ids: Iterable[int] = (),
-                 clean_up_tokenization_spaces: bool = False, source: str = "tokenizer.json"):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        added_tokens: Mapping[int | str, Mapping] | None = None,
+        template_tokens: Mapping[str, str] | None = None,
+        stop_token_ids: Iterable[int] = (),
+        clean_up_tokenization_spaces: bool = False,
+        source: str = "tokenizer.json",
+    ):
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError(f"`tokenizer` must be a tokenizers.Tokenizer; received {type(tokenizer).__name__}.")
         if not isinstance(tokenizer.decoder, decoders.ByteLevel):
-            raise ValueError(f"{source} must be a byte-level BPE tokenizer (a ByteLevel decoder, as Phi-4's); "  # noqa: TRY004
-                             f"its decoder is {type(tokenizer.decoder).__name__!r}.")
+            raise ValueError(
+                f"{source} must be a byte-level BPE tokenizer (a ByteLevel decoder, as Phi-4's); "  # noqa: TRY004
+                f"its decoder is {type(tokenizer.decoder).__name__!r}."
+            )
         self._tokenizer, self._source = tokenizer, source
         for token_id, entry in sorted((added_tokens or {}).items(), key=lambda item: int(item[0])):
             self._add(int(token_id), entry)
@@ -72,8 +90,9 @@ class ByteLevelBPEBackend:
         self.template_tokens = {k: v for k, v in (template_tokens or {}).items() if v is not None}
         ids = {key: self._named_id(key) for key in ("bos_token", "eos_token", "pad_token", "unk_token")}
         if ids["eos_token"] is None:
-            raise ValueError(f"The tokenizer of {source} needs an `eos_token` (the end of a chat turn) in "
-                             "tokenizer_config.json.")
+            raise ValueError(
+                f"The tokenizer of {source} needs an `eos_token` (the end of a chat turn) in tokenizer_config.json."
+            )
         self.eos_token_id, self.bos_token_id, self.unk_token_id = ids["eos_token"], ids["bos_token"], ids["unk_token"]
         self.pad_token_id = self.eos_token_id if ids["pad_token"] is None else ids["pad_token"]
         self.stop_token_ids = tuple(dict.fromkeys([self.eos_token_id, *map(int, stop_token_ids)]))
@@ -82,15 +101,19 @@ class ByteLevelBPEBackend:
     def _add(self, token_id: int, entry: Mapping) -> None:
         content = entry.get("content") if isinstance(entry, Mapping) else None
         if not isinstance(content, str):
-            raise ValueError(f"tokenizer_config.json's added_tokens_decoder[{token_id}] must be a dict with a str "  # noqa: TRY004
-                             f"'content'; received {entry!r}.")
+            raise ValueError(
+                f"tokenizer_config.json's added_tokens_decoder[{token_id}] must be a dict with a str "  # noqa: TRY004
+                f"'content'; received {entry!r}."
+            )
         flags = {name: bool(entry.get(name, name == "normalized" and not entry.get("special"))) for name in _FLAG_NAMES}
         current = self._tokenizer.get_added_tokens_decoder().get(self._tokenizer.token_to_id(content))
         if current is None or any(getattr(current, name) != value for name, value in flags.items()):
             self._tokenizer.add_tokens([AddedToken(content, **flags)])
         if self._tokenizer.token_to_id(content) != token_id:
-            raise ValueError(f"tokenizer_config.json gives the added token {content!r} the id {token_id}; "
-                             f"{self._source} gives it {self._tokenizer.token_to_id(content)}.")
+            raise ValueError(
+                f"tokenizer_config.json gives the added token {content!r} the id {token_id}; "
+                f"{self._source} gives it {self._tokenizer.token_to_id(content)}."
+            )
 
     def _named_id(self, key: str) -> int | None:
         token = self.template_tokens.get(key)
@@ -133,12 +156,20 @@ class ByteLevelBPEBackend:
     def save_hf(self, directory: Path, chat_template: str) -> list[Path]:
         """Write `tokenizer.json` and a `tokenizer_config.json` (added tokens with their flags,
         the special-token names, the chat template)."""
-        decoder = {str(i): {"content": t.content, **{name: getattr(t, name) for name in _FLAG_NAMES}}
-                   for i, t in sorted(self._tokenizer.get_added_tokens_decoder().items())}
-        config = {"add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
-                  "added_tokens_decoder": decoder, **self.template_tokens, "chat_template": chat_template,
-                  "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
-                  "tokenizer_class": "GPT2Tokenizer"}
+        decoder = {
+            str(i): {"content": t.content, **{name: getattr(t, name) for name in _FLAG_NAMES}}
+            for i, t in sorted(self._tokenizer.get_added_tokens_decoder().items())
+        }
+        config = {
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "add_prefix_space": False,
+            "added_tokens_decoder": decoder,
+            **self.template_tokens,
+            "chat_template": chat_template,
+            "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
+            "tokenizer_class": "GPT2Tokenizer",
+        }
         written = [directory / "tokenizer.json", directory / "tokenizer_config.json"]
         self._tokenizer.save(str(written[0]))
         written[1].write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

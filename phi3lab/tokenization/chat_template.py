@@ -79,17 +79,21 @@ def compile_chat_template(source: str) -> jinja2.Template:
     try:
         tree = env.parse(source)
     except TemplateError as error:
-        raise ChatTemplateError(f"The chat template is not valid Jinja (line {getattr(error, 'lineno', '?')}): "
-                                f"{error}") from None
+        raise ChatTemplateError(
+            f"The chat template is not valid Jinja (line {getattr(error, 'lineno', '?')}): {error}"
+        ) from None
     loading = next(tree.find_all(_LOADING_NODES), None)
     if loading is not None:
-        raise ChatTemplateError(f"The chat template uses `{type(loading).__name__.lower()}` (line {loading.lineno}): "
-                                "a chat template may not load other templates or files.")
+        raise ChatTemplateError(
+            f"The chat template uses `{type(loading).__name__.lower()}` (line {loading.lineno}): "
+            "a chat template may not load other templates or files."
+        )
     return env.from_string(tree)
 
 
-def render_chat_template(source: str, messages: Sequence[Mapping], add_generation_prompt: bool,
-                         variables: Mapping[str, object]) -> str:
+def render_chat_template(
+    source: str, messages: Sequence[Mapping], add_generation_prompt: bool, variables: Mapping[str, object]
+) -> str:
     """Render a chat template in the sandbox.
 
     Args:
@@ -113,7 +117,16 @@ def render_chat_template(source: str, messages: Sequence[Mapping], add_generatio
         raise
     except SecurityError as error:
         raise ChatTemplateError(f"The chat template reached outside its sandbox and was refused: {error}.") from None
-    except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError,
-            ArithmeticError) as error:
-        raise ChatTemplateError(f"The chat template failed on these messages: {type(error).__name__}: {error}"
-                                ) from None
+    except (
+        TemplateError,
+        TypeError,
+        ValueError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        OverflowError,
+        ArithmeticError,
+    ) as error:
+        raise ChatTemplateError(
+            f"The chat template failed on these messages: {type(error).__name__}: {error}"
+        ) from None

@@ -34,23 +34,30 @@ def load_backend(path: Path) -> tuple[TokenizerBackend, str | None]:
     if (path / "tokenizer.json").is_file():
         return _byte_level_bpe(path, config), template
     held = sorted(p.name for p in path.iterdir())[:20]
-    raise ValueError(f"`preset` must hold a keras-hub vocabulary ({KERAS_VOCAB}), a Hugging Face tokenizer.model "
-                     f"(SentencePiece) or tokenizer.json (byte-level BPE); received preset={str(path)!r}, a "
-                     f"directory holding {held}.")
+    raise ValueError(
+        f"`preset` must hold a keras-hub vocabulary ({KERAS_VOCAB}), a Hugging Face tokenizer.model "
+        f"(SentencePiece) or tokenizer.json (byte-level BPE); received preset={str(path)!r}, a "
+        f"directory holding {held}."
+    )
 
 
 def _sentencepiece(path: Path, config: dict) -> SentencePieceBackend:
     decoder = config.get("added_tokens_decoder") or {}
     rstrip = {t["content"] for t in decoder.values() if t.get("rstrip")} if decoder else None
     skipped = {t["content"] for t in decoder.values() if t.get("special")} if decoder else None
-    backend = SentencePieceBackend((path / "tokenizer.model").read_bytes(), rstrip_tokens=rstrip,
-                                   template_tokens=PHI3_TEMPLATE_TOKENS | named_tokens(config),
-                                   skipped_tokens=skipped)
+    backend = SentencePieceBackend(
+        (path / "tokenizer.model").read_bytes(),
+        rstrip_tokens=rstrip,
+        template_tokens=PHI3_TEMPLATE_TOKENS | named_tokens(config),
+        skipped_tokens=skipped,
+    )
     pairs = [(t["content"], int(i)) for i, t in decoder.items()]
     for token, token_id in pairs + list(read_json(path / "added_tokens.json").items()):
         if backend.special_tokens.get(token) != token_id:
-            raise ValueError(f"{path} gives the added token {token!r} the id {token_id}; this tokenizer.model "
-                             f"supports only {backend.special_tokens}.")
+            raise ValueError(
+                f"{path} gives the added token {token!r} the id {token_id}; this tokenizer.model "
+                f"supports only {backend.special_tokens}."
+            )
     return backend
 
 
@@ -66,10 +73,13 @@ def _byte_level_bpe(path: Path, config: dict) -> TokenizerBackend:
         raise ValueError(f"{path / 'tokenizer.json'} is not a tokenizers file: {error}") from None
     stop = read_json(path / "generation_config.json").get("eos_token_id") or []
     return ByteLevelBPEBackend(
-        tokenizer, added_tokens=config.get("added_tokens_decoder"), template_tokens=named_tokens(config),
+        tokenizer,
+        added_tokens=config.get("added_tokens_decoder"),
+        template_tokens=named_tokens(config),
         stop_token_ids=[stop] if isinstance(stop, int) else stop,
         clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces", False),
-        source=str(path / "tokenizer.json"))
+        source=str(path / "tokenizer.json"),
+    )
 
 
 def named_tokens(config: dict) -> dict[str, str]:
@@ -93,8 +103,10 @@ def chat_template_of(path: Path, config: dict) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if template is not None and not isinstance(template, str):
-        raise ValueError(f"{path / 'tokenizer_config.json'}'s chat_template must be a str or a list of "
-                         f"{{'name', 'template'}} dicts with a 'default'; received {type(template).__name__}.")
+        raise ValueError(
+            f"{path / 'tokenizer_config.json'}'s chat_template must be a str or a list of "
+            f"{{'name', 'template'}} dicts with a 'default'; received {type(template).__name__}."
+        )
     return template
 
 

@@ -21,18 +21,29 @@ from phi3lab.errors import bad_argument
 
 # Added after the SentencePiece pieces, in this order: ids 32000..32010 for Phi-3.
 ADDED_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
-    "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>",
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|placeholder1|>",
+    "<|placeholder2|>",
+    "<|placeholder3|>",
+    "<|placeholder4|>",
+    "<|system|>",
+    "<|end|>",
+    "<|placeholder5|>",
+    "<|placeholder6|>",
+    "<|user|>",
 )
 # The tokens Phi-3's tokenizer_config.json marks `rstrip: true`; all but `</s>` are `special`.
 PHI3_RSTRIP_TOKENS = frozenset(["</s>", *ADDED_SPECIAL_TOKENS[1:]])
 # Phi-3's tokenizer_config.json names these (a chat template sees them).
-PHI3_TEMPLATE_TOKENS = {"bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-                        "unk_token": "<unk>"}
+PHI3_TEMPLATE_TOKENS = {
+    "bos_token": "<s>",
+    "eos_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+    "unk_token": "<unk>",
+}
 # Rust's `char::is_whitespace`, which is what Hugging Face's `rstrip` swallows.
-_WHITESPACE = "\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000" + "".join(
-    map(chr, range(0x2000, 0x200B))
-)
+_WHITESPACE = "\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000" + "".join(map(chr, range(0x2000, 0x200B)))
 # Appended to a serialized SentencePiece model: a second `normalizer_spec` (field 3) holding only
 # `add_dummy_prefix` (its field 3) = false. Protobuf merges repeated occurrences of a message
 # field, so the model loads with every other setting kept and no dummy prefix.
@@ -58,13 +69,20 @@ class SentencePieceBackend:
             marked `special`); None means Phi-3's: every special token but `</s>`.
     """
 
-    def __init__(self, proto: bytes | str | os.PathLike, rstrip_tokens: Iterable[str] | None = None,
-                 template_tokens: Mapping[str, str] | None = None, skipped_tokens: Iterable[str] | None = None):
+    def __init__(
+        self,
+        proto: bytes | str | os.PathLike,
+        rstrip_tokens: Iterable[str] | None = None,
+        template_tokens: Mapping[str, str] | None = None,
+        skipped_tokens: Iterable[str] | None = None,
+    ):
         if isinstance(proto, (str, os.PathLike)) and Path(proto).is_file():
             proto = Path(proto).read_bytes()
         if not isinstance(proto, bytes):
-            raise TypeError("`proto` must be a serialized SentencePiece model (bytes) or its path; "
-                            f"received proto={str(proto)[:80]!r} of type {type(proto).__name__}.")
+            raise TypeError(
+                "`proto` must be a serialized SentencePiece model (bytes) or its path; "
+                f"received proto={str(proto)[:80]!r} of type {type(proto).__name__}."
+            )
         self.proto, self._sp = proto, _load(proto)
         sp = self._sp
         if min(sp.unk_id(), sp.bos_id(), sp.eos_id()) < 0:
@@ -79,8 +97,11 @@ class SentencePieceBackend:
                 ids[token], next_id = next_id, next_id + 1
         self.special_tokens, self._special_by_id = ids, {i: t for t, i in ids.items()}
         self.vocabulary_size = next_id
-        if rstrip_tokens is not None and (isinstance(rstrip_tokens, (str, bytes)) or not isinstance(
-                rstrip_tokens, Iterable) or not all(isinstance(t, str) for t in rstrip_tokens)):
+        if rstrip_tokens is not None and (
+            isinstance(rstrip_tokens, (str, bytes))
+            or not isinstance(rstrip_tokens, Iterable)
+            or not all(isinstance(t, str) for t in rstrip_tokens)
+        ):
             raise bad_argument("rstrip_tokens", rstrip_tokens, f"None or special tokens (str), among {list(ids)}")
         rstrip = PHI3_RSTRIP_TOKENS if rstrip_tokens is None else frozenset(rstrip_tokens)
         if not rstrip <= ids.keys():
@@ -109,13 +130,13 @@ class SentencePieceBackend:
     def _encode(self, text: str, first: spm.SentencePieceProcessor) -> list[int]:
         ids, start, strip, sp = [], 0, False, first
         for match in self._split.finditer(text):
-            ids += _encode_plain(sp, text[start:match.start()], strip)
+            ids += _encode_plain(sp, text[start : match.start()], strip)
             ids.append(self.special_tokens[match.group()])
             start, strip, sp = match.end(), match.group() in self.rstrip_tokens, self._sp
         return ids + _encode_plain(sp, text[start:], strip)
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        """"▁" becomes a space, consecutive byte pieces are joined as UTF-8 (an invalid run gives
+        """ "▁" becomes a space, consecutive byte pieces are joined as UTF-8 (an invalid run gives
         one U+FFFD per byte) and one leading space is dropped. Skipped tokens are left out before
         the bytes are joined, so a byte run around one stays whole, as in Hugging Face."""
         parts, run = [], bytearray()
@@ -157,23 +178,39 @@ class SentencePieceBackend:
         rebuild the same encoding from `tokenizer.model` (given the model's `config.json`,
         model_type "phi3", in the directory too).
         """
-        decoder = {str(i): {"content": t, **_FLAGS, "rstrip": t in self.rstrip_tokens, "special": t in self.skipped_tokens}
-                   for i, t in sorted(self._special_by_id.items())}
+        decoder = {
+            str(i): {"content": t, **_FLAGS, "rstrip": t in self.rstrip_tokens, "special": t in self.skipped_tokens}
+            for i, t in sorted(self._special_by_id.items())
+        }
         tokens = self.template_tokens
         config = {
-            "add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": decoder,
-            "bos_token": tokens["bos_token"], "chat_template": chat_template, "clean_up_tokenization_spaces": False,
-            "eos_token": tokens["eos_token"], "legacy": True, "pad_token": tokens["pad_token"], "padding_side": "left",
-            "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": tokens["unk_token"],
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "added_tokens_decoder": decoder,
+            "bos_token": tokens["bos_token"],
+            "chat_template": chat_template,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": tokens["eos_token"],
+            "legacy": True,
+            "pad_token": tokens["pad_token"],
+            "padding_side": "left",
+            "sp_model_kwargs": {},
+            "tokenizer_class": "LlamaTokenizer",
+            "unk_token": tokens["unk_token"],
             "use_default_system_prompt": False,
         }
         added = {t: i for i, t in self._special_by_id.items() if i >= self._sp.get_piece_size()}
-        special_map = {key: {"content": tokens[key], **_FLAGS, "rstrip": False}
-                       for key in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        special_map = {
+            key: {"content": tokens[key], **_FLAGS, "rstrip": False}
+            for key in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
         written = [directory / "tokenizer.model"]
         written[0].write_bytes(self.proto)
-        for name, content in (("tokenizer_config.json", config), ("added_tokens.json", added),
-                              ("special_tokens_map.json", special_map)):
+        for name, content in (
+            ("tokenizer_config.json", config),
+            ("added_tokens.json", added),
+            ("special_tokens_map.json", special_map),
+        ):
             (directory / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
             written.append(directory / name)
         return written

@@ -170,4 +170,3 @@ def forward_fn(model, names: Selection = (), hooks=None, *, window=None, heads=N
     hooks = as_hooks(hooks)
     plan = plan_for(model, names, hooks, window, heads, capture_dtype)
     return ForwardFn(model, plan, tuple(hook for _, hook in hooks.entries), tuple(h.data for _, h in hooks.entries))
-

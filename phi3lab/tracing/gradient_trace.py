@@ -164,8 +164,12 @@ def gradients(
     user_hooks = as_hooks(hooks)
     run = gradient_program(model, chosen, user_hooks, resolved)
     values, hidden, captures, grads = run(
-        model.params(), jnp.asarray(token_ids), jnp.asarray(mask), tuple(h.data for _, h in user_hooks.entries),
-        zero_probes(model, chosen, token_ids.shape), resolved.data,
+        model.params(),
+        jnp.asarray(token_ids),
+        jnp.asarray(mask),
+        tuple(h.data for _, h in user_hooks.entries),
+        zero_probes(model, chosen, token_ids.shape),
+        resolved.data,
     )
     values = check_finite(values)
     return GradientTrace(

@@ -113,8 +113,7 @@ def _as_hook(pattern, hook) -> Hook:
     if callable(hook):
         return Hook(hook)
     raise TypeError(
-        f"`hooks[{pattern!r}]` must be a function fn(x, ctx) -> x or a phi3lab.hooks.Hook; "
-        f"received {hook!r}."
+        f"`hooks[{pattern!r}]` must be a function fn(x, ctx) -> x or a phi3lab.hooks.Hook; received {hook!r}."
     )
 
 
@@ -130,9 +129,7 @@ def _ablate(z, ctx):
     if mode == "zero":
         replacement = jnp.zeros_like(z[:, :, heads])
     elif mode == "mean":
-        replacement = jnp.broadcast_to(
-            jnp.mean(z[:, :, heads], axis=(0, 1), keepdims=True), z[:, :, heads].shape
-        )
+        replacement = jnp.broadcast_to(jnp.mean(z[:, :, heads], axis=(0, 1), keepdims=True), z[:, :, heads].shape)
     else:
         _check_source(z, ctx.data, ctx.name, "source")
         replacement = ctx.data[:, :, heads]
@@ -186,8 +183,9 @@ def _resample_source(source, model, layer: int):
     return jnp.asarray(source[name])
 
 
-def ablate_heads(layer, heads: int | Iterable[int] | None = None, mode: str = "zero", *, source=None,
-                 model=None) -> Hooks:
+def ablate_heads(
+    layer, heads: int | Iterable[int] | None = None, mode: str = "zero", *, source=None, model=None
+) -> Hooks:
     """Remove query heads' contributions (on `attn.hook_z`).
 
     Grouped-query aware: each query head is ablated alone, leaving the other
@@ -220,8 +218,12 @@ def ablate_heads(layer, heads: int | Iterable[int] | None = None, mode: str = "z
     elif isinstance(layer, Iterable) and not isinstance(layer, (str, bytes)) and heads is None:
         grouped = _layer_pairs(layer)
     else:
-        raise bad_argument("layer", layer, "an int (a decoder block index; negative values count from the end) "
-                           "or, without `heads`, a set of (layer, head) pairs")
+        raise bad_argument(
+            "layer",
+            layer,
+            "an int (a decoder block index; negative values count from the end) "
+            "or, without `heads`, a set of (layer, head) pairs",
+        )
     hooks = Hooks()
     for block, chosen in sorted(grouped.items()):
         data = _resample_source(source, model, block) if mode == "resample" else None
@@ -245,10 +247,14 @@ def _check_source(x, source, name, argument="source_trace"):
 
 # Sites with a head axis: local name -> (axis, size attribute of the model).
 HEAD_AXES = {
-    "attn.hook_q": (2, "num_query_heads"), "attn.hook_rot_q": (2, "num_query_heads"),
-    "attn.hook_z": (2, "num_query_heads"), "attn.hook_k": (2, "num_key_value_heads"),
-    "attn.hook_rot_k": (2, "num_key_value_heads"), "attn.hook_v": (2, "num_key_value_heads"),
-    "attn.hook_attn_scores": (1, "num_query_heads"), "attn.hook_pattern": (1, "num_query_heads"),
+    "attn.hook_q": (2, "num_query_heads"),
+    "attn.hook_rot_q": (2, "num_query_heads"),
+    "attn.hook_z": (2, "num_query_heads"),
+    "attn.hook_k": (2, "num_key_value_heads"),
+    "attn.hook_rot_k": (2, "num_key_value_heads"),
+    "attn.hook_v": (2, "num_key_value_heads"),
+    "attn.hook_attn_scores": (1, "num_query_heads"),
+    "attn.hook_pattern": (1, "num_query_heads"),
 }
 
 
@@ -313,8 +319,14 @@ def patch(name: str, source_trace, positions=None, heads=None) -> Hooks:
             chosen = np.atleast_1d(np.asarray(positions))
         except (TypeError, ValueError):
             chosen = None
-        if (chosen is None or chosen.ndim != 1 or chosen.size == 0 or not np.issubdtype(chosen.dtype, np.integer)
-                or chosen.min() < -length or chosen.max() >= length):
+        if (
+            chosen is None
+            or chosen.ndim != 1
+            or chosen.size == 0
+            or not np.issubdtype(chosen.dtype, np.integer)
+            or chosen.min() < -length
+            or chosen.max() >= length
+        ):
             raise bad_argument("positions", positions, f"None or int positions in [-{length}, {length})")
         index = jnp.asarray(chosen % length, jnp.int32)
     if heads is not None:
@@ -332,8 +344,17 @@ def patch(name: str, source_trace, positions=None, heads=None) -> Hooks:
             for head in heads:
                 check_index("heads", head, getattr(model, size), "head")
 
-        entries.append((site, Hook(_patch, data=(jnp.asarray(source_trace[site]), index), static=(axis, head_axis, heads),
-                                   check=check if heads is not None else None)))
+        entries.append(
+            (
+                site,
+                Hook(
+                    _patch,
+                    data=(jnp.asarray(source_trace[site]), index),
+                    static=(axis, head_axis, heads),
+                    check=check if heads is not None else None,
+                ),
+            )
+        )
     return Hooks(entries)
 
 
@@ -344,7 +365,10 @@ def _add(x, ctx):
     except ValueError:
         fits = False
     if not fits:
-        raise ValueError(f"`vector` of shape {tuple(vector.shape)} does not broadcast against {ctx.name!r} of shape {tuple(x.shape)}.")
+        raise ValueError(
+            f"`vector` of shape {tuple(vector.shape)} does not broadcast against {ctx.name!r} "
+            f"of shape {tuple(x.shape)}."
+        )
     return x + (scale * vector).astype(x.dtype)
 
 
@@ -370,16 +394,22 @@ def _scale(scale):
     value, so a tracer (under `jax.grad`, `jax.vmap`...) is checked only for
     shape and dtype."""
     if _is_tracer(scale):
-        if scale.ndim != 0 or not (jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer)):
+        if scale.ndim != 0 or not (
+            jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer)
+        ):
             raise bad_argument("scale", scale, "a finite number (a scalar)")
         return scale.astype(jnp.float32)
     try:
         array = np.asarray(scale)
     except (TypeError, ValueError):
         array = None
-    if (isinstance(scale, bool) or array is None or array.ndim != 0
-            or not (np.issubdtype(array.dtype, np.integer) or jnp.issubdtype(array.dtype, jnp.floating))
-            or not math.isfinite(float(array))):
+    if (
+        isinstance(scale, bool)
+        or array is None
+        or array.ndim != 0
+        or not (np.issubdtype(array.dtype, np.integer) or jnp.issubdtype(array.dtype, jnp.floating))
+        or not math.isfinite(float(array))
+    ):
         raise bad_argument("scale", scale, "a finite number")
     return jnp.float32(array)
 
@@ -402,7 +432,7 @@ def add(name: str, vector, scale: float = 1.0) -> Hooks:
     scale = _scale(scale)
 
     def check(model):
-        from phi3lab.tracing.names import MODEL_SITES, BLOCK_SITES, all_names, select, site_shape, split_name
+        from phi3lab.tracing.names import BLOCK_SITES, MODEL_SITES, all_names, select, site_shape, split_name
 
         for full in select(name, all_names(model), argument="name"):
             shape = site_shape(model, full, 1, 1)
@@ -414,7 +444,8 @@ def add(name: str, vector, scale: float = 1.0) -> Hooks:
             if not fits:
                 sizes = ", ".join(s if s in ("B", "T") else str(n) for s, n in zip(symbols, shape))
                 raise bad_argument(
-                    "vector", f"array of shape {vector.shape}",
+                    "vector",
+                    f"array of shape {vector.shape}",
                     f"an array that broadcasts against {full!r} of shape [{', '.join(symbols)}] = [{sizes}] "
                     "(B and T are the input's batch size and length)",
                 )

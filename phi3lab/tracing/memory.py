@@ -36,8 +36,10 @@ class MemoryEstimate:
 
     def __str__(self):
         gib = lambda n: f"{n / 2**30:.2f} GiB"
-        text = (f"weights {gib(self.weights)}, working set {gib(self.working)}, "
-                f"captured activations {gib(self.captured)} (x2 with the host copy)")
+        text = (
+            f"weights {gib(self.weights)}, working set {gib(self.working)}, "
+            f"captured activations {gib(self.captured)} (x2 with the host copy)"
+        )
         if self.available is not None:
             text += f", available {gib(self.available)}"
         return text

@@ -97,7 +97,8 @@ def resolve_metric(model, metric, answer, counterfactual, padding_mask: np.ndarr
     if metric is not None:
         if not callable(metric):
             raise bad_argument(
-                "metric", metric,
+                "metric",
+                metric,
                 "None or a function metric(logits [B, T, V]) or metric(logits, batch) -> a scalar or [B], "
                 "written in jax.numpy",
             )
@@ -111,7 +112,8 @@ def resolve_metric(model, metric, answer, counterfactual, padding_mask: np.ndarr
     data = (
         jnp.asarray(last_positions(padding_mask)),
         jnp.asarray(check_token("answer", answer, model.vocabulary_size, rows)),
-        None if counterfactual is None
+        None
+        if counterfactual is None
         else jnp.asarray(check_token("counterfactual", counterfactual, model.vocabulary_size, rows)),
     )
     return Metric("logit_diff", _logit_diff, data)

@@ -77,9 +77,14 @@ def site_shape(model, name: str, batch: int, length: int) -> tuple[int, ...]:
     """The shape of activation `name` for a `[batch, length]` input."""
     _, site = split_name(name)
     sizes = {
-        "B": batch, "T": length, "D": model.hidden_dim, "F": model.intermediate_dim,
-        "Hq": model.num_query_heads, "Hkv": model.num_key_value_heads,
-        "dh": model.head_dim, "V": model.vocabulary_size,
+        "B": batch,
+        "T": length,
+        "D": model.hidden_dim,
+        "F": model.intermediate_dim,
+        "Hq": model.num_query_heads,
+        "Hkv": model.num_key_value_heads,
+        "dh": model.head_dim,
+        "V": model.vocabulary_size,
     }
     symbols = BLOCK_SITES.get(site) or MODEL_SITES[site]
     return tuple(sizes[s] for s in symbols)
@@ -101,7 +106,7 @@ def _count_from_end(pattern: str, names: list[str]) -> str:
         return pattern
     num_layers = sum(name.endswith(".hook_resid_pre") for name in names)
     layer = int(match.group(1)) + num_layers
-    return pattern if layer < 0 else f"blocks.{layer}." + pattern[match.end():]
+    return pattern if layer < 0 else f"blocks.{layer}." + pattern[match.end() :]
 
 
 Selection = None | str | Iterable[str] | Callable[[str], bool]

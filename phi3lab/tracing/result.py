@@ -43,8 +43,20 @@ class Trace(Mapping):
             left, padding included) were the prompt; None for a plain trace.
     """
 
-    def __init__(self, arrays, *, token_ids, padding_mask, tokens, output, rope, model,
-                 query_window=None, attention_heads=None, prompt_length=None):
+    def __init__(
+        self,
+        arrays,
+        *,
+        token_ids,
+        padding_mask,
+        tokens,
+        output,
+        rope,
+        model,
+        query_window=None,
+        attention_heads=None,
+        prompt_length=None,
+    ):
         self._arrays = arrays
         self.names = list(arrays)
         self.token_ids = token_ids
@@ -173,15 +185,17 @@ class Trace(Mapping):
             # heads=)`): rows are labelled with true positions and heads.
             head_ids = np.asarray(self.attention_heads or range(values.shape[0]))
             start, stop = self.query_window or (0, length)
-            heads, queries, keys = np.meshgrid(
-                head_ids, np.arange(start, stop), np.arange(length), indexing="ij"
+            heads, queries, keys = np.meshgrid(head_ids, np.arange(start, stop), np.arange(length), indexing="ij")
+            table = pd.DataFrame(
+                {
+                    "head": heads.ravel(),
+                    "query": queries.ravel(),
+                    "key": keys.ravel(),
+                    "query_token": np.asarray(tokens, object)[queries.ravel()],
+                    "key_token": np.asarray(tokens, object)[keys.ravel()],
+                    "value": values.ravel(),
+                }
             )
-            table = pd.DataFrame({
-                "head": heads.ravel(), "query": queries.ravel(), "key": keys.ravel(),
-                "query_token": np.asarray(tokens, object)[queries.ravel()],
-                "key_token": np.asarray(tokens, object)[keys.ravel()],
-                "value": values.ravel(),
-            })
             return table[np.asarray(valid)[table["query"]] & np.asarray(valid)[table["key"]]].reset_index(drop=True)
         flat = values.reshape(length, -1)
         table = pd.DataFrame(flat, columns=[str(i) for i in range(flat.shape[1])])
@@ -257,7 +271,8 @@ class Trace(Mapping):
         >>> tr.attention(0, head=1).shape
         """
         not_a_trace = lambda why: ValueError(
-            f"`path` must be a trace file written by Trace.save; received path={str(path)!r} ({why}).")
+            f"`path` must be a trace file written by Trace.save; received path={str(path)!r} ({why})."
+        )
         try:
             stored = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as error:
@@ -277,7 +292,9 @@ class Trace(Mapping):
         rope = {name: data.get(f"rope/{name}") for name in rope_fields}
         rope.update(meta["rope"])
         tokens = data.get("tokens")
-        shape = types.SimpleNamespace(**{key: meta[key] for key in ("num_layers", "num_query_heads", "num_key_value_heads")})
+        shape = types.SimpleNamespace(
+            **{key: meta[key] for key in ("num_layers", "num_query_heads", "num_key_value_heads")}
+        )
         as_tuple = lambda value: None if value is None else tuple(value)
         return cls(
             {name: data[f"activation/{name}"] for name in meta["names"]},

@@ -77,8 +77,12 @@ class RotaryDescription:
             table.insert(3, "short_factor", self.short_factor)
             table.insert(4, "long_factor", self.long_factor)
         table.attrs.update(
-            factor_set=self.factor_set, reason=self.reason, attention_factor=self.attention_factor,
-            head_dim=self.head_dim, rotary_dim=self.rotary_dim, pass_through_dims=list(self.pass_through_dims),
+            factor_set=self.factor_set,
+            reason=self.reason,
+            attention_factor=self.attention_factor,
+            head_dim=self.head_dim,
+            rotary_dim=self.rotary_dim,
+            pass_through_dims=list(self.pass_through_dims),
         )
         return table
 

@@ -74,7 +74,7 @@ class TracePlan:
         prefix = f"blocks.{layer}."
         if any(name.startswith(prefix) for name, _ in self.hooked):
             return ("hooked", layer)
-        return frozenset(n[len(prefix):] for n in self.keep if n.startswith(prefix))
+        return frozenset(n[len(prefix) :] for n in self.keep if n.startswith(prefix))
 
     def segments(self) -> list[tuple[int, int]]:
         ranges, start = [], 0
@@ -109,8 +109,14 @@ class TraceSites(HookPoints):
             hooks then see (and return) only the first `length` positions.
     """
 
-    def __init__(self, plan: TracePlan, hooks: tuple[Hook, ...], data: tuple, prefix_layer: int | None = None,
-                 length: int | None = None):
+    def __init__(
+        self,
+        plan: TracePlan,
+        hooks: tuple[Hook, ...],
+        data: tuple,
+        prefix_layer: int | None = None,
+        length: int | None = None,
+    ):
         super().__init__()
         self.plan = plan
         self.hooks = hooks

@@ -171,8 +171,9 @@ def trace(
     token_ids, mask, tokens = _prepare_inputs(model, inputs, padding_mask, tokenizer)
     length = token_ids.shape[1]
     hooks = as_hooks(hooks)
-    fn = forward_fn(model, names, hooks, window=_window(queries, length), heads=_heads(model, heads),
-                    capture_dtype=capture_dtype)
+    fn = forward_fn(
+        model, names, hooks, window=_window(queries, length), heads=_heads(model, heads), capture_dtype=capture_dtype
+    )
     padded, num_positions = _padded_length(model, length)
     extra = ((0, 0), (0, padded - length))
     params = model.params()
@@ -202,8 +203,15 @@ def trace(
     )
 
 
-def estimate(model, seq_len: int, batch: int = 1, names: Selection = None, queries=None, heads=None,
-             capture_dtype: str | None = None) -> MemoryEstimate:
+def estimate(
+    model,
+    seq_len: int,
+    batch: int = 1,
+    names: Selection = None,
+    queries=None,
+    heads=None,
+    capture_dtype: str | None = None,
+) -> MemoryEstimate:
     """Bytes of weights, working set and captured activations of a trace,
     from XLA's analysis of the compiled program that `trace` runs (at the
     length bucket of `seq_len`, with `capture_dtype`; nothing is allocated).
@@ -218,8 +226,9 @@ def estimate(model, seq_len: int, batch: int = 1, names: Selection = None, queri
         check_choice("capture_dtype", capture_dtype, (None, "bfloat16"))
     if seq_len > model.max_sequence_length:
         raise bad_argument("seq_len", seq_len, f"at most max_sequence_length={model.max_sequence_length}")
-    fn = forward_fn(model, names, window=_window(queries, seq_len), heads=_heads(model, heads),
-                    capture_dtype=capture_dtype)
+    fn = forward_fn(
+        model, names, window=_window(queries, seq_len), heads=_heads(model, heads), capture_dtype=capture_dtype
+    )
     padded, num_positions = _padded_length(model, seq_len)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), model.params())
     ids = jax.ShapeDtypeStruct((batch, padded), jnp.int32)

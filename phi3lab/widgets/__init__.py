@@ -16,5 +16,14 @@ from phi3lab.widgets.residual import ResidualStreamView
 from phi3lab.widgets.rope import RopeView
 from phi3lab.widgets.tokens import TokenView
 
-__all__ = ["AttentionExplorer", "GenerationView", "HeadGrid", "LogitLensView", "PatchingView", "ResidualStreamView",
-           "RopeView", "TokenView", "payload_bytes"]
+__all__ = [
+    "AttentionExplorer",
+    "GenerationView",
+    "HeadGrid",
+    "LogitLensView",
+    "PatchingView",
+    "ResidualStreamView",
+    "RopeView",
+    "TokenView",
+    "payload_bytes",
+]

@@ -94,9 +94,21 @@ class AttentionExplorer(View):
 
     css_class = "phi3lab-attention"
 
-    def __init__(self, trace, batch: int = 0, *, layer: int | None = None, head: int | None = None,
-                 values: str = "pattern", group_by_kv: bool = False, max_tokens: int = 256, zoom: int | None = None,
-                 tokens=None, thumbnail_size: int = 64, thumbnails: bool = True):
+    def __init__(
+        self,
+        trace,
+        batch: int = 0,
+        *,
+        layer: int | None = None,
+        head: int | None = None,
+        values: str = "pattern",
+        group_by_kv: bool = False,
+        max_tokens: int = 256,
+        zoom: int | None = None,
+        tokens=None,
+        thumbnail_size: int = 64,
+        thumbnails: bool = True,
+    ):
         self.trace = trace
         self.batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         check_choice("values", values, VALUES)
@@ -108,17 +120,20 @@ class AttentionExplorer(View):
         self.prompt_length = prompt_length(trace)
         # What a windowed trace holds: query rows and query heads.
         self.query_rows = range(*trace.query_window) if trace.query_window is not None else range(self.length)
-        self.heads = list(trace.attention_heads) if trace.attention_heads is not None else \
-            list(range(trace.num_query_heads))
+        self.heads = (
+            list(trace.attention_heads) if trace.attention_heads is not None else list(range(trace.num_query_heads))
+        )
         head = self.heads[0] if head is None else head
         if head not in self.heads or isinstance(head, bool):
             raise bad_argument("head", head, f"one of the captured query heads {self.heads}")
         # Only the layers whose patterns were captured are offered (memory-aware traces).
         self.layers = [l for l in range(trace.num_layers) if block_name(l, "attn.hook_pattern") in trace]
         if not self.layers:
-            raise KeyError("AttentionExplorer needs 'blocks.*.attn.hook_pattern' for at least one layer. "
-                           "Capture it with phi3lab.trace(model, ids, names=['blocks.*.attn.hook_pattern', "
-                           "'blocks.*.attn.hook_attn_scores']) (or names=None).")
+            raise KeyError(
+                "AttentionExplorer needs 'blocks.*.attn.hook_pattern' for at least one layer. "
+                "Capture it with phi3lab.trace(model, ids, names=['blocks.*.attn.hook_pattern', "
+                "'blocks.*.attn.hook_attn_scores']) (or names=None)."
+            )
         layer = self.layers[0] if layer is None else layer
         if layer not in self.layers:
             raise bad_argument("layer", layer, f"a layer whose pattern the trace holds: {self.layers}")
@@ -132,34 +147,55 @@ class AttentionExplorer(View):
         self.selected: int | None = None
 
         # === Controls ===
-        self.layer_select = widgets.Dropdown(options=[(f"layer {l}", l) for l in self.layers],
-                                             value=layer, description="Layer", layout=widgets.Layout(width="180px"))
-        self.head_select = widgets.Dropdown(options=self._head_options(), value=head, description="Head",
-                                            layout=widgets.Layout(width="220px"))
+        self.layer_select = widgets.Dropdown(
+            options=[(f"layer {l}", l) for l in self.layers],
+            value=layer,
+            description="Layer",
+            layout=widgets.Layout(width="180px"),
+        )
+        self.head_select = widgets.Dropdown(
+            options=self._head_options(), value=head, description="Head", layout=widgets.Layout(width="220px")
+        )
         options = [("pattern", "pattern")] + ([("scores (pre-softmax)", "scores")] if self.has_scores else [])
-        self.values_select = widgets.ToggleButtons(options=options, value=values, style={"button_width": "auto"},
-                                                   tooltips=["softmax probabilities", "scaled logits before the softmax"
-                                                             ][:len(options)])
-        self.group_toggle = widgets.Checkbox(value=group_by_kv, description="group by kv head (GQA)", indent=False,
-                                             layout=widgets.Layout(display=None if thumbnails else "none"))
-        self.zoom_select = widgets.Dropdown(options=zooms, value=zoom, description="Zoom",
-                                            layout=widgets.Layout(width="150px"))
+        self.values_select = widgets.ToggleButtons(
+            options=options,
+            value=values,
+            style={"button_width": "auto"},
+            tooltips=["softmax probabilities", "scaled logits before the softmax"][: len(options)],
+        )
+        self.group_toggle = widgets.Checkbox(
+            value=group_by_kv,
+            description="group by kv head (GQA)",
+            indent=False,
+            layout=widgets.Layout(display=None if thumbnails else "none"),
+        )
+        self.zoom_select = widgets.Dropdown(
+            options=zooms, value=zoom, description="Zoom", layout=widgets.Layout(width="150px")
+        )
         self.query_slider = _window_slider("queries from", self.query_rows, zoom)
         self.key_slider = _window_slider("keys from", range(self.length), zoom)
         # Keys start on the diagonal of the held rows (a query window of a long input attends near itself).
         self.key_slider.value = _window(self.query_rows.start, zoom, range(self.length)).start
-        for control, css in ((self.layer_select, "phi3lab-layer"), (self.head_select, "phi3lab-head"),
-                             (self.values_select, "phi3lab-values"), (self.group_toggle, "phi3lab-gqa"),
-                             (self.zoom_select, "phi3lab-zoom"), (self.query_slider, "phi3lab-query-slider"),
-                             (self.key_slider, "phi3lab-key-slider")):
+        for control, css in (
+            (self.layer_select, "phi3lab-layer"),
+            (self.head_select, "phi3lab-head"),
+            (self.values_select, "phi3lab-values"),
+            (self.group_toggle, "phi3lab-gqa"),
+            (self.zoom_select, "phi3lab-zoom"),
+            (self.query_slider, "phi3lab-query-slider"),
+            (self.key_slider, "phi3lab-key-slider"),
+        ):
             control.add_class(css)
 
         # === Thumbnails ===
         self.thumbnail_images, self.thumbnail_buttons, self._cells = [], [], []
         for h in self.heads if thumbnails else []:
             image = widgets.Image(format="png", layout=widgets.Layout(width="72px", height="72px"))
-            button = widgets.Button(description=f"head {h}", tooltip=f"query head {h}, kv head {self.kv_head(h)}",
-                                    layout=widgets.Layout(width="72px", height="24px", padding="0"))
+            button = widgets.Button(
+                description=f"head {h}",
+                tooltip=f"query head {h}, kv head {self.kv_head(h)}",
+                layout=widgets.Layout(width="72px", height="24px", padding="0"),
+            )
             button.add_class("phi3lab-thumbnail")
             button.on_click(lambda _, h=h: setattr(self.head_select, "value", h))
             self.thumbnail_images.append(image)
@@ -170,14 +206,15 @@ class AttentionExplorer(View):
         # === Heatmap and overview ===
         self.heatmap = go.Figure(go.Heatmap(hoverongaps=False, colorbar=colorbar("")))
         self.heatmap.update_layout(**base_layout("", height=600, margin=dict(l=110, r=30, t=50, b=110)))
-        self.heatmap.update_yaxes(autorange="reversed", title="query (position token)", type="category",
-                                  tickfont=dict(size=11))
+        self.heatmap.update_yaxes(
+            autorange="reversed", title="query (position token)", type="category", tickfont=dict(size=11)
+        )
         self.heatmap.update_xaxes(title="key (position token)", type="category", tickangle=-90, tickfont=dict(size=11))
         self.overview = widgets.Image(format="png", layout=widgets.Layout(width="auto", height="auto"))
         self.overview_title = widgets.HTML()
 
         # === Tokens ===
-        self.token_buttons = []                        # one per query row of the window, made as the zoom needs
+        self.token_buttons = []  # one per query row of the window, made as the zoom needs
         self.token_row = widgets.Box(layout=widgets.Layout(flex_flow="row wrap"))
         self.token_strips = widgets.HTML()
         self.token_strips.add_class("phi3lab-strips")
@@ -200,19 +237,28 @@ class AttentionExplorer(View):
         self._overview_box.layout.display = None if self.windowed else "none"
         heatmap_box = widgets.VBox([self.heatmap], layout=widgets.Layout(width="100%"))
         heatmap_box.add_class("phi3lab-heatmap")
-        self.widget = widgets.VBox([
-            widgets.HBox([self.layer_select, self.head_select, self.values_select, self.group_toggle],
-                         layout=widgets.Layout(flex_flow="row wrap")),
-            widgets.HBox([self.zoom_select, self.query_slider, self.key_slider],
-                         layout=widgets.Layout(flex_flow="row wrap", display=None if self.windowed else "none")),
-            self.status,
-            widgets.HBox([self.thumbnails, self._overview_box],
-                         layout=widgets.Layout(align_items="flex-start", flex_flow="row wrap")),
-            heatmap_box,
-            widgets.HTML("<b>Tokens</b> (click one to see what it attends to and what attends to it)"),
-            self.token_row,
-            self.token_strips,
-        ], layout=widgets.Layout(width="100%"))
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox(
+                    [self.layer_select, self.head_select, self.values_select, self.group_toggle],
+                    layout=widgets.Layout(flex_flow="row wrap"),
+                ),
+                widgets.HBox(
+                    [self.zoom_select, self.query_slider, self.key_slider],
+                    layout=widgets.Layout(flex_flow="row wrap", display=None if self.windowed else "none"),
+                ),
+                self.status,
+                widgets.HBox(
+                    [self.thumbnails, self._overview_box],
+                    layout=widgets.Layout(align_items="flex-start", flex_flow="row wrap"),
+                ),
+                heatmap_box,
+                widgets.HTML("<b>Tokens</b> (click one to see what it attends to and what attends to it)"),
+                self.token_row,
+                self.token_strips,
+            ],
+            layout=widgets.Layout(width="100%"),
+        )
         self.widget.add_class(self.css_class)
 
     # === State ===
@@ -263,7 +309,7 @@ class AttentionExplorer(View):
         """What the heatmap shows: the selected head inside the windows."""
         q, k = self.query_window, self.key_window
         offset = self.query_rows.start
-        return self.head_values(self.layer, self.head)[q.start - offset:q.stop - offset, k.start:k.stop]
+        return self.head_values(self.layer, self.head)[q.start - offset : q.stop - offset, k.start : k.stop]
 
     def overview_values(self) -> np.ndarray:
         """The overview: block maxima of the selected head's held rows."""
@@ -277,15 +323,15 @@ class AttentionExplorer(View):
         return Scale.signed(self.head_values(self.layer, self.head) if values is None else values)
 
     def title(self) -> str:
-        return (f"Layer {self.layer} · head {self.head} (kv head {self.kv_head(self.head)}): "
-                f"{_TITLES[self.values]}")
+        return f"Layer {self.layer} · head {self.head} (kv head {self.kv_head(self.head)}): {_TITLES[self.values]}"
 
     def missing(self) -> str:
         """What a windowed trace does not hold ('' when it holds everything)."""
         parts = []
         if len(self.query_rows) < self.length:
-            parts.append(f"only queries {self.query_rows.start}–{self.query_rows.stop - 1} were captured "
-                         f"(trace(queries=...))")
+            parts.append(
+                f"only queries {self.query_rows.start}–{self.query_rows.stop - 1} were captured (trace(queries=...))"
+            )
         if len(self.heads) < self.trace.num_query_heads:
             parts.append(f"only heads {self.heads} of {self.trace.num_query_heads} were captured (trace(heads=...))")
         return "; ".join(parts)
@@ -306,7 +352,7 @@ class AttentionExplorer(View):
             raise bad_argument("layer", layer, f"a layer whose pattern the trace holds: {self.layers}")
         if head not in self.heads:
             raise bad_argument("head", head, f"one of the captured query heads {self.heads}")
-        self._holding = True                           # one refresh below, not one per control
+        self._holding = True  # one refresh below, not one per control
         try:
             self.layer_select.value = layer
             self.head_select.value = head
@@ -383,8 +429,8 @@ class AttentionExplorer(View):
         bottom = min(image.shape[0], -(-(q.stop - self.query_rows.start) // fr) * pixels) - 1
         left, right = k.start // fc * pixels, min(image.shape[1], -(-k.stop // fc) * pixels) - 1
         box = np.round(np.array(matplotlib.colors.to_rgb(HIGHLIGHT)) * 255).astype(np.uint8)
-        image[top:bottom + 1, [left, right]] = box
-        image[[top, bottom], left:right + 1] = box
+        image[top : bottom + 1, [left, right]] = box
+        image[[top, bottom], left : right + 1] = box
         return image
 
     def _refresh_overview(self) -> None:
@@ -394,8 +440,9 @@ class AttentionExplorer(View):
         Image.fromarray(self.overview_image()).save(buffer, format="PNG")
         self.overview.value = buffer.getvalue()
         held = self.head_values(self.layer, self.head).shape
-        self.overview_title.value = (f"<b>Overview</b> of head {self.head}: {held[0]} × {held[1]} (block maxima; "
-                                     "the box is the zoom window)")
+        self.overview_title.value = (
+            f"<b>Overview</b> of head {self.head}: {held[0]} × {held[1]} (block maxima; the box is the zoom window)"
+        )
 
     def _refresh_thumbnails(self) -> None:
         if self._holding:
@@ -422,8 +469,9 @@ class AttentionExplorer(View):
             columns = min(len(self.heads), 4)
             for h in self.heads:
                 buttons[h].description = f"head {h}"
-            self.thumbnails.children = [widgets.HBox(self._cells[i:i + columns])
-                                        for i in range(0, len(self.heads), columns)]
+            self.thumbnails.children = [
+                widgets.HBox(self._cells[i : i + columns]) for i in range(0, len(self.heads), columns)
+            ]
 
     def _refresh_highlight(self) -> None:
         shapes = []
@@ -431,21 +479,52 @@ class AttentionExplorer(View):
         line = dict(color=HIGHLIGHT, width=2)
         if self.selected in q:
             row = self.selected - q.start
-            shapes.append(dict(type="rect", xref="x", yref="y", x0=-0.5, x1=len(k) - 0.5,
-                               y0=row - 0.5, y1=row + 0.5, line=line))
+            shapes.append(
+                dict(type="rect", xref="x", yref="y", x0=-0.5, x1=len(k) - 0.5, y0=row - 0.5, y1=row + 0.5, line=line)
+            )
         if self.selected in k:
             column = self.selected - k.start
-            shapes.append(dict(type="rect", xref="x", yref="y", x0=column - 0.5, x1=column + 0.5,
-                               y0=-0.5, y1=len(q) - 0.5, line=line))
+            shapes.append(
+                dict(
+                    type="rect",
+                    xref="x",
+                    yref="y",
+                    x0=column - 0.5,
+                    x1=column + 0.5,
+                    y0=-0.5,
+                    y1=len(q) - 0.5,
+                    line=line,
+                )
+            )
         boundary = self.prompt_length
-        if boundary is not None:                       # where generation starts
+        if boundary is not None:  # where generation starts
             dashed = dict(color=GENERATED, width=2, dash="dash")
             if boundary in k and boundary > k.start:
-                shapes.append(dict(type="line", xref="x", yref="paper", x0=boundary - k.start - 0.5,
-                                   x1=boundary - k.start - 0.5, y0=0, y1=1, line=dashed))
+                shapes.append(
+                    dict(
+                        type="line",
+                        xref="x",
+                        yref="paper",
+                        x0=boundary - k.start - 0.5,
+                        x1=boundary - k.start - 0.5,
+                        y0=0,
+                        y1=1,
+                        line=dashed,
+                    )
+                )
             if boundary in q and boundary > q.start:
-                shapes.append(dict(type="line", xref="paper", yref="y", y0=boundary - q.start - 0.5,
-                                   y1=boundary - q.start - 0.5, x0=0, x1=1, line=dashed))
+                shapes.append(
+                    dict(
+                        type="line",
+                        xref="paper",
+                        yref="y",
+                        y0=boundary - q.start - 0.5,
+                        y1=boundary - q.start - 0.5,
+                        x0=0,
+                        x1=1,
+                        line=dashed,
+                    )
+                )
         self.heatmap.layout.shapes = shapes
 
     def _generated(self, position: int) -> bool:
@@ -468,33 +547,48 @@ class AttentionExplorer(View):
         q = range(self.query_window.start, self.query_window.stop)
         rows = []
         if p in self.query_rows:
-            rows.append((f"<b>{escape(self.labels[p])}</b> (position {p}) attends to →", self.key_window,
-                         held[p - offset]))
+            rows.append(
+                (f"<b>{escape(self.labels[p])}</b> (position {p}) attends to →", self.key_window, held[p - offset])
+            )
         else:
-            rows.append((f"<b>{escape(self.labels[p])}</b> (position {p}): its row was not captured "
-                         f"({self.missing()})", range(0), np.zeros(0)))
+            rows.append(
+                (
+                    f"<b>{escape(self.labels[p])}</b> (position {p}): its row was not captured ({self.missing()})",
+                    range(0),
+                    np.zeros(0),
+                )
+            )
         rows.append((f"← attended to by (column {p})", q, np.pad(held[:, p], (offset, 0))))
         self.token_strips.value = "".join(self._strip(title, positions, weights) for title, positions, weights in rows)
 
     def _strip(self, title: str, positions: range, weights: np.ndarray) -> str:
-        shown = weights[positions.start:positions.stop]
+        shown = weights[positions.start : positions.stop]
         scale = Scale.magnitude(shown)
         spans = []
         for p, w in zip(positions, shown):
             background, text = scale.css(w)
-            border = f"2px solid {HIGHLIGHT}" if p == self.selected else (
-                f"1px dashed {GENERATED}" if self._generated(p) else "1px solid #ccc")
-            spans.append(f'<span class="phi3lab-weight" data-position="{p}" data-weight="{w:.6g}" '
-                         f'title="position {p}: {w:.4f}" style="background:{background};color:{text};'
-                         f'border:{border};padding:1px 3px;margin:1px;display:inline-block;'
-                         f'font-family:monospace">{escape(self.labels[p])}</span>')
-        return (f"<div style='margin:4px 0'>{title} <small>(colour: probability, 0 to {scale.vmax:.3g})</small>"
-                f"<div style='line-height:1.9'>{''.join(spans)}</div></div>")
+            border = (
+                f"2px solid {HIGHLIGHT}"
+                if p == self.selected
+                else (f"1px dashed {GENERATED}" if self._generated(p) else "1px solid #ccc")
+            )
+            spans.append(
+                f'<span class="phi3lab-weight" data-position="{p}" data-weight="{w:.6g}" '
+                f'title="position {p}: {w:.4f}" style="background:{background};color:{text};'
+                f"border:{border};padding:1px 3px;margin:1px;display:inline-block;"
+                f'font-family:monospace">{escape(self.labels[p])}</span>'
+            )
+        return (
+            f"<div style='margin:4px 0'>{title} <small>(colour: probability, 0 to {scale.vmax:.3g})</small>"
+            f"<div style='line-height:1.9'>{''.join(spans)}</div></div>"
+        )
 
     def _refresh_status(self) -> None:
         q, k = self.query_window, self.key_window
-        text = (f"layer {self.layer} · head {self.head} (kv head {self.kv_head(self.head)}) · {self.values} · "
-                f"queries {q.start}–{q.stop - 1}, keys {k.start}–{k.stop - 1} of {self.length} positions")
+        text = (
+            f"layer {self.layer} · head {self.head} (kv head {self.kv_head(self.head)}) · {self.values} · "
+            f"queries {q.start}–{q.stop - 1}, keys {k.start}–{k.stop - 1} of {self.length} positions"
+        )
         if self.prompt_length is not None:
             text += f" · prompt 0–{self.prompt_length - 1}, generated from {self.prompt_length}"
         if self.selected is not None:
@@ -516,42 +610,68 @@ class AttentionExplorer(View):
         q, k = self.query_window, self.key_window
         ax = figure.add_subplot(outer[0])
         values = self.window_values()
-        mpl_heatmap(ax, values, self.scale(), title=self.title(), xlabel="key (position token)",
-                    ylabel="query (position token)", colorbar=_COLORBARS[self.values],
-                    x_labels=[f"{p} {self.labels[p]}" for p in k], y_labels=[f"{p} {self.labels[p]}" for p in q])
+        mpl_heatmap(
+            ax,
+            values,
+            self.scale(),
+            title=self.title(),
+            xlabel="key (position token)",
+            ylabel="query (position token)",
+            colorbar=_COLORBARS[self.values],
+            x_labels=[f"{p} {self.labels[p]}" for p in k],
+            y_labels=[f"{p} {self.labels[p]}" for p in q],
+        )
         if self.selected is not None:
             from matplotlib.patches import Rectangle
 
             if self.selected in q:
-                ax.add_patch(Rectangle((-0.5, self.selected - q.start - 0.5), len(k), 1, fill=False,
-                                       edgecolor=HIGHLIGHT, linewidth=2))
+                ax.add_patch(
+                    Rectangle(
+                        (-0.5, self.selected - q.start - 0.5), len(k), 1, fill=False, edgecolor=HIGHLIGHT, linewidth=2
+                    )
+                )
             if self.selected in k:
-                ax.add_patch(Rectangle((self.selected - k.start - 0.5, -0.5), 1, len(q), fill=False,
-                                       edgecolor=HIGHLIGHT, linewidth=2))
+                ax.add_patch(
+                    Rectangle(
+                        (self.selected - k.start - 0.5, -0.5), 1, len(q), fill=False, edgecolor=HIGHLIGHT, linewidth=2
+                    )
+                )
         if self.prompt_length is not None and self.prompt_length in k:
             ax.axvline(self.prompt_length - k.start - 0.5, color=GENERATED, linestyle="--", linewidth=1.5)
         grid = outer[1].subgridspec(rows, columns)
         for index, h in enumerate(self.heads):
             thumb = figure.add_subplot(grid[index // columns, index % columns])
             full = self.head_values(self.layer, h)
-            thumb.imshow(np.ma.masked_invalid(pool_max(full, self.thumbnail_size)), interpolation="nearest",
-                         aspect="auto", **self.scale(full).matplotlib())
+            thumb.imshow(
+                np.ma.masked_invalid(pool_max(full, self.thumbnail_size)),
+                interpolation="nearest",
+                aspect="auto",
+                **self.scale(full).matplotlib(),
+            )
             thumb.set_xticks([])
             thumb.set_yticks([])
-            thumb.set_title(f"head {h} (kv {self.kv_head(h)})", fontsize=8,
-                            color=HIGHLIGHT if h == self.head else "black")
+            thumb.set_title(
+                f"head {h} (kv {self.kv_head(h)})", fontsize=8, color=HIGHLIGHT if h == self.head else "black"
+            )
             if h == self.head:
                 for spine in thumb.spines.values():
                     spine.set_edgecolor(HIGHLIGHT)
                     spine.set_linewidth(2.5)
         missing = self.missing()
-        figure.suptitle(f"Layer {self.layer}: {heads} query heads (block maxima), selected head on the left"
-                        + (f"\n{missing}" if missing else ""), fontsize=11, x=0.99, ha="right")
+        figure.suptitle(
+            f"Layer {self.layer}: {heads} query heads (block maxima), selected head on the left"
+            + (f"\n{missing}" if missing else ""),
+            fontsize=11,
+            x=0.99,
+            ha="right",
+        )
         return figure
 
     def __repr__(self):
-        return (f"AttentionExplorer(layer={self.layer}, head={self.head}, values={self.values!r}, "
-                f"positions={self.length}, zoom={self.zoom})")
+        return (
+            f"AttentionExplorer(layer={self.layer}, head={self.head}, values={self.values!r}, "
+            f"positions={self.length}, zoom={self.zoom})"
+        )
 
 
 def _window(start: int, size: int, rows: range) -> range:
@@ -562,6 +682,13 @@ def _window(start: int, size: int, rows: range) -> range:
 
 def _window_slider(description: str, rows: range, size: int) -> widgets.IntSlider:
     """A slider choosing where a `size`-long window starts inside `rows`."""
-    return widgets.IntSlider(value=rows.start, min=rows.start, max=max(rows.stop - size, rows.start), step=1,
-                             description=description, continuous_update=False,
-                             style={"description_width": "initial"}, layout=widgets.Layout(width="360px"))
+    return widgets.IntSlider(
+        value=rows.start,
+        min=rows.start,
+        max=max(rows.stop - size, rows.start),
+        step=1,
+        description=description,
+        continuous_update=False,
+        style={"description_width": "initial"},
+        layout=widgets.Layout(width="360px"),
+    )

@@ -118,7 +118,7 @@ def pool_max(values, size: int) -> np.ndarray:
     (NaN-aware), so a thumbnail keeps the sharp, sparse attention peaks.
     Blocks are `ceil(n / size)` long from the start; the last may be shorter."""
     values = np.asarray(values, np.float32)
-    for axis in (-2, -1):                         # rows first: whole contiguous rows at a time
+    for axis in (-2, -1):  # rows first: whole contiguous rows at a time
         factor = pool_factor(values.shape[axis], size)
         if factor > 1:
             values = np.fmax.reduceat(values, np.arange(0, values.shape[axis], factor), axis=axis)
@@ -211,17 +211,32 @@ def column_highlight(positions: range, position: int) -> list[dict]:
     if position not in positions:
         return []
     column = position - positions.start
-    return [dict(type="rect", xref="x", yref="paper", x0=column - 0.5, x1=column + 0.5, y0=0, y1=1,
-                 line=dict(color=HIGHLIGHT, width=2))]
+    return [
+        dict(
+            type="rect",
+            xref="x",
+            yref="paper",
+            x0=column - 0.5,
+            x1=column + 0.5,
+            y0=0,
+            y1=1,
+            line=dict(color=HIGHLIGHT, width=2),
+        )
+    ]
 
 
 def window_slider(description: str, total: int, size: int, start: int = 0) -> widgets.IntSlider:
     """A slider choosing where a `size`-long window starts; hidden when the
     whole input fits."""
     slider = widgets.IntSlider(
-        value=window(start, size, total).start, min=0, max=max(total - size, 0), step=1,
-        description=description, continuous_update=False,
-        style={"description_width": "initial"}, layout=widgets.Layout(width="420px"),
+        value=window(start, size, total).start,
+        min=0,
+        max=max(total - size, 0),
+        step=1,
+        description=description,
+        continuous_update=False,
+        style={"description_width": "initial"},
+        layout=widgets.Layout(width="420px"),
     )
     if total <= size:
         slider.layout.display = "none"
@@ -238,8 +253,13 @@ def base_layout(title: str, height: int = 420, width: int | None = None, **extra
     """
     layout = dict(
         title=dict(text=title, x=0.01, xanchor="left", font=dict(size=14)),
-        template="plotly_white", font=FONT, height=height, autosize=width is None,
-        margin=dict(l=70, r=30, t=50, b=60), plot_bgcolor=BLANK, paper_bgcolor="white",
+        template="plotly_white",
+        font=FONT,
+        height=height,
+        autosize=width is None,
+        margin=dict(l=70, r=30, t=50, b=60),
+        plot_bgcolor=BLANK,
+        paper_bgcolor="white",
     )
     if width is not None:
         layout["width"] = width
@@ -329,8 +349,19 @@ def live(figure: go.Figure, on_click=None) -> go.FigureWidget:
     return widget
 
 
-def mpl_heatmap(ax, values, scale: Scale, *, title: str, xlabel: str, ylabel: str,
-                colorbar: str, x_labels=None, y_labels=None, max_ticks: int = 40):
+def mpl_heatmap(
+    ax,
+    values,
+    scale: Scale,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    colorbar: str,
+    x_labels=None,
+    y_labels=None,
+    max_ticks: int = 40,
+):
     """Draw `values [rows, cols]` on `ax` with labels, ticks and a colour bar."""
     values = np.asarray(values, np.float64)
     image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest", **scale.matplotlib())
@@ -389,7 +420,9 @@ class View:
             parts = [f"<h3>{escape(repr(self))}</h3>"]
             for index, figure in enumerate(self._figures()):
                 parts.append(pio.to_html(go.Figure(figure), include_plotlyjs=index == 0, full_html=False))
-            return "<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>" + "\n".join(parts) + "</body></html>"
+            return (
+                "<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>" + "\n".join(parts) + "</body></html>"
+            )
         raise bad_argument("format", format, '"png" or "html"')
 
     def _repr_mimebundle_(self, include=None, exclude=None):

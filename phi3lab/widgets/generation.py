@@ -48,46 +48,67 @@ class GenerationView(View):
 
     css_class = "phi3lab-generation"
 
-    def __init__(self, trace, *, position: int | None = None, layer: int = MEAN, head: int = MEAN,
-                 prompt_length: int | None = None, tokens=None):
+    def __init__(
+        self,
+        trace,
+        *,
+        position: int | None = None,
+        layer: int = MEAN,
+        head: int = MEAN,
+        prompt_length: int | None = None,
+        tokens=None,
+    ):
         self.trace = trace
         self.length = trace.token_ids.shape[1]
         prompt = trace.prompt_length if prompt_length is None else prompt_length
         if prompt is None:
-            raise bad_argument("prompt_length", prompt_length,
-                               "an int (this trace has no prompt_length: it is not from phi3lab.generate)")
+            raise bad_argument(
+                "prompt_length",
+                prompt_length,
+                "an int (this trace has no prompt_length: it is not from phi3lab.generate)",
+            )
         self.prompt_length = check_in_range("prompt_length", prompt, 1, self.length)
         self.layers = [l for l in range(trace.num_layers) if block_name(l, "attn.hook_pattern") in trace]
         if not self.layers:
-            raise KeyError("GenerationView needs 'blocks.*.attn.hook_pattern': generate with "
-                           "names='blocks.*.attn.hook_pattern'.")
+            raise KeyError(
+                "GenerationView needs 'blocks.*.attn.hook_pattern': generate with names='blocks.*.attn.hook_pattern'."
+            )
         if trace.query_window is not None or trace.attention_heads is not None:
             raise ValueError("GenerationView needs whole attention maps (no `queries=`/`heads=` in the trace).")
         self.labels = position_labels(trace, 0, tokens)
         generated = list(range(self.prompt_length, self.length))
-        position = generated[0] if position is None else check_in_range("position", position, self.prompt_length,
-                                                                  self.length)
+        position = (
+            generated[0] if position is None else check_in_range("position", position, self.prompt_length, self.length)
+        )
         if layer != MEAN and layer not in self.layers:
             raise bad_argument("layer", layer, f"-1 (mean) or a captured layer {self.layers}")
         if head != MEAN:
             check_in_range("head", head, 0, trace.num_query_heads)
 
-        self.position_select = widgets.Dropdown(options=[(f"{p} {self.labels[p]}", p) for p in generated],
-                                                value=position, description="Generated token")
-        self.layer_select = widgets.Dropdown(options=[("mean", MEAN)] + [(f"layer {l}", l) for l in self.layers],
-                                             value=layer, description="Layer")
-        self.head_select = widgets.Dropdown(options=[("mean", MEAN)] + [(f"head {h}", h)
-                                                                        for h in range(trace.num_query_heads)],
-                                            value=head, description="Head")
-        for control, css in ((self.position_select, "phi3lab-position"), (self.layer_select, "phi3lab-layer"),
-                             (self.head_select, "phi3lab-head")):
+        self.position_select = widgets.Dropdown(
+            options=[(f"{p} {self.labels[p]}", p) for p in generated], value=position, description="Generated token"
+        )
+        self.layer_select = widgets.Dropdown(
+            options=[("mean", MEAN)] + [(f"layer {l}", l) for l in self.layers], value=layer, description="Layer"
+        )
+        self.head_select = widgets.Dropdown(
+            options=[("mean", MEAN)] + [(f"head {h}", h) for h in range(trace.num_query_heads)],
+            value=head,
+            description="Head",
+        )
+        for control, css in (
+            (self.position_select, "phi3lab-position"),
+            (self.layer_select, "phi3lab-layer"),
+            (self.head_select, "phi3lab-head"),
+        ):
             control.add_class(css)
             control.observe(lambda _: self._refresh(), names="value")
         self.strip = widgets.HTML()
         self.strip.add_class("phi3lab-strip")
         self._refresh()
-        self.widget = widgets.VBox([widgets.HBox([self.position_select, self.layer_select, self.head_select]),
-                                    self.strip])
+        self.widget = widgets.VBox(
+            [widgets.HBox([self.position_select, self.layer_select, self.head_select]), self.strip]
+        )
         self.widget.add_class(self.css_class)
 
     # === State ===
@@ -120,13 +141,17 @@ class GenerationView(View):
             kind = "prompt" if p < self.prompt_length else "generated"
             border = f"2px solid {HIGHLIGHT}" if p == self.position else "1px solid #ccc"
             underline = "underline" if kind == "generated" else "none"
-            spans.append(f'<span class="phi3lab-weight phi3lab-{kind}" data-position="{p}" data-weight="{w:.6g}" '
-                         f'title="position {p} ({kind}): {w:.4f}" style="background:{background};color:{text};'
-                         f'border:{border};text-decoration:{underline};padding:1px 3px;margin:1px;'
-                         f'display:inline-block;font-family:monospace">{escape(self.labels[p])}</span>')
-        self.strip.value = (f"<div class='phi3lab-strip-title'><b>{escape(self.title())}</b> "
-                            f"<small>(colour: probability, 0 to {scale.vmax:.3g}; generated tokens underlined)</small>"
-                            f"</div><div style='line-height:1.9'>{''.join(spans)}</div>")
+            spans.append(
+                f'<span class="phi3lab-weight phi3lab-{kind}" data-position="{p}" data-weight="{w:.6g}" '
+                f'title="position {p} ({kind}): {w:.4f}" style="background:{background};color:{text};'
+                f"border:{border};text-decoration:{underline};padding:1px 3px;margin:1px;"
+                f'display:inline-block;font-family:monospace">{escape(self.labels[p])}</span>'
+            )
+        self.strip.value = (
+            f"<div class='phi3lab-strip-title'><b>{escape(self.title())}</b> "
+            f"<small>(colour: probability, 0 to {scale.vmax:.3g}; generated tokens underlined)</small>"
+            f"</div><div style='line-height:1.9'>{''.join(spans)}</div>"
+        )
 
     def _figures(self):
         return []
@@ -146,5 +171,7 @@ class GenerationView(View):
         return figure
 
     def __repr__(self):
-        return (f"GenerationView(position={self.position}, layer={self.layer_select.value}, "
-                f"head={self.head_select.value}, prompt_length={self.prompt_length}, positions={self.length})")
+        return (
+            f"GenerationView(position={self.position}, layer={self.layer_select.value}, "
+            f"head={self.head_select.value}, prompt_length={self.prompt_length}, positions={self.length})"
+        )

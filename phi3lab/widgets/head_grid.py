@@ -29,9 +29,9 @@ from phi3lab.widgets.common import (
     pool_max,
 )
 
-_GAP = 2            # pixels between thumbnails
-_GROUP_GAP = 6      # extra pixels between key/value groups
-_BAR = 4            # height of the score bar under a thumbnail
+_GAP = 2  # pixels between thumbnails
+_GROUP_GAP = 6  # extra pixels between key/value groups
+_BAR = 4  # height of the score bar under a thumbnail
 _KEYS = ("layer", "head", "kv_head")
 
 
@@ -48,8 +48,11 @@ def score_table(scores, num_layers: int, num_heads: int, group_size: int) -> pd.
     if isinstance(scores, pd.DataFrame):
         missing = [c for c in ("layer", "head") if c not in scores.columns]
         if missing:
-            raise bad_argument("scores", f"a DataFrame with columns {list(scores.columns)}",
-                               "a table with `layer` and `head` columns (e.g. analysis.head_scores)")
+            raise bad_argument(
+                "scores",
+                f"a DataFrame with columns {list(scores.columns)}",
+                "a table with `layer` and `head` columns (e.g. analysis.head_scores)",
+            )
         rows = scores.dropna(subset=["layer", "head"])
         numeric = [c for c in rows.columns if c not in _KEYS and pd.api.types.is_numeric_dtype(rows[c])]
         table = rows.astype({"layer": int, "head": int}).set_index(["layer", "head"])[numeric]
@@ -57,7 +60,7 @@ def score_table(scores, num_layers: int, num_heads: int, group_size: int) -> pd.
     if hasattr(scores, "values") and hasattr(scores, "axes") and not isinstance(scores, (np.ndarray, Mapping)):
         unit = scores.axes[1]
         values = np.asarray(scores.values, np.float64)
-        if unit == "kv_head":                          # a kv head's value for each query head reading it
+        if unit == "kv_head":  # a kv head's value for each query head reading it
             values = np.repeat(values, group_size, axis=1)
         elif unit != "head":
             raise bad_argument("scores", f"a PatchingResult over {unit!r}", "a PatchingResult over heads or kv heads")
@@ -68,8 +71,11 @@ def score_table(scores, num_layers: int, num_heads: int, group_size: int) -> pd.
     for name, values in scores.items():
         values = np.asarray(values, np.float64)
         if values.shape != (num_layers, num_heads):
-            raise bad_argument("scores", f"an array of shape {values.shape}",
-                               f"one score per (layer, head): shape ({num_layers}, {num_heads})")
+            raise bad_argument(
+                "scores",
+                f"an array of shape {values.shape}",
+                f"one score per (layer, head): shape ({num_layers}, {num_heads})",
+            )
         table[str(name)] = values.ravel()
     return table
 
@@ -111,34 +117,52 @@ class HeadGrid(View):
 
     css_class = "phi3lab-head-grid"
 
-    def __init__(self, trace, scores=None, *, batch: int = 0, score: str | None = None, sort: bool = False,
-                 cell: int | None = None, explorer: bool = True, tokens=None):
+    def __init__(
+        self,
+        trace,
+        scores=None,
+        *,
+        batch: int = 0,
+        score: str | None = None,
+        sort: bool = False,
+        cell: int | None = None,
+        explorer: bool = True,
+        tokens=None,
+    ):
         self.trace = trace
         self.batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         self.num_heads = trace.num_query_heads
         self.group_size = trace.num_query_heads // trace.num_key_value_heads
         self.layers = [layer for layer in range(trace.num_layers) if block_name(layer, "attn.hook_pattern") in trace]
         if not self.layers:
-            raise KeyError("HeadGrid needs 'blocks.*.attn.hook_pattern' for at least one layer. Capture it with "
-                           "phi3lab.trace(model, ids, names=['blocks.*.attn.hook_pattern']).")
+            raise KeyError(
+                "HeadGrid needs 'blocks.*.attn.hook_pattern' for at least one layer. Capture it with "
+                "phi3lab.trace(model, ids, names=['blocks.*.attn.hook_pattern'])."
+            )
         self.heads = list(trace.attention_heads) if trace.attention_heads is not None else list(range(self.num_heads))
         side = max(len(self.layers), self.num_heads)
-        self.cell = check_in_range("cell", cell, 4, 257) if cell is not None else int(np.clip(640 // side - _GAP, 8, 64))
-        self.scores = None if scores is None else score_table(scores, trace.num_layers, self.num_heads,
-                                                              self.group_size)
+        self.cell = (
+            check_in_range("cell", cell, 4, 257) if cell is not None else int(np.clip(640 // side - _GAP, 8, 64))
+        )
+        self.scores = None if scores is None else score_table(scores, trace.num_layers, self.num_heads, self.group_size)
         columns = [] if self.scores is None else list(self.scores.columns)
         if score is not None and score not in columns:
             raise bad_argument("score", score, f"one of the score columns {columns}")
         if self.scores is not None and not columns:
             raise bad_argument("scores", "a table without numeric columns", "at least one numeric score column")
-        self.thumbnails = self._thumbnails()           # [layers, heads, cell, cell], NaN = not captured
+        self.thumbnails = self._thumbnails()  # [layers, heads, cell, cell], NaN = not captured
         self.selected = (self.layers[0], self.heads[0])
 
         # === Controls ===
-        self.score_select = widgets.Dropdown(options=columns or ["(none)"], value=score or (columns or ["(none)"])[0],
-                                             description="Score", disabled=not columns)
-        self.sort_toggle = widgets.Checkbox(value=sort and bool(columns), description="sort heads by score",
-                                            indent=False, disabled=not columns)
+        self.score_select = widgets.Dropdown(
+            options=columns or ["(none)"],
+            value=score or (columns or ["(none)"])[0],
+            description="Score",
+            disabled=not columns,
+        )
+        self.sort_toggle = widgets.Checkbox(
+            value=sort and bool(columns), description="sort heads by score", indent=False, disabled=not columns
+        )
         self.score_select.add_class("phi3lab-score")
         self.sort_toggle.add_class("phi3lab-sort")
         self.readout = widgets.HTML()
@@ -147,13 +171,21 @@ class HeadGrid(View):
         # === The mosaic: one layout image, a transparent heatmap over it for hover and clicks ===
         self.figure = go.Figure(go.Heatmap(opacity=0, showscale=False, hoverongaps=False))
         width, height = self._pixels()
-        shown = int(np.clip(height, 420, 800))              # small grids drawn larger, large ones at most 800 px
-        self.figure.update_layout(**base_layout("", height=shown + 100, margin=dict(l=60, r=20, t=70, b=30),
-                                                plot_bgcolor="white"))
-        self.figure.update_xaxes(showgrid=False, zeroline=False, side="top", tickangle=0, range=[-0.5, width - 0.5],
-                                 constrain="domain")
-        self.figure.update_yaxes(showgrid=False, zeroline=False, autorange="reversed", scaleanchor="x",
-                                 range=[height - 0.5, -0.5], constrain="domain")
+        shown = int(np.clip(height, 420, 800))  # small grids drawn larger, large ones at most 800 px
+        self.figure.update_layout(
+            **base_layout("", height=shown + 100, margin=dict(l=60, r=20, t=70, b=30), plot_bgcolor="white")
+        )
+        self.figure.update_xaxes(
+            showgrid=False, zeroline=False, side="top", tickangle=0, range=[-0.5, width - 0.5], constrain="domain"
+        )
+        self.figure.update_yaxes(
+            showgrid=False,
+            zeroline=False,
+            autorange="reversed",
+            scaleanchor="x",
+            range=[height - 0.5, -0.5],
+            constrain="domain",
+        )
         self.score_select.observe(lambda _: self._refresh(), names="value")
         self.sort_toggle.observe(lambda _: self._refresh(), names="value")
         self._refresh()
@@ -163,8 +195,9 @@ class HeadGrid(View):
         self.explorer = None
         children = [widgets.HBox([self.score_select, self.sort_toggle]), self.readout, self.figure]
         if explorer:
-            self.explorer = AttentionExplorer(trace, self.batch, layer=self.layers[0], head=self.heads[0],
-                                              tokens=tokens, thumbnails=False)     # the grid shows every head
+            self.explorer = AttentionExplorer(
+                trace, self.batch, layer=self.layers[0], head=self.heads[0], tokens=tokens, thumbnails=False
+            )  # the grid shows every head
             for control in (self.explorer.layer_select, self.explorer.head_select):
                 control.observe(lambda _: self._follow_explorer(), names="value")
             children.append(self.explorer.widget)
@@ -193,9 +226,10 @@ class HeadGrid(View):
         order = np.tile(np.arange(self.num_heads), (len(self.layers), 1))
         if self.sorted and self.score is not None:
             scores = np.nan_to_num(self._score_array()[self.layers], nan=-np.inf)
-            groups = scores.reshape(len(self.layers), -1, self.group_size)        # [layers, kv, group]
-            ranked = np.argsort(-groups, axis=-1, kind="stable") + np.arange(0, self.num_heads,
-                                                                               self.group_size)[:, None]
+            groups = scores.reshape(len(self.layers), -1, self.group_size)  # [layers, kv, group]
+            ranked = (
+                np.argsort(-groups, axis=-1, kind="stable") + np.arange(0, self.num_heads, self.group_size)[:, None]
+            )
             order = ranked.reshape(len(self.layers), self.num_heads)
         return order
 
@@ -233,7 +267,7 @@ class HeadGrid(View):
     def _thumbnails(self) -> np.ndarray:
         thumbs = np.full((len(self.layers), self.num_heads, self.cell, self.cell), np.nan, np.float32)
         for r, layer in enumerate(self.layers):
-            pooled = pool_max(self.trace.attention(layer)[self.batch], self.cell)      # [held heads, <=cell, <=cell]
+            pooled = pool_max(self.trace.attention(layer)[self.batch], self.cell)  # [held heads, <=cell, <=cell]
             rows = np.minimum(np.arange(self.cell) * pooled.shape[1] // self.cell, pooled.shape[1] - 1)
             cols = np.minimum(np.arange(self.cell) * pooled.shape[2] // self.cell, pooled.shape[2] - 1)
             thumbs[r, self.heads] = pooled[:, rows][:, :, cols]
@@ -249,16 +283,16 @@ class HeadGrid(View):
         width, height = self._pixels()
         image = np.full((height, width, 3), 255, np.uint8)
         order = self.order()
-        rgb = Scale.probability().rgb(self.thumbnails)            # [layers, heads, cell, cell, 3]
+        rgb = Scale.probability().rgb(self.thumbnails)  # [layers, heads, cell, cell, 3]
         scale = self._score_scale()
-        bars = None if scale is None else scale.rgb(self._score_array()[self.layers])   # [layers, heads, 3]
+        bars = None if scale is None else scale.rgb(self._score_array()[self.layers])  # [layers, heads, 3]
         for r in range(len(self.layers)):
             for c in range(self.num_heads):
                 head = order[r, c]
                 x, y = self.cell_origin(r, c)
-                image[y:y + self.cell, x:x + self.cell] = rgb[r, head]
+                image[y : y + self.cell, x : x + self.cell] = rgb[r, head]
                 if bars is not None:
-                    image[y + self.cell + 1:y + self.cell + _BAR, x:x + self.cell] = bars[r, head]
+                    image[y + self.cell + 1 : y + self.cell + _BAR, x : x + self.cell] = bars[r, head]
         return image
 
     def _score_scale(self) -> Scale | None:
@@ -277,21 +311,35 @@ class HeadGrid(View):
         source = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
         centres_x = [self.cell_origin(0, c)[0] + (self.cell - 1) / 2 for c in range(self.num_heads)]
         centres_y = [self.cell_origin(r, 0)[1] + (self.cell + _BAR - 1) / 2 for r in range(len(self.layers))]
-        table = None if self.scores is None else self.scores.to_numpy().reshape(self.trace.num_layers,
-                                                                                 self.num_heads, -1)
+        table = (
+            None if self.scores is None else self.scores.to_numpy().reshape(self.trace.num_layers, self.num_heads, -1)
+        )
         hover = [[self._hover(layer, int(head), table) for head in order[r]] for r, layer in enumerate(self.layers)]
         with self.figure.batch_update():
-            self.figure.layout.images = [dict(source=source, xref="x", yref="y", x=-0.5, y=-0.5, sizex=width,
-                                              sizey=height, xanchor="left", yanchor="top", sizing="stretch",
-                                              layer="below")]
+            self.figure.layout.images = [
+                dict(
+                    source=source,
+                    xref="x",
+                    yref="y",
+                    x=-0.5,
+                    y=-0.5,
+                    sizex=width,
+                    sizey=height,
+                    xanchor="left",
+                    yanchor="top",
+                    sizing="stretch",
+                    layer="below",
+                )
+            ]
             heat = self.figure.data[0]
             heat.z = np.zeros((len(self.layers), self.num_heads), np.float32).tolist()
             heat.x, heat.y = centres_x, centres_y
             heat.text = hover
             heat.hovertemplate = "%{text}<extra></extra>"
             self.figure.layout.xaxis.update(tickvals=centres_x, ticktext=self._column_labels())
-            self.figure.layout.yaxis.update(tickvals=centres_y, ticktext=[f"L{layer}" for layer in self.layers],
-                                            title="layer")
+            self.figure.layout.yaxis.update(
+                tickvals=centres_y, ticktext=[f"L{layer}" for layer in self.layers], title="layer"
+            )
             self.figure.layout.title.text = self.title()
         self._refresh_selection()
 
@@ -326,11 +374,21 @@ class HeadGrid(View):
         row = self.layers.index(layer)
         column = int(np.flatnonzero(self.order()[row] == head)[0])
         x, y = self.cell_origin(row, column)
-        self.figure.layout.shapes = [dict(type="rect", x0=x - 1.5, x1=x + self.cell + 0.5, y0=y - 1.5,
-                                          y1=y + self.cell + _BAR + 0.5, line=dict(color=HIGHLIGHT, width=2))]
+        self.figure.layout.shapes = [
+            dict(
+                type="rect",
+                x0=x - 1.5,
+                x1=x + self.cell + 0.5,
+                y0=y - 1.5,
+                y1=y + self.cell + _BAR + 0.5,
+                line=dict(color=HIGHLIGHT, width=2),
+            )
+        ]
         score = "" if self.score is None else f" · {escape(self.score)} = {self.head_score(layer, head):.4g}"
-        self.readout.value = (f"<span class='phi3lab-grid-selected'>selected: layer {layer} · head {head} "
-                              f"(kv {head // self.group_size}){score}</span> — click a thumbnail to open it below")
+        self.readout.value = (
+            f"<span class='phi3lab-grid-selected'>selected: layer {layer} · head {head} "
+            f"(kv {head // self.group_size}){score}</span> — click a thumbnail to open it below"
+        )
 
     def _figures(self):
         figures = [self.figure]
@@ -343,10 +401,16 @@ class HeadGrid(View):
         ax = figure.subplots()
         ax.imshow(image, interpolation="nearest")
         order = self.order()
-        ax.set_xticks([self.cell_origin(0, c)[0] + (self.cell - 1) / 2 for c in range(self.num_heads)],
-                      self._column_labels(), fontsize=7)
-        ax.set_yticks([self.cell_origin(r, 0)[1] + self.cell / 2 for r in range(len(self.layers))],
-                      [f"L{layer}" for layer in self.layers], fontsize=7)
+        ax.set_xticks(
+            [self.cell_origin(0, c)[0] + (self.cell - 1) / 2 for c in range(self.num_heads)],
+            self._column_labels(),
+            fontsize=7,
+        )
+        ax.set_yticks(
+            [self.cell_origin(r, 0)[1] + self.cell / 2 for r in range(len(self.layers))],
+            [f"L{layer}" for layer in self.layers],
+            fontsize=7,
+        )
         ax.xaxis.tick_top()
         ax.set_ylabel("layer")
         layer, head = self.selected
@@ -354,17 +418,23 @@ class HeadGrid(View):
         x, y = self.cell_origin(row, int(np.flatnonzero(order[row] == head)[0]))
         from matplotlib.patches import Rectangle
 
-        ax.add_patch(Rectangle((x - 1.5, y - 1.5), self.cell + 2, self.cell + _BAR + 2, fill=False,
-                               edgecolor=HIGHLIGHT, linewidth=2))
+        ax.add_patch(
+            Rectangle(
+                (x - 1.5, y - 1.5), self.cell + 2, self.cell + _BAR + 2, fill=False, edgecolor=HIGHLIGHT, linewidth=2
+            )
+        )
         ax.set_title(self.title().replace("<br>", "\n").replace("&amp;", "&"), fontsize=10, loc="left")
         if self.score is not None:
             scale = self._score_scale()
-            mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(scale.vmin, scale.vmax),
-                                                    cmap=scale.cmap)
+            mappable = matplotlib.cm.ScalarMappable(
+                norm=matplotlib.colors.Normalize(scale.vmin, scale.vmax), cmap=scale.cmap
+            )
             figure.colorbar(mappable, ax=ax, label=f"bar: {self.score}", fraction=0.04, pad=0.02)
         ax.set_facecolor(BLANK)
         return figure
 
     def __repr__(self):
-        return (f"HeadGrid({len(self.layers)} layers x {self.num_heads} heads, score={self.score!r}, "
-                f"selected={self.selected})")
+        return (
+            f"HeadGrid({len(self.layers)} layers x {self.num_heads} heads, score={self.score!r}, "
+            f"selected={self.selected})"
+        )

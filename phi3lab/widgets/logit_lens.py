@@ -44,8 +44,9 @@ def _from_frame(frame, rows, length: int, k: int):
     ids = np.zeros((len(rows), length, k), np.int64)
     probs = np.full((len(rows), length, k), np.nan, np.float32)
     index = {row: r for r, row in enumerate(rows)}
-    for layer, where, position, top_ids, top_probs in frame[["layer", "where", "position", "top_tokens",
-                                                              "top_probs"]].itertuples(index=False):
+    for layer, where, position, top_ids, top_probs in frame[
+        ["layer", "where", "position", "top_tokens", "top_probs"]
+    ].itertuples(index=False):
         r = index.get((int(layer), where))
         if r is not None:
             ids[r, position], probs[r, position] = top_ids[:k], top_probs[:k]
@@ -86,8 +87,21 @@ class LogitLensView(View):
 
     css_class = "phi3lab-logit-lens"
 
-    def __init__(self, trace, model, tokenizer=None, *, k: int = 5, batch: int = 0, where="post",
-                 position: int | None = None, answer=None, max_tokens: int = 48, lens=None, tokens=None):
+    def __init__(
+        self,
+        trace,
+        model,
+        tokenizer=None,
+        *,
+        k: int = 5,
+        batch: int = 0,
+        where="post",
+        position: int | None = None,
+        answer=None,
+        max_tokens: int = 48,
+        lens=None,
+        tokens=None,
+    ):
         self.trace, self.model = trace, model
         self.batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         self.k = check_in_range("k", k, 1, model.vocabulary_size + 1)
@@ -98,11 +112,14 @@ class LogitLensView(View):
         self.length = trace.token_ids.shape[1]
         self.rows = [(layer, w) for layer in range(trace.num_layers) for w in self.where]
         self.row_labels = [f"{layer} {w}" for layer, w in self.rows]
-        missing = [block_name(l, f"hook_resid_{w}") for l, w in self.rows
-                   if block_name(l, f"hook_resid_{w}") not in trace]
+        missing = [
+            block_name(l, f"hook_resid_{w}") for l, w in self.rows if block_name(l, f"hook_resid_{w}") not in trace
+        ]
         if missing:
-            raise KeyError(f"LogitLensView needs {missing[0]!r}, which the trace did not capture. Capture it with "
-                           "phi3lab.trace(model, ids, names=['blocks.*.hook_resid_*']) (or names=None).")
+            raise KeyError(
+                f"LogitLensView needs {missing[0]!r}, which the trace did not capture. Capture it with "
+                "phi3lab.trace(model, ids, names=['blocks.*.hook_resid_*']) (or names=None)."
+            )
         self.labels = position_labels(trace, self.batch, tokens)
         self.vocab = vocabulary_labeler(tokenizer)
         self.tokenizer = tokenizer
@@ -114,30 +131,41 @@ class LogitLensView(View):
         position = check_index("position", position, self.length, "position")
 
         # === Controls ===
-        self.position_slider = widgets.IntSlider(value=position, min=0, max=self.length - 1,
-                                                 description="Position", continuous_update=False)
+        self.position_slider = widgets.IntSlider(
+            value=position, min=0, max=self.length - 1, description="Position", continuous_update=False
+        )
         self.window_slider = window_slider("positions from", self.length, max_tokens, start=position - max_tokens + 1)
-        self.answer_box = widgets.Combobox(description="Answer token", placeholder="token, or #id",
-                                           ensure_option=False, style={"description_width": "initial"})
+        self.answer_box = widgets.Combobox(
+            description="Answer token",
+            placeholder="token, or #id",
+            ensure_option=False,
+            style={"description_width": "initial"},
+        )
         self.answer_box.add_class("phi3lab-answer")
         self.message = widgets.HTML()
 
         # === Figures ===
-        self.grid = go.Figure(go.Heatmap(texttemplate="%{text}", textfont=dict(size=10),
-                                               colorbar=colorbar("top-1 probability")))
+        self.grid = go.Figure(
+            go.Heatmap(texttemplate="%{text}", textfont=dict(size=10), colorbar=colorbar("top-1 probability"))
+        )
         self.grid.update_layout(**base_layout("", height=max(320, 28 * len(self.rows) + 140)))
         self.grid.update_xaxes(title="position (input token)", type="category", tickangle=-90)
         self.grid.update_yaxes(title="layer, residual stream", type="category", autorange="reversed")
         self.curve = make_subplots(specs=[[{"secondary_y": True}]])
         self.curve.add_scatter(name="probability", mode="lines+markers", x=self.row_labels, secondary_y=False)
-        self.curve.add_scatter(name="rank (1 = top)", mode="lines+markers", x=self.row_labels, secondary_y=True,
-                               line=dict(dash="dot"))
+        self.curve.add_scatter(
+            name="rank (1 = top)", mode="lines+markers", x=self.row_labels, secondary_y=True, line=dict(dash="dot")
+        )
         self.curve.update_layout(**base_layout("", height=340, plot_bgcolor="white"))
         self.curve.update_xaxes(title="layer, residual stream", type="category")
         self.curve.update_yaxes(title="probability", range=[0, 1], secondary_y=False)
-        self.curve.update_yaxes(title="rank (log, 1 = top)", type="log", secondary_y=True,
-                                range=[np.log10(model.vocabulary_size) + 0.05, -0.05],
-                                tickvals=_rank_ticks(model.vocabulary_size))
+        self.curve.update_yaxes(
+            title="rank (log, 1 = top)",
+            type="log",
+            secondary_y=True,
+            range=[np.log10(model.vocabulary_size) + 0.05, -0.05],
+            tickvals=_rank_ticks(model.vocabulary_size),
+        )
 
         self.position_slider.observe(lambda _: self._refresh_position(), names="value")
         self.window_slider.observe(lambda _: self._refresh_grid(), names="value")
@@ -147,12 +175,15 @@ class LogitLensView(View):
         self._refresh_position()
         self.answer_box.value = self.token_label(self.answer)
         self.grid, self.curve = live(self.grid, self._on_cell_click), live(self.curve)
-        self.widget = widgets.VBox([
-            widgets.HBox([self.position_slider, self.window_slider]),
-            self.grid,
-            widgets.HBox([self.answer_box, self.message]),
-            self.curve,
-        ], layout=widgets.Layout(width="100%"))
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox([self.position_slider, self.window_slider]),
+                self.grid,
+                widgets.HBox([self.answer_box, self.message]),
+                self.curve,
+            ],
+            layout=widgets.Layout(width="100%"),
+        )
         self.widget.add_class(self.css_class)
 
     # === State ===
@@ -216,9 +247,15 @@ class LogitLensView(View):
 
     def _cell_texts(self, positions: range):
         top1 = [[escape(self.vocab(self.top_ids[r, p, 0])) for p in positions] for r in range(len(self.rows))]
-        hover = [["<br>".join(f"{escape(self.vocab(i))} #{i}: {q:.3f}" for i, q in
-                              zip(self.top_ids[r, p], self.top_probs[r, p])) for p in positions]
-                 for r in range(len(self.rows))]
+        hover = [
+            [
+                "<br>".join(
+                    f"{escape(self.vocab(i))} #{i}: {q:.3f}" for i, q in zip(self.top_ids[r, p], self.top_probs[r, p])
+                )
+                for p in positions
+            ]
+            for r in range(len(self.rows))
+        ]
         return top1, hover
 
     def _refresh_grid(self) -> None:
@@ -226,7 +263,7 @@ class LogitLensView(View):
         top1, hover = self._cell_texts(positions)
         with self.grid.batch_update():
             heat = self.grid.data[0]
-            heat.z = self.top_probs[:, positions.start:positions.stop, 0]
+            heat.z = self.top_probs[:, positions.start : positions.stop, 0]
             heat.x = axis_labels(self.labels, positions)
             heat.y = self.row_labels
             heat.text = top1
@@ -253,10 +290,11 @@ class LogitLensView(View):
         with self.curve.batch_update():
             self.curve.data[0].y = probs
             self.curve.data[1].y = ranks
-            self.curve.layout.title.text = (f"Answer {escape(self.token_label(self.answer))} at position "
-                                            f"{self.position} ({escape(self.labels[self.position])}) through the layers")
-        self.message.value = (f"final probability {probs[-1]:.3f}, rank {ranks[-1]} of "
-                              f"{self.model.vocabulary_size}")
+            self.curve.layout.title.text = (
+                f"Answer {escape(self.token_label(self.answer))} at position "
+                f"{self.position} ({escape(self.labels[self.position])}) through the layers"
+            )
+        self.message.value = f"final probability {probs[-1]:.3f}, rank {ranks[-1]} of {self.model.vocabulary_size}"
 
     def _figures(self):
         return [self.grid, self.curve]
@@ -265,16 +303,30 @@ class LogitLensView(View):
         positions = self.positions
         figure = new_figure(14, max(4.5, 0.32 * len(self.rows) + 2.5))
         left, right = figure.subplots(1, 2, width_ratios=[3, 1.4])
-        mpl_heatmap(left, self.top_probs[:, positions.start:positions.stop, 0], Scale.probability(),
-                    title="Logit lens: top next-token prediction of each residual stream",
-                    xlabel="position (input token)", ylabel="layer, residual stream", colorbar="top-1 probability",
-                    x_labels=[f"{p} {self.labels[p]}" for p in positions], y_labels=self.row_labels)
+        mpl_heatmap(
+            left,
+            self.top_probs[:, positions.start : positions.stop, 0],
+            Scale.probability(),
+            title="Logit lens: top next-token prediction of each residual stream",
+            xlabel="position (input token)",
+            ylabel="layer, residual stream",
+            colorbar="top-1 probability",
+            x_labels=[f"{p} {self.labels[p]}" for p in positions],
+            y_labels=self.row_labels,
+        )
         if len(positions) <= 48 and len(self.rows) <= 48:
             for r in range(len(self.rows)):
                 for column, p in enumerate(positions):
                     q = self.top_probs[r, p, 0]
-                    left.text(column, r, self.vocab(self.top_ids[r, p, 0])[:8], ha="center", va="center", fontsize=6,
-                              color="white" if q > 0.6 else "black")
+                    left.text(
+                        column,
+                        r,
+                        self.vocab(self.top_ids[r, p, 0])[:8],
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if q > 0.6 else "black",
+                    )
         if self.position in positions:
             left.axvline(self.position - positions.start, color=HIGHLIGHT, linewidth=2)
         probs, ranks = self.answer_curve()
@@ -286,7 +338,7 @@ class LogitLensView(View):
         twin = right.twinx()
         twin.plot(self.row_labels, ranks, marker="s", linestyle=":", color="#d62728", label="rank")
         twin.set_yscale("log")
-        twin.set_ylim(self.model.vocabulary_size * 1.1, 0.9)          # rank 1 at the top, as in the widget
+        twin.set_ylim(self.model.vocabulary_size * 1.1, 0.9)  # rank 1 at the top, as in the widget
         ticks = _rank_ticks(self.model.vocabulary_size)
         twin.set_yticks(ticks, [str(t) for t in ticks])
         twin.minorticks_off()
@@ -296,5 +348,7 @@ class LogitLensView(View):
         return figure
 
     def __repr__(self):
-        return (f"LogitLensView(rows={len(self.rows)}, positions={self.length}, position={self.position}, "
-                f"answer={self.answer}, k={self.k})")
+        return (
+            f"LogitLensView(rows={len(self.rows)}, positions={self.length}, position={self.position}, "
+            f"answer={self.answer}, k={self.k})"
+        )

@@ -44,12 +44,24 @@ class PatchingView(View):
 
     css_class = "phi3lab-patching"
 
-    def __init__(self, values, row_label: str = "layer", col_labels=None, title: str = "Activation patching", *,
-                 col_label: str = "position", row_labels=None, value_label: str = "metric change"):
+    def __init__(
+        self,
+        values,
+        row_label: str = "layer",
+        col_labels=None,
+        title: str = "Activation patching",
+        *,
+        col_label: str = "position",
+        row_labels=None,
+        value_label: str = "metric change",
+    ):
         values = np.asarray(values)
         if values.ndim != 2 or values.size == 0 or not np.issubdtype(values.dtype, np.number):
-            raise bad_argument("values", f"array of shape {values.shape} and dtype {values.dtype}",
-                               "a non-empty numeric array [rows, cols]")
+            raise bad_argument(
+                "values",
+                f"array of shape {values.shape} and dtype {values.dtype}",
+                "a non-empty numeric array [rows, cols]",
+            )
         self.values = values
         rows, cols = values.shape
         for name, labels, size in (("row_labels", row_labels, rows), ("col_labels", col_labels, cols)):
@@ -60,11 +72,16 @@ class PatchingView(View):
         self.row_label, self.col_label, self.title, self.value_label = row_label, col_label, title, value_label
         self.scale = Scale.signed(values)
 
-        self.heatmap = go.Figure(go.Heatmap(
-            z=values, x=_unique(self.col_labels), y=_unique(self.row_labels),
-            colorbar=colorbar(value_label),
-            hovertemplate=f"{row_label} %{{y}}<br>{col_label} %{{x}}<br>{value_label} %{{z:.4g}}<extra></extra>",
-            **self.scale.plotly()))
+        self.heatmap = go.Figure(
+            go.Heatmap(
+                z=values,
+                x=_unique(self.col_labels),
+                y=_unique(self.row_labels),
+                colorbar=colorbar(value_label),
+                hovertemplate=f"{row_label} %{{y}}<br>{col_label} %{{x}}<br>{value_label} %{{z:.4g}}<extra></extra>",
+                **self.scale.plotly(),
+            )
+        )
         self.heatmap.update_layout(**base_layout(escape(title), height=max(320, 24 * rows + 160)))
         self.heatmap.update_xaxes(title=col_label, type="category", tickangle=-90)
         self.heatmap.update_yaxes(title=row_label, type="category", autorange="reversed")
@@ -89,18 +106,23 @@ class PatchingView(View):
         raw = getattr(result, "raw", None)
         normalized = raw is not None and not np.array_equal(np.asarray(raw), values)
         title = f"Activation patching of {getattr(result, 'site', 'activations')}"
-        options = dict(row_label=row_label, col_label=col_label,
-                       title=title + (" (1 = clean run, 0 = corrupted run)" if normalized else ""),
-                       value_label="normalized metric" if normalized else "patched metric")
+        options = dict(
+            row_label=row_label,
+            col_label=col_label,
+            title=title + (" (1 = clean run, 0 = corrupted run)" if normalized else ""),
+            value_label="normalized metric" if normalized else "patched metric",
+        )
         options.update(overrides)
         return cls(values, **options)
 
     def _on_click(self, trace, points, state):
         if points.point_inds:
             row, col = points.point_inds[0]
-            self.readout.value = (f"<b>{escape(self.row_label)} {escape(self.row_labels[row])}, "
-                                  f"{escape(self.col_label)} {escape(self.col_labels[col])}</b>: "
-                                  f"{escape(self.value_label)} = {self.values[row, col]:.6g}")
+            self.readout.value = (
+                f"<b>{escape(self.row_label)} {escape(self.row_labels[row])}, "
+                f"{escape(self.col_label)} {escape(self.col_labels[col])}</b>: "
+                f"{escape(self.value_label)} = {self.values[row, col]:.6g}"
+            )
 
     def _figures(self):
         return [self.heatmap]
@@ -108,9 +130,17 @@ class PatchingView(View):
     def _draw_static(self):
         rows, cols = self.values.shape
         figure = new_figure(min(16, max(7, 0.35 * cols + 3)), min(12, max(4, 0.3 * rows + 2)))
-        mpl_heatmap(figure.subplots(), self.values, self.scale, title=self.title, xlabel=self.col_label,
-                    ylabel=self.row_label, colorbar=self.value_label, x_labels=self.col_labels,
-                    y_labels=self.row_labels)
+        mpl_heatmap(
+            figure.subplots(),
+            self.values,
+            self.scale,
+            title=self.title,
+            xlabel=self.col_label,
+            ylabel=self.row_label,
+            colorbar=self.value_label,
+            x_labels=self.col_labels,
+            y_labels=self.row_labels,
+        )
         return figure
 
     def __repr__(self):

@@ -70,8 +70,16 @@ class ResidualStreamView(View):
 
     css_class = "phi3lab-residual"
 
-    def __init__(self, trace, batch: int = 0, *, component: str = "resid_post", position: int | None = None,
-                 max_tokens: int = 512, tokens=None):
+    def __init__(
+        self,
+        trace,
+        batch: int = 0,
+        *,
+        component: str = "resid_post",
+        position: int | None = None,
+        max_tokens: int = 512,
+        tokens=None,
+    ):
         self.trace = trace
         self.batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         check_choice("component", component, COMPONENTS)
@@ -79,9 +87,11 @@ class ResidualStreamView(View):
         self.length = trace.token_ids.shape[1]
         missing = [f"blocks.*.hook_{c}" for c in COMPONENTS if block_name(0, f"hook_{c}") not in trace]
         if missing:
-            raise KeyError(f"ResidualStreamView needs {missing}, which the trace did not capture. Capture them "
-                           "with phi3lab.trace(model, ids, names=['blocks.*.hook_resid_*', 'blocks.*.hook_attn_out', "
-                           "'blocks.*.hook_mlp_out']) (or names=None).")
+            raise KeyError(
+                f"ResidualStreamView needs {missing}, which the trace did not capture. Capture them "
+                "with phi3lab.trace(model, ids, names=['blocks.*.hook_resid_*', 'blocks.*.hook_attn_out', "
+                "'blocks.*.hook_mlp_out']) (or names=None)."
+            )
         self.labels = position_labels(trace, self.batch, tokens)
         self.norm_array = residual_norms(trace, self.batch)
         if position is None:
@@ -91,20 +101,23 @@ class ResidualStreamView(View):
         # === Controls ===
         self.component_select = widgets.Dropdown(options=COMPONENTS, value=component, description="Heatmap of")
         self.component_select.add_class("phi3lab-component")
-        self.position_slider = widgets.IntSlider(value=position, min=0, max=self.length - 1,
-                                                 description="Position", continuous_update=False)
+        self.position_slider = widgets.IntSlider(
+            value=position, min=0, max=self.length - 1, description="Position", continuous_update=False
+        )
         self.position_slider.add_class("phi3lab-position")
-        self.window_slider = window_slider("positions from", self.length, max_tokens,
-                                           start=position - max_tokens // 2)
+        self.window_slider = window_slider("positions from", self.length, max_tokens, start=position - max_tokens // 2)
 
         # === Figures ===
         self.heatmap = go.Figure(go.Heatmap(colorbar=colorbar("L2 norm")))
         self.heatmap.update_layout(**base_layout("", height=360))
         self.heatmap.update_xaxes(title="position (token)", type="category", tickangle=-90)
         self.heatmap.update_yaxes(title="layer", autorange="reversed", dtick=1)
-        self.lines = go.Figure([
-            go.Scatter(name=c, mode="lines+markers", line=dict(color=_COLOURS[c]),
-                       x=list(range(trace.num_layers))) for c in COMPONENTS])
+        self.lines = go.Figure(
+            [
+                go.Scatter(name=c, mode="lines+markers", line=dict(color=_COLOURS[c]), x=list(range(trace.num_layers)))
+                for c in COMPONENTS
+            ]
+        )
         self.lines.update_layout(**base_layout("", height=360, width=520, plot_bgcolor="white"))
         self.lines.update_xaxes(title="layer", dtick=1)
         self.lines.update_yaxes(title="L2 norm", rangemode="tozero")
@@ -117,11 +130,14 @@ class ResidualStreamView(View):
         self._refresh_heatmap()
         self._refresh_position()
         self.heatmap, self.lines = live(self.heatmap, self._on_cell_click), live(self.lines)
-        self.widget = widgets.VBox([
-            widgets.HBox([self.component_select, self.position_slider, self.window_slider]),
-            self.heatmap,
-            widgets.HBox([self.lines, self.table], layout=widgets.Layout(align_items="flex-start")),
-        ], layout=widgets.Layout(width="100%"))
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox([self.component_select, self.position_slider, self.window_slider]),
+                self.heatmap,
+                widgets.HBox([self.lines, self.table], layout=widgets.Layout(align_items="flex-start")),
+            ],
+            layout=widgets.Layout(width="100%"),
+        )
         self.widget.add_class(self.css_class)
 
     @property
@@ -140,8 +156,13 @@ class ResidualStreamView(View):
     def norms(self) -> pd.DataFrame:
         """One row per (layer, position): the L2 norm of every component."""
         layers, positions = np.meshgrid(np.arange(self.trace.num_layers), np.arange(self.length), indexing="ij")
-        table = pd.DataFrame({"layer": layers.ravel(), "position": positions.ravel(),
-                              "token": np.asarray(self.labels, object)[positions.ravel()]})
+        table = pd.DataFrame(
+            {
+                "layer": layers.ravel(),
+                "position": positions.ravel(),
+                "token": np.asarray(self.labels, object)[positions.ravel()],
+            }
+        )
         for c, component in enumerate(COMPONENTS):
             table[component] = self.norm_array[c].ravel()
         return table
@@ -166,7 +187,7 @@ class ResidualStreamView(View):
         positions = self.positions
         with self.heatmap.batch_update():
             heat = self.heatmap.data[0]
-            heat.z = packed(values[:, positions.start:positions.stop])
+            heat.z = packed(values[:, positions.start : positions.stop])
             heat.x = axis_labels(self.labels, positions)
             heat.y = list(range(self.trace.num_layers))
             heat.update(**Scale.magnitude(values).plotly())
@@ -188,10 +209,14 @@ class ResidualStreamView(View):
         numbers = self.position_numbers(p)
         cell = "padding:1px 5px;text-align:right;font-family:monospace"
         header = "".join(f"<th style='{cell}'>{c}</th>" for c in numbers.columns)
-        rows = "".join(f"<tr><td style='{cell}'>{layer}</td>" + "".join(f"<td style='{cell}'>{v:.4g}</td>" for v in row)
-                       + "</tr>" for layer, row in zip(numbers.index, numbers.to_numpy()))
-        self.table.value = (f"<b>L2 norms at position {p}: {escape(self.labels[p])}</b>"
-                            f"<table style='font-size:12px'><tr><th style='{cell}'>layer</th>{header}</tr>{rows}</table>")
+        rows = "".join(
+            f"<tr><td style='{cell}'>{layer}</td>" + "".join(f"<td style='{cell}'>{v:.4g}</td>" for v in row) + "</tr>"
+            for layer, row in zip(numbers.index, numbers.to_numpy())
+        )
+        self.table.value = (
+            f"<b>L2 norms at position {p}: {escape(self.labels[p])}</b>"
+            f"<table style='font-size:12px'><tr><th style='{cell}'>layer</th>{header}</tr>{rows}</table>"
+        )
         self._refresh_highlight()
 
     def _figures(self):
@@ -202,16 +227,26 @@ class ResidualStreamView(View):
         left, right = figure.subplots(1, 2, width_ratios=[3, 2])
         positions = self.positions
         values = self._component_values()
-        mpl_heatmap(left, values[:, positions.start:positions.stop], Scale.magnitude(values), title=self.title(),
-                    xlabel="position (token)", ylabel="layer", colorbar="L2 norm",
-                    x_labels=[f"{p} {self.labels[p]}" for p in positions],
-                    y_labels=[str(l) for l in range(self.trace.num_layers)])
+        mpl_heatmap(
+            left,
+            values[:, positions.start : positions.stop],
+            Scale.magnitude(values),
+            title=self.title(),
+            xlabel="position (token)",
+            ylabel="layer",
+            colorbar="L2 norm",
+            x_labels=[f"{p} {self.labels[p]}" for p in positions],
+            y_labels=[str(l) for l in range(self.trace.num_layers)],
+        )
         if self.position in positions:
             left.axvline(self.position - positions.start, color=HIGHLIGHT, linewidth=2)
         for c, component in enumerate(COMPONENTS):
             right.plot(self.norm_array[c, :, self.position], marker="o", label=component, color=_COLOURS[component])
-        right.set_title(f"Norms through the layers at position {self.position} ({self.labels[self.position]})",
-                        fontsize=10, loc="left")
+        right.set_title(
+            f"Norms through the layers at position {self.position} ({self.labels[self.position]})",
+            fontsize=10,
+            loc="left",
+        )
         right.set_xlabel("layer")
         right.set_ylabel("L2 norm")
         right.set_xticks(range(self.trace.num_layers))

@@ -41,12 +41,17 @@ def _source(model_or_trace, seq_len):
     elif isinstance(getattr(model_or_trace, "rope", None), RotaryDescription):
         description, spec = model_or_trace.rope, None
     else:
-        raise bad_argument("model_or_trace", model_or_trace,
-                           "a Phi3Backbone, a phi3lab.Trace, a RotarySpec or a RotaryDescription")
+        raise bad_argument(
+            "model_or_trace", model_or_trace, "a Phi3Backbone, a phi3lab.Trace, a RotarySpec or a RotaryDescription"
+        )
     if spec is None:
         if seq_len is not None and seq_len != description.num_positions:
-            raise bad_argument("seq_len", seq_len, f"None or {description.num_positions} (a trace's rotary tables "
-                                                   "are fixed at its length; pass the model for other lengths)")
+            raise bad_argument(
+                "seq_len",
+                seq_len,
+                f"None or {description.num_positions} (a trace's rotary tables "
+                "are fixed at its length; pass the model for other lengths)",
+            )
         return None, description
     if seq_len is None:
         seq_len = spec.pretraining_sequence_length
@@ -85,47 +90,80 @@ class RopeView(View):
         self.spec, self.rope = _source(model_or_trace, seq_len)
         self.max_positions = check_in_range("max_positions", max_positions, 1, 1 << 31)
         limit = self.spec.max_sequence_length if self.spec is not None else self.rope.num_positions
-        self.length_box = widgets.BoundedIntText(value=self.rope.num_positions, min=1, max=limit,
-                                                 description="Sequence length", disabled=self.spec is None,
-                                                 style={"description_width": "initial"})
+        self.length_box = widgets.BoundedIntText(
+            value=self.rope.num_positions,
+            min=1,
+            max=limit,
+            description="Sequence length",
+            disabled=self.spec is None,
+            style={"description_width": "initial"},
+        )
         self.length_box.add_class("phi3lab-seq-len")
         self.window_slider = window_slider("positions from", self.rope.num_positions, max_positions)
         self.summary = widgets.HTML()
         self.summary.add_class("phi3lab-summary")
 
         # === Figures ===
-        self.frequencies = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
-            "inverse frequency (radians per token)", "wavelength (tokens per full turn)"))
-        self.frequencies.add_scatter(name="inverse frequency", mode="lines+markers", row=1, col=1,
-                                     line=dict(color=_NONE), showlegend=False)
-        self.frequencies.add_scatter(name="wavelength", mode="lines+markers", row=1, col=2, line=dict(color=_NONE),
-                                     showlegend=False)
+        self.frequencies = make_subplots(
+            rows=1,
+            cols=2,
+            horizontal_spacing=0.1,
+            subplot_titles=("inverse frequency (radians per token)", "wavelength (tokens per full turn)"),
+        )
+        self.frequencies.add_scatter(
+            name="inverse frequency", mode="lines+markers", row=1, col=1, line=dict(color=_NONE), showlegend=False
+        )
+        self.frequencies.add_scatter(
+            name="wavelength", mode="lines+markers", row=1, col=2, line=dict(color=_NONE), showlegend=False
+        )
         for name, _, colour in self._reference_lines():
             self.frequencies.add_scatter(meta=name, mode="lines", line=dict(color=colour, dash="dash"), row=1, col=2)
         self.frequencies.update_yaxes(type="log", title="radians per token", row=1, col=1)
         self.frequencies.update_yaxes(type="log", title="tokens", row=1, col=2)
         self.frequencies.update_xaxes(title="dimension pair i (dims i, i + rotary_dim/2)")
-        self.frequencies.update_layout(**base_layout("", height=400, width=1000, plot_bgcolor="white",
-                                                     margin=dict(l=70, r=20, t=90, b=60)),
-                                       legend=dict(x=0.56, y=0.98, bgcolor="rgba(255,255,255,0.8)"))
+        self.frequencies.update_layout(
+            **base_layout("", height=400, width=1000, plot_bgcolor="white", margin=dict(l=70, r=20, t=90, b=60)),
+            legend=dict(x=0.56, y=0.98, bgcolor="rgba(255,255,255,0.8)"),
+        )
         self.factors = make_subplots(
-            rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.16,
-            subplot_titles=("'su' factors per pair (each divides its frequency)", "context length (positions)"))
+            rows=1,
+            cols=2,
+            column_widths=[0.62, 0.38],
+            horizontal_spacing=0.16,
+            subplot_titles=("'su' factors per pair (each divides its frequency)", "context length (positions)"),
+        )
         self.factors.add_bar(name="short factor", row=1, col=1, marker_color=_SHORT)
         self.factors.add_bar(name="long factor", row=1, col=1, marker_color=_LONG)
-        self.factors.add_bar(name="positions", orientation="h", row=1, col=2, marker_color=[_NONE, _SHORT, _LONG],
-                             showlegend=False, texttemplate="%{x}", textposition="auto")
+        self.factors.add_bar(
+            name="positions",
+            orientation="h",
+            row=1,
+            col=2,
+            marker_color=[_NONE, _SHORT, _LONG],
+            showlegend=False,
+            texttemplate="%{x}",
+            textposition="auto",
+        )
         self.factors.update_xaxes(title="dimension pair", row=1, col=1)
         self.factors.update_yaxes(title="factor", row=1, col=1)
         self.factors.update_xaxes(title="positions (log)", type="log", row=1, col=2)
-        self.factors.update_layout(**base_layout("", height=380, width=1000, plot_bgcolor="white", barmode="group",
-                                                 margin=dict(l=70, r=20, t=90, b=60)),
-                                   legend=dict(x=0.01, y=0.98, bgcolor="rgba(255,255,255,0.8)"))
-        self.tables = make_subplots(rows=1, cols=2, subplot_titles=("cos", "sin"), shared_yaxes=True,
-                                    horizontal_spacing=0.06)
+        self.factors.update_layout(
+            **base_layout(
+                "", height=380, width=1000, plot_bgcolor="white", barmode="group", margin=dict(l=70, r=20, t=90, b=60)
+            ),
+            legend=dict(x=0.01, y=0.98, bgcolor="rgba(255,255,255,0.8)"),
+        )
+        self.tables = make_subplots(
+            rows=1, cols=2, subplot_titles=("cos", "sin"), shared_yaxes=True, horizontal_spacing=0.06
+        )
         for col, name in ((1, "cos"), (2, "sin")):
-            self.tables.add_heatmap(name=name, row=1, col=col, coloraxis="coloraxis",
-                                    hovertemplate=f"position %{{y}}<br>dim %{{x}}<br>{name} %{{z:.4f}}<extra></extra>")
+            self.tables.add_heatmap(
+                name=name,
+                row=1,
+                col=col,
+                coloraxis="coloraxis",
+                hovertemplate=f"position %{{y}}<br>dim %{{x}}<br>{name} %{{z:.4f}}<extra></extra>",
+            )
             self.tables.update_xaxes(title="rotary head dimension", row=1, col=col)
         self.tables.update_yaxes(title="position", autorange="reversed", row=1, col=1)
         self.tables.update_layout(**base_layout("", height=460, width=1000, margin=dict(l=70, r=20, t=90, b=60)))
@@ -134,10 +172,15 @@ class RopeView(View):
         self.window_slider.observe(lambda _: self._refresh_tables(), names="value")
         self._refresh()
         self.frequencies, self.factors, self.tables = live(self.frequencies), live(self.factors), live(self.tables)
-        self.widget = widgets.VBox([
-            widgets.HBox([self.length_box, self.window_slider]), self.summary, self.frequencies, self.factors,
-            self.tables,
-        ])
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox([self.length_box, self.window_slider]),
+                self.summary,
+                self.frequencies,
+                self.factors,
+                self.tables,
+            ]
+        )
         self.widget.add_class(self.css_class)
 
     @property
@@ -158,8 +201,10 @@ class RopeView(View):
         self._refresh()
 
     def _reference_lines(self):
-        return [("this sequence", self.rope.num_positions, HIGHLIGHT),
-                ("pretraining", self.rope.pretraining_sequence_length, "#333333")]
+        return [
+            ("this sequence", self.rope.num_positions, HIGHLIGHT),
+            ("pretraining", self.rope.pretraining_sequence_length, "#333333"),
+        ]
 
     def _colour(self) -> str:
         return {"short": _SHORT, "long": _LONG}.get(self.rope.factor_set, _NONE)
@@ -172,18 +217,27 @@ class RopeView(View):
             ("max_sequence_length", f"{rope.max_sequence_length}"),
             ("factors in force", f"{rope.factor_set}: {rope.reason}"),
             ("attention factor (scales cos/sin)", f"{rope.attention_factor:.6g}"),
-            ("dimension pairs", (f"{len(rope.inverse_frequencies)} (rotary dims 0–{rope.rotary_dim - 1} of head_dim "
-                                 f"{rope.head_dim})")),
-            ("pass-through dims (not rotated)",
-             f"{rope.rotary_dim}–{rope.head_dim - 1}" if len(rope.pass_through_dims) else "none (full rotary)"),
+            (
+                "dimension pairs",
+                (f"{len(rope.inverse_frequencies)} (rotary dims 0–{rope.rotary_dim - 1} of head_dim {rope.head_dim})"),
+            ),
+            (
+                "pass-through dims (not rotated)",
+                f"{rope.rotary_dim}–{rope.head_dim - 1}" if len(rope.pass_through_dims) else "none (full rotary)",
+            ),
         ]
 
     def _refresh(self) -> None:
         rope, colour = self.rope, self._colour()
         pairs = np.arange(len(rope.inverse_frequencies))
-        self.summary.value = "<table>" + "".join(
-            f"<tr><td style='padding:1px 8px'><b>{k}</b></td><td>{escape(v)}</td></tr>"
-            for k, v in self._summary_rows()) + "</table>"
+        self.summary.value = (
+            "<table>"
+            + "".join(
+                f"<tr><td style='padding:1px 8px'><b>{k}</b></td><td>{escape(v)}</td></tr>"
+                for k, v in self._summary_rows()
+            )
+            + "</table>"
+        )
         # Plain assignments, not `batch_update`: a batch that sets different
         # properties on different traces reaches plotly.js with the missing
         # ones as undefined, which resets them (colours fall back to defaults).
@@ -191,20 +245,30 @@ class RopeView(View):
             scatter.update(x=pairs, y=values, line_color=colour)
         for scatter, (_, value, _) in zip(self.frequencies.data[2:], self._reference_lines()):
             scatter.update(x=[0, pairs[-1]], y=[value, value], name=f"{scatter.meta}: {value}")
-        self.frequencies.layout.title.text = (f"Rotary frequencies in force ({rope.factor_set} factors) for "
-                                              f"{rope.num_positions} positions")
+        self.frequencies.layout.title.text = (
+            f"Rotary frequencies in force ({rope.factor_set} factors) for {rope.num_positions} positions"
+        )
         short, long, context = self.factors.data
         none = rope.short_factor is None
-        short.update(x=pairs, y=rope.factors if none else rope.short_factor,
-                     name="factors (no scaling: all 1)" if none else "short factor",
-                     opacity=1.0 if rope.factor_set in ("short", "none") else 0.35)
-        long.update(x=pairs, y=np.full(len(pairs), np.nan) if none else rope.long_factor,
-                    opacity=1.0 if rope.factor_set == "long" else 0.35)
-        context.update(y=["max", "pretraining", "this sequence"],
-                       x=[rope.max_sequence_length, rope.pretraining_sequence_length, rope.num_positions],
-                       marker_color=["#bbbbbb", "#333333", colour])
-        self.factors.layout.title.text = (f"'su' factors: {rope.factor_set} in force · attention factor "
-                                          f"{rope.attention_factor:.4f}")
+        short.update(
+            x=pairs,
+            y=rope.factors if none else rope.short_factor,
+            name="factors (no scaling: all 1)" if none else "short factor",
+            opacity=1.0 if rope.factor_set in ("short", "none") else 0.35,
+        )
+        long.update(
+            x=pairs,
+            y=np.full(len(pairs), np.nan) if none else rope.long_factor,
+            opacity=1.0 if rope.factor_set == "long" else 0.35,
+        )
+        context.update(
+            y=["max", "pretraining", "this sequence"],
+            x=[rope.max_sequence_length, rope.pretraining_sequence_length, rope.num_positions],
+            marker_color=["#bbbbbb", "#333333", colour],
+        )
+        self.factors.layout.title.text = (
+            f"'su' factors: {rope.factor_set} in force · attention factor {rope.attention_factor:.4f}"
+        )
         self._refresh_tables()
 
     def _refresh_tables(self) -> None:
@@ -212,14 +276,17 @@ class RopeView(View):
         scale = Scale(DIVERGING, -rope.attention_factor, rope.attention_factor)
         with self.tables.batch_update():
             for heat, table in zip(self.tables.data, (rope.cos, rope.sin)):
-                heat.z = table[positions.start:positions.stop]
+                heat.z = table[positions.start : positions.stop]
                 heat.y = np.arange(positions.start, positions.stop)
                 heat.x = np.arange(table.shape[1])
-            self.tables.layout.coloraxis = dict(colorscale=scale.plotly()["colorscale"], cmin=scale.vmin,
-                                                cmax=scale.vmax, colorbar=colorbar("value"))
-            self.tables.layout.title.text = (f"cos/sin tables (× attention factor {rope.attention_factor:.4f}), "
-                                             f"positions {positions.start}–{positions.stop - 1} of "
-                                             f"{rope.num_positions}")
+            self.tables.layout.coloraxis = dict(
+                colorscale=scale.plotly()["colorscale"], cmin=scale.vmin, cmax=scale.vmax, colorbar=colorbar("value")
+            )
+            self.tables.layout.title.text = (
+                f"cos/sin tables (× attention factor {rope.attention_factor:.4f}), "
+                f"positions {positions.start}–{positions.stop - 1} of "
+                f"{rope.num_positions}"
+            )
 
     def _figures(self):
         return [self.frequencies, self.factors, self.tables]
@@ -230,9 +297,10 @@ class RopeView(View):
         axes = figure.subplots(2, 3)
         pairs = np.arange(len(rope.inverse_frequencies))
         colour = self._colour()
-        for ax, values, title, unit in ((axes[0, 0], rope.inverse_frequencies, "inverse frequency per pair",
-                                         "radians per token (log)"),
-                                        (axes[0, 1], rope.wavelengths, "wavelength per pair", "tokens per turn (log)")):
+        for ax, values, title, unit in (
+            (axes[0, 0], rope.inverse_frequencies, "inverse frequency per pair", "radians per token (log)"),
+            (axes[0, 1], rope.wavelengths, "wavelength per pair", "tokens per turn (log)"),
+        ):
             ax.plot(pairs, values, marker=".", color=colour)
             ax.set_yscale("log")
             ax.set_title(title, fontsize=10, loc="left")
@@ -247,12 +315,27 @@ class RopeView(View):
             ax.bar(pairs, rope.factors, color=_NONE, label="no scaling: all 1")
         else:
             width = 0.4
-            ax.bar(pairs - width / 2, rope.short_factor, width, color=_SHORT, label="short",
-                   alpha=1.0 if rope.factor_set == "short" else 0.35)
-            ax.bar(pairs + width / 2, rope.long_factor, width, color=_LONG, label="long",
-                   alpha=1.0 if rope.factor_set == "long" else 0.35)
-        ax.set_title(f"factors: {rope.factor_set} in force · attention factor {rope.attention_factor:.4f}",
-                     fontsize=10, loc="left")
+            ax.bar(
+                pairs - width / 2,
+                rope.short_factor,
+                width,
+                color=_SHORT,
+                label="short",
+                alpha=1.0 if rope.factor_set == "short" else 0.35,
+            )
+            ax.bar(
+                pairs + width / 2,
+                rope.long_factor,
+                width,
+                color=_LONG,
+                label="long",
+                alpha=1.0 if rope.factor_set == "long" else 0.35,
+            )
+        ax.set_title(
+            f"factors: {rope.factor_set} in force · attention factor {rope.attention_factor:.4f}",
+            fontsize=10,
+            loc="left",
+        )
         ax.set_xlabel("dimension pair")
         ax.set_ylabel("factor (divides the frequency)")
         ax.legend(fontsize=8)
@@ -263,17 +346,33 @@ class RopeView(View):
         ax.set_xscale("log")
         ax.set_xlabel("positions (log)")
         ax.set_title("context: this sequence vs pretraining", fontsize=10, loc="left")
-        ax.text(0.98, 0.5, rope.reason.replace(" > ", "\n> ").replace(" <= ", "\n<= "), transform=ax.transAxes,
-                ha="right", va="center", fontsize=8)
+        ax.text(
+            0.98,
+            0.5,
+            rope.reason.replace(" > ", "\n> ").replace(" <= ", "\n<= "),
+            transform=ax.transAxes,
+            ha="right",
+            va="center",
+            fontsize=8,
+        )
         scale = Scale(DIVERGING, -rope.attention_factor, rope.attention_factor)
         for ax, table, name in ((axes[1, 1], rope.cos, "cos"), (axes[1, 2], rope.sin, "sin")):
-            mpl_heatmap(ax, table[positions.start:positions.stop], scale,
-                        title=f"{name}, positions {positions.start}–{positions.stop - 1}", xlabel="rotary head dimension",
-                        ylabel="position", colorbar="value",
-                        y_labels=[str(p) for p in positions], max_ticks=16)
+            mpl_heatmap(
+                ax,
+                table[positions.start : positions.stop],
+                scale,
+                title=f"{name}, positions {positions.start}–{positions.stop - 1}",
+                xlabel="rotary head dimension",
+                ylabel="position",
+                colorbar="value",
+                y_labels=[str(p) for p in positions],
+                max_ticks=16,
+            )
         figure.suptitle(f"Rotary embedding for {rope.num_positions} positions", fontsize=12)
         return figure
 
     def __repr__(self):
-        return (f"RopeView(positions={self.rope.num_positions}, factors={self.rope.factor_set!r}, "
-                f"attention_factor={self.rope.attention_factor:.4g})")
+        return (
+            f"RopeView(positions={self.rope.num_positions}, factors={self.rope.factor_set!r}, "
+            f"attention_factor={self.rope.attention_factor:.4g})"
+        )

@@ -67,18 +67,31 @@ class TokenView(View):
 
     css_class = "phi3lab-tokens"
 
-    def __init__(self, tokens: Sequence[str], values, *, names: Sequence[str] | None = None, title: str = "",
-                 label: str = "value", prompt_length: int | None = None, selected: int | None = None):
+    def __init__(
+        self,
+        tokens: Sequence[str],
+        values,
+        *,
+        names: Sequence[str] | None = None,
+        title: str = "",
+        label: str = "value",
+        prompt_length: int | None = None,
+        selected: int | None = None,
+    ):
         self.tokens = [str(t) for t in tokens]
         self.rows = _rows(values, names, len(self.tokens))
         self.title, self.label = str(title), str(label)
-        self.prompt_length = None if prompt_length is None else check_in_range("prompt_length", prompt_length, 0,
-                                                                          len(self.tokens) + 1)
+        self.prompt_length = (
+            None if prompt_length is None else check_in_range("prompt_length", prompt_length, 0, len(self.tokens) + 1)
+        )
         self.selected = None if selected is None else check_in_range("selected", selected, 0, len(self.tokens))
         names = list(self.rows)
-        self.row_select = widgets.Dropdown(options=names, value=names[0], description="Values",
-                                           layout=widgets.Layout(width="auto", display=None if len(names) > 1
-                                                                 else "none"))
+        self.row_select = widgets.Dropdown(
+            options=names,
+            value=names[0],
+            description="Values",
+            layout=widgets.Layout(width="auto", display=None if len(names) > 1 else "none"),
+        )
         self.row_select.add_class("phi3lab-row")
         self.text = widgets.HTML()
         self.text.add_class("phi3lab-token-text")
@@ -103,9 +116,13 @@ class TokenView(View):
         valid = np.asarray(trace.padding_mask[batch], bool)
         loss[~valid] = np.nan
         loss[1:][~valid[:-1]] = np.nan
-        return cls(position_labels(trace, batch, tokens), {"next-token loss": loss}, label="loss (nats)",
-                   title="Next-token loss of each token (how surprised the model was)",
-                   prompt_length=prompt_length(trace))
+        return cls(
+            position_labels(trace, batch, tokens),
+            {"next-token loss": loss},
+            label="loss (nats)",
+            title="Next-token loss of each token (how surprised the model was)",
+            prompt_length=prompt_length(trace),
+        )
 
     @classmethod
     def attention(cls, trace, layer: int, head: int, query: int, batch: int = 0, tokens=None) -> "TokenView":
@@ -118,25 +135,33 @@ class TokenView(View):
         query = check_index("query", query, length, "position")
         rows = range(*trace.query_window) if trace.query_window is not None else range(length)
         if query not in rows:
-            raise bad_argument("query", query, f"a position whose attention row the trace holds: {rows.start}–"
-                               f"{rows.stop - 1} (trace(queries=...))")
-        heads = list(trace.attention_heads) if trace.attention_heads is not None else \
-            list(range(trace.num_query_heads))
+            raise bad_argument(
+                "query",
+                query,
+                f"a position whose attention row the trace holds: {rows.start}–{rows.stop - 1} (trace(queries=...))",
+            )
+        heads = list(trace.attention_heads) if trace.attention_heads is not None else list(range(trace.num_query_heads))
         valid = np.asarray(trace.padding_mask[batch], bool)
         values = {}
-        for h in [head] + [h for h in heads if h != head]:         # trace.attention checks layer and head
+        for h in [head] + [h for h in heads if h != head]:  # trace.attention checks layer and head
             row = np.array(trace.attention(layer, h)[batch, query - rows.start], np.float64)
-            row[query + 1:] = np.nan
+            row[query + 1 :] = np.nan
             row[~valid] = np.nan
             values[f"layer {layer} · head {h}"] = row
         labels = position_labels(trace, batch, tokens)
-        return cls(labels, values, label="attention probability", selected=query,
-                   title=f"Attention from position {query} ({escape(labels[query])})",
-                   prompt_length=prompt_length(trace))
+        return cls(
+            labels,
+            values,
+            label="attention probability",
+            selected=query,
+            title=f"Attention from position {query} ({escape(labels[query])})",
+            prompt_length=prompt_length(trace),
+        )
 
     @classmethod
-    def neurons(cls, trace, layer: int, neurons: int | Sequence[int], batch: int = 0, tokens=None,
-                where: str = "post") -> "TokenView":
+    def neurons(
+        cls, trace, layer: int, neurons: int | Sequence[int], batch: int = 0, tokens=None, where: str = "post"
+    ) -> "TokenView":
         """Each token coloured by MLP neuron activations of `layer`
         (`blocks.{layer}.mlp.hook_{where}`, `where` one of "pre", "post"),
         one row per neuron."""
@@ -147,10 +172,19 @@ class TokenView(View):
         chosen = [neurons] if np.ndim(neurons) == 0 else list(neurons)
         if not chosen:
             raise bad_argument("neurons", neurons, "a neuron index or a non-empty list of them")
-        values = {f"layer {layer} · neuron {n}": np.asarray(acts[:, check_in_range("neurons", n, 0, acts.shape[-1])],
-                                                            np.float64) for n in chosen}
-        return cls(position_labels(trace, batch, tokens), values, label=f"activation (mlp.hook_{where})",
-                   title=f"MLP neuron activations, layer {layer}", prompt_length=prompt_length(trace))
+        values = {
+            f"layer {layer} · neuron {n}": np.asarray(
+                acts[:, check_in_range("neurons", n, 0, acts.shape[-1])], np.float64
+            )
+            for n in chosen
+        }
+        return cls(
+            position_labels(trace, batch, tokens),
+            values,
+            label=f"activation (mlp.hook_{where})",
+            title=f"MLP neuron activations, layer {layer}",
+            prompt_length=prompt_length(trace),
+        )
 
     # === State ===
     @property
@@ -178,28 +212,43 @@ class TokenView(View):
                 shown = f"{value:.4g}"
             else:
                 background, text, shown = BLANK, "#000000", "no value"
-            classes = "phi3lab-tok" + (" generated" if self._generated(p) else "") + \
-                (" selected" if p == self.selected else "")
+            classes = (
+                "phi3lab-tok"
+                + (" generated" if self._generated(p) else "")
+                + (" selected" if p == self.selected else "")
+            )
             tip = f"{p} {escape(token)} · {escape(self.label)}: {shown}"
             tip += " · generated" if self._generated(p) else ""
-            spans.append(f'<span class="{classes}" data-position="{p}" data-value="{value:.6g}" '
-                         f'style="background:{background};color:{text}">{escape(token)}'
-                         f'<span class="phi3lab-tip">{tip}</span></span>')
+            spans.append(
+                f'<span class="{classes}" data-position="{p}" data-value="{value:.6g}" '
+                f'style="background:{background};color:{text}">{escape(token)}'
+                f'<span class="phi3lab-tip">{tip}</span></span>'
+            )
             if self.prompt_length is not None and p == self.prompt_length - 1 and p < len(self.tokens) - 1:
-                spans.append(f'<span class="phi3lab-boundary" style="color:{GENERATED};font-weight:bold" '
-                             'title="generated from here">▏</span>')
-        self.text.value = (f"{_STYLE}<div class='phi3lab-tokview'>"
-                           + (f"<div style='margin-bottom:4px'><b>{self.title}</b></div>" if self.title else "")
-                           + f"<div style='line-height:2.1'>{''.join(spans)}</div>{self._legend(scale)}</div>")
+                spans.append(
+                    f'<span class="phi3lab-boundary" style="color:{GENERATED};font-weight:bold" '
+                    'title="generated from here">▏</span>'
+                )
+        self.text.value = (
+            f"{_STYLE}<div class='phi3lab-tokview'>"
+            + (f"<div style='margin-bottom:4px'><b>{self.title}</b></div>" if self.title else "")
+            + f"<div style='line-height:2.1'>{''.join(spans)}</div>{self._legend(scale)}</div>"
+        )
 
     def _legend(self, scale: Scale) -> str:
         steps = np.linspace(scale.vmin, scale.vmax, 9)
         gradient = ", ".join(scale.css(v)[0] for v in steps)
-        generated = (f" · <span style='border:1px dashed {GENERATED};padding:0 3px'>generated</span> after "
-                     f"{self.prompt_length} prompt tokens" if self.prompt_length is not None else "")
-        return (f"<div class='phi3lab-legend-row' style='font-size:12px;margin-top:4px'>{escape(self.label)} "
-                f"({escape(self.row)}): {scale.vmin:.3g}<span class='phi3lab-legend' "
-                f"style='background:linear-gradient(to right, {gradient})'></span>{scale.vmax:.3g}{generated}</div>")
+        generated = (
+            f" · <span style='border:1px dashed {GENERATED};padding:0 3px'>generated</span> after "
+            f"{self.prompt_length} prompt tokens"
+            if self.prompt_length is not None
+            else ""
+        )
+        return (
+            f"<div class='phi3lab-legend-row' style='font-size:12px;margin-top:4px'>{escape(self.label)} "
+            f"({escape(self.row)}): {scale.vmin:.3g}<span class='phi3lab-legend' "
+            f"style='background:linear-gradient(to right, {gradient})'></span>{scale.vmax:.3g}{generated}</div>"
+        )
 
     def _generated(self, position: int) -> bool:
         return self.prompt_length is not None and position >= self.prompt_length
@@ -210,8 +259,7 @@ class TokenView(View):
     def static(self, format: str = "png"):
         """As `View.static`; the HTML form is the coloured text itself."""
         if format == "html":
-            return ("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
-                    f"{self.text.value}</body></html>")
+            return f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>{self.text.value}</body></html>"
         return super().static(format)
 
     def _draw_static(self):
@@ -227,11 +275,26 @@ class TokenView(View):
             background = scale.css(value)[0] if np.isfinite(value) else BLANK
             text = scale.css(value)[1] if np.isfinite(value) else "#000000"
             edge = HIGHLIGHT if p == self.selected else (GENERATED if self._generated(p) else "none")
-            ax.text(p % per_line + 0.05, p // per_line + 0.5, token[:10], fontsize=8, family="monospace",
-                    color=text, va="center", bbox=dict(boxstyle="round,pad=0.2", fc=background, ec=edge,
-                                                       ls="--" if self._generated(p) and p != self.selected else "-"))
-        ax.set_title(f"{self.title or 'Tokens'} · {self.label} ({self.row}): {scale.vmin:.3g} to {scale.vmax:.3g}",
-                     fontsize=10, loc="left")
+            ax.text(
+                p % per_line + 0.05,
+                p // per_line + 0.5,
+                token[:10],
+                fontsize=8,
+                family="monospace",
+                color=text,
+                va="center",
+                bbox=dict(
+                    boxstyle="round,pad=0.2",
+                    fc=background,
+                    ec=edge,
+                    ls="--" if self._generated(p) and p != self.selected else "-",
+                ),
+            )
+        ax.set_title(
+            f"{self.title or 'Tokens'} · {self.label} ({self.row}): {scale.vmin:.3g} to {scale.vmax:.3g}",
+            fontsize=10,
+            loc="left",
+        )
         return figure
 
     def __repr__(self):

@@ -24,11 +24,13 @@ from lab_helpers import ARTIFACTS, CHROME_ARGS, CHROMIUM, HERE, LOCAL_HOSTS, req
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory):
     require_chromium()
-    root = tmp_path_factory.mktemp("lab")                           # autosave must not touch the repo
+    root = tmp_path_factory.mktemp("lab")  # autosave must not touch the repo
     for notebook in HERE.glob("*.ipynb"):
         shutil.copy(notebook, root)
-    for rel, cfg in {"apputils-extension/notification": '{"fetchNews": "false", "checkForUpdates": false}',
-                     "notebook-extension/tracker": '{"windowingMode": "none"}'}.items():
+    for rel, cfg in {
+        "apputils-extension/notification": '{"fetchNews": "false", "checkForUpdates": false}',
+        "notebook-extension/tracker": '{"windowingMode": "none"}',
+    }.items():
         settings = root / ".settings/@jupyterlab" / f"{rel}.jupyterlab-settings"
         settings.parent.mkdir(parents=True, exist_ok=True)
         settings.write_text(cfg)
@@ -36,10 +38,21 @@ def lab(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     token = secrets.token_hex(16)
-    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
-               f"--port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-               f"--ServerApp.root_dir={root}", f"--LabApp.workspaces_dir={root}/.ws",
-               f"--LabApp.user_settings_dir={root}/.settings", "--LabApp.expose_app_in_browser=True"]
+    command = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--allow-root",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        f"--LabApp.workspaces_dir={root}/.ws",
+        f"--LabApp.user_settings_dir={root}/.settings",
+        "--LabApp.expose_app_in_browser=True",
+    ]
     log = open(root / "lab.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
     base = f"http://127.0.0.1:{port}"
@@ -58,7 +71,7 @@ def lab(tmp_path_factory):
             pytest.fail("JupyterLab exited:\n" + (root / "lab.log").read_text())
         yield base, token
     finally:
-        server.terminate()                                          # by its PID; it shuts down its kernels
+        server.terminate()  # by its PID; it shuts down its kernels
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:

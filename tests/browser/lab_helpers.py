@@ -13,13 +13,25 @@ ARTIFACTS = ROOT / "test-artifacts" / "browser"
 DOCS_IMAGES = ROOT / "docs" / "images"
 CHROMIUM = Path("/usr/bin/chromium")
 LOCAL_HOSTS = {"127.0.0.1"}
-CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--disable-default-apps", "--disable-domain-reliability", "--no-pings"]
+CHROME_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-domain-reliability",
+    "--no-pings",
+]
 # Connected and idle kernel on a ready notebook (needs --LabApp.expose_app_in_browser=True).
 KERNEL_READY = """() => { const w = window.jupyterapp?.shell.currentWidget;
   const k = w?.sessionContext?.session?.kernel;
   return !!(w?.context?.isReady && k && k.connectionStatus === 'connected' && k.status === 'idle'); }"""
+
+
 def require_chromium():
     if CHROMIUM.exists():
         return
@@ -42,13 +54,15 @@ def shot(locator, name: str) -> Path:
         locator.page.wait_for_function(
             """el => [...el.querySelectorAll('.js-plotly-plot')].filter(p => p.offsetParent !== null).every(
                  p => p.querySelector('g.trace, g.hm, g.imagelayer image'))""",
-            arg=locator.element_handle(), timeout=30_000)
+            arg=locator.element_handle(),
+            timeout=30_000,
+        )
     except Error:
         with open(ARTIFACTS / "undrawn.txt", "a") as log:
             log.write(f"{name}: a plotly figure stayed empty\n")
         if os.environ.get("PHI3LAB_UPDATE_DOCS_IMAGES") == "1":
             raise
-    locator.page.mouse.move(0, 0)                                   # no hover toolbar over the titles
+    locator.page.mouse.move(0, 0)  # no hover toolbar over the titles
     locator.screenshot(path=str(path), animations="disabled")
     return path
 
@@ -63,13 +77,15 @@ def open_and_run(lab, page, notebook: str) -> float:
     with urllib.request.urlopen(urllib.request.Request(f"{base}/api/sessions", headers=auth)) as reply:
         sessions = json.load(reply)
     for session in sessions:
-        urllib.request.urlopen(urllib.request.Request(f"{base}/api/sessions/{session['id']}", headers=auth,
-                                                      method="DELETE"))
+        urllib.request.urlopen(
+            urllib.request.Request(f"{base}/api/sessions/{session['id']}", headers=auth, method="DELETE")
+        )
     workspace = Path(notebook).stem
     page.goto(f"{base}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={token}")
     page.wait_for_function(KERNEL_READY, timeout=90_000)
-    return page.evaluate("() => { const t = Date.now(); jupyterapp.commands.execute('notebook:run-all-cells'); "
-                         "return t; }")
+    return page.evaluate(
+        "() => { const t = Date.now(); jupyterapp.commands.execute('notebook:run-all-cells'); return t; }"
+    )
 
 
 def check_clean(page) -> None:

@@ -46,24 +46,24 @@ def _drive(lab, page):
     from playwright.sync_api import expect
 
     start = time.monotonic()
-    mark = lambda what: print(f"{time.monotonic() - start:6.1f} s  {what}")     # shown when the test fails
+    mark = lambda what: print(f"{time.monotonic() - start:6.1f} s  {what}")  # shown when the test fails
     open_and_run(lab, page, NOTEBOOK)
     mark("kernel ready, run all")
     explorer = page.locator(".phi3lab-attention")
     image = explorer.locator(".phi3lab-heatmap .js-plotly-plot g.hm image")
     title = explorer.locator(".phi3lab-heatmap .js-plotly-plot .gtitle")
-    for selector in VIEWS.values():                                 # every cell ran and rendered
+    for selector in VIEWS.values():  # every cell ran and rendered
         expect(page.locator(f"{selector} .js-plotly-plot").first).to_be_attached(timeout=180_000)
     mark("all views rendered")
-    page.wait_for_function(KERNEL_READY, timeout=120_000)          # idle: widgets answer clicks
-    explorer.locator(".phi3lab-heatmap").scroll_into_view_if_needed()   # plotly draws a plot once on screen
+    page.wait_for_function(KERNEL_READY, timeout=120_000)  # idle: widgets answer clicks
+    explorer.locator(".phi3lab-heatmap").scroll_into_view_if_needed()  # plotly draws a plot once on screen
     expect(image).to_be_attached(timeout=60_000)
     mark("explorer drawn")
     expect(title).to_have_text("Layer 0 · head 0 (kv head 0): attention pattern (probability)")
     ticks = explorer.locator(".phi3lab-heatmap .js-plotly-plot .ytick text")
     expect(ticks).to_have_count(15)
-    expect(ticks.filter(has_text=re.compile(r"^0 <s>$"))).to_have_count(1)                 # token labels
-    expect(explorer.locator(".phi3lab-heatmap .js-plotly-plot .cbtitle")).to_have_text("probability")   # colour bar
+    expect(ticks.filter(has_text=re.compile(r"^0 <s>$"))).to_have_count(1)  # token labels
+    expect(explorer.locator(".phi3lab-heatmap .js-plotly-plot .cbtitle")).to_have_text("probability")  # colour bar
     expect(explorer.locator(".phi3lab-thumbnail")).to_have_count(4)
     paths = {"attention_explorer": shot(explorer, "attention_explorer")}
     mark("first screenshot")
@@ -72,14 +72,16 @@ def _drive(lab, page):
     before = image.get_attribute("href")
     explorer.locator(".phi3lab-layer select").select_option(label="layer 1")
     expect(title).to_have_text("Layer 1 · head 0 (kv head 0): attention pattern (probability)", timeout=30_000)
-    page.wait_for_function("([el, b]) => el.getAttribute('href') !== b", arg=[image.element_handle(), before],
-                           timeout=30_000)
+    page.wait_for_function(
+        "([el, b]) => el.getAttribute('href') !== b", arg=[image.element_handle(), before], timeout=30_000
+    )
     before = image.get_attribute("href")
     explorer.locator(".phi3lab-head select").select_option(label="3 (kv 1)")
     expect(title).to_have_text("Layer 1 · head 3 (kv head 1): attention pattern (probability)", timeout=30_000)
-    page.wait_for_function("([el, b]) => el.getAttribute('href') !== b", arg=[image.element_handle(), before],
-                           timeout=30_000)
-    explorer.locator(".phi3lab-thumbnail", has_text="head 2").click()                      # a thumbnail selects
+    page.wait_for_function(
+        "([el, b]) => el.getAttribute('href') !== b", arg=[image.element_handle(), before], timeout=30_000
+    )
+    explorer.locator(".phi3lab-thumbnail", has_text="head 2").click()  # a thumbnail selects
     expect(title).to_have_text("Layer 1 · head 2 (kv head 1): attention pattern (probability)", timeout=30_000)
 
     # Clicking a token outlines its row and column and colours both token strips.
@@ -90,7 +92,7 @@ def _drive(lab, page):
     expect(explorer.locator(".phi3lab-status")).to_contain_text("selected 4 John", timeout=30_000)
     expect(explorer.locator(".phi3lab-heatmap .js-plotly-plot .shapelayer path")).to_have_count(2, timeout=30_000)
     weights = explorer.locator(".phi3lab-weight")
-    expect(weights).to_have_count(2 * 15)                                                   # row + column
+    expect(weights).to_have_count(2 * 15)  # row + column
     assert weights.first.get_attribute("data-weight") != weights.nth(1).get_attribute("data-weight")
     expect(explorer.locator(".phi3lab-weight[data-position='4']").first).to_have_css("border-top-width", "2px")
     paths["attention_explorer_selected"] = shot(explorer, "attention_explorer_selected")
@@ -111,6 +113,6 @@ def _drive(lab, page):
     check_clean(page)
     if os.environ.get("PHI3LAB_UPDATE_DOCS_IMAGES") == "1":
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-        paths["attention_explorer"] = paths["attention_explorer_selected"]    # shows the token highlight
+        paths["attention_explorer"] = paths["attention_explorer_selected"]  # shows the token highlight
         for name in VIEWS:
             shutil.copy(paths[name], DOCS_IMAGES / f"{name}.png")

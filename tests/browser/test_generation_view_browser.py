@@ -32,8 +32,12 @@ def _upload(base: str, token: str) -> tuple[int, int]:
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(SOURCE)])
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     body = json.dumps({"type": "notebook", "format": "json", "content": json.loads(nbformat.writes(notebook))})
-    request = urllib.request.Request(f"{base}/api/contents/{NOTEBOOK}?token={token}", data=body.encode(),
-                                     method="PUT", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{base}/api/contents/{NOTEBOOK}?token={token}",
+        data=body.encode(),
+        method="PUT",
+        headers={"Content-Type": "application/json"},
+    )
     urllib.request.urlopen(request, timeout=30)
     import phi3lab
 
@@ -53,7 +57,7 @@ def test_generation_view_in_jupyterlab(lab, page):  # noqa: F811
     view = page.locator(".phi3lab-generation")
     weights = view.locator(".phi3lab-weight")
     try:
-        expect(weights).to_have_count(prompt + 1, timeout=180_000)       # the first generated token's row
+        expect(weights).to_have_count(prompt + 1, timeout=180_000)  # the first generated token's row
         expect(view.locator(".phi3lab-generated")).to_have_count(1)
         expect(view.locator(".phi3lab-strip-title")).to_contain_text(f"generated token {prompt}")
         before = [weights.nth(i).get_attribute("data-weight") for i in range(prompt + 1)]
@@ -63,7 +67,7 @@ def test_generation_view_in_jupyterlab(lab, page):  # noqa: F811
         expect(view.locator(".phi3lab-strip-title")).to_contain_text("head 0", timeout=30_000)
         after = [weights.nth(i).get_attribute("data-weight") for i in range(prompt + 1)]
         assert before != after
-        view.locator(".phi3lab-position select").select_option(index=2)    # the last generated token
+        view.locator(".phi3lab-position select").select_option(index=2)  # the last generated token
         expect(weights).to_have_count(total, timeout=30_000)
         expect(view.locator(".phi3lab-generated")).to_have_count(3)
         expect(weights.nth(total - 1)).to_have_css("border-top-width", "2px")

@@ -34,8 +34,18 @@ def test_views_at_scale_in_jupyterlab(lab, page):
         raise
 
 
-def _mosaic_point(box, row: int, column: int, cell: int = 64, gap: int = 2, group_gap: int = 6, bar: int = 4,
-                  group: int = 2, rows: int = 4, columns: int = 4):
+def _mosaic_point(
+    box,
+    row: int,
+    column: int,
+    cell: int = 64,
+    gap: int = 2,
+    group_gap: int = 6,
+    bar: int = 4,
+    group: int = 2,
+    rows: int = 4,
+    columns: int = 4,
+):
     """Screen point of a thumbnail's centre inside the mosaic image's box
     (the pixel layout HeadGrid draws: cells, gaps, kv-group gaps, score bar)."""
     x = gap + column * (cell + gap) + (column // group) * group_gap + cell / 2
@@ -59,7 +69,7 @@ def _drive(lab, page):
     from playwright.sync_api import expect
 
     start = time.monotonic()
-    mark = lambda what: print(f"{time.monotonic() - start:6.1f} s  {what}")     # shown when the test fails
+    mark = lambda what: print(f"{time.monotonic() - start:6.1f} s  {what}")  # shown when the test fails
     run_all_ms = open_and_run(lab, page, NOTEBOOK)
     mark("kernel ready, run all")
     paths = {}
@@ -69,12 +79,16 @@ def _drive(lab, page):
     painted_ms = page.wait_for_function(
         """() => { const im = document.querySelector('.phi3lab-big-grid .js-plotly-plot g.imagelayer image');
                    return im && (im.getAttribute('href') || '').startsWith('data:image/png') && Date.now(); }""",
-        timeout=240_000, polling="raf").json_value()
+        timeout=240_000,
+        polling="raf",
+    ).json_value()
     cell_start_ms = float(page.locator(".grid-cell-start").get_attribute("data-t"))
     paint_s, run_all_s = (painted_ms - cell_start_ms) / 1000, (painted_ms - run_all_ms) / 1000
     built = page.get_by_text(re.compile(r"^built in [0-9.]+ s")).first.text_content()
-    report = (f"32 x 32-head HeadGrid at T=512: painted {paint_s:.2f} s after its cell started ({built} by "
-              f"Python), {run_all_s:.1f} s after run-all (which includes building and tracing the 32-layer model)")
+    report = (
+        f"32 x 32-head HeadGrid at T=512: painted {paint_s:.2f} s after its cell started ({built} by "
+        f"Python), {run_all_s:.1f} s after run-all (which includes building and tracing the 32-layer model)"
+    )
     print(report)
     (ARTIFACTS / "head_grid_paint_time.txt").write_text(report + "\n")
     assert 0 < paint_s < PAINT_LIMIT_S
@@ -91,7 +105,7 @@ def _drive(lab, page):
     explorer = grid.locator(".phi3lab-attention")
     title = explorer.locator(".phi3lab-heatmap .js-plotly-plot .gtitle").first
     heat = explorer.locator(".phi3lab-heatmap .js-plotly-plot g.hm image").first
-    grid.scroll_into_view_if_needed()                                               # plots draw on screen
+    grid.scroll_into_view_if_needed()  # plots draw on screen
     expect(mosaic).to_be_attached(timeout=120_000)
     expect(heat).to_be_attached(timeout=60_000)
     mark("grid rendered")
@@ -102,9 +116,10 @@ def _drive(lab, page):
     click_head(page, mosaic, row=1, column=3)
     expect(title).to_have_text("Layer 1 · head 3 (kv head 1): attention pattern (probability)", timeout=30_000)
     expect(grid.locator(".phi3lab-grid-selected")).to_contain_text("layer 1 · head 3", timeout=30_000)
-    page.wait_for_function("([el, b]) => el.getAttribute('href') !== b", arg=[heat.element_handle(), before],
-                           timeout=30_000)
-    click_head(page, mosaic, row=2, column=0)                                       # back to the induction head
+    page.wait_for_function(
+        "([el, b]) => el.getAttribute('href') !== b", arg=[heat.element_handle(), before], timeout=30_000
+    )
+    click_head(page, mosaic, row=2, column=0)  # back to the induction head
     expect(title).to_have_text("Layer 2 · head 0 (kv head 0): attention pattern (probability)", timeout=30_000)
     paths["head_grid"] = shot(grid, "head_grid")
     mark("grid clicked")
@@ -130,23 +145,27 @@ def _drive(lab, page):
     expect(attention.locator(".phi3lab-boundary")).to_have_count(1)
     expect(attention.locator(".phi3lab-row select")).to_be_visible()
     before = attention.locator(".phi3lab-token-text").inner_html()
-    attention.locator(".phi3lab-row select").select_option(index=1)                # another head of the layer
-    page.wait_for_function("([el, b]) => el.innerHTML !== b",
-                           arg=[attention.locator(".phi3lab-token-text").element_handle(), before], timeout=30_000)
+    attention.locator(".phi3lab-row select").select_option(index=1)  # another head of the layer
+    page.wait_for_function(
+        "([el, b]) => el.innerHTML !== b",
+        arg=[attention.locator(".phi3lab-token-text").element_handle(), before],
+        timeout=30_000,
+    )
     attention.locator(".phi3lab-row select").select_option(index=0)
     paths["token_view_attention"] = shot(attention, "token_view_attention")
 
     # === A windowed trace in the explorer ===
     windowed = page.locator(".phi3lab-attention", has=page.locator(".phi3lab-missing"))
     expect(windowed).to_have_count(1, timeout=60_000)
-    windowed.locator(".phi3lab-heatmap").scroll_into_view_if_needed()              # plots draw once on screen
+    windowed.locator(".phi3lab-heatmap").scroll_into_view_if_needed()  # plots draw once on screen
     expect(windowed.locator(".phi3lab-heatmap .js-plotly-plot g.hm image").first).to_be_attached(timeout=60_000)
     expect(windowed.locator(".phi3lab-missing")).to_contain_text("only queries 236–299 were captured")
     expect(windowed.locator(".phi3lab-missing")).to_contain_text("only heads [0, 3] of 4 were captured")
     expect(windowed.locator(".phi3lab-heatmap .js-plotly-plot .gtitle").first).to_have_text(
-        "Layer 2 · head 0 (kv head 0): attention pattern (probability)")
+        "Layer 2 · head 0 (kv head 0): attention pattern (probability)"
+    )
     ticks = windowed.locator(".phi3lab-heatmap .js-plotly-plot .ytick text")
-    expect(ticks).to_have_count(32)                                                # zoom 32: every label shown
+    expect(ticks).to_have_count(32)  # zoom 32: every label shown
     expect(ticks.filter(has_text=re.compile(r"^236 "))).to_have_count(1)
     expect(windowed.locator(".phi3lab-thumbnail")).to_have_count(2)
     expect(windowed.locator(".phi3lab-overview img")).to_be_visible()
@@ -163,6 +182,12 @@ def _drive(lab, page):
     check_clean(page)
     if os.environ.get("PHI3LAB_UPDATE_DOCS_IMAGES") == "1":
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-        for name in ("head_grid", "token_view_loss", "token_view_attention", "attention_explorer_windowed",
-                     "head_grid_32x32", "dark_head_grid"):
+        for name in (
+            "head_grid",
+            "token_view_loss",
+            "token_view_attention",
+            "attention_explorer_windowed",
+            "head_grid_32x32",
+            "dark_head_grid",
+        ):
             shutil.copy(paths[name], DOCS_IMAGES / f"{name}.png")
