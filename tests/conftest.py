@@ -24,6 +24,11 @@ if "PHI3LAB_CACHE_DIR" not in os.environ:
 import numpy as np
 import pytest
 
+# The real-JupyterLab fixtures (`lab`, `page`) of tests/browser/, shared by
+# every browser test (one server per session). A second conftest.py there
+# would shadow this one for `from conftest import ...`.
+pytest_plugins = ["browser.lab_fixtures"]
+
 # Sizes shared by the oracle tests: small enough to compile in well under a
 # second, large enough for GQA (4 query heads over 2 key/value heads) and for
 # 8 rotary pairs. Positions beyond `PRETRAINING` (8) switch "su" scaling to

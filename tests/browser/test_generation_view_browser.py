@@ -13,7 +13,7 @@ import urllib.request
 
 import nbformat
 import pytest
-from test_attention_explorer_browser import ARTIFACTS, KERNEL_READY, lab, page, shot  # noqa: F401 (fixtures)
+from lab_helpers import ARTIFACTS, KERNEL_READY, shot
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -18,7 +18,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from lab_helpers import ARTIFACTS, CHROME_ARGS, CHROMIUM, HERE, LOCAL_HOSTS, require_chromium
+from browser.lab_helpers import ARTIFACTS, CHROME_ARGS, CHROMIUM, HERE, LOCAL_HOSTS, require_chromium
 
 
 @pytest.fixture(scope="session")
