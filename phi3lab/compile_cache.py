@@ -4,7 +4,12 @@ Everything that compiles a program for a model (`trace`, the analysis sweeps,
 generation, the model's own eager call) stores it here under a key that says
 what the program is (`("trace", plan, hooks, shapes)`, ...). Entries live as
 long as their model and, per model, at most `limit()` of them are kept, the
-least recently used going first. `PHI3LAB_COMPILE_CACHE_SIZE` sets the limit
+least recently used going first.
+
+The cache is held by the model itself (a private attribute): its programs
+close over the model, so a table keyed by weak references to models would
+keep every model alive through its own values. Held by the model, model and
+programs form one cycle that the garbage collector frees together. `PHI3LAB_COMPILE_CACHE_SIZE` sets the limit
 (default 64 programs per model); `set_limit` changes it at run time.
 
 Input lengths are padded to a few *length buckets* (`bucket_length`), so
@@ -23,7 +28,8 @@ from typing import Any, Callable, Hashable
 
 _DEFAULT_LIMIT = 64
 _BUCKETS = (64, 128, 256, 384, 512)
-_CACHES: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+_ATTRIBUTE = "_phi3lab_compiled_programs"
+_MODELS: "weakref.WeakSet" = weakref.WeakSet()  # models holding a cache, for set_limit
 _limit = int(os.environ.get("PHI3LAB_COMPILE_CACHE_SIZE", _DEFAULT_LIMIT))
 
 
@@ -33,7 +39,7 @@ def cached(model, key: Hashable, build: Callable[[], Any]):
     Example:
     >>> run = cached(model, ("forward",), lambda: jax.jit(forward))
     """
-    cache = _CACHES.setdefault(model, OrderedDict())
+    cache = _cache_of(model)
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
@@ -44,10 +50,21 @@ def cached(model, key: Hashable, build: Callable[[], Any]):
     return program
 
 
+def _cache_of(model) -> OrderedDict:
+    """`model`'s own cache, created on first use (set past Keras' attribute
+    tracking, which would otherwise treat the programs as layer state)."""
+    cache = getattr(model, _ATTRIBUTE, None)
+    if cache is None:
+        cache = OrderedDict()
+        object.__setattr__(model, _ATTRIBUTE, cache)
+        _MODELS.add(model)
+    return cache
+
+
 def size(model, kind: str | None = None) -> int:
     """How many programs are cached for `model` (only keys starting with
     `kind` when given, e.g. `"trace"`)."""
-    cache = _CACHES.get(model, {})
+    cache = getattr(model, _ATTRIBUTE, {})
     if kind is None:
         return len(cache)
     return sum(1 for key in cache if isinstance(key, tuple) and key and key[0] == kind)
@@ -55,7 +72,7 @@ def size(model, kind: str | None = None) -> int:
 
 def entries(model) -> dict:
     """A copy of `model`'s cache, key -> program (for inspection and tests)."""
-    return dict(_CACHES.get(model, {}))
+    return dict(getattr(model, _ATTRIBUTE, {}))
 
 
 def limit() -> int:
@@ -69,7 +86,8 @@ def set_limit(value: int) -> None:
 
     global _limit
     _limit = check_positive_int("value", value)
-    for cache in _CACHES.values():
+    for model in list(_MODELS):
+        cache = getattr(model, _ATTRIBUTE)
         while len(cache) > _limit:
             cache.popitem(last=False)
 

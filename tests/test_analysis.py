@@ -67,7 +67,9 @@ def tr(model, ids):
 def test_logit_lens_last_post_is_the_models_logits(model, tr):
     logits = analysis.logit_lens_logits(model, tr, batch=1)
     assert logits.shape == (LAYERS, 3, 10, VOCAB)
-    np.testing.assert_array_equal(logits[-1, -1], tr.logits[1])
+    # The trace ran padded to its length bucket, the lens on the trace's
+    # own shape: XLA may round differently per shape, never by more.
+    np.testing.assert_allclose(logits[-1, -1], tr.logits[1], rtol=1e-5, atol=1e-5)
     only_post = analysis.logit_lens_logits(model, tr, where="post", batch=1)
     np.testing.assert_array_equal(only_post[:, 0], logits[:, 2])
 
