@@ -50,9 +50,18 @@ lint: $(STAMP)
 	$(BIN)/ruff check phi3lab tests benchmarks scripts
 	$(BIN)/ruff format --check phi3lab tests benchmarks scripts
 
+# The suite runs in a few processes (one per group of test files, then the
+# notebooks), so memory that compiled programs and test models leave behind
+# in one process never adds up over the whole suite. pytest's exit 5 ("no
+# tests") in a group is not a failure.
+TEST_GROUPS = "tests/browser" "tests/test_[a-h]*.py" "tests/test_[i-s]*.py" "tests/test_[t-z]*.py" "--nbmake notebooks"
+
 test: $(STAMP) browser lint
-	$(BIN)/python -m pytest -q -rs --timeout=900 tests --nbmake notebooks --nbmake-timeout=300; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	@status=0; for group in $(TEST_GROUPS); do \
+		echo "== pytest $$group"; \
+		$(BIN)/python -m pytest -q -rs --timeout=900 --nbmake-timeout=300 $$group; rc=$$?; \
+		if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then status=$$rc; fi; \
+	done; exit $$status
 
 # TransformerLens 3.9 for the comparison rows of benchmarks/trace.py. The
 # installed torch, numpy, jax and keras are pinned by a constraints file, so

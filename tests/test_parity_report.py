@@ -44,7 +44,9 @@ def test_every_site_matches(checkpoint):
     expected = [n for n in all_names(model.num_layers) if not n.endswith("hook_attn_scores")]
     assert table["name"].tolist() == expected
     assert table.attrs["all_passed"], table[~table.passed]
-    assert (table["max_abs_diff"] < 2e-4).all() and (table["reference_max_abs"] > 0.5).all()
+    # float32 rounding grows with the activations (up to ~70 here): 1e-4 plus 1e-5 of the scale.
+    assert (table["max_abs_diff"] < 1e-4 + 1e-5 * table["reference_max_abs"]).all()
+    assert (table["reference_max_abs"] > 0.5).all()
     assert table.loc[table.name == "hook_logits", "shape"].item() == (3, LENGTHS["above"], model.vocabulary_size)
 
 
