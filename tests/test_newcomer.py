@@ -134,13 +134,11 @@ def test_the_wheel_ships_every_file_of_the_package(tmp_path):
 @pytest.fixture
 def require_chromium(monkeypatch, tmp_path):
     """The browser tests' own skip-or-fail helper, looking for a Chromium that is not there."""
-    spec = importlib.util.spec_from_file_location(
-        "browser_under_test", ROOT / "tests" / "browser" / "test_attention_explorer_browser.py"
-    )
+    spec = importlib.util.spec_from_file_location("browser_under_test", ROOT / "tests" / "browser" / "lab_helpers.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "CHROMIUM", tmp_path / "no-chromium")
-    return module._require_chromium
+    return module.require_chromium
 
 
 def test_missing_chromium_skips_with_the_command_that_enables_it(require_chromium, monkeypatch):
