@@ -144,7 +144,13 @@ def evaluate(logits_fn, probe_sets: dict) -> dict:
 
 
 def train(
-    steps: int, out: Path, seed: int = 0, init_from: Path | None = None, peak_lr: float = 2e-3, eval_every: int = 100
+    steps: int,
+    out: Path,
+    seed: int = 0,
+    init_from: Path | None = None,
+    peak_lr: float = 2e-3,
+    eval_every: int = 100,
+    copy_steps: int = 0,
 ) -> dict:
     started, cpu_started = time.time(), time.process_time()
     docs = documents(40000, seed)
@@ -154,6 +160,9 @@ def train(
         tokenizer = Phi3Tokenizer.from_preset(init_from)
     vocabulary_size = int(math.ceil(tokenizer.vocabulary_size / 64) * 64)
     stream = token_stream(tokenizer, docs, random_repeats=40000, seed=seed)
+    # The first `copy_steps` steps read random token repeats only, so the
+    # copying (induction) circuit forms before the text competes with it.
+    copy_stream = token_stream(tokenizer, [], random_repeats=40000, seed=seed + 3)
     held_out = token_stream(tokenizer, documents(800, seed + 1))
     import keras
 
@@ -205,7 +214,8 @@ def train(
         # Every fourth batch is longer than the pretraining window, so the
         # long rotary factors are trained too.
         length = 256 if step % 4 == 3 else 128
-        window = jnp.asarray(batches(stream, 16 if length == 128 else 8, length, rng))
+        source = copy_stream if step < copy_steps else stream
+        window = jnp.asarray(batches(source, 16 if length == 128 else 8, length, rng))
         params, moments, loss = update(params, moments, jnp.float32(step), window)
         losses.append(float(loss))  # the curve's loss is the mean since the previous row
         if step % eval_every == 0 or step == steps - 1:
@@ -255,6 +265,7 @@ def train(
             "steps": steps,
             "seed": seed,
             "peak_lr": peak_lr,
+            "copy_steps": copy_steps,
             "seconds": round(time.time() - started, 1),
             "cpu_seconds": round(time.process_time() - cpu_started, 1),
             "init_from": None if init_from is None else "previous stage",
@@ -280,9 +291,10 @@ if __name__ == "__main__":
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-lr", type=float, default=2e-3)
+    parser.add_argument("--copy-steps", type=int, default=0, help="first steps on random token repeats only")
     parser.add_argument("--init-from", type=Path, default=None, help="continue training this preset")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parent.parent / "phi3lab/assets/phi3lab_tiny_en"
     )
     args = parser.parse_args()
-    train(args.steps, args.out, args.seed, args.init_from, args.peak_lr, args.eval_every)
+    train(args.steps, args.out, args.seed, args.init_from, args.peak_lr, args.eval_every, args.copy_steps)
