@@ -62,20 +62,23 @@ CONFIG = {
 }
 
 
-def documents(count: int, seed: int) -> list[str]:
-    """The training documents (chat turns formatted with Phi-3's template)."""
+def documents(count: int, seed: int, name_mover_share: float = 0.45) -> list[str]:
+    """The training documents (chat turns formatted with Phi-3's template):
+    `name_mover_share` of them name-mover sentences, the rest repeated words,
+    chat turns and simple sentences in the proportions 30 : 13 : 12."""
     rng = np.random.default_rng(seed)
     docs = []
     names = tasks.TRAIN_NAMES
+    rest = (1 - name_mover_share) / 0.55
     for index in range(count):
         kind = rng.random()
-        if kind < 0.3:
+        if kind < 0.3 * rest:
             period = int(rng.choice(TRAIN_PERIODS))
             docs.append(tasks.repeated_words(period, int(rng.integers(2, 5)), seed=seed * 100003 + index))
-        elif kind < 0.75:
+        elif kind < 0.3 * rest + name_mover_share:
             for prompt in tasks.name_mover_prompts(3, seed=seed * 7919 + index, names=names, distractor_rate=0.3):
                 docs.append(f"{prompt.text} {prompt.answer}.")
-        elif kind < 0.88:
+        elif kind < 0.43 * rest + name_mover_share:
             conv = tasks.chat_turns(1, seed=seed * 31 + index)[0]
             docs.append("".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in conv))
         else:
@@ -151,9 +154,10 @@ def train(
     peak_lr: float = 2e-3,
     eval_every: int = 100,
     copy_steps: int = 0,
+    name_mover_share: float = 0.45,
 ) -> dict:
     started, cpu_started = time.time(), time.process_time()
-    docs = documents(40000, seed)
+    docs = documents(40000, seed, name_mover_share)
     if init_from is None:
         tokenizer = Phi3Tokenizer(train_sentencepiece(documents(40000, 0)[:20000], vocab_size=1000))
     else:
@@ -266,6 +270,7 @@ def train(
             "seed": seed,
             "peak_lr": peak_lr,
             "copy_steps": copy_steps,
+            "name_mover_share": name_mover_share,
             "seconds": round(time.time() - started, 1),
             "cpu_seconds": round(time.process_time() - cpu_started, 1),
             "init_from": None if init_from is None else "previous stage",
@@ -292,9 +297,19 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-lr", type=float, default=2e-3)
     parser.add_argument("--copy-steps", type=int, default=0, help="first steps on random token repeats only")
+    parser.add_argument("--name-mover-share", type=float, default=0.45, help="share of name-mover documents")
     parser.add_argument("--init-from", type=Path, default=None, help="continue training this preset")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parent.parent / "phi3lab/assets/phi3lab_tiny_en"
     )
     args = parser.parse_args()
-    train(args.steps, args.out, args.seed, args.init_from, args.peak_lr, args.eval_every, args.copy_steps)
+    train(
+        args.steps,
+        args.out,
+        args.seed,
+        args.init_from,
+        args.peak_lr,
+        args.eval_every,
+        args.copy_steps,
+        args.name_mover_share,
+    )

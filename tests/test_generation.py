@@ -178,6 +178,24 @@ def test_sampling_is_reproducible_and_stays_in_the_allowed_set(models):
     np.testing.assert_array_equal(greedy.token_ids, zero.token_ids)
 
 
+def test_tokens_depend_on_the_seed_not_on_how_the_loop_is_cut(models):
+    # Streaming runs the decode loop one token at a time; without it the loop
+    # runs chunks of many tokens. Both cross the rotary switch (a rebuilding
+    # prefill), sample, and capture: the same seed gives the same run.
+    model = models("su")
+    prompt = [4, 8, 15, 16, 23]
+    kwargs = dict(max_new_tokens=14, temperature=1.2, top_k=20, seed=7, stop=[], names="blocks.1.attn.hook_pattern")
+    pieces = []
+    streamed = phi3lab.generate(model, None, prompt, stream=pieces.append, **kwargs)
+    chunked = phi3lab.generate(model, None, prompt, **kwargs)
+    assert pieces == streamed.new_token_ids.tolist()
+    np.testing.assert_array_equal(streamed.token_ids, chunked.token_ids)
+    np.testing.assert_allclose(streamed.logprobs, chunked.logprobs, atol=1e-6)
+    np.testing.assert_allclose(
+        streamed.trace["blocks.1.attn.hook_pattern"], chunked.trace["blocks.1.attn.hook_pattern"], atol=1e-6
+    )
+
+
 def test_sampler_allowed_set_is_the_nucleus():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     np.testing.assert_array_equal(Sampler(1.0, top_p=0.75).allowed(logits), [True, True, False, False])

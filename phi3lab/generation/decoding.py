@@ -27,9 +27,9 @@ from jax import numpy as jnp
 from phi3lab.checks import check_ids, check_positive_int, is_int
 from phi3lab.errors import bad_argument
 from phi3lab.generation.captures import StepCaptures, captured_bytes, row_trace
-from phi3lab.generation.programs import bucket, step_program
+from phi3lab.generation.programs import CHUNK, bucket, loop_program, step_program
 from phi3lab.generation.result import Generation
-from phi3lab.generation.sampling import Sampler, check_seed, log_softmax
+from phi3lab.generation.sampling import Sampler, check_seed
 from phi3lab.model.kv_cache import KVCache
 from phi3lab.tracing.forward import as_hooks, forward_fn
 from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure
@@ -111,10 +111,10 @@ def _stop_ids(stop, tokenizer, vocabulary: int) -> frozenset[int]:
 
 
 class _Decoder:
-    """Runs the prefill and decode programs over one left-padded batch."""
+    """Runs the prefill and the decode loop over one left-padded batch."""
 
     def __init__(self, model, fn, rows: list[list[int]], cache_length: int, pad_id: int):
-        self.model, self.fn = model, fn
+        self.model, self.fn, self.pad_id = model, fn, pad_id
         self.params = model.params()
         self.hook_data = jax.tree.map(jnp.asarray, fn.hook_data)
         batch, prompt = len(rows), max(len(r) for r in rows)
@@ -126,12 +126,12 @@ class _Decoder:
             self.slot_mask[r, : prompt - len(ids)] = False
         self.positions = np.maximum(np.cumsum(self.slot_mask, axis=1) - 1, 0).astype(np.int32)
         self.device_slot_mask = jnp.asarray(self.slot_mask)  # fixed for the whole generation
-        self.programs = {}  # step length -> compiled step
+        self.device_positions = jnp.asarray(self.positions)
         self.captures = StepCaptures(fn.plan)
         self.cache = KVCache.empty(model, batch, cache_length)
         self.length = 0  # slots processed
 
-    def _args(self, token_ids, positions, index: int, last: int):
+    def _step_args(self, token_ids, positions, index: int, last: int):
         return (
             self.params,
             jnp.asarray(token_ids),
@@ -143,39 +143,70 @@ class _Decoder:
             self.hook_data,
         )
 
-    def program(self, rows: int):
-        """The compiled step over `rows` new slots (1 for decode)."""
-        if rows not in self.programs:
-            batch = self.sequence.shape[0]
-            shapes = self._args(np.zeros((batch, rows), np.int32), np.zeros((batch, rows), np.int32), 0, 0)
-            self.programs[rows] = step_program(self.fn, shapes)
-        return self.programs[rows]
+    def _loop_args(self, logits, first: int, count: int, feeds: int, finished, stops, key):
+        return (
+            self.params,
+            logits,
+            self.device_slot_mask,
+            self.device_positions,
+            self.cache,
+            np.int32(self.length),
+            np.int32(first),
+            np.int32(count),
+            np.int32(feeds),
+            np.asarray(finished, bool),
+            stops,
+            np.int32(self.pad_id),
+            key,
+            self.hook_data,
+        )
 
-    def _run(self, token_ids, positions, index: int, rows: int):
-        args = self._args(token_ids, positions, index, rows - 1)
-        logits, self.cache, top, segments = self.program(token_ids.shape[1])(*args)
-        self.captures.add(rows, top, segments)
-        return np.asarray(logits, np.float64)
+    def loop_program(self, sampler: Sampler, vocabulary: int, stops):
+        """The compiled decode loop of this batch (see `programs.loop_program`)."""
+        batch = self.sequence.shape[0]
+        logits = jax.ShapeDtypeStruct((batch, self.model.vocabulary_size), jnp.float32)
+        args = self._loop_args(logits, 0, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
+        return loop_program(self.fn, sampler, vocabulary, args)
 
     def prefill(self, length: int):
-        """Process slots `0 .. length - 1` from scratch (a new cache)."""
+        """Process slots `0 .. length - 1` from scratch (a new cache); return
+        the logits `[B, V]` after slot `length - 1`."""
         padded = bucket(length, self.sequence.shape[1])
         token_ids = self.sequence[:, :padded]
         positions = np.where(np.arange(padded) < length, self.positions[:, :padded], 0)
         self.cache = KVCache.empty(self.model, *self.sequence.shape)
         self.captures.reset()
         self.length = length
-        return self._run(token_ids, positions, 0, length)
+        args = self._step_args(token_ids, positions, 0, length - 1)
+        shapes = self._step_args(np.zeros_like(token_ids), np.zeros_like(positions), 0, 0)
+        logits, self.cache, top, segments = step_program(self.fn, shapes)(*args)
+        self.captures.add(length, top, segments)
+        return logits.astype(jnp.float32)
 
-    def advance(self):
-        """Process the next slot: a decode step, or a rebuilding prefill at
-        the step where the sequence outgrows the short rotary factors."""
-        t = self.length
+    def decode(self, program, logits, first: int, count: int, feeds: int, finished, stops, key):
+        """Run the decode loop for up to `count` new tokens from slot
+        `self.length` on; return `(logits, tokens [B, n], logprobs [B, n])`
+        for the `n` iterations it ran, and record what the fed tokens captured."""
+        args = self._loop_args(logits, first, count, feeds, finished, stops, key)
+        logits, self.cache, tokens, logprobs, ran, _, buffers = program(*args)
+        ran = int(ran)
+        tokens, logprobs = np.asarray(tokens[:, :ran]), np.asarray(logprobs[:, :ran], np.float64)
+        self.sequence[:, self.length : self.length + ran] = tokens
+        fed = min(ran, feeds) if self.fn.plan.keep else 0
+        if fed:
+            top, segments = jax.tree.map(np.asarray, buffers)
+            for k in range(fed):
+                self.captures.add(
+                    1, {n: v[k] for n, v in top.items()}, [{s: v[k] for s, v in c.items()} for c in segments]
+                )
+        self.length += min(ran, feeds)
+        return logits, tokens, logprobs
+
+    def rebuild_at(self, slot: int) -> bool:
+        """Whether running `slot` needs a prefill over the whole sequence (the
+        sequence outgrows the short rotary factors there)."""
         rotary = self.model.rotary
-        if rotary.factor_set(t + 1) != rotary.factor_set(t):
-            return self.prefill(t + 1)
-        self.length = t + 1
-        return self._run(self.sequence[:, t : t + 1], self.positions[:, t : t + 1], t, 1)
+        return rotary.factor_set(slot + 1) != rotary.factor_set(slot)
 
 
 def generate(
@@ -248,7 +279,7 @@ def generate(
         raise bad_argument("chat", chat, "True or False")
     check_positive_int("max_new_tokens", max_new_tokens)
     sampler = Sampler(temperature, top_k, top_p)
-    rng = np.random.default_rng(check_seed(seed))
+    seed = check_seed(seed)
     if stream is not None and not callable(stream):
         raise bad_argument("stream", stream, "None or a callable")
     if progress is not None and not isinstance(progress, (bool, np.bool_)):
@@ -274,13 +305,12 @@ def generate(
     fn = forward_fn(model, () if names is None else names, as_hooks(hooks))
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     decoder = _Decoder(model, fn, rows, bucket(longest + max_new_tokens, limit), pad_id)
+    stop_array = np.asarray(sorted(stops), np.int32)
+    program = decoder.loop_program(sampler, vocabulary, stop_array)
     if names is not None:
-        length = longest + max_new_tokens
-        estimate = measure(decoder.program(1), decoder.params)
-        check_fits(
-            MemoryEstimate(estimate.weights, estimate.working, captured_bytes(model, fn.plan.keep, len(rows), length)),
-            memory_budget,
-        )
+        estimate = measure(program, decoder.params)
+        captured = captured_bytes(model, fn.plan.keep, len(rows), longest + max_new_tokens)
+        check_fits(MemoryEstimate(estimate.weights, estimate.working, captured), memory_budget)
 
     batch, prompt_length = len(rows), decoder.prompt_length
     new = [[] for _ in rows]
@@ -291,33 +321,45 @@ def generate(
 
     show = max_new_tokens >= PROGRESS_FROM if progress is None else bool(progress)
     bar = tqdm(total=max_new_tokens, desc="generate", unit="token", disable=not show)
+    key = jax.random.PRNGKey(seed)
     logits = decoder.prefill(prompt_length)
-    for step in range(max_new_tokens):
-        scores = log_softmax(logits[:, :vocabulary])
+    step = 0
+    while step < max_new_tokens and not all(finished):
+        # One run of the loop: up to CHUNK tokens (one when streaming), cut
+        # where the next slot needs a rebuilding prefill (rotary switch).
+        count = 1 if stream is not None else min(CHUNK, max_new_tokens - step)
+        slot = prompt_length + step
+        rebuild = next((i for i in range(count) if decoder.rebuild_at(slot + i)), None)
+        count = count if rebuild is None else rebuild + 1
+        last = step + count == max_new_tokens and names is None
+        feeds = count - (1 if rebuild is not None or last else 0)
+        logits, tokens, scores = decoder.decode(
+            program, logits, step, count, feeds, [bool(f) for f in finished], stop_array, key
+        )
         pieces = [None if tokenizer is None else ""] * batch
         for r in range(batch):
             if finished[r]:
                 continue
-            token = sampler.choose(logits[r, :vocabulary], rng)
-            new[r].append(token)
-            logprobs[r].append(float(scores[r, token]))
-            decoder.sequence[r, prompt_length + step] = token
-            if token in stops:
-                finished[r] = "stop"
+            for k in range(tokens.shape[1]):
+                token = int(tokens[r, k])
+                new[r].append(token)
+                logprobs[r].append(float(scores[r, k]))
+                pieces[r] = token
+                if token in stops:
+                    finished[r] = "stop"
+                    break
             if tokenizer is not None:
                 text = tokenizer.decode(new[r][:-1] if finished[r] else new[r])
                 pieces[r], texts[r] = text[len(texts[r]) :], text
-            else:
-                pieces[r] = token
-        bar.update(1)
+        step += tokens.shape[1]
+        bar.update(tokens.shape[1])
         if stream is not None:
             stream(pieces[0] if single else pieces)
-        if all(finished) or step == max_new_tokens - 1:
-            break
-        logits = decoder.advance()
+        if rebuild is not None and tokens.shape[1] == count and step < max_new_tokens and not all(finished):
+            logits = decoder.prefill(decoder.length + 1)
     bar.close()
-    if names is not None:
-        decoder.advance()  # the last new tokens' own activations
+    if names is not None and decoder.length < prompt_length + step:
+        decoder.prefill(prompt_length + step)  # the last new token's own activations (at the rotary switch)
 
     arrays = decoder.captures.arrays(decoder.length, all_names(model)) if names is not None else {}
     results = []
@@ -344,7 +386,7 @@ def generate(
 
 
 def estimate(model, prompt_length: int, max_new_tokens: int, batch: int = 1, names: Selection = None) -> MemoryEstimate:
-    """Bytes a generation needs: weights, the decode step's working set (its
+    """Bytes a generation needs: weights, the decode loop's working set (its
     key/value cache included) and the captures of `names` over the whole
     sequence. Nothing runs.
 
@@ -362,6 +404,6 @@ def estimate(model, prompt_length: int, max_new_tokens: int, batch: int = 1, nam
     fn = forward_fn(model, () if names is None else names)
     length = bucket(prompt_length + max_new_tokens, model.max_sequence_length)
     decoder = _Decoder(model, fn, [[0]] * batch, length, 0)
-    measured = measure(decoder.program(1), decoder.params)
+    measured = measure(decoder.loop_program(Sampler(), model.vocabulary_size, np.zeros(0, np.int32)), decoder.params)
     captured = captured_bytes(model, fn.plan.keep, batch, prompt_length + max_new_tokens)
     return MemoryEstimate(measured.weights, measured.working, captured)

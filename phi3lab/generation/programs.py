@@ -1,21 +1,28 @@
-"""The compiled steps of cached generation: prefill and decode, one program
-per (batch, step length, cache length) for a capture plan and hook functions.
+"""The compiled programs of cached generation: the prefill step and the
+decode loop, one program per (batch, length, cache length) for a capture
+plan and hook functions.
 
-Both steps are the model's one forward (`phi3lab.tracing.forward_fn`'s
-`run`, i.e. `Phi3Backbone.apply` with a `KVCache`), followed by the readout
-of one row per sequence. Hook data, weights, tokens and the cache are
-inputs, so new steering vectors or new tokens never recompile.
+Both run the model's one forward (`phi3lab.tracing.forward_fn`'s `run`, i.e.
+`Phi3Backbone.apply` with a `KVCache`), followed by the readout of one row
+per sequence. The decode loop chooses each token on the device and feeds it
+back (a `lax.while_loop`), so a chunk of new tokens costs one dispatch.
+Hook data, weights, tokens and the cache are inputs, so new steering vectors
+or new tokens never recompile.
 """
 
 from __future__ import annotations
 
 import jax
+from jax import numpy as jnp
 
 from phi3lab import compile_cache
+from phi3lab.generation.sampling import Sampler
 from phi3lab.tracing.forward import ForwardFn
 
 # Cache lengths and prefill lengths are rounded up to a multiple of this.
 BUCKET = 64
+# New tokens per run of the decode loop (at most; fewer when streaming).
+CHUNK = 32
 
 
 def bucket(length: int, limit: int) -> int:
@@ -23,15 +30,11 @@ def bucket(length: int, limit: int) -> int:
     return min(-(-length // BUCKET) * BUCKET, limit)
 
 
-def step_program(fn: ForwardFn, args):
-    """The compiled step for `args = (params, token_ids [B, n], slot_mask
-    [B, S], positions [B, n], cache, cache_index, last, hook_data)`.
-
-    The program returns `(logits [B, V] at row `last` of the step, updated
-    cache, model-level captures, per-range block captures)`. Compiled ahead
-    of time (so its memory is known) and cached per model under the kind
-    `"generate"`.
-    """
+def _step(fn: ForwardFn):
+    """The forward over a few new slots: `(params, token_ids [B, n],
+    slot_mask [B, S], positions [B, n], cache, cache_index, last, hook_data)`
+    to `(logits [B, V] at row `last`, updated cache, model-level captures,
+    per-range block captures)`."""
     model = fn.model
 
     def step(params, token_ids, slot_mask, positions, cache, cache_index, last, hook_data):
@@ -41,7 +44,84 @@ def step_program(fn: ForwardFn, args):
         row = jax.lax.dynamic_index_in_dim(hidden, last, axis=1, keepdims=False)
         return model.unembed(params, row), cache, top, segments
 
+    return step
+
+
+def _compile(fn: ForwardFn, kind: str, program, args, *extra):
     leaves, treedef = jax.tree.flatten(args)
     shapes = (treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
-    key = ("generate", fn.plan, tuple((h.fn, h.static) for h in fn.hooks), shapes)
-    return compile_cache.cached(model, key, lambda: jax.jit(step).lower(*args).compile())
+    key = (kind, fn.plan, tuple((h.fn, h.static) for h in fn.hooks), shapes, *extra)
+    return compile_cache.cached(fn.model, key, lambda: jax.jit(program).lower(*args).compile())
+
+
+def step_program(fn: ForwardFn, args):
+    """The compiled step (`_step`) for `args`, cached per model under the kind
+    `"generate"` (as the decode loop). Compiled ahead of time, so its memory
+    is known."""
+    return _compile(fn, "generate", _step(fn), args)
+
+
+def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
+    """The compiled decode loop for `args = (params, logits [B, V], slot_mask
+    [B, S], positions [B, S], cache, start, first, count, feeds, finished [B],
+    stops [n], pad_id, key, hook_data)`.
+
+    Iteration `i` (while `i < count` and some row is unfinished) chooses new
+    token `first + i` of every row from `logits` (ids `>= vocabulary` never
+    chosen; finished rows get `pad_id`), then, if `i < feeds`, runs it at
+    cache slot `start + i` for the next logits. Returns `(logits, cache,
+    tokens [B, CHUNK], logprobs [B, CHUNK], iterations, finished, captures)`,
+    the captures of each fed token stacked along a leading `CHUNK` axis.
+    Without captures, a token chosen once every row has finished is not fed.
+    """
+    step = _step(fn)
+    capture = bool(fn.plan.keep)
+    params, _, slot_mask, positions, cache, *_, hook_data = args
+    batch = slot_mask.shape[0]
+    one = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    index = jax.ShapeDtypeStruct((), jnp.int32)
+    captured = jax.eval_shape(step, params, one, slot_mask, one, cache, index, index, hook_data)[2:]
+
+    def loop(
+        params, logits, slot_mask, positions, cache, start, first, count, feeds, finished, stops, pad_id, key, hook_data
+    ):
+        def choose(i, logits, finished):
+            masked = jnp.where(jnp.arange(logits.shape[-1]) < vocabulary, logits.astype(jnp.float32), -jnp.inf)
+            token = sampler.choose(masked, jax.random.fold_in(key, first + i))
+            logprob = jnp.take_along_axis(jax.nn.log_softmax(masked, axis=-1), token[:, None], axis=-1)[:, 0]
+            token = jnp.where(finished, pad_id, token)
+            return token, logprob, finished | jnp.isin(token, stops)
+
+        def body(carry):
+            i, logits, cache, finished, tokens, logprobs, buffers = carry
+            token, logprob, finished = choose(i, logits, finished)
+            tokens, logprobs = tokens.at[:, i].set(token), logprobs.at[:, i].set(logprob)
+
+            def feed(logits, cache):
+                slot = start + i
+                at = jax.lax.dynamic_slice_in_dim(positions, slot, 1, axis=1)
+                logits, cache, top, segments = step(
+                    params, token[:, None], slot_mask, at, cache, slot, jnp.int32(0), hook_data
+                )
+                return logits.astype(jnp.float32), cache, (top, segments)
+
+            def skip(logits, cache):
+                return logits, cache, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), captured)
+
+            fed = (i < feeds) & (capture | ~jnp.all(finished))
+            logits, cache, step_captures = jax.lax.cond(fed, feed, skip, logits, cache)
+            buffers = jax.tree.map(lambda buffer, value: buffer.at[i].set(value), buffers, step_captures)
+            return i + 1, logits, cache, finished, tokens, logprobs, buffers
+
+        def more(carry):
+            i, _, _, finished, *_ = carry
+            return (i < count) & ~jnp.all(finished)
+
+        buffers = jax.tree.map(lambda s: jnp.zeros((CHUNK, *s.shape), s.dtype), captured)
+        tokens = jnp.full((batch, CHUNK), pad_id, jnp.int32)
+        logprobs = jnp.zeros((batch, CHUNK), jnp.float32)
+        carry = (jnp.int32(0), logits.astype(jnp.float32), cache, finished, tokens, logprobs, buffers)
+        i, logits, cache, finished, tokens, logprobs, buffers = jax.lax.while_loop(more, body, carry)
+        return logits, cache, tokens, logprobs, i, finished, buffers
+
+    return _compile(fn, "generate", loop, args, "loop", sampler, vocabulary)

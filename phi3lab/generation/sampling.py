@@ -1,7 +1,9 @@
 """Choosing the next token from logits: greedy, temperature, top-k, top-p.
 
-Runs on the host in float64 over one row of logits, so the allowed set and
-the probabilities are exact and easy to check.
+Runs on the device, inside the compiled decode loop, so a generation never
+waits on the host between tokens. The random key of new token `n` is
+`fold_in(PRNGKey(seed), n)`: the tokens depend on the seed only, not on how
+the loop was cut into compiled chunks (streaming or not).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import dataclasses
 import math
 import numbers
 
-import numpy as np
+import jax
+from jax import numpy as jnp
 
 from phi3lab.checks import check_positive_int, is_int
 from phi3lab.errors import bad_argument
@@ -30,7 +33,7 @@ class Sampler:
 
     Example:
     >>> sampler = Sampler(temperature=0.8, top_k=40)
-    >>> token = sampler.choose(logits, np.random.default_rng(0))
+    >>> tokens = sampler.choose(logits, jax.random.PRNGKey(0))  # logits [B, V] -> [B]
     """
 
     temperature: float = 0.0
@@ -51,39 +54,31 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def allowed(self, logits) -> np.ndarray:
-        """Boolean `[V]`: the tokens that may be drawn from `logits [V]`."""
-        logits = np.asarray(logits, np.float64)
-        keep = np.ones(logits.shape, bool)
-        order = np.argsort(-logits, kind="stable")
-        if self.top_k is not None and self.top_k < logits.size:
-            keep[order[self.top_k :]] = False
+    def allowed(self, logits) -> jax.Array:
+        """Boolean `[..., V]`: the tokens that may be drawn from `logits [..., V]`.
+
+        Ties are broken by token id (the lower id counts as more likely), as
+        a stable sort does."""
+        logits = jnp.asarray(logits, jnp.float32)
+        order = jnp.argsort(-logits, axis=-1, stable=True)
+        rank = jnp.argsort(order, axis=-1)  # rank[v]: how many tokens are more likely than v
+        keep = jnp.ones(logits.shape, bool)
+        if self.top_k is not None:
+            keep = rank < self.top_k
         if self.top_p is not None:
-            probs = _softmax(np.where(keep, logits, -np.inf) / max(self.temperature, 1e-30))
-            before = np.cumsum(probs[order]) - probs[order]  # mass of more likely tokens
-            keep[order[before >= self.top_p]] = False
+            scaled = jnp.where(keep, logits / max(self.temperature, 1e-30), -jnp.inf)
+            probs = jnp.take_along_axis(jax.nn.softmax(scaled, axis=-1), order, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+            keep = keep & jnp.take_along_axis(before < self.top_p, rank, axis=-1)
         return keep
 
-    def choose(self, logits, rng: np.random.Generator) -> int:
-        """The next token for `logits [V]` (argmax when greedy)."""
-        logits = np.asarray(logits, np.float64)
+    def choose(self, logits, key) -> jax.Array:
+        """The next token `[...]` for `logits [..., V]` (argmax when greedy)."""
+        logits = jnp.asarray(logits, jnp.float32)
         if self.greedy:
-            return int(np.argmax(logits))
-        keep = self.allowed(logits)
-        probs = _softmax(np.where(keep, logits, -np.inf) / self.temperature)
-        return int(rng.choice(logits.size, p=probs))
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - np.max(x))
-    return e / e.sum()
-
-
-def log_softmax(logits) -> np.ndarray:
-    """Log-probabilities of `logits [..., V]` in float64."""
-    logits = np.asarray(logits, np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        scaled = jnp.where(self.allowed(logits), logits / self.temperature, -jnp.inf)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
 def check_seed(seed) -> int:
