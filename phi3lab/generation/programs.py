@@ -23,6 +23,12 @@ from phi3lab.tracing.forward import ForwardFn
 BUCKET = 64
 # New tokens per run of the decode loop (at most; fewer when streaming).
 CHUNK = 32
+# Whether the decode loop splits the stacked layer weights into per-layer
+# arrays once per run, before its first token. On CPU, XLA copies a layer's
+# weights out of the stack before each matrix product, which a one-token
+# step (memory-bound) pays in full; accelerators read the slices in place,
+# and the split would hold a second copy of the weights.
+UNSTACK_LAYERS = jax.default_backend() == "cpu"
 
 
 def bucket(length: int, limit: int) -> int:
@@ -85,6 +91,9 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
     def loop(
         params, logits, slot_mask, positions, cache, start, first, count, feeds, finished, stops, pad_id, key, hook_data
     ):
+        if UNSTACK_LAYERS:
+            params = {**params, "decoder": fn.model.decoder.unstack(params["decoder"])}
+
         def choose(i, logits, finished):
             masked = jnp.where(jnp.arange(logits.shape[-1]) < vocabulary, logits.astype(jnp.float32), -jnp.inf)
             token = sampler.choose(masked, jax.random.fold_in(key, first + i))
@@ -124,4 +133,4 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
         i, logits, cache, finished, tokens, logprobs, buffers = jax.lax.while_loop(more, body, carry)
         return logits, cache, tokens, logprobs, i, finished, buffers
 
-    return _compile(fn, "generate", loop, args, "loop", sampler, vocabulary)
+    return _compile(fn, "generate", loop, args, "loop", sampler, vocabulary, UNSTACK_LAYERS)

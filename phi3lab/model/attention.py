@@ -209,8 +209,8 @@ class Phi3Attention(keras.layers.Layer):
                 `cache`, `[B, S]` over the cache slots.
             sites: hook points (`NO_HOOKS` for the plain forward).
             dropout_key: JAX key for attention dropout, or None.
-            cache: None, or this layer's `(keys, values)`, each
-                `[B, S, Hkv, head_dim]`: the rotated keys and the values of
+            cache: None, or this layer's `LayerCache` (its keys and values
+                `[B, S, Hkv, head_dim]`): the rotated keys and the values of
                 the inputs are written at slots `cache_index ...
                 cache_index + T - 1`, and the queries (at those slots)
                 attend over all `S` slots under the causal, padding and
@@ -218,7 +218,7 @@ class Phi3Attention(keras.layers.Layer):
             cache_index: int (may be traced), the slot of `x`'s first row.
 
         Returns the attention output `[B, T, D]` (after the output kernel),
-        and with a `cache` also the updated `(keys, values)`.
+        and with a `cache` also the updated `LayerCache`.
 
         When no full attention map is reported (the plain forward, or a
         `sites.query_window`), `z` comes from `fused_attention` (flash
@@ -238,12 +238,9 @@ class Phi3Attention(keras.layers.Layer):
         k = sites("attn.hook_rot_k", apply_rotary(k, cos, sin))
 
         if cache is not None:
-            cache = tuple(
-                jax.lax.dynamic_update_slice(slots, new.astype(slots.dtype), (0, cache_index, 0, 0))
-                for slots, new in zip(cache, (k, v))
-            )
+            cache = cache.write(k, v, cache_index)
             z = self.attend(
-                q, *(slots.astype(dtype) for slots in cache), padding_mask, cache_index, dropout_key, sites
+                q, *(slots.astype(dtype) for slots in cache.read()), padding_mask, cache_index, dropout_key, sites
             )[2]
             z = sites("attn.hook_z", z)
             return jnp.einsum("btnh,nhd->btd", z, w["output_kernel"]), cache

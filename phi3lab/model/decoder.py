@@ -9,6 +9,7 @@ from jax import numpy as jnp
 from phi3lab.model.attention import Phi3Attention
 from phi3lab.model.dropout import dropout
 from phi3lab.model.hook_points import NO_HOOKS
+from phi3lab.model.kv_cache import LayerCache
 from phi3lab.model.mlp import Phi3MLP
 from phi3lab.model.norm import Phi3RMSNorm
 
@@ -88,7 +89,7 @@ class Phi3DecoderStack(keras.layers.Layer):
 
     def block(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None, cache=None, cache_index=0):
         """One decoder block from its parameter slice; `x` is `[B, T, D]`.
-        With a `cache` (this layer's `(keys, values)`, see
+        With a `cache` (this layer's `LayerCache`, see
         `Phi3Attention.apply`) returns `(x, cache)`."""
         keys = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
         x = sites("hook_resid_pre", x)
@@ -113,7 +114,11 @@ class Phi3DecoderStack(keras.layers.Layer):
         """Run every block.
 
         Args:
-            params: stacked parameters, as `params()` returns them.
+            params: stacked parameters, as `params()` returns them (the
+                layers run in a `lax.scan`), or a list of each layer's own
+                parameters (`unstack`; the layers run one after another,
+                with no per-layer weight slice: what a memory-bound decode
+                step wants on CPU).
             x: embedded tokens `[B, T, D]`.
             cos, sin: rotary tables `[T, head_dim]` or `[B, T, head_dim]`.
             padding_mask: boolean `[B, T]`, True for real tokens (with a
@@ -131,38 +136,46 @@ class Phi3DecoderStack(keras.layers.Layer):
             with a `cache`, `(x, captures, cache)` with the updated cache.
         """
         layer_keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
-        captures, cache_parts = [], []
+        captures = []
         for start, stop in sites.segments(self.num_layers):
-            take = lambda tree, start=start, stop=stop: jax.tree.map(lambda a: a[start:stop], tree)
 
-            def body(carry, inputs, start=start):
-                layer, key, layer_cache = inputs
+            def body(carry, inputs, start=start, layer_params=None):
+                x, cache = carry
+                layer, key = inputs
                 # Each layer's weights are read from the whole stack inside the
-                # loop: slicing the stack per range first would copy it.
-                layer_params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), params)
+                # loop: slicing the stack per range first would copy it. The
+                # cache is carried whole and written in place at its layer.
+                if layer_params is None:
+                    layer_params = jax.tree.map(
+                        lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), params
+                    )
                 block_sites = sites.block(start)
-                out = self.block(
-                    layer_params, carry, cos, sin, padding_mask, block_sites, key, layer_cache, cache_index
-                )
-                carry, layer_cache = out if layer_cache is not None else (out, None)
-                return carry, (block_sites.captured, layer_cache)
+                layer_cache = None if cache is None else LayerCache(cache, layer)
+                out = self.block(layer_params, x, cos, sin, padding_mask, block_sites, key, layer_cache, cache_index)
+                x, cache = (out[0], out[1].cache) if cache is not None else (out, None)
+                return (x, cache), block_sites.captured
 
-            inputs = (
-                jnp.arange(start, stop),
-                None if layer_keys is None else layer_keys[start:stop],
-                None if cache is None else take(tuple(cache)),
-            )
-            if stop - start == 1:
-                x, outputs = body(x, jax.tree.map(lambda a: a[0], inputs))
-                captured, layer_cache = jax.tree.map(lambda a: a[None], outputs)
+            inputs = (jnp.arange(start, stop), None if layer_keys is None else layer_keys[start:stop])
+            if isinstance(params, (list, tuple)):
+                outputs = []
+                for layer in range(start, stop):
+                    key = None if layer_keys is None else layer_keys[layer]
+                    (x, cache), captured = body((x, cache), (layer, key), layer_params=params[layer])
+                    outputs.append(captured)
+                captured = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+            elif stop - start == 1:
+                (x, cache), captured = body((x, cache), jax.tree.map(lambda a: a[0], inputs))
+                captured = jax.tree.map(lambda a: a[None], captured)
             else:
-                x, (captured, layer_cache) = jax.lax.scan(body, x, inputs)
+                (x, cache), captured = jax.lax.scan(body, (x, cache), inputs)
             captures.append((start, stop, captured))
-            cache_parts.append(layer_cache)
-        if cache is None:
-            return x, captures
-        stacked = [jnp.concatenate(parts) for parts in zip(*cache_parts)]
-        return x, captures, type(cache)(*stacked)
+        return (x, captures) if cache is None else (x, captures, cache)
+
+    @staticmethod
+    def unstack(params) -> list:
+        """Stacked parameters (`params()`) as a list of each layer's own."""
+        count = len(jax.tree.leaves(params)[0])
+        return [jax.tree.map(lambda a, i=i: a[i], params) for i in range(count)]
 
     def get_config(self):
         config = super().get_config()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 from jax import numpy as jnp
 
 
@@ -40,3 +41,31 @@ class KVCache(NamedTuple):
     def length(self) -> int:
         """Number of slots `S`."""
         return self.keys.shape[2]
+
+
+class LayerCache(NamedTuple):
+    """One layer's view of a `KVCache`: the attention layer writes and reads
+    its own slots through it, while the whole cache stays one array that the
+    decoder's loop over layers updates in place (no per-layer copies).
+
+    Attributes:
+        cache: the `KVCache` of every layer.
+        layer: the layer index (an int, or traced inside the layer scan).
+    """
+
+    cache: KVCache
+    layer: Any
+
+    def write(self, keys, values, index) -> LayerCache:
+        """Store `keys`, `values` `[B, T, Hkv, head_dim]` at slots
+        `index .. index + T - 1` of this layer."""
+        at = (self.layer, 0, index, 0, 0)
+        stored = (
+            jax.lax.dynamic_update_slice(slots, new[None].astype(slots.dtype), at)
+            for slots, new in zip(self.cache, (keys, values))
+        )
+        return LayerCache(KVCache(*stored), self.layer)
+
+    def read(self) -> tuple:
+        """This layer's `(keys, values)`, each `[B, S, Hkv, head_dim]`."""
+        return tuple(jax.lax.dynamic_index_in_dim(slots, self.layer, keepdims=False) for slots in self.cache)
