@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from phi3lab.tracing.interventions import Hook, Hooks
+from phi3lab.tracing.hook_types import Hook, Hooks
 from phi3lab.tracing.names import Selection, all_names, block_name, select
 from phi3lab.tracing.sites import TracePlan, TraceSites
 
