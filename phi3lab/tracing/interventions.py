@@ -20,22 +20,9 @@ from jax import numpy as jnp
 from phi3lab.checks import check_index, is_int
 from phi3lab.errors import bad_argument
 from phi3lab.model.attention import key_value_heads
-from phi3lab.tracing.hook_types import Hook, HookContext, Hooks
+from phi3lab.tracing.hook_types import Hook, Hooks
+from phi3lab.tracing.hook_types import HookContext as HookContext  # re-exported: its import path before hook_types
 from phi3lab.tracing.names import block_name
-
-__all__ = [
-    "ABLATION_MODES",
-    "HEAD_AXES",
-    "Hook",
-    "HookContext",
-    "Hooks",
-    "ablate_heads",
-    "add",
-    "key_value_head_of",
-    "patch",
-    "query_heads_sharing",
-]
-
 
 ABLATION_MODES = ("zero", "mean", "resample")
 
