@@ -5,13 +5,12 @@ which combine with `|`:
 
     hooks = phi3lab.hooks.ablate_heads(0, [1, 2]) | phi3lab.hooks.add("blocks.3.hook_resid_post", v)
 
-The implementation lives in `phi3lab.tracing.interventions`.
+The implementation lives in `phi3lab.tracing.hook_types` and
+`phi3lab.tracing.interventions`.
 """
 
+from phi3lab.tracing.hook_types import Hook, HookContext, Hooks
 from phi3lab.tracing.interventions import (
-    Hook,
-    HookContext,
-    Hooks,
     ablate_heads,
     add,
     key_value_head_of,

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from phi3lab.checks import check_positive_int, is_int
 from phi3lab.errors import bad_argument
 
 TRAIN_NAMES = [
@@ -275,14 +276,50 @@ def repeated_words(period: int, repeats: int = 2, seed: int = 0) -> str:
 
 
 def repeated_tokens(
-    vocabulary: int, period: int, batch: int = 1, first_id: int = 1, low: int = 3, seed: int = 0
+    vocabulary_size: int,
+    seq_len: int,
+    num_sequences: int = 1,
+    seed: int = 0,
+    bos_token: int | None = 1,
+    low: int = 0,
 ) -> np.ndarray:
-    """Token ids `[batch, 1 + 2 * period]`: a first token, then a random
-    sequence of `period` ids from `[low, vocabulary)` repeated twice."""
+    """Random sequences repeated twice: `[bos, r_1..r_n, r_1..r_n]`.
+
+    The `r_i` are drawn from `[low, vocabulary_size)` without `bos_token`,
+    distinct within a sequence when there are enough ids, so each repeated
+    token has exactly one earlier copy (`analysis.head_scores` scores
+    induction heads on them).
+
+    Args:
+        vocabulary_size: int. Ids are below it.
+        seq_len: int. Length of the sequence that is repeated.
+        num_sequences: int. Rows of the result. Defaults to 1.
+        seed: int. Seed of the random sequences.
+        bos_token: the first token of every row, or None for none.
+        low: int. Smallest id drawn (e.g. 3 to skip `<unk>`, `<s>`,
+            `</s>`). Defaults to 0.
+
+    Returns:
+        int32 `[num_sequences, 2 * seq_len + (bos_token is not None)]`.
+
+    Example:
+    >>> repeated_tokens(100, 3, seed=1).shape
+    (1, 7)
+    """
+    check_positive_int("vocabulary_size", vocabulary_size)
+    check_positive_int("seq_len", seq_len)
+    check_positive_int("num_sequences", num_sequences)
+    if bos_token is not None and (not is_int(bos_token) or not 0 <= bos_token < vocabulary_size):
+        raise bad_argument("bos_token", bos_token, f"None or a token id in [0, {vocabulary_size})")
+    if not is_int(low) or not 0 <= low < vocabulary_size:
+        raise bad_argument("low", low, f"an int in [0, {vocabulary_size})")
+    pool = np.array([i for i in range(low, vocabulary_size) if i != bos_token])
     rng = np.random.default_rng(seed)
-    half = rng.integers(low, vocabulary, (batch, period))
-    first = np.full((batch, 1), first_id)
-    return np.concatenate([first, half, half], axis=1).astype(np.int32)
+    first = np.stack([rng.choice(pool, seq_len, replace=seq_len > len(pool)) for _ in range(num_sequences)])
+    ids = np.concatenate([first, first], axis=1)
+    if bos_token is not None:
+        ids = np.concatenate([np.full((num_sequences, 1), bos_token), ids], axis=1)
+    return ids.astype(np.int32)
 
 
 def chat_turns(count: int, seed: int = 0) -> list[list[dict]]:

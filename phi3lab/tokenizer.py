@@ -18,11 +18,13 @@ from phi3lab.checks import check_positive_int
 from phi3lab.errors import bad_argument, close_matches
 from phi3lab.tokenization.backend import TokenizerBackend, show_bytes
 from phi3lab.tokenization.chat_template import (
+    CHAT_ROLES,
     PHI3_CHAT_TEMPLATE,
     ChatTemplateError,
+    check_messages,
     render_chat_template,
 )
-from phi3lab.tokenization.hf_files import KERAS_VOCAB, load_backend
+from phi3lab.tokenization.hf_files import KERAS_VOCAB, load_backend, preset_directory
 from phi3lab.tokenization.sentencepiece_backend import (
     ADDED_SPECIAL_TOKENS,
     PHI3_RSTRIP_TOKENS,
@@ -30,8 +32,6 @@ from phi3lab.tokenization.sentencepiece_backend import (
 )
 
 __all__ = ["ADDED_SPECIAL_TOKENS", "CHAT_ROLES", "PHI3_RSTRIP_TOKENS", "ChatTemplateError", "Phi3Tokenizer"]
-
-CHAT_ROLES = ("system", "user", "assistant")  # the roles Phi-3's built-in template knows
 
 
 class Phi3Tokenizer:
@@ -118,23 +118,7 @@ class Phi3Tokenizer:
         >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])
         '<|user|>Hi<|end|><|assistant|>'
         """
-        if not isinstance(preset, (str, os.PathLike)):
-            raise TypeError(
-                "`preset` must be a directory or a preset name (str); received "
-                f"preset={preset!r} of type {type(preset).__name__}."
-            )
-        path = Path(preset)
-        if not path.is_dir():
-            try:
-                from phi3lab.presets import resolve_preset_dir
-            except ImportError:
-                raise bad_argument(
-                    "preset",
-                    str(preset),
-                    "an existing directory (no preset registry, phi3lab.presets.resolve_preset_dir, is installed)",
-                ) from None
-            path = Path(resolve_preset_dir(str(preset)))
-        return cls.from_backend(*load_backend(path))
+        return cls.from_backend(*load_backend(preset_directory(preset)))
 
     @property
     def special_tokens(self) -> dict[str, int]:
@@ -359,17 +343,9 @@ class Phi3Tokenizer:
         >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])
         '<|user|>\\nHi<|end|>\\n<|assistant|>\\n'
         """
-        if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or (not messages):
-            raise bad_argument("messages", messages, 'a non-empty list of {"role", "content"} dicts')
+        check_messages(messages, None if self.has_own_chat_template else CHAT_ROLES)
         if not isinstance(add_generation_prompt, (bool, np.bool_)):
             raise bad_argument("add_generation_prompt", add_generation_prompt, "True or False")
-        for index, message in enumerate(messages):
-            if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
-                raise bad_argument(f"messages[{index}]", message, 'a dict with a str "content"')
-            role = message.get("role")
-            if not isinstance(role, str) or (not self.has_own_chat_template and role not in CHAT_ROLES):
-                accepted = "a str" if self.has_own_chat_template else f"one of {CHAT_ROLES}"
-                raise bad_argument(f"messages[{index}]['role']", role, accepted)
         names = {**self._backend.template_tokens, **variables}
         return render_chat_template(self.chat_template, [dict(m) for m in messages], bool(add_generation_prompt), names)
 

@@ -125,7 +125,10 @@ def probes(tokenizer: Phi3Tokenizer, count: int = 64) -> dict:
             prompts = tasks.name_mover_prompts(count, seed=999, templates=templates, orders=(order,))
             sets[label + order] = tasks.name_mover_batch(tokenizer, prompts)
     plain = tokenizer.vocabulary_size - len(tokenizer.special_tokens) + 3
-    repeats = {period: tasks.repeated_tokens(plain, period, batch=16, seed=period) for period in HELD_OUT_PERIODS}
+    repeats = {
+        period: tasks.repeated_tokens(plain, period, num_sequences=16, seed=period, low=3)
+        for period in HELD_OUT_PERIODS
+    }
     return {"name_mover": sets, "induction": repeats}
 
 

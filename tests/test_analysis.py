@@ -282,6 +282,9 @@ def test_head_scores_match_loops(model):
     assert np.all((values >= 0) & (values <= 1))
     ids = analysis.repeated_tokens(VOCAB, 6, 3, seed=3)
     assert ids.shape == (3, 13) and np.all(ids[:, 0] == 1) and np.array_equal(ids[:, 1:7], ids[:, 7:])
+    assert analysis.repeated_tokens is phi3lab.tasks.repeated_tokens  # one function, one signature
+    low = analysis.repeated_tokens(VOCAB, 6, 2, bos_token=None, low=3)
+    assert low.shape == (2, 12) and low.min() >= 3 and all(len(set(row[:6])) == 6 for row in low)
     tr = phi3lab.trace(model, ids, names="blocks.*.attn.hook_pattern")
     for layer in range(LAYERS):
         expected = reference_scores(tr.attention(layer), ids, np.ones(ids.shape, bool))

@@ -34,7 +34,7 @@ def test_strip_shows_the_selected_rows_attention(generation):
     assert [kind for kind, _, _ in spans] == ["prompt"] * 4 + ["generated"] * 3
     np.testing.assert_allclose([float(w) for _, _, w in spans], expected, rtol=1e-4, atol=1e-6)
 
-    view.layer_select.value, view.head_select.value = -1, -1  # means over layers and heads
+    view.layer_select.value, view.head_select.value = "mean", "mean"  # means over layers and heads
     mean = np.mean([reference.attention(layer)[0, :, 6, :7] for layer in range(model.num_layers)], axis=(0, 1))
     np.testing.assert_allclose(view.weights(), mean, atol=1e-5)
     assert view.weights().sum() == pytest.approx(1.0, abs=1e-5)
@@ -51,6 +51,10 @@ def test_needs_a_prompt_length_and_patterns(generation):
     assert GenerationView(plain, prompt_length=4).position == 4
     with pytest.raises(ValueError, match="position"):
         GenerationView(g.trace, position=1)
+    for argument in ("layer", "head"):  # the mean is "mean", not a number
+        with pytest.raises(ValueError, match=f'`{argument}`.*"mean"'):
+            GenerationView(g.trace, **{argument: -1})
+    assert GenerationView(g.trace, layer="mean", head="mean").title().endswith("(mean over layers, mean over heads)")
     no_patterns = phi3lab.generate(model, None, [3, 9], max_new_tokens=2, stop=[], names="hook_logits")
     with pytest.raises(KeyError, match="hook_pattern"):
         GenerationView(no_patterns.trace)

@@ -264,3 +264,20 @@ def test_add_accepts_tracers_and_reports_the_inputs_batch_and_length(model):
         H.add("blocks.0.hook_resid_post", np.ones(HIDDEN, np.float32), float("nan"))
     with pytest.raises(ValueError, match=r"\[B, T, D\] = \[B, T, 64\] \(B and T are the input's"):
         phi3lab.trace(model, IDS, hooks=H.add("blocks.0.hook_resid_post", np.ones(3, np.float32)))
+
+
+def test_forward_output_is_a_pytree(model):
+    """`ForwardOutput` is a pytree: a jitted (or vmapped) function may return
+    it, and `jax.tree.leaves` finds the hidden states and every capture."""
+    fn = phi3lab.tracing.forward_fn(model, names=["hook_logits", "blocks.0.hook_resid_post"])
+    params = model.params()
+    out = jax.jit(lambda ids: fn(params, ids, None))(jnp.asarray(IDS))
+    assert isinstance(out, phi3lab.tracing.ForwardOutput)
+    eager = fn(params, jnp.asarray(IDS), None)
+    leaves = jax.tree.leaves(out)
+    assert len(leaves) == 1 + len(eager.captures)
+    for got, want in zip(leaves, jax.tree.leaves(eager)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert out.logits.shape == (*IDS.shape, model.vocabulary_size)
+    rows = jax.vmap(lambda ids: fn(params, ids[None], None))(jnp.asarray(IDS))
+    assert rows.hidden.shape == (IDS.shape[0], 1, *eager.hidden.shape[1:])

@@ -125,7 +125,7 @@ def induction_ratios(model, tokenizer) -> dict[int, float]:
     vocab = tokenizer.vocabulary_size - len(tokenizer.special_tokens) + 3
     ratios = {}
     for period in HELD_OUT_PERIODS:
-        losses = token_losses(model, tasks.repeated_tokens(vocab, period, batch=8, low=3, seed=period))
+        losses = token_losses(model, tasks.repeated_tokens(vocab, period, num_sequences=8, seed=period, low=3))
         ratios[period] = losses[:, period + 1 :].mean() / losses[:, : period - 1].mean()
     return ratios
 

@@ -28,12 +28,12 @@ from phi3lab.analysis.heads import (
     detector_scores,
     group_heads,
     head_scores,
-    repeated_tokens,
 )
 from phi3lab.analysis.lens import answer_curve, logit_lens, logit_lens_logits
 from phi3lab.analysis.patching import PatchingResult, activation_patching
 from phi3lab.analysis.path_patching import PathPatchingResult, path_patching
 from phi3lab.analysis.rotary import rotary_band_scores, rotary_table
+from phi3lab.tasks import repeated_tokens
 
 __all__ = [
     "PatchingResult",

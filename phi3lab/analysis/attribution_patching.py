@@ -41,7 +41,7 @@ from phi3lab.analysis.patching import (
 )
 from phi3lab.checks import check_choice, check_positive_int
 from phi3lab.tracing.gradient_trace import gradient_program, zero_probes
-from phi3lab.tracing.interventions import Hook, Hooks
+from phi3lab.tracing.hook_types import Hook, Hooks
 from phi3lab.tracing.metrics import check_finite, resolve_metric
 from phi3lab.tracing.names import block_name
 

@@ -15,6 +15,7 @@ from phi3lab.analysis._common import check_trace, require
 from phi3lab.checks import check_index, check_positive_int, is_int
 from phi3lab.errors import bad_argument
 from phi3lab.model.attention import key_value_heads
+from phi3lab.tasks import repeated_tokens
 from phi3lab.tracing import Trace
 from phi3lab.tracing.interventions import query_heads_sharing
 from phi3lab.tracing.names import block_name
@@ -87,29 +88,6 @@ def detector_scores(pattern: np.ndarray, token_ids: np.ndarray, valid: np.ndarra
         weights = (pattern * targets[:, None]).sum(-1)
         scores[key] = _mean_over(weights, targets.any(-1))
     return scores
-
-
-def repeated_tokens(
-    vocabulary_size: int, seq_len: int, num_sequences: int, seed: int = 0, bos_token: int | None = 1
-) -> np.ndarray:
-    """Random sequences repeated twice: `[bos, r_1..r_n, r_1..r_n]`.
-
-    Tokens within a sequence are distinct when the vocabulary allows, so
-    each repeated token has exactly one earlier copy. Returns int32
-    `[num_sequences, 2 * seq_len + (bos_token is not None)]`.
-    """
-    check_positive_int("vocabulary_size", vocabulary_size)
-    check_positive_int("seq_len", seq_len)
-    check_positive_int("num_sequences", num_sequences)
-    if bos_token is not None and (not is_int(bos_token) or not 0 <= bos_token < vocabulary_size):
-        raise bad_argument("bos_token", bos_token, f"None or a token id in [0, {vocabulary_size})")
-    rng = np.random.default_rng(seed)
-    pool = np.array([i for i in range(vocabulary_size) if i != bos_token])
-    first = np.stack([rng.choice(pool, seq_len, replace=seq_len > len(pool)) for _ in range(num_sequences)])
-    ids = np.concatenate([first, first], axis=1)
-    if bos_token is not None:
-        ids = np.concatenate([np.full((num_sequences, 1), bos_token), ids], axis=1)
-    return ids.astype(np.int32)
 
 
 def head_scores(

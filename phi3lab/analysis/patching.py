@@ -23,7 +23,7 @@ from phi3lab import compile_cache
 from phi3lab.checks import check_ids, check_mask, is_int
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.forward import forward_fn
-from phi3lab.tracing.interventions import Hook
+from phi3lab.tracing.hook_types import Hook
 from phi3lab.tracing.metrics import Metric, check_finite, resolve_metric
 from phi3lab.tracing.names import block_name
 from phi3lab.tracing.tracer import trace

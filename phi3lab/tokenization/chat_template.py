@@ -22,6 +22,8 @@ import jinja2.nodes
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from phi3lab.errors import bad_argument
+
 # Phi-3-mini-4k-instruct's template.
 PHI3_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + "
@@ -30,6 +32,7 @@ PHI3_CHAT_TEMPLATE = (
     " + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
+CHAT_ROLES = ("system", "user", "assistant")  # the roles Phi-3's built-in template knows
 _LOADING_NODES = (jinja2.nodes.Include, jinja2.nodes.Import, jinja2.nodes.FromImport, jinja2.nodes.Extends)
 
 
@@ -89,6 +92,19 @@ def compile_chat_template(source: str) -> jinja2.Template:
             "a chat template may not load other templates or files."
         )
     return env.from_string(tree)
+
+
+def check_messages(messages, roles: Sequence[str] | None) -> None:
+    """Check chat messages: a non-empty list of dicts with a str "content"
+    and a str "role" (one of `roles` unless it is None)."""
+    if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or (not messages):
+        raise bad_argument("messages", messages, 'a non-empty list of {"role", "content"} dicts')
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
+            raise bad_argument(f"messages[{index}]", message, 'a dict with a str "content"')
+        role = message.get("role")
+        if not isinstance(role, str) or (roles is not None and role not in roles):
+            raise bad_argument(f"messages[{index}]['role']", role, "a str" if roles is None else f"one of {roles}")
 
 
 def render_chat_template(

@@ -7,8 +7,10 @@ chat template), `chat_template.jinja`, `added_tokens.json` and `generation_confi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from phi3lab.errors import bad_argument
 from phi3lab.tokenization.backend import TokenizerBackend
 from phi3lab.tokenization.sentencepiece_backend import (
     PHI3_TEMPLATE_TOKENS,
@@ -17,6 +19,28 @@ from phi3lab.tokenization.sentencepiece_backend import (
 
 KERAS_VOCAB = Path("assets", "tokenizer", "vocabulary.spm")
 _NAMED = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def preset_directory(preset) -> Path:
+    """The directory of `preset`: a directory as it is, another name through
+    `phi3lab.presets.resolve_preset_dir`."""
+    if not isinstance(preset, (str, os.PathLike)):
+        raise TypeError(
+            "`preset` must be a directory or a preset name (str); received "
+            f"preset={preset!r} of type {type(preset).__name__}."
+        )
+    path = Path(preset)
+    if path.is_dir():
+        return path
+    try:
+        from phi3lab.presets import resolve_preset_dir
+    except ImportError:
+        raise bad_argument(
+            "preset",
+            str(preset),
+            "an existing directory (no preset registry, phi3lab.presets.resolve_preset_dir, is installed)",
+        ) from None
+    return Path(resolve_preset_dir(str(preset)))
 
 
 def load_backend(path: Path) -> tuple[TokenizerBackend, str | None]:

@@ -22,14 +22,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from phi3lab.tracing.interventions import Hook, Hooks
+import jax
+
+from phi3lab.tracing.hook_types import Hook, Hooks
 from phi3lab.tracing.names import Selection, all_names, block_name, select
 from phi3lab.tracing.sites import TracePlan, TraceSites
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ForwardOutput:
-    """What one forward returns.
+    """What one forward returns; a JAX pytree (leaves: `hidden` and the
+    captured arrays), so jitted and vmapped functions may return it.
 
     Attributes:
         hidden: the final normalized hidden states `[B, T, D]`.

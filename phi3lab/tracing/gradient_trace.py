@@ -16,7 +16,7 @@ from jax import numpy as jnp
 
 from phi3lab import compile_cache
 from phi3lab.tracing.forward import as_hooks, forward_fn
-from phi3lab.tracing.interventions import Hook, Hooks
+from phi3lab.tracing.hook_types import Hook, Hooks
 from phi3lab.tracing.metrics import Metric, check_finite, resolve_metric
 from phi3lab.tracing.names import Selection, all_names, select, site_shape
 from phi3lab.tracing.result import Trace

@@ -9,7 +9,7 @@ import jax
 from jax import numpy as jnp
 
 from phi3lab.model.hook_points import HookPoints
-from phi3lab.tracing.interventions import Hook, HookContext
+from phi3lab.tracing.hook_types import Hook, HookContext
 from phi3lab.tracing.names import block_name, position_index, split_name
 
 ATTENTION_MAPS = ("attn.hook_attn_scores", "attn.hook_pattern")

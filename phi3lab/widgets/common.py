@@ -1,25 +1,19 @@
-"""What every view shares: colour scales, token labels, windows, the static
+"""What every view shares: token labels, windows, figures, the static
 fallback and the `View` base class.
 
-Colour scales are defined once, from matplotlib colormaps, so the live plotly
-figures, the static PNGs and the coloured token strips agree:
-
-- `SEQUENTIAL` ("Blues", white = 0) for probabilities and norms;
-- `DIVERGING` ("RdBu_r", blue < 0 < red, white = 0) for signed values;
-- `BLANK` (light grey) for cells that have no value (masked, `-inf`).
+Colour scales (`phi3lab.widgets.colours`) and what reaches the browser
+(`phi3lab.widgets.payload`) have their own modules; their names are
+importable from here too.
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import html
 import io
-import json
 from typing import Callable, Sequence
 
 import ipywidgets as widgets
-import matplotlib
 import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
@@ -27,107 +21,57 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from phi3lab.errors import bad_argument
+from phi3lab.widgets.colours import (
+    BLANK,
+    DIVERGING,
+    GENERATED,
+    HIGHLIGHT,
+    SEQUENTIAL,
+    Scale,
+    blank_infinite,
+    png,
+    pool_factor,
+    pool_max,
+)
+from phi3lab.widgets.payload import packed, payload_bytes, unpacked
 
-SEQUENTIAL = "Blues"
-DIVERGING = "RdBu_r"
-BLANK = "#d9d9d9"
-HIGHLIGHT = "#ff7f0e"
-GENERATED = "#2ca02c"  # marks generated tokens (after a trace's prompt_length)
+__all__ = [
+    "BLANK",
+    "DIVERGING",
+    "FONT",
+    "GENERATED",
+    "HIGHLIGHT",
+    "SEQUENTIAL",
+    "PositionWindow",
+    "Scale",
+    "View",
+    "axis_labels",
+    "base_layout",
+    "blank_infinite",
+    "colorbar",
+    "column_highlight",
+    "escape",
+    "highlight_box",
+    "live",
+    "mpl_heatmap",
+    "mpl_labels",
+    "new_figure",
+    "packed",
+    "payload_bytes",
+    "png",
+    "png_bytes",
+    "pool_factor",
+    "pool_max",
+    "position_labels",
+    "prompt_length",
+    "unpacked",
+    "visible",
+    "vocabulary_labeler",
+    "window",
+    "window_slider",
+]
+
 FONT = dict(family="DejaVu Sans, Arial, sans-serif", size=12)
-
-
-# === Colour scales ===
-@dataclasses.dataclass(frozen=True)
-class Scale:
-    """A colormap and its value range, usable by plotly, matplotlib and CSS."""
-
-    cmap: str
-    vmin: float
-    vmax: float
-
-    @classmethod
-    def probability(cls) -> "Scale":
-        return cls(SEQUENTIAL, 0.0, 1.0)
-
-    @classmethod
-    def magnitude(cls, values) -> "Scale":
-        """Sequential from 0 to the largest finite value."""
-        top = _finite_max(np.abs(values))
-        return cls(SEQUENTIAL, 0.0, top)
-
-    @classmethod
-    def signed(cls, values) -> "Scale":
-        """Diverging, symmetric around 0 (0 is white)."""
-        top = _finite_max(np.abs(values))
-        return cls(DIVERGING, -top, top)
-
-    def plotly(self, steps: int = 11) -> dict:
-        """`colorscale`, `zmin`, `zmax` for a plotly heatmap."""
-        cmap = matplotlib.colormaps[self.cmap]
-        scale = [[i / (steps - 1), matplotlib.colors.to_hex(cmap(i / (steps - 1)))] for i in range(steps)]
-        return dict(colorscale=scale, zmin=self.vmin, zmax=self.vmax)
-
-    def matplotlib(self) -> dict:
-        """`cmap`, `vmin`, `vmax` for `imshow` (NaN drawn in `BLANK`)."""
-        cmap = matplotlib.colormaps[self.cmap].with_extremes(bad=BLANK)
-        return dict(cmap=cmap, vmin=self.vmin, vmax=self.vmax)
-
-    def rgb(self, values) -> np.ndarray:
-        """uint8 RGB `[..., 3]` for `values`; NaN becomes `BLANK`."""
-        values = np.asarray(values, np.float64)
-        span = (self.vmax - self.vmin) or 1.0
-        unit = np.clip((values - self.vmin) / span, 0.0, 1.0)
-        colours = np.asarray(matplotlib.colormaps[self.cmap](np.nan_to_num(unit).ravel()))[:, :3]
-        colours = colours.reshape(values.shape + (3,))
-        colours[np.isnan(values)] = matplotlib.colors.to_rgb(BLANK)
-        return np.round(colours * 255).astype(np.uint8)
-
-    def css(self, value: float) -> tuple[str, str]:
-        """Background and readable text colour for one value, as CSS hex."""
-        r, g, b = (int(c) for c in self.rgb(value))
-        text = "#000000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#ffffff"
-        return f"#{r:02x}{g:02x}{b:02x}", text
-
-    def png(self, values, pixels: int) -> bytes:
-        """`values [rows, cols]` as a `pixels`-wide PNG (nearest neighbour)."""
-        from PIL import Image
-
-        image = Image.fromarray(self.rgb(values))
-        height = max(1, round(pixels * values.shape[0] / max(values.shape[1], 1)))
-        buffer = io.BytesIO()
-        image.resize((pixels, height), Image.NEAREST).save(buffer, format="PNG")
-        return buffer.getvalue()
-
-
-def _finite_max(values) -> float:
-    finite = np.asarray(values, np.float64)
-    finite = finite[np.isfinite(finite)]
-    top = float(finite.max()) if finite.size else 0.0
-    return top if top > 0 else 1.0
-
-
-def blank_infinite(values) -> np.ndarray:
-    """A copy with `-inf`/`inf` replaced by NaN, which every view draws blank."""
-    values = np.array(values, copy=True)
-    values[np.isinf(values)] = np.nan
-    return values
-
-
-def pool_max(values, size: int) -> np.ndarray:
-    """Downsample `[..., rows, cols]` to at most `size x size` by block maxima
-    (NaN-aware), so a thumbnail keeps the sharp, sparse attention peaks.
-    Blocks are `ceil(n / size)` long from the start; the last may be shorter."""
-    values = np.asarray(values, np.float32)
-    for axis in (-2, -1):  # rows first: whole contiguous rows at a time
-        factor = pool_factor(values.shape[axis], size)
-        if factor > 1:
-            values = np.fmax.reduceat(values, np.arange(0, values.shape[axis], factor), axis=axis)
-    return values
-
-
-def pool_factor(length: int, size: int) -> int:
-    """How many positions one cell of `pool_max(..., size)` covers."""
-    return -(-length // size)
 
 
 # === Token labels ===
@@ -198,11 +142,28 @@ def _first(result):
 
 
 # === Windows over long inputs ===
-def window(start: int, size: int, total: int) -> range:
-    """Positions `[start, start + size)` clamped inside `[0, total)`."""
-    size = min(size, total)
-    start = min(max(int(start), 0), total - size)
+def window(start: int, size: int, total: int | range) -> range:
+    """Positions `[start, start + size)` clamped inside `[0, total)` (or
+    inside `total` when it is a range)."""
+    rows = total if isinstance(total, range) else range(total)
+    size = min(size, len(rows))
+    start = min(max(int(start), rows.start), rows.stop - size)
     return range(start, start + size)
+
+
+def highlight_box(columns: range, rows: range | None = None) -> dict:
+    """A plotly shape outlining heatmap cells `columns` x `rows` (category
+    indices; `rows=None`: the whole height)."""
+    return dict(
+        type="rect",
+        xref="x",
+        yref="paper" if rows is None else "y",
+        x0=columns.start - 0.5,
+        x1=columns.stop - 0.5,
+        y0=0 if rows is None else rows.start - 0.5,
+        y1=1 if rows is None else rows.stop - 0.5,
+        line=dict(color=HIGHLIGHT, width=2),
+    )
 
 
 def column_highlight(positions: range, position: int) -> list[dict]:
@@ -211,36 +172,46 @@ def column_highlight(positions: range, position: int) -> list[dict]:
     if position not in positions:
         return []
     column = position - positions.start
-    return [
-        dict(
-            type="rect",
-            xref="x",
-            yref="paper",
-            x0=column - 0.5,
-            x1=column + 0.5,
-            y0=0,
-            y1=1,
-            line=dict(color=HIGHLIGHT, width=2),
-        )
-    ]
+    return [highlight_box(range(column, column + 1))]
 
 
-def window_slider(description: str, total: int, size: int, start: int = 0) -> widgets.IntSlider:
-    """A slider choosing where a `size`-long window starts; hidden when the
-    whole input fits."""
+def window_slider(
+    description: str, total: int | range, size: int, start: int = 0, width: str = "420px"
+) -> widgets.IntSlider:
+    """A slider choosing where a `size`-long window starts inside `[0,
+    total)` (or inside `total` when it is a range); hidden when the whole
+    input fits."""
+    rows = total if isinstance(total, range) else range(total)
     slider = widgets.IntSlider(
-        value=window(start, size, total).start,
-        min=0,
-        max=max(total - size, 0),
+        value=window(start, size, rows).start,
+        min=rows.start,
+        max=max(rows.stop - size, rows.start),
         step=1,
         description=description,
         continuous_update=False,
         style={"description_width": "initial"},
-        layout=widgets.Layout(width="420px"),
+        layout=widgets.Layout(width=width),
     )
-    if total <= size:
+    if len(rows) <= size:
         slider.layout.display = "none"
     return slider
+
+
+class PositionWindow:
+    """The selected position and the displayed window of views with a
+    `position_slider` and a `window_slider` over `length` positions,
+    `max_tokens` at a time."""
+
+    length: int
+    max_tokens: int
+
+    @property
+    def position(self) -> int:
+        return self.position_slider.value
+
+    @property
+    def positions(self) -> range:
+        return window(self.window_slider.value, self.max_tokens, self.length)
 
 
 # === Figures ===
@@ -270,68 +241,6 @@ def base_layout(title: str, height: int = 420, width: int | None = None, **extra
 def colorbar(title: str) -> dict:
     """A colour bar whose title sits above it (never clipped at the right edge)."""
     return dict(title=dict(text=title, side="top"), thickness=14, len=0.9)
-
-
-def packed(values) -> dict:
-    """`values` as a plotly typed-array spec (base64 of the raw bytes).
-
-    A FigureWidget sends NumPy arrays to the browser as JSON lists of
-    float64 text (~20 bytes a number); packed, a float32 costs 5.3 bytes,
-    keeps every bit, and NaN stays a gap. `unpacked` reads it back.
-    """
-    values = np.ascontiguousarray(values)
-    dtype = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8"}.get(values.dtype)
-    if dtype is None:
-        values, dtype = values.astype(np.float64), "f8"
-    spec = {"dtype": dtype, "bdata": base64.b64encode(values.tobytes()).decode("ascii")}
-    if values.ndim > 1:
-        spec["shape"] = ", ".join(str(n) for n in values.shape)
-    return spec
-
-
-def unpacked(value) -> np.ndarray:
-    """The NumPy array behind a figure property (`packed` spec, list or array)."""
-    if isinstance(value, dict) and "bdata" in value:
-        array = np.frombuffer(base64.b64decode(value["bdata"]), {"f4": np.float32, "f8": np.float64}[value["dtype"]])
-        shape = [int(n) for n in value.get("shape", str(array.size)).split(",")]
-        return array.reshape(shape)
-    return np.asarray(value)
-
-
-def payload_bytes(view, code: bool = True) -> int:
-    """Bytes of widget state a view (or widget) sends to the browser when
-    displayed now: the JSON of every widget model it reaches, binary buffers
-    base64-encoded, as `ipywidgets.embed` saves them into a notebook.
-
-    A plotly FigureWidget's synced state holds its data as first built and
-    sends later edits as messages; it is counted with its current data and
-    layout instead, which is what a browser displaying it now receives.
-    With `code=True`, the JavaScript each anywidget-based model carries in
-    its state (`_esm`, `_css`: plotly.js, ~5 MB per FigureWidget) is
-    counted too; `code=False` counts the data alone.
-    """
-    from ipywidgets import embed
-    from ipywidgets.widgets.widget import _instances
-
-    widget = getattr(view, "widget", view)
-    state = embed.dependency_state([widget], drop_defaults=True)
-    for model_id, entry in state.items():
-        instance = _instances.get(model_id)
-        if isinstance(instance, go.FigureWidget):
-            entry["state"]["_widget_data"] = instance._data
-            entry["state"]["_widget_layout"] = instance._layout
-        for trait in ("_esm", "_css"):
-            if trait in entry["state"] or (code and instance is not None and instance.has_trait(trait)):
-                entry["state"][trait] = str(getattr(instance, trait)) if code else ""
-    return len(json.dumps(state, separators=(",", ":"), default=_json_default).encode())
-
-
-def _json_default(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
 
 
 def live(figure: go.Figure, on_click=None) -> go.FigureWidget:
@@ -365,9 +274,7 @@ def mpl_heatmap(
     """Draw `values [rows, cols]` on `ax` with labels, ticks and a colour bar."""
     values = np.asarray(values, np.float64)
     image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest", **scale.matplotlib())
-    ax.set_title(title, fontsize=10, loc="left")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    mpl_labels(ax, title, xlabel, ylabel)
     for labels, set_ticks, set_labels, count, rotation in (
         (x_labels, ax.set_xticks, ax.set_xticklabels, values.shape[1], 90),
         (y_labels, ax.set_yticks, ax.set_yticklabels, values.shape[0], 0),
@@ -379,6 +286,13 @@ def mpl_heatmap(
             set_labels([labels[i] for i in ticks], fontsize=7, rotation=rotation)
     ax.figure.colorbar(image, ax=ax, label=colorbar, fraction=0.046, pad=0.02)
     return image
+
+
+def mpl_labels(ax, title: str, xlabel: str, ylabel: str) -> None:
+    """Title (small, on the left) and axis labels of a static panel."""
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
 
 
 def new_figure(width: float, height: float) -> Figure:

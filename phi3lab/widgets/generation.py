@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipywidgets as widgets
 import numpy as np
 
-from phi3lab.checks import check_in_range
+from phi3lab.checks import check_in_range, is_int
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.names import block_name
 from phi3lab.widgets.common import (
@@ -17,7 +17,7 @@ from phi3lab.widgets.common import (
     position_labels,
 )
 
-MEAN = -1  # the "mean over layers / heads" choice
+MEAN = "mean"  # the "mean over layers / heads" choice
 
 
 class GenerationView(View):
@@ -34,7 +34,8 @@ class GenerationView(View):
             `prompt_length` set (a plain trace works with `prompt_length=`).
         position: int. The generated position shown first (default: the
             first generated token).
-        layer, head: int, or -1 for the mean. Defaults to the means.
+        layer, head: int, or `"mean"` for the mean over the captured
+            layers / all heads. Defaults to the means.
         prompt_length: int. Overrides `trace.prompt_length`.
         tokens: optional display strings, one per position.
 
@@ -53,8 +54,8 @@ class GenerationView(View):
         trace,
         *,
         position: int | None = None,
-        layer: int = MEAN,
-        head: int = MEAN,
+        layer: int | str = MEAN,
+        head: int | str = MEAN,
         prompt_length: int | None = None,
         tokens=None,
     ):
@@ -81,9 +82,9 @@ class GenerationView(View):
             generated[0] if position is None else check_in_range("position", position, self.prompt_length, self.length)
         )
         if layer != MEAN and layer not in self.layers:
-            raise bad_argument("layer", layer, f"-1 (mean) or a captured layer {self.layers}")
-        if head != MEAN:
-            check_in_range("head", head, 0, trace.num_query_heads)
+            raise bad_argument("layer", layer, f'"mean" or a captured layer {self.layers}')
+        if head != MEAN and (not is_int(head) or not 0 <= head < trace.num_query_heads):
+            raise bad_argument("head", head, f'"mean" or a query head in [0, {trace.num_query_heads})')
 
         self.position_select = widgets.Dropdown(
             options=[(f"{p} {self.labels[p]}", p) for p in generated], value=position, description="Generated token"

@@ -15,6 +15,7 @@ from phi3lab.errors import bad_argument
 from phi3lab.tracing.names import block_name
 from phi3lab.widgets.common import (
     HIGHLIGHT,
+    PositionWindow,
     Scale,
     View,
     axis_labels,
@@ -53,7 +54,7 @@ def _from_frame(frame, rows, length: int, k: int):
     return ids, probs
 
 
-class LogitLensView(View):
+class LogitLensView(PositionWindow, View):
     """The logit lens: every residual stream decoded as the final one.
 
     A grid of layers (y) by positions (x): each cell names the most likely
@@ -187,14 +188,6 @@ class LogitLensView(View):
         self.widget.add_class(self.css_class)
 
     # === State ===
-    @property
-    def position(self) -> int:
-        return self.position_slider.value
-
-    @property
-    def positions(self) -> range:
-        return window(self.window_slider.value, self.max_tokens, self.length)
-
     def token_label(self, token_id: int) -> str:
         """`"text #17"` (just `"#17"` without a tokenizer)."""
         text, number = self.vocab(token_id), f"#{int(token_id)}"

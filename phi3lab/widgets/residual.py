@@ -12,6 +12,7 @@ from phi3lab.checks import check_choice, check_in_range, check_index
 from phi3lab.tracing.names import block_name
 from phi3lab.widgets.common import (
     HIGHLIGHT,
+    PositionWindow,
     Scale,
     View,
     axis_labels,
@@ -21,6 +22,7 @@ from phi3lab.widgets.common import (
     escape,
     live,
     mpl_heatmap,
+    mpl_labels,
     new_figure,
     packed,
     position_labels,
@@ -43,7 +45,7 @@ def residual_norms(trace, batch: int = 0, components=COMPONENTS) -> np.ndarray:
     return norms
 
 
-class ResidualStreamView(View):
+class ResidualStreamView(PositionWindow, View):
     """Norms of the residual stream (`resid_pre`, `resid_mid`, `resid_post`)
     and of what each block adds to it (`attn_out`, `mlp_out`).
 
@@ -145,14 +147,6 @@ class ResidualStreamView(View):
         return self.component_select.value
 
     @property
-    def position(self) -> int:
-        return self.position_slider.value
-
-    @property
-    def positions(self) -> range:
-        return window(self.window_slider.value, self.max_tokens, self.length)
-
-    @property
     def norms(self) -> pd.DataFrame:
         """One row per (layer, position): the L2 norm of every component."""
         layers, positions = np.meshgrid(np.arange(self.trace.num_layers), np.arange(self.length), indexing="ij")
@@ -242,13 +236,12 @@ class ResidualStreamView(View):
             left.axvline(self.position - positions.start, color=HIGHLIGHT, linewidth=2)
         for c, component in enumerate(COMPONENTS):
             right.plot(self.norm_array[c, :, self.position], marker="o", label=component, color=_COLOURS[component])
-        right.set_title(
+        mpl_labels(
+            right,
             f"Norms through the layers at position {self.position} ({self.labels[self.position]})",
-            fontsize=10,
-            loc="left",
+            "layer",
+            "L2 norm",
         )
-        right.set_xlabel("layer")
-        right.set_ylabel("L2 norm")
         right.set_xticks(range(self.trace.num_layers))
         right.set_ylim(bottom=0)
         right.legend(fontsize=8)

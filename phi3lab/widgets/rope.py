@@ -20,6 +20,7 @@ from phi3lab.widgets.common import (
     escape,
     live,
     mpl_heatmap,
+    mpl_labels,
     new_figure,
     window,
     window_slider,
@@ -303,9 +304,7 @@ class RopeView(View):
         ):
             ax.plot(pairs, values, marker=".", color=colour)
             ax.set_yscale("log")
-            ax.set_title(title, fontsize=10, loc="left")
-            ax.set_xlabel("dimension pair")
-            ax.set_ylabel(unit)
+            mpl_labels(ax, title, "dimension pair", unit)
             ax.grid(alpha=0.3)
         for name, value, c in self._reference_lines():
             axes[0, 1].axhline(value, color=c, linestyle="--", label=f"{name}: {value}")
@@ -314,30 +313,18 @@ class RopeView(View):
         if rope.short_factor is None:
             ax.bar(pairs, rope.factors, color=_NONE, label="no scaling: all 1")
         else:
-            width = 0.4
-            ax.bar(
-                pairs - width / 2,
-                rope.short_factor,
-                width,
-                color=_SHORT,
-                label="short",
-                alpha=1.0 if rope.factor_set == "short" else 0.35,
-            )
-            ax.bar(
-                pairs + width / 2,
-                rope.long_factor,
-                width,
-                color=_LONG,
-                label="long",
-                alpha=1.0 if rope.factor_set == "long" else 0.35,
-            )
-        ax.set_title(
+            for side, name, factors, colour_of in (
+                (-1, "short", rope.short_factor, _SHORT),
+                (1, "long", rope.long_factor, _LONG),
+            ):
+                alpha = 1.0 if rope.factor_set == name else 0.35
+                ax.bar(pairs + side * 0.2, factors, 0.4, color=colour_of, label=name, alpha=alpha)
+        mpl_labels(
+            ax,
             f"factors: {rope.factor_set} in force · attention factor {rope.attention_factor:.4f}",
-            fontsize=10,
-            loc="left",
+            "dimension pair",
+            "factor (divides the frequency)",
         )
-        ax.set_xlabel("dimension pair")
-        ax.set_ylabel("factor (divides the frequency)")
         ax.legend(fontsize=8)
         ax = axes[1, 0]
         names = ["max_sequence_length", "pretraining", "this sequence"]
