@@ -33,6 +33,7 @@ from phi3lab.widgets.colours import (
     pool_factor,
     pool_max,
 )
+from phi3lab.widgets.figure import FigureWidget
 from phi3lab.widgets.payload import packed, payload_bytes, unpacked
 
 __all__ = [
@@ -243,7 +244,7 @@ def colorbar(title: str) -> dict:
     return dict(title=dict(text=title, side="top"), thickness=14, len=0.9)
 
 
-def live(figure: go.Figure, on_click=None) -> go.FigureWidget:
+def live(figure: go.Figure, on_click=None) -> FigureWidget:
     """The live widget of a figure that is already fully built.
 
     Build first, wrap last: a FigureWidget's later edits travel as events,
@@ -252,7 +253,7 @@ def live(figure: go.Figure, on_click=None) -> go.FigureWidget:
     and always arrive. `on_click(trace, points, state)` handles clicks on
     the first trace.
     """
-    widget = go.FigureWidget(figure)
+    widget = FigureWidget(figure)
     if on_click is not None:
         widget.data[0].on_click(on_click)
     return widget

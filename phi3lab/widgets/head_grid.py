@@ -23,6 +23,7 @@ from phi3lab.widgets.common import (
     View,
     base_layout,
     escape,
+    live,
     new_figure,
     pool_max,
 )
@@ -142,7 +143,7 @@ class HeadGrid(View):
         self.score_select.observe(lambda _: self._refresh(), names="value")
         self.sort_toggle.observe(lambda _: self._refresh(), names="value")
         self._refresh()
-        self.figure = go.FigureWidget(self.figure)
+        self.figure = live(self.figure)
         self.figure.data[0].on_click(self._on_click)
 
         self.explorer = None

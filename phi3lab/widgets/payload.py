@@ -9,6 +9,8 @@ import json
 import numpy as np
 import plotly.graph_objects as go
 
+from phi3lab.widgets.figure import PlotlyBundle
+
 
 def packed(values) -> dict:
     """`values` as a plotly typed-array spec (base64 of the raw bytes).
@@ -44,9 +46,10 @@ def payload_bytes(view, code: bool = True) -> int:
     A plotly FigureWidget's synced state holds its data as first built and
     sends later edits as messages; it is counted with its current data and
     layout instead, which is what a browser displaying it now receives.
-    With `code=True`, the JavaScript each anywidget-based model carries in
-    its state (`_esm`, `_css`: plotly.js, ~5 MB per FigureWidget) is
-    counted too; `code=False` counts the data alone.
+    With `code=True`, the JavaScript in the state is counted too: each
+    anywidget model's `_esm` / `_css`, and plotly.js (~5 MB) once, in the
+    page's shared `PlotlyBundle` (`phi3lab.widgets.figure`); `code=False`
+    counts the data alone.
     """
     from ipywidgets import embed
     from ipywidgets.widgets.widget import _instances
@@ -61,6 +64,8 @@ def payload_bytes(view, code: bool = True) -> int:
         for trait in ("_esm", "_css"):
             if trait in entry["state"] or (code and instance is not None and instance.has_trait(trait)):
                 entry["state"][trait] = str(getattr(instance, trait)) if code else ""
+        if isinstance(instance, PlotlyBundle) and not code:
+            entry["state"]["code"] = ""
     return len(json.dumps(state, separators=(",", ":"), default=_json_default).encode())
 
 
