@@ -26,6 +26,7 @@ from jax import numpy as jnp
 
 from phi3lab.checks import check_ids, check_positive_int, is_int
 from phi3lab.errors import bad_argument
+from phi3lab.generation import programs
 from phi3lab.generation.captures import StepCaptures, captured_bytes, row_trace
 from phi3lab.generation.programs import CHUNK, bucket, loop_program, step_program
 from phi3lab.generation.result import Generation
@@ -161,12 +162,12 @@ class _Decoder:
             self.hook_data,
         )
 
-    def loop_program(self, sampler: Sampler, vocabulary: int, stops):
+    def loop_program(self, sampler: Sampler, vocabulary: int, stops, unstack: bool = False):
         """The compiled decode loop of this batch (see `programs.loop_program`)."""
         batch = self.sequence.shape[0]
         logits = jax.ShapeDtypeStruct((batch, self.model.vocabulary_size), jnp.float32)
         args = self._loop_args(logits, 0, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
-        return loop_program(self.fn, sampler, vocabulary, args)
+        return loop_program(self.fn, sampler, vocabulary, args, unstack)
 
     def prefill(self, length: int):
         """Process slots `0 .. length - 1` from scratch (a new cache); return
@@ -306,7 +307,7 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     decoder = _Decoder(model, fn, rows, bucket(longest + max_new_tokens, limit), pad_id)
     stop_array = np.asarray(sorted(stops), np.int32)
-    program = decoder.loop_program(sampler, vocabulary, stop_array)
+    program = decoder.loop_program(sampler, vocabulary, stop_array, programs.UNSTACK_LAYERS and stream is None)
     if names is not None:
         estimate = measure(program, decoder.params)
         captured = captured_bytes(model, fn.plan.keep, len(rows), longest + max_new_tokens)

@@ -22,12 +22,14 @@ from phi3lab.tracing.forward import ForwardFn
 # Cache lengths and prefill lengths are rounded up to a multiple of this.
 BUCKET = 64
 # New tokens per run of the decode loop (at most; fewer when streaming).
-CHUNK = 32
-# Whether the decode loop splits the stacked layer weights into per-layer
-# arrays once per run, before its first token. On CPU, XLA copies a layer's
-# weights out of the stack before each matrix product, which a one-token
-# step (memory-bound) pays in full; accelerators read the slices in place,
-# and the split would hold a second copy of the weights.
+CHUNK = 64
+# Whether a decode loop of many tokens splits the stacked layer weights into
+# per-layer arrays once per run, before its first token. On CPU, XLA copies a
+# layer's weights out of the stack before each matrix product, which a
+# one-token step (memory-bound) pays in full; the split costs one such copy
+# per run of up to CHUNK tokens instead. Accelerators read the slices in
+# place, and the split would hold a second copy of the weights. A streaming
+# loop (one token per run) never splits.
 UNSTACK_LAYERS = jax.default_backend() == "cpu"
 
 
@@ -67,7 +69,7 @@ def step_program(fn: ForwardFn, args):
     return _compile(fn, "generate", _step(fn), args)
 
 
-def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
+def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args, unstack: bool = False):
     """The compiled decode loop for `args = (params, logits [B, V], slot_mask
     [B, S], positions [B, S], cache, start, first, count, feeds, finished [B],
     stops [n], pad_id, key, hook_data)`.
@@ -79,6 +81,7 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
     tokens [B, CHUNK], logprobs [B, CHUNK], iterations, finished, captures)`,
     the captures of each fed token stacked along a leading `CHUNK` axis.
     Without captures, a token chosen once every row has finished is not fed.
+    With `unstack`, the layers read per-layer weights split once per run.
     """
     step = _step(fn)
     capture = bool(fn.plan.keep)
@@ -91,7 +94,7 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
     def loop(
         params, logits, slot_mask, positions, cache, start, first, count, feeds, finished, stops, pad_id, key, hook_data
     ):
-        if UNSTACK_LAYERS:
+        if unstack:
             params = {**params, "decoder": fn.model.decoder.unstack(params["decoder"])}
 
         def choose(i, logits, finished):
@@ -133,4 +136,4 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
         i, logits, cache, finished, tokens, logprobs, buffers = jax.lax.while_loop(more, body, carry)
         return logits, cache, tokens, logprobs, i, finished, buffers
 
-    return _compile(fn, "generate", loop, args, "loop", sampler, vocabulary, UNSTACK_LAYERS)
+    return _compile(fn, "generate", loop, args, "loop", sampler, vocabulary, unstack)
