@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
+from pathlib import Path
+from typing import NoReturn
 
 os.environ["KERAS_BACKEND"] = "jax"  # before anything imports keras
 # Compiled programs go to a fresh directory per test session (notebook kernels
@@ -119,19 +121,53 @@ def token_batch(length: int, seed: int = 0, vocab: int = VOCAB, pad: int = 3):
     return ids, mask
 
 
-def require_oracle(module: str):
-    """Import an oracle or test-only module (`"keras_hub"`, `"transformers"`,
-    `"torch"`, ...). Missing, it skips the test locally, but fails the run
-    under CI (`CI=true`), where a skipped oracle would hide a broken set-up."""
+# What a missing requirement's message says to do, unless the call says otherwise.
+MAKE_INSTALL = "`make install` (the environment `make test` runs in)"
+
+
+def under_ci() -> bool:
+    """True under CI (`CI=true`), where a skipped test would hide a broken set-up."""
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(missing: str, install: str = MAKE_INSTALL) -> NoReturn:
+    """The one rule for a test whose requirement (an oracle, a binary, a data
+    file) is missing: skip locally, fail under CI. The message names what is
+    missing and how to install it."""
+    message = f"{missing}; install it with {install}"
+    if under_ci():
+        pytest.fail(f"missing under CI (CI=true): {message}", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require(module: str, install: str = MAKE_INSTALL):
+    """Import and return an oracle or test-only module (`"keras_hub"`,
+    `"transformers"`, `"torch"`, ...), or `unavailable`."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        reason = f"{module} is not installed ({error}); `make test` installs it"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"oracle missing under CI: {reason}")
-        pytest.skip(reason, allow_module_level=True)
+        unavailable(f"the Python module `{module}` cannot be imported ({error})", install)
+
+
+def require_binary(program: str | os.PathLike, install: str) -> str:
+    """The path of an executable (a name looked up on PATH, or a path), or `unavailable`."""
+    import shutil
+
+    found = shutil.which(str(program))
+    if found is None:
+        where = "is not an executable file" if os.sep in str(program) else "is not on PATH"
+        unavailable(f"`{program}` {where}", install)
+    return found
+
+
+def require_file(path: os.PathLike, what: str, install: str) -> Path:
+    """`path` as a `Path` if it is a file, or `unavailable` (naming `what` it holds)."""
+    path = Path(path)
+    if not path.is_file():
+        unavailable(f"{what} is not here ({path})", install)
+    return path
 
 
 _COMPILED = weakref.WeakKeyDictionary()

@@ -19,7 +19,7 @@ from conftest import (
     hf_forward,
     hf_model,
     max_diff,
-    require_oracle,
+    require,
     token_batch,
 )
 from phi3lab import Phi3Backbone
@@ -29,7 +29,7 @@ HF_TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    require_oracle("transformers")
+    require("transformers")
     reference = hf_model(hf_config("longrope", 2, sliding_window=4), seed=7)
     directory = tmp_path_factory.mktemp("hf_paths")
     reference.save_pretrained(directory)

@@ -27,7 +27,7 @@ from conftest import (
     max_diff,
     random_backbone,
     randomize_keras,
-    require_oracle,
+    require,
     token_batch,
 )
 from phi3lab import Phi3Backbone
@@ -48,7 +48,7 @@ HEADS = {"gqa": 2, "mha": 4}
 @pytest.fixture(scope="module", params=[(r, h) for r in ROPES for h in HEADS], ids=lambda p: f"{p[0]}-{p[1]}")
 def keras_hub_pair(request, tmp_path_factory):
     """(keras-hub model, phi3lab model loaded from keras-hub's own preset)."""
-    keras_hub = require_oracle("keras_hub")
+    keras_hub = require("keras_hub")
     rope, heads = request.param
     reference = keras_hub.models.Phi3Backbone(**backbone_kwargs(rope, HEADS[heads]))
     randomize_keras(reference, seed=1)
@@ -75,7 +75,7 @@ def test_matches_keras_hub(keras_hub_pair):
 @pytest.fixture(scope="module")
 def hf_checkpoints(tmp_path_factory):
     """Cache of `(rope, heads, sliding_window) -> (hf model, checkpoint dir)`."""
-    require_oracle("transformers")
+    require("transformers")
     cache = {}
 
     def get(rope, heads="gqa", sliding_window=None):

@@ -26,7 +26,7 @@ from conftest import (
     max_diff,
     random_backbone,
     randomize_keras,
-    require_oracle,
+    require,
     rope_factors,
     token_batch,
 )
@@ -37,7 +37,7 @@ TOLERANCE = 1e-4
 
 
 def test_saved_preset_loads_in_keras_hub(tmp_path):
-    keras_hub = require_oracle("keras_hub")
+    keras_hub = require("keras_hub")
     model = random_backbone(seed=11, rope="su")
     save_preset(model, tmp_path)
     reference = keras_hub.models.Phi3Backbone.from_preset(str(tmp_path))
@@ -48,7 +48,7 @@ def test_saved_preset_loads_in_keras_hub(tmp_path):
 
 
 def test_sharded_transformers_checkpoint(tmp_path):
-    require_oracle("transformers")
+    require("transformers")
     reference = hf_model(hf_config("longrope"), seed=12)
     reference.save_pretrained(tmp_path, max_shard_size="40KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -64,7 +64,7 @@ def test_sharded_transformers_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("max_shard_bytes", [2**30, 40_000], ids=["single", "sharded"])
 def test_saved_hf_checkpoint_loads_in_transformers(tmp_path, max_shard_bytes):
-    transformers = require_oracle("transformers")
+    transformers = require("transformers")
     model = random_backbone(seed=13, rope="su", sliding_window=6)
     save_hf_checkpoint(model, tmp_path, max_shard_bytes=max_shard_bytes)
     assert (tmp_path / "model.safetensors.index.json").exists() == (max_shard_bytes < 2**30)
@@ -131,7 +131,7 @@ def test_legacy_su_config_json(tmp_path):
     5.24 itself refuses this file (it asks for
     `original_max_position_embeddings` inside `rope_scaling`), so the oracle
     is the same weights under transformers' current "longrope" config."""
-    require_oracle("transformers")
+    require("transformers")
     reference = hf_model(hf_config("longrope", sliding_window=262144), seed=14)
     reference.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(legacy_config(reference), indent=2))
@@ -170,8 +170,8 @@ def put_in_hf_cache(cache: Path, repo_id: str, files: Path, commit: str) -> Path
 
 
 def test_hf_handle_from_cache(tmp_path, monkeypatch, no_network):
-    require_oracle("transformers")
-    constants = require_oracle("huggingface_hub.constants")
+    require("transformers")
+    constants = require("huggingface_hub.constants")
     reference = hf_model(hf_config("longrope"), seed=15)
     reference.save_pretrained(tmp_path / "download")
     (tmp_path / "download" / "tokenizer_config.json").write_text("{}")
@@ -204,8 +204,8 @@ def kaggle_cache(root: Path, handle: str) -> Path:
 
 
 def test_kaggle_handle_from_cache(tmp_path, monkeypatch, no_network):
-    keras_hub = require_oracle("keras_hub")
-    require_oracle("kagglehub")
+    keras_hub = require("keras_hub")
+    require("kagglehub")
     reference = keras_hub.models.Phi3Backbone(**backbone_kwargs("su", 2))
     randomize_keras(reference, seed=16)
     handle = "keras/phi3/keras/phi3lab_test_en/3"

@@ -13,7 +13,6 @@ added tokens with Phi-3's flags) and a `config.json` with model_type "phi3", so 
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import types
@@ -22,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import require_oracle
+from conftest import require, require_file
 
-transformers = require_oracle("transformers")
-tokenizers = require_oracle("tokenizers")
+transformers = require("transformers")
+tokenizers = require("tokenizers")
 import sentencepiece as spm  # noqa: E402
 
 from phi3lab.tokenizer import ADDED_SPECIAL_TOKENS, Phi3Tokenizer  # noqa: E402
@@ -424,7 +423,7 @@ def test_from_preset_registry_and_errors(tok, tmp_path, monkeypatch):
 
 def test_spm_holding_the_added_tokens_as_pieces(tok):
     """A vocabulary holding the added tokens as pieces (keras-hub style) gives the same ids."""
-    model_pb2 = require_oracle("sentencepiece.sentencepiece_model_pb2")
+    model_pb2 = require("sentencepiece.sentencepiece_model_pb2")
     model = model_pb2.ModelProto.FromString(tok.proto)
     for token in PHI3_ADDED:
         model.pieces.add(piece=token, score=0.0, type=model_pb2.ModelProto.SentencePiece.USER_DEFINED)
@@ -491,7 +490,7 @@ def test_errors_name_the_argument(tok):
 
 
 def test_train_sentencepiece(tmp_path):
-    model_pb2 = require_oracle("sentencepiece.sentencepiece_model_pb2")
+    model_pb2 = require("sentencepiece.sentencepiece_model_pb2")
     proto = train_sentencepiece(corpus(400), vocab_size=450, model_prefix_dir=tmp_path)
     assert (tmp_path / "tokenizer.model").read_bytes() == proto
     model = model_pb2.ModelProto.FromString(proto)
@@ -604,11 +603,8 @@ REAL_PHI3 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ph
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     """Phi-3-mini's real tokenizer.model, with transformers' tokenizer of the same files."""
-    if not REAL_PHI3.is_file():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"the real Phi-3 vocabulary is missing under CI: {REAL_PHI3}")
-        pytest.skip(f"the real Phi-3 vocabulary is not here ({REAL_PHI3}; a clone outside the workspace)")
-    proto = REAL_PHI3.read_bytes()
+    where = "a checkout inside the workspace, whose shared/data/ holds it (see its README)"
+    proto = require_file(REAL_PHI3, "the real Phi-3 vocabulary", where).read_bytes()
     return Phi3Tokenizer(proto), load_oracle(write_phi3_hf_dir(tmp_path_factory.mktemp("real"), proto))
 
 

@@ -28,10 +28,10 @@ from bpe_checkpoints import (
     write_phi4_mini_dir,
 )
 
-from conftest import require_oracle
+from conftest import require
 
-transformers = require_oracle("transformers")
-tokenizers = require_oracle("tokenizers")
+transformers = require("transformers")
+tokenizers = require("tokenizers")
 
 from phi3lab.tokenization.bpe_backend import ByteLevelBPEBackend, byte_level_alphabet  # noqa: E402
 from phi3lab.tokenizer import ChatTemplateError, Phi3Tokenizer  # noqa: E402
