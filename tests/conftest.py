@@ -40,6 +40,30 @@ VOCAB, HIDDEN, FFN, LAYERS, HEADS = 96, 64, 128, 2, 4
 PRETRAINING, MAX_POSITIONS = 8, 32
 LENGTHS = {"below": 5, "at": PRETRAINING, "above": 13}
 
+# The size arguments (each a positive int) as phi3lab and keras-hub name them,
+# and as transformers' Phi3Config names them: the tests' own table, which
+# `hf_config` builds its oracles from (a wrong entry gives an oracle of
+# other sizes) and the bad-input tests reject 0 and negatives for.
+HF_SIZE_NAMES = {
+    "vocabulary_size": "vocab_size",
+    "num_layers": "num_hidden_layers",
+    "hidden_dim": "hidden_size",
+    "intermediate_dim": "intermediate_size",
+    "num_query_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "max_sequence_length": "max_position_embeddings",
+    "pretraining_sequence_length": "original_max_position_embeddings",
+}
+SIZE_ARGUMENTS = tuple(HF_SIZE_NAMES)
+
+
+def sizes(*values: int, **named: int) -> dict:
+    """`Phi3Backbone` size arguments from values in `SIZE_ARGUMENTS`' order
+    (vocabulary, layers, hidden, MLP, query heads, key/value heads, max
+    positions, pretraining positions; a prefix of them), then `named` ones."""
+    assert len(values) <= len(SIZE_ARGUMENTS), values
+    return {**dict(zip(SIZE_ARGUMENTS, values)), **named}
+
 
 def rope_factors(num_pairs: int = HIDDEN // HEADS // 2, seed: int = 0):
     """Distinct (short, long) "su" factor lists, long ones clearly larger."""
@@ -54,18 +78,8 @@ def backbone_kwargs(rope: str | None = "su", num_key_value_heads: int = 2, **ove
 
     The sizes above unless overridden; with `rope`, `rope_factors` sized to
     the head (`hidden_dim / num_query_heads / 2` pairs) unless given."""
-    kwargs = dict(
-        vocabulary_size=VOCAB,
-        num_layers=LAYERS,
-        hidden_dim=HIDDEN,
-        intermediate_dim=FFN,
-        num_query_heads=HEADS,
-        num_key_value_heads=num_key_value_heads,
-        layer_norm_epsilon=1e-5,
-        max_sequence_length=MAX_POSITIONS,
-        pretraining_sequence_length=PRETRAINING,
-        rope_scaling_type=rope,
-    )
+    kwargs = sizes(VOCAB, LAYERS, HIDDEN, FFN, HEADS, num_key_value_heads, MAX_POSITIONS, PRETRAINING)
+    kwargs.update(layer_norm_epsilon=1e-5, rope_scaling_type=rope)
     kwargs.update(overrides)
     short, long = rope_factors(kwargs["hidden_dim"] // kwargs["num_query_heads"] // 2) if rope else (None, None)
     kwargs.setdefault("rope_scaling_short_factor", short)
@@ -216,15 +230,8 @@ def hf_config(rope=None, num_key_value_heads=2, sliding_window=None, **overrides
         scaling = {"type": rope, "short_factor": short, "long_factor": long}
         if rope == "su":
             scaling["original_max_position_embeddings"] = PRETRAINING
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=MAX_POSITIONS,
-        original_max_position_embeddings=PRETRAINING,
+    kwargs = {HF_SIZE_NAMES[k]: v for k, v in backbone_kwargs(None, num_key_value_heads).items() if k in HF_SIZE_NAMES}
+    kwargs.update(
         rms_norm_eps=1e-5,
         rope_scaling=scaling,
         sliding_window=sliding_window,

@@ -29,7 +29,7 @@ import pytest
 from jax import numpy as jnp
 
 import phi3lab  # noqa: F401  (selects the JAX backend before keras loads)
-from conftest import random_backbone, require, rope_factors
+from conftest import random_backbone, require, rope_factors, sizes
 from phi3lab.tracing import compiled_count
 from phi3lab.tracing.rope import MixedRotaryWarning
 
@@ -76,16 +76,7 @@ def design_names(num_layers):
     return names + ["ln_final.hook_normalized", "hook_logits"]
 
 
-SIZES = dict(
-    vocabulary_size=VOCAB,
-    num_layers=LAYERS,
-    hidden_dim=HIDDEN,
-    intermediate_dim=FFN,
-    num_query_heads=HQ,
-    num_key_value_heads=HKV,
-    max_sequence_length=MAX_POSITIONS,
-    pretraining_sequence_length=PRETRAINING,
-)
+SIZES = sizes(VOCAB, LAYERS, HIDDEN, FFN, HQ, HKV, MAX_POSITIONS, PRETRAINING)
 
 
 def make_model(rope=None, seed=0, **overrides):
