@@ -275,6 +275,31 @@ def max_diff(a, b, padding_mask=None) -> float:
     return float(diff.max())
 
 
+def assert_matches_transformers(model, reference, lengths, tolerance: float, run=forward) -> None:
+    """phi3lab's final hidden states and logits (`run(model, ids, mask)`)
+    within `tolerance` (absolute, unpadded positions) of transformers'
+    `reference` on `token_batch(length, seed=length)` for each length, on
+    logits that carry a real signal (some |logit| > 1)."""
+    for length in lengths:
+        ids, mask = token_batch(length, seed=length)
+        expected_hidden, expected_logits = hf_forward(reference, ids, mask)
+        hidden, logits = run(model, ids, mask)
+        assert np.abs(expected_logits[mask.astype(bool)]).max() > 1.0, (length, "no signal in the oracle's logits")
+        assert max_diff(hidden, expected_hidden, mask) < tolerance, (length, "hidden")
+        assert max_diff(logits, expected_logits, mask) < tolerance, (length, "logits")
+
+
+def corrupted_pair(seed: int, shape: tuple[int, int], shifts: dict[int, int], high: int = 90):
+    """Clean and corrupted int32 ids for patching tests: clean ids uniform in
+    [3, high) (no special ids), corrupted the same but for position `p` of
+    every row, shifted by `shifts[p]` (mod `high`)."""
+    clean = np.random.default_rng(seed).integers(3, high, shape).astype(np.int32)
+    corrupted = clean.copy()
+    for position, shift in shifts.items():
+        corrupted[:, position] = (clean[:, position] + shift) % high
+    return clean, corrupted
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to resolve a host name or open a network connection fails

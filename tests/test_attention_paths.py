@@ -15,10 +15,9 @@ import pytest
 
 from conftest import (
     LENGTHS,
+    assert_matches_transformers,
     hf_config,
-    hf_forward,
     hf_model,
-    max_diff,
     require,
     token_batch,
 )
@@ -50,12 +49,7 @@ def run(model, ids, mask, fused: bool):
 @pytest.mark.parametrize("length", [LENGTHS["below"], LENGTHS["above"]])
 def test_each_path_matches_transformers(pair, fused, length):
     reference, model = pair
-    ids, mask = token_batch(length, seed=length)
-    expected_hidden, expected_logits = hf_forward(reference, ids, mask)
-    hidden, logits = run(model, ids, mask, fused)
-    assert np.abs(expected_logits[mask.astype(bool)]).max() > 1.0  # a real signal
-    assert max_diff(hidden, expected_hidden, mask) < HF_TOLERANCE
-    assert max_diff(logits, expected_logits, mask) < HF_TOLERANCE
+    assert_matches_transformers(model, reference, [length], HF_TOLERANCE, lambda m, i, k: run(m, i, k, fused))
 
 
 def test_paths_agree_everywhere_including_padding(pair):

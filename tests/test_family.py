@@ -14,6 +14,7 @@ from conftest import (
     HEADS,
     HIDDEN,
     LENGTHS,
+    assert_matches_transformers,
     backbone_kwargs,
     forward,
     hf_config,
@@ -229,11 +230,7 @@ def test_family_matches_transformers(family_pair, where):
         assert model.tie_word_embeddings and model.rotary_dim == 12 and model.num_key_value_heads == 2
     if name == "phi4":
         assert model.rope_max_wavelength == 250000.0 and model.rope_scaling_type is None
-    ids, mask = token_batch(LENGTHS[where], seed=LENGTHS[where])
-    expected_hidden, expected_logits = hf_forward(reference, ids, mask)
-    hidden, logits = forward(model, ids, mask)
-    assert max_diff(hidden, expected_hidden, mask) < TOLERANCE
-    assert max_diff(logits, expected_logits, mask) < TOLERANCE
+    assert_matches_transformers(model, reference, [LENGTHS[where]], TOLERANCE)
 
 
 def test_rotating_all_dims_breaks_the_match(tmp_path):

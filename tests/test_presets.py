@@ -17,6 +17,7 @@ from conftest import (
     LENGTHS,
     MAX_POSITIONS,
     PRETRAINING,
+    assert_matches_transformers,
     backbone_kwargs,
     forward,
     hf_config,
@@ -55,11 +56,7 @@ def test_sharded_transformers_checkpoint(tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     assert not (tmp_path / "model.safetensors").exists()
     model = Phi3Backbone.from_preset(str(tmp_path))
-    ids, mask = token_batch(LENGTHS["above"])
-    expected_hidden, expected_logits = hf_forward(reference, ids, mask)
-    hidden, logits = forward(model, ids, mask)
-    assert max_diff(hidden, expected_hidden, mask) < TOLERANCE
-    assert max_diff(logits, expected_logits, mask) < TOLERANCE
+    assert_matches_transformers(model, reference, [LENGTHS["above"]], TOLERANCE)
 
 
 @pytest.mark.parametrize("max_shard_bytes", [2**30, 40_000], ids=["single", "sharded"])
@@ -73,12 +70,7 @@ def test_saved_hf_checkpoint_loads_in_transformers(tmp_path, max_shard_bytes):
     ).eval()
     assert reference.config.sliding_window == 6
     assert reference.config.rope_parameters["rope_type"] == "longrope"
-    for length in (LENGTHS["at"], LENGTHS["above"]):
-        ids, mask = token_batch(length, seed=length)
-        expected_hidden, expected_logits = hf_forward(reference, ids, mask)
-        hidden, logits = forward(model, ids, mask)
-        assert max_diff(hidden, expected_hidden, mask) < TOLERANCE
-        assert max_diff(logits, expected_logits, mask) < TOLERANCE
+    assert_matches_transformers(model, reference, (LENGTHS["at"], LENGTHS["above"]), TOLERANCE)
     # And back into phi3lab, exactly.
     reloaded = Phi3Backbone.from_preset(str(tmp_path))
     assert {**reloaded.get_config(), "name": None} == {**model.get_config(), "name": None}
@@ -139,10 +131,7 @@ def test_legacy_su_config_json(tmp_path):
     assert model.rope_scaling_type == "su"
     assert model.pretraining_sequence_length == PRETRAINING
     assert model.max_sequence_length == MAX_POSITIONS
-    for length in (LENGTHS["below"], LENGTHS["above"]):
-        ids, mask = token_batch(length, seed=length)
-        _, expected = hf_forward(reference, ids, mask)
-        assert max_diff(forward(model, ids, mask)[1], expected, mask) < TOLERANCE
+    assert_matches_transformers(model, reference, (LENGTHS["below"], LENGTHS["above"]), TOLERANCE)
 
 
 # --- hub handles, from local caches ------------------------------------------
