@@ -113,6 +113,19 @@ def random_backbone(seed: int, scale: float = 0.3, config: dict | None = None, *
     return model
 
 
+def keras_initialized_backbone(seed: int, *values: int, **named):
+    """A phi3lab `Phi3Backbone(**sizes(*values, **named))` with keras' own
+    random initialization after `keras.utils.set_random_seed(seed)`; without
+    sizes, the views' model: 64 tokens, 2 layers, width 32, MLP 64, 4 query
+    heads over 2."""
+    import keras
+
+    from phi3lab import Phi3Backbone
+
+    keras.utils.set_random_seed(seed)
+    return Phi3Backbone(**sizes(*(values or (64, 2, 32, 64, 4, 2)), **named))
+
+
 def randomize_torch(module, seed: int, scale: float = 0.3) -> None:
     """Same as `randomize_keras` for a torch module (norm weights around 1)."""
     import torch
