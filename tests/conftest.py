@@ -65,6 +65,25 @@ def sizes(*values: int, **named: int) -> dict:
     return {**dict(zip(SIZE_ARGUMENTS, values)), **named}
 
 
+# Texts every tokenizer test encodes first: empty, whitespace runs, case and
+# spaces at the edges of words.
+EDGE_TEXTS = [
+    "",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\t",
+    "\r\n",
+    "Hello world",
+    "hello world",
+    " leading space",
+    "trailing space ",
+    "multiple   spaces  inside",
+    "tabs\tand\nnewlines\r\n",
+]
+
+
 def rope_factors(num_pairs: int = HIDDEN // HEADS // 2, seed: int = 0):
     """Distinct (short, long) "su" factor lists, long ones clearly larger."""
     rng = np.random.default_rng(seed)

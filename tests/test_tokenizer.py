@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import require, require_file
+from conftest import EDGE_TEXTS, require, require_file
 
 transformers = require("transformers")
 tokenizers = require("tokenizers")
@@ -30,19 +30,18 @@ import sentencepiece as spm  # noqa: E402
 from phi3lab.tokenizer import ADDED_SPECIAL_TOKENS, Phi3Tokenizer  # noqa: E402
 from phi3lab.tokenizer_training import train_sentencepiece  # noqa: E402
 
-PHI3_ADDED = [  # microsoft/Phi-3-mini-4k-instruct's added tokens, ids 32000.. in this order.
-    "<|endoftext|>",
-    "<|assistant|>",
-    "<|placeholder1|>",
-    "<|placeholder2|>",
-    "<|placeholder3|>",
-    "<|placeholder4|>",
-    "<|system|>",
-    "<|end|>",
-    "<|placeholder5|>",
-    "<|placeholder6|>",
-    "<|user|>",
-]
+# Phi-3's added tokens, ids 32000.. in this order: phi3lab's list, which the oracle files below are
+# written with. It is checked against ids known without it (`test_added_tokens_are_phi3s`).
+PHI3_ADDED = list(ADDED_SPECIAL_TOKENS)
+# microsoft/Phi-3-mini-4k-instruct's added_tokens.json, for the tokens a chat depends on (its
+# generation_config.json stops on 32000, 32001 and 32007).
+PHI3_KNOWN_IDS = {
+    "<|endoftext|>": 32000,
+    "<|assistant|>": 32001,
+    "<|system|>": 32006,
+    "<|end|>": 32007,
+    "<|user|>": 32010,
+}
 # Phi-3's tokenizer_config.json: (rstrip, special) of each token.
 PHI3_FLAGS = {
     "<unk>": (False, True),
@@ -65,18 +64,7 @@ WORDS = (
 ).split()
 
 TEXTS = [
-    "",
-    " ",
-    "  ",
-    "\n",
-    "\n\n",
-    "\t",
-    "Hello world",
-    "hello world",
-    " leading space",
-    "trailing space ",
-    "multiple   spaces  inside",
-    "tabs\tand\nnewlines\r\n",
+    *EDGE_TEXTS,
     "x\n\n\ny",
     "digits 1234567890 and 3.14159, 2024-05-01",
     "café naïve Zürich résumé über",
@@ -255,10 +243,17 @@ def test_oracle_has_phi3_shipped_behaviour(oracle):
     assert oracle.pad_token == "<|endoftext|>" and oracle.eos_token == "<|endoftext|>"
 
 
+def test_added_tokens_are_phi3s():
+    """The 11 added tokens, against the ids of Phi-3's added_tokens.json known without phi3lab."""
+    assert len(set(PHI3_ADDED)) == len(PHI3_ADDED) == 11
+    assert {t: 32000 + PHI3_ADDED.index(t) for t in PHI3_KNOWN_IDS} == PHI3_KNOWN_IDS
+    placeholders = [t for t in PHI3_ADDED if t not in PHI3_KNOWN_IDS]
+    assert placeholders == [f"<|placeholder{i}|>" for i in range(1, 7)]
+
+
 def test_special_token_ids_follow_phi3(tok, proto, oracle):
     n = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
     expected = {"<unk>": 0, "<s>": 1, "</s>": 2, **{t: n + i for i, t in enumerate(PHI3_ADDED)}}
-    assert tuple(PHI3_ADDED) == ADDED_SPECIAL_TOKENS
     assert tok.special_tokens == expected
     assert {t: oracle.convert_tokens_to_ids(t) for t in expected} == expected
     assert tok.vocabulary_size == n + 11 == len(oracle)
@@ -611,6 +606,8 @@ def real(tmp_path_factory):
 def test_real_phi3_vocabulary(real):
     tok, oracle = real
     assert tok.encode("The quick brown fox.") == [450, 4996, 17354, 1701, 29916, 29889]  # keras-hub's test
+    assert tok.vocabulary_size == 32011  # the 32000 pieces of shared/data/README.md, then the added tokens
+    assert {t: tok.token_to_id(t) for t in PHI3_KNOWN_IDS} == PHI3_KNOWN_IDS
     sentence = "When Mary and John went to the store, John gave a drink to"
     ids = oracle_ids(oracle, sentence)
     assert tok.encode(sentence) == ids

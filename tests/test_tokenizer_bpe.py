@@ -28,7 +28,7 @@ from bpe_checkpoints import (
     write_phi4_mini_dir,
 )
 
-from conftest import require
+from conftest import EDGE_TEXTS, require
 
 transformers = require("transformers")
 tokenizers = require("tokenizers")
@@ -41,18 +41,7 @@ LAYOUTS = {
     "phi4_mini": (O200K, write_phi4_mini_dir, [t for t, _, _ in PHI4_MINI_ADDED] + [PHI4_MINI_UNK]),
 }
 TEXTS = [
-    "",
-    " ",
-    "  ",
-    "\n",
-    "\n\n",
-    "\t",
-    "\r\n",
-    "Hello world",
-    " leading space",
-    "trailing space ",
-    "multiple   spaces  inside",
-    "tabs\tand\nnewlines\r\n",
+    *EDGE_TEXTS,
     "x\n\n\ny",
     "   \n  \n",
     "When Mary and John went",
