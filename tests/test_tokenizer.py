@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bpe_checkpoints import PHI3_TEMPLATE  # Phi-3's tokenizer_config.json chat template
 
 from conftest import EDGE_TEXTS, require, require_file
 
@@ -50,13 +51,6 @@ PHI3_FLAGS = {
     "<|endoftext|>": (False, True),
     **{t: (True, True) for t in PHI3_ADDED[1:]},
 }
-PHI3_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + "
-    "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + "
-    "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
-    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
 WORDS = (
     "the a of attention head layer residual stream token model neuron circuit induction "
     "copy Paris France capital hello world question answer probe logit lens patch café "
