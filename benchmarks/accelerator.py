@@ -25,38 +25,28 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import tempfile
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+from _common import (
+    add_size_arguments,
+    config_from_arguments,
+    describe_sizes,
+    jitted_forwards,
+    keras_hub_pair,
+    machine,
+    median_times,
+    print_ratio_rows,
+)
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--kv-heads", type=int, default=12)
-    parser.add_argument("--intermediate", type=int, default=2048)
-    parser.add_argument("--vocabulary", type=int, default=32064)
+    add_size_arguments(parser)
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU/TPU, float32 on CPU")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=32)
     return parser.parse_args()
-
-
-def median_times(variants: dict, repeats: int, warmup: int = 2) -> dict:
-    times = {name: [] for name in variants}
-    for round_ in range(warmup + repeats):
-        names = list(variants) if round_ % 2 == 0 else list(variants)[::-1]
-        for name in names:
-            start = time.perf_counter()
-            variants[name]()
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def generation_variant(model, args):
@@ -77,44 +67,19 @@ def generation_variant(model, args):
 def main():
     args = parse_args()
     import jax
-    import keras
-    import keras_hub
     import numpy as np
 
     import phi3lab
 
     device = jax.devices()[0]
     dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
-    config = dict(
-        vocabulary_size=args.vocabulary,
-        num_layers=args.layers,
-        hidden_dim=args.hidden,
-        intermediate_dim=args.intermediate,
-        num_query_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_sequence_length=max(4096, max(args.lengths)),
-        dtype=dtype,
-    )
-    keras.utils.set_random_seed(0)
-    reference = keras_hub.models.Phi3Backbone(**config)
-    with tempfile.TemporaryDirectory() as directory:
-        reference.save_to_preset(directory)
-        model = phi3lab.Phi3Backbone.from_preset(directory)
+    config = config_from_arguments(args, max_sequence_length=max(4096, max(args.lengths)), dtype=dtype)
+    reference, model = keras_hub_pair(config)
+    ours, theirs = jitted_forwards(model, reference)
 
-    params = model.params()
-    ours = jax.jit(lambda p, ids, mask: model.apply(p, ids, mask)[0])
-    trainable = [v.value for v in reference.trainable_variables]
-    non_trainable = [v.value for v in reference.non_trainable_variables]
-    theirs = jax.jit(lambda t, n, x: reference.stateless_call(t, n, x)[0])
-
+    print(machine())
     print(
-        f"device: {device.platform} {device.device_kind} ({len(jax.devices())} visible); jax {jax.__version__}; "
-        f"load average {os.getloadavg()[0]:.1f}"
-    )
-    print(
-        f"config: layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads} "
-        f"intermediate={args.intermediate} vocabulary={args.vocabulary} {dtype}, batch 1; "
-        f"median of {args.repeats} interleaved rounds after 2 warm-up"
+        f"config: {describe_sizes(args)} {dtype}, batch 1; median of {args.repeats} interleaved rounds after 2 warm-up"
     )
     generation, skipped = generation_variant(model, args)
     rng = np.random.default_rng(0)
@@ -122,25 +87,20 @@ def main():
         ids = rng.integers(0, args.vocabulary, (1, length)).astype("int32")
         token_ids, mask = jax.numpy.asarray(ids), jax.numpy.ones((1, length), "int32")
         variants = {
-            "keras-hub forward": lambda: theirs(
-                trainable, non_trainable, {"token_ids": token_ids, "padding_mask": mask}
-            ).block_until_ready(),
-            "phi3lab forward": lambda: ours(params, token_ids, mask).block_until_ready(),
+            "keras-hub forward": lambda: theirs(token_ids, mask).block_until_ready(),
+            "phi3lab forward": lambda: ours(token_ids, mask).block_until_ready(),
             "full trace": lambda: phi3lab.trace(model, ids),
             "full trace, bf16 maps": lambda: phi3lab.trace(model, ids, capture_dtype="bfloat16"),
             "patterns only": lambda: phi3lab.trace(model, ids, names="blocks.*.attn.hook_pattern"),
         }
         times = median_times(variants, args.repeats)
-        base = times["keras-hub forward"]
-        a = np.asarray(ours(params, token_ids, mask), np.float64)
-        b = np.asarray(theirs(trainable, non_trainable, {"token_ids": token_ids, "padding_mask": mask}), np.float64)
+        a = np.asarray(ours(token_ids, mask), np.float64)
+        b = np.asarray(theirs(token_ids, mask), np.float64)
         print(
             f"\nT={length}  (load average {os.getloadavg()[0]:.1f}; max |phi3lab - keras-hub| = "
             f"{np.abs(a - b).max():.2e} on outputs up to {np.abs(b).max():.2f})"
         )
-        print(f"{'variant':28s} {'ms':>9s} {'x keras-hub':>12s}")
-        for name, seconds in times.items():
-            print(f"{name:28s} {seconds * 1e3:9.2f} {seconds / base:12.2f}")
+        print_ratio_rows(times, "keras-hub forward")
     if generation is None:
         print(f"\ngeneration: {skipped}")
     else:

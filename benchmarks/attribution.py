@@ -18,32 +18,10 @@ import argparse
 import time
 
 import numpy as np
+from _common import CONFIG, random_model
 
 import phi3lab
 from phi3lab import analysis, tasks
-
-CONFIG = {
-    "vocabulary_size": 32064,
-    "num_layers": 12,
-    "hidden_dim": 768,
-    "intermediate_dim": 2048,
-    "num_query_heads": 12,
-    "num_key_value_heads": 12,
-    "max_sequence_length": 4096,
-    "pretraining_sequence_length": 4096,
-}
-
-
-def make_model():
-    from phi3lab.model.initializers import zero_initialization
-
-    with zero_initialization():
-        model = phi3lab.Phi3Backbone(**CONFIG)
-    rng = np.random.default_rng(0)
-    for variable in model.weights:
-        noise = 0.02 * rng.standard_normal(tuple(variable.shape), dtype=np.float32)
-        variable.assign(1.0 + noise if variable.path.endswith("scale") else noise)
-    return model
 
 
 def random_pair(length: int):
@@ -100,7 +78,7 @@ def main():
             compare(
                 f"phi3lab_tiny_en T={clean.shape[1]}", model, clean, corrupted, answer, counter, site, args.batch_size
             )
-    model = make_model()
+    model = random_model()
     for length in args.lengths:
         clean, corrupted, answer, counter = random_pair(length)
         for site in args.sites:

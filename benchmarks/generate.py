@@ -14,21 +14,14 @@ Run: .venv/bin/python benchmarks/generate.py [--prompt 128] [--new 128] [--runs 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import tempfile
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+from _common import add_size_arguments, config_from_arguments, describe_sizes, keras_hub_pair, machine, median_times
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--intermediate", type=int, default=2048)
-    parser.add_argument("--vocabulary", type=int, default=32064)
+    add_size_arguments(parser, kv_heads=False)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
@@ -37,28 +30,12 @@ def parse_args():
 
 def main():
     args = parse_args()
-    import jax
-    import keras
     import keras_hub
     import numpy as np
 
     import phi3lab
 
-    config = dict(
-        vocabulary_size=args.vocabulary,
-        num_layers=args.layers,
-        hidden_dim=args.hidden,
-        intermediate_dim=args.intermediate,
-        num_query_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_sequence_length=4096,
-        dtype="float32",
-    )
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.Phi3Backbone(**config)
-    with tempfile.TemporaryDirectory() as directory:
-        backbone.save_to_preset(directory)
-        model = phi3lab.Phi3Backbone.from_preset(directory)
+    backbone, model = keras_hub_pair(config_from_arguments(args))
     causal_lm = keras_hub.models.Phi3CausalLM(backbone=backbone, preprocessor=None)
     causal_lm.compile(sampler="greedy")
 
@@ -76,24 +53,13 @@ def main():
         ),
         "keras-hub": lambda: causal_lm.generate(hub_inputs, stop_token_ids=None)["token_ids"][0, args.prompt :],
     }
+    print(machine())
     print(
-        f"devices: {jax.devices()}  cpu cores: {os.cpu_count()}  load average: {os.getloadavg()[0]:.1f} "
-        "(shared machine: absolute times are noisy)"
-    )
-    print(
-        f"config: layers={args.layers} hidden={args.hidden} heads={args.heads} vocabulary={args.vocabulary} "
-        f"float32, {model.count_params() / 1e6:.1f}M parameters; prompt {args.prompt}, {args.new} new tokens, "
-        f"greedy; median of {args.runs} interleaved runs after a warm-up"
+        f"config: {describe_sizes(args)} float32, {model.count_params() / 1e6:.1f}M parameters; prompt {args.prompt}, "
+        f"{args.new} new tokens, greedy; median of {args.runs} interleaved runs after a warm-up"
     )
     outputs = {name: np.asarray(run()) for name, run in runners.items()}
-    times = {name: [] for name in runners}
-    for index in range(args.runs):
-        order = list(runners) if index % 2 == 0 else list(runners)[::-1]
-        for name in order:
-            start = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - start)
-    seconds = {name: statistics.median(values) for name, values in times.items()}
+    seconds = median_times(runners, args.runs, warmup=0)
     print(f"\n{'generator':>24} {'s':>7} {'tokens/s':>9} {'same tokens as keras-hub':>25}")
     for name, value in seconds.items():
         same = np.array_equal(outputs[name], outputs["keras-hub"])

@@ -18,35 +18,15 @@ median forward time of each variant (compilation excluded) with the ratio.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from _common import median_times, random_model
 
 import phi3lab
 
-CONFIG = {
-    "vocabulary_size": 32064,
-    "num_layers": 12,
-    "hidden_dim": 768,
-    "intermediate_dim": 2048,
-    "num_query_heads": 12,
-    "num_key_value_heads": 12,
-    "max_sequence_length": 4096,
-    "pretraining_sequence_length": 4096,
-}
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def twelve_layer_model():
-    model = phi3lab.Phi3Backbone(**CONFIG)
-    rng = np.random.default_rng(0)
-    for variable in model.weights:
-        noise = 0.02 * rng.standard_normal(tuple(variable.shape), dtype=np.float32)
-        variable.assign(1.0 + noise if variable.path.endswith("scale") else noise)
-    return model
 
 
 def text_batch(tokenizer, batch: int, length: int) -> np.ndarray:
@@ -69,27 +49,22 @@ def logits_fn(model):
     return jax.jit(run)
 
 
-def median_ms(fn, runs: int) -> float:
-    fn().block_until_ready()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn().block_until_ready()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+def milliseconds(fn, runs: int) -> float:
+    """Median milliseconds of `fn()` (a jax array, waited for) after one untimed call that compiles it."""
+    return 1e3 * median_times({"fn": lambda: fn().block_until_ready()}, runs, warmup=1)["fn"]
 
 
 def measure(name, model, ids, runs):
     float_params = model.params()
     float_logits = np.asarray(logits_fn(model)(float_params, ids))
     run_float = logits_fn(model)
-    float_ms = median_ms(lambda: run_float(float_params, ids), runs)
+    float_ms = milliseconds(lambda: run_float(float_params, ids), runs)
     kernels_before = nbytes({k: v for k, v in float_params["decoder"].items() if k in ("attention", "mlp")})
     model.quantize("int8")
     int8_params = model.params()
     run_int8 = logits_fn(model)
     int8_logits = np.asarray(run_int8(int8_params, ids))
-    int8_ms = median_ms(lambda: run_int8(int8_params, ids), runs)
+    int8_ms = milliseconds(lambda: run_int8(int8_params, ids), runs)
     kernels_after = nbytes({k: v for k, v in int8_params["decoder"].items() if k in ("attention", "mlp")})
     diff = np.abs(int8_logits - float_logits)
     agreement = float(np.mean(int8_logits.argmax(-1) == float_logits.argmax(-1)))
@@ -125,7 +100,7 @@ def main():
     tiny_ids = text_batch(tokenizer, args.batch, min(args.length, tiny.max_sequence_length))
     measure(
         "12-layer (random N(0, 0.02) weights)",
-        twelve_layer_model(),
+        random_model(),
         text_batch(tokenizer, args.batch, args.length),
         args.runs,
     )

@@ -31,36 +31,15 @@ arrays it returns.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import threading
 import time
 
 import jax
 import numpy as np
+from _common import CONFIG, machine, median_times, print_ratio_rows, random_model
 from jax import numpy as jnp
 
 import phi3lab  # noqa: F401  (selects the JAX backend)
-
-CONFIG = dict(
-    vocabulary_size=32064,
-    num_layers=12,
-    hidden_dim=768,
-    intermediate_dim=2048,
-    num_query_heads=12,
-    num_key_value_heads=12,
-    max_sequence_length=4096,
-    pretraining_sequence_length=4096,
-)
-
-
-def make_model():
-    model = phi3lab.Phi3Backbone(**CONFIG)
-    rng = np.random.default_rng(0)
-    for variable in model.weights:
-        noise = 0.02 * rng.standard_normal(tuple(variable.shape), dtype=np.float32)
-        variable.assign(1.0 + noise if variable.path.endswith("scale") else noise)
-    return model
 
 
 def forward_flops(length: int, batch: int = 1, logits: bool = False) -> float:
@@ -84,18 +63,6 @@ def reference_matmul():
     b = jnp.asarray(np.random.default_rng(1).standard_normal((MATMUL, MATMUL), dtype=np.float32))
     matmul = jax.jit(jnp.matmul)
     return lambda: matmul(a, b).block_until_ready()
-
-
-def median_times(variants: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median seconds per variant, run round-robin after `warmup` rounds."""
-    times = {name: [] for name in variants}
-    for round_ in range(warmup + repeats):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def release_freed_memory():
@@ -216,11 +183,8 @@ def main():
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
 
-    print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.1f}"
-    )
-    model = make_model()
+    print(machine())
+    model = random_model()
     for length in args.lengths:
         ids = np.random.default_rng(length).integers(0, CONFIG["vocabulary_size"], (1, length)).astype(np.int32)
         variants = phi3lab_variants(model, ids)
@@ -230,10 +194,8 @@ def main():
             variants.update(tl)
         times = median_times(variants, args.repeats)
         base = times["plain forward"]
-        print(f"\nT={length}, batch 1, median of {args.repeats} runs after 2 warm-up rounds")
-        print(f"{'variant':36s} {'ms':>9s} {'x plain':>8s}")
-        for name, seconds in times.items():
-            print(f"{name:36s} {seconds * 1e3:9.1f} {seconds / base:8.2f}")
+        print(f"\nT={length}, batch 1, median of {args.repeats} interleaved rounds after 2 warm-up rounds")
+        print_ratio_rows(times, "plain forward", width=36)
         if tl:
             for ours, theirs in (
                 ("trace: everything", "TL run_with_cache: everything"),

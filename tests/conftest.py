@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
+from pathlib import Path
+from typing import NoReturn
 
 os.environ["KERAS_BACKEND"] = "jax"  # before anything imports keras
 # Compiled programs go to a fresh directory per test session (notebook kernels
@@ -38,6 +40,49 @@ VOCAB, HIDDEN, FFN, LAYERS, HEADS = 96, 64, 128, 2, 4
 PRETRAINING, MAX_POSITIONS = 8, 32
 LENGTHS = {"below": 5, "at": PRETRAINING, "above": 13}
 
+# The size arguments (each a positive int) as phi3lab and keras-hub name them,
+# and as transformers' Phi3Config names them: the tests' own table, which
+# `hf_config` builds its oracles from (a wrong entry gives an oracle of
+# other sizes) and the bad-input tests reject 0 and negatives for.
+HF_SIZE_NAMES = {
+    "vocabulary_size": "vocab_size",
+    "num_layers": "num_hidden_layers",
+    "hidden_dim": "hidden_size",
+    "intermediate_dim": "intermediate_size",
+    "num_query_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "max_sequence_length": "max_position_embeddings",
+    "pretraining_sequence_length": "original_max_position_embeddings",
+}
+SIZE_ARGUMENTS = tuple(HF_SIZE_NAMES)
+
+
+def sizes(*values: int, **named: int) -> dict:
+    """`Phi3Backbone` size arguments from values in `SIZE_ARGUMENTS`' order
+    (vocabulary, layers, hidden, MLP, query heads, key/value heads, max
+    positions, pretraining positions; a prefix of them), then `named` ones."""
+    assert len(values) <= len(SIZE_ARGUMENTS), values
+    return {**dict(zip(SIZE_ARGUMENTS, values)), **named}
+
+
+# Texts every tokenizer test encodes first: empty, whitespace runs, case and
+# spaces at the edges of words.
+EDGE_TEXTS = [
+    "",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\t",
+    "\r\n",
+    "Hello world",
+    "hello world",
+    " leading space",
+    "trailing space ",
+    "multiple   spaces  inside",
+    "tabs\tand\nnewlines\r\n",
+]
+
 
 def rope_factors(num_pairs: int = HIDDEN // HEADS // 2, seed: int = 0):
     """Distinct (short, long) "su" factor lists, long ones clearly larger."""
@@ -52,18 +97,8 @@ def backbone_kwargs(rope: str | None = "su", num_key_value_heads: int = 2, **ove
 
     The sizes above unless overridden; with `rope`, `rope_factors` sized to
     the head (`hidden_dim / num_query_heads / 2` pairs) unless given."""
-    kwargs = dict(
-        vocabulary_size=VOCAB,
-        num_layers=LAYERS,
-        hidden_dim=HIDDEN,
-        intermediate_dim=FFN,
-        num_query_heads=HEADS,
-        num_key_value_heads=num_key_value_heads,
-        layer_norm_epsilon=1e-5,
-        max_sequence_length=MAX_POSITIONS,
-        pretraining_sequence_length=PRETRAINING,
-        rope_scaling_type=rope,
-    )
+    kwargs = sizes(VOCAB, LAYERS, HIDDEN, FFN, HEADS, num_key_value_heads, MAX_POSITIONS, PRETRAINING)
+    kwargs.update(layer_norm_epsilon=1e-5, rope_scaling_type=rope)
     kwargs.update(overrides)
     short, long = rope_factors(kwargs["hidden_dim"] // kwargs["num_query_heads"] // 2) if rope else (None, None)
     kwargs.setdefault("rope_scaling_short_factor", short)
@@ -97,6 +132,19 @@ def random_backbone(seed: int, scale: float = 0.3, config: dict | None = None, *
     return model
 
 
+def keras_initialized_backbone(seed: int, *values: int, **named):
+    """A phi3lab `Phi3Backbone(**sizes(*values, **named))` with keras' own
+    random initialization after `keras.utils.set_random_seed(seed)`; without
+    sizes, the views' model: 64 tokens, 2 layers, width 32, MLP 64, 4 query
+    heads over 2."""
+    import keras
+
+    from phi3lab import Phi3Backbone
+
+    keras.utils.set_random_seed(seed)
+    return Phi3Backbone(**sizes(*(values or (64, 2, 32, 64, 4, 2)), **named))
+
+
 def randomize_torch(module, seed: int, scale: float = 0.3) -> None:
     """Same as `randomize_keras` for a torch module (norm weights around 1)."""
     import torch
@@ -119,19 +167,53 @@ def token_batch(length: int, seed: int = 0, vocab: int = VOCAB, pad: int = 3):
     return ids, mask
 
 
-def require_oracle(module: str):
-    """Import an oracle or test-only module (`"keras_hub"`, `"transformers"`,
-    `"torch"`, ...). Missing, it skips the test locally, but fails the run
-    under CI (`CI=true`), where a skipped oracle would hide a broken set-up."""
+# What a missing requirement's message says to do, unless the call says otherwise.
+MAKE_INSTALL = "`make install` (the environment `make test` runs in)"
+
+
+def under_ci() -> bool:
+    """True under CI (`CI=true`), where a skipped test would hide a broken set-up."""
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(missing: str, install: str = MAKE_INSTALL) -> NoReturn:
+    """The one rule for a test whose requirement (an oracle, a binary, a data
+    file) is missing: skip locally, fail under CI. The message names what is
+    missing and how to install it."""
+    message = f"{missing}; install it with {install}"
+    if under_ci():
+        pytest.fail(f"missing under CI (CI=true): {message}", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require(module: str, install: str = MAKE_INSTALL):
+    """Import and return an oracle or test-only module (`"keras_hub"`,
+    `"transformers"`, `"torch"`, ...), or `unavailable`."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        reason = f"{module} is not installed ({error}); `make test` installs it"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"oracle missing under CI: {reason}")
-        pytest.skip(reason, allow_module_level=True)
+        unavailable(f"the Python module `{module}` cannot be imported ({error})", install)
+
+
+def require_binary(program: str | os.PathLike, install: str) -> str:
+    """The path of an executable (a name looked up on PATH, or a path), or `unavailable`."""
+    import shutil
+
+    found = shutil.which(str(program))
+    if found is None:
+        where = "is not an executable file" if os.sep in str(program) else "is not on PATH"
+        unavailable(f"`{program}` {where}", install)
+    return found
+
+
+def require_file(path: os.PathLike, what: str, install: str) -> Path:
+    """`path` as a `Path` if it is a file, or `unavailable` (naming `what` it holds)."""
+    path = Path(path)
+    if not path.is_file():
+        unavailable(f"{what} is not here ({path})", install)
+    return path
 
 
 _COMPILED = weakref.WeakKeyDictionary()
@@ -180,15 +262,8 @@ def hf_config(rope=None, num_key_value_heads=2, sliding_window=None, **overrides
         scaling = {"type": rope, "short_factor": short, "long_factor": long}
         if rope == "su":
             scaling["original_max_position_embeddings"] = PRETRAINING
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=MAX_POSITIONS,
-        original_max_position_embeddings=PRETRAINING,
+    kwargs = {HF_SIZE_NAMES[k]: v for k, v in backbone_kwargs(None, num_key_value_heads).items() if k in HF_SIZE_NAMES}
+    kwargs.update(
         rms_norm_eps=1e-5,
         rope_scaling=scaling,
         sliding_window=sliding_window,
@@ -230,6 +305,31 @@ def max_diff(a, b, padding_mask=None) -> float:
     if padding_mask is not None:
         diff = diff[np.asarray(padding_mask).astype(bool)]
     return float(diff.max())
+
+
+def assert_matches_transformers(model, reference, lengths, tolerance: float, run=forward) -> None:
+    """phi3lab's final hidden states and logits (`run(model, ids, mask)`)
+    within `tolerance` (absolute, unpadded positions) of transformers'
+    `reference` on `token_batch(length, seed=length)` for each length, on
+    logits that carry a real signal (some |logit| > 1)."""
+    for length in lengths:
+        ids, mask = token_batch(length, seed=length)
+        expected_hidden, expected_logits = hf_forward(reference, ids, mask)
+        hidden, logits = run(model, ids, mask)
+        assert np.abs(expected_logits[mask.astype(bool)]).max() > 1.0, (length, "no signal in the oracle's logits")
+        assert max_diff(hidden, expected_hidden, mask) < tolerance, (length, "hidden")
+        assert max_diff(logits, expected_logits, mask) < tolerance, (length, "logits")
+
+
+def corrupted_pair(seed: int, shape: tuple[int, int], shifts: dict[int, int], high: int = 90):
+    """Clean and corrupted int32 ids for patching tests: clean ids uniform in
+    [3, high) (no special ids), corrupted the same but for position `p` of
+    every row, shifted by `shifts[p]` (mod `high`)."""
+    clean = np.random.default_rng(seed).integers(3, high, shape).astype(np.int32)
+    corrupted = clean.copy()
+    for position, shift in shifts.items():
+        corrupted[:, position] = (clean[:, position] + shift) % high
+    return clean, corrupted
 
 
 @pytest.fixture

@@ -15,11 +15,10 @@ import pytest
 
 from conftest import (
     LENGTHS,
+    assert_matches_transformers,
     hf_config,
-    hf_forward,
     hf_model,
-    max_diff,
-    require_oracle,
+    require,
     token_batch,
 )
 from phi3lab import Phi3Backbone
@@ -29,7 +28,7 @@ HF_TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    require_oracle("transformers")
+    require("transformers")
     reference = hf_model(hf_config("longrope", 2, sliding_window=4), seed=7)
     directory = tmp_path_factory.mktemp("hf_paths")
     reference.save_pretrained(directory)
@@ -50,12 +49,7 @@ def run(model, ids, mask, fused: bool):
 @pytest.mark.parametrize("length", [LENGTHS["below"], LENGTHS["above"]])
 def test_each_path_matches_transformers(pair, fused, length):
     reference, model = pair
-    ids, mask = token_batch(length, seed=length)
-    expected_hidden, expected_logits = hf_forward(reference, ids, mask)
-    hidden, logits = run(model, ids, mask, fused)
-    assert np.abs(expected_logits[mask.astype(bool)]).max() > 1.0  # a real signal
-    assert max_diff(hidden, expected_hidden, mask) < HF_TOLERANCE
-    assert max_diff(logits, expected_logits, mask) < HF_TOLERANCE
+    assert_matches_transformers(model, reference, [length], HF_TOLERANCE, lambda m, i, k: run(m, i, k, fused))
 
 
 def test_paths_agree_everywhere_including_padding(pair):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import phi3lab
-from conftest import random_backbone
+from conftest import corrupted_pair, random_backbone
 from phi3lab import analysis, tasks
 
 ANSWER, COUNTER = 7, 11
@@ -25,11 +25,7 @@ def random_model():
 
 @pytest.fixture(scope="module")
 def random_pair():
-    rng = np.random.default_rng(0)
-    clean = rng.integers(3, 90, (2, 7)).astype(np.int32)
-    corrupted = clean.copy()
-    corrupted[:, 2] = (corrupted[:, 2] + 7) % 90
-    return clean, corrupted
+    return corrupted_pair(0, (2, 7), {2: 7})
 
 
 def swap_names(prompt) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 
@@ -9,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import HIDDEN, VOCAB, backbone_kwargs, random_backbone
+from conftest import HIDDEN, SIZE_ARGUMENTS, VOCAB, backbone_kwargs, random_backbone
 from phi3lab import Phi3Backbone
 from phi3lab.presets import save_hf_checkpoint, save_preset
 from phi3lab.presets.safetensors_io import SafetensorsFile, write_safetensors
@@ -83,17 +84,21 @@ def test_odd_head_size():
     raises(ValueError, "hidden_dim=60", "even", call=lambda: Phi3Backbone(**kwargs))
 
 
-SIZES = [
-    "vocabulary_size",
-    "num_layers",
-    "hidden_dim",
-    "intermediate_dim",
-    "num_query_heads",
-    "num_key_value_heads",
-    "max_sequence_length",
-    "pretraining_sequence_length",
-    "sliding_window",
-]
+SIZES = [*SIZE_ARGUMENTS, "sliding_window"]
+
+
+def test_the_size_table_names_every_integer_argument():
+    """`SIZE_ARGUMENTS` is the tests' own table (conftest); it must name every
+    constructor argument that is required or defaults to an int, so that a new
+    size argument cannot go unchecked. `rope_max_wavelength` (default 10000)
+    is a positive real (`test_bad_numbers`)."""
+    parameters = inspect.signature(Phi3Backbone).parameters.values()
+    integers = {
+        p.name
+        for p in parameters
+        if p.kind is p.POSITIONAL_OR_KEYWORD and (p.default is p.empty or type(p.default) is int)
+    }
+    assert integers - {"rope_max_wavelength"} == set(SIZE_ARGUMENTS)
 
 
 @pytest.mark.parametrize("value", [0, -2])

@@ -14,6 +14,7 @@ from conftest import (
     HEADS,
     HIDDEN,
     LENGTHS,
+    assert_matches_transformers,
     backbone_kwargs,
     forward,
     hf_config,
@@ -21,7 +22,7 @@ from conftest import (
     hf_model,
     max_diff,
     random_backbone,
-    require_oracle,
+    require,
     rope_factors,
     token_batch,
 )
@@ -215,7 +216,7 @@ SHAPES = {
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
 def family_pair(request, tmp_path_factory):
-    require_oracle("transformers")
+    require("transformers")
     reference = hf_model(hf_config(**SHAPES[request.param]), seed=20)
     directory = tmp_path_factory.mktemp(request.param)
     reference.save_pretrained(directory)
@@ -229,17 +230,13 @@ def test_family_matches_transformers(family_pair, where):
         assert model.tie_word_embeddings and model.rotary_dim == 12 and model.num_key_value_heads == 2
     if name == "phi4":
         assert model.rope_max_wavelength == 250000.0 and model.rope_scaling_type is None
-    ids, mask = token_batch(LENGTHS[where], seed=LENGTHS[where])
-    expected_hidden, expected_logits = hf_forward(reference, ids, mask)
-    hidden, logits = forward(model, ids, mask)
-    assert max_diff(hidden, expected_hidden, mask) < TOLERANCE
-    assert max_diff(logits, expected_logits, mask) < TOLERANCE
+    assert_matches_transformers(model, reference, [LENGTHS[where]], TOLERANCE)
 
 
 def test_rotating_all_dims_breaks_the_match(tmp_path):
     """Negative control: the same Phi-4-mini-shaped checkpoint (no scaling
     here, so the factor lists need no resizing) read with full rotary."""
-    require_oracle("transformers")
+    require("transformers")
     reference = hf_model(hf_config(num_key_value_heads=2, partial_rotary_factor=PARTIAL), seed=21)
     reference.save_pretrained(tmp_path)
     ids, mask = token_batch(LENGTHS["above"])
@@ -254,7 +251,7 @@ def test_untying_breaks_the_match(tmp_path):
     """Negative control: a tied checkpoint has no lm_head.weight, so reading
     it untied is refused; an untied head (here a random one) differs, and
     setting it to the embedding's transpose restores the match."""
-    require_oracle("transformers")
+    require("transformers")
     reference = hf_model(hf_config(**SHAPES["phi4_mini"]), seed=22)
     reference.save_pretrained(tmp_path)
     directory, model = tmp_path, Phi3Backbone.from_preset(str(tmp_path))

@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import phi3lab
+from conftest import SIZE_ARGUMENTS, sizes
 from phi3lab import analysis
 from phi3lab import hooks as H
 from phi3lab.presets import save_preset
@@ -55,15 +56,7 @@ CHECKED: contextvars.ContextVar[list | None] = contextvars.ContextVar("checked",
 # The model every test shares: 64 tokens, 2 layers, hidden 16, 4 query heads
 # of size 4 over 2 key/value heads, 32 positions.
 VOCAB, LAYERS, HIDDEN, FFN, HQ, HKV, MAX_LEN = 64, 2, 16, 32, 4, 2, 32
-BASE_KWARGS = dict(
-    vocabulary_size=VOCAB,
-    num_layers=LAYERS,
-    hidden_dim=HIDDEN,
-    intermediate_dim=FFN,
-    num_query_heads=HQ,
-    num_key_value_heads=HKV,
-    max_sequence_length=MAX_LEN,
-)
+BASE_KWARGS = sizes(VOCAB, LAYERS, HIDDEN, FFN, HQ, HKV, MAX_LEN)
 PAIRS = HIDDEN // HQ // 2
 SU_KWARGS = dict(
     BASE_KWARGS,
@@ -115,6 +108,11 @@ def arg(name: str) -> str:
     """How phi3lab messages name an argument: "`name` must be ..." (or
     "received name=...", which `expect_bad` accepts too)."""
     return f"`{name}"
+
+
+def case(function: str, argument: str, strategy):
+    """(function, {argument: bad value}, the message fragment naming `argument`) cases."""
+    return st.tuples(st.just(function), st.fixed_dictionaries({argument: strategy}), st.just(arg(argument)))
 
 
 def expect_bad(call, *fragments, errors=(ValueError, TypeError)):
@@ -228,16 +226,7 @@ def pick(name, strategy, *fragments):
 
 # === Phi3Backbone(...) ======================================================
 
-INT_ARGS = [
-    "vocabulary_size",
-    "num_layers",
-    "hidden_dim",
-    "intermediate_dim",
-    "num_query_heads",
-    "num_key_value_heads",
-    "max_sequence_length",
-    "pretraining_sequence_length",
-]
+INT_ARGS = list(SIZE_ARGUMENTS)
 bad_real = st.one_of(
     st.floats(max_value=0),
     st.just(math.nan),
@@ -1015,26 +1004,18 @@ def ap_case(name, strategy, fragment=None):
 
 analysis_cases = st.one_of(
     # logit lens
-    st.tuples(
-        st.just("logit_lens"),
-        st.fixed_dictionaries(
-            {
-                "k": st.one_of(
-                    st.integers(max_value=0), st.integers(VOCAB + 1, 10**6), st.floats(), short_text, st.booleans()
-                )
-            }
-        ),
-        st.just(arg("k")),
+    case(
+        "logit_lens",
+        "k",
+        st.one_of(st.integers(max_value=0), st.integers(VOCAB + 1, 10**6), st.floats(), short_text, st.booleans()),
     ),
-    st.tuples(st.just("logit_lens"), st.fixed_dictionaries({"where": bad_where}), st.just(arg("where"))),
-    st.tuples(st.just("logit_lens"), st.fixed_dictionaries({"batch": bad_batch}), st.just(arg("batch"))),
-    st.tuples(
-        st.just("logit_lens"), st.fixed_dictionaries({"positions": bad_position_list}), st.just(arg("positions"))
-    ),
-    st.tuples(st.just("logit_lens_logits"), st.fixed_dictionaries({"where": bad_where}), st.just(arg("where"))),
-    st.tuples(st.just("logit_lens_logits"), st.fixed_dictionaries({"batch": bad_batch}), st.just(arg("batch"))),
+    case("logit_lens", "where", bad_where),
+    case("logit_lens", "batch", bad_batch),
+    case("logit_lens", "positions", bad_position_list),
+    case("logit_lens_logits", "where", bad_where),
+    case("logit_lens_logits", "batch", bad_batch),
     # direct logit attribution and the residual decomposition
-    st.tuples(st.just("dla"), st.fixed_dictionaries({"answer": bad_token | st.none()}), st.just(arg("answer"))),
+    case("dla", "answer", bad_token | st.none()),
     st.tuples(
         st.just("dla"),
         st.fixed_dictionaries({"answer": st.just(3), "counterfactual": bad_token}),
@@ -1053,154 +1034,78 @@ analysis_cases = st.one_of(
         st.just(arg("position")),
     ),
     st.tuples(st.just("dla"), st.fixed_dictionaries({"answer": st.just(3), "batch": bad_batch}), st.just(arg("batch"))),
-    st.tuples(
-        st.just("decompose"),
-        st.fixed_dictionaries({"batch": bad_position_list.filter(lambda v: not isinstance(v, int) or v >= B)}),
-        st.just(arg("batch")),
-    ),
-    st.tuples(st.just("decompose"), st.fixed_dictionaries({"positions": bad_position_list}), st.just(arg("positions"))),
-    st.tuples(
-        st.just("frozen"),
-        st.fixed_dictionaries(
-            {
-                "final": st.one_of(
-                    hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=20).filter(lambda s: s != (HIDDEN,))),
-                    short_text,
-                    st.none(),
-                    st.lists(finite, max_size=3).map(lambda v: [v, v + [1.0]]),
-                )
-            }
+    case("decompose", "batch", bad_position_list.filter(lambda v: not isinstance(v, int) or v >= B)),
+    case("decompose", "positions", bad_position_list),
+    case(
+        "frozen",
+        "final",
+        st.one_of(
+            hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=20).filter(lambda s: s != (HIDDEN,))),
+            short_text,
+            st.none(),
+            st.lists(finite, max_size=3).map(lambda v: [v, v + [1.0]]),
         ),
-        st.just(arg("final")),
     ),
     # rotary
-    st.tuples(
-        st.just("rotary_table"),
-        st.fixed_dictionaries({"seq_len": st.one_of(bad_positive_int, st.integers(MAX_LEN + 1, 10**12))}),
-        st.just(arg("seq_len")),
+    case("rotary_table", "seq_len", st.one_of(bad_positive_int, st.integers(MAX_LEN + 1, 10**12))),
+    case(
+        "bands",
+        "layer",
+        st.one_of(st.integers(LAYERS, 99), st.integers(-99, -LAYERS - 1), st.floats(), short_text, st.none()),
     ),
-    st.tuples(
-        st.just("bands"),
-        st.fixed_dictionaries(
-            {
-                "layer": st.one_of(
-                    st.integers(LAYERS, 99), st.integers(-99, -LAYERS - 1), st.floats(), short_text, st.none()
-                )
-            }
-        ),
-        st.just(arg("layer")),
+    case(
+        "bands",
+        "head",
+        st.one_of(st.integers(HQ, 99), st.integers(max_value=-HQ - 1), st.floats(), short_text, st.none()),
     ),
-    st.tuples(
-        st.just("bands"),
-        st.fixed_dictionaries(
-            {"head": st.one_of(st.integers(HQ, 99), st.integers(max_value=-HQ - 1), st.floats(), short_text, st.none())}
+    case("bands", "batch", bad_batch),
+    case(
+        "bands",
+        "bands",
+        st.one_of(
+            st.integers(),
+            short_text,
+            st.just([]),
+            st.just([[]]),
+            st.lists(st.one_of(st.integers(PAIRS, 20), st.integers(-20, -1)), min_size=1, max_size=2).map(
+                lambda v: [v]
+            ),
+            st.builds(slice, st.one_of(st.floats(), short_text)).map(lambda s: [s]),
+            st.builds(slice, st.integers(PAIRS, 9), st.integers(PAIRS, 12)).map(lambda s: [s]),
+            st.just([[[0, 1], [1]]]),
+            st.lists(st.floats(0, 1), min_size=1, max_size=2).map(lambda v: [v]),
         ),
-        st.just(arg("head")),
-    ),
-    st.tuples(st.just("bands"), st.fixed_dictionaries({"batch": bad_batch}), st.just(arg("batch"))),
-    st.tuples(
-        st.just("bands"),
-        st.fixed_dictionaries(
-            {
-                "bands": st.one_of(
-                    st.integers(),
-                    short_text,
-                    st.just([]),
-                    st.just([[]]),
-                    st.lists(st.one_of(st.integers(PAIRS, 20), st.integers(-20, -1)), min_size=1, max_size=2).map(
-                        lambda v: [v]
-                    ),
-                    st.builds(slice, st.one_of(st.floats(), short_text)).map(lambda s: [s]),
-                    st.builds(slice, st.integers(PAIRS, 9), st.integers(PAIRS, 12)).map(lambda s: [s]),
-                    st.just([[[0, 1], [1]]]),
-                    st.lists(st.floats(0, 1), min_size=1, max_size=2).map(lambda v: [v]),
-                )
-            }
-        ),
-        st.just(arg("bands")),
     ),
     # heads
-    st.tuples(
-        st.just("head_scores"),
-        st.fixed_dictionaries({"seq_len": st.one_of(bad_positive_int, st.integers(MAX_LEN // 2, 10**9))}),
-        st.just(arg("seq_len")),
-    ),
-    st.tuples(
-        st.just("head_scores"),
-        st.fixed_dictionaries({"num_sequences": bad_positive_int}),
-        st.just(arg("num_sequences")),
-    ),
-    st.tuples(
-        st.just("head_scores"),
-        st.fixed_dictionaries({"seed": st.one_of(st.floats(), short_text, st.none(), st.booleans())}),
-        st.just(arg("seed")),
-    ),
-    st.tuples(st.just("head_scores"), st.fixed_dictionaries({"bos_token": bad_token}), st.just(arg("bos_token"))),
-    st.tuples(
-        st.just("attention_stats"),
-        st.fixed_dictionaries({"batch": bad_batch.filter(lambda b: b is not None)}),
-        st.just(arg("batch")),
-    ),
-    st.tuples(
-        st.just("repeated_tokens"), st.fixed_dictionaries({"seq_len": bad_positive_int}), st.just(arg("seq_len"))
-    ),
-    st.tuples(
-        st.just("repeated_tokens"),
-        st.fixed_dictionaries({"num_sequences": bad_positive_int}),
-        st.just(arg("num_sequences")),
-    ),
-    st.tuples(
-        st.just("repeated_tokens"),
-        st.fixed_dictionaries({"vocabulary_size": bad_positive_int}),
-        st.just(arg("vocabulary_size")),
-    ),
+    case("head_scores", "seq_len", st.one_of(bad_positive_int, st.integers(MAX_LEN // 2, 10**9))),
+    case("head_scores", "num_sequences", bad_positive_int),
+    case("head_scores", "seed", st.one_of(st.floats(), short_text, st.none(), st.booleans())),
+    case("head_scores", "bos_token", bad_token),
+    case("attention_stats", "batch", bad_batch.filter(lambda b: b is not None)),
+    case("repeated_tokens", "seq_len", bad_positive_int),
+    case("repeated_tokens", "num_sequences", bad_positive_int),
+    case("repeated_tokens", "vocabulary_size", bad_positive_int),
     # activation patching: every check comes before anything is traced or compiled
-    st.tuples(
-        st.just("patching"),
-        st.fixed_dictionaries({"sites": st.one_of(short_text, st.integers(), st.none())}),
-        st.just(arg("sites")),
+    case("patching", "sites", st.one_of(short_text, st.integers(), st.none())),
+    case(
+        "patching",
+        "clean_ids",
+        bad_inputs.filter(lambda v: not isinstance(v, list) or not any(isinstance(x, str) for x in v)),
     ),
-    st.tuples(
-        st.just("patching"),
-        st.fixed_dictionaries(
-            {
-                "clean_ids": bad_inputs.filter(
-                    lambda v: not isinstance(v, list) or not any(isinstance(x, str) for x in v)
-                )
-            }
+    case(
+        "patching",
+        "corrupted_ids",
+        st.one_of(
+            out_of_range_ids(),
+            int_arrays(st.tuples(st.integers(1, 3), st.integers(1, 8)).filter(lambda s: s != (B, T)), 0, 5),
         ),
-        st.just(arg("clean_ids")),
     ),
-    st.tuples(
-        st.just("patching"),
-        st.fixed_dictionaries(
-            {
-                "corrupted_ids": st.one_of(
-                    out_of_range_ids(),
-                    int_arrays(st.tuples(st.integers(1, 3), st.integers(1, 8)).filter(lambda s: s != (B, T)), 0, 5),
-                )
-            }
-        ),
-        st.just(arg("corrupted_ids")),
+    case("patching", "padding_mask", bad_padding_masks()),
+    case("patching", "batch_size", bad_positive_int),
+    case(
+        "patching", "answer", st.one_of(bad_token, st.lists(st.integers(0, 5), min_size=3, max_size=4), st.just(None))
     ),
-    st.tuples(
-        st.just("patching"), st.fixed_dictionaries({"padding_mask": bad_padding_masks()}), st.just(arg("padding_mask"))
-    ),
-    st.tuples(st.just("patching"), st.fixed_dictionaries({"batch_size": bad_positive_int}), st.just(arg("batch_size"))),
-    st.tuples(
-        st.just("patching"),
-        st.fixed_dictionaries(
-            {"answer": st.one_of(bad_token, st.lists(st.integers(0, 5), min_size=3, max_size=4), st.just(None))}
-        ),
-        st.just(arg("answer")),
-    ),
-    st.tuples(
-        st.just("patching"),
-        st.fixed_dictionaries(
-            {"counterfactual": st.one_of(bad_token, st.lists(st.integers(0, 5), min_size=3, max_size=4))}
-        ),
-        st.just(arg("counterfactual")),
-    ),
+    case("patching", "counterfactual", st.one_of(bad_token, st.lists(st.integers(0, 5), min_size=3, max_size=4))),
     st.tuples(
         st.just("patching"),
         st.fixed_dictionaries(

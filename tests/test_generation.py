@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import phi3lab
-from conftest import MAX_POSITIONS, PRETRAINING, random_backbone, require_oracle
+from conftest import MAX_POSITIONS, PRETRAINING, random_backbone, require
 from phi3lab import compile_cache
 from phi3lab.generation import Sampler
 from phi3lab.presets import save_hf_checkpoint
@@ -71,7 +71,7 @@ PROMPTS = {
 @pytest.mark.parametrize("case", ["plain", "su", "mha", "window"])
 @pytest.mark.parametrize("prompt", list(PROMPTS))
 def test_greedy_matches_transformers_generate(tmp_path, models, case, prompt):
-    transformers = require_oracle("transformers")
+    transformers = require("transformers")
     model = models(case)
     save_hf_checkpoint(model, tmp_path)
     reference = transformers.Phi3ForCausalLM.from_pretrained(

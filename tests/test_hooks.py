@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import phi3lab  # noqa: F401  (selects the JAX backend before keras loads)
-from conftest import random_backbone
+from conftest import random_backbone, sizes
 from phi3lab import hooks as H
 from phi3lab.tracing import compiled_count
 
@@ -24,16 +24,7 @@ VOCAB, LAYERS, HIDDEN, FFN, HQ, HKV = 64, 3, 32, 48, 4, 2
 HEAD_DIM = HIDDEN // HQ
 
 
-SIZES = dict(
-    vocabulary_size=VOCAB,
-    num_layers=LAYERS,
-    hidden_dim=HIDDEN,
-    intermediate_dim=FFN,
-    num_query_heads=HQ,
-    num_key_value_heads=HKV,
-    max_sequence_length=64,
-    pretraining_sequence_length=16,
-)
+SIZES = sizes(VOCAB, LAYERS, HIDDEN, FFN, HQ, HKV, 64, 16)
 
 
 def make_model(seed=0, **overrides):

@@ -15,7 +15,6 @@ The environment under test is the one running pytest (`make test`'s `.venv`):
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +28,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from conftest import require_binary
+
 ROOT = Path(__file__).resolve().parent.parent
 FRONT_DOOR = ROOT / "notebooks" / "attention_explorer.ipynb"
 URL = re.compile(r"http://127\.0\.0\.1:(\d+)/lab/tree/(\S+)\?token=(\w+)")
@@ -36,12 +37,7 @@ URL = re.compile(r"http://127\.0\.0\.1:(\d+)/lab/tree/(\S+)\?token=(\w+)")
 
 def make_command(target: str, *variables: str, venv: str = sys.prefix) -> list[str]:
     """`make TARGET` in the repository on the environment `venv`, without installing."""
-    make = shutil.which("make")
-    if make is None:
-        reason = "`make` is not on PATH; the README's commands need it"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    make = require_binary("make", "`apt-get install make` (the README's commands need it)")
     return [
         make,
         "--no-print-directory",

@@ -6,7 +6,6 @@ missing browser skips the browser tests with the command that enables them
 (fails under CI)."""
 
 import importlib.util
-import os
 import re
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from conftest import require_oracle
+from conftest import require, require_binary, unavailable
 
 try:
     import tomllib
@@ -34,13 +33,6 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 EDITABLE = re.compile(r'-e\s+"?\.\[([\w,\s-]+)\]"?')
 
 
-def unavailable(reason: str):
-    """Skip locally, but fail under CI (`CI=true`), where a skip would hide a broken set-up."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 def extras(line: str) -> set[str]:
     """The extras of the `-e ".[a,b]"` install of this repository in `line`."""
     found = EDITABLE.search(line)
@@ -49,8 +41,7 @@ def extras(line: str) -> set[str]:
 
 
 def test_environment_yml_installs_what_make_installs(tmp_path):
-    if shutil.which("make") is None:
-        unavailable("`make` is not on PATH; the README's commands need it")
+    require_binary("make", "`apt-get install make` (the README's commands need it)")
     plan = subprocess.run(
         ["make", "--no-print-directory", "-C", str(ROOT), "-n", "install", f"VENV={tmp_path}/v"],
         capture_output=True,
@@ -94,14 +85,15 @@ def test_colab_cell_installs_the_package_pyproject_builds(path):
 def test_the_wheel_ships_every_file_of_the_package(tmp_path):
     """What a `pip install` from the repository gets (Colab's cell): every file
     git tracks under phi3lab/, assets included, and nothing else."""
-    require_oracle("setuptools.build_meta")
+    require("setuptools.build_meta")
     listed = shutil.which("git") and subprocess.run(
         ["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, timeout=60, check=False
     )
     if not listed or listed.returncode != 0:
         unavailable(
-            "git cannot list the tracked files to compare the wheel with: "
-            + (listed.stderr.decode().strip() if listed else "git is not on PATH")
+            "git, to list the tracked files to compare the wheel with: "
+            + (listed.stderr.decode().strip() if listed else "git is not on PATH"),
+            "`apt-get install git`, in a git checkout",
         )
     tracked = [name for name in listed.stdout.decode().split("\0") if name]
     source = tmp_path / "src"  # build a copy: no build/ in the repository

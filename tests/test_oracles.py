@@ -1,40 +1,68 @@
-"""The test suite's own rule for oracles: a missing oracle skips a test
-locally but fails the run under CI (`CI=true`), through `require_oracle`."""
+"""The test suite's one rule for a missing requirement (an oracle module, a
+binary, a data file): skip locally, fail the run under CI (`CI=true`), with
+a message naming what is missing and how to install it (`conftest.require`,
+`require_binary`, `require_file`, all through `unavailable`)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-from conftest import require_oracle
+from conftest import require, require_binary, require_file
 
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = "phi3lab_no_such_oracle"
+NO_BINARY = "phi3lab-no-such-binary"
+# kind: (a call that finds its requirement missing, given tmp_path; what the message names; how to install).
+MISSING_REQUIREMENTS = {
+    "module": (lambda tmp: require(MISSING), f"`{MISSING}`", "make install"),
+    "binary": (lambda tmp: require_binary(NO_BINARY, "`apt-get install it`"), NO_BINARY, "apt-get install it"),
+    "binary path": (lambda tmp: require_binary(tmp / "chromium", "`make browser`"), "chromium", "make browser"),
+    "file": (lambda tmp: require_file(tmp / "vocab.model", "the vocabulary", "a download"), "vocabulary", "a download"),
+}
 
 
-def test_a_missing_oracle_skips_locally(monkeypatch):
+@pytest.mark.parametrize("kind", MISSING_REQUIREMENTS)
+def test_a_missing_requirement_skips_locally(kind, monkeypatch, tmp_path):
+    call, what, install = MISSING_REQUIREMENTS[kind]
     monkeypatch.delenv("CI", raising=False)
-    with pytest.raises(pytest.skip.Exception, match=MISSING):
-        require_oracle(MISSING)
+    with pytest.raises(pytest.skip.Exception, match=f"{re.escape(what)}.*install it with.*{re.escape(install)}"):
+        call(tmp_path)
 
 
-def test_a_missing_oracle_fails_under_ci(monkeypatch):
-    monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match=f"oracle missing under CI: {MISSING}"):
-        require_oracle(MISSING)
+@pytest.mark.parametrize("ci", ["true", "True"])
+@pytest.mark.parametrize("kind", MISSING_REQUIREMENTS)
+def test_a_missing_requirement_fails_under_ci(kind, ci, monkeypatch, tmp_path):
+    call, what, install = MISSING_REQUIREMENTS[kind]
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(pytest.fail.Exception, match=f"missing under CI.*{re.escape(what)}.*{re.escape(install)}"):
+        call(tmp_path)
 
 
-def test_a_present_oracle_is_returned():
-    assert require_oracle("json").dumps([1]) == "[1]"
+def test_ci_other_than_true_still_skips(monkeypatch):
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception):
+        require(MISSING)
 
 
-def test_no_test_skips_a_missing_module_by_itself():
+def test_present_requirements_are_returned(tmp_path):
+    assert require("json").dumps([1]) == "[1]"
+    assert Path(require_binary("sh", "-")).name == "sh"
+    (tmp_path / "data").write_text("x")
+    assert require_file(tmp_path / "data", "data", "-").read_text() == "x"
+
+
+def test_no_test_decides_skip_or_fail_by_itself():
     """`pytest.importorskip` (or a skip in an `except ImportError`) would skip
-    under CI too; every optional import goes through `require_oracle`."""
+    under CI too, and a test reading `CI` itself is a second copy of the
+    rule; every missing requirement goes through conftest's helpers."""
     offenders = []
     for path in sorted((ROOT / "tests").rglob("*.py")):
+        if path.name != "conftest.py" and re.search(r"""environ(\.get\(|\[)["']CI["']""", path.read_text()):
+            offenders.append(f"{path.relative_to(ROOT)} reads CI")
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and node.attr == "importorskip") or (

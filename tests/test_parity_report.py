@@ -13,7 +13,7 @@ from conftest import (
     LENGTHS,
     hf_config,
     hf_model,
-    require_oracle,
+    require,
     rope_factors,
     token_batch,
 )
@@ -23,7 +23,7 @@ from phi3lab.tracing.names import all_names
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    require_oracle("transformers")
+    require("transformers")
     config = hf_config(
         num_key_value_heads=2,
         partial_rotary_factor=0.75,

@@ -14,7 +14,7 @@ import pytest
 from jax import numpy as jnp
 
 import phi3lab
-from conftest import random_backbone
+from conftest import corrupted_pair, random_backbone
 from phi3lab import analysis
 from phi3lab.hooks import Hook, Hooks
 
@@ -29,12 +29,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def pair():
-    rng = np.random.default_rng(1)
-    clean = rng.integers(3, 90, (2, 6)).astype(np.int32)
-    corrupted = clean.copy()
-    corrupted[:, 1] = (corrupted[:, 1] + 9) % 90
-    corrupted[:, 3] = (corrupted[:, 3] + 4) % 90
-    return clean, corrupted
+    return corrupted_pair(1, (2, 6), {1: 9, 3: 4})
 
 
 def logit_diff(tr):

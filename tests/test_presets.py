@@ -17,6 +17,7 @@ from conftest import (
     LENGTHS,
     MAX_POSITIONS,
     PRETRAINING,
+    assert_matches_transformers,
     backbone_kwargs,
     forward,
     hf_config,
@@ -26,7 +27,7 @@ from conftest import (
     max_diff,
     random_backbone,
     randomize_keras,
-    require_oracle,
+    require,
     rope_factors,
     token_batch,
 )
@@ -37,7 +38,7 @@ TOLERANCE = 1e-4
 
 
 def test_saved_preset_loads_in_keras_hub(tmp_path):
-    keras_hub = require_oracle("keras_hub")
+    keras_hub = require("keras_hub")
     model = random_backbone(seed=11, rope="su")
     save_preset(model, tmp_path)
     reference = keras_hub.models.Phi3Backbone.from_preset(str(tmp_path))
@@ -48,23 +49,19 @@ def test_saved_preset_loads_in_keras_hub(tmp_path):
 
 
 def test_sharded_transformers_checkpoint(tmp_path):
-    require_oracle("transformers")
+    require("transformers")
     reference = hf_model(hf_config("longrope"), seed=12)
     reference.save_pretrained(tmp_path, max_shard_size="40KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert not (tmp_path / "model.safetensors").exists()
     model = Phi3Backbone.from_preset(str(tmp_path))
-    ids, mask = token_batch(LENGTHS["above"])
-    expected_hidden, expected_logits = hf_forward(reference, ids, mask)
-    hidden, logits = forward(model, ids, mask)
-    assert max_diff(hidden, expected_hidden, mask) < TOLERANCE
-    assert max_diff(logits, expected_logits, mask) < TOLERANCE
+    assert_matches_transformers(model, reference, [LENGTHS["above"]], TOLERANCE)
 
 
 @pytest.mark.parametrize("max_shard_bytes", [2**30, 40_000], ids=["single", "sharded"])
 def test_saved_hf_checkpoint_loads_in_transformers(tmp_path, max_shard_bytes):
-    transformers = require_oracle("transformers")
+    transformers = require("transformers")
     model = random_backbone(seed=13, rope="su", sliding_window=6)
     save_hf_checkpoint(model, tmp_path, max_shard_bytes=max_shard_bytes)
     assert (tmp_path / "model.safetensors.index.json").exists() == (max_shard_bytes < 2**30)
@@ -73,12 +70,7 @@ def test_saved_hf_checkpoint_loads_in_transformers(tmp_path, max_shard_bytes):
     ).eval()
     assert reference.config.sliding_window == 6
     assert reference.config.rope_parameters["rope_type"] == "longrope"
-    for length in (LENGTHS["at"], LENGTHS["above"]):
-        ids, mask = token_batch(length, seed=length)
-        expected_hidden, expected_logits = hf_forward(reference, ids, mask)
-        hidden, logits = forward(model, ids, mask)
-        assert max_diff(hidden, expected_hidden, mask) < TOLERANCE
-        assert max_diff(logits, expected_logits, mask) < TOLERANCE
+    assert_matches_transformers(model, reference, (LENGTHS["at"], LENGTHS["above"]), TOLERANCE)
     # And back into phi3lab, exactly.
     reloaded = Phi3Backbone.from_preset(str(tmp_path))
     assert {**reloaded.get_config(), "name": None} == {**model.get_config(), "name": None}
@@ -131,7 +123,7 @@ def test_legacy_su_config_json(tmp_path):
     5.24 itself refuses this file (it asks for
     `original_max_position_embeddings` inside `rope_scaling`), so the oracle
     is the same weights under transformers' current "longrope" config."""
-    require_oracle("transformers")
+    require("transformers")
     reference = hf_model(hf_config("longrope", sliding_window=262144), seed=14)
     reference.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(legacy_config(reference), indent=2))
@@ -139,10 +131,7 @@ def test_legacy_su_config_json(tmp_path):
     assert model.rope_scaling_type == "su"
     assert model.pretraining_sequence_length == PRETRAINING
     assert model.max_sequence_length == MAX_POSITIONS
-    for length in (LENGTHS["below"], LENGTHS["above"]):
-        ids, mask = token_batch(length, seed=length)
-        _, expected = hf_forward(reference, ids, mask)
-        assert max_diff(forward(model, ids, mask)[1], expected, mask) < TOLERANCE
+    assert_matches_transformers(model, reference, (LENGTHS["below"], LENGTHS["above"]), TOLERANCE)
 
 
 # --- hub handles, from local caches ------------------------------------------
@@ -170,8 +159,8 @@ def put_in_hf_cache(cache: Path, repo_id: str, files: Path, commit: str) -> Path
 
 
 def test_hf_handle_from_cache(tmp_path, monkeypatch, no_network):
-    require_oracle("transformers")
-    constants = require_oracle("huggingface_hub.constants")
+    require("transformers")
+    constants = require("huggingface_hub.constants")
     reference = hf_model(hf_config("longrope"), seed=15)
     reference.save_pretrained(tmp_path / "download")
     (tmp_path / "download" / "tokenizer_config.json").write_text("{}")
@@ -204,8 +193,8 @@ def kaggle_cache(root: Path, handle: str) -> Path:
 
 
 def test_kaggle_handle_from_cache(tmp_path, monkeypatch, no_network):
-    keras_hub = require_oracle("keras_hub")
-    require_oracle("kagglehub")
+    keras_hub = require("keras_hub")
+    require("kagglehub")
     reference = keras_hub.models.Phi3Backbone(**backbone_kwargs("su", 2))
     randomize_keras(reference, seed=16)
     handle = "keras/phi3/keras/phi3lab_test_en/3"

@@ -30,20 +30,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import phi3lab  # noqa: F401  (selects the JAX backend before keras loads)
+from conftest import sizes
 from phi3lab import Phi3Backbone
 from phi3lab.presets import save_hf_checkpoint, save_preset
 
 pytestmark = pytest.mark.timeout(120)
 
-KWARGS = dict(
-    vocabulary_size=64,
-    num_layers=2,
-    hidden_dim=16,
-    intermediate_dim=32,
-    num_query_heads=4,
-    num_key_value_heads=2,
-    max_sequence_length=32,
-)
+KWARGS = sizes(64, 2, 16, 32, 4, 2, 32)  # 64 tokens, 2 layers, width 16, MLP 32, 4 / 2 heads, 32 positions
 SHARD_BYTES = 6000  # several shards for this model (its tensors are 1-4 KiB)
 
 

@@ -13,22 +13,13 @@ import psutil
 import pytest
 
 import phi3lab
+from conftest import sizes
 from phi3lab.tracing import CaptureTooLarge, compiled_count
 
 
 def small_model(**overrides):
-    config = dict(
-        vocabulary_size=96,
-        num_layers=3,
-        hidden_dim=32,
-        intermediate_dim=64,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        max_sequence_length=4096,
-        pretraining_sequence_length=64,
-    )
-    config.update(overrides)
-    return phi3lab.Phi3Backbone(**config)
+    """96 tokens, 3 layers, width 32, MLP 64, 4 query heads over 2, 4096 positions (64 pretraining)."""
+    return phi3lab.Phi3Backbone(**sizes(96, 3, 32, 64, 4, 2, 4096, 64, **overrides))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ added tokens with Phi-3's flags) and a `config.json` with model_type "phi3", so 
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import types
@@ -21,29 +20,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bpe_checkpoints import PHI3_TEMPLATE  # Phi-3's tokenizer_config.json chat template
 
-from conftest import require_oracle
+from conftest import EDGE_TEXTS, require, require_file
 
-transformers = require_oracle("transformers")
-tokenizers = require_oracle("tokenizers")
+transformers = require("transformers")
+tokenizers = require("tokenizers")
 import sentencepiece as spm  # noqa: E402
 
 from phi3lab.tokenizer import ADDED_SPECIAL_TOKENS, Phi3Tokenizer  # noqa: E402
 from phi3lab.tokenizer_training import train_sentencepiece  # noqa: E402
 
-PHI3_ADDED = [  # microsoft/Phi-3-mini-4k-instruct's added tokens, ids 32000.. in this order.
-    "<|endoftext|>",
-    "<|assistant|>",
-    "<|placeholder1|>",
-    "<|placeholder2|>",
-    "<|placeholder3|>",
-    "<|placeholder4|>",
-    "<|system|>",
-    "<|end|>",
-    "<|placeholder5|>",
-    "<|placeholder6|>",
-    "<|user|>",
-]
+# Phi-3's added tokens, ids 32000.. in this order: phi3lab's list, which the oracle files below are
+# written with. It is checked against ids known without it (`test_added_tokens_are_phi3s`).
+PHI3_ADDED = list(ADDED_SPECIAL_TOKENS)
+# microsoft/Phi-3-mini-4k-instruct's added_tokens.json, for the tokens a chat depends on (its
+# generation_config.json stops on 32000, 32001 and 32007).
+PHI3_KNOWN_IDS = {
+    "<|endoftext|>": 32000,
+    "<|assistant|>": 32001,
+    "<|system|>": 32006,
+    "<|end|>": 32007,
+    "<|user|>": 32010,
+}
 # Phi-3's tokenizer_config.json: (rstrip, special) of each token.
 PHI3_FLAGS = {
     "<unk>": (False, True),
@@ -52,13 +51,6 @@ PHI3_FLAGS = {
     "<|endoftext|>": (False, True),
     **{t: (True, True) for t in PHI3_ADDED[1:]},
 }
-PHI3_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + "
-    "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + "
-    "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
-    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
 WORDS = (
     "the a of attention head layer residual stream token model neuron circuit induction "
     "copy Paris France capital hello world question answer probe logit lens patch café "
@@ -66,18 +58,7 @@ WORDS = (
 ).split()
 
 TEXTS = [
-    "",
-    " ",
-    "  ",
-    "\n",
-    "\n\n",
-    "\t",
-    "Hello world",
-    "hello world",
-    " leading space",
-    "trailing space ",
-    "multiple   spaces  inside",
-    "tabs\tand\nnewlines\r\n",
+    *EDGE_TEXTS,
     "x\n\n\ny",
     "digits 1234567890 and 3.14159, 2024-05-01",
     "café naïve Zürich résumé über",
@@ -256,10 +237,17 @@ def test_oracle_has_phi3_shipped_behaviour(oracle):
     assert oracle.pad_token == "<|endoftext|>" and oracle.eos_token == "<|endoftext|>"
 
 
+def test_added_tokens_are_phi3s():
+    """The 11 added tokens, against the ids of Phi-3's added_tokens.json known without phi3lab."""
+    assert len(set(PHI3_ADDED)) == len(PHI3_ADDED) == 11
+    assert {t: 32000 + PHI3_ADDED.index(t) for t in PHI3_KNOWN_IDS} == PHI3_KNOWN_IDS
+    placeholders = [t for t in PHI3_ADDED if t not in PHI3_KNOWN_IDS]
+    assert placeholders == [f"<|placeholder{i}|>" for i in range(1, 7)]
+
+
 def test_special_token_ids_follow_phi3(tok, proto, oracle):
     n = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
     expected = {"<unk>": 0, "<s>": 1, "</s>": 2, **{t: n + i for i, t in enumerate(PHI3_ADDED)}}
-    assert tuple(PHI3_ADDED) == ADDED_SPECIAL_TOKENS
     assert tok.special_tokens == expected
     assert {t: oracle.convert_tokens_to_ids(t) for t in expected} == expected
     assert tok.vocabulary_size == n + 11 == len(oracle)
@@ -424,7 +412,7 @@ def test_from_preset_registry_and_errors(tok, tmp_path, monkeypatch):
 
 def test_spm_holding_the_added_tokens_as_pieces(tok):
     """A vocabulary holding the added tokens as pieces (keras-hub style) gives the same ids."""
-    model_pb2 = require_oracle("sentencepiece.sentencepiece_model_pb2")
+    model_pb2 = require("sentencepiece.sentencepiece_model_pb2")
     model = model_pb2.ModelProto.FromString(tok.proto)
     for token in PHI3_ADDED:
         model.pieces.add(piece=token, score=0.0, type=model_pb2.ModelProto.SentencePiece.USER_DEFINED)
@@ -491,7 +479,7 @@ def test_errors_name_the_argument(tok):
 
 
 def test_train_sentencepiece(tmp_path):
-    model_pb2 = require_oracle("sentencepiece.sentencepiece_model_pb2")
+    model_pb2 = require("sentencepiece.sentencepiece_model_pb2")
     proto = train_sentencepiece(corpus(400), vocab_size=450, model_prefix_dir=tmp_path)
     assert (tmp_path / "tokenizer.model").read_bytes() == proto
     model = model_pb2.ModelProto.FromString(proto)
@@ -604,17 +592,16 @@ REAL_PHI3 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ph
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     """Phi-3-mini's real tokenizer.model, with transformers' tokenizer of the same files."""
-    if not REAL_PHI3.is_file():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"the real Phi-3 vocabulary is missing under CI: {REAL_PHI3}")
-        pytest.skip(f"the real Phi-3 vocabulary is not here ({REAL_PHI3}; a clone outside the workspace)")
-    proto = REAL_PHI3.read_bytes()
+    where = "a checkout inside the workspace, whose shared/data/ holds it (see its README)"
+    proto = require_file(REAL_PHI3, "the real Phi-3 vocabulary", where).read_bytes()
     return Phi3Tokenizer(proto), load_oracle(write_phi3_hf_dir(tmp_path_factory.mktemp("real"), proto))
 
 
 def test_real_phi3_vocabulary(real):
     tok, oracle = real
     assert tok.encode("The quick brown fox.") == [450, 4996, 17354, 1701, 29916, 29889]  # keras-hub's test
+    assert tok.vocabulary_size == 32011  # the 32000 pieces of shared/data/README.md, then the added tokens
+    assert {t: tok.token_to_id(t) for t in PHI3_KNOWN_IDS} == PHI3_KNOWN_IDS
     sentence = "When Mary and John went to the store, John gave a drink to"
     ids = oracle_ids(oracle, sentence)
     assert tok.encode(sentence) == ids

@@ -28,10 +28,10 @@ from bpe_checkpoints import (
     write_phi4_mini_dir,
 )
 
-from conftest import require_oracle
+from conftest import EDGE_TEXTS, require
 
-transformers = require_oracle("transformers")
-tokenizers = require_oracle("tokenizers")
+transformers = require("transformers")
+tokenizers = require("tokenizers")
 
 from phi3lab.tokenization.bpe_backend import ByteLevelBPEBackend, byte_level_alphabet  # noqa: E402
 from phi3lab.tokenizer import ChatTemplateError, Phi3Tokenizer  # noqa: E402
@@ -41,18 +41,7 @@ LAYOUTS = {
     "phi4_mini": (O200K, write_phi4_mini_dir, [t for t, _, _ in PHI4_MINI_ADDED] + [PHI4_MINI_UNK]),
 }
 TEXTS = [
-    "",
-    " ",
-    "  ",
-    "\n",
-    "\n\n",
-    "\t",
-    "\r\n",
-    "Hello world",
-    " leading space",
-    "trailing space ",
-    "multiple   spaces  inside",
-    "tabs\tand\nnewlines\r\n",
+    *EDGE_TEXTS,
     "x\n\n\ny",
     "   \n  \n",
     "When Mary and John went",

@@ -29,7 +29,7 @@ import pytest
 from jax import numpy as jnp
 
 import phi3lab  # noqa: F401  (selects the JAX backend before keras loads)
-from conftest import random_backbone, require_oracle, rope_factors
+from conftest import random_backbone, require, rope_factors, sizes
 from phi3lab.tracing import compiled_count
 from phi3lab.tracing.rope import MixedRotaryWarning
 
@@ -76,16 +76,7 @@ def design_names(num_layers):
     return names + ["ln_final.hook_normalized", "hook_logits"]
 
 
-SIZES = dict(
-    vocabulary_size=VOCAB,
-    num_layers=LAYERS,
-    hidden_dim=HIDDEN,
-    intermediate_dim=FFN,
-    num_query_heads=HQ,
-    num_key_value_heads=HKV,
-    max_sequence_length=MAX_POSITIONS,
-    pretraining_sequence_length=PRETRAINING,
-)
+SIZES = sizes(VOCAB, LAYERS, HIDDEN, FFN, HQ, HKV, MAX_POSITIONS, PRETRAINING)
 
 
 def make_model(rope=None, seed=0, **overrides):
@@ -239,8 +230,8 @@ def test_patterns_and_scores_are_masked_softmax(full, ids):
 def oracles(tmp_path_factory):
     """{variant: (phi3lab model, transformers model)} on the same random
     weights; variants: rope None, rope "su", and a 4-token sliding window."""
-    torch = require_oracle("torch")
-    transformers = require_oracle("transformers")
+    torch = require("torch")
+    transformers = require("transformers")
     from phi3lab.presets import save_hf_checkpoint
 
     pairs = {}
@@ -397,7 +388,7 @@ def test_loss_matches_transformers(oracles, rope, length):
     (mean) and torch's cross-entropy of its logits (per token), on a batch
     with an unpadded, a left-padded and a right-padded row. A pair counts
     when both tokens are real, so the labels are -100 elsewhere."""
-    torch = require_oracle("torch")
+    torch = require("torch")
     model, hf = oracles[rope]
     ids = random_ids((3, length), seed=20 + length)
     mask = np.ones(ids.shape, bool)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import phi3lab
+from conftest import keras_initialized_backbone
 from phi3lab.widgets import AttentionExplorer, HeadGrid, TokenView, payload_bytes
 from phi3lab.widgets.common import Scale, unpacked
 from phi3lab.widgets.head_grid import score_table
@@ -20,12 +21,7 @@ BUDGET = 2_000_000  # bytes of widget state per view
 
 @pytest.fixture(scope="module")
 def model():
-    import keras
-
-    keras.utils.set_random_seed(3)
-    return phi3lab.Phi3Backbone(
-        vocabulary_size=64, num_layers=2, hidden_dim=32, intermediate_dim=64, num_query_heads=4, num_key_value_heads=2
-    )
+    return keras_initialized_backbone(3)
 
 
 @pytest.fixture(scope="module")
@@ -277,17 +273,7 @@ def test_payload_stays_under_budget_at_32_layers_by_32_heads():
     """A synthetic 32 x 32-head trace (random weights, small width) at T=512: the grid and the explorer
     each send well under 2 MB of data, whatever the zoom; the trace's patterns alone are 1 GiB. On top
     comes plotly.js, which every FigureWidget carries in its state (~5 MB each): one per view here."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    big = phi3lab.Phi3Backbone(
-        vocabulary_size=128,
-        num_layers=32,
-        hidden_dim=64,
-        intermediate_dim=64,
-        num_query_heads=32,
-        num_key_value_heads=8,
-    )
+    big = keras_initialized_backbone(0, 128, 32, 64, 64, 32, 8)  # 128 tokens, 32 layers, width 64, 32 / 8 heads
     ids = np.random.RandomState(0).randint(0, 128, (1, 512))
     big_tr = phi3lab.trace(big, ids, names=["blocks.*.attn.hook_pattern"])
     grid = HeadGrid(big_tr, {"random": np.random.RandomState(1).rand(32, 32)}, explorer=False)

@@ -10,6 +10,7 @@ import plotly.io as pio
 import pytest
 
 import phi3lab
+from conftest import keras_initialized_backbone
 from phi3lab.widgets import AttentionExplorer, LogitLensView, PatchingView, ResidualStreamView, RopeView
 from phi3lab.widgets.common import Scale, pool_max, unpacked
 
@@ -28,12 +29,7 @@ class ToyTokenizer:
 
 @pytest.fixture(scope="module")
 def model():
-    import keras
-
-    keras.utils.set_random_seed(0)
-    return phi3lab.Phi3Backbone(
-        vocabulary_size=64, num_layers=2, hidden_dim=32, intermediate_dim=64, num_query_heads=4, num_key_value_heads=2
-    )
+    return keras_initialized_backbone(0)
 
 
 @pytest.fixture(scope="module")

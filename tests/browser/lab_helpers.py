@@ -1,11 +1,12 @@
 """Constants and helpers of the browser tests (the fixtures are in conftest.py)."""
 
+import contextlib
 import json
 import os
 import urllib.request
 from pathlib import Path
 
-import pytest
+from conftest import require, require_binary
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
@@ -33,12 +34,21 @@ KERNEL_READY = """() => { const w = window.jupyterapp?.shell.currentWidget;
 
 
 def require_chromium():
-    if CHROMIUM.exists():
-        return
-    reason = f"{CHROMIUM} is missing; install Debian's Chromium with `apt-get install chromium` (or `make browser`)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"browser test cannot run under CI: {reason}")
-    pytest.skip(reason)
+    """Debian's Chromium and Playwright, or skip (fail under CI: `conftest.unavailable`)."""
+    require_binary(CHROMIUM, "Debian's Chromium: `apt-get install chromium` (or `make browser`)")
+    require("playwright.sync_api")
+
+
+@contextlib.contextmanager
+def screenshot_on_failure(page, name: str):
+    """Whatever fails inside, a full-page screenshot `ARTIFACTS/{name}.png`
+    is taken before the error goes on."""
+    try:
+        yield
+    except BaseException:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+        raise
 
 
 def shot(locator, name: str) -> Path:

@@ -18,7 +18,7 @@ import shutil
 import time
 
 import pytest
-from lab_helpers import ARTIFACTS, DOCS_IMAGES, KERNEL_READY, check_clean, open_and_run, shot
+from lab_helpers import DOCS_IMAGES, KERNEL_READY, check_clean, open_and_run, screenshot_on_failure, shot
 
 NOTEBOOK = "views_demo.ipynb"
 # The one screenshot per view that documents it.
@@ -34,12 +34,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_attention_explorer_in_jupyterlab(lab, page):
-    try:
+    with screenshot_on_failure(page, "failure"):
         _drive(lab, page)
-    except BaseException:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
-        raise
 
 
 def _drive(lab, page):

@@ -13,7 +13,7 @@ import urllib.request
 
 import nbformat
 import pytest
-from lab_helpers import ARTIFACTS, KERNEL_READY, shot
+from lab_helpers import KERNEL_READY, screenshot_on_failure, shot
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -56,7 +56,7 @@ def test_generation_view_in_jupyterlab(lab, page):  # noqa: F811
     page.evaluate("() => { jupyterapp.commands.execute('notebook:run-all-cells'); }")
     view = page.locator(".phi3lab-generation")
     weights = view.locator(".phi3lab-weight")
-    try:
+    with screenshot_on_failure(page, "generation_failure"):
         expect(weights).to_have_count(prompt + 1, timeout=180_000)  # the first generated token's row
         expect(view.locator(".phi3lab-generated")).to_have_count(1)
         expect(view.locator(".phi3lab-strip-title")).to_contain_text(f"generated token {prompt}")
@@ -72,9 +72,5 @@ def test_generation_view_in_jupyterlab(lab, page):  # noqa: F811
         expect(view.locator(".phi3lab-generated")).to_have_count(3)
         expect(weights.nth(total - 1)).to_have_css("border-top-width", "2px")
         shot(view, "generation_view")
-    except BaseException:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "generation_failure.png"), full_page=True)
-        raise
     assert not re.search("widget|plotly", " ".join(page.errors), re.IGNORECASE), page.errors
     assert page.outside_requests == [], page.outside_requests

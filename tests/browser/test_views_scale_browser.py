@@ -15,7 +15,7 @@ import shutil
 import time
 
 import pytest
-from lab_helpers import ARTIFACTS, DOCS_IMAGES, KERNEL_READY, check_clean, open_and_run, shot
+from lab_helpers import ARTIFACTS, DOCS_IMAGES, KERNEL_READY, check_clean, open_and_run, screenshot_on_failure, shot
 
 NOTEBOOK = "scale_views_demo.ipynb"
 KERNEL_IDLE = KERNEL_READY
@@ -37,12 +37,8 @@ pytestmark = [
 
 
 def test_views_at_scale_in_jupyterlab(lab, page):
-    try:
+    with screenshot_on_failure(page, "failure_scale"):
         _drive(lab, page)
-    except BaseException:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "failure_scale.png"), full_page=True)
-        raise
 
 
 def _mosaic_point(
