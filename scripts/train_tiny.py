@@ -20,8 +20,10 @@ periods) and writes these curves to `training_report.json`.
 Status: one 4,000-step run of this recipe (seed 0, 41 CPU-minutes) learned
 the text (held-out loss 2.07 against a unigram 5.21) but formed neither
 induction (second/first-copy loss ratio 0.98) nor the name-mover circuit
-(top-1 0 % on held-out names); see docs/tiny_model.md. The shipped weights
-still come from the earlier answer-first recipe.
+(top-1 0 % on held-out names), and neither did a copy-only first stage
+(`--copy-steps`) nor a fine-tune of the shipped weights on this corpus
+(`--init-from`, `--name-mover-share`); see docs/tiny_model.md. The shipped
+weights still come from the earlier answer-first recipe.
 """
 
 from __future__ import annotations
