@@ -81,7 +81,9 @@ def test_trace_hooks_and_estimate_on_int8(pair):
     float_model, quantized = pair
     ids, mask = token_batch(LENGTHS["below"])
     tr = phi3lab.trace(quantized, ids, padding_mask=mask, names=["blocks.1.attn.hook_z", "hook_logits"])
-    np.testing.assert_allclose(tr["hook_logits"], forward(quantized, ids, mask)[1], atol=1e-5)
+    # The trace runs a bucket-padded length (64), the forward the input's own:
+    # float32 sums in another order, so a relative bound as well (~40 ulp).
+    np.testing.assert_allclose(tr["hook_logits"], forward(quantized, ids, mask)[1], rtol=1e-5, atol=1e-5)
     ablated = phi3lab.trace(
         quantized, ids, padding_mask=mask, names=["blocks.1.attn.hook_z"], hooks=H.ablate_heads(1, [2])
     )
