@@ -28,7 +28,7 @@ from phi3lab.checks import check_ids, check_positive_int, is_int
 from phi3lab.errors import bad_argument
 from phi3lab.generation import programs
 from phi3lab.generation.captures import StepCaptures, captured_bytes, row_trace
-from phi3lab.generation.programs import CHUNK, bucket, loop_program, step_program
+from phi3lab.generation.programs import CHUNK, bucket, loop_program, split_layers, step_program
 from phi3lab.generation.result import Generation
 from phi3lab.generation.sampling import Sampler, check_seed
 from phi3lab.model.kv_cache import KVCache
@@ -144,9 +144,9 @@ class _Decoder:
             self.hook_data,
         )
 
-    def _loop_args(self, logits, first: int, count: int, feeds: int, finished, stops, key):
+    def _loop_args(self, params, logits, first: int, count: int, feeds: int, finished, stops, key):
         return (
-            self.params,
+            params,
             logits,
             self.device_slot_mask,
             self.device_positions,
@@ -163,11 +163,19 @@ class _Decoder:
         )
 
     def loop_program(self, sampler: Sampler, vocabulary: int, stops, unstack: bool = False):
-        """The compiled decode loop of this batch (see `programs.loop_program`)."""
+        """The compiled decode loop of this batch (see `programs.loop_program`),
+        on per-layer weights with `unstack` (split when the loop first runs)."""
+        self.unstack, self.split_params = unstack, None
         batch = self.sequence.shape[0]
         logits = jax.ShapeDtypeStruct((batch, self.model.vocabulary_size), jnp.float32)
-        args = self._loop_args(logits, 0, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
-        return loop_program(self.fn, sampler, vocabulary, args, unstack)
+        params = jax.eval_shape(lambda p: split_layers(self.model, p), self.params) if unstack else self.params
+        args = self._loop_args(params, logits, 0, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
+        return loop_program(self.fn, sampler, vocabulary, args)
+
+    def split_bytes(self) -> int:
+        """Bytes of the per-layer weight copy the loop holds (0 without `unstack`)."""
+        leaves = jax.tree.leaves(self.params["decoder"]) if self.unstack else []
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in leaves)
 
     def prefill(self, length: int):
         """Process slots `0 .. length - 1` from scratch (a new cache); return
@@ -188,7 +196,12 @@ class _Decoder:
         """Run the decode loop for up to `count` new tokens from slot
         `self.length` on; return `(logits, tokens [B, n], logprobs [B, n])`
         for the `n` iterations it ran, and record what the fed tokens captured."""
-        args = self._loop_args(logits, first, count, feeds, finished, stops, key)
+        params = self.params
+        if self.unstack:
+            if self.split_params is None:
+                self.split_params = split_layers(self.model, self.params)
+            params = self.split_params
+        args = self._loop_args(params, logits, first, count, feeds, finished, stops, key)
         logits, self.cache, tokens, logprobs, ran, _, buffers = program(*args)
         ran = int(ran)
         tokens, logprobs = np.asarray(tokens[:, :ran]), np.asarray(logprobs[:, :ran], np.float64)
@@ -307,11 +320,12 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     decoder = _Decoder(model, fn, rows, bucket(longest + max_new_tokens, limit), pad_id)
     stop_array = np.asarray(sorted(stops), np.int32)
-    program = decoder.loop_program(sampler, vocabulary, stop_array, programs.UNSTACK_LAYERS and stream is None)
+    program = decoder.loop_program(sampler, vocabulary, stop_array, programs.UNSTACK_LAYERS)
     if names is not None:
         estimate = measure(program, decoder.params)
         captured = captured_bytes(model, fn.plan.keep, len(rows), longest + max_new_tokens)
-        check_fits(MemoryEstimate(estimate.weights, estimate.working, captured), memory_budget)
+        working = estimate.working + decoder.split_bytes()
+        check_fits(MemoryEstimate(estimate.weights, working, captured), memory_budget)
 
     batch, prompt_length = len(rows), decoder.prompt_length
     new = [[] for _ in rows]
@@ -405,6 +419,7 @@ def estimate(model, prompt_length: int, max_new_tokens: int, batch: int = 1, nam
     fn = forward_fn(model, () if names is None else names)
     length = bucket(prompt_length + max_new_tokens, model.max_sequence_length)
     decoder = _Decoder(model, fn, [[0]] * batch, length, 0)
-    measured = measure(decoder.loop_program(Sampler(), model.vocabulary_size, np.zeros(0, np.int32)), decoder.params)
+    program = decoder.loop_program(Sampler(), model.vocabulary_size, np.zeros(0, np.int32), programs.UNSTACK_LAYERS)
+    measured = measure(program, decoder.params)
     captured = captured_bytes(model, fn.plan.keep, batch, prompt_length + max_new_tokens)
-    return MemoryEstimate(measured.weights, measured.working, captured)
+    return MemoryEstimate(measured.weights, measured.working + decoder.split_bytes(), captured)

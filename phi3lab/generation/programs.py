@@ -23,13 +23,12 @@ from phi3lab.tracing.forward import ForwardFn
 BUCKET = 64
 # New tokens per run of the decode loop (at most; fewer when streaming).
 CHUNK = 64
-# Whether a decode loop of many tokens splits the stacked layer weights into
-# per-layer arrays once per run, before its first token. On CPU, XLA copies a
-# layer's weights out of the stack before each matrix product, which a
-# one-token step (memory-bound) pays in full; the split costs one such copy
-# per run of up to CHUNK tokens instead. Accelerators read the slices in
-# place, and the split would hold a second copy of the weights. A streaming
-# loop (one token per run) never splits.
+# Whether the decode loop reads per-layer weights, split from the stacked
+# ones once per generation (`split_layers`). On CPU, XLA copies a layer's
+# weights out of the stack before each matrix product, which a one-token
+# step (memory-bound) pays in full; the split pays one copy per generation
+# instead, and holds a second copy of the layer weights while it runs.
+# Accelerators read the slices in place and keep the stack.
 UNSTACK_LAYERS = jax.default_backend() == "cpu"
 
 
@@ -62,6 +61,16 @@ def _compile(fn: ForwardFn, kind: str, program, args, *extra):
     return compile_cache.cached(fn.model, key, lambda: jax.jit(program).lower(*args).compile())
 
 
+def split_layers(model, params) -> dict:
+    """`params` with the decoder's stacked weights split into a list of
+    per-layer weights (one compiled copy; see `UNSTACK_LAYERS`)."""
+
+    def split(params):
+        return {**params, "decoder": model.decoder.unstack(params["decoder"])}
+
+    return compile_cache.cached(model, ("split_layers",), lambda: jax.jit(split))(params)
+
+
 def step_program(fn: ForwardFn, args):
     """The compiled step (`_step`) for `args`, cached per model under the kind
     `"generate"` (as the decode loop). Compiled ahead of time, so its memory
@@ -69,7 +78,7 @@ def step_program(fn: ForwardFn, args):
     return _compile(fn, "generate", _step(fn), args)
 
 
-def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args, unstack: bool = False):
+def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
     """The compiled decode loop for `args = (params, logits [B, V], slot_mask
     [B, S], positions [B, S], cache, start, first, count, feeds, finished [B],
     stops [n], pad_id, key, hook_data)`.
@@ -81,7 +90,7 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args, unstack
     tokens [B, CHUNK], logprobs [B, CHUNK], iterations, finished, captures)`,
     the captures of each fed token stacked along a leading `CHUNK` axis.
     Without captures, a token chosen once every row has finished is not fed.
-    With `unstack`, the layers read per-layer weights split once per run.
+    `params` may hold the stacked layer weights or `split_layers`' list.
     """
     step = _step(fn)
     capture = bool(fn.plan.keep)
@@ -94,8 +103,6 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args, unstack
     def loop(
         params, logits, slot_mask, positions, cache, start, first, count, feeds, finished, stops, pad_id, key, hook_data
     ):
-        if unstack:
-            params = {**params, "decoder": fn.model.decoder.unstack(params["decoder"])}
 
         def choose(i, logits, finished):
             masked = jnp.where(jnp.arange(logits.shape[-1]) < vocabulary, logits.astype(jnp.float32), -jnp.inf)
@@ -136,4 +143,4 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args, unstack
         i, logits, cache, finished, tokens, logprobs, buffers = jax.lax.while_loop(more, body, carry)
         return logits, cache, tokens, logprobs, i, finished, buffers
 
-    return _compile(fn, "generate", loop, args, "loop", sampler, vocabulary, unstack)
+    return _compile(fn, "generate", loop, args, "loop", sampler, vocabulary)
