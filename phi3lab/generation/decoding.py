@@ -24,91 +24,21 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
-from phi3lab.checks import check_ids, check_positive_int, is_int
+from phi3lab.checks import check_positive_int, is_int
 from phi3lab.errors import bad_argument
 from phi3lab.generation import programs
 from phi3lab.generation.captures import StepCaptures, captured_bytes, row_trace
+from phi3lab.generation.inputs import prompt_rows, stop_ids
 from phi3lab.generation.programs import CHUNK, bucket, loop_program, split_layers, step_program
 from phi3lab.generation.result import Generation
 from phi3lab.generation.sampling import Sampler, check_seed
 from phi3lab.model.kv_cache import KVCache
 from phi3lab.tracing.forward import as_hooks, forward_fn
-from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure
+from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure, tree_bytes
 from phi3lab.tracing.names import Selection, all_names
 
 # Show a progress bar (with `progress=None`) from this many new tokens on.
 PROGRESS_FROM = 256
-
-
-def _prompt_rows(model, tokenizer, prompt, chat: bool) -> tuple[list[list[int]], bool]:
-    """Token id rows of `prompt` and whether it was a single prompt."""
-    if isinstance(prompt, str) or (
-        isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt)
-    ):
-        if tokenizer is None:
-            raise bad_argument("tokenizer", tokenizer, "a Phi3Tokenizer when the prompt is text")
-        texts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if chat:
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
-        rows = [tokenizer.encode(t) for t in texts]
-        for text, ids in zip(texts, rows):
-            if not ids:
-                raise bad_argument("prompt", text, "text that encodes to at least one token")
-            if max(ids) >= model.vocabulary_size:
-                raise bad_argument(
-                    "prompt",
-                    text,
-                    f"text whose token ids fit the model's vocabulary_size={model.vocabulary_size} (the "
-                    f"tokenizer gave id {max(ids)}: does `tokenizer` belong to `model`?)",
-                )
-        return rows, isinstance(prompt, str)
-    if chat:
-        raise bad_argument("chat", chat, "False when the prompt is token ids (chat formats text)")
-    if isinstance(prompt, (str, bytes)) or not (
-        isinstance(prompt, (list, tuple, np.ndarray, jax.Array)) and len(prompt)
-    ):
-        raise bad_argument(
-            "prompt", prompt, "a string, a list of strings, or token ids ([T], [B, T] or a list of id lists)"
-        )
-    items = np.asarray(prompt).tolist() if isinstance(prompt, (np.ndarray, jax.Array)) else list(prompt)
-    single = all(is_int(v) for v in items)
-    rows = [items] if single else items
-    for row in rows:
-        if (
-            not isinstance(row, (list, tuple, np.ndarray))
-            or not len(row)
-            or not all(is_int(v) for v in np.asarray(row, dtype=object).ravel().tolist())
-            or np.asarray(row, dtype=object).ndim != 1
-        ):
-            raise bad_argument("prompt", prompt, "token ids [T], or rows of token ids with at least one token each")
-        check_ids("prompt", [list(row)], model)
-    return [[int(v) for v in row] for row in rows], single
-
-
-def _stop_ids(stop, tokenizer, vocabulary: int) -> frozenset[int]:
-    if stop is None:
-        return frozenset(tokenizer.stop_token_ids) if tokenizer is not None else frozenset()
-    items = [stop] if isinstance(stop, str) or is_int(stop) else stop
-    if not isinstance(items, (list, tuple, set, frozenset)):
-        raise bad_argument("stop", stop, "None, a token id or token string, or a list of those")
-    ids = set()
-    for item in items:
-        if is_int(item) and 0 <= item < vocabulary:
-            ids.add(int(item))
-        elif isinstance(item, str) and tokenizer is not None:
-            try:
-                ids.add(tokenizer.token_to_id(item))
-            except (ValueError, KeyError):
-                raise bad_argument(
-                    "stop", item, "token strings of the tokenizer's vocabulary (e.g. '<|end|>')"
-                ) from None
-        else:
-            raise bad_argument(
-                "stop",
-                item,
-                f"token ids in [0, {vocabulary}) or token strings of the tokenizer (a tokenizer is needed for strings)",
-            )
-    return frozenset(ids)
 
 
 class _Decoder:
@@ -117,6 +47,9 @@ class _Decoder:
     def __init__(self, model, fn, rows: list[list[int]], cache_length: int, pad_id: int):
         self.model, self.fn, self.pad_id = model, fn, pad_id
         self.params = model.params()
+        # Per-layer weights for the decode loop (see `programs.UNSTACK_LAYERS`),
+        # split when the loop first runs.
+        self.unstack, self.split_params = programs.UNSTACK_LAYERS, None
         self.hook_data = jax.tree.map(jnp.asarray, fn.hook_data)
         batch, prompt = len(rows), max(len(r) for r in rows)
         self.prompt_length = prompt
@@ -162,20 +95,17 @@ class _Decoder:
             self.hook_data,
         )
 
-    def loop_program(self, sampler: Sampler, vocabulary: int, stops, unstack: bool = False):
-        """The compiled decode loop of this batch (see `programs.loop_program`),
-        on per-layer weights with `unstack` (split when the loop first runs)."""
-        self.unstack, self.split_params = unstack, None
+    def loop_program(self, sampler: Sampler, vocabulary: int, stops):
+        """The compiled decode loop of this batch (see `programs.loop_program`)."""
         batch = self.sequence.shape[0]
         logits = jax.ShapeDtypeStruct((batch, self.model.vocabulary_size), jnp.float32)
-        params = jax.eval_shape(lambda p: split_layers(self.model, p), self.params) if unstack else self.params
+        params = jax.eval_shape(lambda p: split_layers(self.model, p), self.params) if self.unstack else self.params
         args = self._loop_args(params, logits, 0, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
         return loop_program(self.fn, sampler, vocabulary, args)
 
     def split_bytes(self) -> int:
         """Bytes of the per-layer weight copy the loop holds (0 without `unstack`)."""
-        leaves = jax.tree.leaves(self.params["decoder"]) if self.unstack else []
-        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in leaves)
+        return tree_bytes(self.params["decoder"]) if self.unstack else 0
 
     def prefill(self, length: int):
         """Process slots `0 .. length - 1` from scratch (a new cache); return
@@ -202,18 +132,18 @@ class _Decoder:
                 self.split_params = split_layers(self.model, self.params)
             params = self.split_params
         args = self._loop_args(params, logits, first, count, feeds, finished, stops, key)
-        logits, self.cache, tokens, logprobs, ran, _, buffers = program(*args)
+        logits, self.cache, tokens, logprobs, ran, buffers = program(*args)
         ran = int(ran)
         tokens, logprobs = np.asarray(tokens[:, :ran]), np.asarray(logprobs[:, :ran], np.float64)
         self.sequence[:, self.length : self.length + ran] = tokens
-        fed = min(ran, feeds) if self.fn.plan.keep else 0
-        if fed:
+        fed = min(ran, feeds)
+        if self.fn.plan.keep and fed:
             top, segments = jax.tree.map(np.asarray, buffers)
             for k in range(fed):
                 self.captures.add(
                     1, {n: v[k] for n, v in top.items()}, [{s: v[k] for s, v in c.items()} for c in segments]
                 )
-        self.length += min(ran, feeds)
+        self.length += fed
         return logits, tokens, logprobs
 
     def rebuild_at(self, slot: int) -> bool:
@@ -300,7 +230,7 @@ def generate(
         raise bad_argument("progress", progress, "None, True or False")
     if memory_budget is not None and (not is_int(memory_budget) or memory_budget <= 0):
         raise bad_argument("memory_budget", memory_budget, "None or a positive int (bytes)")
-    rows, single = _prompt_rows(model, tokenizer, prompt, bool(chat))
+    rows, single = prompt_rows(model, tokenizer, prompt, bool(chat))
     longest, limit = max(len(r) for r in rows), model.max_sequence_length
     if longest >= limit:
         raise bad_argument(
@@ -314,13 +244,13 @@ def generate(
         )
     vocabulary = tokenizer.vocabulary_size if tokenizer is not None else model.vocabulary_size
     vocabulary = min(vocabulary, model.vocabulary_size)
-    stops = _stop_ids(stop, tokenizer, vocabulary)
+    stops = stop_ids(stop, tokenizer, vocabulary)
 
     fn = forward_fn(model, () if names is None else names, as_hooks(hooks))
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     decoder = _Decoder(model, fn, rows, bucket(longest + max_new_tokens, limit), pad_id)
     stop_array = np.asarray(sorted(stops), np.int32)
-    program = decoder.loop_program(sampler, vocabulary, stop_array, programs.UNSTACK_LAYERS)
+    program = decoder.loop_program(sampler, vocabulary, stop_array)
     if names is not None:
         estimate = measure(program, decoder.params)
         captured = captured_bytes(model, fn.plan.keep, len(rows), longest + max_new_tokens)
@@ -419,7 +349,7 @@ def estimate(model, prompt_length: int, max_new_tokens: int, batch: int = 1, nam
     fn = forward_fn(model, () if names is None else names)
     length = bucket(prompt_length + max_new_tokens, model.max_sequence_length)
     decoder = _Decoder(model, fn, [[0]] * batch, length, 0)
-    program = decoder.loop_program(Sampler(), model.vocabulary_size, np.zeros(0, np.int32), programs.UNSTACK_LAYERS)
+    program = decoder.loop_program(Sampler(), model.vocabulary_size, np.zeros(0, np.int32))
     measured = measure(program, decoder.params)
     captured = captured_bytes(model, fn.plan.keep, batch, prompt_length + max_new_tokens)
     return MemoryEstimate(measured.weights, measured.working + decoder.split_bytes(), captured)

@@ -87,7 +87,7 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
     token `first + i` of every row from `logits` (ids `>= vocabulary` never
     chosen; finished rows get `pad_id`), then, if `i < feeds`, runs it at
     cache slot `start + i` for the next logits. Returns `(logits, cache,
-    tokens [B, CHUNK], logprobs [B, CHUNK], iterations, finished, captures)`,
+    tokens [B, CHUNK], logprobs [B, CHUNK], iterations, captures)`,
     the captures of each fed token stacked along a leading `CHUNK` axis.
     Without captures, a token chosen once every row has finished is not fed.
     `params` may hold the stacked layer weights or `split_layers`' list.
@@ -140,7 +140,7 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
         tokens = jnp.full((batch, CHUNK), pad_id, jnp.int32)
         logprobs = jnp.zeros((batch, CHUNK), jnp.float32)
         carry = (jnp.int32(0), logits.astype(jnp.float32), cache, finished, tokens, logprobs, buffers)
-        i, logits, cache, finished, tokens, logprobs, buffers = jax.lax.while_loop(more, body, carry)
-        return logits, cache, tokens, logprobs, i, finished, buffers
+        i, logits, cache, _, tokens, logprobs, buffers = jax.lax.while_loop(more, body, carry)
+        return logits, cache, tokens, logprobs, i, buffers
 
     return _compile(fn, "generate", loop, args, "loop", sampler, vocabulary)

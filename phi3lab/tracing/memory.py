@@ -60,10 +60,15 @@ def available_bytes(device=None) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def tree_bytes(tree) -> int:
+    """Bytes of every array in a pytree."""
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
 def measure(compiled, params) -> MemoryEstimate:
     """Estimate from a compiled (not yet run) trace program."""
     stats = compiled.memory_analysis()
-    weights = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
+    weights = tree_bytes(params)
     return MemoryEstimate(
         weights=weights,
         working=int(stats.temp_size_in_bytes),
