@@ -32,6 +32,11 @@ KERNEL_READY = """() => { const w = window.jupyterapp?.shell.currentWidget;
   const k = w?.sessionContext?.session?.kernel;
   return !!(w?.context?.isReady && k && k.connectionStatus === 'connected' && k.status === 'idle'); }"""
 
+# The text of the first error a cell raised ("" when none): run-all stops at
+# an error, so a test waiting for a later cell's view can say why at once.
+CELL_ERROR = """() => document.querySelector('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"]')
+  ?.textContent.slice(-600) ?? ''"""
+
 
 def require_chromium():
     """Debian's Chromium and Playwright, or skip (fail under CI: `conftest.unavailable`)."""

@@ -15,7 +15,16 @@ import shutil
 import time
 
 import pytest
-from lab_helpers import ARTIFACTS, DOCS_IMAGES, KERNEL_READY, check_clean, open_and_run, screenshot_on_failure, shot
+from lab_helpers import (
+    ARTIFACTS,
+    CELL_ERROR,
+    DOCS_IMAGES,
+    KERNEL_READY,
+    check_clean,
+    open_and_run,
+    screenshot_on_failure,
+    shot,
+)
 
 NOTEBOOK = "scale_views_demo.ipynb"
 KERNEL_IDLE = KERNEL_READY
@@ -26,13 +35,6 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
     pytest.mark.timeout(420),
-    # Opt-in until the known flake is fixed: on a loaded 2-core machine the
-    # 32 x 32-head grid's plotly figure sometimes never paints (one plotly.js
-    # bundle per figure; see docs/design.md, widgets).
-    pytest.mark.skipif(
-        os.environ.get("PHI3LAB_SCALE_BROWSER") != "1",
-        reason="the at-scale browser test is opt-in (PHI3LAB_SCALE_BROWSER=1): its 32x32 grid sometimes never paints",
-    ),
 ]
 
 
@@ -84,11 +86,13 @@ def _drive(lab, page):
     # === 32 x 32 heads at T=512: time to a painted grid ===
     big = page.locator(".phi3lab-big-grid")
     painted_ms = page.wait_for_function(
-        """() => { const im = document.querySelector('.phi3lab-big-grid .js-plotly-plot g.imagelayer image');
-                   return im && (im.getAttribute('href') || '').startsWith('data:image/png') && Date.now(); }""",
+        f"""() => {{ if (({CELL_ERROR})()) return -1;
+                   const im = document.querySelector('.phi3lab-big-grid .js-plotly-plot g.imagelayer image');
+                   return im && (im.getAttribute('href') || '').startsWith('data:image/png') && Date.now(); }}""",
         timeout=240_000,
         polling="raf",
     ).json_value()
+    assert painted_ms != -1, f"a cell of {NOTEBOOK} raised: {page.evaluate(CELL_ERROR)}"
     cell_start_ms = float(page.locator(".grid-cell-start").get_attribute("data-t"))
     paint_s, run_all_s = (painted_ms - cell_start_ms) / 1000, (painted_ms - run_all_ms) / 1000
     built = page.get_by_text(re.compile(r"^built in [0-9.]+ s")).first.text_content()
