@@ -193,6 +193,32 @@ def test_attention_zoom_window_and_overview(long_tr):
     assert view.query_window == range(584, 600)
 
 
+def test_overview_box_drags_the_zoom_window(long_tr):
+    import io
+
+    from PIL import Image
+
+    view = AttentionExplorer(long_tr, zoom=64)
+    pattern = long_tr.attention(0, 0)[0]
+    box = view.overview
+    # The live overview is the picture without the box; the box is four numbers over it.
+    sent = np.asarray(Image.open(io.BytesIO(box.image)).convert("RGB"))
+    np.testing.assert_array_equal(sent, view.overview_image(boxed=False))
+    assert not (sent == [255, 127, 14]).all(-1).any()
+    assert box.extent == [0, 600, 600, 602, 602]  # 86 cells of 7 positions cover 602
+    assert box.window == [0, 0, 64, 64]
+    # What the browser sends after a drag moves both windows (the sliders follow) ...
+    box.window = [300, 120, 64, 64]
+    assert view.query_window == range(300, 364) and view.key_window == range(120, 184)
+    assert (view.query_slider.value, view.key_slider.value) == (300, 120)
+    np.testing.assert_array_equal(z_of(view.heatmap), pattern[300:364, 120:184])
+    # ... and the sliders move the box.
+    view.key_slider.value = 500
+    assert box.window == [300, 500, 64, 64]
+    view.zoom_select.value = 32
+    assert box.window == [300, 500, 32, 32]
+
+
 def test_short_input_has_no_zoom_window(tr):
     view = AttentionExplorer(tr)
     assert not view.windowed and view._overview_box.layout.display == "none"

@@ -15,6 +15,7 @@ from phi3lab.widgets.attention_marks import (
     selection_strips,
     status_line,
 )
+from phi3lab.widgets.attention_overview import Overview
 from phi3lab.widgets.attention_static import draw_explorer
 from phi3lab.widgets.attention_thumbnails import HeadThumbnails
 from phi3lab.widgets.attention_tokens import TokenButtons
@@ -24,7 +25,6 @@ from phi3lab.widgets.common import (
     axis_labels,
     live,
     packed,
-    png,
     pool_max,
     window,
     window_slider,
@@ -49,10 +49,11 @@ class AttentionExplorer(HeldAttention, View):
     Long inputs: the heatmap is a zoom window of `zoom` positions a side
     (chosen from a menu, at most `max_tokens`), small enough for its token
     labels to be legible. An overview of the whole head (block maxima, an
-    orange box marks the window) sits above it; step the window with the
-    "queries from" / "keys from" sliders (arrow keys step one position) or
-    `move_window`. The overview is a PNG, not a plot: every plotly
-    FigureWidget ships plotly.js (~5 MB) with its state. Only the window, the overview
+    orange box marks the window) sits above it: drag the box, or click the
+    overview to centre the window there; step it with the "queries from" /
+    "keys from" sliders (arrow keys step one position) or `move_window`.
+    The overview is a PNG under a draggable box (`ZoomBox`), not a plot, so
+    moving the window sends four numbers. Only the window, the overview
     and the thumbnails (all at most `thumbnail_size` cells a side) are sent
     to the browser, whatever the input's length.
 
@@ -165,8 +166,8 @@ class AttentionExplorer(HeldAttention, View):
 
         # === Heatmap and overview ===
         self.heatmap = heatmap_figure()
-        self.overview = widgets.Image(format="png", layout=widgets.Layout(width="auto", height="auto"))
-        self.overview_title = widgets.HTML()
+        self._overview = Overview(lambda query, key: self._on_window_dragged(query, key))
+        self.overview, self._overview_box = self._overview.box, self._overview.widget
 
         # === Tokens ===
         self._token_buttons = TokenButtons(lambda i: self.select_token(self.query_window[i]))
@@ -185,8 +186,6 @@ class AttentionExplorer(HeldAttention, View):
         self._refresh_thumbnails()
         self._resize_window()
         self.heatmap = live(self.heatmap, self._on_cell_click)
-        self._overview_box = widgets.VBox([self.overview_title, self.overview])
-        self._overview_box.add_class("phi3lab-overview")
         self._overview_box.layout.display = None if self.windowed else "none"
         heatmap_box = widgets.VBox([self.heatmap], layout=widgets.Layout(width="100%"))
         heatmap_box.add_class("phi3lab-heatmap")
@@ -297,6 +296,10 @@ class AttentionExplorer(HeldAttention, View):
         self.query_slider.value = window(query - self.zoom // 2, self.zoom, self.query_rows).start
         self.key_slider.value = window(key - self.zoom // 2, self.zoom, self.length).start
 
+    def _on_window_dragged(self, query: int, key: int) -> None:
+        if (query, key) != (self.query_window.start, self.key_window.start):
+            self.move_window(query + self.zoom // 2, key + self.zoom // 2)
+
     def _on_cell_click(self, trace, points, state):
         if points.ys:
             self.select_token(int(str(points.ys[0]).split(" ", 1)[0]))
@@ -336,18 +339,16 @@ class AttentionExplorer(HeldAttention, View):
         self._refresh_highlight()
         self._refresh_status()
 
-    def overview_image(self) -> np.ndarray:
+    def overview_image(self, boxed: bool = True) -> np.ndarray:
         """The overview as uint8 RGB: block maxima of the held rows (at most
-        96 cells a side), the zoom window boxed."""
+        96 cells a side), the zoom window boxed unless `boxed` is False."""
         held = self.head_values(self.layer, self.head)
-        return overview_image(held, self.scale(held), self.query_rows.start, self.query_window, self.key_window)
+        return overview_image(held, self.scale(held), self.query_rows.start, self.query_window, self.key_window, boxed)
 
     def _refresh_overview(self) -> None:
-        self.overview.value = png(self.overview_image())
-        held = self.head_values(self.layer, self.head).shape
-        self.overview_title.value = (
-            f"<b>Overview</b> of head {self.head}: {held[0]} × {held[1]} (block maxima; the box is the zoom window)"
-        )
+        held = self.head_values(self.layer, self.head)
+        q, k = self.query_window, self.key_window
+        self._overview.draw(held, self.scale(held), self.query_rows.start, q, k, self.head)
 
     def _refresh_thumbnails(self) -> None:
         if not self._holding:

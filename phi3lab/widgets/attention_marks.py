@@ -62,14 +62,21 @@ def _dashed_line(axis: str, at: float) -> dict:
     }
 
 
-def overview_image(held: np.ndarray, scale: Scale, first_row: int, queries: range, keys: range) -> np.ndarray:
+OVERVIEW_CELLS = 96  # at most this many block-maxima cells a side
+
+
+def overview_image(
+    held: np.ndarray, scale: Scale, first_row: int, queries: range, keys: range, boxed: bool = True
+) -> np.ndarray:
     """uint8 RGB block maxima of `held [rows, T]` (rows from `first_row`; at
     most 96 cells a side, each drawn `288 // cells` pixels wide), with the
-    `queries` x `keys` window boxed."""
-    pooled = pool_max(held, 96)
-    fr, fc = pool_factor(held.shape[0], 96), pool_factor(held.shape[1], 96)
+    `queries` x `keys` window boxed (unless `boxed` is False)."""
+    pooled = pool_max(held, OVERVIEW_CELLS)
+    fr, fc = pool_factor(held.shape[0], OVERVIEW_CELLS), pool_factor(held.shape[1], OVERVIEW_CELLS)
     pixels = max(1, 288 // max(pooled.shape))
     image = np.repeat(np.repeat(scale.rgb(pooled), pixels, 0), pixels, 1)
+    if not boxed:
+        return image
     top = (queries.start - first_row) // fr * pixels
     bottom = min(image.shape[0], -(-(queries.stop - first_row) // fr) * pixels) - 1
     left, right = keys.start // fc * pixels, min(image.shape[1], -(-keys.stop // fc) * pixels) - 1

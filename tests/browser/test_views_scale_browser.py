@@ -74,6 +74,16 @@ def click_head(page, mosaic, row: int, column: int) -> None:
     page.mouse.click(x, y)
 
 
+def drag_box(page, box, dx: float, dy: float) -> None:
+    """Press on the middle of `box`, move by (dx, dy) pixels in steps, release."""
+    bounds = box.bounding_box()
+    x, y = bounds["x"] + bounds["width"] / 2, bounds["y"] + bounds["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + dx, y + dy, steps=8)
+    page.mouse.up()
+
+
 def _drive(lab, page):
     from playwright.sync_api import expect
 
@@ -181,6 +191,16 @@ def _drive(lab, page):
     expect(windowed.locator(".phi3lab-thumbnail")).to_have_count(2)
     expect(windowed.locator(".phi3lab-overview img")).to_be_visible()
     paths["attention_explorer_windowed"] = shot(windowed, "attention_explorer_windowed")
+    # Dragging the overview's box moves the zoom window (sliders, status and heatmap follow).
+    status = windowed.locator(".phi3lab-status")
+    expect(status).to_contain_text("queries 236–267, keys 236–267 of 300")
+    drag_box(page, windowed.locator(".phi3lab-zoom-window"), dx=-90, dy=30)
+    expect(status).not_to_contain_text("keys 236–267", timeout=30_000)
+    query, key = map(int, re.search(r"queries (\d+)–\d+, keys (\d+)–", status.text_content()).groups())
+    assert 240 <= query <= 260 and 95 <= key <= 135, (query, key)  # 30 px down, 90 px left (3 px a cell)
+    expect(windowed.locator(".phi3lab-query-slider .widget-readout")).to_have_text(str(query))
+    expect(ticks.filter(has_text=re.compile(rf"^{query} "))).to_have_count(1, timeout=30_000)
+    mark("zoom window dragged")
     mark("windowed explorer")
 
     # === Dark theme: the same views stay readable ===
