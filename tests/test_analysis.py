@@ -130,6 +130,24 @@ def test_direct_logit_attribution_sums_to_the_logit_diff(model, tr, counterfactu
         assert heads == pytest.approx(in_layer[in_layer.kind == "attn"].attribution.item(), abs=1e-5)
 
 
+def test_next_token_attribution_sums_to_each_tokens_logit(model, tr, ids):
+    table = analysis.next_token_attribution(model, tr, batch=1)
+    positions = list(range(ids.shape[1]))
+    assert list(table.component) == ["embed"] + [f"L{l}_{k}" for l in range(LAYERS) for k in ("attn", "mlp")]
+    values = table[positions].to_numpy(np.float64)
+    logits = tr.logits[1].astype(np.float64)
+    expected = [logits[p - 1, ids[1, p]] for p in range(1, 8)]  # row 1 is real up to position 7
+    np.testing.assert_allclose(values.sum(0)[1:8], expected, atol=1e-4)
+    np.testing.assert_array_equal(table.attrs["logit"][1:8], expected)
+    assert np.isnan(values[:, 0]).all() and np.isnan(values[:, 8:]).all()
+    # Column p is direct_logit_attribution of token p at position p - 1, heads included.
+    fine = analysis.next_token_attribution(model, tr, batch=1, heads=True)
+    for heads, result in ((False, table), (True, fine)):
+        dla = analysis.direct_logit_attribution(model, tr, int(ids[1, 5]), position=4, batch=1)
+        dla = dla[dla.kind.isin(["embed", "head" if heads else "attn", "mlp"])].set_index("component")
+        np.testing.assert_allclose(result.set_index("component")[5], dla.attribution[result.component], atol=1e-6)
+
+
 def test_frozen_scale_matches_the_rms(model, tr):
     final = tr.resid(LAYERS - 1, "post")[0, 3].astype(np.float64)
     inv_rms, _ = analysis.frozen_norm_scale(model, final)

@@ -267,6 +267,18 @@ def test_token_view_attention_and_neurons_are_the_trace(tr):
         TokenView.neurons(tr, 1, 10_000)
 
 
+def test_token_view_logit_attribution_is_the_analysis(model, tr):
+    view = TokenView.logit_attribution(model, tr, heads=True)
+    table = phi3lab.analysis.next_token_attribution(model, tr, heads=True)
+    positions = list(range(tr.token_ids.shape[1]))
+    assert list(view.rows) == ["logit of the token"] + list(table.component)
+    np.testing.assert_array_equal(view.rows["logit of the token"], table.attrs["logit"])
+    np.testing.assert_array_equal(view.rows["L1H2"], table.set_index("component").loc["L1H2", positions])
+    view.row_select.value = "L0_mlp"
+    assert view.scale().cmap == ("RdBu_r" if (np.nan_to_num(view.current) < 0).any() else "Blues")
+    assert view.label == "direct logit attribution" and np.isnan(view.current[0])
+
+
 # === What goes to the browser ===
 @pytest.mark.slow
 def test_payload_stays_under_budget_at_32_layers_by_32_heads():

@@ -21,6 +21,7 @@ from phi3lab.analysis.attribution import (
     decompose_resid,
     direct_logit_attribution,
     frozen_norm_scale,
+    next_token_attribution,
 )
 from phi3lab.analysis.attribution_patching import attribution_patching
 from phi3lab.analysis.heads import (
@@ -46,6 +47,7 @@ __all__ = [
     "decompose_resid",
     "detector_scores",
     "direct_logit_attribution",
+    "next_token_attribution",
     "frozen_norm_scale",
     "group_heads",
     "head_scores",

@@ -278,3 +278,67 @@ def direct_logit_attribution(
         batch=batch,
     )
     return table
+
+
+def next_token_attribution(model, tr, batch: int = 0, heads: bool = False) -> pd.DataFrame:
+    """Direct logit attribution of every token: how much each component
+    wrote, at the position before it, to the logit of the token that came.
+
+    Column `p` holds each component's share of `logits[p - 1, ids[p]]`, the
+    logit the model gave token `p` (read out with the final norm's scale
+    frozen at position `p - 1`, as `direct_logit_attribution` does), so the
+    embedding, attention and MLP rows of a column sum to that logit.
+    Column 0 and padding positions are NaN.
+
+    Args:
+        model: the `Phi3Backbone` that produced `tr`.
+        tr: a `Trace` with the names `decompose_resid` needs.
+        batch: int. Which row of the trace.
+        heads: bool. Split each block's attention into its query heads
+            (rows `L{l}H{h}`) instead of one `L{l}_attn` row.
+
+    Returns:
+        A DataFrame with one row per component (columns `component`, `layer`,
+        `head`, `kind`, then one column per position `0 .. T-1`).
+        `attrs["logit"]` is the model's own logit of each token `[T]`
+        (from `hook_logits`, or the final norm and LM head), which the
+        rows sum to.
+
+    Example:
+    ```python
+    table = phi3lab.analysis.next_token_attribution(model, tr)
+    table.set_index("component")[list(range(tr.token_ids.shape[1]))].sum()   # = attrs["logit"]
+    ```
+    """
+    check_trace(model, tr)
+    batch = check_index("batch", batch, tr.token_ids.shape[0], "batch row")
+    ids = np.asarray(tr.token_ids[batch])
+    length = len(ids)
+    parts = decompose_resid(model, tr, batch=[batch])
+    stack = parts.stack(heads=heads)[:, 0, :-1]  # [C, T-1, D]: what predicts tokens 1..T-1
+    scales = np.stack([frozen_norm_scale(model, parts.final[0, t])[1] for t in range(length - 1)])
+    wanted, where = np.unique(ids[1:], return_inverse=True)
+    columns = np.asarray(
+        _unembed_columns(model)(
+            model.params(), jnp.eye(model.hidden_dim, dtype=jnp.float32), jnp.asarray(wanted, jnp.int32)
+        ),
+        np.float64,
+    )[:, where]  # [D, T-1]: the LM head's column of each next token
+    values = np.full((stack.shape[0], length), np.nan)
+    values[:, 1:] = np.einsum("ctd,td,dt->ct", stack, scales, columns)
+    valid = np.asarray(tr.padding_mask[batch], bool)
+    values[:, ~valid] = np.nan
+    values[:, 1:][:, ~valid[:-1]] = np.nan
+    table = parts.labels(heads=heads)
+    table = pd.concat([table, pd.DataFrame(values, columns=range(length))], axis=1)
+    if "hook_logits" in tr.names:
+        logits = np.asarray(tr["hook_logits"][batch, :-1], np.float64)
+    else:
+        final = jnp.asarray(parts.final[0, :-1], jnp.float32)
+        logits = np.asarray(jax.jit(model.readout)(model.params(), final), np.float64)
+    own = np.full(length, np.nan)
+    own[1:] = logits[np.arange(length - 1), ids[1:]]
+    own[~valid] = np.nan
+    own[1:][~valid[:-1]] = np.nan
+    table.attrs["logit"] = own
+    return table

@@ -8,6 +8,7 @@ from typing import Sequence
 import ipywidgets as widgets
 import numpy as np
 
+from phi3lab.analysis.attribution import next_token_attribution
 from phi3lab.checks import check_in_range, check_index
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.names import block_name
@@ -62,6 +63,7 @@ class TokenView(View):
     phi3lab.widgets.TokenView(["The", " cat", " sat"], [0.1, 2.5, 0.7], label="loss")
     phi3lab.widgets.TokenView.loss(tr)                 # from a trace with hook_logits
     phi3lab.widgets.TokenView.attention(tr, layer=1, head=0, query=-1)
+    phi3lab.widgets.TokenView.logit_attribution(model, tr)   # which component predicted each token
     ```
     """
 
@@ -155,6 +157,25 @@ class TokenView(View):
             label="attention probability",
             selected=query,
             title=f"Attention from position {query} ({escape(labels[query])})",
+            prompt_length=prompt_length(trace),
+        )
+
+    @classmethod
+    def logit_attribution(cls, model, trace, batch: int = 0, heads: bool = False, tokens=None) -> "TokenView":
+        """Each token coloured by what predicted it: the direct logit
+        attribution of each component to the logit the model gave the token
+        (`analysis.next_token_attribution`), one row per component (the
+        embedding, each attention block or head, each MLP), after a first
+        row with the whole logit. Needs what `analysis.decompose_resid` does."""
+        table = next_token_attribution(model, trace, batch=batch, heads=heads)
+        positions = list(range(trace.token_ids.shape[1]))
+        values = {"logit of the token": table.attrs["logit"]}
+        values |= {name: row for name, row in zip(table["component"], table[positions].to_numpy(np.float64))}
+        return cls(
+            position_labels(trace, batch, tokens),
+            values,
+            label="direct logit attribution",
+            title="What wrote each token's logit (at the position before it)",
             prompt_length=prompt_length(trace),
         )
 

@@ -175,6 +175,24 @@ def _drive(lab, page):
     attention.locator(".phi3lab-row select").select_option(index=0)
     paths["token_view_attention"] = shot(attention, "token_view_attention")
 
+    # === TokenView.logit_attribution: a row per component, diverging colours ===
+    dla = page.locator(".phi3lab-tokens").nth(2)
+    expect(dla.locator(".phi3lab-tok")).to_have_count(44, timeout=60_000)
+    before = dla.locator(".phi3lab-token-text").inner_html()
+    dla.locator(".phi3lab-row select").select_option(label="L2_attn")
+    page.wait_for_function(
+        "([el, b]) => el.innerHTML !== b",
+        arg=[dla.locator(".phi3lab-token-text").element_handle(), before],
+        timeout=30_000,
+    )
+    token = dla.locator(".phi3lab-tok").nth(30)
+    token.hover()
+    expect(token.locator(".phi3lab-tip")).to_contain_text(
+        f"direct logit attribution: {float(token.get_attribute('data-value')):.4g}", timeout=10_000
+    )
+    paths["token_view_attribution"] = shot(dla, "token_view_attribution")
+    page.mouse.move(0, 0)
+
     # === A windowed trace in the explorer ===
     windowed = page.locator(".phi3lab-attention", has=page.locator(".phi3lab-missing"))
     expect(windowed).to_have_count(1, timeout=60_000)
@@ -217,6 +235,7 @@ def _drive(lab, page):
             "head_grid",
             "token_view_loss",
             "token_view_attention",
+            "token_view_attribution",
             "attention_explorer_windowed",
             "head_grid_32x32",
             "dark_head_grid",
