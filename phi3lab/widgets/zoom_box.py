@@ -17,15 +17,19 @@ from phi3lab.widgets.colours import HIGHLIGHT
 _ZOOM_BOX = """
 export default {
   render({ model, el }) {
-    el.classList.add("phi3lab-zoom-box");
-    el.style.cssText = "position:relative;display:inline-block;line-height:0;user-select:none";
+    // The box is placed in percent of this frame, which is exactly the picture's size
+    // (`el` itself may be stretched by its flex container).
+    const frame = document.createElement("div");
+    frame.className = "phi3lab-zoom-box";
+    frame.style.cssText = "position:relative;display:inline-block;line-height:0;user-select:none";
     const img = document.createElement("img");
     img.draggable = false;
     img.style.cssText = "max-width:100%;cursor:crosshair";
     const box = document.createElement("div");
     box.className = "phi3lab-zoom-window";
     box.style.cssText = `position:absolute;box-sizing:border-box;border:2px solid ${model.get("_colour")};cursor:move`;
-    el.append(img, box);
+    frame.append(img, box);
+    el.append(frame);
     let url;
     const drawImage = () => {
       if (url) URL.revokeObjectURL(url);
