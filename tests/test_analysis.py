@@ -239,6 +239,41 @@ def test_head_patching_matches_trace_hooks(model, ids, site, hook, units):
         assert result.raw[layer, unit] == pytest.approx(logit_diff(model, corrupted, hooks), abs=1e-4)
 
 
+def put_head_at(x, ctx):
+    source, position, head = ctx.data
+    return x.at[:, position, head].set(source[:, position, head])
+
+
+@pytest.mark.slow
+def test_head_by_position_patching(model, ids):
+    corrupted = corrupt(ids)
+    options = dict(answer=ANSWER, counterfactual=COUNTER, progress=False, normalize=False)
+    result = analysis.activation_patching(model, ids, corrupted, sites="head_z_position", **options)
+    assert result.values.shape == (LAYERS, 10, HEADS) and result.axes == ("layer", "position", "head")
+    # Before the first corrupted token (3) clean and corrupted heads are equal: no effect.
+    np.testing.assert_allclose(result.raw[:, :3], result.corrupted_metric, atol=1e-5)
+    clean_tr = phi3lab.trace(model, ids, names="blocks.*.attn.hook_z")
+    for layer, position, head in [(0, 3, HEADS - 1), (LAYERS - 1, 9, 0), (1, 6, 1)]:
+        name = f"blocks.{layer}.attn.hook_z"
+        data = (jnp.asarray(clean_tr[name]), jnp.int32(position), jnp.int32(head))
+        hooks = Hooks({name: Hook(put_head_at, data=data)})
+        assert result.raw[layer, position, head] == pytest.approx(logit_diff(model, corrupted, hooks), abs=1e-4)
+    # Every position of one head at once is patching that head.
+    sweep = _sweep(model, ids, corrupted, None, ANSWER, COUNTER, "head_z_position", None, batch_size=4)
+    masks = np.zeros((2, LAYERS, 10, HEADS), bool)
+    masks[0, 1, :, 2] = masks[1, 2, :, 0] = True
+    whole = analysis.activation_patching(model, ids, corrupted, sites="head_z", **options)
+    np.testing.assert_allclose(
+        sweep.run(np.repeat(corrupted[None], 2, axis=0), masks), whole.raw[[1, 2], [2, 0]], atol=1e-5
+    )
+    table = result.to_pandas()
+    assert list(table.columns) == ["layer", "position", "head", "clean_token", "corrupted_token", "value", "raw"]
+    assert table.set_index(["layer", "position", "head"]).raw[(1, 6, 1)] == result.raw[1, 6, 1]
+    view = phi3lab.widgets.PatchingView.from_result(result)
+    assert view.values.shape == (LAYERS * HEADS, 10) and view.row_labels[HEADS + 1] == "L1H1"
+    np.testing.assert_array_equal(view.values[HEADS + 1], result.values[1, :, 1])
+
+
 def test_patching_user_metric_and_compile_once(model, ids):
     def metric(logits):
         return jnp.mean(logits[:, -1, ANSWER] - logits[:, -1, COUNTER])

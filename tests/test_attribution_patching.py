@@ -135,6 +135,19 @@ def test_linear_attribution_is_the_first_order_term(random_model, random_pair):
     np.testing.assert_allclose(result.raw[0, [0, 1, 3, 4, 5, 6]] - result.corrupted_metric, 0.0, atol=1e-6)
 
 
+def test_head_by_position_attribution_sums_to_per_head(random_model, random_pair):
+    """Linear attribution is a sum over units, so a head's positions add up to the head."""
+    clean, corrupted = random_pair
+    options = dict(answer=ANSWER, counterfactual=COUNTER, normalize=False)
+    fine = analysis.attribution_patching(random_model, clean, corrupted, sites="head_z_position", **options)
+    whole = analysis.attribution_patching(random_model, clean, corrupted, sites="head_z", **options)
+    layers, heads = random_model.num_layers, random_model.num_query_heads
+    assert fine.values.shape == (layers, clean.shape[1], heads) and fine.axes == ("layer", "position", "head")
+    np.testing.assert_allclose(
+        (fine.raw - fine.corrupted_metric).sum(1), whole.raw - whole.corrupted_metric, rtol=1e-9, atol=1e-9
+    )
+
+
 def test_attribution_result_goes_into_the_patching_view(random_model, random_pair):
     clean, corrupted = random_pair
     result = analysis.attribution_patching(random_model, clean, corrupted, answer=ANSWER, sites="head_v")

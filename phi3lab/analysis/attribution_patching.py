@@ -55,11 +55,12 @@ def _interpolate(x, ctx):
     return x + alphas[ctx.layer].astype(x.dtype) * (clean[ctx.layer].astype(x.dtype) - x)
 
 
-def _unit_sums(products: np.ndarray, axis: int) -> np.ndarray:
+def _unit_sums(products: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     """`[L, B, ...]` products summed over everything but the layer and the
-    unit axis (`axis` of the activation)."""
-    moved = np.moveaxis(products, axis + 1, 1)
-    return moved.reshape(moved.shape[0], moved.shape[1], -1).sum(-1)
+    unit axes (`axes` of the activation): `[L, *units]`."""
+    kept = [0] + [axis + 1 for axis in axes]
+    others = tuple(a for a in range(products.ndim) if a not in kept)
+    return products.sum(axis=others)
 
 
 def attribution_patching(
@@ -118,7 +119,7 @@ def attribution_patching(
     steps = check_positive_int("steps", steps)
     clean, corrupted, padding = check_pair(model, clean_ids, corrupted_ids, padding_mask)
     resolved = resolve_metric(model, metric, answer, counterfactual, padding)
-    hook, axis, _ = SITES[sites]
+    hook, axes, _ = SITES[sites]
     names = tuple(block_name(layer, hook) for layer in range(model.num_layers))
     params, mask = model.params(), jnp.asarray(padding)
     probes = zero_probes(model, names, clean.shape)
@@ -135,7 +136,7 @@ def attribution_patching(
         grads = np.stack([np.asarray(bad_grads[n], np.float64) for n in names])
     else:
         grads = _path_average_grads(model, hook, names, resolved, params, corrupted, mask, clean_stack, probes, steps)
-    raw = corrupted_metric + _unit_sums(check_finite(delta * grads, "the gradients"), axis)
+    raw = corrupted_metric + _unit_sums(check_finite(delta * grads, "the gradients"), axes)
     return patching_result(model, sites, raw, clean_metric, corrupted_metric, clean, corrupted, normalize)
 
 

@@ -28,16 +28,17 @@ from phi3lab.tracing.metrics import Metric, check_finite, resolve_metric
 from phi3lab.tracing.names import block_name
 from phi3lab.tracing.tracer import trace
 
-# site -> (block hook name, unit axis of the activation, unit name)
+# site -> (block hook name, unit axes of the activation, unit names)
 SITES = {
-    "resid_pre": ("hook_resid_pre", 1, "position"),
-    "attn_out": ("hook_attn_out", 1, "position"),
-    "mlp_out": ("hook_mlp_out", 1, "position"),
-    "head_z": ("attn.hook_z", 2, "head"),
-    "head_q": ("attn.hook_q", 2, "head"),
-    "head_k": ("attn.hook_k", 2, "kv_head"),
-    "head_v": ("attn.hook_v", 2, "kv_head"),
-    "head_pattern": ("attn.hook_pattern", 1, "head"),
+    "resid_pre": ("hook_resid_pre", (1,), ("position",)),
+    "attn_out": ("hook_attn_out", (1,), ("position",)),
+    "mlp_out": ("hook_mlp_out", (1,), ("position",)),
+    "head_z": ("attn.hook_z", (2,), ("head",)),
+    "head_z_position": ("attn.hook_z", (1, 2), ("position", "head")),
+    "head_q": ("attn.hook_q", (2,), ("head",)),
+    "head_k": ("attn.hook_k", (2,), ("kv_head",)),
+    "head_v": ("attn.hook_v", (2,), ("kv_head",)),
+    "head_pattern": ("attn.hook_pattern", (1,), ("head",)),
 }
 
 
@@ -46,14 +47,16 @@ class PatchingResult:
     """The outcome of an `activation_patching` sweep.
 
     Attributes:
-        values: `[num_layers, units]`: the metric with that unit patched,
+        values: `[num_layers, units]` (`[num_layers, positions, heads]`
+            for `"head_z_position"`): the metric with that unit patched,
             normalized so the clean run is 1 and the corrupted run 0 (raw
             metric values when `normalize=False`).
-        raw: `[num_layers, units]`, the metric values before normalizing.
+        raw: the metric values before normalizing, same shape.
         clean_metric, corrupted_metric: the metric of the unpatched runs.
         site: the `sites` argument; `hook`: the patched hook names.
         axes: `("layer", unit)`, unit being `"position"`, `"head"` or
-            `"kv_head"`.
+            `"kv_head"`; `("layer", "position", "head")` for
+            `"head_z_position"`.
         clean_ids, corrupted_ids: the inputs `[B, T]`.
     """
 
@@ -68,32 +71,34 @@ class PatchingResult:
     corrupted_ids: np.ndarray
 
     def to_pandas(self) -> pd.DataFrame:
-        """One row per (layer, unit): `layer`, the unit column, `value`,
+        """One row per (layer, unit): `layer`, the unit columns, `value`,
         `raw`; position sites add the clean and corrupted token ids of row 0."""
-        layers, units = np.meshgrid(*(np.arange(n) for n in self.values.shape), indexing="ij")
-        table = pd.DataFrame(
-            {
-                "layer": layers.ravel(),
-                self.axes[1]: units.ravel(),
-                "value": self.values.ravel(),
-                "raw": self.raw.ravel(),
-            }
-        )
-        if self.axes[1] == "position":
-            table.insert(2, "clean_token", self.clean_ids[0][units.ravel()])
-            table.insert(3, "corrupted_token", self.corrupted_ids[0][units.ravel()])
+        index = np.meshgrid(*(np.arange(n) for n in self.values.shape), indexing="ij")
+        columns = {axis: grid.ravel() for axis, grid in zip(self.axes, index)}
+        table = pd.DataFrame(columns | {"value": self.values.ravel(), "raw": self.raw.ravel()})
+        if "position" in columns:
+            at = len(self.axes)
+            table.insert(at, "clean_token", self.clean_ids[0][columns["position"]])
+            table.insert(at + 1, "corrupted_token", self.corrupted_ids[0][columns["position"]])
         table.attrs.update(site=self.site, clean_metric=self.clean_metric, corrupted_metric=self.corrupted_metric)
         return table
 
 
+def layer_units(mask, ctx, ndim: int):
+    """This layer's part of a unit mask `[L, *unit sizes]`, shaped to
+    broadcast over an activation of `ndim` axes along the hook's static unit
+    axes (`ctx.static == (axes,)`)."""
+    (axes,) = ctx.static
+    shape = [1] * ndim
+    for axis, size in zip(axes, mask.shape[1:]):
+        shape[axis] = size
+    return mask[ctx.layer].reshape(shape)
+
+
 def _patch_units(x, ctx):
-    """Hook: take the clean value wherever this layer's row of the mask is set."""
+    """Hook: take the clean value wherever this layer's part of the mask is set."""
     clean, mask = ctx.data
-    (axis,) = ctx.static
-    shape = [1] * x.ndim
-    shape[axis] = mask.shape[1]
-    chosen = mask[ctx.layer].reshape(shape)
-    return jnp.where(chosen, clean[ctx.layer].astype(x.dtype), x)
+    return jnp.where(layer_units(mask, ctx, x.ndim), clean[ctx.layer].astype(x.dtype), x)
 
 
 def mean_metric(model, metric: Metric, params, hidden, ids, padding, data):
@@ -120,9 +125,9 @@ def metric_of(model, ids, padding, metric: Metric) -> float:
 
 
 def _patcher(model, site: str, metric: Metric):
-    """Compiled `run(params, ids [N,B,T], padding, clean [L,...], masks [N,L,U], data) -> [N]`."""
-    name, axis, _ = SITES[site]
-    forward = forward_fn(model, hooks={block_name("*", name): Hook(_patch_units, static=(axis,))})
+    """Compiled `run(params, ids [N,B,T], padding, clean [L,...], masks [N,L,*U], data) -> [N]`."""
+    name, axes, _ = SITES[site]
+    forward = forward_fn(model, hooks={block_name("*", name): Hook(_patch_units, static=(axes,))})
 
     def one(params, ids, padding, clean, mask, data):
         hidden = forward(params, ids, padding, hook_data=((clean, mask),)).hidden
@@ -148,11 +153,12 @@ class _Sweep:
         self.padding, self.data = jnp.asarray(padding), metric.data
         self.clean = stacked_site(model, clean_ids, padding, site)
 
-    def units(self) -> int:
-        return int(self.clean.shape[1 + SITES[self.site][1]])
+    def units(self) -> tuple[int, ...]:
+        """The sizes of the unit axes (one, or positions and heads)."""
+        return tuple(int(self.clean.shape[1 + axis]) for axis in SITES[self.site][1])
 
     def run(self, ids: np.ndarray, masks: np.ndarray, progress: bool = False) -> np.ndarray:
-        """Metric of each run `i`: input `ids[i]` `[B, T]`, `masks[i]` `[L, U]` bool."""
+        """Metric of each run `i`: input `ids[i]` `[B, T]`, `masks[i]` `[L, *units]` bool."""
         total = len(masks)
         size = min(self.batch_size, total)
         starts = range(0, total, size)
@@ -203,7 +209,7 @@ def _sweep(model, clean_ids, corrupted_ids, metric, answer, counterfactual, site
 def patching_result(
     model, sites, raw, clean_metric, corrupted_metric, clean_ids, corrupted_ids, normalize
 ) -> PatchingResult:
-    """A `PatchingResult` of raw metric values `[L, U]`, normalized so the
+    """A `PatchingResult` of raw metric values `[L, *units]`, normalized so the
     clean metric is 1 and the corrupted 0 when `normalize`."""
     scaled = raw
     if normalize:
@@ -220,7 +226,7 @@ def patching_result(
         corrupted_metric=float(corrupted_metric),
         site=sites,
         hook=block_name("*", SITES[sites][0]),
-        axes=("layer", SITES[sites][2]),
+        axes=("layer", *SITES[sites][2]),
         clean_ids=clean_ids,
         corrupted_ids=corrupted_ids,
     )
@@ -249,7 +255,9 @@ def activation_patching(
 
     Sites and units: `"resid_pre"`, `"attn_out"`, `"mlp_out"` patch one
     position (`[layer, position]`); `"head_z"`, `"head_q"`, `"head_pattern"`
-    patch one query head at every position (`[layer, head]`). `"head_k"` and
+    patch one query head at every position (`[layer, head]`);
+    `"head_z_position"` patches one query head at one position
+    (`[layer, position, head]`, `layers x positions x heads` runs). `"head_k"` and
     `"head_v"` patch one key/value head (`[layer, kv_head]`): under
     grouped-query attention that changes every query head of its group
     (see `phi3lab.analysis.group_heads`).
@@ -286,12 +294,12 @@ def activation_patching(
     ```
     """
     sweep = _sweep(model, clean_ids, corrupted_ids, metric, answer, counterfactual, sites, padding_mask, batch_size)
-    layers, units = model.num_layers, sweep.units()
-    count = layers * units
-    masks = np.zeros((count + 2, layers, units), bool)
-    masks[np.arange(count) + 2, np.arange(count) // units, np.arange(count) % units] = True
+    shape = (model.num_layers, *sweep.units())
+    count = int(np.prod(shape))
+    masks = np.zeros((count + 2, count), bool)
+    masks[np.arange(count) + 2, np.arange(count)] = True  # one unit of one layer per run
     ids = np.repeat(sweep.corrupted_ids[None], count + 2, axis=0)
     ids[0] = sweep.clean_ids  # first two runs: unpatched clean and corrupted
-    values = sweep.run(ids, masks, progress=progress)
-    raw = values[2:].reshape(layers, units)
+    values = sweep.run(ids, masks.reshape(count + 2, *shape), progress=progress)
+    raw = values[2:].reshape(shape)
     return patching_result(model, sites, raw, values[0], values[1], sweep.clean_ids, sweep.corrupted_ids, normalize)

@@ -35,6 +35,7 @@ from phi3lab.analysis.patching import (
     PatchingResult,
     _patch_units,
     check_pair,
+    layer_units,
     mean_metric,
     metric_of,
     patching_result,
@@ -82,11 +83,7 @@ def _freeze_units(x, ctx):
     """Hook: every unit fixed, to its clean value where this layer's mask
     row is set and to its corrupted value elsewhere."""
     clean, corrupted, mask = ctx.data
-    (axis,) = ctx.static
-    shape = [1] * x.ndim
-    shape[axis] = mask.shape[1]
-    chosen = mask[ctx.layer].reshape(shape)
-    return jnp.where(chosen, clean[ctx.layer], corrupted[ctx.layer]).astype(x.dtype)
+    return jnp.where(layer_units(mask, ctx, x.ndim), clean[ctx.layer], corrupted[ctx.layer]).astype(x.dtype)
 
 
 def _check_senders(model, senders) -> tuple:
@@ -187,13 +184,13 @@ def _program(model, kinds: tuple, freeze: bool, metric):
     for `N` sender sets (vmapped)."""
     freeze_fn = _freeze_units if freeze else _patch_units
     step1_hooks = {
-        block_name("*", SITES["head_z"][0]): Hook(freeze_fn, static=(2,)),
-        block_name("*", "hook_mlp_out"): Hook(freeze_fn, static=(1,)),
+        block_name("*", SITES["head_z"][0]): Hook(freeze_fn, static=(SITES["head_z"][1],)),
+        block_name("*", "hook_mlp_out"): Hook(freeze_fn, static=((1,),)),
     }
     inputs = [RECEIVER_SITES[kind] for kind in kinds]
     step1 = forward_fn(model, names=[block_name("*", name) for name, _, _ in inputs], hooks=step1_hooks)
     step2 = forward_fn(
-        model, hooks={block_name("*", name): Hook(_patch_units, static=(axis,)) for name, axis, _ in inputs}
+        model, hooks={block_name("*", name): Hook(_patch_units, static=((axis,),)) for name, axis, _ in inputs}
     )
     layers = model.num_layers
 

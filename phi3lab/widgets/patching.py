@@ -94,7 +94,8 @@ class PatchingView(View):
     def from_result(cls, result, **overrides) -> "PatchingView":
         """A view of a `PatchingResult` from `phi3lab.analysis.activation_patching`.
 
-        Reads `result.values [layers, units]`, `result.axes` (e.g.
+        Reads `result.values [layers, units]` (`[layers, positions, heads]`
+        is shown with a row per head of each layer), `result.axes` (e.g.
         `("layer", "position")`) for the axis titles and `result.site` for the
         title, which says whether values are normalized (clean run 1,
         corrupted 0). Keyword `overrides` (`col_labels=tokens`, ...) win.
@@ -102,7 +103,14 @@ class PatchingView(View):
         if not hasattr(result, "values"):
             raise bad_argument("result", result, "a PatchingResult (an object with .values [rows, cols])")
         values = np.asarray(result.values)
-        row_label, col_label = getattr(result, "axes", ("layer", "position"))
+        axes = getattr(result, "axes", ("layer", "position"))
+        row_label, col_label = axes[:2]
+        more = {}
+        if values.ndim == 3:  # [layer, position, head]: a row per head of each layer
+            layers, positions, heads = values.shape
+            values = values.transpose(0, 2, 1).reshape(layers * heads, positions)
+            row_label = f"{axes[0]} · {axes[2]}"
+            more["row_labels"] = [f"L{layer}H{head}" for layer in range(layers) for head in range(heads)]
         raw = getattr(result, "raw", None)
         normalized = raw is not None and not np.array_equal(np.asarray(raw), values)
         title = f"Activation patching of {getattr(result, 'site', 'activations')}"
@@ -112,7 +120,7 @@ class PatchingView(View):
             title=title + (" (1 = clean run, 0 = corrupted run)" if normalized else ""),
             value_label="normalized metric" if normalized else "patched metric",
         )
-        options.update(overrides)
+        options.update(more, **overrides)
         return cls(values, **options)
 
     def _on_click(self, trace, points, state):
