@@ -156,18 +156,21 @@ class Phi3Attention(keras.layers.Layer):
     def params(self) -> dict:
         return {name: getattr(self, name).value for name in self.stacked_weight_names}
 
-    def attend(self, q, k, v, padding_mask, query_start, dropout_key=None, sites=NO_HOOKS):
+    def attend(self, q, k, v, padding_mask, query_start, dropout_key=None, sites=NO_HOOKS, head_major=False):
         """Attention of query rows `q [B, n, Hq, dh]` (positions `query_start
-        ...`) over all keys: scores, softmax, then the weighted values.
+        ...`) over all keys `k, v [B, T, Hkv, dh]` (`[B, Hkv, T, dh]` when
+        `head_major`, as the KV cache stores them): scores, softmax, then
+        the weighted values.
 
         The masked scores and the pattern go through `sites`
         (`attn.hook_attn_scores`, `attn.hook_pattern`), so a hook on the
         scores changes the pattern and a hook on the pattern changes `z`.
         Returns `(scores, pattern, z)`: scores and pattern `[B, Hq, n, T]`
         (float32) and `z [B, n, Hq, dh]`."""
-        batch, rows, length = q.shape[0], q.shape[1], k.shape[1]
+        keys = "bksh" if head_major else "bskh"
+        batch, rows, length = q.shape[0], q.shape[1], k.shape[2 if head_major else 1]
         grouped_q = q.reshape(batch, rows, self.num_key_value_heads, self.group_size, self.head_dim)
-        scores = jnp.einsum("btkgh,bskh->bkgts", grouped_q, k, preferred_element_type=jnp.float32).reshape(
+        scores = jnp.einsum(f"btkgh,{keys}->bkgts", grouped_q, k, preferred_element_type=jnp.float32).reshape(
             batch, self.num_query_heads, rows, length
         )
         scores = scores * jnp.float32(self.score_scale)
@@ -176,7 +179,7 @@ class Phi3Attention(keras.layers.Layer):
         pattern = sites("attn.hook_pattern", masked_softmax(scores, mask))
         weights = dropout(pattern, self.dropout, dropout_key).astype(v.dtype)
         z = jnp.einsum(
-            "bkgts,bskh->btkgh",
+            f"bkgts,{keys}->btkgh",
             weights.reshape(batch, self.num_key_value_heads, self.group_size, rows, length),
             v,
         ).reshape(batch, rows, self.num_query_heads, self.head_dim)
@@ -210,7 +213,7 @@ class Phi3Attention(keras.layers.Layer):
             sites: hook points (`NO_HOOKS` for the plain forward).
             dropout_key: JAX key for attention dropout, or None.
             cache: None, or this layer's `LayerCache` (its keys and values
-                `[B, S, Hkv, head_dim]`): the rotated keys and the values of
+                `[B, Hkv, S, head_dim]`): the rotated keys and the values of
                 the inputs are written at slots `cache_index ...
                 cache_index + T - 1`, and the queries (at those slots)
                 attend over all `S` slots under the causal, padding and
@@ -239,9 +242,8 @@ class Phi3Attention(keras.layers.Layer):
 
         if cache is not None:
             cache = cache.write(k, v, cache_index)
-            z = self.attend(
-                q, *(slots.astype(dtype) for slots in cache.read()), padding_mask, cache_index, dropout_key, sites
-            )[2]
+            keys, values = (slots.astype(dtype) for slots in cache.read())
+            z = self.attend(q, keys, values, padding_mask, cache_index, dropout_key, sites, head_major=True)[2]
             z = sites("attn.hook_z", z)
             return jnp.einsum("btnh,nhd->btd", z, w["output_kernel"]), cache
 

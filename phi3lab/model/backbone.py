@@ -193,7 +193,7 @@ class Phi3Backbone(keras.Model):
             positions: None (positions `0 .. T-1`), or int `[B, T]` rotary
                 positions per row (left-padded batches count from each row's
                 first real token; the long/short factors follow the largest).
-            cache: None, or a `KVCache` (`[L, B, S, Hkv, head_dim]`): the
+            cache: None, or a `KVCache` (`[L, B, Hkv, S, head_dim]`): the
                 tokens are the slots `cache_index .. cache_index + T - 1`,
                 their keys and values are written there and every query
                 attends over the cache's slots (prefill and decode steps).

@@ -125,7 +125,7 @@ class Phi3DecoderStack(keras.layers.Layer):
                 `cache`, `[B, S]` over its slots).
             sites: hook points.
             dropout_key: JAX key, or None for no dropout.
-            cache: None, or a `KVCache` of every layer (`[L, B, S, Hkv,
+            cache: None, or a `KVCache` of every layer (`[L, B, Hkv, S,
                 head_dim]` keys and values), carried through the scan.
             cache_index: the cache slot of `x`'s first position.
 

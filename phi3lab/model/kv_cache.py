@@ -12,9 +12,12 @@ class KVCache(NamedTuple):
     """Rotated keys and values of every layer at every cache slot.
 
     Attributes:
-        keys: `[L, B, S, Hkv, head_dim]`, rotated as the attention layer
+        keys: `[L, B, Hkv, S, head_dim]`, rotated as the attention layer
             rotates them (grouped-query: key/value heads, not query heads).
-        values: `[L, B, S, Hkv, head_dim]`.
+        values: `[L, B, Hkv, S, head_dim]`.
+
+    Head-major, so each decode step's attention reads a head's slots as one
+    contiguous `[S, head_dim]` matrix (no per-step transpose of the cache).
 
     Slot `s` holds what the token at column `s` of the (left-padded) batch
     produced; a `[B, S]` slot mask says which slots hold real tokens. The
@@ -23,7 +26,7 @@ class KVCache(NamedTuple):
     Example:
     >>> cache = KVCache.empty(model, batch=1, length=64)
     >>> cache.keys.shape
-    (2, 1, 64, 2, 8)
+    (2, 1, 2, 64, 8)
     """
 
     keys: Any
@@ -33,14 +36,14 @@ class KVCache(NamedTuple):
     def empty(cls, model, batch: int, length: int) -> KVCache:
         """Zeros for `model` (a `Phi3Backbone`), `batch` rows of `length`
         slots, in the model's compute dtype."""
-        shape = (model.num_layers, batch, length, model.num_key_value_heads, model.head_dim)
+        shape = (model.num_layers, batch, model.num_key_value_heads, length, model.head_dim)
         dtype = model.decoder.attention.compute_dtype
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @property
     def length(self) -> int:
         """Number of slots `S`."""
-        return self.keys.shape[2]
+        return self.keys.shape[3]
 
 
 class LayerCache(NamedTuple):
@@ -59,13 +62,13 @@ class LayerCache(NamedTuple):
     def write(self, keys, values, index) -> LayerCache:
         """Store `keys`, `values` `[B, T, Hkv, head_dim]` at slots
         `index .. index + T - 1` of this layer."""
-        at = (self.layer, 0, index, 0, 0)
+        at = (self.layer, 0, 0, index, 0)
         stored = (
-            jax.lax.dynamic_update_slice(slots, new[None].astype(slots.dtype), at)
+            jax.lax.dynamic_update_slice(slots, jnp.swapaxes(new, 1, 2)[None].astype(slots.dtype), at)
             for slots, new in zip(self.cache, (keys, values))
         )
         return LayerCache(KVCache(*stored), self.layer)
 
     def read(self) -> tuple:
-        """This layer's `(keys, values)`, each `[B, S, Hkv, head_dim]`."""
+        """This layer's `(keys, values)`, each `[B, Hkv, S, head_dim]`."""
         return tuple(jax.lax.dynamic_index_in_dim(slots, self.layer, keepdims=False) for slots in self.cache)
