@@ -112,9 +112,23 @@ def token_stream(tokenizer: Phi3Tokenizer, docs: list[str], random_repeats: int 
     return np.asarray(ids, np.int32)
 
 
-def batches(stream: np.ndarray, batch: int, length: int, rng):
+def batches(stream: np.ndarray, batch: int, length: int, rng, weights: np.ndarray | None = None):
+    """`batch` random windows of `length + 1` ids (and of `weights`, when given)."""
     starts = rng.integers(0, len(stream) - length - 1, batch)
-    return np.stack([stream[s : s + length + 1] for s in starts])
+    windows = np.stack([stream[s : s + length + 1] for s in starts])
+    if weights is None:
+        return windows
+    return windows, np.stack([weights[s : s + length + 1] for s in starts])
+
+
+def answer_positions(tokenizer: Phi3Tokenizer, stream: np.ndarray) -> np.ndarray:
+    """Where a name-mover sentence's answer sits in `stream`: a name token
+    between "▁to" and "." (every template ends "... to {answer}.")."""
+    names = np.array([tasks.name_token(tokenizer, name) for name in tasks.TRAIN_NAMES + tasks.HELD_OUT_NAMES])
+    to, stop = tokenizer.encode("to")[-1], tokenizer.encode("a.")[-1]
+    found = np.zeros(len(stream), bool)
+    found[1:-1] = np.isin(stream[1:-1], names) & (stream[:-2] == to) & (stream[2:] == stop)
+    return found
 
 
 def probes(tokenizer: Phi3Tokenizer, count: int = 64) -> dict:
@@ -160,6 +174,7 @@ def train(
     eval_every: int = 100,
     copy_steps: int = 0,
     name_mover_share: float = 0.45,
+    answer_weight: float = 1.0,
 ) -> dict:
     started, cpu_started = time.time(), time.process_time()
     docs = documents(40000, seed, name_mover_share)
@@ -172,6 +187,9 @@ def train(
     # The first `copy_steps` steps read random token repeats only, so the
     # copying (induction) circuit forms before the text competes with it.
     copy_stream = token_stream(tokenizer, [], random_repeats=40000, seed=seed + 3)
+    # The name-mover answer is one token in ~20 of its sentence: weigh its loss up.
+    weights = np.where(answer_positions(tokenizer, stream), answer_weight, 1.0).astype(np.float32)
+    copy_weights = np.ones(len(copy_stream), np.float32)
     held_out = token_stream(tokenizer, documents(800, seed + 1))
     import keras
 
@@ -186,9 +204,12 @@ def train(
         hidden, _ = model.apply(params, ids)
         return model.unembed(params, hidden)
 
-    def loss_fn(params, window):
+    def loss_fn(params, window, weight=None):
         logp = jax.nn.log_softmax(logits_of(params, window[:, :-1]).astype(jnp.float32))
-        return -jnp.mean(jnp.take_along_axis(logp, window[:, 1:, None], axis=-1))
+        nll = -jnp.take_along_axis(logp, window[:, 1:, None], axis=-1)[..., 0]
+        if weight is None:
+            return jnp.mean(nll)
+        return jnp.sum(nll * weight[:, 1:]) / jnp.sum(weight[:, 1:])
 
     logits_jit = jax.jit(logits_of)
     probe_sets = probes(tokenizer)
@@ -199,8 +220,8 @@ def train(
         return peak_lr * warm * (0.1 + 0.9 * 0.5 * (1 + jnp.cos(jnp.pi * step / steps)))
 
     @jax.jit
-    def update(params, moments, step, window):
-        loss, grads = jax.value_and_grad(loss_fn)(params, window)
+    def update(params, moments, step, window, weight):
+        loss, grads = jax.value_and_grad(loss_fn)(params, window, weight)
         norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
         grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, 1.0 / (norm + 1e-6)), grads)
         m, v = moments
@@ -223,9 +244,9 @@ def train(
         # Every fourth batch is longer than the pretraining window, so the
         # long rotary factors are trained too.
         length = 256 if step % 4 == 3 else 128
-        source = copy_stream if step < copy_steps else stream
-        window = jnp.asarray(batches(source, 16 if length == 128 else 8, length, rng))
-        params, moments, loss = update(params, moments, jnp.float32(step), window)
+        source, source_weights = (copy_stream, copy_weights) if step < copy_steps else (stream, weights)
+        window, weight = batches(source, 16 if length == 128 else 8, length, rng, source_weights)
+        params, moments, loss = update(params, moments, jnp.float32(step), jnp.asarray(window), jnp.asarray(weight))
         losses.append(float(loss))  # the curve's loss is the mean since the previous row
         if step % eval_every == 0 or step == steps - 1:
             row = {
@@ -276,6 +297,7 @@ def train(
             "peak_lr": peak_lr,
             "copy_steps": copy_steps,
             "name_mover_share": name_mover_share,
+            "answer_weight": answer_weight,
             "seconds": round(time.time() - started, 1),
             "cpu_seconds": round(time.process_time() - cpu_started, 1),
             "init_from": None if init_from is None else "previous stage",
@@ -303,6 +325,7 @@ if __name__ == "__main__":
     parser.add_argument("--peak-lr", type=float, default=2e-3)
     parser.add_argument("--copy-steps", type=int, default=0, help="first steps on random token repeats only")
     parser.add_argument("--name-mover-share", type=float, default=0.45, help="share of name-mover documents")
+    parser.add_argument("--answer-weight", type=float, default=1.0, help="loss weight of name-mover answers")
     parser.add_argument("--init-from", type=Path, default=None, help="continue training this preset")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parent.parent / "phi3lab/assets/phi3lab_tiny_en"
@@ -317,4 +340,5 @@ if __name__ == "__main__":
         args.eval_every,
         args.copy_steps,
         args.name_mover_share,
+        args.answer_weight,
     )
