@@ -64,10 +64,13 @@ CONFIG = {
 }
 
 
-def documents(count: int, seed: int, name_mover_share: float = 0.45) -> list[str]:
+def documents(count: int, seed: int, name_mover_share: float = 0.45, filler_share: float = 0.0) -> list[str]:
     """The training documents (chat turns formatted with Phi-3's template):
     `name_mover_share` of them name-mover sentences, the rest repeated words,
-    chat turns and simple sentences in the proportions 30 : 13 : 12."""
+    chat turns and simple sentences in the proportions 30 : 13 : 12. In
+    `filler_share` of the name-mover documents common words stand in for the
+    names ("When river and candle went to the park, candle gave a drink to
+    river."), so the task is solved for any token, not for a list of names."""
     rng = np.random.default_rng(seed)
     docs = []
     names = tasks.TRAIN_NAMES
@@ -78,7 +81,8 @@ def documents(count: int, seed: int, name_mover_share: float = 0.45) -> list[str
             period = int(rng.choice(TRAIN_PERIODS))
             docs.append(tasks.repeated_words(period, int(rng.integers(2, 5)), seed=seed * 100003 + index))
         elif kind < 0.3 * rest + name_mover_share:
-            for prompt in tasks.name_mover_prompts(3, seed=seed * 7919 + index, names=names, distractor_rate=0.3):
+            fillers = names if rng.random() >= filler_share else tasks.WORDS
+            for prompt in tasks.name_mover_prompts(3, seed=seed * 7919 + index, names=fillers, distractor_rate=0.3):
                 docs.append(f"{prompt.text} {prompt.answer}.")
         elif kind < 0.43 * rest + name_mover_share:
             conv = tasks.chat_turns(1, seed=seed * 31 + index)[0]
@@ -124,7 +128,8 @@ def batches(stream: np.ndarray, batch: int, length: int, rng, weights: np.ndarra
 def answer_positions(tokenizer: Phi3Tokenizer, stream: np.ndarray) -> np.ndarray:
     """Where a name-mover sentence's answer sits in `stream`: a name token
     between "▁to" and "." (every template ends "... to {answer}.")."""
-    names = np.array([tasks.name_token(tokenizer, name) for name in tasks.TRAIN_NAMES + tasks.HELD_OUT_NAMES])
+    everyone = tasks.TRAIN_NAMES + tasks.HELD_OUT_NAMES + tasks.WORDS
+    names = np.array([tasks.name_token(tokenizer, name) for name in everyone])
     to, stop = tokenizer.encode("to")[-1], tokenizer.encode("a.")[-1]
     found = np.zeros(len(stream), bool)
     found[1:-1] = np.isin(stream[1:-1], names) & (stream[:-2] == to) & (stream[2:] == stop)
@@ -175,9 +180,10 @@ def train(
     copy_steps: int = 0,
     name_mover_share: float = 0.45,
     answer_weight: float = 1.0,
+    filler_share: float = 0.0,
 ) -> dict:
     started, cpu_started = time.time(), time.process_time()
-    docs = documents(40000, seed, name_mover_share)
+    docs = documents(40000, seed, name_mover_share, filler_share)
     if init_from is None:
         tokenizer = Phi3Tokenizer(train_sentencepiece(documents(40000, 0)[:20000], vocab_size=1000))
     else:
@@ -298,6 +304,7 @@ def train(
             "copy_steps": copy_steps,
             "name_mover_share": name_mover_share,
             "answer_weight": answer_weight,
+            "filler_share": filler_share,
             "seconds": round(time.time() - started, 1),
             "cpu_seconds": round(time.process_time() - cpu_started, 1),
             "init_from": None if init_from is None else "previous stage",
@@ -326,6 +333,7 @@ if __name__ == "__main__":
     parser.add_argument("--copy-steps", type=int, default=0, help="first steps on random token repeats only")
     parser.add_argument("--name-mover-share", type=float, default=0.45, help="share of name-mover documents")
     parser.add_argument("--answer-weight", type=float, default=1.0, help="loss weight of name-mover answers")
+    parser.add_argument("--filler-share", type=float, default=0.0, help="name-mover documents with words as names")
     parser.add_argument("--init-from", type=Path, default=None, help="continue training this preset")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parent.parent / "phi3lab/assets/phi3lab_tiny_en"
@@ -341,4 +349,5 @@ if __name__ == "__main__":
         args.copy_steps,
         args.name_mover_share,
         args.answer_weight,
+        args.filler_share,
     )
