@@ -322,8 +322,9 @@ def repeated_tokens(
     return ids.astype(np.int32)
 
 
-def chat_turns(count: int, seed: int = 0) -> list[list[dict]]:
-    """Short user/assistant exchanges (arithmetic and colours)."""
+def chat_turns(count: int, seed: int = 0, names: Sequence[str] = TRAIN_NAMES) -> list[list[dict]]:
+    """Short user/assistant exchanges (arithmetic, and colours a person from
+    `names` likes)."""
     rng = np.random.default_rng(seed)
     conversations = []
     for _ in range(count):
@@ -334,7 +335,7 @@ def chat_turns(count: int, seed: int = 0) -> list[list[dict]]:
                 {"role": "assistant", "content": f"{x} plus {y} is {x + y}."},
             ]
         else:
-            name = str(rng.choice(TRAIN_NAMES))
+            name = str(rng.choice(names))
             colour = str(rng.choice(["red", "blue", "green", "yellow", "purple"]))
             turn = [
                 {"role": "user", "content": f"{name} likes {colour}. What does {name} like?"},

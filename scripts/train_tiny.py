@@ -64,17 +64,24 @@ CONFIG = {
 }
 
 
-def documents(count: int, seed: int, name_mover_share: float = 0.45, filler_share: float = 0.0) -> list[str]:
+def documents(
+    count: int, seed: int, name_mover_share: float = 0.45, filler_share: float = 0.0, held_out_in_chat: bool = False
+) -> list[str]:
     """The training documents (chat turns formatted with Phi-3's template):
     `name_mover_share` of them name-mover sentences, the rest repeated words,
     chat turns and simple sentences in the proportions 30 : 13 : 12. In
     `filler_share` of the name-mover documents common words stand in for the
     names ("When river and candle went to the park, candle gave a drink to
-    river."), so the task is solved for any token, not for a list of names."""
+    river."), so the task is solved for any token, not for a list of names.
+    With `held_out_in_chat`, the chat turns (a person's favourite colour,
+    the name copied from question to answer) draw on the held-out names too,
+    so the model has learned to say them somewhere; they still never occur
+    in a name-mover sentence."""
     rng = np.random.default_rng(seed)
     docs = []
     names = tasks.TRAIN_NAMES
     rest = (1 - name_mover_share) / 0.55
+    chat_names = names + tasks.HELD_OUT_NAMES if held_out_in_chat else names
     for index in range(count):
         kind = rng.random()
         if kind < 0.3 * rest:
@@ -85,7 +92,9 @@ def documents(count: int, seed: int, name_mover_share: float = 0.45, filler_shar
             for prompt in tasks.name_mover_prompts(3, seed=seed * 7919 + index, names=fillers, distractor_rate=0.3):
                 docs.append(f"{prompt.text} {prompt.answer}.")
         elif kind < 0.43 * rest + name_mover_share:
-            conv = tasks.chat_turns(1, seed=seed * 31 + index)[0]
+            # Every name, held-out ones too, is copied here from the question
+            # to the answer: a task other than the name mover's.
+            conv = tasks.chat_turns(1, seed=seed * 31 + index, names=chat_names)[0]
             docs.append("".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in conv))
         else:
             words = rng.choice(tasks.WORDS, 6)
@@ -181,9 +190,10 @@ def train(
     name_mover_share: float = 0.45,
     answer_weight: float = 1.0,
     filler_share: float = 0.0,
+    held_out_in_chat: bool = False,
 ) -> dict:
     started, cpu_started = time.time(), time.process_time()
-    docs = documents(40000, seed, name_mover_share, filler_share)
+    docs = documents(40000, seed, name_mover_share, filler_share, held_out_in_chat)
     if init_from is None:
         tokenizer = Phi3Tokenizer(train_sentencepiece(documents(40000, 0)[:20000], vocab_size=1000))
     else:
@@ -305,6 +315,7 @@ def train(
             "name_mover_share": name_mover_share,
             "answer_weight": answer_weight,
             "filler_share": filler_share,
+            "held_out_in_chat": held_out_in_chat,
             "seconds": round(time.time() - started, 1),
             "cpu_seconds": round(time.process_time() - cpu_started, 1),
             "init_from": None if init_from is None else "previous stage",
@@ -334,6 +345,7 @@ if __name__ == "__main__":
     parser.add_argument("--name-mover-share", type=float, default=0.45, help="share of name-mover documents")
     parser.add_argument("--answer-weight", type=float, default=1.0, help="loss weight of name-mover answers")
     parser.add_argument("--filler-share", type=float, default=0.0, help="name-mover documents with words as names")
+    parser.add_argument("--held-out-in-chat", action="store_true", help="chat turns use the held-out names too")
     parser.add_argument("--init-from", type=Path, default=None, help="continue training this preset")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parent.parent / "phi3lab/assets/phi3lab_tiny_en"
@@ -350,4 +362,5 @@ if __name__ == "__main__":
         args.name_mover_share,
         args.answer_weight,
         args.filler_share,
+        args.held_out_in_chat,
     )
