@@ -17,13 +17,14 @@ written in JAX. Every `--eval-every` steps the script measures the
 name-mover task (held-out names, each order) and induction (held-out
 periods) and writes these curves to `training_report.json`.
 
-Status: one 4,000-step run of this recipe (seed 0, 41 CPU-minutes) learned
-the text (held-out loss 2.07 against a unigram 5.21) but formed neither
-induction (second/first-copy loss ratio 0.98) nor the name-mover circuit
-(top-1 0 % on held-out names), and neither did a copy-only first stage
-(`--copy-steps`) nor a fine-tune of the shipped weights on this corpus
-(`--init-from`, `--name-mover-share`); see docs/tiny_model.md. The shipped
-weights still come from the earlier answer-first recipe.
+Status: with `--copy-steps 1800 --peak-lr 1e-3 --answer-weight 8
+--name-mover-share 0.5 --filler-share 0.5` (5,500 steps, 19 minutes) induction
+forms from scratch and the task is solved in both name orders on training
+names (top-1 100 % / 96 %), and on held-out names the answer beats the
+repeated name (100 % / 97.5 %) but is rarely the top token (7.5 % / 10 %);
+see docs/tiny_model.md. Those weights do not meet the acceptance bar and were
+not shipped; the shipped weights still come from the earlier answer-first
+recipe.
 """
 
 from __future__ import annotations
