@@ -280,6 +280,15 @@ def direct_logit_attribution(
     return table
 
 
+def next_token_mask(padding_mask) -> np.ndarray:
+    """`[T]` bool: the positions whose token was predicted from a real one,
+    i.e. `p >= 1` with tokens `p - 1` and `p` both real (not padding)."""
+    valid = np.asarray(padding_mask, bool)
+    predicted = np.zeros_like(valid)
+    predicted[1:] = valid[1:] & valid[:-1]
+    return predicted
+
+
 def next_token_attribution(model, tr, batch: int = 0, heads: bool = False) -> pd.DataFrame:
     """Direct logit attribution of every token: how much each component
     wrote, at the position before it, to the logit of the token that came.
@@ -324,11 +333,10 @@ def next_token_attribution(model, tr, batch: int = 0, heads: bool = False) -> pd
         ),
         np.float64,
     )[:, where]  # [D, T-1]: the LM head's column of each next token
+    predicted = next_token_mask(tr.padding_mask[batch])
     values = np.full((stack.shape[0], length), np.nan)
     values[:, 1:] = np.einsum("ctd,td,dt->ct", stack, scales, columns)
-    valid = np.asarray(tr.padding_mask[batch], bool)
-    values[:, ~valid] = np.nan
-    values[:, 1:][:, ~valid[:-1]] = np.nan
+    values[:, ~predicted] = np.nan
     table = parts.labels(heads=heads)
     table = pd.concat([table, pd.DataFrame(values, columns=range(length))], axis=1)
     if "hook_logits" in tr.names:
@@ -338,7 +346,6 @@ def next_token_attribution(model, tr, batch: int = 0, heads: bool = False) -> pd
         logits = np.asarray(jax.jit(model.readout)(model.params(), final), np.float64)
     own = np.full(length, np.nan)
     own[1:] = logits[np.arange(length - 1), ids[1:]]
-    own[~valid] = np.nan
-    own[1:][~valid[:-1]] = np.nan
+    own[~predicted] = np.nan
     table.attrs["logit"] = own
     return table

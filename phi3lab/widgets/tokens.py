@@ -8,7 +8,7 @@ from typing import Sequence
 import ipywidgets as widgets
 import numpy as np
 
-from phi3lab.analysis.attribution import next_token_attribution
+from phi3lab.analysis.attribution import next_token_attribution, next_token_mask
 from phi3lab.checks import check_in_range, check_index
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.names import block_name
@@ -115,9 +115,7 @@ class TokenView(View):
         log_z = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
         loss = np.full(len(ids), np.nan)
         loss[1:] = log_z[:-1] - logits[np.arange(len(ids) - 1), ids[1:]]
-        valid = np.asarray(trace.padding_mask[batch], bool)
-        loss[~valid] = np.nan
-        loss[1:][~valid[:-1]] = np.nan
+        loss[~next_token_mask(trace.padding_mask[batch])] = np.nan
         return cls(
             position_labels(trace, batch, tokens),
             {"next-token loss": loss},
