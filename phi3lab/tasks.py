@@ -76,6 +76,11 @@ TEMPLATES = (
     "Then {a} and {b} walked to the {place}, and {s} {verb} the {obj} to",
     "{a} and {b} were at the {place}. {s} {verb} a {obj} to",
     "While {a} and {b} were working at the {place}, {s} {verb} the {obj} to",
+    "The {place} was quiet when {a} and {b} came in, so {s} {verb} a {obj} to",
+    "{a} met {b} near the {place}, and later {s} {verb} the {obj} to",
+    "Yesterday {a} and {b} had lunch at the {place}. Then {s} {verb} a {obj} to",
+    "In the morning {a} and {b} left for the {place}, where {s} {verb} a {obj} to",
+    "Once {a} and {b} found the {place}, {s} quickly {verb} a {obj} to",
 )
 # Kept out of every training sentence: its structure (place first, names
 # after it) is new, its words are not.

@@ -66,8 +66,18 @@ CONFIG = {
 }
 
 
+class TokenNames(str):
+    """A name-mover document whose names `token_stream` replaces by random
+    token ids (the same id for every occurrence of a name)."""
+
+
 def documents(
-    count: int, seed: int, name_mover_share: float = 0.45, filler_share: float = 0.0, held_out_in_chat: bool = False
+    count: int,
+    seed: int,
+    name_mover_share: float = 0.45,
+    filler_share: float = 0.0,
+    held_out_in_chat: bool = False,
+    token_share: float = 0.0,
 ) -> list[str]:
     """The training documents (chat turns formatted with Phi-3's template):
     `name_mover_share` of them name-mover sentences, the rest repeated words,
@@ -78,7 +88,9 @@ def documents(
     With `held_out_in_chat`, the chat turns (a person's favourite colour,
     the name copied from question to answer) draw on the held-out names too,
     so the model has learned to say them somewhere; they still never occur
-    in a name-mover sentence."""
+    in a name-mover sentence. In `token_share` of the name-mover documents
+    the names become random token ids (`TokenNames`), so the answer can be
+    any token and only copying it predicts it."""
     rng = np.random.default_rng(seed)
     docs = []
     names = tasks.TRAIN_NAMES
@@ -90,9 +102,11 @@ def documents(
             period = int(rng.choice(TRAIN_PERIODS))
             docs.append(tasks.repeated_words(period, int(rng.integers(2, 5)), seed=seed * 100003 + index))
         elif kind < 0.3 * rest + name_mover_share:
-            fillers = names if rng.random() >= filler_share else tasks.WORDS
+            as_tokens = rng.random() < token_share
+            fillers = names if as_tokens or rng.random() >= filler_share else tasks.WORDS
             for prompt in tasks.name_mover_prompts(3, seed=seed * 7919 + index, names=fillers, distractor_rate=0.3):
-                docs.append(f"{prompt.text} {prompt.answer}.")
+                text = f"{prompt.text} {prompt.answer}."
+                docs.append(TokenNames(text) if as_tokens else text)
         elif kind < 0.43 * rest + name_mover_share:
             # Every name, held-out ones too, is copied here from the question
             # to the answer: a task other than the name mover's.
@@ -115,8 +129,16 @@ def token_stream(tokenizer: Phi3Tokenizer, docs: list[str], random_repeats: int 
     `random_repeats` extra documents of random token ids repeated 2-3 times
     (any token, so induction is learned as copying, not as word knowledge)."""
     rng = np.random.default_rng(seed)
-    pieces = [tokenizer.encode(doc) for doc in docs]
     plain = len(tokenizer.special_tokens) - 3  # the added specials follow the pieces
+    names = [tasks.name_token(tokenizer, name) for name in tasks.TRAIN_NAMES]
+    pool = random_name_pool(tokenizer)
+    pieces = []
+    for doc in docs:
+        ids = tokenizer.encode(doc)
+        if isinstance(doc, TokenNames):
+            renamed = dict(zip(names, rng.choice(pool, len(names), replace=False).tolist()))
+            ids = [renamed.get(i, i) for i in ids]
+        pieces.append(ids)
     for _ in range(random_repeats):
         period = int(rng.choice(TRAIN_PERIODS))
         pieces.append(rng.integers(3, tokenizer.vocabulary_size - plain, period).tolist() * int(rng.integers(2, 5)))
@@ -125,6 +147,18 @@ def token_stream(tokenizer: Phi3Tokenizer, docs: list[str], random_repeats: int 
     for index in order:
         ids += pieces[index] + [tokenizer.pad_token_id]
     return np.asarray(ids, np.int32)
+
+
+def random_name_pool(tokenizer: Phi3Tokenizer) -> np.ndarray:
+    """The ids `TokenNames` documents draw names from: every plain token
+    except those of the task's sentences (so a name never looks like the
+    template) and of the held-out names (kept out of the task)."""
+    words = [*tasks.HELD_OUT_NAMES, *tasks.PLACES, *tasks.OBJECTS, *tasks.VERBS]
+    prompts = tasks.name_mover_prompts(200, seed=0, names=tasks.TRAIN_NAMES, distractor_rate=0.5)
+    taken = {i for text in [*words, *(f"{p.text} {p.answer}." for p in prompts)] for i in tokenizer.encode(text)}
+    taken -= {tasks.name_token(tokenizer, name) for name in tasks.TRAIN_NAMES}
+    plain = tokenizer.vocabulary_size - len(tokenizer.special_tokens) + 3
+    return np.array([i for i in range(3, plain) if i not in taken])
 
 
 def batches(stream: np.ndarray, batch: int, length: int, rng, weights: np.ndarray | None = None):
@@ -137,13 +171,12 @@ def batches(stream: np.ndarray, batch: int, length: int, rng, weights: np.ndarra
 
 
 def answer_positions(tokenizer: Phi3Tokenizer, stream: np.ndarray) -> np.ndarray:
-    """Where a name-mover sentence's answer sits in `stream`: a name token
-    between "▁to" and "." (every template ends "... to {answer}.")."""
-    everyone = tasks.TRAIN_NAMES + tasks.HELD_OUT_NAMES + tasks.WORDS
-    names = np.array([tasks.name_token(tokenizer, name) for name in everyone])
+    """Where a name-mover sentence's answer sits in `stream`: the token
+    between "▁to" and "." (every template ends "... to {answer}.", and no
+    other document has "to" one token before a full stop)."""
     to, stop = tokenizer.encode("to")[-1], tokenizer.encode("a.")[-1]
     found = np.zeros(len(stream), bool)
-    found[1:-1] = np.isin(stream[1:-1], names) & (stream[:-2] == to) & (stream[2:] == stop)
+    found[1:-1] = (stream[:-2] == to) & (stream[2:] == stop)
     return found
 
 
@@ -193,9 +226,10 @@ def train(
     answer_weight: float = 1.0,
     filler_share: float = 0.0,
     held_out_in_chat: bool = False,
+    token_share: float = 0.0,
 ) -> dict:
     started, cpu_started = time.time(), time.process_time()
-    docs = documents(40000, seed, name_mover_share, filler_share, held_out_in_chat)
+    docs = documents(40000, seed, name_mover_share, filler_share, held_out_in_chat, token_share)
     if init_from is None:
         tokenizer = Phi3Tokenizer(train_sentencepiece(documents(40000, 0)[:20000], vocab_size=1000))
     else:
@@ -318,6 +352,7 @@ def train(
             "answer_weight": answer_weight,
             "filler_share": filler_share,
             "held_out_in_chat": held_out_in_chat,
+            "token_share": token_share,
             "seconds": round(time.time() - started, 1),
             "cpu_seconds": round(time.process_time() - cpu_started, 1),
             "init_from": None if init_from is None else "previous stage",
@@ -347,6 +382,7 @@ if __name__ == "__main__":
     parser.add_argument("--name-mover-share", type=float, default=0.5, help="share of name-mover documents")
     parser.add_argument("--answer-weight", type=float, default=8.0, help="loss weight of name-mover answers")
     parser.add_argument("--filler-share", type=float, default=0.5, help="name-mover documents with words as names")
+    parser.add_argument("--token-share", type=float, default=0.0, help="name-mover documents with random token names")
     parser.add_argument("--held-out-in-chat", action="store_true", help="chat turns use the held-out names too")
     parser.add_argument("--init-from", type=Path, default=None, help="continue training this preset")
     parser.add_argument(
@@ -365,4 +401,5 @@ if __name__ == "__main__":
         args.answer_weight,
         args.filler_share,
         args.held_out_in_chat,
+        args.token_share,
     )
