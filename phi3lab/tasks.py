@@ -187,7 +187,7 @@ def name_mover_prompts(
         distractor_rate: probability of a distractor sentence in front.
 
     Example:
-    >>> prompt = name_mover_prompts(1, names=("Mary", "John"), orders=("ABBA",))[0]
+    >>> prompt = name_mover_prompts(1, names=("Mary", "John"), templates=TEMPLATES[:1], orders=("ABBA",))[0]
     >>> prompt.text.startswith(f"When {prompt.answer} and {prompt.counterfactual}")
     True
     """

@@ -17,15 +17,11 @@ written in JAX. Every `--eval-every` steps the script measures the
 name-mover task (held-out names, each order) and induction (held-out
 periods) and writes these curves to `training_report.json`.
 
-Status: the defaults (5,500 steps, a 1,800-step copy stage, peak rate 1e-3,
-answer weight 8, half the documents name movers, half of those with word
-fillers; 19 minutes on two quiet cores) form induction
-forms from scratch and the task is solved in both name orders on training
-names (top-1 100 % / 96 %), and on held-out names the answer beats the
-repeated name (100 % / 97.5 %) but is rarely the top token (7.5 % / 10 %);
-see docs/tiny_model.md. Those weights do not meet the acceptance bar and were
-not shipped; the shipped weights still come from the earlier answer-first
-recipe.
+The defaults are the recipe of the shipped weights: 8,000 steps (a
+1,800-step copy stage on random token repeats, then the full mix), peak rate
+1e-3, answer weight 8, half the documents name movers, 80 % of those with
+random token ids for names; 24 minutes on two quiet cores. What the shipped
+weights do, measured from the shipped files, is in docs/tiny_model.md.
 """
 
 from __future__ import annotations
@@ -374,7 +370,7 @@ def train(
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5500)
+    parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-lr", type=float, default=1e-3)
@@ -382,7 +378,7 @@ if __name__ == "__main__":
     parser.add_argument("--name-mover-share", type=float, default=0.5, help="share of name-mover documents")
     parser.add_argument("--answer-weight", type=float, default=8.0, help="loss weight of name-mover answers")
     parser.add_argument("--filler-share", type=float, default=0.5, help="name-mover documents with words as names")
-    parser.add_argument("--token-share", type=float, default=0.0, help="name-mover documents with random token names")
+    parser.add_argument("--token-share", type=float, default=0.8, help="name-mover documents with random token names")
     parser.add_argument("--held-out-in-chat", action="store_true", help="chat turns use the held-out names too")
     parser.add_argument("--init-from", type=Path, default=None, help="continue training this preset")
     parser.add_argument(
