@@ -130,18 +130,18 @@ def _drive(lab, page):
     expect(mosaic).to_be_attached(timeout=120_000)
     expect(heat).to_be_attached(timeout=60_000)
     mark("grid rendered")
-    expect(title).to_have_text("Layer 2 · head 0 (kv head 0): attention pattern (probability)", timeout=30_000)
-    expect(grid.locator(".phi3lab-grid-selected")).to_contain_text("layer 2 · head 0 (kv 0) · induction = 0.9")
+    expect(title).to_have_text("Layer 1 · head 3 (kv head 1): attention pattern (probability)", timeout=30_000)
+    expect(grid.locator(".phi3lab-grid-selected")).to_contain_text("layer 1 · head 3 (kv 1) · induction = 0.75")
     assert mosaic.get_attribute("href").startswith("data:image/png;base64,")
     before = heat.get_attribute("href")
-    click_head(page, mosaic, row=1, column=3)
-    expect(title).to_have_text("Layer 1 · head 3 (kv head 1): attention pattern (probability)", timeout=30_000)
-    expect(grid.locator(".phi3lab-grid-selected")).to_contain_text("layer 1 · head 3", timeout=30_000)
+    click_head(page, mosaic, row=2, column=0)
+    expect(title).to_have_text("Layer 2 · head 0 (kv head 0): attention pattern (probability)", timeout=30_000)
+    expect(grid.locator(".phi3lab-grid-selected")).to_contain_text("layer 2 · head 0", timeout=30_000)
     page.wait_for_function(
         "([el, b]) => el.getAttribute('href') !== b", arg=[heat.element_handle(), before], timeout=30_000
     )
-    click_head(page, mosaic, row=2, column=0)  # back to the induction head
-    expect(title).to_have_text("Layer 2 · head 0 (kv head 0): attention pattern (probability)", timeout=30_000)
+    click_head(page, mosaic, row=1, column=3)  # back to the induction head
+    expect(title).to_have_text("Layer 1 · head 3 (kv head 1): attention pattern (probability)", timeout=30_000)
     paths["head_grid"] = shot(grid, "head_grid")
     mark("grid clicked")
 
@@ -179,7 +179,7 @@ def _drive(lab, page):
     dla = page.locator(".phi3lab-tokens").nth(2)
     expect(dla.locator(".phi3lab-tok")).to_have_count(44, timeout=60_000)
     before = dla.locator(".phi3lab-token-text").inner_html()
-    dla.locator(".phi3lab-row select").select_option(label="L2_attn")
+    dla.locator(".phi3lab-row select").select_option(label="L1_attn")
     page.wait_for_function(
         "([el, b]) => el.innerHTML !== b",
         arg=[dla.locator(".phi3lab-token-text").element_handle(), before],
