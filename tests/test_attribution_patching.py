@@ -28,11 +28,6 @@ def random_pair():
     return corrupted_pair(0, (2, 7), {2: 7})
 
 
-def swap_names(prompt) -> str:
-    a, b = prompt.answer, prompt.counterfactual
-    return prompt.text.replace(a, "@").replace(b, a).replace("@", b)
-
-
 @pytest.fixture(scope="module")
 def name_movers():
     """Held-out name-mover prompts of one token length, and their name-swapped corruptions."""
@@ -40,7 +35,7 @@ def name_movers():
     tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
     rows = {}
     for prompt in tasks.name_mover_prompts(40, seed=3):
-        clean, corrupted = tokenizer.encode(prompt.text), tokenizer.encode(swap_names(prompt))
+        clean, corrupted = tokenizer.encode(prompt.text), tokenizer.encode(prompt.corrupted())
         if len(clean) == len(corrupted):
             rows.setdefault(len(clean), []).append(
                 (

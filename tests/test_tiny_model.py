@@ -231,7 +231,7 @@ def test_name_movers_look_at_the_answer_in_either_order(model, tokenizer, order)
         assert to_repeated[:, layer, head].mean() < 0.2, (layer, head, order)
 
 
-def name_swap_pair(model, tokenizer):
+def name_swap_pair(tokenizer):
     pairs = prompts(64, seed=21)
     return tasks.name_mover_batch(tokenizer, pairs), tasks.name_mover_batch(tokenizer, pairs, corrupted=True)
 
@@ -239,7 +239,7 @@ def name_swap_pair(model, tokenizer):
 def test_patching_the_circuit_restores_the_logit_difference(model, tokenizer):
     """The named heads together carry the answer; every other head alone
     carries almost none of it."""
-    clean, corrupted = name_swap_pair(model, tokenizer)
+    clean, corrupted = name_swap_pair(tokenizer)
     metric = dict(answer=clean.answer, counterfactual=clean.counterfactual, padding_mask=clean.padding_mask)
     together = phi3lab.analysis.path_patching(
         model, clean.token_ids, corrupted.token_ids, CIRCUIT, ["resid_final"], freeze=False, **metric
@@ -258,7 +258,7 @@ def test_patching_the_circuit_restores_the_logit_difference(model, tokenizer):
 
 
 def test_ablating_the_name_movers_drops_accuracy(model, tokenizer):
-    clean, _ = name_swap_pair(model, tokenizer)
+    clean, _ = name_swap_pair(tokenizer)
     before = run(model, clean)["top1"]
     after = run(model, clean, hooks=phi3lab.hooks.ablate_heads(NAME_MOVERS, mode="mean"))["top1"]
     assert before - after >= 0.3, (before, after)
