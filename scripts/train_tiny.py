@@ -20,7 +20,8 @@ periods) and writes these curves to `training_report.json`.
 The defaults are the recipe of the shipped weights: 8,000 steps (a
 1,800-step copy stage on random token repeats, then the full mix), peak rate
 1e-3, answer weight 8, half the documents name movers, 80 % of those with
-random token ids for names; 24 minutes on two quiet cores. What the shipped
+random token ids for names, half the name-mover sentences opened by one to
+three other words, seed 1; 24 minutes on two quiet cores. What the shipped
 weights do, measured from the shipped files, is in docs/tiny_model.md.
 """
 
@@ -74,6 +75,7 @@ def documents(
     filler_share: float = 0.0,
     held_out_in_chat: bool = False,
     token_share: float = 0.0,
+    opener_share: float = 0.0,
 ) -> list[str]:
     """The training documents (chat turns formatted with Phi-3's template):
     `name_mover_share` of them name-mover sentences, the rest repeated words,
@@ -86,7 +88,11 @@ def documents(
     so the model has learned to say them somewhere; they still never occur
     in a name-mover sentence. In `token_share` of the name-mover documents
     the names become random token ids (`TokenNames`), so the answer can be
-    any token and only copying it predicts it."""
+    any token and only copying it predicts it. In `opener_share` of the
+    name-mover sentences one to three words and a comma come first (other
+    training names in `TokenNames` documents, so random tokens; otherwise
+    common words), so a token that occurs once outside the two name slots
+    is not the answer."""
     rng = np.random.default_rng(seed)
     docs = []
     names = tasks.TRAIN_NAMES
@@ -102,6 +108,10 @@ def documents(
             fillers = names if as_tokens or rng.random() >= filler_share else tasks.WORDS
             for prompt in tasks.name_mover_prompts(3, seed=seed * 7919 + index, names=fillers, distractor_rate=0.3):
                 text = f"{prompt.text} {prompt.answer}."
+                if rng.random() < opener_share:
+                    taken = {prompt.answer, prompt.counterfactual, *prompt.text.split()}
+                    free = [word for word in (names if as_tokens else tasks.WORDS) if word not in taken]
+                    text = " ".join(rng.choice(free, int(rng.integers(1, 4)), replace=False)) + ", " + text
                 docs.append(TokenNames(text) if as_tokens else text)
         elif kind < 0.43 * rest + name_mover_share:
             # Every name, held-out ones too, is copied here from the question
@@ -223,9 +233,10 @@ def train(
     filler_share: float = 0.0,
     held_out_in_chat: bool = False,
     token_share: float = 0.0,
+    opener_share: float = 0.0,
 ) -> dict:
     started, cpu_started = time.time(), time.process_time()
-    docs = documents(40000, seed, name_mover_share, filler_share, held_out_in_chat, token_share)
+    docs = documents(40000, seed, name_mover_share, filler_share, held_out_in_chat, token_share, opener_share)
     if init_from is None:
         tokenizer = Phi3Tokenizer(train_sentencepiece(documents(40000, 0)[:20000], vocab_size=1000))
     else:
@@ -349,6 +360,7 @@ def train(
             "filler_share": filler_share,
             "held_out_in_chat": held_out_in_chat,
             "token_share": token_share,
+            "opener_share": opener_share,
             "seconds": round(time.time() - started, 1),
             "cpu_seconds": round(time.process_time() - cpu_started, 1),
             "init_from": None if init_from is None else "previous stage",
@@ -372,13 +384,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--peak-lr", type=float, default=1e-3)
     parser.add_argument("--copy-steps", type=int, default=1800, help="first steps on random token repeats only")
     parser.add_argument("--name-mover-share", type=float, default=0.5, help="share of name-mover documents")
     parser.add_argument("--answer-weight", type=float, default=8.0, help="loss weight of name-mover answers")
     parser.add_argument("--filler-share", type=float, default=0.5, help="name-mover documents with words as names")
     parser.add_argument("--token-share", type=float, default=0.8, help="name-mover documents with random token names")
+    parser.add_argument("--opener-share", type=float, default=0.5, help="name-mover sentences with words in front")
     parser.add_argument("--held-out-in-chat", action="store_true", help="chat turns use the held-out names too")
     parser.add_argument("--init-from", type=Path, default=None, help="continue training this preset")
     parser.add_argument(
@@ -398,4 +411,5 @@ if __name__ == "__main__":
         args.filler_share,
         args.held_out_in_chat,
         args.token_share,
+        args.opener_share,
     )
