@@ -160,6 +160,21 @@ class NameMoverPrompt:
         swap = {self.answer: self.counterfactual, self.counterfactual: self.answer}
         return " ".join(_swap_word(word, swap) for word in self.text.split(" "))
 
+    def subject_flipped(self) -> str:
+        """The same prompt with the subject's last mention (S2) replaced by
+        the answer, so the answer flips and only that word changes (the
+        corrupted prompts of TransformerLens's IOI demo). Every difference
+        from the clean run then starts at one position.
+
+        Example:
+        >>> NameMoverPrompt("When Mary and John went out, John gave a cup to", "Mary", "John").subject_flipped()
+        'When Mary and John went out, Mary gave a cup to'
+        """
+        words = self.text.split(" ")
+        last = max(i for i, word in enumerate(words) if word.rstrip(".,") == self.counterfactual)
+        words[last] = _swap_word(words[last], {self.counterfactual: self.answer})
+        return " ".join(words)
+
 
 def _swap_word(word: str, swap: dict[str, str]) -> str:
     stem = word.rstrip(".,")

@@ -4,7 +4,8 @@ from "run all" to a painted HeadGrid of a synthetic 32 x 32-head trace.
 
 Runs `scale_views_demo.ipynb`. Clicking a thumbnail must retitle and redraw
 the linked explorer; hovering a token must show its value; the windowed
-explorer must render what the trace holds and say what it lacks. Screenshots
+explorer must render what the trace holds and say what it lacks; the
+shipped model's name-mover circuit must show in two PatchingViews. Screenshots
 go to `test-artifacts/browser/` (light and dark theme); with
 `PHI3LAB_UPDATE_DOCS_IMAGES=1` they are copied to `docs/images/`.
 """
@@ -130,8 +131,9 @@ def _drive(lab, page):
     expect(mosaic).to_be_attached(timeout=120_000)
     expect(heat).to_be_attached(timeout=60_000)
     mark("grid rendered")
-    expect(title).to_have_text("Layer 1 · head 3 (kv head 1): attention pattern (probability)", timeout=30_000)
-    expect(grid.locator(".phi3lab-grid-selected")).to_contain_text("layer 1 · head 3 (kv 1) · induction = 0.75")
+    expect(title).to_have_text("Layer 3 · head 3 (kv head 1): attention pattern (probability)", timeout=30_000)
+    selected = re.compile(r"layer 3 · head 3 \(kv 1\) · induction = 0\.9\d")  # the best induction head
+    expect(grid.locator(".phi3lab-grid-selected")).to_contain_text(selected)
     assert mosaic.get_attribute("href").startswith("data:image/png;base64,")
     before = heat.get_attribute("href")
     click_head(page, mosaic, row=2, column=0)
@@ -140,8 +142,8 @@ def _drive(lab, page):
     page.wait_for_function(
         "([el, b]) => el.getAttribute('href') !== b", arg=[heat.element_handle(), before], timeout=30_000
     )
-    click_head(page, mosaic, row=1, column=3)  # back to the induction head
-    expect(title).to_have_text("Layer 1 · head 3 (kv head 1): attention pattern (probability)", timeout=30_000)
+    click_head(page, mosaic, row=3, column=3)  # back to the induction head
+    expect(title).to_have_text("Layer 3 · head 3 (kv head 1): attention pattern (probability)", timeout=30_000)
     paths["head_grid"] = shot(grid, "head_grid")
     mark("grid clicked")
 
@@ -179,7 +181,7 @@ def _drive(lab, page):
     dla = page.locator(".phi3lab-tokens").nth(2)
     expect(dla.locator(".phi3lab-tok")).to_have_count(44, timeout=60_000)
     before = dla.locator(".phi3lab-token-text").inner_html()
-    dla.locator(".phi3lab-row select").select_option(label="L1_attn")
+    dla.locator(".phi3lab-row select").select_option(label="L3_attn")
     page.wait_for_function(
         "([el, b]) => el.innerHTML !== b",
         arg=[dla.locator(".phi3lab-token-text").element_handle(), before],
@@ -221,6 +223,18 @@ def _drive(lab, page):
     mark("zoom window dragged")
     mark("windowed explorer")
 
+    # === PatchingView: the shipped model's name-mover circuit (the model card's figures) ===
+    patching = page.locator(".phi3lab-patching")
+    expect(patching).to_have_count(2, timeout=60_000)
+    for index, (name, title) in enumerate(
+        (("tiny_heads_patching", "Name swap"), ("tiny_inhibition_path", "Subject flip"))
+    ):
+        view = patching.nth(index)
+        view.scroll_into_view_if_needed()
+        expect(view.locator(".js-plotly-plot .gtitle").first).to_contain_text(title, timeout=60_000)
+        paths[name] = shot(view, name)
+    mark("patching views")
+
     # === Dark theme: the same views stay readable ===
     page.evaluate("() => jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Dark'})")
     page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
@@ -239,5 +253,7 @@ def _drive(lab, page):
             "attention_explorer_windowed",
             "head_grid_32x32",
             "dark_head_grid",
+            "tiny_heads_patching",
+            "tiny_inhibition_path",
         ):
             shutil.copy(paths[name], DOCS_IMAGES / f"{name}.png")
