@@ -44,10 +44,10 @@ def name_mover_pair():
     model = phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
     tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
     prompt = tasks.name_mover_prompts(1, seed=5)[0]
-    a, b = prompt.answer, prompt.counterfactual
-    swapped = prompt.text.replace(a, "@").replace(b, a).replace("@", b)
-    clean, corrupted = np.array([tokenizer.encode(prompt.text)]), np.array([tokenizer.encode(swapped)])
-    return model, clean, corrupted, tasks.name_token(tokenizer, a), tasks.name_token(tokenizer, b)
+    clean = np.array([tokenizer.encode(prompt.text)])
+    corrupted = np.array([tokenizer.encode(prompt.subject_flipped())])
+    answer, counter = (tasks.name_token(tokenizer, name) for name in (prompt.answer, prompt.counterfactual))
+    return model, clean, corrupted, answer, counter
 
 
 def timed(fn):

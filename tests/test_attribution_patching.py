@@ -30,12 +30,14 @@ def random_pair():
 
 @pytest.fixture(scope="module")
 def name_movers():
-    """Held-out name-mover prompts of one token length, and their name-swapped corruptions."""
+    """Held-out name-mover prompts of one token length (both orders) and
+    their subject-flipped corruptions: S2 becomes the answer's name, so the
+    answer flips and the two runs differ at one position."""
     model = phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
     tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
     rows = {}
     for prompt in tasks.name_mover_prompts(40, seed=3):
-        clean, corrupted = tokenizer.encode(prompt.text), tokenizer.encode(prompt.corrupted())
+        clean, corrupted = tokenizer.encode(prompt.text), tokenizer.encode(prompt.subject_flipped())
         if len(clean) == len(corrupted):
             rows.setdefault(len(clean), []).append(
                 (
@@ -45,7 +47,7 @@ def name_movers():
                     tasks.name_token(tokenizer, prompt.counterfactual),
                 )
             )
-    chosen = max(rows.values(), key=len)[:6]
+    chosen = max(rows.values(), key=len)[:8]
     clean, corrupted, answer, counter = (np.array(column) for column in zip(*chosen))
     return model, clean, corrupted, answer, counter
 
@@ -59,6 +61,7 @@ def name_mover_correlations(name_movers):
     """Pearson(attribution, activation patching) per site and method on the
     shipped model, after checking both agree on shapes and end metrics."""
     model, clean, corrupted, answer, counter = name_movers
+    assert (np.sum(clean != corrupted, axis=1) == 1).all()
     report = {}
     for site in ("resid_pre", "head_z", "head_pattern"):
         kwargs = {"answer": answer, "counterfactual": counter, "sites": site}
@@ -69,17 +72,20 @@ def name_mover_correlations(name_movers):
             assert fast.clean_metric == pytest.approx(exact.clean_metric, abs=1e-3)
             assert fast.corrupted_metric == pytest.approx(exact.corrupted_metric, abs=1e-3)
             report[site, method] = pearson(fast.values, exact.values)
-    assert exact.clean_metric - exact.corrupted_metric > 1.0  # the swap flips the answer
+    assert exact.clean_metric - exact.corrupted_metric > 1.0  # the flip flips the answer
     print("Pearson(attribution, activation patching):", {k: round(v, 3) for k, v in report.items()})
     return report
 
 
 @pytest.mark.slow
-def test_integrated_attribution_beats_linear_on_the_name_mover_task(name_mover_correlations):
-    """Integrated gradients follow activation patching better than the
-    first-order estimate at every site of the shipped model."""
+def test_integrated_attribution_tracks_activation_patching_on_the_name_mover_task(name_mover_correlations):
+    """Issue 12's bar: Pearson >= 0.9 on the residual stream (layer x
+    position) and per-head outputs, and integrated gradients follow
+    activation patching better than the first-order estimate at every site
+    (patterns included)."""
     report = name_mover_correlations
-    assert all(np.isfinite(v) for v in report.values())
+    assert report["resid_pre", "integrated"] >= 0.9, report
+    assert report["head_z", "integrated"] >= 0.9, report
     for site in ("resid_pre", "head_z", "head_pattern"):
         assert report[site, "integrated"] > report[site, "linear"], report
 
@@ -87,16 +93,13 @@ def test_integrated_attribution_beats_linear_on_the_name_mover_task(name_mover_c
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="the shipped model's circuit is saturated (its name movers put ~1.0 of their attention on the answer, "
-    "~0 on the repeated name) and its layer-0 heads act together: Pearson linear / integrated 0.20 / 0.63 on "
-    "resid_pre, 0.23 / 0.31 on head_z (issue 12's bar is 0.9)",
+    reason="first-order attribution misses the saturated name movers (their attention flips from one name to "
+    "the other, where the softmax gradient is ~0): Pearson 0.48 on resid_pre, 0.71 on head_z, 0.36 on "
+    "patterns (issue 12's bar is 0.9; the integrated estimate meets it)",
 )
-def test_attribution_tracks_activation_patching_on_the_name_mover_task(name_mover_correlations):
-    """Issue 12's bar: Pearson >= 0.9 on the residual stream (layer x
-    position) and per-head outputs."""
+def test_linear_attribution_tracks_activation_patching_on_the_name_mover_task(name_mover_correlations):
     report = name_mover_correlations
-    assert report["resid_pre", "integrated"] >= 0.9, report
-    assert report["head_z", "integrated"] >= 0.9, report
+    assert report["resid_pre", "linear"] >= 0.9, report
     assert report["head_z", "linear"] >= 0.9, report
 
 

@@ -72,7 +72,7 @@ def attribution_patching(
     counterfactual=None,
     sites: str = "resid_pre",
     method: str = "linear",
-    steps: int = 8,
+    steps: int = 16,
     padding_mask=None,
     normalize: bool = True,
 ) -> PatchingResult:
