@@ -1,13 +1,15 @@
 """Attribution patching next to activation patching (run by hand).
 
     .venv/bin/python benchmarks/attribution.py [--lengths 64 256] [--sites head_z resid_pre] [--shipped]
+        [--methods linear integrated]
 
 Model: 12 layers, width 768, 12 heads, MLP 2048, vocabulary 32064, float32,
 batch 1, random weights (the configuration of `benchmarks/trace.py`); with
 `--shipped`, also the shipped `phi3lab_tiny_en` on a name-mover prompt.
 For each length and site: `activation_patching` (one patched forward per
 layer x unit, vmapped in chunks) and `attribution_patching` (linear: two
-forwards and one backward for all units), each timed after a warm-up call
+forwards and one backward for all units; integrated: `steps` of them per
+layer), each timed after a warm-up call
 that compiles it, in the same process. Printed: both times, the ratio and
 the Pearson correlation of the two `[layers, units]` maps.
 
@@ -73,9 +75,9 @@ def sampled_patching(model, clean, corrupted, answer, counter, site, batch_size,
     return seconds / (sample + 2) * np.prod(shape), picked, normalized
 
 
-def compare(label, model, clean, corrupted, answer, counter, site, batch_size, sample):
+def compare(label, model, clean, corrupted, answer, counter, site, batch_size, sample, method="linear"):
     kwargs = {"answer": answer, "counterfactual": counter, "sites": site}
-    fast_s, fast = timed(lambda: analysis.attribution_patching(model, clean, corrupted, **kwargs))
+    fast_s, fast = timed(lambda: analysis.attribution_patching(model, clean, corrupted, method=method, **kwargs))
     units = fast.values.size
     if units > sample:
         exact_s, picked, exact = sampled_patching(model, clean, corrupted, answer, counter, site, batch_size, sample)
@@ -90,7 +92,7 @@ def compare(label, model, clean, corrupted, answer, counter, site, batch_size, s
         r = float(np.corrcoef(result.values.ravel(), fast.values.ravel())[0, 1])
         shown = f"{exact_s:.2f}"
     print(
-        f"| {label} | {site} ({units} units) | {shown} | {fast_s:.3f} | {exact_s / fast_s:.1f}x | {r:.3f} |",
+        f"| {label} | {site} ({units} units) | {method} | {shown} | {fast_s:.3f} | {exact_s / fast_s:.1f}x | {r:.3f} |",
         flush=True,
     )
 
@@ -102,28 +104,23 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sample", type=int, default=512, help="units timed when a site has more")
     parser.add_argument("--shipped", action="store_true")
+    parser.add_argument("--methods", nargs="+", default=["linear"], choices=["linear", "integrated"])
     args = parser.parse_args()
-    print("| model | site | activation patching s | attribution patching s | ratio | Pearson |")
-    print("|---|---|---|---|---|---|")
+    print("| model | site | method | activation patching s | attribution patching s | ratio | Pearson |")
+    print("|---|---|---|---|---|---|---|")
     if args.shipped:
         model, clean, corrupted, answer, counter = name_mover_pair()
         for site in args.sites:
-            compare(
-                f"phi3lab_tiny_en T={clean.shape[1]}",
-                model,
-                clean,
-                corrupted,
-                answer,
-                counter,
-                site,
-                args.batch_size,
-                args.sample,
-            )
+            for method in args.methods:
+                label = f"phi3lab_tiny_en T={clean.shape[1]}"
+                compare(label, model, clean, corrupted, answer, counter, site, args.batch_size, args.sample, method)
     model = random_model()
     for length in args.lengths:
         clean, corrupted, answer, counter = random_pair(length)
         for site in args.sites:
-            compare(f"12x768 T={length}", model, clean, corrupted, answer, counter, site, args.batch_size, args.sample)
+            for method in args.methods:
+                label = f"12x768 T={length}"
+                compare(label, model, clean, corrupted, answer, counter, site, args.batch_size, args.sample, method)
 
 
 if __name__ == "__main__":
