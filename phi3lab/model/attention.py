@@ -169,8 +169,12 @@ class Phi3Attention(keras.layers.Layer):
         (float32) and `z [B, n, Hq, dh]`."""
         keys = "bksh" if head_major else "bskh"
         batch, rows, length = q.shape[0], q.shape[1], k.shape[2 if head_major else 1]
+        # Queries head-major first (a small copy), so both matmuls write their
+        # [t, s] and [t, h] blocks in place: with the heads between t and s
+        # the score matrix itself would be transposed after the matmul.
         grouped_q = q.reshape(batch, rows, self.num_key_value_heads, self.group_size, self.head_dim)
-        scores = jnp.einsum(f"btkgh,{keys}->bkgts", grouped_q, k, preferred_element_type=jnp.float32).reshape(
+        grouped_q = grouped_q.transpose(0, 2, 3, 1, 4)  # [b, k, g, t, h]
+        scores = jnp.einsum(f"bkgth,{keys}->bkgts", grouped_q, k, preferred_element_type=jnp.float32).reshape(
             batch, self.num_query_heads, rows, length
         )
         scores = scores * jnp.float32(self.score_scale)
@@ -179,10 +183,11 @@ class Phi3Attention(keras.layers.Layer):
         pattern = sites("attn.hook_pattern", masked_softmax(scores, mask))
         weights = dropout(pattern, self.dropout, dropout_key).astype(v.dtype)
         z = jnp.einsum(
-            f"bkgts,{keys}->btkgh",
+            f"bkgts,{keys}->bkgth",
             weights.reshape(batch, self.num_key_value_heads, self.group_size, rows, length),
             v,
-        ).reshape(batch, rows, self.num_query_heads, self.head_dim)
+        )
+        z = z.transpose(0, 3, 1, 2, 4).reshape(batch, rows, self.num_query_heads, self.head_dim)
         return scores, pattern, z
 
     def _attend_in_chunks(self, q, k, v, padding_mask):
