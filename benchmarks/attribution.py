@@ -110,16 +110,16 @@ def main():
     print("|---|---|---|---|---|---|---|")
     if args.shipped:
         model, clean, corrupted, answer, counter = name_mover_pair()
+        label = f"phi3lab_tiny_en T={clean.shape[1]}"
         for site in args.sites:
             for method in args.methods:
-                label = f"phi3lab_tiny_en T={clean.shape[1]}"
                 compare(label, model, clean, corrupted, answer, counter, site, args.batch_size, args.sample, method)
     model = random_model()
     for length in args.lengths:
         clean, corrupted, answer, counter = random_pair(length)
+        label = f"12x768 T={length}"
         for site in args.sites:
             for method in args.methods:
-                label = f"12x768 T={length}"
                 compare(label, model, clean, corrupted, answer, counter, site, args.batch_size, args.sample, method)
 
 

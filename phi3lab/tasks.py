@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from phi3lab.checks import check_positive_int, is_int
+from phi3lab.checks import check_choice, check_positive_int, is_int
 from phi3lab.errors import bad_argument
 
 TRAIN_NAMES = [
@@ -254,16 +254,28 @@ class NameMoverBatch:
     counterfactual: np.ndarray
 
 
-def name_mover_batch(tokenizer, prompts: Sequence[NameMoverPrompt], corrupted: bool = False) -> NameMoverBatch:
-    """Encode `prompts` (their `corrupted()` texts with `corrupted=True`,
-    keeping the clean answer) into a `NameMoverBatch`.
+def name_mover_batch(tokenizer, prompts: Sequence[NameMoverPrompt], corrupted: bool | str = False) -> NameMoverBatch:
+    """Encode `prompts` into a `NameMoverBatch`, keeping the clean answer.
+
+    Args:
+        tokenizer: a `Phi3Tokenizer`.
+        prompts: `NameMoverPrompt`s.
+        corrupted: False (the prompts' texts), True or `"swap"` (their
+            `corrupted()` texts: the two names swapped), or `"flip"` (their
+            `subject_flipped()` texts: S2 becomes the answer's name).
 
     Example:
     >>> batch = name_mover_batch(tokenizer, name_mover_prompts(8))
     >>> batch.token_ids.shape[0], batch.answer.shape
     (8, (8,))
     """
-    texts = [prompt.corrupted() if corrupted else prompt.text for prompt in prompts]
+    check_choice("corrupted", corrupted, (False, True, "swap", "flip"))
+    if corrupted == "flip":
+        texts = [prompt.subject_flipped() for prompt in prompts]
+    elif corrupted:
+        texts = [prompt.corrupted() for prompt in prompts]
+    else:
+        texts = [prompt.text for prompt in prompts]
     token_ids, padding_mask = tokenizer.encode_batch(texts)
     return NameMoverBatch(
         token_ids,

@@ -224,9 +224,7 @@ def corrupted_pairs(tokenizer, kind):
     the two names, `"flip"` turns S2 into the answer's name."""
     pairs = prompts(64, seed=21)
     clean = tasks.name_mover_batch(tokenizer, pairs)
-    if kind == "swap":
-        return clean, tasks.name_mover_batch(tokenizer, pairs, corrupted=True).token_ids
-    token_ids, _ = tokenizer.encode_batch([prompt.subject_flipped() for prompt in pairs])
+    token_ids = tasks.name_mover_batch(tokenizer, pairs, corrupted=kind).token_ids
     assert token_ids.shape == clean.token_ids.shape
     return clean, token_ids
 
@@ -355,6 +353,8 @@ def test_name_mover_prompts_refuse_bad_arguments():
         tasks.name_mover_prompts(2, orders=("ABAB",))
     with pytest.raises(ValueError, match="names"):
         tasks.name_mover_prompts(2, names=("Mary", "John"), distractor_rate=0.5)
+    with pytest.raises(ValueError, match="corrupted"):
+        tasks.name_mover_batch(None, tasks.name_mover_prompts(2), corrupted="shuffle")
 
 
 def test_subject_flipped_prompt_changes_only_the_second_mention_of_the_subject():
