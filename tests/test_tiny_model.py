@@ -30,6 +30,12 @@ def tokenizer():
     return phi3lab.Phi3Tokenizer.from_preset(PRESET)
 
 
+@pytest.fixture(scope="module")
+def scores(model):
+    """The head detectors' scores on 8 random sequences of 20 tokens."""
+    return phi3lab.analysis.head_scores(model, seq_len=20, num_sequences=8)
+
+
 def token_losses(model, ids):
     tr = phi3lab.trace(model, ids, names=["hook_logits"])
     logits = tr.logits.astype(np.float64)
@@ -123,8 +129,7 @@ def test_induction_on_unseen_periods(model, tokenizer):
     assert all(ratio < 0.3 for ratio in ratios.values()), ratios
 
 
-def test_detectors_find_induction_above_a_previous_token_head(model):
-    scores = phi3lab.analysis.head_scores(model, seq_len=20, num_sequences=8)
+def test_detectors_find_induction_above_a_previous_token_head(scores):
     best = scores.loc[scores.induction.idxmax()]
     previous = scores.loc[scores.previous_token.idxmax()]
     assert best.induction >= 0.8, best
@@ -262,10 +267,9 @@ def mover_inputs(model, part):
     return sorted({(layer, phi3lab.hooks.key_value_head_of(model, head), part) for layer, head in NAME_MOVERS})
 
 
-def test_the_movers_copy_the_names_from_the_token_head(model, tokenizer):
+def test_the_movers_copy_the_names_from_the_token_head(model, tokenizer, scores):
     """The token head attends each position to itself, and its output,
     read through the movers' values only, carries the name swap."""
-    scores = phi3lab.analysis.head_scores(model, seq_len=20, num_sequences=4)
     clean, corrupted = corrupted_pairs(tokenizer, "swap")
     tr = phi3lab.trace(model, clean.token_ids, padding_mask=clean.padding_mask, names="blocks.0.attn.hook_pattern")
     pattern = np.asarray(tr.attention(TOKEN_HEAD[0]))[:, TOKEN_HEAD[1]]
@@ -277,8 +281,7 @@ def test_the_movers_copy_the_names_from_the_token_head(model, tokenizer):
     assert through_values.value >= 0.7, through_values
 
 
-def test_duplicate_token_heads_find_the_repeated_name(model, tokenizer):
-    scores = phi3lab.analysis.head_scores(model, seq_len=20, num_sequences=8)
+def test_duplicate_token_heads_find_the_repeated_name(model, tokenizer, scores):
     best = scores.loc[scores.duplicate_token.idxmax()]
     assert (int(best["layer"]), int(best["head"])) in DUPLICATE_HEADS and best.duplicate_token >= 0.8, best
     batch = tasks.name_mover_batch(tokenizer, prompts(64, seed=14))
