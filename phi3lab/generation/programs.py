@@ -17,6 +17,7 @@ from jax import numpy as jnp
 
 from phi3lab import compile_cache
 from phi3lab.generation.sampling import Sampler
+from phi3lab.model.stacked import update_slice
 from phi3lab.tracing.forward import ForwardFn
 
 # Cache lengths and prefill lengths are rounded up to a multiple of this.
@@ -129,7 +130,11 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
 
             fed = (i < feeds) & (capture | ~jnp.all(finished))
             logits, cache, step_captures = jax.lax.cond(fed, feed, skip, logits, cache)
-            buffers = jax.tree.map(lambda buffer, value: buffer.at[i].set(value), buffers, step_captures)
+            buffers = jax.tree.map(
+                lambda buffer, value: update_slice(buffer, value[None], (i,) + (0,) * value.ndim),
+                buffers,
+                step_captures,
+            )
             return i + 1, logits, cache, finished, tokens, logprobs, buffers
 
         def more(carry):

@@ -9,9 +9,10 @@ from jax import numpy as jnp
 from phi3lab.model.attention import Phi3Attention
 from phi3lab.model.dropout import dropout
 from phi3lab.model.hook_points import NO_HOOKS
-from phi3lab.model.kv_cache import LayerCache
+from phi3lab.model.kv_cache import KVCache, LayerCache
 from phi3lab.model.mlp import Phi3MLP
 from phi3lab.model.norm import Phi3RMSNorm
+from phi3lab.model.stacked import from_bits, scan, to_bits
 
 
 class Phi3DecoderStack(keras.layers.Layer):
@@ -136,6 +137,9 @@ class Phi3DecoderStack(keras.layers.Layer):
             with a `cache`, `(x, captures, cache)` with the updated cache.
         """
         layer_keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
+        # The cache travels as bits while its layers write it (`stacked.to_bits`).
+        cache_dtype = None if cache is None else cache.keys.dtype
+        cache = None if cache is None else KVCache(*map(to_bits, cache))
         captures = []
         for start, stop in sites.segments(self.num_layers):
 
@@ -150,7 +154,7 @@ class Phi3DecoderStack(keras.layers.Layer):
                         lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), params
                     )
                 block_sites = sites.block(start)
-                layer_cache = None if cache is None else LayerCache(cache, layer)
+                layer_cache = None if cache is None else LayerCache(cache, layer, cache_dtype)
                 out = self.block(layer_params, x, cos, sin, padding_mask, block_sites, key, layer_cache, cache_index)
                 x, cache = (out[0], out[1].cache) if cache is not None else (out, None)
                 return (x, cache), block_sites.captured
@@ -167,9 +171,11 @@ class Phi3DecoderStack(keras.layers.Layer):
                 (x, cache), captured = body((x, cache), jax.tree.map(lambda a: a[0], inputs))
                 captured = jax.tree.map(lambda a: a[None], captured)
             else:
-                (x, cache), captured = jax.lax.scan(body, (x, cache), inputs)
+                (x, cache), captured = scan(body, (x, cache), inputs)
             captures.append((start, stop, captured))
-        return (x, captures) if cache is None else (x, captures, cache)
+        if cache is None:
+            return x, captures
+        return x, captures, KVCache(*(from_bits(slots, cache_dtype) for slots in cache))
 
     @staticmethod
     def unstack(params) -> list:

@@ -7,6 +7,8 @@ from typing import Any, NamedTuple
 import jax
 from jax import numpy as jnp
 
+from phi3lab.model.stacked import from_bits, to_bits
+
 
 class KVCache(NamedTuple):
     """Rotated keys and values of every layer at every cache slot.
@@ -52,23 +54,30 @@ class LayerCache(NamedTuple):
     decoder's loop over layers updates in place (no per-layer copies).
 
     Attributes:
-        cache: the `KVCache` of every layer.
+        cache: the `KVCache` of every layer, 16-bit floats held as their
+            `uint16` bits (`phi3lab.model.stacked.to_bits`: XLA:CPU then
+            writes it in place).
         layer: the layer index (an int, or traced inside the layer scan).
+        dtype: the dtype of the keys and values.
     """
 
     cache: KVCache
     layer: Any
+    dtype: Any
 
     def write(self, keys, values, index) -> LayerCache:
         """Store `keys`, `values` `[B, T, Hkv, head_dim]` at slots
         `index .. index + T - 1` of this layer."""
         at = (self.layer, 0, 0, index, 0)
         stored = (
-            jax.lax.dynamic_update_slice(slots, jnp.swapaxes(new, 1, 2)[None].astype(slots.dtype), at)
+            jax.lax.dynamic_update_slice(slots, to_bits(jnp.swapaxes(new, 1, 2)[None].astype(self.dtype)), at)
             for slots, new in zip(self.cache, (keys, values))
         )
-        return LayerCache(KVCache(*stored), self.layer)
+        return self._replace(cache=KVCache(*stored))
 
     def read(self) -> tuple:
         """This layer's `(keys, values)`, each `[B, Hkv, S, head_dim]`."""
-        return tuple(jax.lax.dynamic_index_in_dim(slots, self.layer, keepdims=False) for slots in self.cache)
+        return tuple(
+            from_bits(jax.lax.dynamic_index_in_dim(slots, self.layer, keepdims=False), self.dtype)
+            for slots in self.cache
+        )

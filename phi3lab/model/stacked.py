@@ -1,6 +1,23 @@
-"""Weights stacked over decoder layers (a leading `[num_layers]` axis)."""
+"""Arrays stacked over decoder layers (a leading `[num_layers]` axis): the
+stacked weights, and writing one layer's slice of a stacked array in place.
+
+XLA:CPU has no in-place dynamic-update-slice for 16-bit floats: it updates a
+bfloat16 or float16 buffer by converting the whole buffer to float32 and back,
+a pass over every layer's slice for each layer written (quadratic in depth).
+Reading one layer's slice of a buffer that is also written likewise converts
+all of it. The same bits viewed as `uint16` are read and written in place, so
+buffers written one slice at a time hold 16-bit floats as `uint16` while they
+are written: `scan` stacks its outputs so, the decoder carries the KV cache so
+(`to_bits`, `from_bits`), and single writes go through `update_slice`. The
+bitcasts are exact.
+"""
 
 from __future__ import annotations
+
+import jax
+from jax import numpy as jnp
+
+_BITS = jnp.uint16  # the carrier of 16-bit floats
 
 
 def add_stacked_weights(layer, num_layers: int, shapes: dict, initializer) -> tuple[str, ...]:
@@ -15,3 +32,51 @@ def add_stacked_weights(layer, num_layers: int, shapes: dict, initializer) -> tu
         )
         setattr(layer, name, variable)
     return tuple(shapes)
+
+
+def _is_half(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
+
+
+def update_slice(buffer, update, start_indices):
+    """`jax.lax.dynamic_update_slice(buffer, update, start_indices)` that
+    XLA writes in place for every dtype (16-bit floats through their bits).
+
+    Example:
+    >>> cache = update_slice(cache, new_keys[None], (layer, 0, 0, slot, 0))
+    """
+    update = update.astype(buffer.dtype)
+    if not _is_half(buffer.dtype):
+        return jax.lax.dynamic_update_slice(buffer, update, start_indices)
+    bits = jax.lax.dynamic_update_slice(
+        jax.lax.bitcast_convert_type(buffer, _BITS), jax.lax.bitcast_convert_type(update, _BITS), start_indices
+    )
+    return jax.lax.bitcast_convert_type(bits, buffer.dtype)
+
+
+def to_bits(array):
+    """`array` as its `uint16` bits when it holds 16-bit floats, else itself."""
+    return jax.lax.bitcast_convert_type(array, _BITS) if _is_half(array.dtype) else array
+
+
+def from_bits(array, dtype):
+    """Undo `to_bits`: `array` viewed as `dtype` (itself when it is one)."""
+    return array if array.dtype == dtype else jax.lax.bitcast_convert_type(array, dtype)
+
+
+def scan(body, carry, xs):
+    """`jax.lax.scan(body, carry, xs)` whose stacked outputs XLA writes in
+    place for every dtype (16-bit floats are stacked as their bits).
+
+    Example:
+    >>> x, captured = scan(lambda x, layer: (block(x, layer), x), x, jnp.arange(num_layers))
+    """
+    computed = []
+
+    def stackable(carry, x):
+        carry, out = body(carry, x)
+        computed.append(out)
+        return carry, jax.tree.map(to_bits, out)
+
+    carry, stacked = jax.lax.scan(stackable, carry, xs)
+    return carry, jax.tree.map(lambda a, like: from_bits(a, like.dtype), stacked, computed[-1])

@@ -1,0 +1,142 @@
+"""16-bit floats in buffers written one layer at a time (`phi3lab.model.stacked`).
+
+XLA:CPU updates or reads one slice of a bfloat16 buffer that is being written
+by converting all of it to float32 (a pass over every layer's slice for each
+layer). phi3lab writes such buffers through their `uint16` bits instead:
+the scan's stacked captures, the KV cache and generation's per-step buffers.
+
+Oracles: NumPy slice assignment for the helpers; for the programs, the
+float32 run cast to bfloat16, the same captures with every layer run on its
+own (nothing stacked), and the uncached forward. The program tests read the
+compiled HLO: a float32 array of a whole stacked buffer's shape is the pass
+being removed (it is there without the bitcasts).
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from jax import numpy as jnp
+
+import phi3lab
+from conftest import random_backbone, token_batch
+from phi3lab.model.kv_cache import KVCache
+from phi3lab.model.stacked import from_bits, scan, to_bits, update_slice
+from phi3lab.tracing import forward_fn
+
+LAYERS = 3
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_update_slice_and_bits_agree_with_numpy(dtype):
+    rng = np.random.default_rng(0)
+    buffer = rng.standard_normal((4, 3, 5)).astype(dtype)
+    update = rng.standard_normal((1, 2, 5)).astype(dtype)
+    expected = buffer.copy()
+    expected[2, 1:3] = update[0]
+    got = np.asarray(jax.jit(update_slice)(jnp.asarray(buffer), jnp.asarray(update), (2, 1, 0)))
+    assert got.dtype == buffer.dtype
+    np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8))  # bit for bit
+    bits = to_bits(jnp.asarray(buffer))
+    assert bits.dtype == (jnp.uint16 if dtype != "float32" else jnp.float32)
+    np.testing.assert_array_equal(np.asarray(from_bits(bits, buffer.dtype)).view(np.uint8), buffer.view(np.uint8))
+    body = lambda carry, row: (carry + row.sum(), {"row": row * 2, "index": carry})
+    ours = jax.jit(lambda xs: scan(body, jnp.zeros((), buffer.dtype), xs))(jnp.asarray(buffer))
+    theirs = jax.jit(lambda xs: jax.lax.scan(body, jnp.zeros((), buffer.dtype), xs))(jnp.asarray(buffer))
+    for got, expected in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(np.atleast_1d(got).view(np.uint8), np.atleast_1d(expected).view(np.uint8))
+
+
+def _float32_arrays(hlo: str, shape) -> int:
+    """How many instructions of `hlo` produce a float32 array of `shape`."""
+    return hlo.count(f"= f32[{','.join(map(str, shape))}]")
+
+
+def test_bfloat16_maps_are_stacked_without_a_float32_pass():
+    model = random_backbone(seed=3, num_layers=LAYERS)
+    ids, mask = token_batch(16, seed=1)
+    maps = ["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_attn_scores"]
+    fn = forward_fn(model, maps, capture_dtype="bfloat16")
+    args = (model.params(), jnp.asarray(ids), jnp.asarray(mask.astype(bool)), ())
+    hlo = jax.jit(fn.run).lower(*args).compile().as_text()
+    assert _float32_arrays(hlo, (LAYERS, 3, model.num_query_heads, 16, 16)) == 0
+    half = phi3lab.trace(model, ids, padding_mask=mask, names=maps, capture_dtype="bfloat16")
+    full = phi3lab.trace(model, ids, padding_mask=mask, names=maps)
+    for name in half.names:
+        assert half[name].dtype == ml_dtypes.bfloat16, name
+        np.testing.assert_array_equal(half[name], full[name].astype(ml_dtypes.bfloat16), err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def half_model():
+    return random_backbone(seed=4, num_layers=LAYERS, dtype="bfloat16")
+
+
+def test_bfloat16_model_captures_equal_each_layer_run_alone(half_model):
+    """A hook on every layer gives each its own segment (nothing stacked):
+    the oracle for the stacked captures of the scan."""
+    ids, mask = token_batch(12, seed=2)
+    stacked = phi3lab.trace(half_model, ids, padding_mask=mask)
+    alone = phi3lab.trace(half_model, ids, padding_mask=mask, hooks={"blocks.*.hook_resid_pre": lambda x, ctx: x})
+    assert stacked.names == alone.names
+    for name in stacked.names:
+        assert stacked[name].dtype == alone[name].dtype, name
+        if name.startswith("blocks."):  # stacked in the scan: bit for bit what a layer alone gives
+            assert stacked[name].dtype != np.uint16, name
+            np.testing.assert_array_equal(stacked[name], alone[name], err_msg=name)
+        else:  # after the blocks, another program's fusions round some last bits differently
+            got, expected = (a.astype(np.float32) for a in (stacked[name], alone[name]))
+            np.testing.assert_allclose(got, expected, rtol=0, atol=2**-5 * (1 + np.abs(expected).max()), err_msg=name)
+    assert str(stacked["blocks.1.hook_resid_post"].dtype) == "bfloat16"
+
+
+def test_bfloat16_cache_is_written_in_place_and_reads_back(half_model):
+    ids, _ = token_batch(10, seed=3)
+    ids = jnp.asarray(ids[:1])
+    slots = 32
+    mask = jnp.arange(slots)[None] < ids.shape[1]
+
+    def prefill(params, ids, cache):
+        hidden, _, cache = half_model.apply(params, ids, mask, cache=cache, cache_index=0)
+        return hidden, cache
+
+    cache = KVCache.empty(half_model, 1, slots)
+    program = jax.jit(prefill).lower(half_model.params(), ids, cache).compile()
+    whole = (LAYERS, 1, half_model.num_key_value_heads, slots, half_model.head_dim)
+    assert _float32_arrays(program.as_text(), whole) == 0
+    hidden, cache = program(half_model.params(), ids, cache)
+    assert cache.keys.dtype == jnp.bfloat16
+    uncached = half_model.apply(half_model.params(), ids, jnp.ones(ids.shape, bool))[0]
+    np.testing.assert_allclose(np.asarray(hidden, np.float32), np.asarray(uncached, np.float32), rtol=2**-6, atol=2**-6)
+    rot_k = phi3lab.trace(half_model, np.asarray(ids), names="blocks.*.attn.hook_rot_k")
+    for layer in range(LAYERS):
+        stored = np.asarray(cache.keys[layer, 0, :, : ids.shape[1]]).swapaxes(0, 1)  # [T, Hkv, dh]
+        np.testing.assert_allclose(
+            stored.astype(np.float32),
+            rot_k[f"blocks.{layer}.attn.hook_rot_k"][0].astype(np.float32),
+            rtol=2**-7,
+            atol=2**-7,
+        )
+    assert not np.any(np.asarray(cache.keys[:, :, :, ids.shape[1] :], np.float32))  # untouched slots
+
+
+def test_bfloat16_generation_buffers_are_written_in_place():
+    """The decode loop writes each new token's captures into `[CHUNK, ...]`
+    buffers; for a bfloat16 model no float32 copy of a whole buffer exists."""
+    from phi3lab import compile_cache
+    from phi3lab.generation.programs import CHUNK
+
+    model = random_backbone(seed=5, num_layers=LAYERS, dtype="bfloat16")
+    ids, _ = token_batch(6, seed=4)
+    generation = phi3lab.generate(model, None, ids[0], max_new_tokens=3, names="blocks.*.hook_resid_post")
+    resid = generation.trace["blocks.1.hook_resid_post"]
+    assert str(resid.dtype) == "bfloat16" and resid.shape[1] == 6 + 3
+    loops = [program for key, program in compile_cache.entries(model).items() if "loop" in key]
+    assert loops
+    for program in loops:
+        hlo = program.as_text()
+        # the residual streams' buffer: [CHUNK] steps of [L, B, 1, D] stacked layers
+        assert _float32_arrays(hlo, (CHUNK, LAYERS, 1, 1, model.hidden_dim)) == 0
