@@ -8,7 +8,7 @@ programs compiled), then timed in interleaved runs. Prints median seconds,
 tokens/s and ratios, whether both produced the same tokens, and phi3lab's
 per-token time at positions 16 and 240 (a cache keeps it nearly flat).
 
-Run: .venv/bin/python benchmarks/generate.py [--prompt 128] [--new 128] [--runs 3]
+Run: .venv/bin/python benchmarks/generate.py [--prompt 128] [--new 128] [--runs 3] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def parse_args():
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both models' dtype")
     return parser.parse_args()
 
 
@@ -35,7 +36,7 @@ def main():
 
     import phi3lab
 
-    backbone, model = keras_hub_pair(config_from_arguments(args))
+    backbone, model = keras_hub_pair(config_from_arguments(args, dtype=args.dtype))
     causal_lm = keras_hub.models.Phi3CausalLM(backbone=backbone, preprocessor=None)
     causal_lm.compile(sampler="greedy")
 
@@ -55,8 +56,8 @@ def main():
     }
     print(machine())
     print(
-        f"config: {describe_sizes(args)} float32, {model.count_params() / 1e6:.1f}M parameters; prompt {args.prompt}, "
-        f"{args.new} new tokens, greedy; median of {args.runs} interleaved runs after a warm-up"
+        f"config: {describe_sizes(args)} {args.dtype}, {model.count_params() / 1e6:.1f}M parameters; "
+        f"prompt {args.prompt}, {args.new} new tokens, greedy; median of {args.runs} interleaved runs after a warm-up"
     )
     outputs = {name: np.asarray(run()) for name, run in runners.items()}
     seconds = median_times(runners, args.runs, warmup=0)
