@@ -45,13 +45,8 @@ def update_slice(buffer, update, start_indices):
     Example:
     >>> cache = update_slice(cache, new_keys[None], (layer, 0, 0, slot, 0))
     """
-    update = update.astype(buffer.dtype)
-    if not _is_half(buffer.dtype):
-        return jax.lax.dynamic_update_slice(buffer, update, start_indices)
-    bits = jax.lax.dynamic_update_slice(
-        jax.lax.bitcast_convert_type(buffer, _BITS), jax.lax.bitcast_convert_type(update, _BITS), start_indices
-    )
-    return jax.lax.bitcast_convert_type(bits, buffer.dtype)
+    bits = jax.lax.dynamic_update_slice(to_bits(buffer), to_bits(update.astype(buffer.dtype)), start_indices)
+    return from_bits(bits, buffer.dtype)
 
 
 def to_bits(array):
@@ -71,12 +66,12 @@ def scan(body, carry, xs):
     Example:
     >>> x, captured = scan(lambda x, layer: (block(x, layer), x), x, jnp.arange(num_layers))
     """
-    computed = []
+    dtypes = []  # the body's outputs' dtypes, recorded while it is traced
 
     def stackable(carry, x):
         carry, out = body(carry, x)
-        computed.append(out)
+        dtypes.append(jax.tree.map(lambda a: a.dtype, out))
         return carry, jax.tree.map(to_bits, out)
 
     carry, stacked = jax.lax.scan(stackable, carry, xs)
-    return carry, jax.tree.map(lambda a, like: from_bits(a, like.dtype), stacked, computed[-1])
+    return carry, jax.tree.map(from_bits, stacked, dtypes[-1])
