@@ -8,8 +8,8 @@ round-robin in one process so load drift hits all alike. Rows, each as a
 ratio to keras-hub's jitted forward at the same length:
 
   phi3lab forward        jax.jit(model.apply): final hidden states (on GPUs
-                         attention runs `jax.nn.dot_product_attention`, cuDNN
-                         flash attention in 16-bit dtypes)
+                         in 16-bit dtypes attention is cuDNN flash attention,
+                         elsewhere causal query blocks)
   full trace             phi3lab.trace(model, ids): every hook point, to NumPy
   full trace, bf16 maps  the same with capture_dtype="bfloat16"
   patterns only          names="blocks.*.attn.hook_pattern"

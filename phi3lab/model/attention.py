@@ -20,6 +20,9 @@ from phi3lab.model.quantize import dequantize
 from phi3lab.model.rotary import apply_rotary
 from phi3lab.model.stacked import add_stacked_weights
 
+# `_attend_causal_blocks` splits the queries into about this many blocks.
+CAUSAL_BLOCKS = 8
+
 
 def key_value_heads(num_query_heads: int, num_key_value_heads: int) -> np.ndarray:
     """The key/value head each query head reads, int `[num_query_heads]`:
@@ -69,30 +72,38 @@ def _has_allowed_key(padding_mask, sliding_window=None):
     return seen > 0
 
 
-def fused_attention(q, k, v, padding_mask, sliding_window=None, flash_only=False):
+def fused_attention(q, k, v, padding_mask, sliding_window=None, implementation=None):
     """`z [B, T, Hq, dh]` of causal grouped-query attention through
-    `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs for
-    16-bit inputs, XLA elsewhere), never exposing the `[T, T]` maps. Equal to
-    `Phi3Attention.attend`'s `z`, including all-zero rows for queries with
-    no key to attend to (left padding). With `flash_only`, returns None
-    where flash attention is not available (XLA's version materializes the
-    scores of every head)."""
+    `jax.nn.dot_product_attention`, never exposing the `[T, T]` maps. Equal
+    to `Phi3Attention.attend`'s `z`, including all-zero rows for queries
+    with no key to attend to (left padding).
+
+    Args:
+        q: queries `[B, T, Hq, dh]`; k, v: keys and values `[B, T, Hkv, dh]`.
+        padding_mask: boolean `[B, T]`, True for real tokens.
+        sliding_window: int or None, as `attention_mask` takes it.
+        implementation: `jax.nn.dot_product_attention`'s: "cudnn" (flash
+            attention, see `flash_attention`), "xla" or None (its choice).
+    """
     mask = padding_mask[:, None, None, :].astype(bool)
     window = None if sliding_window is None else (sliding_window - 1, 0)
-    call = lambda implementation: jax.nn.dot_product_attention(
+    z = jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=True, local_window_size=window, implementation=implementation
     )
-    z = None
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        try:
-            z = call("cudnn")
-        except Exception:  # noqa: BLE001 (cuDNN missing or the shape unsupported: XLA below)
-            z = None
-    if z is None:
-        if flash_only:
-            return None
-        z = call(None)
     return jnp.where(_has_allowed_key(padding_mask, sliding_window)[:, :, None, None], z, 0).astype(v.dtype)
+
+
+def flash_attention(q, k, v, padding_mask, sliding_window=None):
+    """`fused_attention` through cuDNN flash attention, or None where there
+    is none: not a GPU, not a 16-bit dtype, or a shape cuDNN refuses. (XLA's
+    own `dot_product_attention` computes every score, future keys included:
+    slower on CPU than `Phi3Attention._attend_causal_blocks`.)"""
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return None
+    try:
+        return fused_attention(q, k, v, padding_mask, sliding_window, implementation="cudnn")
+    except Exception:  # noqa: BLE001 (cuDNN missing or the shape unsupported)
+        return None
 
 
 class Phi3Attention(keras.layers.Layer):
@@ -140,9 +151,12 @@ class Phi3Attention(keras.layers.Layer):
         self.head_dim = hidden_dim // num_query_heads
         self.score_scale = self.head_dim**-0.5  # scores = q . k * score_scale
         self.group_size = num_query_heads // num_key_value_heads
-        # Attention whose maps nobody reads runs `fused_attention` (False:
-        # always the explicit scores -> softmax -> z of `attend`).
+        # Attention whose maps nobody reads runs flash attention where there
+        # is one, else `_attend_causal_blocks` (False: always the explicit
+        # scores -> softmax -> z of `attend` over every key).
         self.use_fused_attention = True
+        # The smallest query block of `_attend_causal_blocks`.
+        self.min_causal_block = 64
         initializer = kernel_initializer or default_initializer(stddev=0.02)
         shapes = {
             "query_kernel": (hidden_dim, num_query_heads, self.head_dim),
@@ -190,6 +204,22 @@ class Phi3Attention(keras.layers.Layer):
         z = z.transpose(0, 3, 1, 2, 4).reshape(batch, rows, self.num_query_heads, self.head_dim)
         return scores, pattern, z
 
+    def _attend_causal_blocks(self, q, k, v, padding_mask):
+        """`z` of `attend`, computed a block of queries at a time, each block
+        over the keys up to its last query only: the future keys' half of the
+        score and value matmuls (and of the softmax) is never computed.
+
+        Blocks are `max(min_causal_block, ceil(T / CAUSAL_BLOCKS))` queries.
+        With a sliding window the keys before it are still computed (and
+        masked), so the result is `attend`'s whatever the mask."""
+        length = q.shape[1]
+        block = max(self.min_causal_block, -(-length // CAUSAL_BLOCKS))
+        rows = []
+        for start in range(0, length, block):
+            stop = min(start + block, length)
+            rows.append(self.attend(q[:, start:stop], k[:, :stop], v[:, :stop], padding_mask[:, :stop], start)[2])
+        return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1)
+
     def _attend_in_chunks(self, q, k, v, padding_mask):
         """`z` computed `query_chunk_size` rows at a time, so no `[T, T]`
         array for all heads ever exists (long inputs)."""
@@ -229,11 +259,13 @@ class Phi3Attention(keras.layers.Layer):
         and with a `cache` also the updated `LayerCache`.
 
         When no full attention map is reported (the plain forward, or a
-        `sites.query_window`), `z` comes from `fused_attention` (flash
-        attention on GPUs); otherwise, or with `use_fused_attention = False`,
-        from `attend`. Long inputs (more than two chunks of
-        `query_chunk_size` queries) without flash attention are attended a
-        chunk of queries at a time. With
+        `sites.query_window`), `z` comes from `flash_attention` (cuDNN,
+        16-bit, GPU) where there is one, else from
+        `_attend_causal_blocks` (which skips the future keys); otherwise, or
+        with `use_fused_attention = False`, from `attend` over every key.
+        Long inputs (more than two chunks of `query_chunk_size` queries)
+        without flash attention are attended a chunk of queries at a time
+        (`_attend_in_chunks`, bounded memory). With
         `sites.query_window` set, only those query rows of the pattern and
         scores are reported.
         """
@@ -258,12 +290,14 @@ class Phi3Attention(keras.layers.Layer):
         if reported and window is None:
             z = self.attend(q, k, v, padding_mask, 0, dropout_key, sites)[2]
         else:
-            long = length > 2 * self.query_chunk_size
             z = None
-            if dropout_key is None and self.use_fused_attention:
-                z = fused_attention(q, k, v, padding_mask, self.sliding_window, flash_only=long)
-            if z is None and long and dropout_key is None:
+            fast = dropout_key is None and self.use_fused_attention
+            if fast:
+                z = flash_attention(q, k, v, padding_mask, self.sliding_window)
+            if z is None and dropout_key is None and length > 2 * self.query_chunk_size:
                 z = self._attend_in_chunks(q, k, v, padding_mask)
+            elif z is None and fast:
+                z = self._attend_causal_blocks(q, k, v, padding_mask)
             elif z is None:
                 z = self.attend(q, k, v, padding_mask, 0, dropout_key)[2]
             if reported:
