@@ -935,10 +935,15 @@ def test_hooks(data, model, traces):
     else:
         which = data.draw(st.sampled_from(["query_head", "key_value_head"]))
         limit = HQ if which == "query_head" else HKV
-        value = data.draw(
-            st.one_of(st.integers(min_value=limit), st.integers(max_value=-1), st.floats(), short_text, st.none())
-        )
         fn = H.key_value_head_of if which == "query_head" else H.query_heads_sharing
+        # Indices in [-limit, 0) count from the end, as `check_index` documents.
+        wrapped = data.draw(st.integers(-limit, -1))
+        assert fn(model, wrapped) == fn(model, wrapped + limit)
+        value = data.draw(
+            st.one_of(
+                st.integers(min_value=limit), st.integers(max_value=-limit - 1), st.floats(), short_text, st.none()
+            )
+        )
         expect_bad(lambda: fn(model, value), arg(which))
     assert compiled_count(model) == before
 
