@@ -44,14 +44,14 @@ def pair(tmp_path_factory):
 
 def run(model, ids, mask, path: str):
     attention = model.decoder.attention
-    attention.use_fused_attention = path == "blocks"
-    attention.min_causal_block = SMALL_BLOCK
+    settings = attention.use_fused_attention, attention.min_causal_block
+    attention.use_fused_attention, attention.min_causal_block = path == "blocks", SMALL_BLOCK
     try:
         # A fresh jit per path: the settings are read while tracing.
         hidden = jax.jit(lambda p, i, m: model.apply(p, i, m)[0])(model.params(), ids, mask)
         return np.asarray(hidden), np.asarray(model.unembed(model.params(), hidden))
     finally:
-        attention.use_fused_attention, attention.min_causal_block = True, 64
+        attention.use_fused_attention, attention.min_causal_block = settings
 
 
 @pytest.mark.parametrize("path", ["blocks", "explicit"])

@@ -218,7 +218,7 @@ class Phi3Attention(keras.layers.Layer):
         for start in range(0, length, block):
             stop = min(start + block, length)
             rows.append(self.attend(q[:, start:stop], k[:, :stop], v[:, :stop], padding_mask[:, :stop], start)[2])
-        return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1)
+        return jnp.concatenate(rows, axis=1)
 
     def _attend_in_chunks(self, q, k, v, padding_mask):
         """`z` computed `query_chunk_size` rows at a time, so no `[T, T]`
@@ -290,16 +290,16 @@ class Phi3Attention(keras.layers.Layer):
         if reported and window is None:
             z = self.attend(q, k, v, padding_mask, 0, dropout_key, sites)[2]
         else:
-            z = None
-            fast = dropout_key is None and self.use_fused_attention
-            if fast:
-                z = flash_attention(q, k, v, padding_mask, self.sliding_window)
-            if z is None and dropout_key is None and length > 2 * self.query_chunk_size:
-                z = self._attend_in_chunks(q, k, v, padding_mask)
-            elif z is None and fast:
-                z = self._attend_causal_blocks(q, k, v, padding_mask)
-            elif z is None:
+            if dropout_key is not None:
                 z = self.attend(q, k, v, padding_mask, 0, dropout_key)[2]
+            else:
+                z = flash_attention(q, k, v, padding_mask, self.sliding_window) if self.use_fused_attention else None
+                if z is None and length > 2 * self.query_chunk_size:
+                    z = self._attend_in_chunks(q, k, v, padding_mask)
+                elif z is None and self.use_fused_attention:
+                    z = self._attend_causal_blocks(q, k, v, padding_mask)
+                elif z is None:
+                    z = self.attend(q, k, v, padding_mask, 0)[2]
             if reported:
                 # Only the window's rows are reported (hooks on attention
                 # maps are refused with a window, so nothing flows back).
