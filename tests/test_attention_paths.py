@@ -2,8 +2,10 @@
 
 The plain forward (no attention map captured) runs flash attention on GPUs
 and `_attend_causal_blocks` elsewhere: a block of queries at a time over the
-keys up to its last query. `use_fused_attention = False` forces the explicit
-scores -> softmax -> z of `attend` over every key. `fused_attention` (the
+keys up to its last query. Long inputs run `_attend_in_chunks`: a chunk of
+queries against a chunk of keys at a time with a running softmax, skipping
+the key chunks no query of the chunk sees. `use_fused_attention = False`
+forces the explicit scores -> softmax -> z of `attend` over every key. `fused_attention` (the
 `jax.nn.dot_product_attention` call that flash attention goes through) runs
 here with XLA's implementation. Each path is compared with the oracle on
 GQA, "su" scaling below and above the pretraining window, a sliding window,
@@ -31,6 +33,9 @@ from phi3lab.model.attention import Phi3Attention, fused_attention
 HF_TOLERANCE = 1e-4
 # Blocks of 4 queries: the 13-token inputs are attended as 4 + 4 + 4 + 1.
 SMALL_BLOCK = 4
+# Chunks of 4 (13 > 2 * 4, so the "chunks" path runs): 4 query chunks
+# against up to 4 key chunks, the last ones padded.
+SMALL_CHUNK = 4
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +47,29 @@ def pair(tmp_path_factory):
     return reference, Phi3Backbone.from_preset(str(directory))
 
 
+PATHS = {  # path -> (use_fused_attention, min_causal_block, query_chunk_size); 1024: no chunks
+    "blocks": (True, SMALL_BLOCK, 1024),
+    "chunks": (True, SMALL_BLOCK, SMALL_CHUNK),
+    "explicit": (False, SMALL_BLOCK, 1024),
+}
+SETTINGS = ("use_fused_attention", "min_causal_block", "query_chunk_size")
+
+
 def run(model, ids, mask, path: str):
     attention = model.decoder.attention
-    settings = attention.use_fused_attention, attention.min_causal_block
-    attention.use_fused_attention, attention.min_causal_block = path == "blocks", SMALL_BLOCK
+    found = [getattr(attention, name) for name in SETTINGS]
+    for name, value in zip(SETTINGS, PATHS[path]):
+        setattr(attention, name, value)
     try:
         # A fresh jit per path: the settings are read while tracing.
         hidden = jax.jit(lambda p, i, m: model.apply(p, i, m)[0])(model.params(), ids, mask)
         return np.asarray(hidden), np.asarray(model.unembed(model.params(), hidden))
     finally:
-        attention.use_fused_attention, attention.min_causal_block = settings
+        for name, value in zip(SETTINGS, found):
+            setattr(attention, name, value)
 
 
-@pytest.mark.parametrize("path", ["blocks", "explicit"])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("length", [LENGTHS["below"], LENGTHS["above"]])
 def test_each_path_matches_transformers(pair, path, length):
     reference, model = pair
@@ -64,11 +79,11 @@ def test_each_path_matches_transformers(pair, path, length):
 def test_paths_agree_everywhere_including_padding(pair):
     _, model = pair
     ids, mask = token_batch(LENGTHS["above"], seed=3, pad=5)
-    blocks, _ = run(model, ids, mask, "blocks")
     explicit, _ = run(model, ids, mask, "explicit")
-    # Left-padded queries have no key to attend to: both paths give them the
+    # Left-padded queries have no key to attend to: every path gives them the
     # same (zero-attention) output, so even padded positions agree.
-    np.testing.assert_allclose(blocks, explicit, atol=1e-5)
+    for path in ("blocks", "chunks"):
+        np.testing.assert_allclose(run(model, ids, mask, path)[0], explicit, atol=1e-5, err_msg=path)
 
 
 def attention_inputs(length, num_key_value_heads=2, seed=0):
@@ -106,3 +121,38 @@ def test_causal_blocks_never_score_future_keys():
     assert "x256x256x" not in hlo
     for keys in (64, 128, 192, 256):
         assert f"x2x2x64x{keys}xf32>" in hlo, keys
+
+
+@pytest.mark.parametrize("sliding_window", [None, 5, 11])
+@pytest.mark.parametrize("num_key_value_heads", [1, 2, 4])
+@pytest.mark.parametrize(("length", "chunk"), [(21, 4), (40, 8)])
+def test_chunks_equal_attend_with_their_gradients(sliding_window, num_key_value_heads, length, chunk):
+    """The running softmax over chunks of keys gives `attend`'s `z` and the
+    same gradients (the key-chunk loop is a scan with a cond): windows that
+    skip whole key chunks (5 and 11 against chunks of 4 and 8) or none,
+    grouped heads, padding on both sides, and a last chunk that is padded."""
+    attention = Phi3Attention(1, 32, 4, num_key_value_heads, sliding_window=sliding_window, query_chunk_size=chunk)
+    q, k, v, mask = attention_inputs(length, num_key_value_heads)
+    np.testing.assert_allclose(
+        attention._attend_in_chunks(q, k, v, mask), attention.attend(q, k, v, mask, 0)[2], atol=1e-6
+    )
+
+    def loss(path):
+        return lambda q, k, v: jnp.sum(jnp.sin(path(q, k, v)))
+
+    expected = jax.grad(loss(lambda q, k, v: attention.attend(q, k, v, mask, 0)[2]), argnums=(0, 1, 2))(q, k, v)
+    chunked = jax.grad(loss(lambda q, k, v: attention._attend_in_chunks(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
+    for got, want, name in zip(chunked, expected, "qkv"):
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+
+
+def test_chunks_never_hold_more_than_one_chunk_of_scores():
+    """At T=64 in chunks of 8 the program scores 8 queries against 8 keys at
+    a time: no score array spans more keys than a chunk."""
+    attention = Phi3Attention(1, 32, 4, 2, query_chunk_size=8)
+    q, k, v, mask = attention_inputs(64)
+    hlo = jax.jit(attention._attend_in_chunks).lower(q, k, v, mask).as_text()
+    full = jax.jit(lambda *a: attention.attend(*a, 0)[2]).lower(q, k, v, mask).as_text()
+    assert "x2x2x64x64xf32>" in full
+    assert "x2x2x8x8xf32>" in hlo
+    assert not any(f"x2x2x8x{keys}xf32>" in hlo for keys in (16, 32, 64))

@@ -37,16 +37,17 @@ def key_value_heads(num_query_heads: int, num_key_value_heads: int) -> np.ndarra
     return np.arange(num_query_heads) // (num_query_heads // num_key_value_heads)
 
 
-def attention_mask(padding_mask, query_start, num_queries: int, sliding_window=None):
+def attention_mask(padding_mask, query_start, num_queries: int, sliding_window=None, key_start=0):
     """Which keys each query may attend to, boolean `[batch, query, key]`.
 
-    Queries are positions `query_start .. query_start + num_queries - 1`.
-    A query at position `t` sees keys `s <= t` that are not padding and, with
-    a `sliding_window` `w`, only the last `w` of them (`s > t - w`), as
-    Hugging Face transformers masks Phi-3.
+    Queries are positions `query_start .. query_start + num_queries - 1`,
+    keys are positions `key_start ...` (`padding_mask [batch, key]` marks
+    the real ones). A query at position `t` sees keys `s <= t` that are not
+    padding and, with a `sliding_window` `w`, only the last `w` of them
+    (`s > t - w`), as Hugging Face transformers masks Phi-3.
     """
     queries = query_start + jnp.arange(num_queries)[:, None]
-    keys = jnp.arange(padding_mask.shape[1])[None, :]
+    keys = key_start + jnp.arange(padding_mask.shape[1])[None, :]
     allowed = keys <= queries
     if sliding_window is not None:
         allowed = allowed & (keys > queries - sliding_window)
@@ -120,7 +121,8 @@ class Phi3Attention(keras.layers.Layer):
         num_key_value_heads: int. Key/value heads `Hkv`, dividing `Hq`.
         dropout: float. Dropout on the attention probabilities in training.
         sliding_window: int or None. Attend only to the last this-many keys.
-        query_chunk_size: int. Long inputs are attended this many queries
+        query_chunk_size: int. Long inputs (more than twice this many
+            tokens) are attended this many queries against this many keys
             at a time (see `apply`).
         kernel_initializer: initializer for the kernels.
 
@@ -136,7 +138,7 @@ class Phi3Attention(keras.layers.Layer):
         num_key_value_heads,
         dropout=0.0,
         sliding_window=None,
-        query_chunk_size=1024,
+        query_chunk_size=512,
         kernel_initializer=None,
         **kwargs,
     ):
@@ -181,6 +183,17 @@ class Phi3Attention(keras.layers.Layer):
         scores changes the pattern and a hook on the pattern changes `z`.
         Returns `(scores, pattern, z)`: scores and pattern `[B, Hq, n, T]`
         (float32) and `z [B, n, Hq, dh]`."""
+        length = k.shape[2 if head_major else 1]
+        mask = attention_mask(padding_mask[:, :length], query_start, q.shape[1], self.sliding_window)[:, None]
+        scores = sites("attn.hook_attn_scores", self._masked_scores(q, k, mask, head_major))
+        pattern = sites("attn.hook_pattern", masked_softmax(scores, mask))
+        z = self._weighted_values(dropout(pattern, self.dropout, dropout_key), v, head_major)
+        return scores, pattern, z
+
+    def _masked_scores(self, q, k, mask, head_major=False):
+        """Scaled scores `q . k * score_scale` of query rows `q [B, n, Hq,
+        dh]` against keys `k` (`[B, T, Hkv, dh]`, or `[B, Hkv, T, dh]` when
+        `head_major`), float32 `[B, Hq, n, T]`, -inf where `mask` is False."""
         keys = "bksh" if head_major else "bskh"
         batch, rows, length = q.shape[0], q.shape[1], k.shape[2 if head_major else 1]
         # Queries head-major first (a small copy), so both matmuls write their
@@ -191,18 +204,22 @@ class Phi3Attention(keras.layers.Layer):
         scores = jnp.einsum(f"bkgth,{keys}->bkgts", grouped_q, k, preferred_element_type=jnp.float32).reshape(
             batch, self.num_query_heads, rows, length
         )
-        scores = scores * jnp.float32(self.score_scale)
-        mask = attention_mask(padding_mask, query_start, rows, self.sliding_window)[:, None]
-        scores = sites("attn.hook_attn_scores", jnp.where(mask, scores, -jnp.inf))
-        pattern = sites("attn.hook_pattern", masked_softmax(scores, mask))
-        weights = dropout(pattern, self.dropout, dropout_key).astype(v.dtype)
+        return jnp.where(mask, scores * jnp.float32(self.score_scale), -jnp.inf)
+
+    def _weighted_values(self, weights, v, head_major=False, result_dtype=None):
+        """`z [B, n, Hq, dh]` (in `result_dtype`, default `v`'s): attention
+        weights `[B, Hq, n, T]` (cast to `v`'s dtype) applied to the values
+        `v` (`[B, T, Hkv, dh]`, or `[B, Hkv, T, dh]` when `head_major`),
+        each query head reading its key/value head."""
+        keys = "bksh" if head_major else "bskh"
+        batch, _, rows, length = weights.shape
         z = jnp.einsum(
             f"bkgts,{keys}->bkgth",
-            weights.reshape(batch, self.num_key_value_heads, self.group_size, rows, length),
+            weights.astype(v.dtype).reshape(batch, self.num_key_value_heads, self.group_size, rows, length),
             v,
+            preferred_element_type=result_dtype,
         )
-        z = z.transpose(0, 3, 1, 2, 4).reshape(batch, rows, self.num_query_heads, self.head_dim)
-        return scores, pattern, z
+        return z.transpose(0, 3, 1, 2, 4).reshape(batch, rows, self.num_query_heads, self.head_dim)
 
     def _attend_causal_blocks(self, q, k, v, padding_mask):
         """`z` of `attend`, computed a block of queries at a time, each block
@@ -221,20 +238,63 @@ class Phi3Attention(keras.layers.Layer):
         return jnp.concatenate(rows, axis=1)
 
     def _attend_in_chunks(self, q, k, v, padding_mask):
-        """`z` computed `query_chunk_size` rows at a time, so no `[T, T]`
-        array for all heads ever exists (long inputs)."""
+        """`z` of `attend` for long inputs, a chunk of `query_chunk_size`
+        queries against a chunk of as many keys at a time, with a running
+        softmax (flash attention's recurrence): per query row the running
+        maximum of its scores, the sum of their exponentials and the sum of
+        the weighted values, rescaled when the maximum grows.
+
+        A query chunk computes only the key chunks it can see: none after
+        its last query and, with a sliding window, none wholly before the
+        window of its first query. No array larger than one chunk pair's
+        scores `[B, Hq, C, C]` exists, and the key-chunk loop is a `scan`
+        with a `cond` per chunk, so gradients flow through it."""
         chunk = self.query_chunk_size
-        length = q.shape[1]
+        batch, length = q.shape[:2]
         count = -(-length // chunk)
-        padded = jnp.pad(q, ((0, 0), (0, count * chunk - length), (0, 0), (0, 0)))
 
-        def one(index):
-            rows = jax.lax.dynamic_slice_in_dim(padded, index * chunk, chunk, axis=1)
-            return self.attend(rows, k, v, padding_mask, index * chunk)[2]
+        def chunks(x):  # [B, T, ...] -> [count, B, chunk, ...], padded with zeros / False
+            x = jnp.pad(x, ((0, 0), (0, count * chunk - length)) + ((0, 0),) * (x.ndim - 2))
+            return jnp.moveaxis(x.reshape(batch, count, chunk, *x.shape[2:]), 1, 0)
 
-        z = jax.lax.map(one, jnp.arange(count))  # [count, B, chunk, Hq, dh]
-        z = jnp.moveaxis(z, 0, 1).reshape(q.shape[0], count * chunk, *q.shape[2:])
-        return z[:, :length]
+        key_chunks, value_chunks, mask_chunks = chunks(k), chunks(v), chunks(padding_mask)
+        window = self.sliding_window
+
+        def one(query_chunk):
+            index, rows = query_chunk
+            first = 0 if window is None else jnp.maximum(0, (index * chunk - window + 1) // chunk)
+
+            def add_keys(state, key_chunk):
+                row_max, total, weighted = state
+                j, keys, values, key_mask = key_chunk
+                mask = attention_mask(key_mask, index * chunk, chunk, window, key_start=j * chunk)[:, None]
+                scores = self._masked_scores(rows, keys, mask)  # [B, Hq, C, C]
+                new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1, keepdims=True))
+                shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+                weights = jnp.where(mask, jnp.exp(scores - shift), 0.0)
+                rescale = jnp.exp(row_max - shift)  # 0 while nothing was seen
+                total = total * rescale + jnp.sum(weights, axis=-1, keepdims=True)
+                values = self._weighted_values(weights, values, result_dtype=jnp.float32)
+                weighted = weighted * jnp.moveaxis(rescale, 1, 2) + values
+                return new_max, total, weighted
+
+            def step(state, key_chunk):
+                visible = (key_chunk[0] >= first) & (key_chunk[0] <= index)
+                return jax.lax.cond(visible, add_keys, lambda state, _: state, state, key_chunk), None
+
+            heads = (batch, self.num_query_heads, chunk, 1)
+            state = (
+                jnp.full(heads, -jnp.inf, jnp.float32),
+                jnp.zeros(heads, jnp.float32),
+                jnp.zeros((batch, chunk, self.num_query_heads, self.head_dim), jnp.float32),
+            )
+            keys = (jnp.arange(count), key_chunks, value_chunks, mask_chunks)
+            (_, total, weighted), _ = jax.lax.scan(step, state, keys)
+            total = jnp.moveaxis(total, 1, 2)  # [B, C, Hq, 1]
+            return (weighted / jnp.where(total == 0.0, 1.0, total)).astype(v.dtype)
+
+        z = jax.lax.map(one, (jnp.arange(count), chunks(q)))  # [count, B, chunk, Hq, dh]
+        return jnp.moveaxis(z, 0, 1).reshape(batch, count * chunk, *q.shape[2:])[:, :length]
 
     def apply(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None, cache=None, cache_index=0):
         """One layer's attention.
@@ -264,8 +324,9 @@ class Phi3Attention(keras.layers.Layer):
         `_attend_causal_blocks` (which skips the future keys); otherwise, or
         with `use_fused_attention = False`, from `attend` over every key.
         Long inputs (more than two chunks of `query_chunk_size` queries)
-        without flash attention are attended a chunk of queries at a time
-        (`_attend_in_chunks`, bounded memory). With
+        without flash attention are attended a chunk of queries against a
+        chunk of keys at a time (`_attend_in_chunks`: a running softmax over
+        the key chunks a query chunk sees, bounded memory). With
         `sites.query_window` set, only those query rows of the pattern and
         scores are reported.
         """
