@@ -29,6 +29,7 @@ from conftest import (
 )
 from phi3lab import Phi3Backbone
 from phi3lab.model.attention import Phi3Attention, fused_attention
+from phi3lab.model.kv_cache import KVCache
 
 HF_TOLERANCE = 1e-4
 # Blocks of 4 queries: the 13-token inputs are attended as 4 + 4 + 4 + 1.
@@ -156,3 +157,32 @@ def test_chunks_never_hold_more_than_one_chunk_of_scores():
     assert "x2x2x64x64xf32>" in full
     assert "x2x2x8x8xf32>" in hlo
     assert not any(f"x2x2x8x{keys}xf32>" in hlo for keys in (16, 32, 64))
+
+
+def test_prefill_attends_over_the_prompt_not_the_whole_cache(pair):
+    """A prefill from a static slot 0 attends over the prompt's own 13 keys,
+    as the plain forward does: the 19 later slots of a 32-slot cache are
+    every query's future. It gives the hidden states and the cache that the
+    prefill from a traced slot 0 gives, which scores all 32 slots."""
+    _, model = pair
+    ids, mask = token_batch(LENGTHS["above"], seed=3, pad=5)
+    batch, length = ids.shape
+    slots = 32
+    slot_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, slots - length)), constant_values=1), bool)
+    positions = jnp.asarray(np.maximum(np.cumsum(mask, axis=1) - 1, 0))
+    cache = KVCache.empty(model, batch, slots)
+
+    def prefill(params, ids, slot_mask, positions, cache, index):
+        return model.apply(params, ids, slot_mask, positions=positions, cache=cache, cache_index=index)[::2]
+
+    args = (model.params(), jnp.asarray(ids), slot_mask, positions, cache)
+    static = jax.jit(lambda *a: prefill(*a, 0))
+    traced = jax.jit(prefill)
+    (hidden, filled), (expected, expected_cache) = static(*args), traced(*args, np.int32(0))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(hidden)[real], np.asarray(expected)[real], atol=1e-5)
+    for got, want in zip(filled, expected_cache):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    scores_over_cache = f"x{length}x{slots}xf32>"
+    assert scores_over_cache in traced.lower(*args, np.int32(0)).as_text()
+    assert scores_over_cache not in static.lower(*args).as_text()

@@ -29,7 +29,7 @@ from phi3lab.errors import bad_argument
 from phi3lab.generation import programs
 from phi3lab.generation.captures import StepCaptures, captured_bytes, row_trace
 from phi3lab.generation.inputs import prompt_rows, stop_ids
-from phi3lab.generation.programs import CHUNK, bucket, loop_program, split_layers, step_program
+from phi3lab.generation.programs import CHUNK, bucket, loop_program, prefill_program, split_layers
 from phi3lab.generation.result import Generation
 from phi3lab.generation.sampling import Sampler, check_seed
 from phi3lab.model.kv_cache import KVCache
@@ -65,14 +65,13 @@ class _Decoder:
         self.cache = KVCache.empty(model, batch, cache_length)
         self.length = 0  # slots processed
 
-    def _step_args(self, token_ids, positions, index: int, last: int):
+    def _prefill_args(self, token_ids, positions, last: int):
         return (
             self.params,
             jnp.asarray(token_ids),
             self.device_slot_mask,
             jnp.asarray(positions),
             self.cache,
-            np.int32(index),
             np.int32(last),
             self.hook_data,
         )
@@ -116,9 +115,9 @@ class _Decoder:
         self.cache = KVCache.empty(self.model, *self.sequence.shape)
         self.captures.reset()
         self.length = length
-        args = self._step_args(token_ids, positions, 0, length - 1)
-        shapes = self._step_args(np.zeros_like(token_ids), np.zeros_like(positions), 0, 0)
-        logits, self.cache, top, segments = step_program(self.fn, shapes)(*args)
+        args = self._prefill_args(token_ids, positions, length - 1)
+        shapes = self._prefill_args(np.zeros_like(token_ids), np.zeros_like(positions), 0)
+        logits, self.cache, top, segments = prefill_program(self.fn, shapes)(*args)
         self.captures.add(length, top, segments)
         return logits.astype(jnp.float32)
 

@@ -72,11 +72,19 @@ def split_layers(model, params) -> dict:
     return compile_cache.cached(model, ("split_layers",), lambda: jax.jit(split))(params)
 
 
-def step_program(fn: ForwardFn, args):
-    """The compiled step (`_step`) for `args`, cached per model under the kind
-    `"generate"` (as the decode loop). Compiled ahead of time, so its memory
+def prefill_program(fn: ForwardFn, args):
+    """The compiled prefill for `args = (params, token_ids [B, n], slot_mask
+    [B, S], positions [B, n], cache, last, hook_data)`: `_step` from slot 0
+    of a new cache. Slot 0 is static, so attention over the prompt skips the
+    slots after it (`Phi3Attention.apply`). Cached per model under the kind
+    `"generate"` (as the decode loop); compiled ahead of time, so its memory
     is known."""
-    return _compile(fn, "generate", _step(fn), args)
+    step = _step(fn)
+
+    def prefill(params, token_ids, slot_mask, positions, cache, last, hook_data):
+        return step(params, token_ids, slot_mask, positions, cache, 0, last, hook_data)
+
+    return _compile(fn, "generate", prefill, args)
 
 
 def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):

@@ -296,6 +296,23 @@ class Phi3Attention(keras.layers.Layer):
         z = jax.lax.map(one, (jnp.arange(count), chunks(q)))  # [count, B, chunk, Hq, dh]
         return jnp.moveaxis(z, 0, 1).reshape(batch, count * chunk, *q.shape[2:])[:, :length]
 
+    def _attend_unreported(self, q, k, v, padding_mask, dropout_key=None):
+        """`z` of `attend` over keys `k, v [B, T, Hkv, dh]` at positions
+        `0 ... T - 1` when no attention map is reported: with dropout
+        `attend`; else `flash_attention` where there is one; else, for long
+        inputs, `_attend_in_chunks`; else `_attend_causal_blocks` (or
+        `attend` over every key with `use_fused_attention = False`)."""
+        if dropout_key is not None:
+            return self.attend(q, k, v, padding_mask, 0, dropout_key)[2]
+        z = flash_attention(q, k, v, padding_mask, self.sliding_window) if self.use_fused_attention else None
+        if z is not None:
+            return z
+        if q.shape[1] > 2 * self.query_chunk_size:
+            return self._attend_in_chunks(q, k, v, padding_mask)
+        if self.use_fused_attention:
+            return self._attend_causal_blocks(q, k, v, padding_mask)
+        return self.attend(q, k, v, padding_mask, 0)[2]
+
     def apply(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None, cache=None, cache_index=0):
         """One layer's attention.
 
@@ -312,23 +329,24 @@ class Phi3Attention(keras.layers.Layer):
                 the inputs are written at slots `cache_index ...
                 cache_index + T - 1`, and the queries (at those slots)
                 attend over all `S` slots under the causal, padding and
-                sliding-window mask.
+                sliding-window mask (a prefill, `cache_index` the Python
+                int 0 and no map reported, attends over its own `T` keys
+                only, as the plain forward does: later slots are future).
             cache_index: int (may be traced), the slot of `x`'s first row.
 
         Returns the attention output `[B, T, D]` (after the output kernel),
         and with a `cache` also the updated `LayerCache`.
 
-        When no full attention map is reported (the plain forward, or a
-        `sites.query_window`), `z` comes from `flash_attention` (cuDNN,
-        16-bit, GPU) where there is one, else from
-        `_attend_causal_blocks` (which skips the future keys); otherwise, or
-        with `use_fused_attention = False`, from `attend` over every key.
-        Long inputs (more than two chunks of `query_chunk_size` queries)
-        without flash attention are attended a chunk of queries against a
-        chunk of keys at a time (`_attend_in_chunks`: a running softmax over
-        the key chunks a query chunk sees, bounded memory). With
-        `sites.query_window` set, only those query rows of the pattern and
-        scores are reported.
+        When no full attention map is reported (the plain forward, a
+        `sites.query_window`, a prefill), `z` comes from
+        `_attend_unreported`: `flash_attention` (cuDNN, 16-bit, GPU) where
+        there is one; for long inputs (more than two chunks of
+        `query_chunk_size` queries) `_attend_in_chunks`, a running softmax
+        over the key chunks each query chunk sees (bounded memory); else
+        `_attend_causal_blocks` (which skips the future keys). Otherwise, or
+        with `use_fused_attention = False`, `z` comes from `attend` over
+        every key. With `sites.query_window` set, only those query rows of
+        the pattern and scores are reported.
         """
         dtype = self.compute_dtype
         w = dequantize(params, dtype)
@@ -338,29 +356,25 @@ class Phi3Attention(keras.layers.Layer):
         q = sites("attn.hook_rot_q", apply_rotary(q, cos, sin))
         k = sites("attn.hook_rot_k", apply_rotary(k, cos, sin))
 
+        length = q.shape[1]
+        reported = sites.wants("attn.hook_attn_scores") or sites.wants("attn.hook_pattern")
         if cache is not None:
             cache = cache.write(k, v, cache_index)
-            keys, values = (slots.astype(dtype) for slots in cache.read())
-            z = self.attend(q, keys, values, padding_mask, cache_index, dropout_key, sites, head_major=True)[2]
+            if isinstance(cache_index, int) and cache_index == 0 and not reported:
+                # A prefill from the first slot: every later slot is in every
+                # query's future, so only the inputs' own keys are attended.
+                z = self._attend_unreported(q, k, v, padding_mask[:, :length], dropout_key)
+            else:
+                keys, values = (slots.astype(dtype) for slots in cache.read())
+                z = self.attend(q, keys, values, padding_mask, cache_index, dropout_key, sites, head_major=True)[2]
             z = sites("attn.hook_z", z)
             return jnp.einsum("btnh,nhd->btd", z, w["output_kernel"]), cache
 
-        length = q.shape[1]
-        reported = sites.wants("attn.hook_attn_scores") or sites.wants("attn.hook_pattern")
         window = sites.query_window
         if reported and window is None:
             z = self.attend(q, k, v, padding_mask, 0, dropout_key, sites)[2]
         else:
-            if dropout_key is not None:
-                z = self.attend(q, k, v, padding_mask, 0, dropout_key)[2]
-            else:
-                z = flash_attention(q, k, v, padding_mask, self.sliding_window) if self.use_fused_attention else None
-                if z is None and length > 2 * self.query_chunk_size:
-                    z = self._attend_in_chunks(q, k, v, padding_mask)
-                elif z is None and self.use_fused_attention:
-                    z = self._attend_causal_blocks(q, k, v, padding_mask)
-                elif z is None:
-                    z = self.attend(q, k, v, padding_mask, 0)[2]
+            z = self._attend_unreported(q, k, v, padding_mask, dropout_key)
             if reported:
                 # Only the window's rows are reported (hooks on attention
                 # maps are refused with a window, so nothing flows back).
