@@ -22,10 +22,17 @@ and, when transformer_lens is importable, a HookedTransformer of the same
 shapes on torch CPU: its forward, run_with_cache (everything) and
 run_with_cache with a names_filter for the patterns.
 
+  fill of a full trace's arrays
+                         a jitted program that only fills new arrays of the
+                         shapes a full trace returns: the floor of writing
+                         that many bytes into fresh memory on this machine
+
 Also printed: the plain forward's achieved GFLOP/s next to a large jitted
-matmul's (timed in the same round-robin), and the memory of a full trace (peak RSS
+matmul's (timed in the same round-robin), the memory of a full trace (peak RSS
 growth while it runs, sampled every millisecond) next to the bytes of the
-arrays it returns.
+arrays it returns, and the minor page faults and kernel CPU time per call of
+the full trace and of the fill (fresh memory is faulted in and zeroed by the
+kernel, a cost no capture of that size avoids).
 """
 
 from __future__ import annotations
@@ -101,6 +108,27 @@ def peak_rss_growth(fn) -> tuple[int, object]:
         sampler.join()
     peak[0] = max(peak[0], process.memory_info().rss)
     return peak[0] - base, result
+
+
+def fill_of(arrays):
+    """A jitted program that fills new arrays shaped and typed as `arrays`
+    with one value (nothing else): the cost of writing them into fresh
+    memory."""
+    shapes = [(a.shape, a.dtype) for a in arrays]
+    fill = jax.jit(lambda x: [jnp.full(shape, x, dtype) for shape, dtype in shapes])
+    return lambda: jax.block_until_ready(fill(jnp.float32(1)))
+
+
+def kernel_cost(fn, runs: int = 3) -> tuple[float, float]:
+    """(minor page faults, kernel CPU ms) per call of `fn`, from getrusage."""
+    import resource
+
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(runs):
+        fn()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return (after.ru_minflt - before.ru_minflt) / runs, (after.ru_stime - before.ru_stime) / runs * 1e3
 
 
 def phi3lab_variants(model, ids):
@@ -188,6 +216,9 @@ def main():
     for length in args.lengths:
         ids = np.random.default_rng(length).integers(0, CONFIG["vocabulary_size"], (1, length)).astype(np.int32)
         variants = phi3lab_variants(model, ids)
+        full = phi3lab.trace(model, ids)
+        variants["fill of a full trace's arrays"] = fill_of([full[name] for name in full.names] + [full.output])
+        del full
         variants["reference matmul 2048^3"] = reference_matmul()
         tl = None if args.no_transformer_lens else transformer_lens_variants(length, args.torch_threads)
         if tl:
@@ -216,6 +247,9 @@ def main():
             f"full trace memory: peak RSS growth {growth / 2**20:.0f} MiB vs captured arrays "
             f"{captured / 2**20:.0f} MiB ({len(tr.names)} arrays); ratio {growth / captured:.2f}"
         )
+        for name in ("trace: everything", "fill of a full trace's arrays"):
+            faults, kernel_ms = kernel_cost(variants[name])
+            print(f"{name}: {faults:.0f} minor page faults, {kernel_ms:.0f} ms kernel CPU per call")
         estimate = getattr(phi3lab, "estimate", None)
         if estimate is not None:
             print(f"phi3lab.estimate: {estimate(model, seq_len=length)}")
