@@ -186,3 +186,15 @@ def test_prefill_attends_over_the_prompt_not_the_whole_cache(pair):
     scores_over_cache = f"x{length}x{slots}xf32>"
     assert scores_over_cache in traced.lower(*args, np.int32(0)).as_text()
     assert scores_over_cache not in static.lower(*args).as_text()
+
+
+def test_chunk_gradients_recompute_scores_instead_of_keeping_them():
+    """The backward pass of the chunked path recomputes each chunk pair's
+    scores: the gradient program at T=256 (chunks of 64) needs less
+    temporary memory than one `[B, Hq, T, T]` float32 array of scores
+    (3 MiB), where keeping the 16 chunk pairs' scores and weights took 12."""
+    attention = Phi3Attention(1, 32, 4, 2, query_chunk_size=64)
+    q, k, v, mask = attention_inputs(256)
+    gradient = jax.jit(jax.grad(lambda q: jnp.sum(attention._attend_in_chunks(q, k, v, mask))))
+    temporary = gradient.lower(q).compile().memory_analysis().temp_size_in_bytes
+    assert temporary < q.shape[0] * 4 * 256 * 256 * 4
