@@ -183,8 +183,7 @@ class Phi3Attention(keras.layers.Layer):
         scores changes the pattern and a hook on the pattern changes `z`.
         Returns `(scores, pattern, z)`: scores and pattern `[B, Hq, n, T]`
         (float32) and `z [B, n, Hq, dh]`."""
-        length = k.shape[2 if head_major else 1]
-        mask = attention_mask(padding_mask[:, :length], query_start, q.shape[1], self.sliding_window)[:, None]
+        mask = attention_mask(padding_mask, query_start, q.shape[1], self.sliding_window)[:, None]
         scores = sites("attn.hook_attn_scores", self._masked_scores(q, k, mask, head_major))
         pattern = sites("attn.hook_pattern", masked_softmax(scores, mask))
         z = self._weighted_values(dropout(pattern, self.dropout, dropout_key), v, head_major)
