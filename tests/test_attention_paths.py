@@ -28,7 +28,8 @@ from conftest import (
     token_batch,
 )
 from phi3lab import Phi3Backbone
-from phi3lab.model.attention import Phi3Attention, fused_attention
+from phi3lab.model.attention import Phi3Attention
+from phi3lab.model.fused_attention import fused_attention
 from phi3lab.model.kv_cache import KVCache
 
 HF_TOLERANCE = 1e-4
