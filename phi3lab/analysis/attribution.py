@@ -20,6 +20,7 @@ from jax import numpy as jnp
 
 from phi3lab import compile_cache
 from phi3lab.analysis._common import as_list, check_trace, require
+from phi3lab.analysis.lens import readout_program
 from phi3lab.checks import check_index, is_int, last_positions
 from phi3lab.errors import bad_argument
 from phi3lab.model.quantize import float_weight
@@ -266,7 +267,7 @@ def direct_logit_attribution(
     if "hook_logits" in tr.names:
         logits = np.asarray(tr["hook_logits"][batch, absolute], np.float64)
     else:
-        logits = np.asarray(jax.jit(model.readout)(params, jnp.asarray(final[None], jnp.float32)), np.float64)[0]
+        logits = np.asarray(readout_program(model)(params, jnp.asarray(final[None], jnp.float32)), np.float64)[0]
     model_value = logits[answer_id] - (logits[counter_id] if counter_id is not None else 0.0)
     table.attrs.update(
         total=float(whole.sum()),
@@ -343,7 +344,7 @@ def next_token_attribution(model, tr, batch: int = 0, heads: bool = False) -> pd
         logits = np.asarray(tr["hook_logits"][batch, :-1], np.float64)
     else:
         final = jnp.asarray(parts.final[0, :-1], jnp.float32)
-        logits = np.asarray(jax.jit(model.readout)(model.params(), final), np.float64)
+        logits = np.asarray(readout_program(model)(model.params(), final), np.float64)
     own = np.full(length, np.nan)
     own[1:] = logits[np.arange(length - 1), ids[1:]]
     own[~predicted] = np.nan

@@ -25,8 +25,9 @@ from phi3lab.tracing.names import block_name
 WHERE = ("pre", "mid", "post")
 
 
-def _readout(model):
-    """The compiled `model.readout(params, x [..., D]) -> logits [..., V]`."""
+def readout_program(model):
+    """The compiled `model.readout(params, x [..., D]) -> logits [..., V]`
+    (one per model; the attribution tables read their logits with it too)."""
     return compile_cache.cached(model, ("lens.readout",), lambda: jax.jit(model.readout))
 
 
@@ -112,7 +113,7 @@ def logit_lens_logits(
     where = _check_where(where)
     batch = check_index("batch", batch, tr.token_ids.shape[0], "batch row")
     chosen = np.arange(tr.token_ids.shape[1]) if positions is None else _positions(tr, positions, batch)
-    readout, params = _readout(model), model.params()
+    readout, params = readout_program(model), model.params()
     out = [
         np.asarray(readout(params, jnp.asarray(x)), np.float32) for _, x in _streams(model, tr, where, batch, chosen)
     ]
