@@ -2,14 +2,15 @@
 
 XLA:CPU updates or reads one slice of a bfloat16 buffer that is being written
 by converting all of it to float32 (a pass over every layer's slice for each
-layer). phi3lab writes such buffers through their `uint16` bits instead:
-the scan's stacked captures, the KV cache and generation's per-step buffers.
+layer). phi3lab writes such buffers through their `uint16` bits instead: the
+KV cache and generation's per-step buffers. Captures are not stacked at all:
+each layer that captures runs alone.
 
 Oracles: NumPy slice assignment for the helpers; for the programs, the
-float32 run cast to bfloat16, the same captures with every layer run on its
-own (nothing stacked), and the uncached forward. The program tests read the
-compiled HLO: a float32 array of a whole stacked buffer's shape is the pass
-being removed (it is there without the bitcasts).
+float32 run cast to bfloat16, the same layer run after a scan of the layers
+before it and after those layers run alone, and the uncached forward. The
+program tests read the compiled HLO: a float32 array of a whole stacked
+buffer's shape is the pass being removed (it is there without the bitcasts).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from jax import numpy as jnp
 import phi3lab
 from conftest import random_backbone, token_batch
 from phi3lab.model.kv_cache import KVCache
-from phi3lab.model.stacked import from_bits, scan, to_bits, update_slice
+from phi3lab.model.stacked import from_bits, to_bits, update_slice
 from phi3lab.tracing import forward_fn
 
 LAYERS = 3
@@ -42,12 +43,6 @@ def test_update_slice_and_bits_agree_with_numpy(dtype):
     bits = to_bits(jnp.asarray(buffer))
     assert bits.dtype == (jnp.uint16 if dtype != "float32" else jnp.float32)
     np.testing.assert_array_equal(np.asarray(from_bits(bits, buffer.dtype)).view(np.uint8), buffer.view(np.uint8))
-    body = lambda carry, row: (carry + row.sum(), {"row": row * 2, "index": carry})
-    ours = jax.jit(lambda xs: scan(body, jnp.zeros((), buffer.dtype), xs))(jnp.asarray(buffer))
-    theirs = jax.jit(lambda xs: jax.lax.scan(body, jnp.zeros((), buffer.dtype), xs))(jnp.asarray(buffer))
-    for got, expected in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
-        assert got.dtype == expected.dtype
-        np.testing.assert_array_equal(np.atleast_1d(got).view(np.uint8), np.atleast_1d(expected).view(np.uint8))
 
 
 def _float32_arrays(hlo: str, shape) -> int:
@@ -55,14 +50,18 @@ def _float32_arrays(hlo: str, shape) -> int:
     return hlo.count(f"= f32[{','.join(map(str, shape))}]")
 
 
-def test_bfloat16_maps_are_stacked_without_a_float32_pass():
+def test_bfloat16_maps_leave_the_program_per_layer_without_a_float32_pass():
+    """Each layer's bfloat16 maps are their own outputs: no buffer stacked
+    over the layers exists in the program, in any dtype."""
     model = random_backbone(seed=3, num_layers=LAYERS)
     ids, mask = token_batch(16, seed=1)
     maps = ["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_attn_scores"]
     fn = forward_fn(model, maps, capture_dtype="bfloat16")
     args = (model.params(), jnp.asarray(ids), jnp.asarray(mask.astype(bool)), ())
     hlo = jax.jit(fn.run).lower(*args).compile().as_text()
-    assert _float32_arrays(hlo, (LAYERS, 3, model.num_query_heads, 16, 16)) == 0
+    stacked = f"[{LAYERS},3,{model.num_query_heads},16,16]"
+    assert stacked not in hlo
+    assert f"bf16[1,3,{model.num_query_heads},16,16]" in hlo  # one layer's map, as the program returns it
     half = phi3lab.trace(model, ids, padding_mask=mask, names=maps, capture_dtype="bfloat16")
     full = phi3lab.trace(model, ids, padding_mask=mask, names=maps)
     for name in half.names:
@@ -75,22 +74,24 @@ def half_model():
     return random_backbone(seed=4, num_layers=LAYERS, dtype="bfloat16")
 
 
-def test_bfloat16_model_captures_equal_each_layer_run_alone(half_model):
-    """A hook on every layer gives each its own segment (nothing stacked):
-    the oracle for the stacked captures of the scan."""
+def test_bfloat16_stream_after_a_scan_matches_it_after_layers_run_alone(half_model):
+    """Capturing only the last layer scans the layers before it (bfloat16
+    carried through `lax.scan`); capturing every layer runs each alone. The
+    last layer's residual stream agrees to bfloat16 rounding (the two
+    programs fuse, and so round, differently: 2 ulps here; a wrong layer's
+    weights in the scan is off by the stream's own size)."""
     ids, mask = token_batch(12, seed=2)
-    stacked = phi3lab.trace(half_model, ids, padding_mask=mask)
-    alone = phi3lab.trace(half_model, ids, padding_mask=mask, hooks={"blocks.*.hook_resid_pre": lambda x, ctx: x})
-    assert stacked.names == alone.names
-    for name in stacked.names:
-        assert stacked[name].dtype == alone[name].dtype, name
-        if name.startswith("blocks."):  # stacked in the scan: bit for bit what a layer alone gives
-            assert stacked[name].dtype != np.uint16, name
-            np.testing.assert_array_equal(stacked[name], alone[name], err_msg=name)
-        else:  # after the blocks, another program's fusions round some last bits differently
-            got, expected = (a.astype(np.float32) for a in (stacked[name], alone[name]))
-            np.testing.assert_allclose(got, expected, rtol=0, atol=2**-5 * (1 + np.abs(expected).max()), err_msg=name)
-    assert str(stacked["blocks.1.hook_resid_post"].dtype) == "bfloat16"
+    last = f"blocks.{LAYERS - 1}."
+    after_scan = phi3lab.trace(half_model, ids, padding_mask=mask, names=last + "*")
+    alone = phi3lab.trace(half_model, ids, padding_mask=mask)
+    assert after_scan.names == [n for n in alone.names if n.startswith(last)]
+    for name in after_scan.names:
+        assert after_scan[name].dtype == alone[name].dtype != np.uint16, name
+    for where in ("pre", "mid", "post"):
+        name = f"{last}hook_resid_{where}"
+        got, expected = (a.astype(np.float32) for a in (after_scan[name], alone[name]))
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2**-5 * (1 + np.abs(expected).max()), err_msg=name)
+    assert alone["blocks.1.hook_resid_post"].dtype == ml_dtypes.bfloat16
 
 
 def test_bfloat16_cache_is_written_in_place_and_reads_back(half_model):
@@ -111,15 +112,15 @@ def test_bfloat16_cache_is_written_in_place_and_reads_back(half_model):
     assert cache.keys.dtype == jnp.bfloat16
     uncached = half_model.apply(half_model.params(), ids, jnp.ones(ids.shape, bool))[0]
     np.testing.assert_allclose(np.asarray(hidden, np.float32), np.asarray(uncached, np.float32), rtol=2**-6, atol=2**-6)
+    # The trace runs each capturing layer alone, the prefill scans them: the
+    # programs fuse, and so round, differently (0.07 on keys of size 7 by the
+    # last layer); a key in the wrong slot or layer is off by its own size.
     rot_k = phi3lab.trace(half_model, np.asarray(ids), names="blocks.*.attn.hook_rot_k")
     for layer in range(LAYERS):
         stored = np.asarray(cache.keys[layer, 0, :, : ids.shape[1]]).swapaxes(0, 1)  # [T, Hkv, dh]
-        np.testing.assert_allclose(
-            stored.astype(np.float32),
-            rot_k[f"blocks.{layer}.attn.hook_rot_k"][0].astype(np.float32),
-            rtol=2**-7,
-            atol=2**-7,
-        )
+        expected = rot_k[f"blocks.{layer}.attn.hook_rot_k"][0].astype(np.float32)
+        atol = 2**-5 * (1 + np.abs(expected).max())
+        np.testing.assert_allclose(stored.astype(np.float32), expected, rtol=0, atol=atol, err_msg=f"layer {layer}")
     assert not np.any(np.asarray(cache.keys[:, :, :, ids.shape[1] :], np.float32))  # untouched slots
 
 

@@ -1,4 +1,5 @@
-"""Length buckets, bfloat16 captures and the compile cache of `trace`.
+"""Length buckets, bfloat16 captures, the compile cache of `trace`, and how
+its programs run the layers (a scan, or each layer alone).
 
 Oracle for the padded runs: the same pure forward (`forward_fn`) jitted at the
 input's own length, with no padding, on the same random weights. The rotary
@@ -149,3 +150,51 @@ def test_bfloat16_captures(model):
 def test_capture_dtype_is_checked(model):
     with pytest.raises(ValueError, match="capture_dtype"):
         phi3lab.trace(model, [1, 2, 3], capture_dtype="float16")
+
+
+def test_layers_that_capture_or_hook_run_alone_and_the_rest_share_a_scan():
+    model = random_backbone(seed=12, num_layers=6)
+    segments = lambda names, hooks=None: forward_fn(model, names, hooks).plan.segments()
+    assert segments(()) == [(0, 6)]
+    assert segments("blocks.2.*") == [(0, 2), (2, 3), (3, 6)]
+    assert segments("blocks.2.*", {"blocks.4.hook_resid_pre": lambda x, ctx: x}) == [
+        (0, 2), (2, 3), (3, 4), (4, 5), (5, 6)
+    ]  # fmt: skip
+    assert segments(None) == [(layer, layer + 1) for layer in range(6)]
+    assert segments("hook_logits") == [(0, 6)]  # model-level captures leave the layers in one scan
+
+    ids, mask = token_batch(8, seed=3)
+    args = (model.params(), jax.numpy.asarray(ids), jax.numpy.asarray(mask.astype(bool)))
+    full = jax.jit(forward_fn(model, "blocks.*.attn.hook_pattern").run).lower(*args).compile().as_text()
+    plain = jax.jit(forward_fn(model, ()).run).lower(*args).compile().as_text()
+    assert " while(" not in full and " while(" in plain
+    one_layer = f"[1,3,{model.num_query_heads},8,8]"
+    assert f"[6,3,{model.num_query_heads},8,8]" not in full and one_layer in full  # no map stacked over layers
+    tr = phi3lab.trace(model, ids, padding_mask=mask, names="blocks.*.attn.hook_pattern")
+    got = np.stack([tr.attention(layer) for layer in range(6)])
+    expected = np.stack(
+        [
+            phi3lab.trace(model, ids, padding_mask=mask, names=f"blocks.{layer}.attn.hook_pattern").attention(layer)
+            for layer in range(6)
+        ]
+    )
+    np.testing.assert_array_equal(got, expected)  # a layer alone after a scan = the same layer after layers alone
+
+
+def test_layers_run_alone_hold_one_layers_weight_slices_at_a_time():
+    """A trace that captures every layer copies each layer's weight slice
+    when the layer runs, not all at the start (phi3lab compiles with XLA:CPU's
+    memory-optimized scheduler, `compile_cache.compiler_options`): its
+    temporaries stay below two layers' weights."""
+    model = random_backbone(seed=13, scale=0.05, num_layers=8, hidden_dim=256, intermediate_dim=1024, num_query_heads=4)
+    ids, mask = token_batch(8, seed=3)
+    fn = forward_fn(model, "blocks.*.hook_resid_post")
+    args = (model.params(), jax.numpy.asarray(ids), jax.numpy.asarray(mask.astype(bool)))
+    layer_weights = sum(a.nbytes for a in jax.tree.leaves(model.params()["decoder"])) / model.num_layers
+    traced = phi3lab.trace(model, ids, padding_mask=mask, names="blocks.*.hook_resid_post")["blocks.7.hook_resid_post"]
+    (program,) = [p for key, p in compile_cache.entries(model).items() if key[0] == "trace"]
+    ours = program.memory_analysis().temp_size_in_bytes
+    xla_default = jax.jit(fn.run).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    assert ours < 2 * layer_weights < xla_default, (ours, layer_weights, xla_default)
+    direct = np.asarray(fn(*args).captures["blocks.7.hook_resid_post"])  # unpadded, XLA's own scheduling
+    np.testing.assert_allclose(traced, direct, rtol=0, atol=1e-5 * (1 + np.abs(direct).max()))

@@ -40,7 +40,7 @@ from phi3lab.analysis.patching import (
     stacked_site,
 )
 from phi3lab.checks import check_choice, check_positive_int
-from phi3lab.tracing.gradient_trace import gradient_program, zero_probes
+from phi3lab.tracing.gradient_trace import gradient_fn, gradient_program, zero_probes
 from phi3lab.tracing.hook_types import Hook, Hooks
 from phi3lab.tracing.metrics import check_finite, resolve_metric
 from phi3lab.tracing.names import block_name
@@ -144,10 +144,11 @@ def _path_average_grads(model, hook, names, metric, params, corrupted, mask, cle
     """`[L, ...]`: for each layer, the gradient at its site averaged over
     `steps` midpoints of corrupted -> clean (that layer's site alone moved)."""
     hooks = Hooks({block_name("*", hook): Hook(_interpolate)})
-    run = gradient_program(model, names, hooks, metric, reduce="mean")
-    key = ("attribution.integrated", names, metric.key)
+    key, run = gradient_fn(model, names, hooks, metric, reduce="mean")
     mapped = compile_cache.cached(
-        model, key, lambda: jax.jit(jax.vmap(run, in_axes=(None, None, None, ((None, 0),), None, None)))
+        model,
+        ("attribution.integrated", key),
+        lambda: compile_cache.jit(jax.vmap(run, in_axes=(None, None, None, ((None, 0),), None, None))),
     )
     layers = len(names)
     midpoints = (np.arange(steps) + 0.5) / steps

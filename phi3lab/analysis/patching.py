@@ -112,7 +112,7 @@ def metric_of(model, ids, padding, metric: Metric) -> float:
 
     def build():
         forward = forward_fn(model)
-        return jax.jit(
+        return compile_cache.jit(
             lambda params, ids, padding, data: mean_metric(
                 model, metric, params, forward(params, ids, padding).hidden, ids, padding, data
             )
@@ -133,7 +133,7 @@ def _patcher(model, site: str, metric: Metric):
         hidden = forward(params, ids, padding, hook_data=((clean, mask),)).hidden
         return mean_metric(model, metric, params, hidden, ids, padding, data)
 
-    return jax.jit(jax.vmap(one, in_axes=(None, 0, None, None, 0, None)))
+    return compile_cache.jit(jax.vmap(one, in_axes=(None, 0, None, None, 0, None)))
 
 
 def stacked_site(model, ids, padding, site: str) -> jnp.ndarray:

@@ -203,7 +203,7 @@ def _program(model, kinds: tuple, freeze: bool, metric):
         return mean_metric(model, metric, params, hidden, ids, padding, data)
 
     z_axes = (None, None, 0) if freeze else (None, 0)
-    return jax.jit(jax.vmap(one, in_axes=(None, None, None, (z_axes, z_axes), None, None)))
+    return compile_cache.jit(jax.vmap(one, in_axes=(None, None, None, (z_axes, z_axes), None, None)))
 
 
 def _run(model, clean, corrupted, padding, metric, senders_masks, receivers, freeze, batch_size) -> np.ndarray:

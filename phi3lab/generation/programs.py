@@ -59,7 +59,7 @@ def _compile(fn: ForwardFn, kind: str, program, args, *extra):
     leaves, treedef = jax.tree.flatten(args)
     shapes = (treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
     key = (kind, fn.plan, tuple((h.fn, h.static) for h in fn.hooks), shapes, *extra)
-    return compile_cache.cached(fn.model, key, lambda: jax.jit(program).lower(*args).compile())
+    return compile_cache.cached(fn.model, key, lambda: compile_cache.jit(program).lower(*args).compile())
 
 
 def split_layers(model, params) -> dict:

@@ -12,7 +12,7 @@ from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.kv_cache import KVCache, LayerCache
 from phi3lab.model.mlp import Phi3MLP
 from phi3lab.model.norm import Phi3RMSNorm
-from phi3lab.model.stacked import from_bits, scan, to_bits
+from phi3lab.model.stacked import from_bits, to_bits
 
 
 class Phi3DecoderStack(keras.layers.Layer):
@@ -23,7 +23,8 @@ class Phi3DecoderStack(keras.layers.Layer):
     and the blocks run as `jax.lax.scan`, so the compiled program holds one
     block however deep the model is (compile time does not grow with
     `num_layers`). Hook points split the scan into ranges of layers that
-    behave alike (see `HookPoints.segments`).
+    behave alike (see `HookPoints.segments`): a layer that captures or is
+    hooked runs alone, unrolled.
 
     Args:
         num_layers: int. Number of blocks `L`.
@@ -133,8 +134,10 @@ class Phi3DecoderStack(keras.layers.Layer):
         Returns:
             `(x, captures)`: the last residual stream `[B, T, D]` and a list
             of `(start, stop, captured)` per layer range, `captured` mapping
-            block-local hook names to arrays stacked over the range's layers;
-            with a `cache`, `(x, captures, cache)` with the updated cache.
+            block-local hook names to arrays stacked over the range's layers
+            (`[1, ...]`: only ranges of one layer capture, see
+            `HookPoints.segments`); with a `cache`, `(x, captures, cache)`
+            with the updated cache.
         """
         layer_keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
         # The cache travels as bits while its layers write it (`stacked.to_bits`).
@@ -170,8 +173,9 @@ class Phi3DecoderStack(keras.layers.Layer):
             elif stop - start == 1:
                 (x, cache), captured = body((x, cache), jax.tree.map(lambda a: a[0], inputs))
                 captured = jax.tree.map(lambda a: a[None], captured)
-            else:
-                (x, cache), captured = scan(body, (x, cache), inputs)
+            else:  # several layers, which capture nothing (`HookPoints.segments`)
+                (x, cache), _ = jax.lax.scan(lambda *a: _capturing_nothing(*body(*a)), (x, cache), inputs)
+                captured = {}
             captures.append((start, stop, captured))
         if cache is None:
             return x, captures
@@ -198,3 +202,13 @@ class Phi3DecoderStack(keras.layers.Layer):
             }
         )
         return config
+
+
+def _capturing_nothing(carry, captured):
+    """The scan body's `(carry, None)`: a range of several layers shares
+    one scanned block only when its layers capture nothing
+    (`HookPoints.segments`), so its captures would not come out as arrays of
+    their own."""
+    if captured:
+        raise AssertionError(f"a scanned range of layers captured {sorted(captured)}; only single layers may capture")
+    return carry, None

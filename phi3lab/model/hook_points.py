@@ -21,13 +21,15 @@ class HookPoints:
         (lets a layer skip work nobody asked for).
       * `sites.segments(num_layers)`: consecutive layer ranges `(start,
         stop)` whose hook points behave alike, so each range can run as one
-        `lax.scan` over stacked weights.
+        `lax.scan` over stacked weights. A range of several layers neither
+        captures nor hooks: layers that do run alone, so their captures
+        leave the program as arrays of their own.
       * `sites.query_window`: None, or `(start, stop)` query rows that the
         attention scores/pattern sites report (long inputs).
       * `sites.block(start)`: the hook points of a decoder block in the
         range that starts at layer `start` (every layer of a range behaves
         alike). Values it captures are in `.captured` (a dict, block-local
-        names) after the block ran; inside a scan they come out stacked.
+        names) after the block ran.
       * `sites.query_window`: see above.
     """
 

@@ -7,9 +7,9 @@ a pass over every layer's slice for each layer written (quadratic in depth).
 Reading one layer's slice of a buffer that is also written likewise converts
 all of it. The same bits viewed as `uint16` are read and written in place, so
 buffers written one slice at a time hold 16-bit floats as `uint16` while they
-are written: `scan` stacks its outputs so, the decoder carries the KV cache so
-(`to_bits`, `from_bits`), and single writes go through `update_slice`. The
-bitcasts are exact.
+are written: the decoder carries the KV cache so (`to_bits`, `from_bits`),
+and single writes (generation's per-step buffers) go through `update_slice`.
+The bitcasts are exact.
 """
 
 from __future__ import annotations
@@ -57,21 +57,3 @@ def to_bits(array):
 def from_bits(array, dtype):
     """Undo `to_bits`: `array` viewed as `dtype` (itself when it is one)."""
     return array if array.dtype == dtype else jax.lax.bitcast_convert_type(array, dtype)
-
-
-def scan(body, carry, xs):
-    """`jax.lax.scan(body, carry, xs)` whose stacked outputs XLA writes in
-    place for every dtype (16-bit floats are stacked as their bits).
-
-    Example:
-    >>> x, captured = scan(lambda x, layer: (block(x, layer), x), x, jnp.arange(num_layers))
-    """
-    dtypes = []  # the body's outputs' dtypes, recorded while it is traced
-
-    def stackable(carry, x):
-        carry, out = body(carry, x)
-        dtypes.append(jax.tree.map(lambda a: a.dtype, out))
-        return carry, jax.tree.map(to_bits, out)
-
-    carry, stacked = jax.lax.scan(stackable, carry, xs)
-    return carry, jax.tree.map(from_bits, stacked, dtypes[-1])

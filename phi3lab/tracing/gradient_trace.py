@@ -59,39 +59,43 @@ def _probe(x, ctx):
     return x + ctx.data.astype(x.dtype)
 
 
-def gradient_program(model, names: tuple[str, ...], hooks: Hooks, metric: Metric, reduce: str = "sum"):
-    """The compiled `run(params, ids, mask, hook_data, probes, metric_data)
-    -> (metric values, final hidden states, activations, gradients)`
-    (the last two dicts by name).
+def gradient_fn(model, names: tuple[str, ...], hooks: Hooks, metric: Metric, reduce: str = "sum"):
+    """`(key, run)`: the pure `run(params, ids, mask, hook_data, probes,
+    metric_data) -> (metric values, final hidden states, activations,
+    gradients)` (the last two dicts by name) and the key it is cached under.
 
     `hook_data` is the data of `hooks` (the user's interventions), `probes`
     one zero array per name (the point where gradients are taken; pass the
     activation's shape). The metric's rows are summed (`reduce="sum"`) or
     averaged (`"mean"`, what the patching sweeps normalize) before
-    differentiating. Cached per model, plan, hook functions, metric and
-    reduction.
+    differentiating. The key names the model's plan, hook functions, metric
+    and reduction. Uncompiled, so sweeps can `vmap` it inside their own
+    program; `gradient_program` is it compiled.
     """
     probes = Hooks([(name, Hook(_probe)) for name in names])
     fn = forward_fn(model, names=list(names), hooks=hooks | probes)
     key = ("gradients", fn.plan, tuple((h.fn, h.static) for h in fn.hooks), metric.key, reduce)
 
-    def build():
-        def objective(probe_data, params, ids, mask, hook_data, metric_data):
-            out = fn(params, ids, mask, tuple(hook_data) + tuple(probe_data))
-            batch = {"token_ids": ids, "padding_mask": mask}
-            values = metric.rows(out.hidden, lambda h: model.unembed(params, h), metric_data, batch)
-            total = jnp.sum(values) if reduce == "sum" else jnp.mean(values)
-            return total, (values, out.hidden, {name: out.captures[name] for name in names})
+    def objective(probe_data, params, ids, mask, hook_data, metric_data):
+        out = fn(params, ids, mask, tuple(hook_data) + tuple(probe_data))
+        batch = {"token_ids": ids, "padding_mask": mask}
+        values = metric.rows(out.hidden, lambda h: model.unembed(params, h), metric_data, batch)
+        total = jnp.sum(values) if reduce == "sum" else jnp.mean(values)
+        return total, (values, out.hidden, {name: out.captures[name] for name in names})
 
-        def run(params, ids, mask, hook_data, probe_data, metric_data):
-            (_, (values, hidden, captures)), grads = jax.value_and_grad(objective, has_aux=True)(
-                tuple(probe_data), params, ids, mask, hook_data, metric_data
-            )
-            return values, hidden, captures, dict(zip(names, grads))
+    def run(params, ids, mask, hook_data, probe_data, metric_data):
+        (_, (values, hidden, captures)), grads = jax.value_and_grad(objective, has_aux=True)(
+            tuple(probe_data), params, ids, mask, hook_data, metric_data
+        )
+        return values, hidden, captures, dict(zip(names, grads))
 
-        return jax.jit(run)
+    return key, run
 
-    return compile_cache.cached(model, key, build)
+
+def gradient_program(model, names: tuple[str, ...], hooks: Hooks, metric: Metric, reduce: str = "sum"):
+    """`gradient_fn`'s `run`, compiled (cached per model and its key)."""
+    key, run = gradient_fn(model, names, hooks, metric, reduce)
+    return compile_cache.cached(model, key, lambda: compile_cache.jit(run))
 
 
 def zero_probes(model, names, shape: tuple[int, int]) -> tuple:

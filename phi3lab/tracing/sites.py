@@ -69,12 +69,17 @@ class TracePlan:
         return dict(self.hooked).get(name, ())
 
     def layer_signature(self, layer: int):
-        """Layers with equal signatures can share one scanned block. A layer
-        with any hook gets its own range, so hooks see an int `ctx.layer`."""
+        """Layers with equal signatures share one scanned block; only layers
+        that neither capture nor hook do. A layer with a hook runs alone, so
+        hooks see an int `ctx.layer`; a layer that captures runs alone, so
+        its captures leave the program as arrays of their own (a scan would
+        zero-fill one `[n_layers, ...]` buffer per name and then write it;
+        on CPU, buffers that large are mapped fresh, page by page, on every
+        call, which cost more than the forward's attention at T=512)."""
         prefix = f"blocks.{layer}."
-        if any(name.startswith(prefix) for name, _ in self.hooked):
-            return ("hooked", layer)
-        return frozenset(n[len(prefix) :] for n in self.keep if n.startswith(prefix))
+        if any(name.startswith(prefix) for name, _ in self.hooked) or any(n.startswith(prefix) for n in self.keep):
+            return ("alone", layer)
+        return "plain"
 
     def segments(self) -> list[tuple[int, int]]:
         ranges, start = [], 0

@@ -41,7 +41,7 @@ def compiled_program(fn: ForwardFn, args, num_positions: int | None = None, leng
     shapes = (treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
     key = ("trace", fn.plan, tuple((h.fn, h.static) for h in fn.hooks), shapes, num_positions, length)
     run = functools.partial(fn.run, num_positions=num_positions, length=length)
-    return compile_cache.cached(fn.model, key, lambda: jax.jit(run).lower(*args).compile())
+    return compile_cache.cached(fn.model, key, lambda: compile_cache.jit(run).lower(*args).compile())
 
 
 def _padded_length(model, length: int) -> tuple[int, int | None]:
