@@ -68,23 +68,24 @@ class TracePlan:
     def hooks_at(self, name: str) -> tuple:
         return dict(self.hooked).get(name, ())
 
-    def layer_signature(self, layer: int):
-        """Layers with equal signatures share one scanned block; only layers
-        that neither capture nor hook do. A layer with a hook runs alone, so
-        hooks see an int `ctx.layer`; a layer that captures runs alone, so
-        its captures leave the program as arrays of their own (a scan would
-        zero-fill one `[n_layers, ...]` buffer per name and then write it;
-        on CPU, buffers that large are mapped fresh, page by page, on every
-        call, which cost more than the forward's attention at T=512)."""
-        prefix = f"blocks.{layer}."
-        if any(name.startswith(prefix) for name, _ in self.hooked) or any(n.startswith(prefix) for n in self.keep):
-            return ("alone", layer)
-        return "plain"
+    def alone_layers(self) -> frozenset:
+        """The layers that run on their own rather than in a scan: a layer
+        with a hook (so hooks see an int `ctx.layer`) and a layer that
+        captures (so its captures leave the program as arrays of their own;
+        a scan would zero-fill one `[n_layers, ...]` buffer per name and then
+        write it, and on CPU buffers that large are mapped fresh, page by
+        page, on every call, which cost more than the forward's attention at
+        T=512)."""
+        names = [*self.keep, *(name for name, _ in self.hooked)]
+        return frozenset(layer for layer, _ in map(split_name, names) if layer is not None)
 
     def segments(self) -> list[tuple[int, int]]:
+        """Consecutive layer ranges `(start, stop)`: each of `alone_layers`
+        by itself, and every run of the other layers as one scanned block."""
+        alone = self.alone_layers()
         ranges, start = [], 0
         for layer in range(1, self.num_layers + 1):
-            if layer == self.num_layers or self.layer_signature(layer) != self.layer_signature(start):
+            if layer == self.num_layers or layer in alone or start in alone:
                 ranges.append((start, layer))
                 start = layer
         return ranges
