@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Hashable
+from typing import Any, Callable
 
 _DEFAULT_LIMIT = 64
 _BUCKETS = (64, 128, 256, 384, 512)
@@ -67,13 +67,17 @@ def jit(fn: Callable, **kwargs):
     return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
 
 
-def cached(model, key: Hashable, build: Callable[[], Any]):
+def cached(model, key: tuple, build: Callable[[], Any]):
     """The program stored for `(model, key)`, built by `build()` on first use.
+
+    The key is extended with `model.program_settings()` (attention path
+    settings read while tracing), so a changed setting builds a new program.
 
     Example:
     >>> run = cached(model, ("forward",), lambda: jax.jit(forward))
     """
     cache = _cache_of(model)
+    key = (*key, model.program_settings())
     if key in cache:
         cache.move_to_end(key)
         return cache[key]

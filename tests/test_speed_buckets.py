@@ -91,6 +91,37 @@ def test_ten_lengths_compile_at_most_four_programs():
     assert [compile_cache.bucket_length(n, 512) for n in (33, 40, 57)] == [64, 64, 64]
 
 
+def test_changing_an_attention_setting_compiles_a_new_program():
+    """The attention path settings are read while a program is traced, so
+    they are part of the compile-cache key: a chunked run after a changed
+    `query_chunk_size` is a new program (the chunks add two loops to the
+    layer scan), and the old setting finds its old program again."""
+    model = random_backbone(seed=11, scale=0.1)
+    ids, mask = token_batch(30, seed=1)
+    attention = model.decoder.attention
+    names = "ln_final.hook_normalized"
+
+    def traced():
+        tr = phi3lab.trace(model, ids, padding_mask=mask, names=names)
+        return tr.output, {id(p): p for key, p in compile_cache.entries(model).items() if key[0] == "trace"}
+
+    whole, programs = traced()
+    (first,) = programs.values()
+    found = attention.query_chunk_size
+    attention.query_chunk_size = 4  # 32 padded positions > 2 * 4: chunked
+    try:
+        chunked, programs = traced()
+    finally:
+        attention.query_chunk_size = found
+    (second,) = [p for key, p in programs.items() if p is not first]
+    assert first.as_text().count("while(") == 1
+    assert second.as_text().count("while(") == 3
+    np.testing.assert_allclose(chunked[mask], whole[mask], atol=2e-5)
+    again, programs = traced()
+    assert len(programs) == 2
+    np.testing.assert_array_equal(again, whole)
+
+
 def test_bucket_lengths():
     assert [compile_cache.bucket_length(n, 4096) for n in (1, 64, 65, 129, 257, 385, 512, 513, 3000)] == [
         64,

@@ -127,6 +127,13 @@ class Phi3Attention(keras.layers.Layer):
         self.stacked_weight_names = add_stacked_weights(self, num_layers, shapes, initializer)
         self.built = True
 
+    def path_settings(self) -> tuple:
+        """The settings that pick an attention path while a program is traced
+        (`use_fused_attention`, `min_causal_block`, `query_chunk_size`).
+        They are part of every compile-cache key
+        (`Phi3Backbone.program_settings`), so changing one compiles afresh."""
+        return (self.use_fused_attention, self.min_causal_block, self.query_chunk_size)
+
     def params(self) -> dict:
         return {name: getattr(self, name).value for name in self.stacked_weight_names}
 

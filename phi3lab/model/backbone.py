@@ -252,6 +252,16 @@ class Phi3Backbone(keras.Model):
         """
         return self.unembed(params, self.final_norm.apply(params["final_norm"], resid))
 
+    def program_settings(self) -> tuple:
+        """What a compiled program depends on beyond its key's inputs: the
+        attention path settings read while tracing
+        (`Phi3Attention.path_settings`). `phi3lab.compile_cache` keys every
+        program with them, so setting e.g.
+        `model.decoder.attention.use_fused_attention = False` takes effect on
+        the next call instead of reusing a program built with the old value.
+        """
+        return self.decoder.attention.path_settings()
+
     def call(self, inputs, training=False):
         token_ids = inputs["token_ids"]
         check_token_ids(token_ids, self.vocabulary_size)
