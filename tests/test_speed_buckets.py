@@ -199,7 +199,7 @@ def test_layers_that_capture_or_hook_run_alone_and_the_rest_share_a_scan():
     full = jax.jit(forward_fn(model, "blocks.*.attn.hook_pattern").run).lower(*args).compile().as_text()
     plain = jax.jit(forward_fn(model, ()).run).lower(*args).compile().as_text()
     assert " while(" not in full and " while(" in plain
-    one_layer = f"[1,3,{model.num_query_heads},8,8]"
+    one_layer = f"f32[3,{model.num_query_heads},8,8]"
     assert f"[6,3,{model.num_query_heads},8,8]" not in full and one_layer in full  # no map stacked over layers
     tr = phi3lab.trace(model, ids, padding_mask=mask, names="blocks.*.attn.hook_pattern")
     got = np.stack([tr.attention(layer) for layer in range(6)])

@@ -13,7 +13,6 @@ import numpy as np
 from phi3lab.tracing.names import (
     BLOCK_SITES,
     MODEL_SITES,
-    block_name,
     site_shape,
     split_name,
 )
@@ -33,8 +32,8 @@ class StepCaptures:
     """Collects what each step captured, by hook name, on the host.
 
     Args:
-        plan: the steps' `TracePlan` (its `segments()` order the stacked
-            block captures).
+        plan: the steps' `TracePlan` (nothing is recorded when it keeps
+            nothing).
     """
 
     def __init__(self, plan):
@@ -45,17 +44,12 @@ class StepCaptures:
         """Forget every step (the cache was rebuilt from the start)."""
         self.steps = []
 
-    def add(self, rows: int, top: dict, segments) -> None:
-        """Record a step whose first `rows` positions are real."""
+    def add(self, rows: int, captures: dict) -> None:
+        """Record a step whose first `rows` positions are real, from its
+        captures by name."""
         if not self.plan.keep:
             return
-        arrays = {name: np.asarray(value) for name, value in top.items()}
-        for (start, _), captured in zip(self.plan.segments(), segments):
-            for site, stacked in captured.items():
-                stacked = np.asarray(stacked)
-                for offset in range(stacked.shape[0]):
-                    arrays[block_name(start + offset, site)] = stacked[offset]
-        self.steps.append((rows, arrays))
+        self.steps.append((rows, {name: np.asarray(value) for name, value in captures.items()}))
 
     def arrays(self, length: int, order: list[str]) -> dict:
         """Every name's activations over positions `0 .. length - 1`."""

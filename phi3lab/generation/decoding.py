@@ -117,8 +117,8 @@ class _Decoder:
         self.length = length
         args = self._prefill_args(token_ids, positions, length - 1)
         shapes = self._prefill_args(np.zeros_like(token_ids), np.zeros_like(positions), 0)
-        logits, self.cache, top, segments = prefill_program(self.fn, shapes)(*args)
-        self.captures.add(length, top, segments)
+        logits, self.cache, captures = prefill_program(self.fn, shapes)(*args)
+        self.captures.add(length, captures)
         return logits.astype(jnp.float32)
 
     def decode(self, program, logits, first: int, count: int, feeds: int, finished, stops, key):
@@ -137,11 +137,9 @@ class _Decoder:
         self.sequence[:, self.length : self.length + ran] = tokens
         fed = min(ran, feeds)
         if self.fn.plan.keep and fed:
-            top, segments = jax.tree.map(np.asarray, buffers)
+            buffers = {name: np.asarray(buffer) for name, buffer in buffers.items()}
             for k in range(fed):
-                self.captures.add(
-                    1, {n: v[k] for n, v in top.items()}, [{s: v[k] for s, v in c.items()} for c in segments]
-                )
+                self.captures.add(1, {name: buffer[k] for name, buffer in buffers.items()})
         self.length += fed
         return logits, tokens, logprobs
 

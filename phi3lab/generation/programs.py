@@ -41,16 +41,15 @@ def bucket(length: int, limit: int) -> int:
 def _step(fn: ForwardFn):
     """The forward over a few new slots: `(params, token_ids [B, n],
     slot_mask [B, S], positions [B, n], cache, cache_index, last, hook_data)`
-    to `(logits [B, V] at row `last`, updated cache, model-level captures,
-    per-range block captures)`."""
+    to `(logits [B, V] at row `last`, updated cache, captures by name)`."""
     model = fn.model
 
     def step(params, token_ids, slot_mask, positions, cache, cache_index, last, hook_data):
-        hidden, top, segments, cache = fn.run(
+        hidden, captures, cache = fn.run(
             params, token_ids, slot_mask, hook_data, positions=positions, cache=cache, cache_index=cache_index
         )
         row = jax.lax.dynamic_index_in_dim(hidden, last, axis=1, keepdims=False)
-        return model.unembed(params, row), cache, top, segments
+        return model.unembed(params, row), cache, captures
 
     return step
 
@@ -107,7 +106,7 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
     batch = slot_mask.shape[0]
     one = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
     index = jax.ShapeDtypeStruct((), jnp.int32)
-    captured = jax.eval_shape(step, params, one, slot_mask, one, cache, index, index, hook_data)[2:]
+    captured = jax.eval_shape(step, params, one, slot_mask, one, cache, index, index, hook_data)[2]
 
     def loop(
         params, logits, slot_mask, positions, cache, start, first, count, feeds, finished, stops, pad_id, key, hook_data
@@ -128,10 +127,10 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
             def feed(logits, cache):
                 slot = start + i
                 at = jax.lax.dynamic_slice_in_dim(positions, slot, 1, axis=1)
-                logits, cache, top, segments = step(
+                logits, cache, captures = step(
                     params, token[:, None], slot_mask, at, cache, slot, jnp.int32(0), hook_data
                 )
-                return logits.astype(jnp.float32), cache, (top, segments)
+                return logits.astype(jnp.float32), cache, captures
 
             def skip(logits, cache):
                 return logits, cache, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), captured)

@@ -201,8 +201,9 @@ class Phi3Backbone(keras.Model):
 
         Returns:
             `(hidden, captures)`: final normalized hidden states `[B, T, D]`
-            and the decoder's per-range captures (empty without hooks); with
-            a `cache`, `(hidden, captures, cache)` with the updated cache.
+            and what `sites` captured, by full hook name (empty without
+            hooks); with a `cache`, `(hidden, captures, cache)` with the
+            updated cache.
 
         Example:
         ```python
@@ -223,14 +224,14 @@ class Phi3Backbone(keras.Model):
             cos, sin = self.rotary.tables(length, factor_positions=num_positions)
         else:
             cos, sin = self.rotary.tables_at(positions)
-        decoded = self.decoder.apply(
-            params["decoder"], x, cos, sin, padding_mask, sites, dropout_key, cache, cache_index
-        )
-        x, captures = decoded[:2]
+        x = self.decoder.apply(params["decoder"], x, cos, sin, padding_mask, sites, dropout_key, cache, cache_index)
+        if cache is not None:
+            x, cache = x
         x = sites("ln_final.hook_normalized", self.final_norm.apply(params["final_norm"], x))
         if sites.wants("hook_logits"):
             sites("hook_logits", self.unembed(params, x))
-        return (x, captures) if cache is None else (x, captures, decoded[2])
+        captures = dict(sites.captured)
+        return (x, captures) if cache is None else (x, captures, cache)
 
     # === Readout ===
     def unembed(self, params, normalized):

@@ -132,54 +132,43 @@ class Phi3DecoderStack(keras.layers.Layer):
             cache_index: the cache slot of `x`'s first position.
 
         Returns:
-            `(x, captures)`: the last residual stream `[B, T, D]` and a list
-            of `(start, stop, captured)` per layer range, `captured` mapping
-            block-local hook names to arrays stacked over the range's layers
-            (`[1, ...]`: only ranges of one layer capture, see
-            `HookPoints.segments`); with a `cache`, `(x, captures, cache)`
-            with the updated cache.
+            The last residual stream `[B, T, D]` (what the blocks captured
+            is in `sites.captured`); with a `cache`, `(x, cache)` with the
+            updated cache.
         """
         layer_keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
         # The cache travels as bits while its layers write it (`stacked.to_bits`).
         cache_dtype = None if cache is None else cache.keys.dtype
         cache = None if cache is None else KVCache(*map(to_bits, cache))
-        captures = []
+        key_of = lambda layer: None if layer_keys is None else layer_keys[layer]
+
+        def run_layer(carry, layer, key, start, layer_params=None):
+            """One layer (`layer`, maybe traced) in the range from `start`."""
+            x, cache = carry
+            # Each layer's weights are read from the whole stack inside the
+            # loop: slicing the stack per range first would copy it. The
+            # cache is carried whole and written in place at its layer.
+            if layer_params is None:
+                layer_params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), params)
+            layer_cache = None if cache is None else LayerCache(cache, layer, cache_dtype)
+            out = self.block(layer_params, x, cos, sin, padding_mask, sites.block(start), key, layer_cache, cache_index)
+            return (out[0], out[1].cache) if cache is not None else (out, None)
+
         for start, stop in sites.segments(self.num_layers):
-
-            def body(carry, inputs, start=start, layer_params=None):
-                x, cache = carry
-                layer, key = inputs
-                # Each layer's weights are read from the whole stack inside the
-                # loop: slicing the stack per range first would copy it. The
-                # cache is carried whole and written in place at its layer.
-                if layer_params is None:
-                    layer_params = jax.tree.map(
-                        lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), params
-                    )
-                block_sites = sites.block(start)
-                layer_cache = None if cache is None else LayerCache(cache, layer, cache_dtype)
-                out = self.block(layer_params, x, cos, sin, padding_mask, block_sites, key, layer_cache, cache_index)
-                x, cache = (out[0], out[1].cache) if cache is not None else (out, None)
-                return (x, cache), block_sites.captured
-
-            inputs = (jnp.arange(start, stop), None if layer_keys is None else layer_keys[start:stop])
             if isinstance(params, (list, tuple)):
-                outputs = []
                 for layer in range(start, stop):
-                    key = None if layer_keys is None else layer_keys[layer]
-                    (x, cache), captured = body((x, cache), (layer, key), layer_params=params[layer])
-                    outputs.append(captured)
-                captured = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+                    x, cache = run_layer((x, cache), layer, key_of(layer), layer, params[layer])
             elif stop - start == 1:
-                (x, cache), captured = body((x, cache), jax.tree.map(lambda a: a[0], inputs))
-                captured = jax.tree.map(lambda a: a[None], captured)
+                x, cache = run_layer((x, cache), start, key_of(start), start)
             else:  # several layers, which capture nothing (`HookPoints.segments`)
-                (x, cache), _ = jax.lax.scan(lambda *a: _capturing_nothing(*body(*a)), (x, cache), inputs)
-                captured = {}
-            captures.append((start, stop, captured))
+                captured = len(sites.captured)
+                inputs = (jnp.arange(start, stop), None if layer_keys is None else layer_keys[start:stop])
+                step = lambda carry, layer_and_key, start=start: (run_layer(carry, *layer_and_key, start), None)
+                x, cache = jax.lax.scan(step, (x, cache), inputs)[0]
+                _check_captured_nothing(sites, captured, start, stop)
         if cache is None:
-            return x, captures
-        return x, captures, KVCache(*(from_bits(slots, cache_dtype) for slots in cache))
+            return x
+        return x, KVCache(*(from_bits(slots, cache_dtype) for slots in cache))
 
     @staticmethod
     def unstack(params) -> list:
@@ -204,11 +193,10 @@ class Phi3DecoderStack(keras.layers.Layer):
         return config
 
 
-def _capturing_nothing(carry, captured):
-    """The scan body's `(carry, None)`: a range of several layers shares
-    one scanned block only when its layers capture nothing
-    (`HookPoints.segments`), so its captures would not come out as arrays of
-    their own."""
-    if captured:
-        raise AssertionError(f"a scanned range of layers captured {sorted(captured)}; only single layers may capture")
-    return carry, None
+def _check_captured_nothing(sites, count: int, start: int, stop: int) -> None:
+    """A range of several layers shares one scanned block only when its
+    layers capture nothing (`HookPoints.segments`): a value captured inside
+    the scan would be a tracer of its body, not an array of the program."""
+    if len(sites.captured) != count:
+        names = list(sites.captured)[count:]
+        raise AssertionError(f"the scanned layers {start}..{stop - 1} captured {names}; only single layers may capture")

@@ -28,9 +28,10 @@ class HookPoints:
         attention scores/pattern sites report (long inputs).
       * `sites.block(start)`: the hook points of a decoder block in the
         range that starts at layer `start` (every layer of a range behaves
-        alike). Values it captures are in `.captured` (a dict, block-local
-        names) after the block ran.
-      * `sites.query_window`: see above.
+        alike).
+      * `sites.captured`: the values captured so far, by full hook name
+        (`"blocks.3.attn.hook_z"`), one dict shared by the model-level
+        sites and every block's.
     """
 
     # Query rows `(start, stop)` that attention scores/pattern report, or

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 
 from phi3lab.tracing.hook_types import Hook, Hooks
-from phi3lab.tracing.names import Selection, all_names, block_name, select
+from phi3lab.tracing.names import Selection, all_names, select
 from phi3lab.tracing.sites import TracePlan, TraceSites
 
 
@@ -71,10 +71,8 @@ class ForwardFn:
     hook_data: tuple
 
     def run(self, params, token_ids, padding_mask=None, hook_data=None, num_positions=None, length=None, **cached):
-        """The raw result `(hidden, model_captures, segments)`: model-level
-        captures by name and, per layer range of `plan.segments()`, block
-        captures stacked over the range's layers (what `trace` unpacks on the
-        host without copies). `num_positions` (static) picks the rotary
+        """The raw result `(hidden, captures)`, the captures by full hook
+        name. `num_positions` (static) picks the rotary
         factors of inputs padded past their real length (see
         `Phi3Backbone.apply`); `length` (static), their real length: hooks
         then see only the first `length` positions.
@@ -88,19 +86,10 @@ class ForwardFn:
                 f"`hook_data` must hold one entry per hook ({len(self.hooks)}); received {len(data)} entries."
             )
         sites = TraceSites(self.plan, self.hooks, data, length=length)
-        hidden, segments, *cache = self.model.apply(
-            params, token_ids, padding_mask, sites, num_positions=num_positions, **cached
-        )
-        return (hidden, sites.captured, [captured for _, _, captured in segments], *cache)
+        return self.model.apply(params, token_ids, padding_mask, sites, num_positions=num_positions, **cached)
 
     def __call__(self, params, token_ids, padding_mask=None, hook_data=None) -> ForwardOutput:
-        hidden, top, segments = self.run(params, token_ids, padding_mask, hook_data)
-        captures = dict(top)
-        for (start, stop), captured in zip(self.plan.segments(), segments):
-            for site, stacked in captured.items():
-                for offset in range(stop - start):
-                    captures[block_name(start + offset, site)] = stacked[offset]
-        return ForwardOutput(hidden, captures)
+        return ForwardOutput(*self.run(params, token_ids, padding_mask, hook_data))
 
 
 def plan_for(model, names: Selection, hooks: Hooks, window=None, heads=None, capture_dtype=None) -> TracePlan:

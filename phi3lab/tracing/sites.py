@@ -113,6 +113,8 @@ class TraceSites(HookPoints):
             first layer of its range (names resolve against it).
         length: None, or the real length of inputs padded on the right:
             hooks then see (and return) only the first `length` positions.
+        captured: the dict kept values go to, by full name (a block's
+            sites share their model's).
     """
 
     def __init__(
@@ -122,8 +124,11 @@ class TraceSites(HookPoints):
         data: tuple,
         prefix_layer: int | None = None,
         length: int | None = None,
+        captured: dict | None = None,
     ):
         super().__init__()
+        if captured is not None:
+            self.captured = captured
         self.plan = plan
         self.hooks = hooks
         self.data = data
@@ -157,7 +162,7 @@ class TraceSites(HookPoints):
                     value = result.astype(x.dtype)
             x = value if real is None else _write_back(x, value)
         if full in self.plan.keep:
-            self.captured[name] = self._as_captured(name, x)
+            self.captured[full] = self._as_captured(name, x)
         return x
 
     def _as_captured(self, name: str, x):
@@ -177,4 +182,4 @@ class TraceSites(HookPoints):
     def block(self, start: int) -> "TraceSites":
         # Every layer of a range shares the signature of its first layer, and
         # hooked layers are ranges of one, so names resolve against `start`.
-        return TraceSites(self.plan, self.hooks, self.data, prefix_layer=start, length=self.length)
+        return TraceSites(self.plan, self.hooks, self.data, start, self.length, self.captured)

@@ -20,7 +20,7 @@ from phi3lab.checks import (
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.forward import ForwardFn, as_hooks, forward_fn
 from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure
-from phi3lab.tracing.names import Selection, all_names, block_name, position_index
+from phi3lab.tracing.names import Selection, all_names, position_index
 from phi3lab.tracing.result import Trace
 from phi3lab.tracing.rope import describe_rotary, warn_mixed_rotary
 
@@ -56,10 +56,10 @@ def _padded_length(model, length: int) -> tuple[int, int | None]:
     return padded, rotary.pretraining_sequence_length  # the short factors, as for `length`
 
 
-def _unpadded(site: str, array: np.ndarray, length: int) -> np.ndarray:
-    """A view of `array` (of hook `site`) with every position axis cut back
+def _unpadded(name: str, array: np.ndarray, length: int) -> np.ndarray:
+    """A view of `array` (of hook `name`) with every position axis cut back
     to the first `length` positions."""
-    index = position_index(site, length)
+    index = position_index(name, length)
     return array if all(i == slice(None) or array.shape[a] == length for a, i in enumerate(index)) else array[index]
 
 
@@ -181,14 +181,9 @@ def trace(
     # Hooks see (and hook data hold) the real positions only.
     run = compiled_program(fn, args, num_positions, length if fn.hooks and padded != length else None)
     check_fits(measure(run, params), memory_budget)
-    hidden, top, segments = run(*args)
+    hidden, captures = run(*args)
     plan = fn.plan
-    arrays = {name: _unpadded(name, np.asarray(value), length) for name, value in top.items()}
-    for (start, _), captured in zip(plan.segments(), segments):
-        for site, stacked in captured.items():
-            stacked = np.asarray(stacked)  # no copy on CPU; views below
-            for offset in range(stacked.shape[0]):
-                arrays[block_name(start + offset, site)] = _unpadded(site, stacked[offset], length)
+    arrays = {name: _unpadded(name, np.asarray(value), length) for name, value in captures.items()}
     ordered = {name: arrays[name] for name in all_names(model) if name in arrays}
     return Trace(
         ordered,
