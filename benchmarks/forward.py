@@ -7,7 +7,11 @@ through its pure `apply`), warmed up, then timed in interleaved runs so that
 a change in machine load hits both alike. Prints the median milliseconds,
 the ratio phi3lab / keras-hub and the largest output difference.
 
-Run: .venv/bin/python benchmarks/forward.py [--lengths 128 512] [--runs 15]
+With `--causal-blocks 64 128 512`, phi3lab also runs with those query
+blocks of its causal-block attention (`Phi3Attention.causal_block`, default
+256), each ratio against keras-hub.
+
+Run: .venv/bin/python benchmarks/forward.py [--lengths 128 512] [--runs 15] [--causal-blocks 64 128]
 """
 
 from __future__ import annotations
@@ -32,7 +36,23 @@ def parse_args():
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--causal-blocks", type=int, nargs="*", default=[], help="other causal_block values to time")
     return parser.parse_args()
+
+
+def with_causal_block(model, block: int, ids, mask):
+    """phi3lab's forward compiled (for these shapes) with `causal_block`
+    set to `block`; the model's own setting is restored afterwards."""
+    import jax
+
+    attention = model.decoder.attention
+    found, attention.causal_block = attention.causal_block, block
+    try:
+        params = model.params()
+        compiled = jax.jit(lambda p, i, m: model.apply(p, i, m)[0]).lower(params, ids, mask).compile()
+    finally:
+        attention.causal_block = found
+    return lambda ids, mask: compiled(params, ids, mask)
 
 
 def main():
@@ -55,17 +75,24 @@ def main():
     for length in args.lengths:
         ids = jax.numpy.asarray(rng.integers(0, args.vocabulary, (args.batch, length)), "int32")
         mask = jax.numpy.ones((args.batch, length), "int32")
-        outputs = {name: run(ids, mask).block_until_ready() for name, run in runners.items()}
-        variants = {name: (lambda run=run: run(ids, mask).block_until_ready()) for name, run in runners.items()}
+        runs = dict(runners)
+        for block in args.causal_blocks:
+            runs[f"phi3lab, causal_block={block}"] = with_causal_block(model, block, ids, mask)
+        outputs = {name: run(ids, mask).block_until_ready() for name, run in runs.items()}
+        variants = {name: (lambda run=run: run(ids, mask).block_until_ready()) for name, run in runs.items()}
         ms = {name: 1e3 * seconds for name, seconds in median_times(variants, args.runs, args.warmup).items()}
-        a, b = (np.asarray(outputs[name], np.float64) for name in runners)
-        rows.append((length, ms["phi3lab"], ms["keras-hub"], float(np.abs(a - b).max()), float(np.abs(b).max())))
+        theirs = np.asarray(outputs["keras-hub"], np.float64)
+        for name in runs:
+            if name != "keras-hub":
+                diff = float(np.abs(np.asarray(outputs[name], np.float64) - theirs).max())
+                rows.append((length, name, ms[name], ms["keras-hub"], diff, float(np.abs(theirs).max())))
 
     print()
-    print(f"{'seq':>5} {'phi3lab ms':>11} {'keras-hub ms':>13} {'ratio':>6} {'max|diff|':>10} {'max|out|':>9}")
-    for length, ours_ms, theirs_ms, diff, scale in rows:
+    print(f"{'seq':>5} {'':<28} {'ms':>8} {'keras-hub ms':>13} {'ratio':>6} {'max|diff|':>10} {'max|out|':>9}")
+    for length, name, ours_ms, theirs_ms, diff, scale in rows:
         print(
-            f"{length:>5} {ours_ms:>11.1f} {theirs_ms:>13.1f} {ours_ms / theirs_ms:>6.2f} {diff:>10.2e} {scale:>9.2f}"
+            f"{length:>5} {name:<28} {ours_ms:>8.1f} {theirs_ms:>13.1f} {ours_ms / theirs_ms:>6.2f} "
+            f"{diff:>10.2e} {scale:>9.2f}"
         )
 
 

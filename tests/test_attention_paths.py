@@ -49,12 +49,12 @@ def pair(tmp_path_factory):
     return reference, Phi3Backbone.from_preset(str(directory))
 
 
-PATHS = {  # path -> (use_fused_attention, min_causal_block, query_chunk_size); 1024: no chunks
+PATHS = {  # path -> (use_fused_attention, causal_block, query_chunk_size); 1024: no chunks
     "blocks": (True, SMALL_BLOCK, 1024),
     "chunks": (True, SMALL_BLOCK, SMALL_CHUNK),
     "explicit": (False, SMALL_BLOCK, 1024),
 }
-SETTINGS = ("use_fused_attention", "min_causal_block", "query_chunk_size")
+SETTINGS = ("use_fused_attention", "causal_block", "query_chunk_size")
 
 
 def run(model, ids, mask, path: str):
@@ -102,7 +102,7 @@ def test_causal_blocks_and_fused_attention_equal_attend(sliding_window, num_key_
     """Every path's `z` equals `attend`'s on 21 queries (blocks of 4 leave
     a last block of 1), with padding on both sides and grouped heads."""
     attention = Phi3Attention(1, 32, 4, num_key_value_heads, sliding_window=sliding_window)
-    attention.min_causal_block = SMALL_BLOCK
+    attention.causal_block = SMALL_BLOCK
     q, k, v, mask = attention_inputs(21, num_key_value_heads)
     expected = attention.attend(q, k, v, mask, 0)[2]
     blocks = attention._attend_causal_blocks(q, k, v, mask)
@@ -116,6 +116,7 @@ def test_causal_blocks_never_score_future_keys():
     compiled program holds no 256 x 256 score array, and half the key
     columns of the square are never computed."""
     attention = Phi3Attention(1, 32, 4, 2)
+    attention.causal_block = 64
     q, k, v, mask = attention_inputs(256)
     hlo = jax.jit(attention._attend_causal_blocks).lower(q, k, v, mask).as_text()
     full = jax.jit(lambda *a: attention.attend(*a, 0)[2]).lower(q, k, v, mask).as_text()

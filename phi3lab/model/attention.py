@@ -21,9 +21,6 @@ from phi3lab.model.quantize import dequantize
 from phi3lab.model.rotary import apply_rotary
 from phi3lab.model.stacked import add_stacked_weights
 
-# `_attend_causal_blocks` splits the queries into about this many blocks.
-CAUSAL_BLOCKS = 8
-
 
 def key_value_heads(num_query_heads: int, num_key_value_heads: int) -> np.ndarray:
     """The key/value head each query head reads, int `[num_query_heads]`:
@@ -115,8 +112,11 @@ class Phi3Attention(keras.layers.Layer):
         # is one, else `_attend_causal_blocks` (False: always the explicit
         # scores -> softmax -> z of `attend` over every key).
         self.use_fused_attention = True
-        # The smallest query block of `_attend_causal_blocks`.
-        self.min_causal_block = 64
+        # Queries per block of `_attend_causal_blocks` (the last block may be
+        # shorter). On CPU, blocks of 256 ran the 12-layer benchmark model's
+        # plain forward 3-4% faster than blocks of max(64, T / 8) at T=256,
+        # 512 and 1024, and than 128 or 512 (`benchmarks/forward.py`).
+        self.causal_block = 256
         initializer = kernel_initializer or default_initializer(stddev=0.02)
         shapes = {
             "query_kernel": (hidden_dim, num_query_heads, self.head_dim),
@@ -129,10 +129,10 @@ class Phi3Attention(keras.layers.Layer):
 
     def path_settings(self) -> tuple:
         """The settings that pick an attention path while a program is traced
-        (`use_fused_attention`, `min_causal_block`, `query_chunk_size`).
+        (`use_fused_attention`, `causal_block`, `query_chunk_size`).
         They are part of every compile-cache key
         (`Phi3Backbone.program_settings`), so changing one compiles afresh."""
-        return (self.use_fused_attention, self.min_causal_block, self.query_chunk_size)
+        return (self.use_fused_attention, self.causal_block, self.query_chunk_size)
 
     def params(self) -> dict:
         return {name: getattr(self, name).value for name in self.stacked_weight_names}
@@ -190,14 +190,13 @@ class Phi3Attention(keras.layers.Layer):
         over the keys up to its last query only: the future keys' half of the
         score and value matmuls (and of the softmax) is never computed.
 
-        Blocks are `max(min_causal_block, ceil(T / CAUSAL_BLOCKS))` queries.
+        Blocks are `causal_block` queries (the last one may be shorter).
         With a sliding window the keys before it are still computed (and
         masked), so the result is `attend`'s whatever the mask."""
         length = q.shape[1]
-        block = max(self.min_causal_block, -(-length // CAUSAL_BLOCKS))
         rows = []
-        for start in range(0, length, block):
-            stop = min(start + block, length)
+        for start in range(0, length, self.causal_block):
+            stop = min(start + self.causal_block, length)
             rows.append(self.attend(q[:, start:stop], k[:, :stop], v[:, :stop], padding_mask[:, :stop], start)[2])
         return jnp.concatenate(rows, axis=1)
 
