@@ -38,6 +38,7 @@ kernel, a cost no capture of that size avoids).
 from __future__ import annotations
 
 import argparse
+import gc
 import threading
 import time
 
@@ -47,6 +48,7 @@ from _common import CONFIG, machine, median_times, print_ratio_rows, random_mode
 from jax import numpy as jnp
 
 import phi3lab  # noqa: F401  (selects the JAX backend)
+from phi3lab.host_memory import release_freed_memory
 
 
 def forward_flops(length: int, batch: int = 1, logits: bool = False) -> float:
@@ -72,24 +74,12 @@ def reference_matmul():
     return lambda: matmul(a, b).block_until_ready()
 
 
-def release_freed_memory():
-    """Give freed heap pages back to the OS (glibc), so that RSS growth
-    measures what a run allocates rather than what earlier runs left."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def peak_rss_growth(fn) -> tuple[int, object]:
     """(largest RSS growth while `fn` runs, its result), sampled every ms."""
     import psutil
 
-    release_freed_memory()
+    gc.collect()
+    release_freed_memory()  # RSS growth then measures what the run allocates
     process = psutil.Process()
     base = process.memory_info().rss
     peak, done = [base], threading.Event()

@@ -1,6 +1,10 @@
 """phi3lab: an interpretability workbench for Phi-3 models on Keras 3 / JAX."""
 
-from phi3lab._backend import select_jax_backend
+from phi3lab.host_memory import keep_freed_memory
+
+keep_freed_memory()  # before JAX starts its threads (see phi3lab.host_memory)
+
+from phi3lab._backend import select_jax_backend  # noqa: E402
 
 select_jax_backend()
 

@@ -8,6 +8,8 @@ import weakref
 import jax
 import numpy as np
 
+from phi3lab.host_memory import release_freed_memory
+
 
 class CaptureTooLarge(ValueError):
     """A trace request that would not fit in the memory available."""
@@ -83,8 +85,14 @@ def measure(compiled, params) -> MemoryEstimate:
 
 def check_fits(estimate: MemoryEstimate, budget: int | None) -> MemoryEstimate:
     """Raise `CaptureTooLarge` if the run would not fit `budget` (default:
-    the device's free memory); return the estimate with `available` set."""
+    the device's free memory); return the estimate with `available` set.
+    Before refusing for want of free memory, the freed memory this process
+    keeps for reuse (`phi3lab.host_memory`) is given back and the free
+    memory read again."""
     available = budget if budget is not None else available_bytes()
+    if budget is None and estimate.needed > available:
+        release_freed_memory()
+        available = available_bytes()
     estimate = dataclasses.replace(estimate, available=available)
     if estimate.needed > available:
         raise CaptureTooLarge(

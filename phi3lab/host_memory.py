@@ -1,0 +1,80 @@
+"""Host memory that repeated runs reuse instead of faulting in afresh, on by default.
+
+On CPU, every buffer of a compiled program (its outputs, its temporaries) and
+every NumPy copy of a capture comes from the C library's `malloc`. With
+glibc's defaults a large freed block goes back to the operating system (a
+block above the mmap threshold is unmapped, the free top of the heap is
+trimmed, the heaps of the other threads' arenas are shrunk), so the next call
+of the same program receives fresh pages, which the kernel faults in and
+zeroes one 4 KiB page at a time. A full trace of the 12-layer benchmark model
+at T=512 (733 MB of captures) took 140,000 page faults and 0.76 s of kernel
+CPU per call that way, half again the forward it captures
+(`benchmarks/trace.py`).
+
+`keep_freed_memory()`, called once when phi3lab is imported, tells glibc to
+keep freed memory for the next allocation:
+
+* one arena for every thread (`M_ARENA_MAX` 1), so the blocks JAX's worker
+  threads free are the ones its next call allocates;
+* blocks up to 32 MiB come from the heap, not from fresh mappings
+  (`M_MMAP_THRESHOLD`, glibc's largest);
+* up to 2 GiB of free memory at the top of the heap is kept
+  (`M_TRIM_THRESHOLD`).
+
+The price is memory that stays with the process after its arrays are freed,
+at most what its largest run used. `release_freed_memory()` gives it back;
+the memory guard (`phi3lab.tracing.memory.check_fits`) does so before it
+refuses a request. `PHI3LAB_NO_HOST_MEMORY_REUSE=1` keeps glibc's defaults.
+The settings bind the threads JAX has not started yet: import phi3lab before
+running JAX code for the whole effect. Where the C library is not glibc
+(macOS, Windows, musl) nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+# mallopt parameters, from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def _glibc():
+    """The process's glibc, or None where the C library is another one."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse (see the module docs).
+
+    Returns True when the settings took effect; False with
+    `PHI3LAB_NO_HOST_MEMORY_REUSE=1` or a C library other than glibc.
+    Called once when phi3lab is imported.
+
+    Example:
+    >>> phi3lab.host_memory.keep_freed_memory()
+    True
+    """
+    if os.environ.get("PHI3LAB_NO_HOST_MEMORY_REUSE", "").strip().lower() in ("1", "true", "yes"):
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    return all(libc.mallopt(parameter, value) == 1 for parameter, value in _SETTINGS)
+
+
+def release_freed_memory() -> None:
+    """Give the freed memory this process keeps back to the operating system
+    (glibc's `malloc_trim`); nothing where the C library is not glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
