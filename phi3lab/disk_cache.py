@@ -23,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+from phi3lab._env import flag
+
 # Programs that compile faster than this are not worth a file.
 MIN_COMPILE_SECONDS = 0.1
 
@@ -54,7 +56,7 @@ def enable_disk_cache() -> Path | None:
     """
     import jax
 
-    if os.environ.get("PHI3LAB_NO_DISK_CACHE", "").strip().lower() in ("1", "true", "yes"):
+    if flag("PHI3LAB_NO_DISK_CACHE"):
         return None
     configured = jax.config.jax_compilation_cache_dir
     if configured:

@@ -16,8 +16,9 @@ keep freed memory for the next allocation:
 
 * one arena for every thread (`M_ARENA_MAX` 1), so the blocks JAX's worker
   threads free are the ones its next call allocates;
-* blocks up to 32 MiB come from the heap, not from fresh mappings
-  (`M_MMAP_THRESHOLD`, glibc's largest);
+* every block comes from the heap, none from a mapping of its own
+  (`M_MMAP_MAX` 0; glibc's mmap threshold can be raised to 32 MiB at most,
+  and one layer's attention map of Phi-3-mini at T=512 is 32 MiB);
 * up to 2 GiB of free memory at the top of the heap is kept
   (`M_TRIM_THRESHOLD`).
 
@@ -33,14 +34,15 @@ running JAX code for the whole effect. Where the C library is not glibc
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
+
+from phi3lab._env import flag
 
 # mallopt parameters, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 2**31 - 1))
+_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _glibc():
@@ -64,7 +66,7 @@ def keep_freed_memory() -> bool:
     >>> phi3lab.host_memory.keep_freed_memory()
     True
     """
-    if os.environ.get("PHI3LAB_NO_HOST_MEMORY_REUSE", "").strip().lower() in ("1", "true", "yes"):
+    if flag("PHI3LAB_NO_HOST_MEMORY_REUSE"):
         return False
     libc = _glibc()
     if libc is None:
