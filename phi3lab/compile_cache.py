@@ -21,6 +21,7 @@ at most four programs (64, 128, 256, 384).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import weakref
 from collections import OrderedDict
@@ -65,6 +66,50 @@ def jit(fn: Callable, **kwargs):
     import jax
 
     return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Program:
+    """A program compiled ahead of time for fixed input shapes, with XLA's
+    memory analysis of it, read once when it is compiled (11 ms for a full
+    trace of the 12-layer benchmark model, 8% of a whole call at T=128).
+    Call it as the compiled program.
+
+    Attributes:
+        compiled: the `jax.stages.Compiled`.
+        temporary_bytes: XLA's temporary buffers while it runs.
+        output_bytes: the bytes of its outputs.
+    """
+
+    compiled: Any
+    temporary_bytes: int
+    output_bytes: int
+
+    def __call__(self, *args):
+        return self.compiled(*args)
+
+
+def ahead_of_time(model, key: tuple, fn: Callable, args) -> Program:
+    """`fn` compiled (`jit`) for the shapes and dtypes of `args` (arrays or
+    `jax.ShapeDtypeStruct`s), as a `Program`, cached under `key` and those
+    shapes: the one way traces and generation compile, so a memory guard
+    knows what a program needs before it runs.
+
+    Example:
+    >>> program = ahead_of_time(model, ("trace", plan), fn.run, args)
+    >>> program.temporary_bytes, program(*args)
+    """
+    import jax
+
+    leaves, treedef = jax.tree.flatten(args)
+    shapes = (treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
+
+    def build() -> Program:
+        compiled = jit(fn).lower(*args).compile()
+        stats = compiled.memory_analysis()
+        return Program(compiled, int(stats.temp_size_in_bytes), int(stats.output_size_in_bytes))
+
+    return cached(model, (*key, shapes), build)
 
 
 def cached(model, key: tuple, build: Callable[[], Any]):

@@ -138,6 +138,6 @@ def test_bfloat16_generation_buffers_are_written_in_place():
     loops = [program for key, program in compile_cache.entries(model).items() if "loop" in key]
     assert loops
     for program in loops:
-        hlo = program.as_text()
+        hlo = program.compiled.as_text()
         # the residual streams' buffer: [CHUNK] steps of [L, B, 1, D] stacked layers
         assert _float32_arrays(hlo, (CHUNK, LAYERS, 1, 1, model.hidden_dim)) == 0

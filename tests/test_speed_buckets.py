@@ -114,8 +114,8 @@ def test_changing_an_attention_setting_compiles_a_new_program():
     finally:
         attention.query_chunk_size = found
     (second,) = [p for key, p in programs.items() if p is not first]
-    assert first.as_text().count("while(") == 1
-    assert second.as_text().count("while(") == 3
+    assert first.compiled.as_text().count("while(") == 1
+    assert second.compiled.as_text().count("while(") == 3
     np.testing.assert_allclose(chunked[mask], whole[mask], atol=2e-5)
     again, programs = traced()
     assert len(programs) == 2
@@ -224,7 +224,7 @@ def test_layers_run_alone_hold_one_layers_weight_slices_at_a_time():
     layer_weights = sum(a.nbytes for a in jax.tree.leaves(model.params()["decoder"])) / model.num_layers
     traced = phi3lab.trace(model, ids, padding_mask=mask, names="blocks.*.hook_resid_post")["blocks.7.hook_resid_post"]
     (program,) = [p for key, p in compile_cache.entries(model).items() if key[0] == "trace"]
-    ours = program.memory_analysis().temp_size_in_bytes
+    ours = program.temporary_bytes
     xla_default = jax.jit(fn.run).lower(*args).compile().memory_analysis().temp_size_in_bytes
     assert ours < 2 * layer_weights < xla_default, (ours, layer_weights, xla_default)
     direct = np.asarray(fn(*args).captures["blocks.7.hook_resid_post"])  # unpadded, XLA's own scheduling

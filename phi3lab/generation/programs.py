@@ -54,11 +54,9 @@ def _step(fn: ForwardFn):
     return step
 
 
-def _compile(fn: ForwardFn, kind: str, program, args, *extra):
-    leaves, treedef = jax.tree.flatten(args)
-    shapes = (treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
-    key = (kind, fn.plan, tuple((h.fn, h.static) for h in fn.hooks), shapes, *extra)
-    return compile_cache.cached(fn.model, key, lambda: compile_cache.jit(program).lower(*args).compile())
+def _compile(fn: ForwardFn, kind: str, program, args, *extra) -> compile_cache.Program:
+    key = (kind, fn.plan, tuple((h.fn, h.static) for h in fn.hooks), *extra)
+    return compile_cache.ahead_of_time(fn.model, key, program, args)
 
 
 def split_layers(model, params) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import jax
 import numpy as np
@@ -68,19 +67,10 @@ def tree_bytes(tree) -> int:
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
-# compiled program -> (temporary bytes, output bytes). XLA's analysis takes
-# 11 ms for a full trace of the 12-layer benchmark model (219 outputs), 8% of
-# the whole call at T=128, and a program's answer never changes.
-_ANALYSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def measure(compiled, params) -> MemoryEstimate:
-    """Estimate from a compiled (not yet run) trace program."""
-    if compiled not in _ANALYSED:
-        stats = compiled.memory_analysis()
-        _ANALYSED[compiled] = (int(stats.temp_size_in_bytes), int(stats.output_size_in_bytes))
-    working, captured = _ANALYSED[compiled]
-    return MemoryEstimate(weights=tree_bytes(params), working=working, captured=captured)
+def measure(program, params) -> MemoryEstimate:
+    """Estimate from a program compiled ahead of time (a
+    `compile_cache.Program`, not yet run) and the weights it runs with."""
+    return MemoryEstimate(weights=tree_bytes(params), working=program.temporary_bytes, captured=program.output_bytes)
 
 
 def check_fits(estimate: MemoryEstimate, budget: int | None) -> MemoryEstimate:

@@ -32,16 +32,16 @@ def compiled_count(model) -> int:
     return compile_cache.size(model, "trace")
 
 
-def compiled_program(fn: ForwardFn, args, num_positions: int | None = None, length: int | None = None):
+def compiled_program(
+    fn: ForwardFn, args, num_positions: int | None = None, length: int | None = None
+) -> compile_cache.Program:
     """The compiled program of `fn.run` for the shapes of `args` (compiled
     ahead of time, so its memory is known before it runs; cached per model,
-    plan, hook functions and statics, shapes, `num_positions` and, for
-    hooked runs of padded inputs, the real `length` the hooks see)."""
-    leaves, treedef = jax.tree.flatten(args)
-    shapes = (treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
-    key = ("trace", fn.plan, tuple((h.fn, h.static) for h in fn.hooks), shapes, num_positions, length)
+    plan, hook functions and statics, `num_positions`, for hooked runs of
+    padded inputs the real `length` the hooks see, and shapes)."""
+    key = ("trace", fn.plan, tuple((h.fn, h.static) for h in fn.hooks), num_positions, length)
     run = functools.partial(fn.run, num_positions=num_positions, length=length)
-    return compile_cache.cached(fn.model, key, lambda: compile_cache.jit(run).lower(*args).compile())
+    return compile_cache.ahead_of_time(fn.model, key, run, args)
 
 
 def _padded_length(model, length: int) -> tuple[int, int | None]:
