@@ -306,3 +306,23 @@ def test_head_ablation_applies_at_every_step(models):
     z = g.trace["blocks.1.attn.hook_z"]
     assert not z[:, :, [0, 2]].any()
     assert relative_error(z, reference["blocks.1.attn.hook_z"]) < 1e-5
+
+
+def test_a_repeated_generation_traces_nothing(models):
+    """A generation whose programs are cached runs them without tracing the
+    model again: a hook's Python function runs only while a program is
+    traced, so its call count stays put on the second and third runs."""
+    model = models("plain")
+    calls = []
+
+    def count(x, ctx):
+        calls.append(ctx.name)
+
+    hooks = {"blocks.0.hook_resid_post": count}
+    first = phi3lab.generate(model, None, [9, 2, 44, 13], max_new_tokens=4, stop=[], hooks=hooks)
+    traced = len(calls)
+    assert traced > 0
+    for _ in range(2):
+        again = phi3lab.generate(model, None, [9, 2, 44, 13], max_new_tokens=4, stop=[], hooks=hooks)
+        assert again.token_ids.tolist() == first.token_ids.tolist()
+    assert len(calls) == traced, f"traced {len(calls) - traced} more times"

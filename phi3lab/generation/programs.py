@@ -100,15 +100,15 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
     """
     step = _step(fn)
     capture = bool(fn.plan.keep)
-    params, _, slot_mask, positions, cache, *_, hook_data = args
-    batch = slot_mask.shape[0]
-    one = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    index = jax.ShapeDtypeStruct((), jnp.int32)
-    captured = jax.eval_shape(step, params, one, slot_mask, one, cache, index, index, hook_data)[2]
 
     def loop(
         params, logits, slot_mask, positions, cache, start, first, count, feeds, finished, stops, pad_id, key, hook_data
     ):
+        # What one fed token captures, shapes only (traced once, when the
+        # loop compiles; a cached loop never runs this).
+        batch = slot_mask.shape[0]
+        one, index = jax.ShapeDtypeStruct((batch, 1), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+        captured = jax.eval_shape(step, params, one, slot_mask, one, cache, index, index, hook_data)[2]
 
         def choose(i, logits, finished):
             masked = jnp.where(jnp.arange(logits.shape[-1]) < vocabulary, logits.astype(jnp.float32), -jnp.inf)
