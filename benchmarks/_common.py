@@ -113,6 +113,33 @@ def jitted_forwards(model, reference):
     return ours, theirs
 
 
+def generation_runners(backbone, model, prompt, new_tokens: int) -> dict:
+    """Greedy generation of `new_tokens` after the token ids `prompt` (no
+    stop token), as no-argument callables returning the new token ids:
+    phi3lab's `generate` (`model`), the same capturing every layer's
+    attention pattern, and keras-hub's `Phi3CausalLM.generate` on
+    `backbone` (the keras-hub model with the same weights)."""
+    import keras_hub
+    import numpy as np
+
+    import phi3lab
+
+    causal_lm = keras_hub.models.Phi3CausalLM(backbone=backbone, preprocessor=None)
+    causal_lm.compile(sampler="greedy")
+    total = len(prompt) + new_tokens
+    hub_inputs = {"token_ids": np.zeros((1, total), "int32"), "padding_mask": np.zeros((1, total), "int32")}
+    hub_inputs["token_ids"][0, : len(prompt)] = prompt
+    hub_inputs["padding_mask"][0, : len(prompt)] = 1
+    patterns = "blocks.*.attn.hook_pattern"
+    return {
+        "phi3lab": lambda: phi3lab.generate(model, None, prompt, new_tokens, stop=[]).new_token_ids,
+        "phi3lab + all patterns": lambda: (
+            phi3lab.generate(model, None, prompt, new_tokens, stop=[], names=patterns).new_token_ids
+        ),
+        "keras-hub": lambda: causal_lm.generate(hub_inputs, stop_token_ids=None)["token_ids"][0, len(prompt) :],
+    }
+
+
 def median_times(variants: dict, repeats: int, warmup: int = 2) -> dict:
     """Median seconds of each no-argument callable in `variants`, run in
     interleaved rounds (every other round in reverse order, so that load

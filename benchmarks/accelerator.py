@@ -13,8 +13,10 @@ ratio to keras-hub's jitted forward at the same length:
   full trace             phi3lab.trace(model, ids): every hook point, to NumPy
   full trace, bf16 maps  the same with capture_dtype="bfloat16"
   patterns only          names="blocks.*.attn.hook_pattern"
-  generation             phi3lab.generate, ms per new token (only when
-                         phi3lab.generation has a KV cache; else skipped)
+and, after the lengths, greedy generation of `--new-tokens` tokens after a
+128-token prompt: phi3lab.generate (also capturing every layer's patterns)
+against keras-hub's Phi3CausalLM.generate, seconds, ms per new token and the
+ratio to keras-hub's.
 
 Defaults: 12 layers, width 768, 12 heads, MLP 2048, vocabulary 32064, batch 1,
 bfloat16 on accelerators and float32 on CPU. Prints the device, the load
@@ -25,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 from _common import (
     add_size_arguments,
     config_from_arguments,
     describe_sizes,
+    generation_runners,
     jitted_forwards,
     keras_hub_pair,
     machine,
@@ -47,21 +49,6 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=32)
     return parser.parse_args()
-
-
-def generation_variant(model, args):
-    """A `generate` timing, or a reason it is skipped."""
-    import phi3lab
-
-    module = phi3lab.generation
-    if not any("kv" in name.lower() and "cache" in name.lower() for name in dir(module)):
-        return None, "skipped: phi3lab.generation has no KV cache on this branch"
-    tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
-    prompt = "When Mary and John went to the store, John gave a drink to"
-    # A stop token would end early and time fewer tokens: random weights
-    # rarely produce one; the count is printed.
-    run = lambda: phi3lab.generate(model, tokenizer, prompt, max_new_tokens=args.new_tokens)
-    return run, None
 
 
 def main():
@@ -81,7 +68,6 @@ def main():
     print(
         f"config: {describe_sizes(args)} {dtype}, batch 1; median of {args.repeats} interleaved rounds after 2 warm-up"
     )
-    generation, skipped = generation_variant(model, args)
     rng = np.random.default_rng(0)
     for length in args.lengths:
         ids = rng.integers(0, args.vocabulary, (1, length)).astype("int32")
@@ -101,16 +87,17 @@ def main():
             f"{np.abs(a - b).max():.2e} on outputs up to {np.abs(b).max():.2f})"
         )
         print_ratio_rows(times, "keras-hub forward")
-    if generation is None:
-        print(f"\ngeneration: {skipped}")
-    else:
-        generation()  # compile
-        start = time.perf_counter()
-        text = generation()
-        seconds = time.perf_counter() - start
+    prompt = rng.integers(3, args.vocabulary, 128).astype("int32")
+    runners = generation_runners(reference, model, prompt, args.new_tokens)
+    outputs = {name: np.asarray(run()) for name, run in runners.items()}  # compile
+    seconds = median_times(runners, 3, warmup=0)
+    print(f"\ngeneration: 128-token prompt, {args.new_tokens} new tokens, greedy, median of 3")
+    print(f"{'generator':28s} {'s':>7s} {'ms/token':>9s} {'x keras-hub':>12s} {'same tokens':>12s}")
+    for name, value in seconds.items():
+        same = np.array_equal(outputs[name], outputs["keras-hub"])
         print(
-            f"\ngeneration: {args.new_tokens} new tokens at most ({len(text)} characters) in {seconds:.2f} s "
-            f"= {1e3 * seconds / args.new_tokens:.1f} ms per token"
+            f"{name:28s} {value:7.2f} {1e3 * value / args.new_tokens:9.1f} "
+            f"{value / seconds['keras-hub']:12.2f} {str(same):>12s}"
         )
 
 

@@ -16,7 +16,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import add_size_arguments, config_from_arguments, describe_sizes, keras_hub_pair, machine, median_times
+from _common import (
+    add_size_arguments,
+    config_from_arguments,
+    describe_sizes,
+    generation_runners,
+    keras_hub_pair,
+    machine,
+    median_times,
+)
 
 
 def parse_args():
@@ -31,29 +39,13 @@ def parse_args():
 
 def main():
     args = parse_args()
-    import keras_hub
     import numpy as np
 
     import phi3lab
 
     backbone, model = keras_hub_pair(config_from_arguments(args, dtype=args.dtype))
-    causal_lm = keras_hub.models.Phi3CausalLM(backbone=backbone, preprocessor=None)
-    causal_lm.compile(sampler="greedy")
-
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(3, args.vocabulary, args.prompt).astype("int32")
-    total = args.prompt + args.new
-    hub_inputs = {"token_ids": np.zeros((1, total), "int32"), "padding_mask": np.zeros((1, total), "int32")}
-    hub_inputs["token_ids"][0, : args.prompt] = prompt
-    hub_inputs["padding_mask"][0, : args.prompt] = 1
-    patterns = "blocks.*.attn.hook_pattern"
-    runners = {
-        "phi3lab": lambda: phi3lab.generate(model, None, prompt, args.new, stop=[]).new_token_ids,
-        "phi3lab + all patterns": lambda: (
-            phi3lab.generate(model, None, prompt, args.new, stop=[], names=patterns).new_token_ids
-        ),
-        "keras-hub": lambda: causal_lm.generate(hub_inputs, stop_token_ids=None)["token_ids"][0, args.prompt :],
-    }
+    prompt = np.random.default_rng(0).integers(3, args.vocabulary, args.prompt).astype("int32")
+    runners = generation_runners(backbone, model, prompt, args.new)
     print(machine())
     print(
         f"config: {describe_sizes(args)} {args.dtype}, {model.count_params() / 1e6:.1f}M parameters; "
