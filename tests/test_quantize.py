@@ -82,8 +82,9 @@ def test_trace_hooks_and_estimate_on_int8(pair):
     ids, mask = token_batch(LENGTHS["below"])
     tr = phi3lab.trace(quantized, ids, padding_mask=mask, names=["blocks.1.attn.hook_z", "hook_logits"])
     # The trace runs a bucket-padded length (64), the forward the input's own:
-    # float32 sums in another order, so a relative bound as well (~40 ulp).
-    np.testing.assert_allclose(tr["hook_logits"], forward(quantized, ids, mask)[1], rtol=1e-5, atol=1e-5)
+    # float32 sums in another order. Logits up to ~8 differ by up to 1.4e-5
+    # (jax 0.10.2 on CPU), as the dequantized forward above does (2e-5).
+    np.testing.assert_allclose(tr["hook_logits"], forward(quantized, ids, mask)[1], rtol=1e-5, atol=2e-5)
     ablated = phi3lab.trace(
         quantized, ids, padding_mask=mask, names=["blocks.1.attn.hook_z"], hooks=H.ablate_heads(1, [2])
     )
