@@ -55,7 +55,7 @@ def _step(fn: ForwardFn):
 
 
 def _compile(fn: ForwardFn, kind: str, program, args, *extra) -> compile_cache.Program:
-    key = (kind, fn.plan, tuple((h.fn, h.static) for h in fn.hooks), *extra)
+    key = (kind, *fn.program_key(), *extra)
     return compile_cache.ahead_of_time(fn.model, key, program, args)
 
 

@@ -74,7 +74,7 @@ def gradient_fn(model, names: tuple[str, ...], hooks: Hooks, metric: Metric, red
     """
     probes = Hooks([(name, Hook(_probe)) for name in names])
     fn = forward_fn(model, names=list(names), hooks=hooks | probes)
-    key = ("gradients", fn.plan, tuple((h.fn, h.static) for h in fn.hooks), metric.key, reduce)
+    key = ("gradients", *fn.program_key(), metric.key, reduce)
 
     def objective(probe_data, params, ids, mask, hook_data, metric_data):
         out = fn(params, ids, mask, tuple(hook_data) + tuple(probe_data))

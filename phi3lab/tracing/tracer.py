@@ -39,7 +39,7 @@ def compiled_program(
     ahead of time, so its memory is known before it runs; cached per model,
     plan, hook functions and statics, `num_positions`, for hooked runs of
     padded inputs the real `length` the hooks see, and shapes)."""
-    key = ("trace", fn.plan, tuple((h.fn, h.static) for h in fn.hooks), num_positions, length)
+    key = ("trace", *fn.program_key(), num_positions, length)
     run = functools.partial(fn.run, num_positions=num_positions, length=length)
     return compile_cache.ahead_of_time(fn.model, key, run, args)
 
