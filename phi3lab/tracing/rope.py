@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
 import pandas as pd
 
@@ -87,6 +88,14 @@ class RotaryDescription:
         return table
 
 
+# The tables of a description as one compiled program per (spec, length):
+# run eagerly, `RotarySpec.tables` compiles each of its eight operations on
+# first use, 0.3 s of the first trace in a fresh process (too quick to be
+# kept in the on-disk cache). The same operations as in the model's program,
+# so the same values.
+_tables = jax.jit(lambda spec, num_positions: spec.tables(num_positions), static_argnums=(0, 1))
+
+
 def describe_rotary(spec: RotarySpec, num_positions: int) -> RotaryDescription:
     """Describe `spec` applied to positions `0 .. num_positions - 1`."""
     chosen = spec.factor_set(num_positions)
@@ -97,7 +106,7 @@ def describe_rotary(spec: RotarySpec, num_positions: int) -> RotaryDescription:
         "long": f"largest position + 1 = {num_positions} > pretraining_sequence_length = {limit}",
     }[chosen]
     inverse = spec.inverse_frequencies(num_positions)
-    cos, sin = spec.tables(num_positions)
+    cos, sin = _tables(spec, num_positions)
     as_array = lambda v: None if v is None else np.asarray(v, np.float32)
     return RotaryDescription(
         num_positions=num_positions,
