@@ -40,6 +40,9 @@ from _common import (
     print_ratio_rows,
 )
 
+# Prompt length of the generation rows.
+PROMPT_TOKENS = 128
+
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -87,11 +90,11 @@ def main():
             f"{np.abs(a - b).max():.2e} on outputs up to {np.abs(b).max():.2f})"
         )
         print_ratio_rows(times, "keras-hub forward")
-    prompt = rng.integers(3, args.vocabulary, 128).astype("int32")
+    prompt = rng.integers(3, args.vocabulary, PROMPT_TOKENS).astype("int32")
     runners = generation_runners(reference, model, prompt, args.new_tokens)
     outputs = {name: np.asarray(run()) for name, run in runners.items()}  # compile
     seconds = median_times(runners, 3, warmup=0)
-    print(f"\ngeneration: 128-token prompt, {args.new_tokens} new tokens, greedy, median of 3")
+    print(f"\ngeneration: {PROMPT_TOKENS}-token prompt, {args.new_tokens} new tokens, greedy, median of 3")
     print(f"{'generator':28s} {'s':>7s} {'ms/token':>9s} {'x keras-hub':>12s} {'same tokens':>12s}")
     for name, value in seconds.items():
         same = np.array_equal(outputs[name], outputs["keras-hub"])

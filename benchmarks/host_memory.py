@@ -25,7 +25,7 @@ import sys
 from _common import machine
 
 CHILD = """
-import json, resource, sys, time
+import json, resource, sys
 sys.path.insert(0, {benchmarks!r})
 import numpy as np
 import jax
