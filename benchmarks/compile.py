@@ -38,7 +38,7 @@ loaded = time.perf_counter()
 phi3lab.trace(model, np.arange(40) % 1000)
 done = time.perf_counter()
 print(json.dumps({"import": imported - start, "load": loaded - imported, "first_trace": done - loaded,
-                  "cache": str(phi3lab.disk_cache.default_directory())}))
+                  "cache": str(phi3lab.runtime.disk_cache.default_directory())}))
 """
 
 

@@ -1,4 +1,4 @@
-"""What keeping freed host memory (`phi3lab.host_memory`) saves (run by hand).
+"""What keeping freed host memory (`phi3lab.runtime.host_memory`) saves (run by hand).
 
     .venv/bin/python benchmarks/host_memory.py [--lengths 128 512] [--rounds 2] [--repeats 5]
 

@@ -48,7 +48,7 @@ from _common import CONFIG, machine, median_times, print_ratio_rows, random_mode
 from jax import numpy as jnp
 
 import phi3lab  # noqa: F401  (selects the JAX backend)
-from phi3lab.host_memory import release_freed_memory
+from phi3lab.runtime.host_memory import release_freed_memory
 
 
 def forward_flops(length: int, batch: int = 1, logits: bool = False) -> float:

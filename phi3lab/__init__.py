@@ -1,23 +1,44 @@
-"""phi3lab: an interpretability workbench for Phi-3 models on Keras 3 / JAX."""
+"""phi3lab: an interpretability workbench for Phi-3 models on Keras 3 / JAX.
 
-from phi3lab.host_memory import keep_freed_memory
+Importing phi3lab changes nothing process-wide beyond choosing JAX as the
+Keras backend when none was chosen: no allocator settings (opt in with
+`phi3lab.runtime.configure(host_memory="reuse")`), no JAX backend started,
+JAX's on-disk cache switched on only at phi3lab's first compilation, and the
+widgets (with plotly and ipywidgets) imported when first used.
+"""
 
-keep_freed_memory()  # before JAX starts its threads (see phi3lab.host_memory)
+from phi3lab.runtime.backend import select_jax_backend
 
-from phi3lab._backend import select_jax_backend  # noqa: E402
+select_jax_backend()  # before anything imports keras
 
-select_jax_backend()
+import importlib  # noqa: E402
 
-from phi3lab.disk_cache import enable_disk_cache  # noqa: E402
+from phi3lab.runtime import moved_modules  # noqa: E402
 
-enable_disk_cache()
+moved_modules.install()  # before the imports below, in case one still uses an old path
 
-from phi3lab import analysis, hooks, sharding, tracing, widgets  # noqa: E402
+from phi3lab import analysis, hooks, presets, runtime, sharding, tracing  # noqa: E402
 from phi3lab.generation import generate  # noqa: E402
 from phi3lab.model import Phi3Backbone  # noqa: E402
 from phi3lab.parity import compare_with_transformers  # noqa: E402
-from phi3lab.tokenizer import Phi3Tokenizer  # noqa: E402
+from phi3lab.tokenization import Phi3Tokenizer  # noqa: E402
 from phi3lab.tracing import Trace, estimate, gradients, trace  # noqa: E402
+
+# Imported on first use (PEP 562), so `import phi3lab` does not import them.
+_LAZY_SUBMODULES = ("widgets",)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"phi3lab.{name}")
+    if f"phi3lab.{name}" in moved_modules.MOVED:
+        return moved_modules.import_moved(f"phi3lab.{name}")
+    raise AttributeError(f"module 'phi3lab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY_SUBMODULES])
+
 
 __all__ = [
     "Phi3Backbone",
@@ -29,6 +50,8 @@ __all__ = [
     "generate",
     "gradients",
     "hooks",
+    "presets",
+    "runtime",
     "sharding",
     "trace",
     "tracing",

@@ -42,8 +42,8 @@ import phi3lab
 from phi3lab import tasks
 from phi3lab.presets import save_preset
 from phi3lab.presets.weights import set_params
-from phi3lab.tokenizer import Phi3Tokenizer
-from phi3lab.tokenizer_training import train_sentencepiece
+from phi3lab.tokenization.tokenizer import Phi3Tokenizer
+from phi3lab.tokenization.training import train_sentencepiece
 
 HELD_OUT_PERIODS = (7, 13, 23)
 TRAIN_PERIODS = tuple(p for p in range(3, 33) if p not in HELD_OUT_PERIODS)

@@ -282,7 +282,7 @@ def test_patching_user_metric_and_compile_once(model, ids):
     default = analysis.activation_patching(model, ids, corrupted, answer=ANSWER, counterfactual=COUNTER, progress=False)
     custom = analysis.activation_patching(model, ids, corrupted, metric=metric, progress=False, batch_size=8)
     np.testing.assert_allclose(custom.values, default.values, atol=1e-4)
-    from phi3lab import compile_cache
+    from phi3lab.runtime import compile_cache
 
     sizes = {key: fn._cache_size() for key, fn in compile_cache.entries(model).items() if key[0] == "patching"}
     analysis.activation_patching(model, corrupted, ids, metric=metric, progress=True, batch_size=8)

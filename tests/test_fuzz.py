@@ -44,8 +44,8 @@ from phi3lab import analysis
 from phi3lab import hooks as H
 from phi3lab.presets import save_preset
 from phi3lab.presets.registry import BUILTIN
-from phi3lab.tokenizer import Phi3Tokenizer
-from phi3lab.tokenizer_training import train_sentencepiece
+from phi3lab.tokenization.tokenizer import Phi3Tokenizer
+from phi3lab.tokenization.training import train_sentencepiece
 from phi3lab.tracing import compiled_count
 from phi3lab.tracing.names import all_names
 

@@ -8,9 +8,9 @@ import pytest
 
 import phi3lab
 from conftest import MAX_POSITIONS, PRETRAINING, random_backbone, require
-from phi3lab import compile_cache
 from phi3lab.generation import Sampler
 from phi3lab.presets import save_hf_checkpoint
+from phi3lab.runtime import compile_cache
 
 EOS = 2  # the eos_token_id save_hf_checkpoint writes
 
@@ -205,7 +205,7 @@ def test_decode_loop_gives_the_same_run_with_stacked_or_per_layer_weights(models
     kwargs = dict(max_new_tokens=10, stop=[], names="blocks.*.attn.hook_pattern")
     runs = []
     for unstack in (True, False):
-        monkeypatch.setattr(programs, "UNSTACK_LAYERS", unstack)
+        monkeypatch.setattr(programs, "unstack_layers", lambda: unstack)
         runs.append(phi3lab.generate(model, None, [3, 1, 4, 1, 5], **kwargs))
     np.testing.assert_array_equal(runs[0].token_ids, runs[1].token_ids)
     for name in runs[0].trace.names:

@@ -226,7 +226,7 @@ def test_gradients_after_interventions(model):
 
 
 def test_one_compiled_program_per_sites_and_metric(model):
-    from phi3lab import compile_cache
+    from phi3lab.runtime import compile_cache
 
     before = compile_cache.size(model, "gradients")
     for seed in range(3):

@@ -127,8 +127,8 @@ def test_bfloat16_cache_is_written_in_place_and_reads_back(half_model):
 def test_bfloat16_generation_buffers_are_written_in_place():
     """The decode loop writes each new token's captures into `[CHUNK, ...]`
     buffers; for a bfloat16 model no float32 copy of a whole buffer exists."""
-    from phi3lab import compile_cache
     from phi3lab.generation.programs import CHUNK
+    from phi3lab.runtime import compile_cache
 
     model = random_backbone(seed=5, num_layers=LAYERS, dtype="bfloat16")
     ids, _ = token_batch(6, seed=4)

@@ -1,6 +1,8 @@
-"""phi3lab.host_memory: repeated traces reuse freed host memory instead of
-faulting in fresh pages, and the memory guard gives that memory back before
-it refuses a request."""
+"""phi3lab.runtime.host_memory: with `phi3lab.runtime.configure(host_memory="reuse")`
+repeated traces reuse freed host memory instead of faulting in fresh pages,
+and the memory guard gives that memory back before it refuses a request.
+(That importing phi3lab alone leaves the allocator alone is in
+test_import_effects.py.)"""
 
 from __future__ import annotations
 
@@ -20,16 +22,20 @@ glibc_only = pytest.mark.skipif(
 )
 
 # A fresh process (the allocator settings bind before JAX starts its threads)
-# traces a 4-layer model at T=512 (16 MiB attention maps per layer and kind;
-# with bfloat16 maps the float32 ones are 128 MiB of temporaries) a few
-# times, then counts the minor page faults of seven more rounds: the median
-# (the heap of a process that keeps its memory still grows now and then,
-# when fragmentation asks for more).
+# asks for phi3lab's settings when its argument says "reuse", then traces a
+# 4-layer model at T=512 (16 MiB attention maps per layer and kind; with
+# bfloat16 maps the float32 ones are 128 MiB of temporaries) a few times,
+# then counts the minor page faults of seven more rounds: the median (the
+# heap of a process that keeps its memory still grows now and then, when
+# fragmentation asks for more).
 _FAULTS_PER_TRACE = """
-import json, resource
+import json, resource, sys
 import numpy as np
 import phi3lab
 from phi3lab.model import Phi3Backbone
+
+if sys.argv[1] == "reuse":
+    phi3lab.runtime.configure(host_memory="reuse")
 
 model = Phi3Backbone(vocabulary_size=128, num_layers=4, hidden_dim=128, intermediate_dim=256,
                      num_query_heads=16, num_key_value_heads=16, max_sequence_length=1024)
@@ -61,18 +67,19 @@ def _run(code: str, *args: str, **env) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _faults_per_captured_page(**env) -> float:
-    counts = _run(_FAULTS_PER_TRACE, **env)
+def _faults_per_captured_page(host_memory: str, **env) -> float:
+    counts = _run(_FAULTS_PER_TRACE, host_memory, **env)
     return counts["faults"] / counts["pages"]
 
 
 @glibc_only
 def test_repeated_traces_reuse_freed_memory_instead_of_faulting_in_pages():
-    """With glibc's defaults every call faults in fresh pages for a share of its
-    captures and temporaries (the kernel zeroes each one); with phi3lab's settings the
-    freed pages of the last call are reused, so almost none are."""
-    kept = _faults_per_captured_page()
-    default = _faults_per_captured_page(PHI3LAB_NO_HOST_MEMORY_REUSE="1")
+    """With glibc's defaults (phi3lab imported, nothing configured) every call
+    faults in fresh pages for a share of its captures and temporaries (the
+    kernel zeroes each one); with host_memory="reuse" the freed pages of the
+    last call are reused, so almost none are."""
+    kept = _faults_per_captured_page("reuse")
+    default = _faults_per_captured_page("default")
     assert kept < 0.05, f"{kept:.3f} page faults per captured page with freed memory kept"
     assert default > 0.3 and default > 10 * kept, (default, kept)
 
@@ -84,6 +91,8 @@ import gc, json, sys
 import psutil
 import phi3lab
 
+if sys.argv[2] == "reuse":
+    phi3lab.runtime.configure(host_memory="reuse")
 before = psutil.Process().memory_info().rss
 model = phi3lab.Phi3Backbone.from_preset(sys.argv[1])
 gc.collect()
@@ -109,14 +118,24 @@ def test_loading_a_checkpoint_keeps_no_more_memory_than_glibcs_defaults(tmp_path
     )
     save_checkpoint(model, tmp_path)
     weights = sum(w.numpy().nbytes for w in model.weights)
-    kept = _run(_RESIDENT_GROWTH_OF_LOADING, str(tmp_path))["grown"]
-    default = _run(_RESIDENT_GROWTH_OF_LOADING, str(tmp_path), PHI3LAB_NO_HOST_MEMORY_REUSE="1")["grown"]
+    kept = _run(_RESIDENT_GROWTH_OF_LOADING, str(tmp_path), "reuse")["grown"]
+    default = _run(_RESIDENT_GROWTH_OF_LOADING, str(tmp_path), "default")["grown"]
     assert kept <= default + 0.1 * weights, (kept, default, weights)
 
 
-def test_keep_freed_memory_can_be_turned_off(monkeypatch):
+def test_host_memory_reuse_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("PHI3LAB_NO_HOST_MEMORY_REUSE", "1")
-    assert phi3lab.host_memory.keep_freed_memory() is False
+    assert phi3lab.runtime.configure(host_memory="reuse") == {"host_memory": False}
+    assert phi3lab.runtime.host_memory.keep_freed_memory() is False
+    assert phi3lab.runtime.host_memory.keeps_freed_memory() is False
+
+
+def test_configure_refuses_an_unknown_setting():
+    with pytest.raises(
+        ValueError, match=r"`host_memory` must be one of \('reuse',\) or None; received host_memory='keep'"
+    ):
+        phi3lab.runtime.configure(host_memory="keep")
+    assert phi3lab.runtime.configure() == {}
 
 
 def _estimate(needed: int) -> memory.MemoryEstimate:

@@ -16,7 +16,7 @@ import pytest
 
 import phi3lab
 from conftest import PRETRAINING, backbone_kwargs, random_backbone, token_batch
-from phi3lab import compile_cache
+from phi3lab.runtime import compile_cache
 from phi3lab.tracing import compiled_count, forward_fn
 
 

@@ -28,8 +28,8 @@ transformers = require("transformers")
 tokenizers = require("tokenizers")
 import sentencepiece as spm  # noqa: E402
 
-from phi3lab.tokenizer import ADDED_SPECIAL_TOKENS, Phi3Tokenizer  # noqa: E402
-from phi3lab.tokenizer_training import train_sentencepiece  # noqa: E402
+from phi3lab.tokenization.tokenizer import ADDED_SPECIAL_TOKENS, Phi3Tokenizer  # noqa: E402
+from phi3lab.tokenization.training import train_sentencepiece  # noqa: E402
 
 # Phi-3's added tokens, ids 32000.. in this order: phi3lab's list, which the oracle files below are
 # written with. It is checked against ids known without it (`test_added_tokens_are_phi3s`).

@@ -34,7 +34,7 @@ transformers = require("transformers")
 tokenizers = require("tokenizers")
 
 from phi3lab.tokenization.bpe_backend import ByteLevelBPEBackend, byte_level_alphabet  # noqa: E402
-from phi3lab.tokenizer import ChatTemplateError, Phi3Tokenizer  # noqa: E402
+from phi3lab.tokenization.tokenizer import ChatTemplateError, Phi3Tokenizer  # noqa: E402
 
 LAYOUTS = {
     "phi4": (CL100K, write_phi4_dir, PHI4_ADDED[:12]),
@@ -331,7 +331,7 @@ def test_template_errors_are_clear(tok_sp):
 
 @pytest.fixture(scope="module")
 def tok_sp():
-    from phi3lab.tokenizer_training import train_sentencepiece
+    from phi3lab.tokenization.training import train_sentencepiece
 
     return Phi3Tokenizer(train_sentencepiece([" ".join(WORDS)] * 50, vocab_size=400))
 

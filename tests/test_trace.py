@@ -188,7 +188,7 @@ def test_final_norm_is_the_output_and_the_plain_forward(model, full, ids):
     assert only_output.names == ["ln_final.hook_normalized"]
     # trace runs the input padded to its length bucket: the same program as
     # the plain forward on the padded input, bit for bit.
-    extra = ((0, 0), (0, phi3lab.compile_cache.bucket_length(ids.shape[1], MAX_POSITIONS) - ids.shape[1]))
+    extra = ((0, 0), (0, phi3lab.runtime.compile_cache.bucket_length(ids.shape[1], MAX_POSITIONS) - ids.shape[1]))
     padded = plain(
         model.params(), jnp.asarray(np.pad(ids, extra)), jnp.asarray(np.pad(np.ones(ids.shape, bool), extra))
     )
@@ -803,8 +803,8 @@ def test_trace_rope_is_what_the_attention_applied(length, expected_set):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from phi3lab.tokenizer import Phi3Tokenizer
-    from phi3lab.tokenizer_training import train_sentencepiece
+    from phi3lab.tokenization.tokenizer import Phi3Tokenizer
+    from phi3lab.tokenization.training import train_sentencepiece
 
     corpus = [
         "When Mary and John went to the store, John gave a drink to Mary.",

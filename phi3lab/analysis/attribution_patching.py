@@ -29,7 +29,6 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
-from phi3lab import compile_cache
 from phi3lab.analysis.patching import (
     SITES,
     PatchingResult,
@@ -40,6 +39,7 @@ from phi3lab.analysis.patching import (
     stacked_site,
 )
 from phi3lab.checks import check_choice, check_positive_int
+from phi3lab.runtime import compile_cache
 from phi3lab.tracing.gradient_trace import gradient_fn, gradient_program, zero_probes
 from phi3lab.tracing.hook_types import Hook, Hooks
 from phi3lab.tracing.metrics import check_finite, resolve_metric

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 from jax import numpy as jnp
 
-from phi3lab import compile_cache
 from phi3lab.analysis._common import as_list, check_trace, require
 from phi3lab.checks import check_in_range, check_index, check_token
 from phi3lab.errors import bad_argument
+from phi3lab.runtime import compile_cache
 from phi3lab.tracing.names import block_name
 
 WHERE = ("pre", "mid", "post")

@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 from jax import numpy as jnp
 
-from phi3lab import compile_cache
 from phi3lab.checks import check_ids, check_mask, is_int
 from phi3lab.errors import bad_argument
+from phi3lab.runtime import compile_cache
 from phi3lab.tracing.forward import forward_fn
 from phi3lab.tracing.hook_types import Hook
 from phi3lab.tracing.metrics import Metric, check_finite, resolve_metric

@@ -29,7 +29,6 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
-from phi3lab import compile_cache
 from phi3lab.analysis.patching import (
     SITES,
     PatchingResult,
@@ -43,6 +42,7 @@ from phi3lab.analysis.patching import (
 )
 from phi3lab.checks import check_index, is_int
 from phi3lab.errors import bad_argument
+from phi3lab.runtime import compile_cache
 from phi3lab.tracing.forward import forward_fn
 from phi3lab.tracing.hook_types import Hook
 from phi3lab.tracing.metrics import check_finite, resolve_metric

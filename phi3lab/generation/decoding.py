@@ -47,9 +47,9 @@ class _Decoder:
     def __init__(self, model, fn, rows: list[list[int]], cache_length: int, pad_id: int):
         self.model, self.fn, self.pad_id = model, fn, pad_id
         self.params = model.params()
-        # Per-layer weights for the decode loop (see `programs.UNSTACK_LAYERS`),
+        # Per-layer weights for the decode loop (see `programs.unstack_layers`),
         # split when the loop first runs.
-        self.unstack, self.split_params = programs.UNSTACK_LAYERS, None
+        self.unstack, self.split_params = programs.unstack_layers(), None
         self.hook_data = jax.tree.map(jnp.asarray, fn.hook_data)
         batch, prompt = len(rows), max(len(r) for r in rows)
         self.prompt_length = prompt

@@ -15,22 +15,27 @@ from __future__ import annotations
 import jax
 from jax import numpy as jnp
 
-from phi3lab import compile_cache
 from phi3lab.generation.sampling import Sampler
 from phi3lab.model.stacked import update_slice
+from phi3lab.runtime import compile_cache
 from phi3lab.tracing.forward import ForwardFn
 
 # Cache lengths and prefill lengths are rounded up to a multiple of this.
 BUCKET = 64
 # New tokens per run of the decode loop (at most; fewer when streaming).
 CHUNK = 64
-# Whether the decode loop reads per-layer weights, split from the stacked
-# ones once per generation (`split_layers`). On CPU, XLA copies a layer's
-# weights out of the stack before each matrix product, which a one-token
-# step (memory-bound) pays in full; the split pays one copy per generation
-# instead, and holds a second copy of the layer weights while it runs.
-# Accelerators read the slices in place and keep the stack.
-UNSTACK_LAYERS = jax.default_backend() == "cpu"
+
+
+def unstack_layers() -> bool:
+    """Whether the decode loop reads per-layer weights, split from the
+    stacked ones once per generation (`split_layers`): on CPU only. There XLA
+    copies a layer's weights out of the stack before each matrix product,
+    which a one-token step (memory-bound) pays in full; the split pays one
+    copy per generation instead, and holds a second copy of the layer
+    weights while it runs. Accelerators read the slices in place and keep
+    the stack. (Asked when a generation starts, not at import, which would
+    start JAX's backends.)"""
+    return jax.default_backend() == "cpu"
 
 
 def bucket(length: int, limit: int) -> int:
@@ -61,7 +66,7 @@ def _compile(fn: ForwardFn, kind: str, program, args, *extra) -> compile_cache.P
 
 def split_layers(model, params) -> dict:
     """`params` with the decoder's stacked weights split into a list of
-    per-layer weights (one compiled copy; see `UNSTACK_LAYERS`)."""
+    per-layer weights (one compiled copy; see `unstack_layers`)."""
 
     def split(params):
         return {**params, "decoder": model.decoder.unstack(params["decoder"])}

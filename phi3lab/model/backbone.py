@@ -9,15 +9,16 @@ import jax
 import keras
 from jax import numpy as jnp
 
-from phi3lab import compile_cache
 from phi3lab.checks import check_token_ids
 from phi3lab.errors import bad_argument
+from phi3lab.model import preset_loader
 from phi3lab.model.config import BackboneConfig
 from phi3lab.model.decoder import Phi3DecoderStack
 from phi3lab.model.embedding import Phi3TokenEmbedding
 from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.norm import Phi3RMSNorm
 from phi3lab.model.quantize import quantize_stacked_weights
+from phi3lab.runtime import compile_cache
 
 
 class _ClassProperty:
@@ -256,7 +257,7 @@ class Phi3Backbone(keras.Model):
     def program_settings(self) -> tuple:
         """What a compiled program depends on beyond its key's inputs: the
         attention path settings read while tracing
-        (`Phi3Attention.path_settings`). `phi3lab.compile_cache` keys every
+        (`Phi3Attention.path_settings`). `phi3lab.runtime.compile_cache` keys every
         program with them, so setting e.g.
         `model.decoder.attention.use_fused_attention = False` takes effect on
         the next call instead of reusing a program built with the old value.
@@ -323,9 +324,7 @@ class Phi3Backbone(keras.Model):
     @_ClassProperty
     def presets(cls) -> dict:
         """Built-in preset names and their descriptions."""
-        from phi3lab.presets import builtin_presets
-
-        return builtin_presets()
+        return preset_loader.installed().builtin_presets()
 
     @classmethod
     def from_preset(cls, preset: str, load_weights: bool = True, **kwargs) -> "Phi3Backbone":
@@ -341,9 +340,7 @@ class Phi3Backbone(keras.Model):
         Example:
         >>> model = Phi3Backbone.from_preset("phi3lab_tiny_en")
         """
-        from phi3lab.presets import load_backbone
-
-        return load_backbone(cls, preset, load_weights=load_weights, **kwargs)
+        return preset_loader.installed().load(cls, preset, load_weights=load_weights, **kwargs)
 
 
 def _check_dtype(dtype):

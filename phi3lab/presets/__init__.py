@@ -6,10 +6,11 @@ import inspect
 import json
 from pathlib import Path
 
-from phi3lab.host_memory import release_freed_memory
+from phi3lab.model import preset_loader
 from phi3lab.model.initializers import zero_initialization
 from phi3lab.presets import hf_format, keras_hub_format
 from phi3lab.presets.registry import BUILTIN, builtin_presets, resolve_preset_dir
+from phi3lab.runtime.host_memory import release_freed_memory
 
 __all__ = [
     "builtin_presets",
@@ -72,7 +73,7 @@ def load_backbone(cls, preset, load_weights: bool = True, **kwargs):
     if quantization is not None:
         model.quantize(quantization)
     # Reading the files freed host memory that the process would keep for
-    # reuse (`phi3lab.host_memory`): 180 MiB over the 12-layer benchmark
+    # reuse (`phi3lab.runtime.host_memory`): 180 MiB over the 12-layer benchmark
     # model's 512 MiB of weights. Give it back.
     release_freed_memory()
     return model
@@ -82,3 +83,6 @@ def _complete(config: dict) -> bool:
     """Whether a built-in architecture is known offline: everything but the
     "su" rotary factors of a preset that only come with the download."""
     return config.get("rope_scaling_type") is None or config.get("rope_scaling_long_factor") is not None
+
+
+preset_loader.install(preset_loader.PresetLoader(load=load_backbone, builtin_presets=builtin_presets))

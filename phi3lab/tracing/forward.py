@@ -73,7 +73,7 @@ class ForwardFn:
     def program_key(self) -> tuple:
         """What a compiled program of this forward depends on besides its
         inputs: the plan and each hook's function and static settings (not
-        its data, which are inputs), for `phi3lab.compile_cache` keys."""
+        its data, which are inputs), for `phi3lab.runtime.compile_cache` keys."""
         return (self.plan, tuple((hook.fn, hook.static) for hook in self.hooks))
 
     def run(self, params, token_ids, padding_mask=None, hook_data=None, num_positions=None, length=None, **cached):

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
-from phi3lab import compile_cache
+from phi3lab.runtime import compile_cache
 from phi3lab.tracing.forward import as_hooks, forward_fn
 from phi3lab.tracing.hook_types import Hook, Hooks
 from phi3lab.tracing.metrics import Metric, check_finite, resolve_metric

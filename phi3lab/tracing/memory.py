@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from phi3lab.host_memory import release_freed_memory
+from phi3lab.runtime.host_memory import release_freed_memory
 
 
 class CaptureTooLarge(ValueError):
@@ -77,7 +77,7 @@ def check_fits(estimate: MemoryEstimate, budget: int | None) -> MemoryEstimate:
     """Raise `CaptureTooLarge` if the run would not fit `budget` (default:
     the device's free memory); return the estimate with `available` set.
     Before refusing for want of free memory, the freed memory this process
-    keeps for reuse (`phi3lab.host_memory`) is given back and the free
+    keeps for reuse (`phi3lab.runtime.host_memory`) is given back and the free
     memory read again."""
     available = budget if budget is not None else available_bytes()
     if budget is None and estimate.needed > available:

@@ -8,7 +8,6 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
-from phi3lab import compile_cache
 from phi3lab.checks import (
     check_choice,
     check_ids,
@@ -18,6 +17,7 @@ from phi3lab.checks import (
     is_int,
 )
 from phi3lab.errors import bad_argument
+from phi3lab.runtime import compile_cache
 from phi3lab.tracing.forward import ForwardFn, as_hooks, forward_fn
 from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure
 from phi3lab.tracing.names import Selection, all_names, position_index
@@ -149,7 +149,7 @@ def trace(
         reuse one compiled program; hook data (patch sources, steering
         vectors) are inputs, so new values do not recompile. Inputs run
         padded on the right (masked) to a length bucket
-        (`phi3lab.compile_cache.bucket_length`: 64, 128, 256, 384, 512, then
+        (`phi3lab.runtime.compile_cache.bucket_length`: 64, 128, 256, 384, 512, then
         powers of two) and the results are cut back, so prompts of 33, 40
         and 57 tokens share one program; the rotary factors stay those of
         the real length. Hook functions see only the real positions (a

@@ -1,4 +1,4 @@
-"""Host memory that repeated runs reuse instead of faulting in afresh, on by default.
+"""Host memory that repeated runs reuse instead of faulting in afresh, on request.
 
 On CPU, every buffer of a compiled program (its outputs, its temporaries) and
 every NumPy copy of a capture comes from the C library's `malloc`. With
@@ -9,10 +9,10 @@ of the same program receives fresh pages, which the kernel faults in and
 zeroes one 4 KiB page at a time. A full trace of the 12-layer benchmark model
 at T=512 (733 MB of captures) took 140,000 page faults and 0.76 s of kernel
 CPU per call that way, half again the forward it captures
-(`benchmarks/trace.py`).
+(`benchmarks/host_memory.py`).
 
-`keep_freed_memory()`, called once when phi3lab is imported, tells glibc to
-keep freed memory for the next allocation:
+`keep_freed_memory()` tells glibc to keep freed memory for the next
+allocation:
 
 * one arena for every thread (`M_ARENA_MAX` 1), so the blocks JAX's worker
   threads free are the ones its next call allocates;
@@ -22,13 +22,17 @@ keep freed memory for the next allocation:
 * up to 2 GiB of free memory at the top of the heap is kept
   (`M_TRIM_THRESHOLD`).
 
-The price is memory that stays with the process after its arrays are freed,
-at most what its largest run used. `release_freed_memory()` gives it back;
-the memory guard (`phi3lab.tracing.memory.check_fits`) does so before it
-refuses a request. `PHI3LAB_NO_HOST_MEMORY_REUSE=1` keeps glibc's defaults.
-The settings bind the threads JAX has not started yet: import phi3lab before
-running JAX code for the whole effect. Where the C library is not glibc
-(macOS, Windows, musl) nothing changes.
+These settings hold for the whole process (torch, pandas, everything else
+in it), so phi3lab never makes them on its own: call
+`phi3lab.runtime.configure(host_memory="reuse")` right after importing
+phi3lab, before the first computation (the arena setting binds the threads
+JAX has not started yet). The price is memory that stays with the process
+after its arrays are freed, at most what its largest run used.
+`release_freed_memory()` gives it back; the memory guard
+(`phi3lab.tracing.memory.check_fits`) does so before it refuses a request,
+and `from_preset` after reading a checkpoint. `PHI3LAB_NO_HOST_MEMORY_REUSE=1`
+turns the request off (glibc's defaults stay). Where the C library is not
+glibc (macOS, Windows, musl) nothing changes.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from __future__ import annotations
 import ctypes
 import platform
 
-from phi3lab._env import flag
+from phi3lab.runtime.env import flag
 
 # mallopt parameters, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -55,23 +59,33 @@ def _glibc():
         return None
 
 
+_kept = False  # whether keep_freed_memory() changed glibc's settings in this process
+
+
 def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse (see the module docs).
+    """Make glibc keep freed memory for reuse (see the module docs); what
+    `phi3lab.runtime.configure(host_memory="reuse")` does.
 
     Returns True when the settings took effect; False with
     `PHI3LAB_NO_HOST_MEMORY_REUSE=1` or a C library other than glibc.
-    Called once when phi3lab is imported.
 
     Example:
-    >>> phi3lab.host_memory.keep_freed_memory()
+    >>> phi3lab.runtime.host_memory.keep_freed_memory()
     True
     """
+    global _kept
     if flag("PHI3LAB_NO_HOST_MEMORY_REUSE"):
         return False
     libc = _glibc()
     if libc is None:
         return False
-    return all(libc.mallopt(parameter, value) == 1 for parameter, value in _SETTINGS)
+    _kept = all(libc.mallopt(parameter, value) == 1 for parameter, value in _SETTINGS)
+    return _kept
+
+
+def keeps_freed_memory() -> bool:
+    """Whether this process runs with the settings of `keep_freed_memory()`."""
+    return _kept
 
 
 def release_freed_memory() -> None:

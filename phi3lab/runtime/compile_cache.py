@@ -27,6 +27,8 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Callable
 
+from phi3lab.runtime.disk_cache import enable_disk_cache
+
 _DEFAULT_LIMIT = 64
 _BUCKETS = (64, 128, 256, 384, 512)
 _ATTRIBUTE = "_phi3lab_compiled_programs"
@@ -117,6 +119,8 @@ def cached(model, key: tuple, build: Callable[[], Any]):
 
     The key is extended with `model.program_settings()` (attention path
     settings read while tracing), so a changed setting builds a new program.
+    The first build of the process switches JAX's on-disk cache on
+    (`disk_cache.enable_disk_cache`).
 
     Example:
     >>> run = cached(model, ("forward",), lambda: jax.jit(forward))
@@ -126,6 +130,7 @@ def cached(model, key: tuple, build: Callable[[], Any]):
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
+    enable_disk_cache()
     program = build()
     cache[key] = program
     while len(cache) > _limit:

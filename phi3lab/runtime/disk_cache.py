@@ -1,8 +1,13 @@
-"""JAX's on-disk compilation cache, on by default for phi3lab users.
+"""JAX's on-disk compilation cache, on by default for phi3lab's programs.
 
 Compiled programs are written to a user cache directory, so a fresh kernel
 re-running a notebook (or a new Python process tracing the same model and
-shapes) loads them instead of compiling again. Where:
+shapes) loads them instead of compiling again. The cache is switched on when
+phi3lab first compiles a program of its own (`compile_cache.cached`), not at
+import: importing phi3lab leaves JAX's configuration alone, and a process
+that never runs phi3lab never writes there. JAX's setting is process-wide,
+so from then on programs of the user's own that take over
+`MIN_COMPILE_SECONDS` to compile are kept there too. Where:
 
 * `PHI3LAB_CACHE_DIR`, when set; else
 * `$XDG_CACHE_HOME/phi3lab/jax` or `~/.cache/phi3lab/jax` (Linux and other
@@ -11,19 +16,20 @@ shapes) loads them instead of compiling again. Where:
 
 `PHI3LAB_NO_DISK_CACHE=1` turns it off. A cache directory chosen by the user
 for JAX itself (`JAX_COMPILATION_CACHE_DIR` or
-`jax.config.update("jax_compilation_cache_dir", ...)` before importing
-phi3lab) is left as it is. Entries are keyed by JAX on the program, the
+`jax.config.update("jax_compilation_cache_dir", ...)` before phi3lab's
+first compilation) is left as it is. Entries are keyed by JAX on the program, the
 JAX/XLA versions and the device, so a stale entry is never used; deleting the
 directory is always safe.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
 
-from phi3lab._env import flag
+from phi3lab.runtime.env import flag
 
 # Programs that compile faster than this are not worth a file.
 MIN_COMPILE_SECONDS = 0.1
@@ -43,18 +49,21 @@ def default_directory() -> Path:
     return base / "phi3lab" / "jax"
 
 
+@functools.cache
 def enable_disk_cache() -> Path | None:
-    """Point JAX's persistent compilation cache at `default_directory()`.
+    """Point JAX's persistent compilation cache at `default_directory()`
+    (once per process; later calls return the first answer).
 
     Returns the directory in use, or None when the cache is off
     (`PHI3LAB_NO_DISK_CACHE=1`, or the directory cannot be created). Called
-    once when phi3lab is imported.
+    by `compile_cache.cached` before phi3lab compiles its first program.
 
     Example:
-    >>> phi3lab.disk_cache.enable_disk_cache()
+    >>> phi3lab.runtime.disk_cache.enable_disk_cache()
     PosixPath('/home/me/.cache/phi3lab/jax')
     """
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
     if flag("PHI3LAB_NO_DISK_CACHE"):
         return None
@@ -66,6 +75,10 @@ def enable_disk_cache() -> Path | None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None  # read-only home etc.: compile as usual
-    jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    compilation_cache.set_cache_dir(str(directory))
+    # JAX decides at a process's first compilation whether it uses a cache
+    # (building the model compiled small eager operations already, with no
+    # directory set) and keeps that answer: have it decide again.
+    compilation_cache.reset_cache()
     return directory
