@@ -1,16 +1,17 @@
-"""What keeping freed host memory (`phi3lab.runtime.host_memory`) saves (run by hand).
+"""What keeping freed host memory (`PHI3LAB_HOST_MEMORY=reuse`) saves (run by hand).
 
     .venv/bin/python benchmarks/host_memory.py [--lengths 128 512] [--rounds 2] [--repeats 5]
 
 The allocator settings bind a whole process before JAX starts, so the two
-sides cannot share one process: each round starts one child process with
-phi3lab's settings and one with `PHI3LAB_NO_HOST_MEMORY_REUSE=1` (in
-alternating order), and each child times the plain forward, a full trace and
-a patterns-only trace of the 12-layer width-768 benchmark model (random
-weights, float32, batch 1; median of `--repeats` calls after two warm-up
-calls) and counts the minor page faults of a full trace. Printed: the
-medians over rounds, each trace's ratio to its own process's plain forward,
-and kept / default.
+sides cannot share one process: each round starts one child process that
+asks for phi3lab's settings with `PHI3LAB_HOST_MEMORY=reuse` (made first
+thing at import, before any library starts threads) and one that keeps
+glibc's defaults, in alternating order. Each child times the plain forward,
+a full trace and a patterns-only trace of the 12-layer width-768 benchmark
+model (random weights, float32, batch 1; median of `--repeats` calls after
+two warm-up calls) and counts the minor page faults of a full trace.
+Printed: the medians over rounds, each trace's ratio to its own process's
+plain forward, and kept / default.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ print(json.dumps(times))
 def child(length: int, repeats: int, keep: bool) -> dict:
     env = dict(os.environ)
     env.pop("PHI3LAB_NO_HOST_MEMORY_REUSE", None)
-    if not keep:
-        env["PHI3LAB_NO_HOST_MEMORY_REUSE"] = "1"
+    env.pop("PHI3LAB_HOST_MEMORY", None)
+    if keep:
+        env["PHI3LAB_HOST_MEMORY"] = "reuse"
     benchmarks = os.path.dirname(os.path.abspath(__file__))
     code = CHILD.format(benchmarks=benchmarks, length=length, repeats=repeats)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -2,13 +2,15 @@
 
 Importing phi3lab changes nothing process-wide beyond choosing JAX as the
 Keras backend when none was chosen: no allocator settings (opt in with
-`phi3lab.runtime.configure(host_memory="reuse")`), no JAX backend started,
+`PHI3LAB_HOST_MEMORY=reuse` or `phi3lab.runtime.configure(host_memory="reuse")`), no JAX backend started,
 JAX's on-disk cache switched on only at phi3lab's first compilation, and the
 widgets (with plotly and ipywidgets) imported when first used.
 """
 
 from phi3lab.runtime.backend import select_jax_backend
+from phi3lab.runtime.configuration import configure_from_environment
 
+configure_from_environment()  # PHI3LAB_HOST_MEMORY=reuse: before any import starts threads
 select_jax_backend()  # before anything imports keras
 
 import importlib  # noqa: E402
@@ -30,10 +32,13 @@ _LAZY_SUBMODULES = ("widgets",)
 
 def __getattr__(name: str):
     if name in _LAZY_SUBMODULES:
-        return importlib.import_module(f"phi3lab.{name}")
-    if f"phi3lab.{name}" in moved_modules.MOVED:
-        return moved_modules.import_moved(f"phi3lab.{name}")
-    raise AttributeError(f"module 'phi3lab' has no attribute {name!r}")
+        module = importlib.import_module(f"phi3lab.{name}")
+    elif f"phi3lab.{name}" in moved_modules.MOVED:
+        module = moved_modules.import_moved(f"phi3lab.{name}")
+    else:
+        raise AttributeError(f"module 'phi3lab' has no attribute {name!r}")
+    globals()[name] = module  # found directly next time: one warning, as an import gives
+    return module
 
 
 def __dir__():

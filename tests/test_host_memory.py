@@ -21,8 +21,8 @@ glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator only"
 )
 
-# A fresh process (the allocator settings bind before JAX starts its threads)
-# asks for phi3lab's settings when its argument says "reuse", then traces a
+# A fresh process (asking for phi3lab's settings through PHI3LAB_HOST_MEMORY,
+# so they bind before any library starts its threads, or not) traces a
 # 4-layer model at T=512 (16 MiB attention maps per layer and kind; with
 # bfloat16 maps the float32 ones are 128 MiB of temporaries) a few times,
 # then counts the minor page faults of seven more rounds: the median (the
@@ -33,9 +33,7 @@ import json, resource, sys
 import numpy as np
 import phi3lab
 from phi3lab.model import Phi3Backbone
-
-if sys.argv[1] == "reuse":
-    phi3lab.runtime.configure(host_memory="reuse")
+from phi3lab.runtime import host_memory
 
 model = Phi3Backbone(vocabulary_size=128, num_layers=4, hidden_dim=128, intermediate_dim=256,
                      num_query_heads=16, num_key_value_heads=16, max_sequence_length=1024)
@@ -51,14 +49,15 @@ for _ in range(7):
     for call in calls:
         call()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"faults": sorted(faults)[3], "pages": pages}))
+print(json.dumps({"faults": sorted(faults)[3], "pages": pages, "kept": host_memory.keeps_freed_memory(),
+                  "arenas": host_memory.arena_count()}))
 """
 
 
 def _run(code: str, *args: str, **env) -> dict:
     result = subprocess.run(
         [sys.executable, "-c", code, *args],
-        env={**os.environ, **env},
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("PHI3LAB_HOST_MEMORY")}, **env},
         capture_output=True,
         text=True,
         timeout=600,
@@ -67,19 +66,22 @@ def _run(code: str, *args: str, **env) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _faults_per_captured_page(host_memory: str, **env) -> float:
-    counts = _run(_FAULTS_PER_TRACE, host_memory, **env)
-    return counts["faults"] / counts["pages"]
+def _faults_per_captured_page(**env) -> tuple[float, dict]:
+    counts = _run(_FAULTS_PER_TRACE, **env)
+    return counts["faults"] / counts["pages"], counts
 
 
 @glibc_only
 def test_repeated_traces_reuse_freed_memory_instead_of_faulting_in_pages():
-    """With glibc's defaults (phi3lab imported, nothing configured) every call
+    """With glibc's defaults (phi3lab imported, nothing asked) every call
     faults in fresh pages for a share of its captures and temporaries (the
-    kernel zeroes each one); with host_memory="reuse" the freed pages of the
-    last call are reused, so almost none are."""
-    kept = _faults_per_captured_page("reuse")
-    default = _faults_per_captured_page("default")
+    kernel zeroes each one); with PHI3LAB_HOST_MEMORY=reuse the freed pages of
+    the last call are reused, so almost none are: the settings were made
+    before any thread took an arena of its own."""
+    kept, report = _faults_per_captured_page(PHI3LAB_HOST_MEMORY="reuse")
+    assert report["kept"] is True and report["arenas"] == 1, report
+    default, report = _faults_per_captured_page()
+    assert report["kept"] is False, report
     assert kept < 0.05, f"{kept:.3f} page faults per captured page with freed memory kept"
     assert default > 0.3 and default > 10 * kept, (default, kept)
 
@@ -91,8 +93,6 @@ import gc, json, sys
 import psutil
 import phi3lab
 
-if sys.argv[2] == "reuse":
-    phi3lab.runtime.configure(host_memory="reuse")
 before = psutil.Process().memory_info().rss
 model = phi3lab.Phi3Backbone.from_preset(sys.argv[1])
 gc.collect()
@@ -118,8 +118,8 @@ def test_loading_a_checkpoint_keeps_no_more_memory_than_glibcs_defaults(tmp_path
     )
     save_checkpoint(model, tmp_path)
     weights = sum(w.numpy().nbytes for w in model.weights)
-    kept = _run(_RESIDENT_GROWTH_OF_LOADING, str(tmp_path), "reuse")["grown"]
-    default = _run(_RESIDENT_GROWTH_OF_LOADING, str(tmp_path), "default")["grown"]
+    kept = _run(_RESIDENT_GROWTH_OF_LOADING, str(tmp_path), PHI3LAB_HOST_MEMORY="reuse")["grown"]
+    default = _run(_RESIDENT_GROWTH_OF_LOADING, str(tmp_path))["grown"]
     assert kept <= default + 0.1 * weights, (kept, default, weights)
 
 

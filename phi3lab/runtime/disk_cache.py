@@ -63,7 +63,6 @@ def enable_disk_cache() -> Path | None:
     PosixPath('/home/me/.cache/phi3lab/jax')
     """
     import jax
-    from jax.experimental.compilation_cache import compilation_cache
 
     if flag("PHI3LAB_NO_DISK_CACHE"):
         return None
@@ -75,10 +74,9 @@ def enable_disk_cache() -> Path | None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None  # read-only home etc.: compile as usual
+    # JAX opens the directory at the first compilation after it is set, also
+    # when it compiled before (building a model runs eager operations):
+    # tests/test_import_effects.py checks that programs land there.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
-    compilation_cache.set_cache_dir(str(directory))
-    # JAX decides at a process's first compilation whether it uses a cache
-    # (building the model compiled small eager operations already, with no
-    # directory set) and keeps that answer: have it decide again.
-    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", str(directory))
     return directory

@@ -77,8 +77,9 @@ def check_fits(estimate: MemoryEstimate, budget: int | None) -> MemoryEstimate:
     """Raise `CaptureTooLarge` if the run would not fit `budget` (default:
     the device's free memory); return the estimate with `available` set.
     Before refusing for want of free memory, the freed memory this process
-    keeps for reuse (`phi3lab.runtime.host_memory`) is given back and the free
-    memory read again."""
+    keeps (`phi3lab.runtime.host_memory`: up to what its largest run used
+    after `configure(host_memory="reuse")`, glibc's trimmable free pages
+    otherwise) is given back and the free memory read again."""
     available = budget if budget is not None else available_bytes()
     if budget is None and estimate.needed > available:
         release_freed_memory()

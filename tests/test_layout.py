@@ -1,0 +1,64 @@
+"""The package's layout rules: the model imports nothing above it, and no
+runtime module lies loose at the package top."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "phi3lab"
+# Packages that build on the model; the model must never import them.
+ABOVE_THE_MODEL = ("presets", "tracing", "analysis", "widgets", "generation")
+
+
+def imported_names(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in `path`, at module level or inside
+    functions; `from phi3lab import x` counts as `phi3lab.x`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[: -node.level or None])
+            module = ".".join(part for part in (package if node.level else "", node.module or "") if part)
+            found += [(node.lineno, module)] + [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
+    return found
+
+
+def test_imported_names_sees_every_form_of_import(tmp_path, monkeypatch):
+    """The scanner below must not miss an import because of how it is written."""
+    module = PACKAGE / "model" / "backbone.py"
+    source = "import phi3lab.presets\nfrom phi3lab import tracing\ndef f():\n    from ..analysis import lens\n"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: source)
+    names = {name for _, name in imported_names(module)}
+    assert {"phi3lab.presets", "phi3lab.tracing", "phi3lab.analysis.lens"} <= names
+
+
+def test_the_model_imports_nothing_above_it():
+    upward = [
+        f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
+        for path in sorted((PACKAGE / "model").rglob("*.py"))
+        for line, name in imported_names(path)
+        if any(name == f"phi3lab.{above}" or name.startswith(f"phi3lab.{above}.") for above in ABOVE_THE_MODEL)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_runtime_module_lies_at_the_package_top():
+    loose = {"compile_cache", "disk_cache", "host_memory", "_backend", "_env", "tokenizer", "tokenizer_training"}
+    assert not {path.stem for path in PACKAGE.glob("*.py")} & loose
+
+
+def test_from_preset_works_when_only_the_model_package_is_imported():
+    code = (
+        "from phi3lab.model import Phi3Backbone\n"
+        "model = Phi3Backbone.from_preset('phi3lab_tiny_en')\n"
+        "print('phi3lab_tiny_en' in Phi3Backbone.presets, model.num_layers)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "True"
