@@ -20,7 +20,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps "keras-hub>=0.32"
 	touch $(STAMP)
 
-install: $(STAMP)
+# TensorFlow and grain for keras-hub's own test helpers (tests/test_keras_hub_suite.py),
+# test-time only: installed into a side folder that only that test's subprocess puts on
+# PYTHONPATH, without dependencies, so the venv's numpy, jax, keras and protobuf stay
+# as they are. The list adds the few of their dependencies the venv lacks.
+KERAS_HUB_SUITE := $(VENV)/keras-hub-suite
+KERAS_HUB_SUITE_STAMP := $(KERAS_HUB_SUITE)/.installed
+KERAS_HUB_SUITE_PACKAGES := tensorflow-cpu==2.21.0 grain==0.2.18 grpcio array-record astunparse \
+	flatbuffers gast google-pasta termcolor etils portpicker
+
+$(KERAS_HUB_SUITE_STAMP): | $(STAMP)
+	$(BIN)/pip install --quiet --upgrade --no-deps --target $(KERAS_HUB_SUITE) $(KERAS_HUB_SUITE_PACKAGES)
+	touch $@
+
+install: $(STAMP) $(KERAS_HUB_SUITE_STAMP)
 
 # Debian's Chromium for the browser tests (never a browser download). Without it
 # (not root, no apt-get, offline) the browser tests skip, naming this command.
@@ -56,7 +69,7 @@ lint: $(STAMP)
 # tests") in a group is not a failure.
 TEST_GROUPS = "tests/browser" "tests/test_[a-h]*.py" "tests/test_[i-s]*.py" "tests/test_[t-z]*.py" "--nbmake notebooks"
 
-test: $(STAMP) browser lint
+test: $(STAMP) $(KERAS_HUB_SUITE_STAMP) browser lint
 	@status=0; for group in $(TEST_GROUPS); do \
 		echo "== pytest $$group"; \
 		$(BIN)/python -m pytest -q -rs --timeout=900 --nbmake-timeout=300 $$group; rc=$$?; \

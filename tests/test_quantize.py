@@ -127,21 +127,92 @@ def test_clear_errors(pair, tmp_path):
     for mode in ("int4", "float8", None, "INT8"):
         with pytest.raises(ValueError, match='"int8"'):
             model.quantize(mode)
+    with pytest.raises(ValueError, match="float8 mode is a training scheme"):
+        model.quantize("float8")
     assert model.quantization is None and model.decoder.attention.query_kernel.dtype == "float32"
     with pytest.raises(ValueError, match="already quantized"):
         quantized.quantize("int8")
-    for save in (save_preset, save_hf_checkpoint):
-        with pytest.raises(ValueError, match=r"quantized .* model.save\('name.keras'\)"):
-            save(quantized, tmp_path)
+    with pytest.raises(ValueError, match=r"quantized .* model.save\('name.keras'\)"):
+        save_hf_checkpoint(quantized, tmp_path)
+
+
+def test_quantized_layers_report_keras_int8_policies(pair):
+    """The quantized layers say so the keras way, and the config's dtype is a
+    DTypePolicyMap that keras itself reads back (keras is the oracle)."""
+    float_model, quantized = pair
+    layers = quantized.weight_layers()
+    assert {path for path, layer in layers.items() if layer.quantization_mode == "int8"} == {
+        "decoder/attention",
+        "decoder/mlp",
+    }
+    assert layers["decoder/mlp"].dtype_policy.name == "int8_from_float32"
+    assert layers["decoder/mlp"].compute_dtype == "float32" and quantized.dtype_policy.name == "float32"
+    policy_map = keras.dtype_policies.deserialize(quantized.get_config()["dtype"])
+    assert isinstance(policy_map, keras.dtype_policies.DTypePolicyMap)
+    assert policy_map.default_policy.name == "float32"
+    assert {path: policy_map[path].name for path in layers} == {
+        path: ("int8_from_float32" if path in ("decoder/attention", "decoder/mlp") else "float32") for path in layers
+    }
+    assert float_model.get_config()["dtype"]["class_name"] == "DTypePolicy"
+
+
+def int8_map(default="float32", keys=("decoder/attention", "decoder/mlp"), mode="int8"):
+    policies = keras.dtype_policies
+    return policies.DTypePolicyMap(default, {key: policies.get(f"{mode}_from_{default}") for key in keys})
+
+
+@pytest.mark.parametrize("serialized", [False, True])
+def test_dtype_policy_map_builds_the_quantized_model(pair, serialized):
+    """A DTypePolicyMap with int8 entries for the kernel layers (as an object,
+    as a regex, or serialized as keras writes it) builds the model that
+    `quantize("int8")` makes: same config, same variables, same outputs."""
+    _, quantized = pair
+    config = quantized.get_config()
+    arguments = {key: value for key, value in config.items() if key not in ("name", "quantization")}
+    for dtype in (int8_map(), int8_map(keys=["decoder/(attention|mlp)"])):
+        dtype = keras.dtype_policies.serialize(dtype) if serialized else dtype
+        model = Phi3Backbone(**{**arguments, "dtype": dtype})
+        assert model.quantization == "int8"
+        assert [(v.path, v.dtype, v.shape) for v in model.weights] == [
+            (v.path, v.dtype, v.shape) for v in quantized.weights
+        ]
+        model.set_weights(quantized.get_weights())
+        assert {**model.get_config(), "name": None} == {**config, "name": None}
+        ids, mask = token_batch(LENGTHS["below"])
+        np.testing.assert_array_equal(forward(model, ids, mask)[1], forward(quantized, ids, mask)[1])
 
 
 @pytest.mark.parametrize(
-    "dtype",
-    [keras.dtype_policies.DTypePolicyMap(), "int8_from_float32", {"class_name": "DTypePolicyMap", "config": {}}],
+    "dtype, message",
+    [
+        ("int8_from_float32", "single layers"),
+        (int8_map(mode="float8"), "float8 mode is a training scheme"),
+        (int8_map(keys=["phi3_backbone/phi3_decoder/attention/query_dense"]), "matches none of them"),
+        (int8_map(keys=["token_embedding", "decoder/attention", "decoder/mlp"]), "'token_embedding' has"),
+        (int8_map(keys=["decoder/mlp"]), r"quantizes only \['decoder/mlp'\]"),
+        (int8_map(keys=["decoder/.*"]), "'decoder/attention_norm' has"),
+        (
+            keras.dtype_policies.DTypePolicyMap("float32", {"final_norm": keras.dtype_policies.get("bfloat16")}),
+            "share one float policy",
+        ),
+        (
+            keras.dtype_policies.DTypePolicyMap(
+                "float32", {"decoder/(attention|mlp)": keras.dtype_policies.get("int8_from_bfloat16")}
+            ),
+            "int8_from_float32",
+        ),
+        ({"class_name": "DTypePolicyMap", "module": "mymodule", "config": {}}, "serialized"),
+    ],
 )
-def test_dtype_policy_maps_and_quantized_policies_refused_at_construction(dtype):
-    with pytest.raises(ValueError, match="DTypePolicyMap"):
+def test_dtype_policy_maps_phi3lab_cannot_honour_are_refused(dtype, message):
+    with pytest.raises(ValueError, match="`dtype` must") as error:
         Phi3Backbone(**backbone_kwargs(None), dtype=dtype)
+    assert error.match(message)
+
+
+def test_quantization_argument_contradicting_the_dtype_map_is_refused():
+    with pytest.raises(ValueError, match="`quantization` must be 'int8' or left out"):
+        Phi3Backbone(**backbone_kwargs(None), dtype=int8_map(), quantization=None)
 
 
 def test_direct_logit_attribution_on_a_tied_int8_model():
@@ -159,17 +230,37 @@ def test_direct_logit_attribution_on_a_tied_int8_model():
     np.testing.assert_allclose(heads.values, attn.loc[heads.index].values, atol=1e-4)
 
 
-def test_dtype_policy_map_in_a_keras_hub_preset_is_refused_too(tmp_path):
-    """Consistent with construction: a saved config carrying a DTypePolicyMap
-    is refused when loaded, never silently read as float32."""
+def test_keras_hub_format_preset_round_trip(pair, tmp_path):
+    """A quantized model saved as a keras-hub-format preset loads back as the
+    same quantized model: its config, int8 kernels, scales and outputs."""
+    _, quantized = pair
+    directory = save_preset(quantized, tmp_path / "int8")
+    loaded = Phi3Backbone.from_preset(str(directory))
+    assert {**loaded.get_config(), "name": None} == {**quantized.get_config(), "name": None}
+    for mine, theirs in zip(loaded.weights, quantized.weights):
+        assert mine.path == theirs.path and mine.dtype == theirs.dtype
+        np.testing.assert_array_equal(np.asarray(mine.value), np.asarray(theirs.value))
+    ids, mask = token_batch(LENGTHS["below"])
+    np.testing.assert_array_equal(forward(loaded, ids, mask)[1], forward(quantized, ids, mask)[1])
+
+
+def test_keras_hub_quantized_preset_is_refused_naming_the_file(tmp_path):
+    """A preset quantized by keras-hub (its map names keras-hub's layers) is
+    refused, never read as float weights."""
     import json
 
     directory = save_preset(random_backbone(seed=10, rope=None), tmp_path)
     saved = json.loads((directory / "config.json").read_text())
-    saved["config"]["dtype"] = keras.dtype_policies.serialize(keras.dtype_policies.DTypePolicyMap())
+    saved["config"]["dtype"] = keras.dtype_policies.serialize(int8_map(keys=["phi3_decoder/attention/query_dense"]))
     (directory / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match="DTypePolicyMap"):
+    with pytest.raises(ValueError, match="config.json: `dtype` must .* matches none of them"):
         Phi3Backbone.from_preset(str(directory))
+
+
+def test_float_weights_never_load_into_int8_kernels(tmp_path):
+    directory = save_preset(random_backbone(seed=11, rope=None), tmp_path)
+    with pytest.raises(ValueError, match="int8-quantized tensor and a float one"):
+        Phi3Backbone.from_preset(str(directory), dtype=int8_map())
 
 
 def test_generation_runs_on_int8():

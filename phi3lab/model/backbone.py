@@ -14,10 +14,11 @@ from phi3lab.errors import bad_argument
 from phi3lab.model import preset_loader
 from phi3lab.model.config import BackboneConfig
 from phi3lab.model.decoder import Phi3DecoderStack
+from phi3lab.model.dtypes import FLOAT8_REFUSAL, QUANTIZABLE_LAYERS, WEIGHT_LAYERS, read_dtype
 from phi3lab.model.embedding import Phi3TokenEmbedding
 from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.norm import Phi3RMSNorm
-from phi3lab.model.quantize import quantize_stacked_weights
+from phi3lab.model.quantize import quantize_layer
 from phi3lab.runtime import compile_cache
 
 
@@ -61,7 +62,12 @@ class Phi3Backbone(keras.Model):
             required with "su".
         rope_scaling_long_factor: list of the same length, required with "su".
         dtype: string or `keras.DTypePolicy` (`"float32"`, `"bfloat16"`,
-            `"mixed_bfloat16"`). Softmax and norms always run in float32.
+            `"mixed_bfloat16"`), or a `keras.dtype_policies.DTypePolicyMap`
+            (keras' form for a quantized model): its default policy for
+            every layer, and keras' int8 policy (`"int8_from_<default>"`)
+            under the paths `"decoder/attention"` and `"decoder/mlp"` for
+            int8 kernels (same as `quantization="int8"`; see
+            `phi3lab.model.dtypes`). Softmax and norms always run in float32.
         sliding_window: int or None. When set, each token attends only to the
             last `sliding_window` positions (itself included), as Hugging
             Face transformers does for Phi-3-mini-4k (2047). keras-hub has no
@@ -74,7 +80,8 @@ class Phi3Backbone(keras.Model):
             embedding's transpose (Phi-4-mini); there is no separate
             `reverse_embeddings` weight. Defaults to False.
         quantization: `None` or `"int8"` (weight-only int8 projection
-            kernels, see `quantize`). Defaults to None.
+            kernels, see `quantize`). Defaults to None, or to what a
+            DTypePolicyMap `dtype` says.
 
     All arguments are described once, by `phi3lab.model.config.BackboneConfig`,
     which checks them and which the preset formats read and write.
@@ -101,10 +108,17 @@ class Phi3Backbone(keras.Model):
     def __init__(self, *args, **kwargs):
         bound = _SIGNATURE.bind(self, *args, **kwargs).arguments
         bound.pop("self")
-        dtype = _check_dtype(bound.pop("dtype", None))
+        dtype = read_dtype(bound.pop("dtype", None))
+        if dtype.quantization is not None:
+            if bound.setdefault("quantization", dtype.quantization) != dtype.quantization:
+                raise bad_argument(
+                    "quantization",
+                    bound["quantization"],
+                    f"{dtype.quantization!r} or left out: the DTypePolicyMap `dtype` quantizes the kernels",
+                )
         layer_kwargs = bound.pop("kwargs", {})
         config = BackboneConfig(**bound)
-        super().__init__(dtype=dtype, **layer_kwargs)
+        super().__init__(dtype=dtype.policy, **layer_kwargs)
         # Keras wraps `quantize` per instance to resolve its own quantization
         # configs (int4, float8, gptq) before the method runs; phi3lab checks
         # the mode itself, so the method is used unwrapped.
@@ -144,8 +158,24 @@ class Phi3Backbone(keras.Model):
     def _quantize_kernels(self) -> None:
         # One code path for `quantize()` and for building a quantized model
         # from its config, so both hold the same variables in the same order.
-        for layer in (self.decoder.attention, self.decoder.mlp):
-            quantize_stacked_weights(layer)
+        layers = self.weight_layers()
+        for path in QUANTIZABLE_LAYERS:
+            quantize_layer(layers[path])
+
+    def weight_layers(self) -> dict:
+        """phi3lab's layers that hold weights, by path relative to the
+        backbone (`"token_embedding"`, `"decoder/attention"`, ...): the
+        keys of a DTypePolicyMap `dtype` and of the weights' names."""
+        decoder = self.decoder
+        layers = (
+            self.token_embedding,
+            decoder.attention_norm,
+            decoder.attention,
+            decoder.mlp_norm,
+            decoder.mlp,
+            self.final_norm,
+        )
+        return dict(zip(WEIGHT_LAYERS, layers))
 
     def _set_config(self, config: BackboneConfig) -> None:
         """Expose every argument as an attribute (`model.hidden_dim`, ...)."""
@@ -286,6 +316,13 @@ class Phi3Backbone(keras.Model):
     def get_config(self):
         config = super().get_config()
         config.update(self.backbone_config.to_dict())
+        # A quantized model's dtype is keras' DTypePolicyMap: the float policy
+        # and each quantized layer's own (as keras-hub's backbones write it).
+        layers = self.weight_layers().items()
+        quantized = {path: layer.dtype_policy for path, layer in layers if layer.quantization_mode}
+        if quantized:
+            policy_map = keras.dtype_policies.DTypePolicyMap(self.dtype_policy, quantized)
+            config["dtype"] = keras.dtype_policies.serialize(policy_map)
         return config
 
     def quantize(self, mode: str, **kwargs) -> None:
@@ -296,12 +333,18 @@ class Phi3Backbone(keras.Model):
         scale per output channel, dequantized inside the compiled forward one
         layer at a time. Embeddings, the LM head and norms stay as they are.
         Traces, hooks and `phi3lab.estimate` work on the quantized model;
-        `get_config()` records `quantization="int8"`, so `model.save(...)` and
-        `keras.saving.load_model` round-trip it. Weight bytes of the kernels
-        drop about 4x from float32 (2x from bfloat16).
+        The two layers then report keras' int8 policy
+        (`model.decoder.mlp.quantization_mode == "int8"`, `dtype_policy`
+        `"int8_from_float32"`), and `get_config()` records the policies in a
+        `DTypePolicyMap` `dtype` (and `quantization="int8"`), so
+        `model.save(...)`, `keras.saving.load_model` and keras-hub-format
+        presets (`phi3lab.presets.save_preset`) round-trip it. Weight bytes
+        of the kernels drop about 4x from float32 (2x from bfloat16).
 
         Args:
-            mode: `"int8"` (the only mode supported).
+            mode: `"int8"` (the only mode supported; `"float8"` is refused:
+                keras' float8 is a training scheme that stores float32
+                kernels, see `phi3lab.model.dtypes.FLOAT8_REFUSAL`).
 
         Example:
         ```python
@@ -310,6 +353,8 @@ class Phi3Backbone(keras.Model):
         tr = phi3lab.trace(model, ids, names="blocks.0.attn.hook_z")
         ```
         """
+        if mode == "float8":
+            raise bad_argument("mode", mode, f'"int8" ({FLOAT8_REFUSAL})')
         if mode != "int8" or kwargs:
             raise bad_argument(
                 "mode",
@@ -341,41 +386,6 @@ class Phi3Backbone(keras.Model):
         >>> model = Phi3Backbone.from_preset("phi3lab_tiny_en")
         """
         return preset_loader.installed().load(cls, preset, load_weights=load_weights, **kwargs)
-
-
-def _check_dtype(dtype):
-    """A dtype name or plain `keras.DTypePolicy`, else a clear error.
-
-    The one dict accepted is a plain DTypePolicy as `get_config()` writes it
-    (from_config and `.keras` files pass it back); it is reduced to its name,
-    never deserialized. Per-layer `DTypePolicyMap`s and quantized policies are
-    refused here (phi3lab's layers share one policy; use `quantize("int8")`).
-    """
-    if dtype is None:
-        return None
-    if (
-        isinstance(dtype, dict)
-        and dtype.get("class_name") == "DTypePolicy"
-        and isinstance(dtype.get("config"), dict)
-        and isinstance(dtype["config"].get("name"), str)
-    ):
-        dtype = dtype["config"]["name"]
-    accepted = (
-        'None, a dtype name such as "float32", "bfloat16" or "mixed_bfloat16", or a plain '
-        "keras.DTypePolicy (per-layer DTypePolicyMaps and quantized policies are not supported; "
-        'for int8 weights use model.quantize("int8"))'
-    )
-    if isinstance(dtype, keras.dtype_policies.DTypePolicyMap) or not isinstance(dtype, (str, keras.DTypePolicy)):
-        raise bad_argument("dtype", dtype, accepted)
-    try:
-        policy = keras.dtype_policies.get(dtype)
-    except ValueError as error:
-        raise bad_argument(
-            "dtype", dtype, f'a dtype policy name ("float32", "bfloat16", "mixed_bfloat16", ...): {error}'
-        ) from None
-    if policy.quantization_mode is not None:
-        raise bad_argument("dtype", dtype, accepted)
-    return dtype
 
 
 def _signature() -> inspect.Signature:

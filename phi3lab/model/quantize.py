@@ -12,8 +12,10 @@ program holds one layer's float kernels at a time.
 from __future__ import annotations
 
 import gc
+import weakref
 
 import jax
+import keras
 from jax import numpy as jnp
 
 SCALE_SUFFIX = "_scale"
@@ -61,9 +63,17 @@ def quantize_stacked_weights(layer, input_axes: dict[str, tuple[int, ...]] = INP
         variable = getattr(layer, name)
         axes = tuple(axis + 1 for axis in input_axes[name])  # skip the layer axis
         quantized, scale = _quantize_jit(variable.value, axes)
-        delattr(layer, name)
+        # keras' `Layer.__delattr__` runs a full `gc.collect()` per variable:
+        # over a second each in a process holding many objects (TensorFlow
+        # imported), most of quantizing a small model. Untrack and delete the
+        # variable directly; collect only if a reference cycle still holds
+        # it, so one float kernel at a time is in memory.
+        freed = weakref.ref(variable)
+        layer._untrack_variable(variable)
+        object.__delattr__(layer, name)
         del variable
-        gc.collect()
+        if freed() is not None:
+            gc.collect()
         for suffix, value in (("", quantized), (SCALE_SUFFIX, scale)):
             new = layer.add_weight(
                 name=name + suffix, shape=value.shape, initializer="zeros", dtype=value.dtype, trainable=False
@@ -72,6 +82,23 @@ def quantize_stacked_weights(layer, input_axes: dict[str, tuple[int, ...]] = INP
             setattr(layer, name + suffix, new)
             names.append(name + suffix)
     layer.stacked_weight_names = tuple(names)
+
+
+def quantize_layer(layer) -> None:
+    """Quantize `layer`'s stacked kernels to int8 (`quantize_stacked_weights`)
+    and give it keras' int8 policy for its float one, so that
+    `layer.quantization_mode == "int8"` and its compute dtype is unchanged.
+
+    Example:
+    >>> quantize_layer(model.decoder.mlp)
+    >>> model.decoder.mlp.dtype_policy.name
+    'int8_from_float32'
+    """
+    quantize_stacked_weights(layer)
+    # keras' flag for "the weights already match the quantized policy": the
+    # `dtype_policy` setter would otherwise call keras' `Layer.quantize`.
+    layer._is_quantized = True
+    layer.dtype_policy = keras.dtype_policies.get(f"int8_from_{layer.dtype_policy.name}")
 
 
 def dequantize(params: dict, dtype) -> dict:

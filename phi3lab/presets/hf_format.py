@@ -333,10 +333,11 @@ def hf_config(model) -> dict:
 
 
 def refuse_quantized(model, writer: str) -> None:
-    """Preset formats hold float weights: refuse an int8-quantized model."""
+    """Hugging Face checkpoints hold float weights: refuse an int8-quantized model."""
     if getattr(model, "quantization", None) is not None:
         raise ValueError(
             f"{writer} writes float weights, but this model is quantized (quantization={model.quantization!r}). "
             "Save it before calling quantize(), or save the quantized model with model.save('name.keras') "
-            "(keras.saving.load_model reads it back)."
+            "or phi3lab.presets.save_preset(model, directory) (keras.saving.load_model and "
+            "Phi3Backbone.from_preset read them back)."
         )

@@ -3,7 +3,10 @@
 Read without keras-hub installed, and never by deserializing objects: we
 accept only the `Phi3Backbone` class and copy its known constructor
 arguments. Weights come from the `.h5` file with h5py, dataset by dataset.
-We also write this layout, so keras-hub can load what phi3lab saves.
+We also write this layout, so keras-hub can load what phi3lab saves (float
+models; an int8-quantized model is written in the same layout, each kernel's
+scale as its layer's second variable, and its config's DTypePolicyMap names
+phi3lab's layers, so only phi3lab reads it back).
 """
 
 from __future__ import annotations
@@ -18,12 +21,11 @@ import keras
 import numpy as np
 
 from phi3lab.model.config import BackboneConfig
-from phi3lab.presets.hf_format import refuse_quantized
+from phi3lab.model.dtypes import read_dtype
+from phi3lab.model.quantize import SCALE_SUFFIX
 from phi3lab.presets.weights import WeightFiller
 
-# Every constructor argument except `quantization`: presets hold float
-# weights (`from_preset(..., quantization="int8")` quantizes after loading).
-ARGUMENTS = tuple(name for name in BackboneConfig.names() if name != "quantization")
+ARGUMENTS = BackboneConfig.names()
 ACCEPTED_CLASSES = ("Phi3Backbone",)
 # Where a keras-hub (or keras-nlp, or phi3lab) Phi3Backbone config may say it comes from.
 # Nothing is imported from them; any other origin is refused.
@@ -81,30 +83,13 @@ def read_config(directory: Path) -> dict:
         raise ValueError(f"{path}: 'config' must be a JSON object; it is a {type(config).__name__}.")
     kwargs = {key: config[key] for key in ARGUMENTS if key in config}
     dtype = config.get("dtype")
-    if isinstance(dtype, dict):
-        if dtype.get("class_name") == "DTypePolicyMap":
-            raise ValueError(
-                f"{path}: the dtype is a per-layer DTypePolicyMap; phi3lab models use one dtype policy for all "
-                "layers (pass dtype='float32' or 'bfloat16' to from_preset, and model.quantize('int8') for int8)."
-            )
-        if dtype.get("class_name") not in ("DTypePolicy", None):
-            raise ValueError(f"{path}: refusing dtype object of class {dtype.get('class_name')!r}.")
-        dtype_module = dtype.get("module")
-        if not (
-            dtype_module is None
-            or dtype_module == "keras"
-            or (isinstance(dtype_module, str) and dtype_module.startswith("keras."))
-        ) or dtype.get("registered_name") not in (None, "DTypePolicy"):
-            raise ValueError(
-                f"{path}: refusing dtype object from module {dtype.get('module')!r} "
-                f"(registered_name {dtype.get('registered_name')!r}); only Keras' own DTypePolicy is read."
-            )
-        inner = dtype.get("config", {})
-        dtype = inner.get("name") if isinstance(inner, dict) else inner
-    if dtype is not None and not isinstance(dtype, str):
-        # Never hand Keras a dict to deserialize: only a policy name is read.
-        raise ValueError(f"{path}: the dtype must be a policy name such as 'float32'; received {dtype!r}.")
     if dtype is not None:
+        # Checked here to name the file; the dict is read field by field
+        # (keras' own policy classes only), never deserialized as objects.
+        try:
+            read_dtype(dtype)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
         kwargs["dtype"] = dtype
     return kwargs
 
@@ -139,10 +124,14 @@ def load_weights(model, directory: Path) -> None:
                     f"{path} holds decoder group {group_name!r} but the config has num_layers={model.num_layers}."
                 )
             for sub, key in DECODER_MAP.items():
-                name = f"{group_name}/{sub}/vars/0"
-                if name not in layers:
-                    raise ValueError(f"{path} has no tensor 'layers/{name}' (needed for {key}).")
-                filler.put(key, layers[name][()], layer=index, source=f"layers/{name}")
+                # An int8 kernel's scale is its layer's second variable.
+                for variable, target in enumerate((key, key + SCALE_SUFFIX)):
+                    if target not in filler.variables:
+                        continue
+                    name = f"{group_name}/{sub}/vars/{variable}"
+                    if name not in layers:
+                        raise ValueError(f"{path} has no tensor 'layers/{name}' (needed for {target}).")
+                    filler.put(target, layers[name][()], layer=index, source=f"layers/{name}")
     filler.finish(str(directory))
 
 
@@ -155,14 +144,16 @@ def save_preset(model, directory: str | Path) -> Path:
     kept in the config only when they differ from the default, since
     keras-hub does not know them. A tied model writes only the token
     embedding (keras-hub's `ReversibleEmbedding(tie_weights=True)` layout).
+    An int8-quantized model keeps its int8 kernels, each with its scale as
+    `vars/1`, and its DTypePolicyMap `dtype`: phi3lab loads it back as the
+    same quantized model (keras-hub does not: the map names phi3lab's layers).
     """
-    refuse_quantized(model, "save_preset")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.backbone_config.keras_hub_dict()
     config["name"] = "phi3_backbone"
     config["trainable"] = True
-    config["dtype"] = keras.dtype_policies.serialize(model.dtype_policy)
+    config["dtype"] = model.get_config()["dtype"]
     (directory / "config.json").write_text(
         json.dumps(
             {
@@ -201,5 +192,8 @@ def save_preset(model, directory: str | Path) -> Path:
             group = "phi3_decoder" + (f"_{index}" if index else "")
             for sub, key in DECODER_MAP.items():
                 _, part, variable = key.split("/")
-                layers.create_dataset(f"{group}/{sub}/vars/0", data=np.asarray(decoder[part][variable][index]))
+                for number, name in enumerate((variable, variable + SCALE_SUFFIX)):
+                    if name in decoder[part]:
+                        data = np.asarray(decoder[part][name][index])
+                        layers.create_dataset(f"{group}/{sub}/vars/{number}", data=data)
     return directory

@@ -17,14 +17,7 @@ def _set_layer(stacked, value, index):
 
 def model_variables(model) -> dict:
     """`{"decoder/attention/query_kernel": variable, ...}` for a backbone."""
-    layers = {
-        "token_embedding": model.token_embedding,
-        "final_norm": model.final_norm,
-        "decoder/attention_norm": model.decoder.attention_norm,
-        "decoder/attention": model.decoder.attention,
-        "decoder/mlp_norm": model.decoder.mlp_norm,
-        "decoder/mlp": model.decoder.mlp,
-    }
+    layers = model.weight_layers()
     return {f"{prefix}/{name}": getattr(layer, name) for prefix, layer in layers.items() for name in layer.params()}
 
 
@@ -58,7 +51,13 @@ class WeightFiller:
                 f"{key}{'' if layer is None else f' (layer {layer})'} needs "
                 f"shape {expected}. Check that the checkpoint matches its config."
             )
-        value = jnp.asarray(np.asarray(value), dtype=variable.dtype)
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.integer) != jnp.issubdtype(variable.dtype, jnp.integer):
+            raise ValueError(
+                f"Tensor {source!r} holds {value.dtype} values, but {key} is {variable.dtype}: an int8-quantized "
+                "tensor and a float one never stand in for each other. Check that the checkpoint matches its config."
+            )
+        value = jnp.asarray(value, dtype=variable.dtype)
         if layer is None:
             variable.assign(value)
         else:
