@@ -12,7 +12,7 @@ from phi3lab.disk_cache import enable_disk_cache  # noqa: E402
 
 enable_disk_cache()
 
-from phi3lab import analysis, hooks, sharding, tracing, widgets  # noqa: E402
+from phi3lab import activations, analysis, hooks, sharding, tracing, widgets  # noqa: E402
 from phi3lab.generation import generate  # noqa: E402
 from phi3lab.model import Phi3Backbone  # noqa: E402
 from phi3lab.parity import compare_with_transformers  # noqa: E402
@@ -23,6 +23,7 @@ __all__ = [
     "Phi3Backbone",
     "Phi3Tokenizer",
     "Trace",
+    "activations",
     "analysis",
     "compare_with_transformers",
     "estimate",
