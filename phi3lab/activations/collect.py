@@ -109,8 +109,8 @@ class _Programs:
     """The compiled program and batch size of each bucket, chosen on first use.
 
     A given `batch_size` is checked against the memory budget; `None` starts
-    from `TOKENS_PER_BATCH` tokens (at most the bucket's first group) and
-    halves until the program fits.
+    from `TOKENS_PER_BATCH` tokens (at most the documents of the bucket's
+    first group) and halves until the program fits.
     """
 
     def __init__(self, fn: ForwardFn, params, mesh: _Mesh, batch_size, memory_budget, known: dict):
@@ -134,7 +134,7 @@ class _Programs:
         elif self.batch_size is not None:
             rows = self.mesh.round(self.batch_size)
         else:
-            rows = self.mesh.round(min(max(1, TOKENS_PER_BATCH // key[0]), 1 << (group - 1).bit_length()))
+            rows = self.mesh.round(min(max(1, TOKENS_PER_BATCH // key[0]), group))
         while True:
             program = self.compile(key, rows)
             try:
@@ -255,7 +255,7 @@ def collect(
         "phi3lab_version": __version__,
     }
     sink = MemorySink(metadata, tokenizer) if store is None else ZarrSink(store, metadata, resume, tokenizer)
-    skip = getattr(sink, "batches_done", 0)
+    skip = sink.batches_done
     mesh = _Mesh(model.params())
     params = mesh.put(model.params())[0]
     programs = _Programs(fn, params, mesh, batch_size, memory_budget, dict(sink.metadata.get("batch_sizes") or {}))

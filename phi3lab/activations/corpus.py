@@ -5,7 +5,9 @@
 time, never holding the corpus. `batches` reads a bounded window of them,
 sorts it into the length buckets that `trace` runs at
 (`phi3lab.tracing.tracer.padded_length`) and cuts each bucket into batches of
-a fixed size per bucket, so a whole corpus compiles one program per bucket.
+a fixed size per bucket, so a whole corpus compiles one program per bucket
+(a bucket's remainder waits for the next window: at most one batch size of
+documents per bucket is held back).
 """
 
 from __future__ import annotations
@@ -97,20 +99,25 @@ def batches(
     batch_size: Callable[[tuple[int, int | None], int], int],
     window: int,
 ) -> Iterator[Batch]:
-    """Batches of `docs`, `window` documents at a time, grouped by bucket
-    (buckets in increasing length, documents by length then index); every
-    batch of a bucket has `batch_size(bucket, documents in its first
-    group)` rows (filler rows pad the last one), so each bucket compiles
-    one program."""
+    """Batches of `docs`, read `window` documents at a time and grouped by
+    bucket (buckets in increasing length, documents by length then index).
+    Every batch of a bucket has `batch_size(bucket, documents in its first
+    group)` rows, so each bucket compiles one program; a group's remainder
+    waits for the next window, and only the last batch of each bucket at
+    the end of the stream is padded with filler rows."""
+    waiting: dict[tuple[int, int | None], list] = {}
     while True:
         chunk = list(itertools.islice(docs, window))
+        for index, ids in sorted(chunk, key=lambda doc: (len(doc[1]), doc[0])):
+            waiting.setdefault(padded_length(model, len(ids)), []).append((index, ids))
+        for key in sorted(waiting, key=lambda k: (k[0], k[1] or 0)):
+            group = waiting[key]
+            if not group:
+                continue
+            size = batch_size(key, len(group))
+            whole = len(group) if not chunk else len(group) - len(group) % size
+            for start in range(0, whole, size):
+                yield _pad(group[start : start + size], key, size)
+            waiting[key] = group[whole:]
         if not chunk:
             return
-        groups: dict[tuple[int, int | None], list] = {}
-        for index, ids in sorted(chunk, key=lambda doc: (len(doc[1]), doc[0])):
-            groups.setdefault(padded_length(model, len(ids)), []).append((index, ids))
-        for key in sorted(groups, key=lambda k: (k[0], k[1] or 0)):
-            group = groups[key]
-            size = batch_size(key, len(group))
-            for start in range(0, len(group), size):
-                yield _pad(group[start : start + size], key, size)

@@ -236,6 +236,8 @@ class MemorySink:
         self.tokenizer = tokenizer
         self._parts: dict[str, list] = {name: [] for name in (*metadata["names"], *TAGS)}
 
+    batches_done = 0  # a store in memory never resumes
+
     def append(self, rows: Mapping[str, np.ndarray], documents: int) -> None:
         for key, value in rows.items():
             self._parts[key].append(value)
