@@ -27,7 +27,7 @@ from phi3lab.tokenization import Phi3Tokenizer  # noqa: E402
 from phi3lab.tracing import Trace, estimate, gradients, trace  # noqa: E402
 
 # Imported on first use (PEP 562), so `import phi3lab` does not import them.
-_LAZY_SUBMODULES = ("widgets",)
+_LAZY_SUBMODULES = ("activations", "features", "widgets")
 
 
 def __getattr__(name: str):
@@ -49,9 +49,12 @@ __all__ = [
     "Phi3Backbone",
     "Phi3Tokenizer",
     "Trace",
+    "activations",
+    "activations",
     "analysis",
     "compare_with_transformers",
     "estimate",
+    "features",
     "generate",
     "gradients",
     "hooks",

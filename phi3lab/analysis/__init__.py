@@ -1,4 +1,4 @@
-"""Analyses of traces: logit lens, attribution, patching, heads, rotary.
+"""Analyses of traces: logit lens, attribution, patching, heads, rotary, probes.
 
 Every analysis reuses the model's own final norm, LM head and rotary code
 (one formula, one place) and returns NumPy arrays, DataFrames or
@@ -13,6 +13,7 @@ phi3lab.analysis.activation_patching(model, clean_ids, corrupted_ids, answer=17,
 phi3lab.analysis.attribution_patching(model, clean_ids, corrupted_ids, answer=17, counterfactual=4)
 phi3lab.analysis.head_scores(model)
 phi3lab.analysis.rotary_table(model, seq_len=4096)
+phi3lab.analysis.probe(store, labels, site="blocks.2.hook_resid_post")   # over phi3lab.activations stores
 ```
 """
 
@@ -33,17 +34,21 @@ from phi3lab.analysis.heads import (
 from phi3lab.analysis.lens import answer_curve, logit_lens, logit_lens_logits
 from phi3lab.analysis.patching import PatchingResult, activation_patching
 from phi3lab.analysis.path_patching import PathPatchingResult, path_patching
+from phi3lab.analysis.probes import ProbeResult, ProbeSweep, contrast_vector, probe, probe_sweep
 from phi3lab.analysis.rotary import rotary_band_scores, rotary_table
 from phi3lab.tasks import repeated_tokens
 
 __all__ = [
     "PatchingResult",
     "PathPatchingResult",
+    "ProbeResult",
+    "ProbeSweep",
     "ResidualDecomposition",
     "activation_patching",
     "answer_curve",
     "attention_stats",
     "attribution_patching",
+    "contrast_vector",
     "decompose_resid",
     "detector_scores",
     "direct_logit_attribution",
@@ -54,6 +59,8 @@ __all__ = [
     "logit_lens",
     "logit_lens_logits",
     "path_patching",
+    "probe",
+    "probe_sweep",
     "repeated_tokens",
     "rotary_band_scores",
     "rotary_table",

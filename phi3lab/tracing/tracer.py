@@ -44,7 +44,7 @@ def compiled_program(
     return compile_cache.ahead_of_time(fn.model, key, run, args)
 
 
-def _padded_length(model, length: int) -> tuple[int, int | None]:
+def padded_length(model, length: int) -> tuple[int, int | None]:
     """`(padded, num_positions)`: the length bucket a run of `length`
     positions uses and the `num_positions` that keeps the real length's
     rotary factors (None when the padded length picks the same ones, so
@@ -174,7 +174,7 @@ def trace(
     fn = forward_fn(
         model, names, hooks, window=_window(queries, length), heads=_heads(model, heads), capture_dtype=capture_dtype
     )
-    padded, num_positions = _padded_length(model, length)
+    padded, num_positions = padded_length(model, length)
     extra = ((0, 0), (0, padded - length))
     params = model.params()
     args = (params, jnp.asarray(np.pad(token_ids, extra)), jnp.asarray(np.pad(mask, extra)), fn.hook_data)
@@ -224,7 +224,7 @@ def estimate(
     fn = forward_fn(
         model, names, window=_window(queries, seq_len), heads=_heads(model, heads), capture_dtype=capture_dtype
     )
-    padded, num_positions = _padded_length(model, seq_len)
+    padded, num_positions = padded_length(model, seq_len)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), model.params())
     ids = jax.ShapeDtypeStruct((batch, padded), jnp.int32)
     mask = jax.ShapeDtypeStruct((batch, padded), jnp.bool_)

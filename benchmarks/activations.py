@@ -1,0 +1,129 @@
+"""Corpus collection: `phi3lab.activations.collect` against the plain batched forward.
+
+    .venv/bin/python benchmarks/activations.py [--texts 2000] [--trace-texts 200] [--site blocks.6.hook_resid_post]
+
+Random token ids, `--texts` documents of 20-300 tokens, the 12-layer width-768
+model (`_common.CONFIG`). After a first (compiling) collection, in one process:
+
+- `plain forward`: the model's forward without captures (`forward_fn` with no
+  names, jitted per bucket) over the very batches `collect` runs (the same
+  length buckets, batch sizes and filler rows), waiting for its output;
+- `collect (memory)` and `collect (disk)`: one residual site, every real
+  token, into memory and into a Zarr store in a temporary directory;
+- `trace loop`: `phi3lab.trace` of one document at a time over the first
+  `--trace-texts` documents (warmed on one document per bucket).
+
+Prints tokens/s of each, the ratios the issue asks for (collect / forward
+>= 0.85, collect / trace loop >= 3, disk / memory >= 0.8), and the programs
+collect compiled against the length buckets the corpus touches.
+"""
+
+import argparse
+import functools
+import tempfile
+import time
+
+import numpy as np
+from _common import CONFIG, machine, random_model
+
+
+def corpus(count: int, low: int, high: int, vocabulary: int, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocabulary, int(n)).astype(np.int32) for n in rng.integers(low, high + 1, count)]
+
+
+def plain_forward(model, docs, sizes: dict, window: int):
+    """A no-argument callable running the capture-free forward over the
+    batches `collect` forms with `sizes` (its chosen batch size per bucket)."""
+    import jax
+
+    from phi3lab.activations import corpus as batching
+    from phi3lab.tracing import forward_fn
+
+    fn = forward_fn(model)
+    params = model.params()
+    programs = {}
+
+    def program(key):
+        if key not in programs:
+            programs[key] = jax.jit(functools.partial(fn.run, num_positions=key[1]))
+        return programs[key]
+
+    def run():
+        stream = iter(enumerate(docs))
+        for batch in batching.batches(stream, model, lambda key, _: sizes[f"{key[0]},{key[1]}"], window):
+            hidden, _ = program(batch.key)(params, batch.token_ids, batch.padding_mask, ())
+            jax.block_until_ready(hidden)
+
+    return run
+
+
+def timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--texts", type=int, default=2000)
+    parser.add_argument("--trace-texts", type=int, default=200)
+    parser.add_argument("--min-tokens", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=300)
+    parser.add_argument("--site", default="blocks.6.hook_resid_post")
+    args = parser.parse_args()
+
+    import phi3lab
+    from phi3lab import compile_cache
+    from phi3lab.activations import collect
+    from phi3lab.activations.collect import WINDOW
+    from phi3lab.tracing.tracer import padded_length
+
+    model = random_model()
+    docs = corpus(args.texts, args.min_tokens, args.max_tokens, CONFIG["vocabulary_size"])
+    tokens = sum(len(d) for d in docs)
+    print(machine())
+    print(f"{len(docs)} documents of {args.min_tokens}-{args.max_tokens} tokens, {tokens} tokens, site {args.site}")
+
+    start = time.perf_counter()
+    first = collect(model, docs, args.site, progress=False)
+    cold = time.perf_counter() - start
+    sizes = first.metadata["batch_sizes"]
+    buckets = {padded_length(model, len(d)) for d in docs}
+    compiled = compile_cache.size(model, "collect")
+    forward = plain_forward(model, docs, sizes, WINDOW)
+    forward()  # compiles the plain programs
+
+    trace_docs = docs[: args.trace_texts]
+    for length in sorted({padded_length(model, len(d))[0] for d in trace_docs}):
+        phi3lab.trace(model, next(d for d in trace_docs if padded_length(model, len(d))[0] == length), names=args.site)
+
+    def trace_loop():
+        for ids in trace_docs:
+            phi3lab.trace(model, ids, names=args.site)
+
+    with tempfile.TemporaryDirectory() as directory:
+        seconds = {
+            "plain forward": timed(forward),
+            "collect (memory)": timed(lambda: collect(model, docs, args.site, progress=False)),
+            "collect (disk)": timed(lambda: collect(model, docs, args.site, progress=False, store=f"{directory}/s")),
+        }
+    trace_seconds = timed(trace_loop)
+    rates = {name: tokens / value for name, value in seconds.items()}
+    rates["trace loop"] = sum(len(d) for d in trace_docs) / trace_seconds
+
+    print(f"batch sizes per bucket (padded length, rotary): {sizes}")
+    print(f"{'variant':24s} {'tokens/s':>10s}")
+    for name, rate in rates.items():
+        print(f"{name:24s} {rate:10.0f}")
+    for top, bottom, target in (
+        ("collect (memory)", "plain forward", 0.85),
+        ("collect (memory)", "trace loop", 3.0),
+        ("collect (disk)", "collect (memory)", 0.8),
+    ):
+        print(f"{top + ' / ' + bottom:36s} {rates[top] / rates[bottom]:6.2f}  (target >= {target})")
+    print(f"programs compiled by collect: {compiled} for {len(buckets)} buckets touched; first run {cold:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
