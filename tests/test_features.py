@@ -361,3 +361,128 @@ def test_bad_hooks_are_refused_with_the_argument_named(tiny, ids):
         phi3lab.trace(tiny, ids, hooks=F.hooks.splice(tiny_dictionary(), "blocks.1.hook_resid_pots"))
     with pytest.raises(ValueError, match="`features` must be feature ids"):
         F.hooks.clamp(tiny_dictionary(), None, {256: 1.0})
+
+
+# === Training and evaluation ===
+
+
+def planted_activations(seed=0, rows=60_000, d=32, features=64, active=3):
+    """Activations made of `active` of `features` known unit directions per row (plus an offset)."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(features, d))
+    directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
+    codes = np.zeros((rows, features), np.float32)
+    for _ in range(active):
+        codes[np.arange(rows), rng.integers(0, features, rows)] = rng.uniform(1, 3, rows)
+    return (codes @ directions + 0.5).astype(np.float32), directions
+
+
+def recovered(dictionary, directions, cosine=0.9):
+    decoder = np.asarray(dictionary.W_dec)
+    decoder = decoder / np.linalg.norm(decoder, axis=-1, keepdims=True)
+    return float(np.mean((directions @ decoder.T).max(1) >= cosine))
+
+
+def test_training_recovers_planted_features():
+    x, directions = planted_activations()
+    result = F.train(None, x, site="s", kind="topk", width=128, k=3, tokens=300_000, batch_size=1024, lr=3e-3)
+    assert recovered(result.dictionary, directions) >= 0.9
+    curves = result.curves
+    assert {"loss", "l0", "explained_variance", "dead_fraction", "aux_loss", "tokens"} <= set(curves.columns)
+    assert curves["l0"].iloc[-1] == 3 and curves["explained_variance"].iloc[-1] > 0.9
+    # The returned dictionary reads raw activations (the training scale is folded in).
+    row = F.evaluate(None, result.dictionary, x[:4096])
+    assert row["explained_variance"].iloc[0] == pytest.approx(curves["explained_variance"].iloc[-1], abs=0.03)
+
+
+DATA_PARALLEL = """
+import sys, numpy as np, jax
+sys.path.insert(0, "tests")
+from test_features import planted_activations
+import phi3lab.features as F
+assert jax.device_count() == 8, jax.devices()
+x, _ = planted_activations(rows=8192)
+result = F.train(None, x, site="s", kind="batchtopk", width=64, k=3.0, tokens=16384, batch_size=512, lr=1e-3)
+np.save(sys.argv[1], np.asarray(result.dictionary.W_dec))
+"""
+
+
+@pytest.mark.slow
+def test_training_is_data_parallel_over_eight_devices(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(DATA_PARALLEL)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "w.npy")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    x, _ = planted_activations(rows=8192)
+    alone = F.train(None, x, site="s", kind="batchtopk", width=64, k=3.0, tokens=16384, batch_size=512, lr=1e-3)
+    np.testing.assert_allclose(np.load(tmp_path / "w.npy"), np.asarray(alone.dictionary.W_dec), atol=2e-4)
+
+
+@pytest.mark.slow
+def test_training_streams_from_the_model_and_evaluate_matches_a_recomputation(tiny):
+    ids = np.random.default_rng(9).integers(0, 1024, (32, 32))
+    result = F.train(tiny, ids, site=RESID, kind="topk", width=256, k=8, tokens=4096, batch_size=512, lr=3e-3)
+    d = result.dictionary
+    assert d.config.site == RESID and d.config.d_in == 128
+    row = F.evaluate(tiny, d, ids[:4])
+    clean = phi3lab.trace(tiny, ids[:4], names=[RESID, "hook_logits"])
+    x = clean[RESID].reshape(-1, 128).astype(np.float64)
+    acts = numpy_encode(d, x)
+    error = numpy_output(d, x, acts) - x
+    assert row["explained_variance"].iloc[0] == pytest.approx(
+        1 - (error**2).sum() / ((x - x.mean(0)) ** 2).sum(), abs=1e-4
+    )
+    assert row["l0"].iloc[0] == pytest.approx(8.0)
+    assert row["dead_fraction"].iloc[0] == pytest.approx(np.mean((acts > 0).sum(0) == 0))
+    spliced = phi3lab.trace(tiny, ids[:4], names="hook_logits", hooks=F.hooks.splice(d)).loss()
+    zeroed = phi3lab.trace(tiny, ids[:4], names="hook_logits", hooks={RESID: lambda x, ctx: x * 0}).loss()
+    assert row["loss_clean"].iloc[0] == pytest.approx(clean.loss(), rel=1e-6)
+    expected = (zeroed - spliced) / (zeroed - clean.loss())
+    assert row["ce_loss_recovered"].iloc[0] == pytest.approx(expected, rel=1e-5)
+
+
+class ListStore:
+    """A minimal activation store: `.batches(name, batch_size, shuffle, seed)`."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def batches(self, name, batch_size, shuffle=True, seed=0):
+        rows = self.arrays[name]
+        order = np.random.default_rng(seed).permutation(len(rows)) if shuffle else np.arange(len(rows))
+        for start in range(0, len(rows), batch_size):
+            yield rows[order[start : start + batch_size]]
+
+
+def test_training_reads_a_store_and_refuses_bad_input(tiny):
+    x, _ = planted_activations(rows=4096)
+    result = F.train(None, ListStore({"s": x}), site="s", kind="relu", l1=0.01, width=64, tokens=2048, batch_size=256)
+    assert result.tokens == 2048 and len(result.curves) == 8
+    with pytest.raises(ValueError, match="`data` must be finite activations"):
+        F.train(
+            None,
+            np.where(np.arange(32) == 3, np.nan, x),
+            site="s",
+            kind="topk",
+            k=3,
+            width=64,
+            tokens=512,
+            batch_size=256,
+        )
+    with pytest.raises(ValueError, match="`data` must be finite activations"):
+        F.train(None, ListStore({"s": x * np.nan}), site="s", kind="topk", k=3, width=64, tokens=512, batch_size=256)
+    with pytest.raises(ValueError, match="`site` entry 'blocks.1.hook_resid_pots' matches no hook name"):
+        F.train(tiny, x, site="blocks.1.hook_resid_pots", kind="topk", k=3, width=64, tokens=512, batch_size=256)
+    with pytest.raises(ValueError, match="`k` must be"):
+        F.train(None, x, site="s", kind="topk", width=64, tokens=512, batch_size=256)
+    with pytest.raises(ValueError, match="`l1` must be"):
+        F.train(None, x, site="s", kind="jumprelu", width=64, tokens=512, batch_size=256)
+    with pytest.raises(ValueError, match="`kind` must be one of"):
+        F.train(None, x, site="s", kind="gated", width=64, tokens=512, batch_size=256)

@@ -2,19 +2,35 @@
 
 Public names: `SparseDictionary` (a JAX pytree: `encode`, `decode`,
 `__call__`), `DictionaryConfig`, `KINDS`, `load` / `from_pretrained` (SAELens'
-file format, `hf://` handles) and `hooks` (splicing a dictionary into a run).
+file format, `hf://` handles), `train` (-> `TrainResult`), `evaluate` (a
+DataFrame row) and `hooks` (splicing a dictionary into a run).
 
 Example:
 ```python
 import phi3lab.features as F
 sae = F.load("path/to/sae")                        # cfg.json + sae_weights.safetensors
+sae = F.train(model, ids, site="blocks.2.hook_resid_post", kind="topk", width=1024, k=16,
+              tokens=1_000_000, batch_size=1024).dictionary
 acts = sae.encode(x)                               # [..., d_sae]
+F.evaluate(model, sae, held_out_ids)               # explained variance, L0, CE-loss recovered
 tr = phi3lab.trace(model, ids, hooks=F.hooks.splice(sae))
 ```
 """
 
 from phi3lab.features import hooks
 from phi3lab.features.dictionary import KINDS, DictionaryConfig, SparseDictionary
+from phi3lab.features.evaluation import evaluate
 from phi3lab.features.saelens_format import from_pretrained, load
+from phi3lab.features.training import TrainResult, train
 
-__all__ = ["KINDS", "DictionaryConfig", "SparseDictionary", "from_pretrained", "hooks", "load"]
+__all__ = [
+    "KINDS",
+    "DictionaryConfig",
+    "SparseDictionary",
+    "TrainResult",
+    "evaluate",
+    "from_pretrained",
+    "hooks",
+    "load",
+    "train",
+]

@@ -152,7 +152,7 @@ class SparseDictionary:
         target_site: str | None = None,
         d_out: int | None = None,
         skip: bool = False,
-        threshold: float = 0.001,
+        threshold: float = 0.01,
         bandwidth: float = 0.05,
         dtype="float32",
     ) -> "SparseDictionary":
