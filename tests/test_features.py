@@ -486,3 +486,28 @@ def test_training_reads_a_store_and_refuses_bad_input(tiny):
         F.train(None, x, site="s", kind="jumprelu", width=64, tokens=512, batch_size=256)
     with pytest.raises(ValueError, match="`kind` must be one of"):
         F.train(None, x, site="s", kind="gated", width=64, tokens=512, batch_size=256)
+
+
+@pytest.mark.slow
+def test_feature_attribution_is_the_gradient_of_the_metric_per_feature(tiny, ids):
+    d = tiny_dictionary("relu")
+    row = ids[:1]
+    attribution = F.attribute(tiny, d, row, answer=5, counterfactual=7)
+    assert attribution.scores.shape == (1, 12, 256)
+    np.testing.assert_allclose(attribution.scores, attribution.activations * attribution.gradients)
+    # Finite differences: nudge one feature at one position through an `add` hook.
+    position = 9
+    feature = int(np.argmax(np.abs(attribution.gradients[0, position])))
+    step = 1e-2
+
+    def metric(value):
+        logits = phi3lab.trace(
+            tiny, row, names="hook_logits", hooks=F.hooks.add(d, None, {feature: value}, positions=[position])
+        ).logits
+        return float(logits[0, -1, 5]) - float(logits[0, -1, 7])
+
+    numeric = (metric(step) - metric(-step)) / (2 * step)
+    assert attribution.gradients[0, position, feature] == pytest.approx(numeric, rel=2e-2, abs=1e-3)
+    top = attribution.top(3)
+    assert list(top.columns) == ["batch", "position", "feature", "activation", "gradient", "score"]
+    assert abs(top["score"].iloc[0]) == pytest.approx(np.abs(attribution.scores).max())

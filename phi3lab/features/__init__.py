@@ -3,7 +3,8 @@
 Public names: `SparseDictionary` (a JAX pytree: `encode`, `decode`,
 `__call__`), `DictionaryConfig`, `KINDS`, `load` / `from_pretrained` (SAELens'
 file format, `hf://` handles), `train` (-> `TrainResult`), `evaluate` (a
-DataFrame row) and `hooks` (splicing a dictionary into a run).
+DataFrame row), `attribute` (activation x gradient per feature and position,
+-> `FeatureAttribution`) and `hooks` (splicing a dictionary into a run).
 
 Example:
 ```python
@@ -18,6 +19,7 @@ tr = phi3lab.trace(model, ids, hooks=F.hooks.splice(sae))
 """
 
 from phi3lab.features import hooks
+from phi3lab.features.attribution import FeatureAttribution, attribute
 from phi3lab.features.dictionary import KINDS, DictionaryConfig, SparseDictionary
 from phi3lab.features.evaluation import evaluate
 from phi3lab.features.saelens_format import from_pretrained, load
@@ -25,7 +27,9 @@ from phi3lab.features.training import TrainResult, train
 
 __all__ = [
     "KINDS",
+    "attribute",
     "DictionaryConfig",
+    "FeatureAttribution",
     "SparseDictionary",
     "TrainResult",
     "evaluate",
