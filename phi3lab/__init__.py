@@ -50,7 +50,6 @@ __all__ = [
     "Phi3Tokenizer",
     "Trace",
     "activations",
-    "activations",
     "analysis",
     "compare_with_transformers",
     "estimate",

@@ -7,6 +7,7 @@ the tests that use them, so a test file that needs neither stays fast.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import weakref
 from pathlib import Path
@@ -350,3 +351,27 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+def put_in_hf_cache(cache: Path, repo_id: str, files: Path, commit: str) -> Path:
+    """Lay the files under `files` (subfolders too) out as huggingface_hub
+    caches a download of `repo_id`: content-addressed blobs, a snapshot of
+    relative symlinks, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    snapshot.mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for path in sorted(p for p in files.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        # LFS files are named by their sha256, plain git files by their git blob id.
+        if path.suffix == ".safetensors":
+            blob = hashlib.sha256(data).hexdigest()
+        else:
+            blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        link = snapshot / path.relative_to(files)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(repo / "blobs" / blob, link.parent), link)
+    return snapshot

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from conftest import (
     hf_model,
     keras_hub_forward,
     max_diff,
+    put_in_hf_cache,
     random_backbone,
     randomize_keras,
     require,
@@ -135,27 +135,6 @@ def test_legacy_su_config_json(tmp_path):
 
 
 # --- hub handles, from local caches ------------------------------------------
-
-
-def put_in_hf_cache(cache: Path, repo_id: str, files: Path, commit: str) -> Path:
-    """Lay `files` out as huggingface_hub caches a download of `repo_id`:
-    content-addressed blobs, a snapshot of relative symlinks, refs/main."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    snapshot.mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    for path in sorted(files.iterdir()):
-        data = path.read_bytes()
-        # LFS files are named by their sha256, plain git files by their git blob id.
-        if path.suffix == ".safetensors":
-            blob = hashlib.sha256(data).hexdigest()
-        else:
-            blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        (repo / "blobs" / blob).write_bytes(data)
-        os.symlink(f"../../blobs/{blob}", snapshot / path.name)
-    return snapshot
 
 
 def test_hf_handle_from_cache(tmp_path, monkeypatch, no_network):

@@ -16,9 +16,12 @@ def _offline_hint(handle: str) -> str:
     )
 
 
-def download(handle: str) -> Path:
+def download(handle: str, subfolder: str | None = None) -> Path:
     """Fetch a `kaggle://owner/model/framework/variation[/version]` or
     `hf://owner/repo` handle into the local cache and return its directory.
+
+    `subfolder` (Hugging Face only) fetches just that folder of the
+    repository (a dictionary among many in an SAE release) and returns it.
 
     Uses kagglehub / huggingface_hub (`pip install "phi3lab[hub]"`); their
     caches make a second call work offline.
@@ -38,12 +41,16 @@ def download(handle: str) -> Path:
             raise ImportError(
                 f"Loading {handle} needs huggingface_hub: pip install 'phi3lab[hub]'. " + _offline_hint(handle)
             ) from None
-        fetch = lambda: huggingface_hub.snapshot_download(handle[len("hf://") :], allow_patterns=HF_PATTERNS)
+        patterns = HF_PATTERNS if subfolder is None else [f"{subfolder.strip('/')}/{p}" for p in HF_PATTERNS]
+        fetch = lambda: huggingface_hub.snapshot_download(handle[len("hf://") :], allow_patterns=patterns)
     else:
         raise ValueError(f"`preset` handle {handle!r} must start with 'kaggle://' or 'hf://'.")
+    if subfolder is not None and not handle.startswith("hf://"):
+        raise ValueError(f"`subfolder` is for hf:// handles; received subfolder={subfolder!r} with {handle!r}.")
     try:
-        return Path(fetch())
+        directory = Path(fetch())
     except Exception as error:  # network, auth and cache errors of either library
         raise RuntimeError(
             f"Could not download {handle}: {type(error).__name__}: {error}. " + _offline_hint(handle)
         ) from error
+    return directory if subfolder is None else directory / subfolder.strip("/")

@@ -5,7 +5,9 @@ of (pattern, hook) pairs, combined with `|`).
 A hook is `fn(x, ctx) -> x | None`: it receives the activation and a
 `HookContext` and returns a replacement (or None to leave it unchanged).
 `ctx.name` is the full hook name, `ctx.layer` the block index (an int, or
-None for model-level names) and `ctx.data` the hook's array data.
+None for model-level names), `ctx.data` the hook's array data and
+`ctx.seen` the values of the sites hooked earlier in the same run (a
+transcoder's hook on `hook_mlp_out` reads its `ln2.hook_normalized` there).
 
 Array data (patch sources, steering vectors) travels into the compiled
 function as an input, so new values never recompile; `fn` and the hashable
@@ -28,6 +30,7 @@ class HookContext:
     layer: int | None
     data: Any = None
     static: tuple = ()
+    seen: Mapping = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -115,6 +115,9 @@ class TraceSites(HookPoints):
             hooks then see (and return) only the first `length` positions.
         captured: the dict kept values go to, by full name (a block's
             sites share their model's).
+        seen: the dict of hooked sites' values (after their hooks) so far
+            in this run, by full name, shared the same way; hooks read it
+            as `ctx.seen`.
     """
 
     def __init__(
@@ -125,10 +128,12 @@ class TraceSites(HookPoints):
         prefix_layer: int | None = None,
         length: int | None = None,
         captured: dict | None = None,
+        seen: dict | None = None,
     ):
         super().__init__()
         if captured is not None:
             self.captured = captured
+        self.seen = {} if seen is None else seen
         self.plan = plan
         self.hooks = hooks
         self.data = data
@@ -152,7 +157,7 @@ class TraceSites(HookPoints):
             for index in indices:
                 hook = self.hooks[index]
                 layer, _ = split_name(full)
-                result = _call_hook(hook, value, HookContext(full, layer, self.data[index], hook.static))
+                result = _call_hook(hook, value, HookContext(full, layer, self.data[index], hook.static, self.seen))
                 if result is not None:
                     if result.shape != value.shape:
                         raise ValueError(
@@ -160,6 +165,7 @@ class TraceSites(HookPoints):
                             f"return the activation's shape {value.shape} (or None)."
                         )
                     value = result.astype(x.dtype)
+            self.seen[full] = value
             x = value if real is None else _write_back(x, value)
         if full in self.plan.keep:
             self.captured[full] = self._as_captured(name, x)
@@ -182,4 +188,4 @@ class TraceSites(HookPoints):
     def block(self, start: int) -> "TraceSites":
         # Every layer of a range shares the signature of its first layer, and
         # hooked layers are ranges of one, so names resolve against `start`.
-        return TraceSites(self.plan, self.hooks, self.data, start, self.length, self.captured)
+        return TraceSites(self.plan, self.hooks, self.data, start, self.length, self.captured, self.seen)
