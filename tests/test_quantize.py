@@ -153,9 +153,10 @@ def test_direct_logit_attribution_on_a_tied_int8_model():
     ids, mask = token_batch(LENGTHS["below"])
     tr = phi3lab.trace(model, ids, padding_mask=mask)
     table = phi3lab.analysis.direct_logit_attribution(model, tr, answer=5, counterfactual=7)
+    blocks = phi3lab.analysis.direct_logit_attribution(model, tr, answer=5, counterfactual=7, level="layers")
     assert table.attrs["total"] == pytest.approx(table.attrs["logit_diff"], abs=1e-3)
     heads = table[table.kind == "head"].groupby("layer")["attribution"].sum()
-    attn = table[table.kind == "attn"].set_index("layer")["attribution"]
+    attn = blocks[blocks.kind == "attn"].set_index("layer")["attribution"]
     np.testing.assert_allclose(heads.values, attn.loc[heads.index].values, atol=1e-4)
 
 
