@@ -3,6 +3,11 @@ cached logits against the uncached forward, sampling, hooks, traces, errors."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -326,3 +331,48 @@ def test_a_repeated_generation_traces_nothing(models):
         again = phi3lab.generate(model, None, [9, 2, 44, 13], max_new_tokens=4, stop=[], hooks=hooks)
         assert again.token_ids.tolist() == first.token_ids.tolist()
     assert len(calls) == traced, f"traced {len(calls) - traced} more times"
+
+
+SHARDED = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[1]}"
+    import numpy as np, keras, jax, phi3lab
+    from phi3lab.sharding import model_parallel
+    devices = int(sys.argv[1])
+    assert len(jax.devices()) == devices
+    config = dict(vocabulary_size=96, num_layers=2, hidden_dim=32, intermediate_dim=64,
+                  num_query_heads=8, num_key_value_heads=4, max_sequence_length=128)
+    keras.utils.set_random_seed(0)
+    model = phi3lab.Phi3Backbone(**config)
+    weights = model.get_weights()
+    prompts = np.random.default_rng(0).integers(0, 96, (2, 9))
+    names, hooks = "blocks.1.attn.hook_pattern", phi3lab.hooks.ablate_heads(0, [1])
+    # 70 new tokens: the decode loop runs twice, taking back the cache it returned.
+    reference = phi3lab.generate(model, None, prompts, max_new_tokens=70, stop=[], names=names, hooks=hooks)
+    keras.distribution.set_distribution(model_parallel(model_axis=min(devices, 4), num_key_value_heads=4))
+    sharded = phi3lab.Phi3Backbone(**config)
+    sharded.set_weights(weights)
+    assert len(sharded.decoder.attention.query_kernel.value.sharding.device_set) == devices
+    result = phi3lab.generate(sharded, None, prompts, max_new_tokens=70, stop=[], names=names, hooks=hooks)
+    for want, got in zip(reference, result):
+        np.testing.assert_array_equal(got.token_ids, want.token_ids)
+        np.testing.assert_allclose(got.trace.attention(1), want.trace.attention(1), atol=1e-5)
+    print("same tokens")
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [2, 8])
+def test_generation_on_a_sharded_model(devices):
+    """Generation carries the layouts of a model sharded over several
+    (simulated) devices through its prefill and decode loop, and gives the
+    unsharded model's tokens and captures."""
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED, str(devices)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "KERAS_BACKEND": "jax"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "same tokens" in result.stdout

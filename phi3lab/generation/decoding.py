@@ -29,7 +29,7 @@ from phi3lab.errors import bad_argument
 from phi3lab.generation import programs
 from phi3lab.generation.captures import StepCaptures, captured_bytes, row_trace
 from phi3lab.generation.inputs import prompt_rows, stop_ids
-from phi3lab.generation.programs import CHUNK, bucket, loop_program, prefill_program, split_layers
+from phi3lab.generation.programs import CHUNK, bucket, loop_program, placed, prefill_program, split_layers
 from phi3lab.generation.result import Generation
 from phi3lab.generation.sampling import Sampler, check_seed
 from phi3lab.model.kv_cache import KVCache
@@ -48,8 +48,9 @@ class _Decoder:
         self.model, self.fn, self.pad_id = model, fn, pad_id
         self.params = model.params()
         # Per-layer weights for the decode loop (see `programs.UNSTACK_LAYERS`),
-        # split when the loop first runs.
-        self.unstack, self.split_params = programs.UNSTACK_LAYERS, None
+        # split when the loop first runs; a sharded model's stay in place.
+        self.unstack = programs.UNSTACK_LAYERS and not programs.sharded(self.params)
+        self.split_params = None
         self.hook_data = jax.tree.map(jnp.asarray, fn.hook_data)
         batch, prompt = len(rows), max(len(r) for r in rows)
         self.prompt_length = prompt
@@ -117,7 +118,8 @@ class _Decoder:
         self.length = length
         args = self._prefill_args(token_ids, positions, length - 1)
         shapes = self._prefill_args(np.zeros_like(token_ids), np.zeros_like(positions), 0)
-        logits, self.cache, captures = prefill_program(self.fn, shapes)(*args)
+        program = prefill_program(self.fn, shapes)
+        logits, self.cache, captures = program(*placed(program, args))
         self.captures.add(length, captures)
         return logits.astype(jnp.float32)
 
@@ -131,7 +133,7 @@ class _Decoder:
                 self.split_params = split_layers(self.model, self.params)
             params = self.split_params
         args = self._loop_args(params, logits, first, count, feeds, finished, stops, key)
-        logits, self.cache, tokens, logprobs, ran, buffers = program(*args)
+        logits, self.cache, tokens, logprobs, ran, buffers = program(*placed(program, args))
         ran = int(ran)
         tokens, logprobs = np.asarray(tokens[:, :ran]), np.asarray(logprobs[:, :ran], np.float64)
         self.sequence[:, self.length : self.length + ran] = tokens
