@@ -178,8 +178,10 @@ def test_generation_runs_on_int8():
     task prompt as the float32 model does."""
     tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
     prompt = "Mary and John went to the store. John gave a drink to"
-    expected = phi3lab.generate(Phi3Backbone.from_preset("phi3lab_tiny_en"), tokenizer, prompt, max_new_tokens=4)
+    expected = phi3lab.generate(
+        Phi3Backbone.from_preset("phi3lab_tiny_en"), prompt, tokenizer=tokenizer, max_new_tokens=4
+    )
     model = Phi3Backbone.from_preset("phi3lab_tiny_en", quantization="int8")
-    quantized = phi3lab.generate(model, tokenizer, prompt, max_new_tokens=4)
+    quantized = phi3lab.generate(model, prompt, tokenizer=tokenizer, max_new_tokens=4)
     assert expected.text and quantized.text == expected.text
     assert quantized.new_token_ids.tolist() == expected.new_token_ids.tolist()

@@ -21,7 +21,8 @@ from jax import numpy as jnp
 from phi3lab import compile_cache
 from phi3lab.analysis._common import as_list, check_trace, require
 from phi3lab.analysis.lens import readout_program
-from phi3lab.checks import check_choice, check_index, is_int, last_positions
+from phi3lab.checks import check_choice, check_index, check_token_ids, is_int, last_positions
+from phi3lab.deprecation import keyword_only_since
 from phi3lab.errors import bad_argument
 from phi3lab.model.quantize import float_weight
 from phi3lab.tracing.names import block_name
@@ -180,23 +181,15 @@ def frozen_norm_scale(model, final: np.ndarray) -> tuple[float, np.ndarray]:
     return inv_rms, (inv_rms * weight.astype(np.float64))
 
 
-def _one_token(name: str, value, vocabulary_size: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if not is_int(value) or not 0 <= value < vocabulary_size:
-        accepted = f"one token id (an int) in [0, {vocabulary_size})" + (" or None" if allow_none else "")
-        raise bad_argument(name, value, accepted)
-    return int(value)
-
-
+@keyword_only_since("position", "batch")
 def direct_logit_attribution(
     model,
     tr,
     answer: int,
     counterfactual: int | None = None,
+    *,
     position: int = -1,
     batch: int = 0,
-    *,
     level: str = "heads",
 ) -> pd.DataFrame:
     """How much each head (or attention block) and MLP writes to a logit.
@@ -247,8 +240,10 @@ def direct_logit_attribution(
     check_trace(model, tr)
     check_choice("level", level, ("heads", "layers"))
     batch = check_index("batch", batch, tr.token_ids.shape[0], "batch row")
-    answer_id = _one_token("answer", answer, model.vocabulary_size)
-    counter_id = _one_token("counterfactual", counterfactual, model.vocabulary_size, allow_none=True)
+    answer_id = int(check_token_ids("answer", answer, model.vocabulary_size, ndim=0))
+    counter_id = None
+    if counterfactual is not None:
+        counter_id = int(check_token_ids("counterfactual", counterfactual, model.vocabulary_size, ndim=0))
     length = tr.token_ids.shape[1]
     last = int(last_positions(np.asarray(tr.padding_mask, bool)[batch : batch + 1])[0])
     if not is_int(position) or not -(last + 1) <= position < length:

@@ -43,7 +43,7 @@ class GenerationView(View):
 
     Example:
     ```python
-    g = phi3lab.generate(model, tok, "When Mary and John went to the store, John gave a drink to",
+    g = phi3lab.generate(model, "When Mary and John went to the store, John gave a drink to", tokenizer=tok,
                          max_new_tokens=4, names="blocks.*.attn.hook_pattern")
     phi3lab.widgets.GenerationView(g)
     ```
