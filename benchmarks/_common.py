@@ -132,9 +132,9 @@ def generation_runners(backbone, model, prompt, new_tokens: int) -> dict:
     hub_inputs["padding_mask"][0, : len(prompt)] = 1
     patterns = "blocks.*.attn.hook_pattern"
     return {
-        "phi3lab": lambda: phi3lab.generate(model, None, prompt, new_tokens, stop=[]).new_token_ids,
+        "phi3lab": lambda: phi3lab.generate(model, prompt, max_new_tokens=new_tokens, stop=[]).new_token_ids,
         "phi3lab + all patterns": lambda: (
-            phi3lab.generate(model, None, prompt, new_tokens, stop=[], names=patterns).new_token_ids
+            phi3lab.generate(model, prompt, max_new_tokens=new_tokens, stop=[], names=patterns).new_token_ids
         ),
         "keras-hub": lambda: causal_lm.generate(hub_inputs, stop_token_ids=None)["token_ids"][0, len(prompt) :],
     }

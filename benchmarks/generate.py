@@ -66,9 +66,9 @@ def main():
     # Per-token time at positions 16 and 240: the time between stream callbacks.
     stamps = []
     short = prompt[:8]
-    phi3lab.generate(model, None, short, 248, stop=[], progress=False)
+    phi3lab.generate(model, short, max_new_tokens=248, stop=[], progress=False)
     phi3lab.generate(
-        model, None, short, 248, stop=[], progress=False, stream=lambda _: stamps.append(time.perf_counter())
+        model, short, max_new_tokens=248, stop=[], progress=False, stream=lambda _: stamps.append(time.perf_counter())
     )
     steps = np.diff(stamps)  # steps[i]: the decode step that gives the token at position 8 + i + 1
     at = lambda position: 1e3 * float(np.median(steps[position - 11 : position - 6]))

@@ -73,24 +73,53 @@ def check_choice(name: str, value, options: Sequence) -> None:
         raise bad_argument(name, value, f"one of {list(options)}")
 
 
-def check_token_ids(token_ids, vocabulary_size: int, name: str = "token_ids") -> None:
-    """Raise if concrete `token_ids` are not integers in `[0, vocabulary_size)`.
+# How each accepted number of dimensions reads in an error message.
+_TOKEN_ID_SHAPES = {
+    None: "int token ids",
+    (0,): "one token id (an int)",
+    (1,): "a 1-D sequence of int token ids",
+    (0, 1): "a token id (an int) or a 1-D sequence of them",
+}
 
-    Traced (abstract) arrays are not checked: call this before `jit`.
+
+def check_token_ids(
+    name: str, value, vocabulary_size: int | None = None, *, ndim: int | tuple[int, ...] | None = None
+) -> np.ndarray:
+    """`value` as int32 token ids: integers in `[0, vocabulary_size)` (any
+    non-negative int when `vocabulary_size` is None), with `ndim` dimensions
+    (one of them for a tuple; any for None). The one rule for token ids:
+    inputs, answers, stop tokens and ids to decode are all checked here.
+
+    A wrong dtype is a `TypeError`, a wrong shape or value a `ValueError`,
+    each naming `name`. JAX tracers come back unchecked (their values are
+    unknown): check before `jit`.
+
+    Example:
+    >>> check_token_ids("answer", 7, 32000, ndim=0)
+    array(7, dtype=int32)
     """
     import jax
 
-    if isinstance(token_ids, jax.core.Tracer):
-        return
-    ids = np.asarray(token_ids)
+    if isinstance(value, jax.core.Tracer):
+        return value
+    allowed = (ndim,) if is_int(ndim) else ndim
+    shapes = _TOKEN_ID_SHAPES.get(allowed, "int token ids")
+    try:
+        ids = np.asarray(value)
+    except (TypeError, ValueError, OverflowError):
+        ids = None
+    if ids is None or (allowed is not None and ids.ndim not in allowed):
+        raise bad_argument(name, value, shapes)
+    if ids.size == 0 and ids.ndim:
+        return ids.astype(np.int32)
     if not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"`{name}` must hold integer token ids; received dtype {ids.dtype}.")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocabulary_size):
-        bad = ids[(ids < 0) | (ids >= vocabulary_size)]
-        raise ValueError(
-            f"`{name}` must be in [0, {vocabulary_size}) (the vocabulary size); "
-            f"received ids {sorted(set(bad.tolist()))[:10]} out of range."
-        )
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
+        raise TypeError(f"`{name}` must be {shapes} (integer); received {name}={shown} of dtype {ids.dtype}.")
+    bad = ids[(ids < 0) | (ids >= vocabulary_size)] if vocabulary_size is not None else ids[ids < 0]
+    if bad.size:
+        bound = f"in [0, {vocabulary_size}) (the vocabulary size)" if vocabulary_size is not None else "non-negative"
+        raise bad_argument(name, value, f"token ids {bound}; out of range: {sorted(set(bad.tolist()))[:10]}")
+    return ids.astype(np.int32)
 
 
 def check_ids(name: str, ids, model) -> np.ndarray:
@@ -104,7 +133,7 @@ def check_ids(name: str, ids, model) -> np.ndarray:
         array = array[None]
     if array.ndim != 2 or array.shape[1] == 0:
         raise bad_argument(name, f"array of shape {np.shape(ids)}", "token ids of shape [T] or [B, T] with T >= 1")
-    check_token_ids(array, model.vocabulary_size, name)
+    check_token_ids(name, array, model.vocabulary_size)
     if array.shape[1] > model.max_sequence_length:
         raise bad_argument(
             name, f"{array.shape[1]} positions", f"at most max_sequence_length={model.max_sequence_length} positions"
@@ -133,21 +162,10 @@ def check_mask(padding_mask, shape: tuple[int, int], name: str = "padding_mask")
 
 def check_token(name: str, value, vocabulary_size: int, batch: int) -> np.ndarray:
     """A token id (int) or one id per batch row, as an int32 array `[batch]`."""
-    try:
-        ids = np.asarray(value)
-    except (TypeError, ValueError):
-        ids = None
-    if (
-        value is None
-        or ids is None
-        or not np.issubdtype(ids.dtype, np.integer)
-        or ids.ndim > 1
-        or (ids.ndim == 1 and len(ids) != batch)
-    ):
+    ids = check_token_ids(name, value, vocabulary_size, ndim=(0, 1))
+    if ids.ndim == 1 and len(ids) != batch:
         raise bad_argument(name, value, f"a token id (int) or a list of {batch} ids, one per batch row")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocabulary_size):
-        raise bad_argument(name, value, f"token ids in [0, {vocabulary_size}) (the vocabulary size)")
-    return np.broadcast_to(ids, (batch,)).astype(np.int32)
+    return np.broadcast_to(ids, (batch,))
 
 
 def last_positions(valid: np.ndarray) -> np.ndarray:

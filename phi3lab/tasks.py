@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from phi3lab.checks import check_choice, check_positive_int, is_int
+from phi3lab.checks import check_choice, check_positive_int, check_token_ids, is_int
 from phi3lab.errors import bad_argument
 
 TRAIN_NAMES = [
@@ -341,8 +341,8 @@ def repeated_tokens(
     check_positive_int("vocabulary_size", vocabulary_size)
     check_positive_int("seq_len", seq_len)
     check_positive_int("num_sequences", num_sequences)
-    if bos_token is not None and (not is_int(bos_token) or not 0 <= bos_token < vocabulary_size):
-        raise bad_argument("bos_token", bos_token, f"None or a token id in [0, {vocabulary_size})")
+    if bos_token is not None:
+        check_token_ids("bos_token", bos_token, vocabulary_size, ndim=0)
     if not is_int(low) or not 0 <= low < vocabulary_size:
         raise bad_argument("low", low, f"an int in [0, {vocabulary_size})")
     pool = np.array([i for i in range(low, vocabulary_size) if i != bos_token])

@@ -115,19 +115,26 @@ def test_decomposition_sums_to_the_residual(model, tr):
 
 @pytest.mark.parametrize("counterfactual", [COUNTER, None])
 def test_direct_logit_attribution_sums_to_the_logit_diff(model, tr, counterfactual):
-    table = analysis.direct_logit_attribution(model, tr, ANSWER, counterfactual, batch=1)
-    assert list(table.columns) == ["component", "layer", "head", "kind", "attribution"]
-    assert table.attrs["position"] == 7  # last real token of the padded row
+    """At either level the rows partition the final residual stream: they
+    sum to the model's logit (difference), so sorting or summing the table
+    counts each component once; the heads of a layer sum to its block."""
+    by_head = analysis.direct_logit_attribution(model, tr, ANSWER, counterfactual, batch=1)
+    by_layer = analysis.direct_logit_attribution(model, tr, ANSWER, counterfactual, batch=1, level="layers")
     logits = tr.logits[1, 7].astype(np.float64)
     expected = logits[ANSWER] - (logits[counterfactual] if counterfactual is not None else 0.0)
-    partition = table[table.kind.isin(["embed", "attn", "mlp"])].attribution.sum()
-    assert partition == pytest.approx(table.attrs["total"], abs=1e-9)
-    assert partition == pytest.approx(expected, abs=1e-4)
-    assert table.attrs["logit_diff"] == pytest.approx(expected, abs=1e-9)
-    for layer in range(LAYERS):
-        in_layer = table[table.layer == layer]
-        heads = in_layer[in_layer.kind == "head"].attribution.sum()
-        assert heads == pytest.approx(in_layer[in_layer.kind == "attn"].attribution.item(), abs=1e-5)
+    for table, kinds in ((by_head, ["embed", "head", "mlp"]), (by_layer, ["embed", "attn", "mlp"])):
+        assert list(table.columns) == ["component", "layer", "head", "kind", "attribution"]
+        assert sorted(set(table.kind)) == sorted(kinds)
+        assert table.attrs["position"] == 7  # last real token of the padded row
+        assert table.attribution.sum() == pytest.approx(expected, abs=1e-4)
+        assert table.attrs["logit_diff"] == pytest.approx(expected, abs=1e-9)
+    assert by_layer.attribution.sum() == pytest.approx(by_layer.attrs["total"], abs=1e-9)
+    assert len(by_head) == 1 + LAYERS * (HEADS + 1) and len(by_layer) == 1 + 2 * LAYERS
+    heads = by_head[by_head.kind == "head"].groupby("layer").attribution.sum()
+    attn = by_layer[by_layer.kind == "attn"].set_index("layer").attribution
+    np.testing.assert_allclose(heads.to_numpy(), attn.loc[heads.index].to_numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="`level`"):
+        analysis.direct_logit_attribution(model, tr, ANSWER, level="both")
 
 
 def test_next_token_attribution_sums_to_each_tokens_logit(model, tr, ids):
@@ -143,8 +150,9 @@ def test_next_token_attribution_sums_to_each_tokens_logit(model, tr, ids):
     # Column p is direct_logit_attribution of token p at position p - 1, heads included.
     fine = analysis.next_token_attribution(model, tr, batch=1, heads=True)
     for heads, result in ((False, table), (True, fine)):
-        dla = analysis.direct_logit_attribution(model, tr, int(ids[1, 5]), position=4, batch=1)
-        dla = dla[dla.kind.isin(["embed", "head" if heads else "attn", "mlp"])].set_index("component")
+        level = "heads" if heads else "layers"
+        dla = analysis.direct_logit_attribution(model, tr, int(ids[1, 5]), position=4, batch=1, level=level)
+        dla = dla.set_index("component")
         np.testing.assert_allclose(result.set_index("component")[5], dla.attribution[result.component], atol=1e-6)
 
 

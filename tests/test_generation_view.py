@@ -15,9 +15,7 @@ from phi3lab.widgets import GenerationView
 @pytest.fixture(scope="module")
 def generation():
     model = random_backbone(seed=4, rope=None)
-    g = phi3lab.generate(
-        model, None, [3, 9, 27, 81 % 96], max_new_tokens=4, stop=[], names="blocks.*.attn.hook_pattern"
-    )
+    g = phi3lab.generate(model, [3, 9, 27, 81 % 96], max_new_tokens=4, stop=[], names="blocks.*.attn.hook_pattern")
     return model, g
 
 
@@ -55,6 +53,29 @@ def test_needs_a_prompt_length_and_patterns(generation):
         with pytest.raises(ValueError, match=f'`{argument}`.*"mean"'):
             GenerationView(g.trace, **{argument: -1})
     assert GenerationView(g.trace, layer="mean", head="mean").title().endswith("(mean over layers, mean over heads)")
-    no_patterns = phi3lab.generate(model, None, [3, 9], max_new_tokens=2, stop=[], names="hook_logits")
+    no_patterns = phi3lab.generate(model, [3, 9], max_new_tokens=2, stop=[], names="hook_logits")
     with pytest.raises(KeyError, match="hook_pattern"):
         GenerationView(no_patterns.trace)
+
+
+def test_the_generation_itself_and_its_static_html(generation):
+    """A view takes what `generate` returns, and its HTML form is the strip."""
+    model, g = generation
+    view = GenerationView(g, position=5, layer=0, head=1)
+    np.testing.assert_allclose(view.weights(), GenerationView(g.trace, position=5, layer=0, head=1).weights())
+    html = view.static("html")
+    assert html.count("phi3lab-weight phi3lab-") == 6 and "generated token 5" in html
+    no_trace = phi3lab.generate(model, [3, 9], max_new_tokens=2, stop=[])
+    with pytest.raises(ValueError, match=r"`trace`.*names="):
+        GenerationView(no_trace)
+    with pytest.raises(ValueError, match=r"`trace`.*one Generation"):
+        GenerationView([g, g])
+
+
+def test_every_trace_view_accepts_a_generation(generation):
+    from phi3lab.widgets import AttentionExplorer, HeadGrid, ResidualStreamView, RopeView
+
+    model, _ = generation
+    g = phi3lab.generate(model, [3, 9, 27], max_new_tokens=2, stop=[], names="*")
+    for view in (AttentionExplorer, HeadGrid, ResidualStreamView, RopeView):
+        assert repr(view(g)) == repr(view(g.trace))

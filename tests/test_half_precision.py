@@ -132,7 +132,7 @@ def test_bfloat16_generation_buffers_are_written_in_place():
 
     model = random_backbone(seed=5, num_layers=LAYERS, dtype="bfloat16")
     ids, _ = token_batch(6, seed=4)
-    generation = phi3lab.generate(model, None, ids[0], max_new_tokens=3, names="blocks.*.hook_resid_post")
+    generation = phi3lab.generate(model, ids[0], max_new_tokens=3, names="blocks.*.hook_resid_post")
     resid = generation.trace["blocks.1.hook_resid_post"]
     assert str(resid.dtype) == "bfloat16" and resid.shape[1] == 6 + 3
     loops = [program for key, program in compile_cache.entries(model).items() if "loop" in key]

@@ -426,3 +426,33 @@ def test_new_hook_data_reuses_the_compiled_trace(ids):
     # The new length: a new hooked run (hooks see the real length); its
     # source trace shares the length bucket's program.
     assert compiled_count(model) == count + 1
+
+
+def test_a_loop_over_heads_and_positions_reuses_one_program(ids):
+    """Which heads and positions a `patch` or `ablate_heads` touches is hook
+    data, not a compiled setting: a sweep over heads compiles once per site."""
+    model = make_model(seed=6)
+    clean = phi3lab.trace(model, ids, names="blocks.1.attn.hook_z")
+    corrupted_ids = random_ids(ids.shape, seed=7)
+    corrupted = phi3lab.trace(model, corrupted_ids, names="blocks.1.attn.hook_z")
+    z = "blocks.1.attn.hook_z"
+
+    def patched(**where):
+        return phi3lab.trace(model, corrupted_ids, names=z, hooks=H.patch(z, clean, **where))[z]
+
+    def ablated(heads):
+        return phi3lab.trace(model, corrupted_ids, names=z, hooks=H.ablate_heads(1, heads))[z]
+
+    patched(heads=[0])
+    ablated(0)
+    count = compiled_count(model)
+    for head in range(HQ):
+        for where in ({"heads": [head]}, {"heads": head, "positions": [head, -1]}):
+            expected = corrupted[z].copy()
+            rows = slice(None) if "positions" not in where else np.array(where["positions"])
+            expected[:, rows, head] = clean[z][:, rows, head]
+            assert np.array_equal(patched(**where), expected)
+        expected = corrupted[z].copy()
+        expected[:, :, head] = 0
+        assert np.array_equal(ablated(head), expected)
+    assert compiled_count(model) == count

@@ -224,9 +224,10 @@ def test_direct_logit_attribution_on_a_tied_int8_model():
     ids, mask = token_batch(LENGTHS["below"])
     tr = phi3lab.trace(model, ids, padding_mask=mask)
     table = phi3lab.analysis.direct_logit_attribution(model, tr, answer=5, counterfactual=7)
+    blocks = phi3lab.analysis.direct_logit_attribution(model, tr, answer=5, counterfactual=7, level="layers")
     assert table.attrs["total"] == pytest.approx(table.attrs["logit_diff"], abs=1e-3)
     heads = table[table.kind == "head"].groupby("layer")["attribution"].sum()
-    attn = table[table.kind == "attn"].set_index("layer")["attribution"]
+    attn = blocks[blocks.kind == "attn"].set_index("layer")["attribution"]
     np.testing.assert_allclose(heads.values, attn.loc[heads.index].values, atol=1e-4)
 
 
@@ -268,8 +269,10 @@ def test_generation_runs_on_int8():
     task prompt as the float32 model does."""
     tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
     prompt = "Mary and John went to the store. John gave a drink to"
-    expected = phi3lab.generate(Phi3Backbone.from_preset("phi3lab_tiny_en"), tokenizer, prompt, max_new_tokens=4)
+    expected = phi3lab.generate(
+        Phi3Backbone.from_preset("phi3lab_tiny_en"), prompt, tokenizer=tokenizer, max_new_tokens=4
+    )
     model = Phi3Backbone.from_preset("phi3lab_tiny_en", quantization="int8")
-    quantized = phi3lab.generate(model, tokenizer, prompt, max_new_tokens=4)
+    quantized = phi3lab.generate(model, prompt, tokenizer=tokenizer, max_new_tokens=4)
     assert expected.text and quantized.text == expected.text
     assert quantized.new_token_ids.tolist() == expected.new_token_ids.tolist()

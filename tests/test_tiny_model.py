@@ -180,7 +180,7 @@ def test_name_mover_with_distractor_names(model, tokenizer):
     ],
 )
 def test_generate_completes_a_name_mover_prompt_in_either_order(model, tokenizer, text):
-    assert str(phi3lab.generate(model, tokenizer, text, max_new_tokens=3)).strip().startswith("Mary")
+    assert str(phi3lab.generate(model, text, tokenizer=tokenizer, max_new_tokens=3)).strip().startswith("Mary")
 
 
 # The circuit docs/tiny_model.md names (found with 04_activation_patching.ipynb

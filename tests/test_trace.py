@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import types
 
 import jax
 import numpy as np
@@ -834,3 +835,35 @@ def test_text_input_with_a_tokenizer(tokenizer):
     alone = phi3lab.trace(model, texts[1], tokenizer=tokenizer, names="hook_logits")
     np.testing.assert_array_equal(alone.token_ids[0], tokenizer.encode(texts[1]))
     assert_close(tr.logits[1, mask[1]], alone.logits[0], 1e-5, "padded text row")
+
+
+# === JAX transformations around trace ===
+
+
+def test_jax_grad_jit_and_vmap_around_trace(model, ids, full):
+    """Under `jax.grad`, `jax.jit` or `jax.vmap`, `trace` runs the pure
+    forward (uncompiled) and returns a Trace of tracers."""
+    vector = np.random.default_rng(3).standard_normal(HIDDEN).astype(np.float32)
+    site, answer = "blocks.1.hook_resid_post", 5
+
+    def logit(scale):
+        hooks = phi3lab.hooks.add(site, vector, scale=scale)
+        return phi3lab.trace(model, ids, names="hook_logits", hooks=hooks).logits[0, -1, answer]
+
+    grad = float(jax.jit(jax.grad(logit))(0.5))
+    step = 1e-2  # central differences of the compiled (concrete) runs
+    finite = (float(logit(0.5 + step)) - float(logit(0.5 - step))) / (2 * step)
+    assert grad == pytest.approx(finite, rel=2e-3, abs=1e-4)
+
+    logits = jax.jit(lambda token_ids: phi3lab.trace(model, token_ids, names="hook_logits").logits)(ids)
+    # unpadded (traced) and bucket-padded (compiled) runs sum in another order
+    np.testing.assert_allclose(np.asarray(logits), full.logits, atol=1e-4)
+    rows = jax.jit(jax.vmap(lambda row: phi3lab.trace(model, row, names="blocks.0.hook_resid_post").resid(0)[0]))(ids)
+    np.testing.assert_allclose(np.asarray(rows), full.resid(0), atol=1e-4)
+
+
+def test_trace_under_a_transformation_explains_what_cannot_run(model, ids):
+    tokenizer = types.SimpleNamespace(encode_batch=None, display_tokens=lambda row: [str(t) for t in row])
+    for kwargs in ({"tokenizer": tokenizer}, {"memory_budget": 1 << 30}):
+        with pytest.raises(ValueError, match=r"(?s)phi3lab\.tracing\.forward_fn.*phi3lab\.gradients.*jax\.grad"):
+            jax.jit(lambda token_ids: phi3lab.trace(model, token_ids, **kwargs).output)(ids)

@@ -266,7 +266,7 @@ def reference_probs(model, hidden):
 
 
 def test_logit_lens_grid_is_the_lens(model, tr):
-    view = LogitLensView(tr, model, ToyTokenizer.vocabulary, k=3)
+    view = LogitLensView(model, tr, ToyTokenizer.vocabulary, k=3)
     probs = np.stack([reference_probs(model, tr.resid(l, "post")[0]) for l in range(2)])
     np.testing.assert_allclose(z_of(view.grid), probs.max(-1), rtol=1e-4)
     np.testing.assert_array_equal(view.top_ids[..., 0], probs.argmax(-1))
@@ -277,7 +277,7 @@ def test_logit_lens_grid_is_the_lens(model, tr):
 
 
 def test_logit_lens_answer_and_position(model, tr):
-    view = LogitLensView(tr, model, ToyTokenizer.vocabulary, where=("mid", "post"))
+    view = LogitLensView(model, tr, ToyTokenizer.vocabulary, where=("mid", "post"))
     assert view.position == LENGTH - 1 and len(view.rows) == 4
     view.position_slider.value = 2
     view.answer_box.value = "w7"

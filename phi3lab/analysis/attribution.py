@@ -20,7 +20,8 @@ from jax import numpy as jnp
 
 from phi3lab.analysis._common import as_list, check_trace, require
 from phi3lab.analysis.lens import readout_program
-from phi3lab.checks import check_index, is_int, last_positions
+from phi3lab.checks import check_choice, check_index, check_token_ids, is_int, last_positions
+from phi3lab.deprecation import keyword_only_since
 from phi3lab.errors import bad_argument
 from phi3lab.model.quantize import float_weight
 from phi3lab.runtime import compile_cache
@@ -55,7 +56,7 @@ class ResidualDecomposition:
         """One row per component of `stack(heads)`: `component`, `layer`,
         `head` and `kind` (`"embed"`, `"attn"`, `"head"` or `"mlp"`)."""
         num_layers, num_heads = self.head_out.shape[:2]
-        return component_table(num_layers, num_heads, heads=heads, attn=not heads)
+        return component_table(num_layers, num_heads, heads=heads)
 
     def stack(self, heads: bool = True) -> np.ndarray:
         """The components `[C, B, T, D]` in the order of `labels(heads)`;
@@ -68,14 +69,16 @@ class ResidualDecomposition:
         return np.concatenate(parts)
 
 
-def component_table(num_layers: int, num_heads: int, heads: bool = True, attn: bool = False) -> pd.DataFrame:
+def component_table(num_layers: int, num_heads: int, heads: bool = True) -> pd.DataFrame:
     """Component labels in residual order: `embed`, then per layer its
-    attention block (`L{l}_attn`, with `attn`), its heads (`L{l}H{h}`, with
-    `heads`) and its MLP (`L{l}_mlp`). Columns `component, layer, head, kind`."""
+    heads (`L{l}H{h}`, with `heads`) or its attention block (`L{l}_attn`)
+    and its MLP (`L{l}_mlp`). Columns `component, layer, head, kind`."""
     rows = [("embed", None, None, "embed")]
     for layer in range(num_layers):
-        rows += [(f"L{layer}_attn", layer, None, "attn")] if attn else []
-        rows += [(f"L{layer}H{h}", layer, h, "head") for h in range(num_heads)] if heads else []
+        if heads:
+            rows += [(f"L{layer}H{h}", layer, h, "head") for h in range(num_heads)]
+        else:
+            rows.append((f"L{layer}_attn", layer, None, "attn"))
         rows.append((f"L{layer}_mlp", layer, None, "mlp"))
     table = pd.DataFrame(rows, columns=["component", "layer", "head", "kind"])
     return table.astype({"layer": "Int64", "head": "Int64"})
@@ -178,24 +181,18 @@ def frozen_norm_scale(model, final: np.ndarray) -> tuple[float, np.ndarray]:
     return inv_rms, (inv_rms * weight.astype(np.float64))
 
 
-def _one_token(name: str, value, vocabulary_size: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if not is_int(value) or not 0 <= value < vocabulary_size:
-        accepted = f"one token id (an int) in [0, {vocabulary_size})" + (" or None" if allow_none else "")
-        raise bad_argument(name, value, accepted)
-    return int(value)
-
-
+@keyword_only_since("position", "batch")
 def direct_logit_attribution(
     model,
     tr,
     answer: int,
     counterfactual: int | None = None,
+    *,
     position: int = -1,
     batch: int = 0,
+    level: str = "heads",
 ) -> pd.DataFrame:
-    """How much each head, attention block and MLP writes to a logit.
+    """How much each head (or attention block) and MLP writes to a logit.
 
     The final norm divides the last residual stream `x` by its RMS and
     multiplies by a weight `w`. Freezing the RMS at its value in this run
@@ -215,13 +212,19 @@ def direct_logit_attribution(
         position: int. Query position; negative values count back from the
             row's last real (non-padding) token. Defaults to -1.
         batch: int. Which row of the trace.
+        level: `"heads"` (the default: a row per query head) or `"layers"`
+            (a row per attention block). An argument, not both kinds of row
+            in one table, so that every table partitions the residual
+            stream: its rows sum to the total, and sorting or summing them
+            counts each contribution once. The heads of a layer sum to its
+            block's row at the other level.
 
     Returns:
         A DataFrame with `component`, `layer`, `head`, `kind` and
-        `attribution`. `kind` is `"embed"`, `"attn"` (a block's whole
-        attention), `"head"` (one query head) or `"mlp"`. The `embed`,
-        `attn` and `mlp` rows sum to the total; the `head` rows of a layer
-        sum to its `attn` row. `attrs` holds `total` (the frozen-scale sum),
+        `attribution`, in residual order. `kind` is `"embed"`, `"head"` (one
+        query head; level `"heads"`), `"attn"` (a block's whole attention;
+        level `"layers"`) or `"mlp"`. The rows sum to the model's logit
+        (difference). `attrs` holds `level`, `total` (the frozen-scale sum),
         `logit_diff` (the model's own value, from `hook_logits` or the final
         norm and LM head), `inv_rms`, `answer`, `counterfactual`,
         `position`, `batch`.
@@ -230,13 +233,17 @@ def direct_logit_attribution(
     ```python
     tr = phi3lab.trace(model, ids)
     table = phi3lab.analysis.direct_logit_attribution(model, tr, answer=17, counterfactual=4)
-    table[table.kind == "head"].sort_values("attribution").tail()
+    table.sort_values("attribution").tail()     # the heads and MLPs that write the answer
+    blocks = phi3lab.analysis.direct_logit_attribution(model, tr, answer=17, counterfactual=4, level="layers")
     ```
     """
     check_trace(model, tr)
+    check_choice("level", level, ("heads", "layers"))
     batch = check_index("batch", batch, tr.token_ids.shape[0], "batch row")
-    answer_id = _one_token("answer", answer, model.vocabulary_size)
-    counter_id = _one_token("counterfactual", counterfactual, model.vocabulary_size, allow_none=True)
+    answer_id = int(check_token_ids("answer", answer, model.vocabulary_size, ndim=0))
+    counter_id = None
+    if counterfactual is not None:
+        counter_id = int(check_token_ids("counterfactual", counterfactual, model.vocabulary_size, ndim=0))
     length = tr.token_ids.shape[1]
     last = int(last_positions(np.asarray(tr.padding_mask, bool)[batch : batch + 1])[0])
     if not is_int(position) or not -(last + 1) <= position < length:
@@ -248,8 +255,7 @@ def direct_logit_attribution(
     absolute = last + 1 + int(position) if position < 0 else int(position)
 
     parts = decompose_resid(model, tr, batch=[batch], positions=[absolute])
-    labels = parts.labels(heads=True)
-    coarse = parts.labels(heads=False)
+    heads = level == "heads"
     final = parts.final[0, 0]
     inv_rms, scale = frozen_norm_scale(model, final)
 
@@ -257,12 +263,8 @@ def direct_logit_attribution(
     unembed, params = _unembed_columns(model), model.params()
     read = lambda vectors: np.asarray(unembed(params, jnp.asarray(vectors * scale, jnp.float32), columns), np.float64)
     signed = lambda logits: logits[:, 0] - (logits[:, 1] if counter_id is not None else 0.0)
-    fine = signed(read(parts.stack(heads=True)[:, 0, 0]))
-    whole = signed(read(parts.stack(heads=False)[:, 0, 0]))
-
-    values = dict(zip(labels["component"], fine)) | dict(zip(coarse["component"], whole))
-    table = component_table(model.num_layers, model.num_query_heads, heads=True, attn=True)
-    table["attribution"] = [values[c] for c in table["component"]]
+    table = parts.labels(heads=heads)
+    table["attribution"] = signed(read(parts.stack(heads=heads)[:, 0, 0]))
 
     if "hook_logits" in tr.names:
         logits = np.asarray(tr["hook_logits"][batch, absolute], np.float64)
@@ -270,7 +272,8 @@ def direct_logit_attribution(
         logits = np.asarray(readout_program(model)(params, jnp.asarray(final[None], jnp.float32)), np.float64)[0]
     model_value = logits[answer_id] - (logits[counter_id] if counter_id is not None else 0.0)
     table.attrs.update(
-        total=float(whole.sum()),
+        level=level,
+        total=float(table["attribution"].sum()),
         logit_diff=float(model_value),
         inv_rms=inv_rms,
         answer=answer_id,

@@ -39,6 +39,7 @@ from phi3lab.analysis.patching import (
     stacked_site,
 )
 from phi3lab.checks import check_choice, check_positive_int
+from phi3lab.deprecation import keyword_only_since
 from phi3lab.runtime import compile_cache
 from phi3lab.tracing.gradient_trace import gradient_fn, gradient_program, zero_probes
 from phi3lab.tracing.hook_types import Hook, Hooks
@@ -63,11 +64,13 @@ def _unit_sums(products: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     return products.sum(axis=others)
 
 
+@keyword_only_since("answer", "counterfactual", "sites", "method", "steps", "padding_mask", "normalize")
 def attribution_patching(
     model,
     clean_ids,
     corrupted_ids,
     metric: Callable | None = None,
+    *,
     answer=None,
     counterfactual=None,
     sites: str = "resid_pre",

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from phi3lab.analysis._common import check_trace, require
-from phi3lab.checks import check_index, check_positive_int, is_int
+from phi3lab.checks import check_index, check_positive_int, check_token_ids, is_int
 from phi3lab.errors import bad_argument
 from phi3lab.model.attention import key_value_heads
 from phi3lab.tasks import repeated_tokens
@@ -130,8 +130,8 @@ def head_scores(
         check_positive_int("num_sequences", num_sequences)
         if not is_int(seed):
             raise bad_argument("seed", seed, "an int")
-        if bos_token is not None and (not is_int(bos_token) or not 0 <= bos_token < model.vocabulary_size):
-            raise bad_argument("bos_token", bos_token, f"None or a token id in [0, {model.vocabulary_size})")
+        if bos_token is not None:
+            check_token_ids("bos_token", bos_token, model.vocabulary_size, ndim=0)
         if 2 * seq_len + (bos_token is not None) > model.max_sequence_length:
             raise bad_argument(
                 "seq_len",

@@ -20,6 +20,7 @@ import pandas as pd
 from jax import numpy as jnp
 
 from phi3lab.checks import check_ids, check_mask, is_int
+from phi3lab.deprecation import keyword_only_since
 from phi3lab.errors import bad_argument
 from phi3lab.runtime import compile_cache
 from phi3lab.tracing.forward import forward_fn
@@ -232,11 +233,13 @@ def patching_result(
     )
 
 
+@keyword_only_since("answer", "counterfactual", "sites", "progress", "padding_mask", "normalize", "batch_size")
 def activation_patching(
     model,
     clean_ids,
     corrupted_ids,
     metric: Callable | None = None,
+    *,
     answer=None,
     counterfactual=None,
     sites: str = "resid_pre",

@@ -18,6 +18,7 @@ transformers' Phi-3 `generate` does at that step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -25,11 +26,12 @@ import numpy as np
 from jax import numpy as jnp
 
 from phi3lab.checks import check_positive_int, is_int
+from phi3lab.deprecation import warn_deprecated
 from phi3lab.errors import bad_argument
 from phi3lab.generation import programs
 from phi3lab.generation.captures import StepCaptures, captured_bytes, row_trace
 from phi3lab.generation.inputs import prompt_rows, stop_ids
-from phi3lab.generation.programs import CHUNK, bucket, loop_program, prefill_program, split_layers
+from phi3lab.generation.programs import CHUNK, bucket, loop_program, placed, prefill_program, split_layers
 from phi3lab.generation.result import Generation
 from phi3lab.generation.sampling import Sampler, check_seed
 from phi3lab.model.kv_cache import KVCache
@@ -48,8 +50,9 @@ class _Decoder:
         self.model, self.fn, self.pad_id = model, fn, pad_id
         self.params = model.params()
         # Per-layer weights for the decode loop (see `programs.unstack_layers`),
-        # split when the loop first runs.
-        self.unstack, self.split_params = programs.unstack_layers(), None
+        # split when the loop first runs; a sharded model's stay in place.
+        self.unstack = programs.unstack_layers() and not programs.sharded(self.params)
+        self.split_params = None
         self.hook_data = jax.tree.map(jnp.asarray, fn.hook_data)
         batch, prompt = len(rows), max(len(r) for r in rows)
         self.prompt_length = prompt
@@ -117,7 +120,8 @@ class _Decoder:
         self.length = length
         args = self._prefill_args(token_ids, positions, length - 1)
         shapes = self._prefill_args(np.zeros_like(token_ids), np.zeros_like(positions), 0)
-        logits, self.cache, captures = prefill_program(self.fn, shapes)(*args)
+        program = prefill_program(self.fn, shapes)
+        logits, self.cache, captures = program(*placed(program, args))
         self.captures.add(length, captures)
         return logits.astype(jnp.float32)
 
@@ -131,7 +135,7 @@ class _Decoder:
                 self.split_params = split_layers(self.model, self.params)
             params = self.split_params
         args = self._loop_args(params, logits, first, count, feeds, finished, stops, key)
-        logits, self.cache, tokens, logprobs, ran, buffers = program(*args)
+        logits, self.cache, tokens, logprobs, ran, buffers = program(*placed(program, args))
         ran = int(ran)
         tokens, logprobs = np.asarray(tokens[:, :ran]), np.asarray(logprobs[:, :ran], np.float64)
         self.sequence[:, self.length : self.length + ran] = tokens
@@ -150,15 +154,39 @@ class _Decoder:
         return rotary.factor_set(slot + 1) != rotary.factor_set(slot)
 
 
+def _tokenizer_second(fn: Callable) -> Callable:
+    """Keep `generate(model, tokenizer, prompt, max_new_tokens, temperature,
+    seed, chat)`, the form before `generate(model, prompt, tokenizer=...)`,
+    working for one release, with a `DeprecationWarning`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if len(args) < 3 and not (len(args) == 2 and "prompt" in kwargs):
+            return fn(*args, **kwargs)
+        model, tokenizer, rest = args[0], args[1], args[2:]
+        prompt = kwargs.pop("prompt") if "prompt" in kwargs else rest[0]
+        rest = rest if "prompt" in kwargs else rest[1:]
+        if len(rest) > 4:
+            raise TypeError(f"generate() takes at most 7 positional arguments in its old form ({len(args)} given)")
+        warn_deprecated(
+            "phi3lab.generate(model, tokenizer, prompt, ...)", "phi3lab.generate(model, prompt, tokenizer=...)"
+        )
+        moved = dict(zip(("max_new_tokens", "temperature", "seed", "chat"), rest))
+        return fn(model, prompt, tokenizer=tokenizer, **moved, **kwargs)
+
+    return wrapper
+
+
+@_tokenizer_second
 def generate(
     model,
-    tokenizer,
     prompt,
+    *,
+    tokenizer=None,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     seed: int = 0,
     chat: bool = False,
-    *,
     top_k: int | None = None,
     top_p: float | None = None,
     stop=None,
@@ -172,9 +200,11 @@ def generate(
 
     Args:
         model: a `Phi3Backbone`.
-        tokenizer: its `Phi3Tokenizer`, or None when `prompt` is token ids.
         prompt: a string, a list of strings (a batch, left-padded), token ids
             `[T]`, or a list / array of id rows.
+        tokenizer: its `Phi3Tokenizer`, or None when `prompt` is token ids.
+            (The old form `generate(model, tokenizer, prompt)` still works
+            for one release, with a `DeprecationWarning`.)
         max_new_tokens: int >= 1. At most this many new tokens per prompt;
             prompt plus new tokens must fit `model.max_sequence_length`.
         temperature: float >= 0. 0 is greedy decoding.
@@ -208,10 +238,10 @@ def generate(
 
     Example:
     ```python
-    g = phi3lab.generate(model, tok, "When Mary and John went to the store, John gave a drink to",
+    g = phi3lab.generate(model, "When Mary and John went to the store, John gave a drink to", tokenizer=tok,
                          max_new_tokens=4, names="blocks.*.attn.hook_pattern")
     str(g), g.new_token_ids, g.logprobs, g.trace.attention(0).shape
-    steered = phi3lab.generate(model, tok, "I think", hooks=phi3lab.hooks.add("blocks.1.hook_resid_post", v))
+    steered = phi3lab.generate(model, "I think", tokenizer=tok, hooks=phi3lab.hooks.add("blocks.1.hook_resid_post", v))
     ```
     """
     if tokenizer is not None and not all(hasattr(tokenizer, a) for a in ("encode", "decode", "stop_token_ids")):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from phi3lab.checks import check_ids, is_int
+from phi3lab.checks import check_ids, check_token_ids, is_int
 from phi3lab.errors import bad_argument
 
 
@@ -63,8 +63,8 @@ def stop_ids(stop, tokenizer, vocabulary: int) -> frozenset[int]:
         raise bad_argument("stop", stop, "None, a token id or token string, or a list of those")
     ids = set()
     for item in items:
-        if is_int(item) and 0 <= item < vocabulary:
-            ids.add(int(item))
+        if is_int(item):
+            ids.add(int(check_token_ids("stop", item, vocabulary, ndim=0)))
         elif isinstance(item, str) and tokenizer is not None:
             try:
                 ids.add(tokenizer.token_to_id(item))
@@ -76,6 +76,6 @@ def stop_ids(stop, tokenizer, vocabulary: int) -> frozenset[int]:
             raise bad_argument(
                 "stop",
                 item,
-                f"token ids in [0, {vocabulary}) or token strings of the tokenizer (a tokenizer is needed for strings)",
+                "token ids or token strings of the tokenizer (a tokenizer is needed for strings)",
             )
     return frozenset(ids)

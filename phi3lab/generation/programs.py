@@ -64,6 +64,26 @@ def _compile(fn: ForwardFn, kind: str, program, args, *extra) -> compile_cache.P
     return compile_cache.ahead_of_time(fn.model, key, program, args)
 
 
+def sharded(params) -> bool:
+    """Whether any of `params` is split or copied over several devices."""
+    return any(len(leaf.sharding.device_set) > 1 for leaf in jax.tree.leaves(params) if isinstance(leaf, jax.Array))
+
+
+def placed(program: compile_cache.Program, args) -> tuple:
+    """`args` on the devices `program` was compiled for. The cache and logits
+    one program returns are laid out as XLA chose for its outputs, which on
+    a sharded model differs from the layout the next program takes them in;
+    arrays already in place (every one on a single device) are not copied."""
+    wanted = program.compiled.input_shardings[0]
+
+    def place(arg, sharding):
+        if isinstance(arg, jax.Array) and not arg.sharding.is_equivalent_to(sharding, arg.ndim):
+            return jax.device_put(arg, sharding)
+        return arg
+
+    return jax.tree.map(place, tuple(args), tuple(wanted))
+
+
 def split_layers(model, params) -> dict:
     """`params` with the decoder's stacked weights split into a list of
     per-layer weights (one compiled copy; see `unstack_layers`)."""

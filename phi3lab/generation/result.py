@@ -26,7 +26,7 @@ class Generation:
         trace: a `Trace` over `token_ids` when `names=` was given, else None.
 
     Example:
-    >>> g = phi3lab.generate(model, tok, "The capital of France is", max_new_tokens=8)
+    >>> g = phi3lab.generate(model, "The capital of France is", tokenizer=tok, max_new_tokens=8)
     >>> str(g), g.new_token_ids, g.finish_reason, g.logprobs.sum()
     """
 

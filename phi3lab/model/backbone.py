@@ -296,7 +296,7 @@ class Phi3Backbone(keras.Model):
 
     def call(self, inputs, training=False):
         token_ids = inputs["token_ids"]
-        check_token_ids(token_ids, self.vocabulary_size)
+        check_token_ids("token_ids", token_ids, self.vocabulary_size)
         token_ids = jnp.asarray(token_ids).astype(jnp.int32)
         padding_mask = inputs.get("padding_mask")
         if padding_mask is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phi3lab.checks import check_positive_int
+from phi3lab.checks import check_positive_int, check_token_ids
 from phi3lab.errors import bad_argument, close_matches
 from phi3lab.tokenization.backend import TokenizerBackend, show_bytes
 from phi3lab.tokenization.chat_template import (
@@ -217,7 +217,7 @@ class Phi3Tokenizer:
         BPE), `"<0x0A>"`, `"<|user|>"`."""
         if isinstance(id, bool) or not isinstance(id, (int, np.integer)):
             raise bad_argument("id", id, f"an int in [0, {self.vocabulary_size})")
-        self._check_ids([id])
+        check_token_ids("id", id, self.vocabulary_size, ndim=0)
         return self._backend.id_to_token(int(id))
 
     def token_to_id(self, token: str) -> int:
@@ -373,16 +373,6 @@ class Phi3Tokenizer:
             raise TypeError(f"`text` must be a str; received text={text!r} of type {type(text).__name__}.")
 
     def _check_ids(self, ids, bounded: bool = True) -> list[int]:
-        try:
-            array = np.asarray(ids)
-        except (TypeError, ValueError):
-            raise bad_argument("ids", ids, "a 1-D sequence of int token ids") from None
-        if array.size == 0:
-            return []
-        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-            raise bad_argument("ids", ids, "a 1-D sequence of int token ids")
-        bad = array[(array < 0) | (bounded & (array >= self.vocabulary_size))]
-        if bad.size:
-            accepted = f"[0, {self.vocabulary_size})" if bounded else "non-negative"
-            raise bad_argument("ids", ids, f"token ids in {accepted}; {int(bad[0])} is not")
-        return array.tolist()
+        """`ids` (1-D) as a list of ints within the vocabulary (only
+        non-negative without `bounded`), by the one token-id rule."""
+        return check_token_ids("ids", ids, self.vocabulary_size if bounded else None, ndim=1).tolist()

@@ -28,16 +28,19 @@ ABLATION_MODES = ("zero", "mean", "resample")
 
 
 def _ablate(z, ctx):
-    heads = np.asarray(ctx.static[0])
-    mode = ctx.static[1]
+    """Replace the heads in `ctx.data[0]` (int indices: hook data, so a loop
+    over heads reuses one program) by zeros, their mean or a source run."""
+    heads, source = ctx.data
+    mode = ctx.static[0]
+    chosen = jnp.zeros(z.shape[2], bool).at[heads].set(True)[:, None]
     if mode == "zero":
-        replacement = jnp.zeros_like(z[:, :, heads])
+        replacement = jnp.zeros_like(z)
     elif mode == "mean":
-        replacement = jnp.broadcast_to(jnp.mean(z[:, :, heads], axis=(0, 1), keepdims=True), z[:, :, heads].shape)
+        replacement = jnp.broadcast_to(jnp.mean(z, axis=(0, 1), keepdims=True), z.shape)
     else:
-        _check_source(z, ctx.data, ctx.name, "source")
-        replacement = ctx.data[:, :, heads]
-    return z.at[:, :, heads].set(replacement.astype(z.dtype))
+        _check_source(z, source, ctx.name, "source")
+        replacement = source
+    return jnp.where(chosen, replacement.astype(z.dtype), z)
 
 
 def _head_list(heads) -> tuple[int, ...]:
@@ -130,14 +133,14 @@ def ablate_heads(
         )
     hooks = Hooks()
     for block, chosen in sorted(grouped.items()):
-        data = _resample_source(source, model, block) if mode == "resample" else None
+        data = (jnp.asarray(chosen, jnp.int32), _resample_source(source, model, block) if mode == "resample" else None)
 
         def check(model, block=block, chosen=chosen):
             check_index("layer", block, model.num_layers, "layer")
             for head in chosen:
                 check_index("heads", head, model.num_query_heads, "query head")
 
-        hooks = hooks | {block_name(block, "attn.hook_z"): Hook(_ablate, data=data, static=(chosen, mode), check=check)}
+        hooks = hooks | {block_name(block, "attn.hook_z"): Hook(_ablate, data=data, static=(mode,), check=check)}
     return hooks
 
 
@@ -149,37 +152,46 @@ def _check_source(x, source, name, argument="source_trace"):
         )
 
 
-# Sites with a head axis: local name -> (axis, size attribute of the model).
+# Sites with a head axis: local name -> that axis.
 HEAD_AXES = {
-    "attn.hook_q": (2, "num_query_heads"),
-    "attn.hook_rot_q": (2, "num_query_heads"),
-    "attn.hook_z": (2, "num_query_heads"),
-    "attn.hook_k": (2, "num_key_value_heads"),
-    "attn.hook_rot_k": (2, "num_key_value_heads"),
-    "attn.hook_v": (2, "num_key_value_heads"),
-    "attn.hook_attn_scores": (1, "num_query_heads"),
-    "attn.hook_pattern": (1, "num_query_heads"),
+    "attn.hook_q": 2,
+    "attn.hook_rot_q": 2,
+    "attn.hook_z": 2,
+    "attn.hook_k": 2,
+    "attn.hook_rot_k": 2,
+    "attn.hook_v": 2,
+    "attn.hook_attn_scores": 1,
+    "attn.hook_pattern": 1,
 }
 
 
-def _axis_mask(ndim: int, axis: int, size: int, chosen):
-    shape = [1] * ndim
-    shape[axis] = size
-    return jnp.zeros(size, bool).at[chosen].set(True).reshape(shape)
-
-
 def _patch(x, ctx):
-    """Take `source` at `positions` (along axis `ctx.static[0]`) and `heads`
-    (along axis `ctx.static[1]`)."""
-    source, positions = ctx.data
-    axis, head_axis, heads = ctx.static
+    """Take `source` where the boolean `chosen` (positions x heads, hook
+    data broadcasting against `x`) is True."""
+    source, chosen = ctx.data
     _check_source(x, source, ctx.name)
-    chosen = jnp.ones((), bool)
-    if positions is not None:
-        chosen = chosen & _axis_mask(x.ndim, axis, x.shape[axis], positions)
-    if heads is not None:
-        chosen = chosen & _axis_mask(x.ndim, head_axis, x.shape[head_axis], np.asarray(heads))
     return jnp.where(chosen, source.astype(x.dtype), x)
+
+
+def _along(size: int, chosen) -> np.ndarray:
+    """A bool `[size]`: True at the `chosen` indices (None: everywhere)."""
+    if chosen is None:
+        return np.ones(size, bool)
+    mask = np.zeros(size, bool)
+    mask[list(chosen)] = True
+    return mask
+
+
+def _patch_mask(shape, axis: int, positions, head_axis: int | None, heads) -> np.ndarray:
+    """A bool array broadcasting against a site of `shape`: True at the
+    chosen `positions` (None: all) along `axis` and `heads` (None: all)
+    along `head_axis`. Hook data, so every choice shares one program."""
+    mask = np.expand_dims(_along(shape[axis], positions), [a for a in range(len(shape)) if a != axis])
+    if head_axis is not None:
+        if heads is not None:
+            heads = [check_index("heads", head, shape[head_axis], "head") for head in heads]
+        mask = mask & np.expand_dims(_along(shape[head_axis], heads), [a for a in range(len(shape)) if a != head_axis])
+    return mask
 
 
 def patch(name: str, source_trace, positions=None, heads=None) -> Hooks:
@@ -232,7 +244,7 @@ def patch(name: str, source_trace, positions=None, heads=None) -> Hooks:
             or chosen.max() >= length
         ):
             raise bad_argument("positions", positions, f"None or int positions in [-{length}, {length})")
-        index = jnp.asarray(chosen % length, jnp.int32)
+        index = chosen % length
     if heads is not None:
         heads = _head_list(heads)
         without = [site for site in matched if split_name(site)[1] not in HEAD_AXES]
@@ -242,23 +254,10 @@ def patch(name: str, source_trace, positions=None, heads=None) -> Hooks:
     for site in matched:
         local = split_name(site)[1]
         axis = 2 if local.endswith(("hook_attn_scores", "hook_pattern")) else 1
-        head_axis, size = HEAD_AXES.get(local, (None, None))
-
-        def check(model, size=size, heads=heads):
-            for head in heads:
-                check_index("heads", head, getattr(model, size), "head")
-
-        entries.append(
-            (
-                site,
-                Hook(
-                    _patch,
-                    data=(jnp.asarray(source_trace[site]), index),
-                    static=(axis, head_axis, heads),
-                    check=check if heads is not None else None,
-                ),
-            )
-        )
+        head_axis = HEAD_AXES.get(local)
+        source = source_trace[site]
+        chosen = _patch_mask(source.shape, axis, index, head_axis, heads)
+        entries.append((site, Hook(_patch, data=(jnp.asarray(source), jnp.asarray(chosen)))))
     return Hooks(entries)
 
 

@@ -82,6 +82,63 @@ def _prepare_inputs(model, inputs, padding_mask, tokenizer):
     return token_ids, mask, tokens
 
 
+def is_traced(*trees) -> bool:
+    """Whether any leaf of `trees` is a JAX tracer (`trace` called inside
+    `jax.grad`, `jax.jit`, `jax.vmap`...)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+
+
+def _untransformable(what: str) -> ValueError:
+    return ValueError(
+        f"phi3lab.trace was called inside a JAX transformation (jax.grad, jax.jit, jax.vmap...) with {what}, "
+        "which needs concrete values. Inside transformations use the pure forward, "
+        "phi3lab.tracing.forward_fn, or for gradients at hook points phi3lab.gradients:\n"
+        "    fn = phi3lab.tracing.forward_fn(model, names='hook_logits', hooks=hooks)\n"
+        "    jax.grad(lambda data: fn(model.params(), ids, None, data).logits[0, -1, answer])(fn.hook_data)"
+    )
+
+
+def _traced_inputs(model, inputs, padding_mask, tokenizer):
+    """Ids `[B, T]` and a bool mask when the ids or the mask are tracers:
+    only their shapes and dtypes can be checked."""
+    if tokenizer is not None:
+        raise _untransformable("`tokenizer` (display tokens need concrete token ids)")
+    ids = jnp.asarray(inputs)
+    ids = ids[None] if ids.ndim == 1 else ids
+    if ids.ndim != 2 or ids.shape[1] == 0 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise bad_argument("inputs", ids, "integer token ids of shape [T] or [B, T] with T >= 1")
+    if ids.shape[1] > model.max_sequence_length:
+        raise bad_argument("inputs", ids, f"at most max_sequence_length={model.max_sequence_length} positions")
+    mask = jnp.ones(ids.shape, bool) if padding_mask is None else jnp.asarray(padding_mask)
+    mask = mask[None] if mask.ndim == 1 else mask
+    if mask.shape != ids.shape:
+        raise bad_argument("padding_mask", mask, f"None or an array of the shape of the ids, {ids.shape}")
+    return ids.astype(jnp.int32), mask.astype(bool)
+
+
+def _traced_run(model, fn: ForwardFn, token_ids, mask, memory_budget) -> Trace:
+    """`trace` inside a JAX transformation: the pure forward, unpadded and
+    uncompiled (the enclosing transformation compiles it), as a `Trace` of
+    tracers."""
+    if memory_budget is not None:
+        raise _untransformable("`memory_budget` (the guard measures a program compiled outside it)")
+    hidden, captures = fn.run(model.params(), token_ids, mask, fn.hook_data)
+    with jax.ensure_compile_time_eval():  # the rotary tables depend on the length alone: concrete
+        rope = describe_rotary(model.rotary, token_ids.shape[1])
+    plan = fn.plan
+    return Trace(
+        {name: captures[name] for name in all_names(model) if name in captures},
+        token_ids=token_ids,
+        padding_mask=mask,
+        tokens=None,
+        output=hidden,
+        rope=rope,
+        model=model,
+        query_window=plan.query_window,
+        attention_heads=plan.attention_heads,
+    )
+
+
 def _window(queries, length: int):
     if queries is None:
         return None
@@ -155,6 +212,12 @@ def trace(
         the real length. Hook functions see only the real positions (a
         hooked run compiles per length).
 
+        Inside `jax.grad`, `jax.jit` or `jax.vmap` (tracers among the
+        inputs, the mask or the hook data), `trace` runs the pure forward
+        (`phi3lab.tracing.forward_fn`) unpadded and uncompiled and returns a
+        `Trace` whose arrays are tracers; `tokenizer=` and `memory_budget=`
+        need concrete values there and are refused.
+
     Example:
     ```python
     model = phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
@@ -162,18 +225,26 @@ def trace(
     tr = phi3lab.trace(model, "When Mary and John went to the store", tokenizer=tok)
     tr.attention(0, head=1)          # [1, T, T]
     tr.resid(1, "post"), tr.logits, tr.rope.to_pandas()
+    steer = lambda s: phi3lab.trace(model, ids, hooks=phi3lab.hooks.add("blocks.1.hook_resid_post", v, scale=s))
+    jax.grad(lambda s: steer(s).logits[0, -1, 7])(1.0)   # d logit / d scale
     ```
     """
     if memory_budget is not None and (not is_int(memory_budget) or memory_budget <= 0):
         raise bad_argument("memory_budget", memory_budget, "None or a positive int (bytes)")
     if capture_dtype is not None:
         check_choice("capture_dtype", capture_dtype, (None, "bfloat16"))
-    token_ids, mask, tokens = _prepare_inputs(model, inputs, padding_mask, tokenizer)
-    length = token_ids.shape[1]
     hooks = as_hooks(hooks)
+    traced = is_traced(inputs, padding_mask, [hook.data for _, hook in hooks.entries])
+    if traced:
+        token_ids, mask = _traced_inputs(model, inputs, padding_mask, tokenizer)
+    else:
+        token_ids, mask, tokens = _prepare_inputs(model, inputs, padding_mask, tokenizer)
+    length = token_ids.shape[1]
     fn = forward_fn(
         model, names, hooks, window=_window(queries, length), heads=_heads(model, heads), capture_dtype=capture_dtype
     )
+    if traced:
+        return _traced_run(model, fn, token_ids, mask, memory_budget)
     padded, num_positions = padded_length(model, length)
     extra = ((0, 0), (0, padded - length))
     params = model.params()

@@ -8,7 +8,7 @@ from phi3lab.checks import check_index
 from phi3lab.errors import bad_argument
 from phi3lab.model.attention import key_value_heads
 from phi3lab.tracing.names import block_name
-from phi3lab.widgets.common import blank_infinite, position_labels, prompt_length
+from phi3lab.widgets.common import as_trace, blank_infinite, position_labels, prompt_length
 
 
 class HeldAttention:
@@ -26,7 +26,7 @@ class HeldAttention:
     """
 
     def __init__(self, trace, batch: int = 0, tokens=None):
-        self.trace = trace
+        self.trace = trace = as_trace(trace)
         self.batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         self.length = trace.token_ids.shape[1]
         self.group_size = trace.num_query_heads // trace.num_key_value_heads

@@ -46,6 +46,7 @@ __all__ = [
     "PositionWindow",
     "Scale",
     "View",
+    "as_trace",
     "axis_labels",
     "base_layout",
     "blank_infinite",
@@ -73,6 +74,35 @@ __all__ = [
 ]
 
 FONT = dict(family="DejaVu Sans, Arial, sans-serif", size=12)
+
+
+# === What a view shows ===
+def as_trace(value, argument: str = "trace"):
+    """The `Trace` a view shows: a `Trace` as is, or what `phi3lab.generate`
+    returns for one prompt (a `Generation`: its `.trace`).
+
+    Example:
+    >>> g = phi3lab.generate(model, ids, max_new_tokens=4, names="*")
+    >>> as_trace(g) is g.trace
+    True
+    """
+    from phi3lab.generation.result import Generation
+    from phi3lab.tracing.result import Trace
+
+    if isinstance(value, Trace):
+        return value
+    if isinstance(value, Generation):
+        if value.trace is None:
+            raise bad_argument(
+                argument,
+                value,
+                "a Trace, or a Generation that holds one: generate with names=... "
+                '(e.g. phi3lab.generate(model, prompt, names="*"))',
+            )
+        return value.trace
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, Generation) for v in value):
+        raise bad_argument(argument, f"a list of {len(value)} Generations", "a Trace or one Generation (e.g. g[0])")
+    raise bad_argument(argument, value, "a phi3lab.Trace or a phi3lab.Generation (from phi3lab.generate)")
 
 
 # === Token labels ===
@@ -327,12 +357,13 @@ class View:
 
         Args:
             format: `"png"` (bytes, drawn with matplotlib) or `"html"` (str:
-                the live figures with plotly.js inlined, no CDN).
+                the view's HTML parts and live figures, plotly.js inlined,
+                no CDN).
         """
         if format == "png":
             return png_bytes(self._draw_static())
         if format == "html":
-            parts = [f"<h3>{escape(repr(self))}</h3>"]
+            parts = [f"<h3>{escape(repr(self))}</h3>", *self._html()]
             for index, figure in enumerate(self._figures()):
                 parts.append(pio.to_html(go.Figure(figure), include_plotlyjs=index == 0, full_html=False))
             return (
@@ -351,3 +382,8 @@ class View:
 
     def _figures(self) -> list:
         raise NotImplementedError
+
+    def _html(self) -> list[str]:
+        """HTML parts of the view that are not plotly figures (its static
+        HTML shows them before the figures)."""
+        return []

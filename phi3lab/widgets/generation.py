@@ -12,6 +12,7 @@ from phi3lab.widgets.common import (
     HIGHLIGHT,
     Scale,
     View,
+    as_trace,
     escape,
     new_figure,
     position_labels,
@@ -29,9 +30,10 @@ class GenerationView(View):
     plain, generated ones underlined; the chosen one is outlined.
 
     Args:
-        trace: a generation `Trace` (`phi3lab.generate(..., names=...)
-            .trace`) holding `blocks.*.attn.hook_pattern`, with
-            `prompt_length` set (a plain trace works with `prompt_length=`).
+        trace: what `phi3lab.generate(..., names=...)` returns for one
+            prompt (a `Generation`, or its `.trace`) holding
+            `blocks.*.attn.hook_pattern`; a plain trace works with
+            `prompt_length=`.
         position: int. The generated position shown first (default: the
             first generated token).
         layer, head: int, or `"mean"` for the mean over the captured
@@ -41,9 +43,9 @@ class GenerationView(View):
 
     Example:
     ```python
-    g = phi3lab.generate(model, tok, "When Mary and John went to the store, John gave a drink to",
+    g = phi3lab.generate(model, "When Mary and John went to the store, John gave a drink to", tokenizer=tok,
                          max_new_tokens=4, names="blocks.*.attn.hook_pattern")
-    phi3lab.widgets.GenerationView(g.trace)
+    phi3lab.widgets.GenerationView(g)
     ```
     """
 
@@ -59,7 +61,7 @@ class GenerationView(View):
         prompt_length: int | None = None,
         tokens=None,
     ):
-        self.trace = trace
+        self.trace = trace = as_trace(trace)
         self.length = trace.token_ids.shape[1]
         prompt = trace.prompt_length if prompt_length is None else prompt_length
         if prompt is None:
@@ -156,6 +158,9 @@ class GenerationView(View):
 
     def _figures(self):
         return []
+
+    def _html(self):
+        return [self.strip.value]
 
     def _draw_static(self):
         weights = self.weights()

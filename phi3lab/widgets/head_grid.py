@@ -21,6 +21,7 @@ from phi3lab.widgets.common import (
     HIGHLIGHT,
     Scale,
     View,
+    as_trace,
     base_layout,
     escape,
     live,
@@ -83,7 +84,7 @@ class HeadGrid(View):
         explorer: bool = True,
         tokens=None,
     ):
-        self.trace = trace
+        self.trace = trace = as_trace(trace)
         self.batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         self.num_heads = trace.num_query_heads
         self.group_size = trace.num_query_heads // trace.num_key_value_heads

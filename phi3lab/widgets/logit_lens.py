@@ -11,13 +11,17 @@ from plotly.subplots import make_subplots
 
 from phi3lab.analysis.lens import WHERE, answer_curve, logit_lens
 from phi3lab.checks import check_in_range, check_index
+from phi3lab.deprecation import warn_deprecated
 from phi3lab.errors import bad_argument
+from phi3lab.generation.result import Generation
 from phi3lab.tracing.names import block_name
+from phi3lab.tracing.result import Trace
 from phi3lab.widgets.common import (
     HIGHLIGHT,
     PositionWindow,
     Scale,
     View,
+    as_trace,
     axis_labels,
     base_layout,
     colorbar,
@@ -64,8 +68,11 @@ class LogitLensView(PositionWindow, View):
     its probability and rank through the layers.
 
     Args:
-        trace: a `phi3lab.Trace` holding `blocks.*.hook_resid_{where}`.
         model: the `Phi3Backbone` that produced `trace`.
+        trace: a `phi3lab.Trace` holding `blocks.*.hook_resid_{where}` (or
+            what `phi3lab.generate` returns for one prompt). The old order
+            `LogitLensView(trace, model)` still works for one release, with
+            a `DeprecationWarning`.
         tokenizer: a `Phi3Tokenizer`, a list of token strings, or None (ids).
         k: int. Tokens listed per cell. Defaults to 5.
         batch: int. Which row of the trace. Defaults to 0.
@@ -81,7 +88,7 @@ class LogitLensView(PositionWindow, View):
 
     Example:
     ```python
-    view = phi3lab.widgets.LogitLensView(tr, model, tok, answer=" Paris")
+    view = phi3lab.widgets.LogitLensView(model, tr, tok, answer=" Paris")
     view.answer_curve()      # probabilities and ranks through the layers
     ```
     """
@@ -90,8 +97,8 @@ class LogitLensView(PositionWindow, View):
 
     def __init__(
         self,
-        trace,
         model,
+        trace,
         tokenizer=None,
         *,
         k: int = 5,
@@ -103,7 +110,10 @@ class LogitLensView(PositionWindow, View):
         lens=None,
         tokens=None,
     ):
-        self.trace, self.model = trace, model
+        if isinstance(model, (Trace, Generation)):
+            warn_deprecated("LogitLensView(trace, model, ...)", "LogitLensView(model, trace, ...)")
+            model, trace = trace, model
+        self.trace, self.model = trace, model = as_trace(trace), model
         self.batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         self.k = check_in_range("k", k, 1, model.vocabulary_size + 1)
         self.where = (where,) if isinstance(where, str) else tuple(where)

@@ -15,6 +15,7 @@ from phi3lab.widgets.common import (
     PositionWindow,
     Scale,
     View,
+    as_trace,
     axis_labels,
     base_layout,
     colorbar,
@@ -82,7 +83,7 @@ class ResidualStreamView(PositionWindow, View):
         max_tokens: int = 512,
         tokens=None,
     ):
-        self.trace = trace
+        self.trace = trace = as_trace(trace)
         self.batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         check_choice("component", component, COMPONENTS)
         self.max_tokens = check_in_range("max_tokens", max_tokens, 1, 1 << 31)

@@ -8,6 +8,7 @@ from plotly.subplots import make_subplots
 
 from phi3lab.checks import check_in_range
 from phi3lab.errors import bad_argument
+from phi3lab.generation.result import Generation
 from phi3lab.model.rotary import RotarySpec
 from phi3lab.tracing.rope import RotaryDescription, describe_rotary
 from phi3lab.widgets.common import (
@@ -15,6 +16,7 @@ from phi3lab.widgets.common import (
     HIGHLIGHT,
     Scale,
     View,
+    as_trace,
     base_layout,
     colorbar,
     escape,
@@ -32,6 +34,8 @@ _SHORT, _LONG, _NONE = "#1f77b4", "#d62728", "#7f7f7f"
 def _source(model_or_trace, seq_len):
     """`(spec or None, description)` from a model, a Trace, a RotarySpec or a
     RotaryDescription."""
+    if isinstance(model_or_trace, Generation):
+        model_or_trace = as_trace(model_or_trace, "model_or_trace")
     if isinstance(model_or_trace, RotaryDescription):
         description, spec = model_or_trace, None
     elif isinstance(model_or_trace, RotarySpec):

@@ -275,11 +275,8 @@ class TokenView(View):
     def _figures(self):
         return []
 
-    def static(self, format: str = "png"):
-        """As `View.static`; the HTML form is the coloured text itself."""
-        if format == "html":
-            return f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>{self.text.value}</body></html>"
-        return super().static(format)
+    def _html(self):
+        return [self.text.value]
 
     def _draw_static(self):
         values, scale = self.current, self.scale()

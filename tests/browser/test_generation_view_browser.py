@@ -22,7 +22,7 @@ PROMPT = "When Mary and John went to the store, John gave a drink to"
 SOURCE = f"""import phi3lab
 model = phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
 tok = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
-g = phi3lab.generate(model, tok, {PROMPT!r}, max_new_tokens=3, stop=[], names="blocks.*.attn.hook_pattern")
+g = phi3lab.generate(model, {PROMPT!r}, tokenizer=tok, max_new_tokens=3, stop=[], names="blocks.*.attn.hook_pattern")
 view = phi3lab.widgets.GenerationView(g.trace)
 print(g.prompt_length, len(g.token_ids))
 view"""
