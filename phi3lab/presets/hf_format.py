@@ -13,13 +13,39 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 
 from phi3lab.model.rotary import RotarySpec
+from phi3lab.presets.preflight import Axis, PresetLayout, axis
 from phi3lab.presets.safetensors_io import SafetensorsFile, write_safetensors
 from phi3lab.presets.weights import WeightFiller
+
+# phi3lab's size arguments -> the config.json keys Hugging Face gives them.
+CONFIG_KEYS = {
+    "vocabulary_size": "vocab_size",
+    "num_layers": "num_hidden_layers",
+    "hidden_dim": "hidden_size",
+    "intermediate_dim": "intermediate_size",
+    "num_query_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+}
+_FUSED_QKV = Axis(
+    ("num_query_heads", "num_key_value_heads", "hidden_dim"),
+    lambda c: (c.num_query_heads + 2 * c.num_key_value_heads) * c.head_dim,
+)
+LAYOUT = PresetLayout(
+    probes={
+        "model.embed_tokens.weight": (axis("vocabulary_size"), axis("hidden_dim")),
+        "model.layers.0.self_attn.qkv_proj.weight": (_FUSED_QKV, axis("hidden_dim")),
+        "model.layers.0.self_attn.k_proj.weight": (axis("num_key_value_heads", "head_dim"), axis("hidden_dim")),
+        "model.layers.0.mlp.down_proj.weight": (axis("hidden_dim"), axis("intermediate_dim")),
+    },
+    layer_pattern=re.compile(r"model\.layers\.(\d+)\."),
+    file_keys=CONFIG_KEYS,
+)
 
 
 def is_hf_dir(directory: Path) -> bool:
@@ -33,25 +59,16 @@ def read_config(directory: Path) -> dict:
     hf = json.loads(path.read_text())
     if hf.get("model_type") != "phi3":
         raise ValueError(f"{path} has model_type={hf.get('model_type')!r}; phi3lab loads 'phi3' checkpoints.")
-    missing = [
-        k
-        for k in ("vocab_size", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
-        if k not in hf
-    ]
+    missing = [key for key in CONFIG_KEYS.values() if key != "num_key_value_heads" and key not in hf]
     if missing:
         raise ValueError(f"{path} lacks {missing}, which a Phi-3 config.json defines.")
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise ValueError(f"{path}: 'rope_scaling' must be a JSON object or null; received {rope!r}.")
     rope = dict(rope)
-    heads = hf["num_attention_heads"]
-    kwargs = {
-        "vocabulary_size": hf["vocab_size"],
-        "num_layers": hf["num_hidden_layers"],
-        "hidden_dim": hf["hidden_size"],
-        "intermediate_dim": hf["intermediate_size"],
-        "num_query_heads": heads,
-        "num_key_value_heads": hf.get("num_key_value_heads") or heads,
+    kwargs = {name: hf.get(key) for name, key in CONFIG_KEYS.items()}
+    kwargs["num_key_value_heads"] = kwargs["num_key_value_heads"] or kwargs["num_query_heads"]
+    kwargs |= {
         "layer_norm_epsilon": hf.get("rms_norm_eps", 1e-5),
         "max_sequence_length": hf.get("max_position_embeddings", 4096),
         "rope_max_wavelength": hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
@@ -136,6 +153,10 @@ class _Checkpoint:
             )
         self.directory = directory
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the files' headers (no data is read)."""
+        return {name: file.shape(name) for name, file in self.where.items()}
+
     def __contains__(self, name):
         return name in self.where
 
@@ -148,6 +169,12 @@ class _Checkpoint:
         if shape is not None and tuple(value.shape) != tuple(shape):
             raise ValueError(f"Tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}.")
         return value
+
+
+def tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in the checkpoint at `directory`, from the
+    safetensors headers alone (checked as `SafetensorsFile` checks them)."""
+    return _Checkpoint(directory).shapes()
 
 
 def load_weights(model, directory: Path) -> None:
