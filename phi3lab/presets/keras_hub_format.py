@@ -17,10 +17,11 @@ import h5py
 import keras
 import numpy as np
 
+from phi3lab.host_memory import release_freed_memory
 from phi3lab.model.config import BackboneConfig
 from phi3lab.presets.hf_format import refuse_quantized
 from phi3lab.presets.preflight import PresetLayout, axis
-from phi3lab.presets.weights import WeightFiller
+from phi3lab.presets.weights import WeightFiller, layer_slice
 
 # Every constructor argument except `quantization`: presets hold float
 # weights (`from_preset(..., quantization="int8")` quantizes after loading).
@@ -233,5 +234,8 @@ def save_preset(model, directory: str | Path) -> Path:
             group = "phi3_decoder" + (f"_{index}" if index else "")
             for sub, key in DECODER_MAP.items():
                 _, part, variable = key.split("/")
-                layers.create_dataset(f"{group}/{sub}/vars/0", data=np.asarray(decoder[part][variable][index]))
+                layers.create_dataset(
+                    f"{group}/{sub}/vars/0", data=np.asarray(layer_slice(decoder[part][variable], index))
+                )
+                release_freed_memory()  # as `write_safetensors` does: one tensor's memory at a time
     return directory
