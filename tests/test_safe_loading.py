@@ -552,3 +552,59 @@ def test_missing_shard_names_the_file(copy):
     victim = shard_files(directory)[1]
     victim.unlink()
     refused(directory, victim.name, error=(FileNotFoundError, ValueError))
+
+
+# === config.json against the tensors, and memory, before allocating ==========
+
+# (layout, config key, edited value, what the message must name: the tensor,
+# its shape in the files, the shape the edited config implies)
+SIZE_EDITS = [
+    ("single", "hidden_size", 10_000_000, "'model.embed_tokens.weight'", "(64, 16)", "(64, 10000000)"),
+    ("sharded", "vocab_size", 10**12, "'model.embed_tokens.weight'", "(64, 16)", f"({10**12}, 16)"),
+    ("single", "intermediate_size", 10**9, "'model.layers.0.mlp.down_proj.weight'", "(16, 32)", f"(16, {10**9})"),
+    ("single", "num_key_value_heads", 1, "'model.layers.0.self_attn.qkv_proj.weight'", "(32, 16)", "(24, 16)"),
+    ("single", "num_hidden_layers", 10_000_000, "'model.layers.1.", "2 decoder layers", "10000000"),
+    ("sharded", "num_hidden_layers", 1, "'model.layers.1.", "2 decoder layers", "=1 "),
+    ("keras_hub", "hidden_dim", 10_000_000, "'reversible_embedding/vars/0'", "(64, 16)", "(64, 10000000)"),
+    ("keras_hub", "intermediate_dim", 10**9, "feedforward_output_dense", "(32, 16)", f"({10**9}, 16)"),
+    ("keras_hub", "num_key_value_heads", 1, "'phi3_decoder/attention/key_dense/vars/0'", "(16, 2, 4)", "(16, 1, 4)"),
+    ("keras_hub", "num_layers", 10_000_000, "'phi3_decoder_1/", "2 decoder layers", "10000000"),
+]
+
+
+@pytest.mark.parametrize("layout, key, value, tensor, found, implied", SIZE_EDITS, ids=lambda v: str(v)[:20])
+def test_config_disagreeing_with_tensor_shapes_is_refused_before_allocating(
+    copy, layout, key, value, tensor, found, implied
+):
+    """An edited size in config.json is refused from the files' headers,
+    naming the key, the tensor and both shapes; the model is never built
+    with real variables (building one would fail: RESOURCE_EXHAUSTED)."""
+    directory = copy(layout)
+    rewrite_config(
+        directory, (lambda c: c["config"].__setitem__(key, value)) if layout == "keras_hub" else _set(key, value)
+    )
+    refused(directory, "config.json", f"{key}={value}", tensor, found, implied)
+
+
+def test_from_preset_override_disagreeing_with_tensors_is_named_as_an_argument(saved):
+    with pytest.raises(ValueError) as info:
+        Phi3Backbone.from_preset(str(saved["single"]), hidden_dim=32, num_query_heads=4)
+    assert "hidden_dim=32 (a from_preset argument)" in str(info.value)
+    assert "'model.embed_tokens.weight' has shape (64, 16)" in str(info.value)
+
+
+@pytest.mark.parametrize("layout", ["keras_hub", "single"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_larger_than_the_memory_available_are_refused_before_allocating(saved, monkeypatch, layout, dtype):
+    """The refusal compares the weight bytes the config declares with the
+    memory `available_bytes` reports: one byte less than the loaded model's
+    weights is refused, naming them, and exactly enough loads."""
+    from phi3lab.tracing import WeightsTooLarge, memory
+
+    loaded = Phi3Backbone.from_preset(str(saved[layout]), dtype=dtype)
+    weights = sum(w.value.nbytes for w in loaded.weights)
+    monkeypatch.setattr(memory, "available_bytes", lambda: weights - 1)
+    with pytest.raises(WeightsTooLarge, match=rf"{loaded.count_params():,} parameters in {dtype}\); only"):
+        Phi3Backbone.from_preset(str(saved[layout]), dtype=dtype)
+    monkeypatch.setattr(memory, "available_bytes", lambda: weights)
+    Phi3Backbone.from_preset(str(saved[layout]), dtype=dtype)

@@ -9,6 +9,7 @@ from pathlib import Path
 from phi3lab.model import preset_loader
 from phi3lab.model.initializers import zero_initialization
 from phi3lab.presets import hf_format, keras_hub_format
+from phi3lab.presets.preflight import check_preset_fits
 from phi3lab.presets.registry import BUILTIN, builtin_presets, resolve_preset_dir
 from phi3lab.runtime.host_memory import release_freed_memory
 
@@ -26,7 +27,8 @@ save_hf_checkpoint = hf_format.save_checkpoint
 
 
 def read_backbone_config(directory: Path) -> tuple[dict, object]:
-    """Constructor arguments and the weight loader for a preset directory."""
+    """Constructor arguments and the format module (`keras_hub_format` or
+    `hf_format`: its `load_weights`, `tensor_shapes`, `LAYOUT`) of a preset directory."""
     config_path = Path(directory) / "config.json"
     if config_path.is_file():
         try:
@@ -36,9 +38,9 @@ def read_backbone_config(directory: Path) -> tuple[dict, object]:
         if not isinstance(loaded, dict):
             raise ValueError(f"{config_path} must hold a JSON object; it holds a {type(loaded).__name__}.")
     if keras_hub_format.is_keras_hub_dir(directory):
-        return keras_hub_format.read_config(directory), keras_hub_format.load_weights
+        return keras_hub_format.read_config(directory), keras_hub_format
     if hf_format.is_hf_dir(directory):
-        return hf_format.read_config(directory), hf_format.load_weights
+        return hf_format.read_config(directory), hf_format
     raise ValueError(
         f"{directory} is not a preset directory phi3lab can read: expected a "
         "keras-hub preset (config.json with 'class_name', model.weights.h5) or "
@@ -61,15 +63,24 @@ def load_backbone(cls, preset, load_weights: bool = True, **kwargs):
         model = cls(**{**known_config, **kwargs})
     else:
         directory = resolve_preset_dir(preset)
-        config, load_weights_into = read_backbone_config(directory)
+        config, preset_format = read_backbone_config(directory)
         if entry:
             config.update(entry.get("overrides", {}))
         if not load_weights:
             model = cls(**{**config, **kwargs})
         else:
+            arguments = {**config, **kwargs}
             with zero_initialization():  # every weight is overwritten next
-                model = cls(**{**config, **kwargs})
-            load_weights_into(model, directory)
+                check_preset_fits(
+                    lambda: cls(**arguments),
+                    arguments,
+                    preset_format.tensor_shapes(directory),
+                    preset_format.LAYOUT,
+                    directory / "config.json",
+                    kwargs,
+                )
+                model = cls(**arguments)
+            preset_format.load_weights(model, directory)
     if quantization is not None:
         model.quantize(quantization)
     # Reading the files freed host memory that the process would keep for

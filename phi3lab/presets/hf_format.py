@@ -13,13 +13,42 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
+from typing import Callable
 
+import jax
 import numpy as np
+from jax import numpy as jnp
 
 from phi3lab.model.rotary import RotarySpec
-from phi3lab.presets.safetensors_io import SafetensorsFile, write_safetensors
-from phi3lab.presets.weights import WeightFiller
+from phi3lab.presets.preflight import Axis, PresetLayout, axis
+from phi3lab.presets.safetensors_io import PendingTensor, SafetensorsFile, write_safetensors
+from phi3lab.presets.weights import WeightFiller, layer_slice
+
+# phi3lab's size arguments -> the config.json keys Hugging Face gives them.
+CONFIG_KEYS = {
+    "vocabulary_size": "vocab_size",
+    "num_layers": "num_hidden_layers",
+    "hidden_dim": "hidden_size",
+    "intermediate_dim": "intermediate_size",
+    "num_query_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+}
+_FUSED_QKV = Axis(
+    ("num_query_heads", "num_key_value_heads", "hidden_dim"),
+    lambda c: (c.num_query_heads + 2 * c.num_key_value_heads) * c.head_dim,
+)
+LAYOUT = PresetLayout(
+    probes={
+        "model.embed_tokens.weight": (axis("vocabulary_size"), axis("hidden_dim")),
+        "model.layers.0.self_attn.qkv_proj.weight": (_FUSED_QKV, axis("hidden_dim")),
+        "model.layers.0.self_attn.k_proj.weight": (axis("num_key_value_heads", "head_dim"), axis("hidden_dim")),
+        "model.layers.0.mlp.down_proj.weight": (axis("hidden_dim"), axis("intermediate_dim")),
+    },
+    layer_pattern=re.compile(r"model\.layers\.(\d+)\."),
+    file_keys=CONFIG_KEYS,
+)
 
 
 def is_hf_dir(directory: Path) -> bool:
@@ -33,25 +62,16 @@ def read_config(directory: Path) -> dict:
     hf = json.loads(path.read_text())
     if hf.get("model_type") != "phi3":
         raise ValueError(f"{path} has model_type={hf.get('model_type')!r}; phi3lab loads 'phi3' checkpoints.")
-    missing = [
-        k
-        for k in ("vocab_size", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
-        if k not in hf
-    ]
+    missing = [key for key in CONFIG_KEYS.values() if key != "num_key_value_heads" and key not in hf]
     if missing:
         raise ValueError(f"{path} lacks {missing}, which a Phi-3 config.json defines.")
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise ValueError(f"{path}: 'rope_scaling' must be a JSON object or null; received {rope!r}.")
     rope = dict(rope)
-    heads = hf["num_attention_heads"]
-    kwargs = {
-        "vocabulary_size": hf["vocab_size"],
-        "num_layers": hf["num_hidden_layers"],
-        "hidden_dim": hf["hidden_size"],
-        "intermediate_dim": hf["intermediate_size"],
-        "num_query_heads": heads,
-        "num_key_value_heads": hf.get("num_key_value_heads") or heads,
+    kwargs = {name: hf.get(key) for name, key in CONFIG_KEYS.items()}
+    kwargs["num_key_value_heads"] = kwargs["num_key_value_heads"] or kwargs["num_query_heads"]
+    kwargs |= {
         "layer_norm_epsilon": hf.get("rms_norm_eps", 1e-5),
         "max_sequence_length": hf.get("max_position_embeddings", 4096),
         "rope_max_wavelength": hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
@@ -136,6 +156,10 @@ class _Checkpoint:
             )
         self.directory = directory
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the files' headers (no data is read)."""
+        return {name: file.shape(name) for name, file in self.where.items()}
+
     def __contains__(self, name):
         return name in self.where
 
@@ -148,6 +172,12 @@ class _Checkpoint:
         if shape is not None and tuple(value.shape) != tuple(shape):
             raise ValueError(f"Tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}.")
         return value
+
+
+def tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in the checkpoint at `directory`, from the
+    safetensors headers alone (checked as `SafetensorsFile` checks them)."""
+    return _Checkpoint(directory).shapes()
 
 
 def load_weights(model, directory: Path) -> None:
@@ -227,70 +257,78 @@ def load_weights(model, directory: Path) -> None:
     filler.finish(str(directory))
 
 
+def _heads_out(kernel: jax.Array, i: jax.Array) -> jax.Array:
+    """Layer `i` of a `[L, D, H, dh]` kernel in Hugging Face's `[H * dh, D]` layout."""
+    layer = layer_slice(kernel, i)
+    return jnp.transpose(layer, (1, 2, 0)).reshape(-1, layer.shape[0])
+
+
+# One compiled program per tensor kind (the layer index is an input), each
+# making its tensor straight from the stacked weights, so a save allocates
+# about one output tensor at a time and compiles once per shape, not per layer.
+_fused_qkv = jax.jit(lambda q, k, v, i: jnp.concatenate([_heads_out(x, i) for x in (q, k, v)]))
+_o_proj = jax.jit(lambda o, i: layer_slice(o, i).reshape(-1, o.shape[-1]).T)
+_fused_gate_up = jax.jit(lambda gate, up, i: jnp.concatenate([layer_slice(gate, i).T, layer_slice(up, i).T]))
+_transposed_layer = jax.jit(lambda kernel, i: layer_slice(kernel, i).T)
+_transposed = jax.jit(jnp.transpose)
+
+
+def hf_tensors(model) -> dict[str, Callable[[], jax.Array]]:
+    """Each tensor of `model`'s Hugging Face checkpoint (fused layout), in
+    file order, as a function making it from the model's weights (one
+    layer's slice, transposed or fused, at a time)."""
+    params = model.params()
+    embedding, dec = params["token_embedding"], params["decoder"]
+    attention, mlp = dec["attention"], dec["mlp"]
+    tensors = {"model.embed_tokens.weight": lambda: embedding["embeddings"]}
+    for i in range(model.num_layers):
+        p = f"model.layers.{i}."
+        qkv = (attention["query_kernel"], attention["key_kernel"], attention["value_kernel"])
+        tensors |= {
+            p + "input_layernorm.weight": lambda i=i: layer_slice(dec["attention_norm"]["scale"], i),
+            p + "post_attention_layernorm.weight": lambda i=i: layer_slice(dec["mlp_norm"]["scale"], i),
+            p + "self_attn.qkv_proj.weight": lambda i=i, qkv=qkv: _fused_qkv(*qkv, i),
+            p + "self_attn.o_proj.weight": lambda i=i: _o_proj(attention["output_kernel"], i),
+            p + "mlp.gate_up_proj.weight": lambda i=i: _fused_gate_up(mlp["gate_kernel"], mlp["up_kernel"], i),
+            p + "mlp.down_proj.weight": lambda i=i: _transposed_layer(mlp["down_kernel"], i),
+        }
+    tensors["model.norm.weight"] = lambda: params["final_norm"]["scale"]
+    if not model.tie_word_embeddings:
+        tensors["lm_head.weight"] = lambda: _transposed(embedding["reverse_embeddings"])
+    return tensors
+
+
 def save_checkpoint(model, directory: str | Path, max_shard_bytes: int = 4 * 2**30) -> Path:
     """Write `model` as a Hugging Face Phi-3 checkpoint (fused layout).
 
     Shards above `max_shard_bytes` and writes `model.safetensors.index.json`
-    when more than one shard is needed. Converts one tensor at a time. A
-    model with tied embeddings writes no `lm_head.weight`, as transformers
-    does. An int8-quantized model is refused (save before quantizing).
+    when more than one shard is needed. Streams: shards are planned from the
+    tensors' shapes alone, then each tensor is made (one layer's slice,
+    transposed or fused), written and dropped before the next, so a save
+    needs about one tensor's memory beside the weights. A model with tied
+    embeddings writes no `lm_head.weight`, as transformers does. An
+    int8-quantized model is refused (save before quantizing).
     """
     refuse_quantized(model, "save_hf_checkpoint")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    params = model.params()
-    dec = params["decoder"]
-    d = model.hidden_dim
-
-    def tensors():
-        yield "model.embed_tokens.weight", lambda: params["token_embedding"]["embeddings"]
-        for i in range(model.num_layers):
-            p, a, m = f"model.layers.{i}.", dec["attention"], dec["mlp"]
-            yield p + "input_layernorm.weight", lambda i=i: dec["attention_norm"]["scale"][i]
-            yield p + "post_attention_layernorm.weight", lambda i=i: dec["mlp_norm"]["scale"][i]
-            yield (
-                p + "self_attn.qkv_proj.weight",
-                lambda i=i, a=a: np.concatenate(
-                    [
-                        np.asarray(a[k][i]).transpose(1, 2, 0).reshape(-1, d)
-                        for k in ("query_kernel", "key_kernel", "value_kernel")
-                    ]
-                ),
-            )
-            yield p + "self_attn.o_proj.weight", lambda i=i, a=a: np.asarray(a["output_kernel"][i]).reshape(-1, d).T
-            yield (
-                p + "mlp.gate_up_proj.weight",
-                lambda i=i, m=m: np.concatenate([np.asarray(m["gate_kernel"][i]).T, np.asarray(m["up_kernel"][i]).T]),
-            )
-            yield p + "mlp.down_proj.weight", lambda i=i, m=m: np.asarray(m["down_kernel"][i]).T
-        yield "model.norm.weight", lambda: params["final_norm"]["scale"]
-        if not model.tie_word_embeddings:
-            yield "lm_head.weight", lambda: np.asarray(params["token_embedding"]["reverse_embeddings"]).T
-
-    written, current, size = [], {}, 0
-
-    def flush():
-        path = directory / f"shard-{len(written) + 1:05d}.partial"
-        write_safetensors(path, current, {"format": "pt"})
-        written.append((path, list(current)))
-
-    for name, make in tensors():
-        value = np.ascontiguousarray(np.asarray(make()))
-        if current and size + value.nbytes > max_shard_bytes:
-            flush()
-            current, size = {}, 0
-        current[name] = value
-        size += value.nbytes
-    if current:
-        flush()
+    shards, size = [{}], 0
+    for name, make in hf_tensors(model).items():
+        spec = jax.eval_shape(make)
+        nbytes = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = PendingTensor(tuple(spec.shape), np.dtype(spec.dtype), make)
+        size += nbytes
     weight_map = {}
-    for number, (path, names) in enumerate(written, start=1):
-        file_name = (
-            "model.safetensors" if len(written) == 1 else f"model-{number:05d}-of-{len(written):05d}.safetensors"
-        )
-        path.rename(directory / file_name)
-        weight_map.update({name: file_name for name in names})
-    if len(written) > 1:
+    for number, tensors in enumerate(shards, start=1):
+        file_name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        partial = directory / f"{file_name}.partial"
+        write_safetensors(partial, tensors, {"format": "pt"})
+        partial.rename(directory / file_name)
+        weight_map |= dict.fromkeys(tensors, file_name)
+    if len(shards) > 1:
         (directory / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
         )

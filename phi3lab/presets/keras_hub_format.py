@@ -23,7 +23,9 @@ import numpy as np
 from phi3lab.model.config import BackboneConfig
 from phi3lab.model.dtypes import read_dtype
 from phi3lab.model.quantize import SCALE_SUFFIX
-from phi3lab.presets.weights import WeightFiller
+from phi3lab.presets.preflight import PresetLayout, axis
+from phi3lab.presets.weights import WeightFiller, layer_slice
+from phi3lab.runtime.host_memory import release_freed_memory
 
 ARGUMENTS = BackboneConfig.names()
 ACCEPTED_CLASSES = ("Phi3Backbone",)
@@ -50,6 +52,16 @@ TOP_MAP = {
     "phi3_layer_norm/vars/0": "final_norm/scale",
 }
 _DECODER_GROUP = re.compile(r"^phi3_decoder(?:_(\d+))?$")
+# Tensors are named by their path under the weights file's "layers" group.
+LAYOUT = PresetLayout(
+    probes={
+        "reversible_embedding/vars/0": (axis("vocabulary_size"), axis("hidden_dim")),
+        "phi3_decoder/attention/query_dense/vars/0": (axis("hidden_dim"), axis("num_query_heads"), axis("head_dim")),
+        "phi3_decoder/attention/key_dense/vars/0": (axis("hidden_dim"), axis("num_key_value_heads"), axis("head_dim")),
+        "phi3_decoder/feedforward_output_dense/vars/0": (axis("intermediate_dim"), axis("hidden_dim")),
+    },
+    layer_pattern=re.compile(r"phi3_decoder(?:_(\d+))?/"),
+)
 
 
 def is_keras_hub_dir(directory: Path) -> bool:
@@ -94,20 +106,41 @@ def read_config(directory: Path) -> dict:
     return kwargs
 
 
-def load_weights(model, directory: Path) -> None:
-    """Copy `model.weights.h5` of a keras-hub preset into `model`."""
+def _open_weights(directory: Path) -> tuple[Path, h5py.File]:
     path = directory / "model.weights.h5"
     if not path.is_file():
         raise FileNotFoundError(f"The keras-hub preset {directory} has no model.weights.h5.")
-    filler = WeightFiller(model)
     try:
-        handle = h5py.File(path, "r")
+        return path, h5py.File(path, "r")
     except OSError as error:
         raise ValueError(f"{path} is not a readable weights file (truncated or corrupt?): {error}") from None
+
+
+def _layers_group(path: Path, handle: h5py.File) -> h5py.Group:
+    layers = handle.get("layers")
+    if not isinstance(layers, h5py.Group):
+        raise ValueError(f"{path} has no 'layers' group: it is not a keras-hub Phi3Backbone weights file.")
+    return layers
+
+
+def tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in `model.weights.h5`, by its path under the
+    "layers" group, from the file's metadata alone (no data is read)."""
+    path, handle = _open_weights(directory)
+    shapes = {}
     with handle:
-        layers = handle.get("layers")
-        if not isinstance(layers, h5py.Group):
-            raise ValueError(f"{path} has no 'layers' group: it is not a keras-hub Phi3Backbone weights file.")
+        _layers_group(path, handle).visititems(
+            lambda name, item: shapes.__setitem__(name, tuple(item.shape)) if isinstance(item, h5py.Dataset) else None
+        )
+    return shapes
+
+
+def load_weights(model, directory: Path) -> None:
+    """Copy `model.weights.h5` of a keras-hub preset into `model`."""
+    path, handle = _open_weights(directory)
+    filler = WeightFiller(model)
+    with handle:
+        layers = _layers_group(path, handle)
         for source, key in TOP_MAP.items():
             if key not in filler.variables:
                 continue  # the tied LM head has no variable of its own
@@ -194,6 +227,7 @@ def save_preset(model, directory: str | Path) -> Path:
                 _, part, variable = key.split("/")
                 for number, name in enumerate((variable, variable + SCALE_SUFFIX)):
                     if name in decoder[part]:
-                        data = np.asarray(decoder[part][name][index])
+                        data = np.asarray(layer_slice(decoder[part][name], index))
                         layers.create_dataset(f"{group}/{sub}/vars/{number}", data=data)
+                        release_freed_memory()  # as `write_safetensors` does: one tensor's memory at a time
     return directory

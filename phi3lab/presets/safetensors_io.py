@@ -9,14 +9,18 @@ truncated or corrupt file fails with a clear message instead of garbage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import struct
 from pathlib import Path
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
+
+from phi3lab.host_memory import release_freed_memory
 
 DTYPES = {
     "F64": np.float64,
@@ -116,19 +120,39 @@ class SafetensorsFile:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class PendingTensor:
+    """A tensor to write whose values are made only when its bytes are written.
+
+    Attributes:
+        shape: its shape.
+        dtype: its NumPy dtype (`ml_dtypes.bfloat16` included).
+        make: returns the values (a NumPy or JAX array of that shape and dtype).
+
+    Example:
+    >>> PendingTensor((2, 3), np.dtype("float32"), lambda: np.zeros((2, 3), "float32"))
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    make: Callable[[], np.ndarray]
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
-    """Write `tensors` (name -> NumPy or JAX array) to `path`.
+    """Write `tensors` (name -> NumPy or JAX array, or `PendingTensor`) to `path`.
 
     The header is computed from shapes and dtypes alone; tensors are then
-    converted and written one at a time, so at most one extra host copy of a
-    single tensor exists while writing.
+    made (a `PendingTensor`), converted and written one at a time, their
+    bytes handed to the file without a further copy, and the memory each
+    freed given back, so about one tensor's host memory is used beside the
+    caller's arrays while writing.
     """
     header, offset = {}, 0
     for name, value in tensors.items():
         dtype = np.dtype(value.dtype)
         if dtype not in NAMES:
             raise ValueError(f"cannot write tensor {name!r} of dtype {dtype}.")
-        nbytes = int(np.prod(value.shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(value.shape) * dtype.itemsize
         header[name] = {
             "dtype": NAMES[dtype],
             "shape": list(value.shape),
@@ -142,5 +166,17 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | N
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
-        for value in tensors.values():
-            handle.write(np.ascontiguousarray(np.asarray(value)).tobytes())
+        for name, value in tensors.items():
+            array = np.ascontiguousarray(value.make() if isinstance(value, PendingTensor) else value)
+            entry = header[name]
+            if list(array.shape) != entry["shape"] or NAMES.get(array.dtype) != entry["dtype"]:
+                raise ValueError(
+                    f"tensor {name!r} was declared {entry['dtype']} {tuple(entry['shape'])} but made as "
+                    f"{array.dtype} {array.shape}."
+                )
+            handle.write(array.reshape(-1).view(np.uint8).data)
+            del array
+            # What making this tensor freed goes back to the system before the
+            # next one: else the process keeps it (`phi3lab.host_memory`) and,
+            # tensors differing in size, fragments grow with every layer.
+            release_freed_memory()

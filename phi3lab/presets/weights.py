@@ -9,10 +9,19 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
+from phi3lab.host_memory import release_freed_memory
+
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _set_layer(stacked, value, index):
     return jax.lax.dynamic_update_index_in_dim(stacked, value, index, 0)
+
+
+@jax.jit
+def layer_slice(stacked: jax.Array, index) -> jax.Array:
+    """Layer `index` of a stacked `[L, ...]` buffer; the index is an input,
+    so one compiled program serves every layer (the writers call it per tensor)."""
+    return jax.lax.dynamic_index_in_dim(stacked, index, keepdims=False)
 
 
 def model_variables(model) -> dict:
@@ -65,6 +74,7 @@ class WeightFiller:
                 warnings.filterwarnings("ignore", message="Some donated buffers")
                 variable.assign(_set_layer(variable.value, value, layer))
         self.filled[key].add(layer)
+        release_freed_memory()
 
     def finish(self, where: str) -> None:
         """Raise if any variable (or decoder layer slice) was not written."""

@@ -14,6 +14,10 @@ class CaptureTooLarge(ValueError):
     """A trace request that would not fit in the memory available."""
 
 
+class WeightsTooLarge(ValueError):
+    """A model whose weights would not fit in the memory available."""
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes a trace needs.
@@ -73,6 +77,28 @@ def measure(program, params) -> MemoryEstimate:
     return MemoryEstimate(weights=tree_bytes(params), working=program.temporary_bytes, captured=program.output_bytes)
 
 
+def _available_after_release(needed: int) -> int:
+    """Free memory; if `needed` exceeds it, the freed memory this process
+    keeps for reuse (`phi3lab.runtime.host_memory`) is given back and it is read again."""
+    available = available_bytes()
+    if needed > available:
+        release_freed_memory()
+        available = available_bytes()
+    return available
+
+
+def check_weights_fit(weights: int, what: str) -> None:
+    """Raise `WeightsTooLarge` if `weights` bytes (described by `what`, e.g.
+    "3,821,079,552 parameters in bfloat16") exceed the device's free memory."""
+    available = _available_after_release(weights)
+    if weights > available:
+        raise WeightsTooLarge(
+            f"This model's weights need {weights / 2**30:.2f} GiB ({what}); only {available / 2**30:.2f} GiB "
+            "is available, so nothing was allocated. Load it in a narrower dtype (dtype='bfloat16'), free "
+            "memory, or use a machine with more."
+        )
+
+
 def check_fits(estimate: MemoryEstimate, budget: int | None) -> MemoryEstimate:
     """Raise `CaptureTooLarge` if the run would not fit `budget` (default:
     the device's free memory); return the estimate with `available` set.
@@ -80,10 +106,7 @@ def check_fits(estimate: MemoryEstimate, budget: int | None) -> MemoryEstimate:
     keeps (`phi3lab.runtime.host_memory`: up to what its largest run used
     after `configure(host_memory="reuse")`, glibc's trimmable free pages
     otherwise) is given back and the free memory read again."""
-    available = budget if budget is not None else available_bytes()
-    if budget is None and estimate.needed > available:
-        release_freed_memory()
-        available = available_bytes()
+    available = budget if budget is not None else _available_after_release(estimate.needed)
     estimate = dataclasses.replace(estimate, available=available)
     if estimate.needed > available:
         raise CaptureTooLarge(
