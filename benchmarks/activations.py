@@ -74,9 +74,9 @@ def main():
     args = parser.parse_args()
 
     import phi3lab
-    from phi3lab import compile_cache
     from phi3lab.activations import collect
     from phi3lab.activations.collect import WINDOW
+    from phi3lab.runtime import compile_cache
     from phi3lab.tracing.tracer import padded_length
 
     model = random_model()

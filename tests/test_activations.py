@@ -21,8 +21,8 @@ import pytest
 
 import phi3lab
 from conftest import random_backbone
-from phi3lab import compile_cache
 from phi3lab.activations import collect
+from phi3lab.runtime import compile_cache
 from phi3lab.tracing.tracer import padded_length
 
 ROOT = str(Path(__file__).resolve().parents[1])

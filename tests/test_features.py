@@ -17,8 +17,8 @@ from jax import numpy as jnp
 import phi3lab
 import phi3lab.features as F
 from conftest import put_in_hf_cache, require
-from phi3lab import compile_cache
 from phi3lab.features import activation_fns
+from phi3lab.runtime import compile_cache
 
 D_IN, D_SAE = 16, 48
 RESID = "blocks.1.hook_resid_post"

@@ -222,7 +222,7 @@ SAVE_MEMORY = textwrap.dedent("""
     import jax
     import numpy as np
     import phi3lab
-    from phi3lab.host_memory import release_freed_memory
+    from phi3lab.runtime.host_memory import release_freed_memory
     from phi3lab.model.initializers import zero_initialization
     from phi3lab.presets import save_hf_checkpoint, save_preset
 

@@ -9,7 +9,6 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from phi3lab import compile_cache
 from phi3lab.activations import corpus
 from phi3lab.activations.store import (
     FORMAT,
@@ -21,6 +20,7 @@ from phi3lab.activations.store import (
 )
 from phi3lab.checks import check_choice, check_positive_int
 from phi3lab.errors import bad_argument
+from phi3lab.runtime import compile_cache
 from phi3lab.tracing.forward import ForwardFn, as_hooks, forward_fn
 from phi3lab.tracing.memory import CaptureTooLarge, check_fits, measure
 from phi3lab.tracing.names import BLOCK_SITES, MODEL_SITES, Selection, all_names, select, site_shape, split_name

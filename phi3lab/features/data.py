@@ -121,7 +121,7 @@ def token_ids(model, data, tokenizer) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _from_model(model, data, site, target_site, batch_size: int, seed: int, tokenizer):
-    from phi3lab import compile_cache
+    from phi3lab.runtime import compile_cache
     from phi3lab.tracing.forward import forward_fn
 
     ids, mask = token_ids(model, data, tokenizer)

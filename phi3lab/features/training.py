@@ -46,12 +46,12 @@ import optax
 import pandas as pd
 from jax import numpy as jnp
 
-from phi3lab import compile_cache
 from phi3lab.checks import check_choice, check_positive_int
 from phi3lab.errors import bad_argument
 from phi3lab.features import activation_fns
 from phi3lab.features import data as data_sources
 from phi3lab.features.dictionary import KINDS, SparseDictionary
+from phi3lab.runtime import compile_cache
 from phi3lab.tracing.names import all_names, select
 
 AUX_COEFFICIENT = 1 / 32

@@ -20,7 +20,7 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
-from phi3lab.host_memory import release_freed_memory
+from phi3lab.runtime.host_memory import release_freed_memory
 
 DTYPES = {
     "F64": np.float64,
@@ -177,6 +177,6 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | N
             handle.write(array.reshape(-1).view(np.uint8).data)
             del array
             # What making this tensor freed goes back to the system before the
-            # next one: else the process keeps it (`phi3lab.host_memory`) and,
+            # next one: else the process keeps it (`phi3lab.runtime.host_memory`) and,
             # tensors differing in size, fragments grow with every layer.
             release_freed_memory()

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
-from phi3lab.host_memory import release_freed_memory
+from phi3lab.runtime.host_memory import release_freed_memory
 
 
 @functools.partial(jax.jit, donate_argnums=0)
