@@ -62,3 +62,26 @@ def test_from_preset_works_when_only_the_model_package_is_imported():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0] == "True"
+
+
+def test_our_own_code_imports_no_moved_path():
+    """The old module paths kept for users (`runtime/moved_modules.py`) are
+    never what phi3lab, its tests (but the one that checks the aliases),
+    benchmarks or scripts import: a lazily imported module that used one
+    would warn users at their first `phi3lab.activations` or `phi3lab.features`."""
+    from phi3lab.runtime.moved_modules import MOVED
+
+    root = PACKAGE.parent
+    files = [
+        path
+        for folder in ("phi3lab", "tests", "benchmarks", "scripts")
+        for path in sorted((root / folder).rglob("*.py"))
+        if path.name != "test_import_effects.py"
+    ]
+    stale = [
+        f"{path.relative_to(root)}:{line} imports {name}"
+        for path in files
+        for line, name in imported_names(path)
+        if any(name == old or name.startswith(f"{old}.") for old in MOVED)
+    ]
+    assert not stale, "\n".join(stale)
