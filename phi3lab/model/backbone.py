@@ -332,7 +332,7 @@ class Phi3Backbone(keras.Model):
         up, down) kernels of all layers: `kernel = int8 * scale`, one float32
         scale per output channel, dequantized inside the compiled forward one
         layer at a time. Embeddings, the LM head and norms stay as they are.
-        Traces, hooks and `phi3lab.estimate` work on the quantized model;
+        Traces, hooks and `phi3lab.estimate` work on the quantized model.
         The two layers then report keras' int8 policy
         (`model.decoder.mlp.quantization_mode == "int8"`, `dtype_policy`
         `"int8_from_float32"`), and `get_config()` records the policies in a
