@@ -30,7 +30,7 @@ before it imports anything that starts threads, or with
 only threads that have no arena yet, and importing pandas (which keras and
 phi3lab do) starts pyarrow's, which keep one: after that the settings give
 part of the effect (a full trace of the 12-layer benchmark model at T=512
-faulted 12-19k pages per call against 45k with glibc's defaults and 0 with
+faulted 12-42k pages per call against 45k with glibc's defaults and 0 with
 the settings made first), and `configure` says so. The price is memory that stays with the process
 after its arrays are freed, at most what its largest run used.
 `release_freed_memory()` gives it back; the memory guard
