@@ -9,7 +9,8 @@ absolute times are noisy):
                    activations (top-k, AuxK, Adam; the step compiled once)
                    next to SAELens' `TopKTrainingSAE.training_forward_pass`
                    + backward + `torch.optim.Adam` on the same activations,
-                   same width and k, torch using as many threads as XLA has
+                   same width and k, the same dead-feature window (so AuxK
+                   runs alike), torch using as many threads as XLA has
                    CPUs. phi3lab's rate is the difference of two runs of
                    different lengths, so compilation is excluded.
   streaming        training tokens/s when the activations are computed by
@@ -66,6 +67,7 @@ def saelens_rate(x: np.ndarray, args) -> float:
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
     batches = [torch.from_numpy(x[i * args.batch : (i + 1) * args.batch]) for i in range(len(x) // args.batch)]
     since_fired = torch.zeros(args.width)
+    dead_after = max((2 + args.steps) * args.batch // 4, args.batch)  # phi3lab's default window
 
     def step(i):
         nonlocal since_fired
@@ -74,7 +76,7 @@ def saelens_rate(x: np.ndarray, args) -> float:
             TrainStepInput(
                 sae_in=batch,
                 coefficients={},
-                dead_neuron_mask=since_fired > 1e6,
+                dead_neuron_mask=since_fired >= dead_after,
                 n_training_steps=i,
                 is_logging_step=False,
             )

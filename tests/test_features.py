@@ -131,6 +131,22 @@ def test_topk_keeps_exactly_k():
     assert set((np.asarray(d.encode(x)) != 0).sum(-1)) == {7}
 
 
+@pytest.mark.parametrize(
+    "kind, config", [("relu", {}), ("jumprelu", {}), ("topk", {"rescale_acts_by_decoder_norm": True})]
+)
+def test_folding_decoder_norms_keeps_the_output_and_scales_the_features(kind, config):
+    d = random_dictionary(kind, **config)
+    folded = d.fold_decoder_norm()
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(folded.W_dec), axis=-1), 1.0, rtol=1e-5)
+    x = np.random.default_rng(10).normal(size=(7, D_IN)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(folded(x)), np.asarray(d(x)), atol=1e-4)
+    norms = np.linalg.norm(np.asarray(d.W_dec), axis=-1)
+    scale = 1.0 if config else norms
+    np.testing.assert_allclose(np.asarray(folded.encode(x)), np.asarray(d.encode(x)) * scale, atol=1e-4)
+    with pytest.raises(ValueError, match="rescale_acts_by_decoder_norm=True"):
+        random_dictionary("topk").fold_decoder_norm()
+
+
 def test_batchtopk_keeps_k_per_row_on_average():
     pre = jnp.asarray(np.random.default_rng(3).normal(size=(32, D_SAE)).astype(np.float32) + 3.0)
     kept = np.asarray(activation_fns.batch_topk(pre, 4.5))

@@ -112,7 +112,13 @@ def _loss(d: SparseDictionary, x, y, dead, settings: _Settings):
     elif kind == "jumprelu":
         penalty = settings.l1 * jnp.mean(jnp.sum(activation_fns.step(pre, d.threshold, d.config.bandwidth), -1))
     else:
-        penalty = AUX_COEFFICIENT * _aux_loss(d, pre, jax.lax.stop_gradient(y - out), y, dead, settings.k_aux)
+        residual = jax.lax.stop_gradient(y - out)
+        # Skipped (a second top-k and decode) while no feature is dead.
+        penalty = jax.lax.cond(
+            jnp.any(dead),
+            lambda: AUX_COEFFICIENT * _aux_loss(d, pre, residual, y, dead, settings.k_aux),
+            lambda: jnp.zeros((), mse.dtype),
+        )
     metrics = {"mse": mse, "aux_loss": penalty, "l0": jnp.mean(jnp.sum(acts > 0, -1)), "explained_variance": 1 - mse}
     return mse + penalty, (metrics, acts)
 
@@ -120,9 +126,8 @@ def _loss(d: SparseDictionary, x, y, dead, settings: _Settings):
 def _aux_loss(d: SparseDictionary, pre, residual, y, dead, k_aux: int):
     """AuxK: the top `k_aux` dead pre-activations reconstruct the residual."""
     acts = activation_fns.topk(jnp.where(dead, pre, -jnp.inf), k_aux)
-    num_dead = jnp.sum(dead)
-    scale = jnp.minimum(num_dead / k_aux, 1.0)
-    return jnp.where(num_dead > 0, scale * _normalised(acts @ d.W_dec - residual, y), 0.0)
+    scale = jnp.minimum(jnp.sum(dead) / k_aux, 1.0)
+    return scale * _normalised(acts @ d.W_dec - residual, y)
 
 
 def _constrain(d: SparseDictionary, acts, step, settings: _Settings) -> SparseDictionary:

@@ -30,7 +30,7 @@ class HookContext:
     layer: int | None
     data: Any = None
     static: tuple = ()
-    seen: Mapping = dataclasses.field(default_factory=dict)
+    seen: Mapping = dataclasses.field(default_factory=dict, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
