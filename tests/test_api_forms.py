@@ -77,6 +77,10 @@ def test_analysis_settings_by_keyword(model, ids, tr):
     with pytest.warns(Phi3labDeprecationWarning, match=r"position, batch"):
         old = analysis.direct_logit_attribution(model, tr, ANSWER, COUNTER, -2, 1)
     np.testing.assert_array_equal(old.attribution, new.attribution)
+    new = analysis.logit_lens(model, tr, k=2, where="mid", batch=1)
+    with pytest.warns(Phi3labDeprecationWarning, match=r"logit_lens\(\.\.\., k=\.\.\., where=\.\.\., batch=\.\.\.\)"):
+        old = analysis.logit_lens(model, tr, 2, "mid", 1)
+    assert old.equals(new)
 
 
 def test_logit_lens_view_takes_the_model_first(model, ids, tr):

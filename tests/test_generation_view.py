@@ -73,9 +73,11 @@ def test_the_generation_itself_and_its_static_html(generation):
 
 
 def test_every_trace_view_accepts_a_generation(generation):
-    from phi3lab.widgets import AttentionExplorer, HeadGrid, ResidualStreamView, RopeView
+    from phi3lab.widgets import AttentionExplorer, HeadGrid, ResidualStreamView, RopeView, TokenView
 
     model, _ = generation
     g = phi3lab.generate(model, [3, 9, 27], max_new_tokens=2, stop=[], names="*")
     for view in (AttentionExplorer, HeadGrid, ResidualStreamView, RopeView):
         assert repr(view(g)) == repr(view(g.trace))
+    for make in (TokenView.loss, lambda tr: TokenView.attention(tr, 1, 0, -1), lambda tr: TokenView.neurons(tr, 0, 1)):
+        np.testing.assert_equal(make(g).rows, make(g.trace).rows)

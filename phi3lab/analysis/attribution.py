@@ -105,8 +105,9 @@ def _rows(tr, name: str, values, what: str, size: int) -> np.ndarray:
     return np.asarray(picked, np.int64)
 
 
+@keyword_only_since("batch", "positions")
 def decompose_resid(
-    model, tr, batch: int | Sequence[int] | None = None, positions: int | Sequence[int] | None = None
+    model, tr, *, batch: int | Sequence[int] | None = None, positions: int | Sequence[int] | None = None
 ) -> ResidualDecomposition:
     """Split the final residual stream into embedding, heads and MLPs.
 
@@ -293,7 +294,8 @@ def next_token_mask(padding_mask) -> np.ndarray:
     return predicted
 
 
-def next_token_attribution(model, tr, batch: int = 0, heads: bool = False) -> pd.DataFrame:
+@keyword_only_since("batch", "heads")
+def next_token_attribution(model, tr, *, batch: int = 0, heads: bool = False) -> pd.DataFrame:
     """Direct logit attribution of every token: how much each component
     wrote, at the position before it, to the logit of the token that came.
 

@@ -13,6 +13,7 @@ import pandas as pd
 
 from phi3lab.analysis._common import check_trace, require
 from phi3lab.checks import check_index, check_positive_int, check_token_ids, is_int
+from phi3lab.deprecation import keyword_only_since
 from phi3lab.errors import bad_argument
 from phi3lab.model.attention import key_value_heads
 from phi3lab.tasks import repeated_tokens
@@ -90,9 +91,11 @@ def detector_scores(pattern: np.ndarray, token_ids: np.ndarray, valid: np.ndarra
     return scores
 
 
+@keyword_only_since("seq_len", "num_sequences", "seed", "bos_token")
 def head_scores(
     model,
     tr=None,
+    *,
     seq_len: int = 16,
     num_sequences: int = 4,
     seed: int = 0,

@@ -18,6 +18,7 @@ from jax import numpy as jnp
 
 from phi3lab.analysis._common import as_list, check_trace, require
 from phi3lab.checks import check_in_range, check_index, check_token
+from phi3lab.deprecation import keyword_only_since
 from phi3lab.errors import bad_argument
 from phi3lab.runtime import compile_cache
 from phi3lab.tracing.names import block_name
@@ -80,8 +81,9 @@ def _streams(model, tr, where: tuple[str, ...], batch: int, positions: np.ndarra
         yield layer, np.stack([tr[block_name(layer, f"hook_resid_{w}")][batch, positions] for w in where])
 
 
+@keyword_only_since("where", "batch", "positions")
 def logit_lens_logits(
-    model, tr, where: str | Sequence[str] = WHERE, batch: int = 0, positions: Sequence[int] | None = None
+    model, tr, *, where: str | Sequence[str] = WHERE, batch: int = 0, positions: Sequence[int] | None = None
 ) -> np.ndarray:
     """Logits of every residual stream, read as if it were the last.
 
@@ -120,9 +122,11 @@ def logit_lens_logits(
     return np.stack(out)
 
 
+@keyword_only_since("k", "where", "batch", "positions", "tokenizer")
 def logit_lens(
     model,
     tr,
+    *,
     k: int = 5,
     where: str | Sequence[str] = WHERE,
     batch: int = 0,
@@ -181,8 +185,9 @@ def logit_lens(
     return table
 
 
+@keyword_only_since("position", "where", "batch")
 def answer_curve(
-    model, tr, answer: int, position: int = -1, where: str | Sequence[str] = WHERE, batch: int = 0
+    model, tr, answer: int, *, position: int = -1, where: str | Sequence[str] = WHERE, batch: int = 0
 ) -> pd.DataFrame:
     """Probability and rank of one token through the layers, at one position.
 

@@ -25,6 +25,7 @@ from jax import numpy as jnp
 
 from phi3lab.analysis._common import check_trace, require
 from phi3lab.checks import check_index, check_positive_int
+from phi3lab.deprecation import keyword_only_since
 from phi3lab.errors import bad_argument
 from phi3lab.model.attention import attention_mask
 from phi3lab.tracing.interventions import key_value_head_of
@@ -112,11 +113,13 @@ def _check_bands(bands, num_pairs: int, num_groups: int) -> list[np.ndarray]:
     return chosen
 
 
+@keyword_only_since("batch", "bands")
 def rotary_band_scores(
     model,
     tr,
     layer: int,
     head: int,
+    *,
     batch: int = 0,
     bands: Sequence[Sequence[int] | slice] | None = None,
 ) -> np.ndarray:

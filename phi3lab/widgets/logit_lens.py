@@ -232,7 +232,7 @@ class LogitLensView(PositionWindow, View):
         `position`, for every row (layer, stream) of the lens."""
         answer = self.answer if answer is None else self.parse_token(answer)
         position = self.position if position is None else check_index("position", position, self.length, "position")
-        curve = answer_curve(self.model, self.trace, answer, position, self.where, self.batch)
+        curve = answer_curve(self.model, self.trace, answer, position=position, where=self.where, batch=self.batch)
         return curve["probability"].to_numpy(), curve["rank"].to_numpy()
 
     # === Rendering ===

@@ -18,6 +18,7 @@ from phi3lab.widgets.common import (
     HIGHLIGHT,
     Scale,
     View,
+    as_trace,
     escape,
     new_figure,
     position_labels,
@@ -108,6 +109,7 @@ class TokenView(View):
         """Each token coloured by the model's next-token loss on it:
         `-log softmax(logits[t - 1])[ids[t]]` in nats (the first token and
         padding have none). Needs `hook_logits`."""
+        trace = as_trace(trace)
         batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         logits = np.asarray(trace.logits[batch], np.float64)
         ids = trace.token_ids[batch]
@@ -130,6 +132,7 @@ class TokenView(View):
         probability from position `query` (negative counts from the end),
         one row per captured head of `layer` (`head` shown first). Keys after
         the query (never attended) and padding are grey."""
+        trace = as_trace(trace)
         batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         length = trace.token_ids.shape[1]
         query = check_index("query", query, length, "position")
@@ -165,6 +168,7 @@ class TokenView(View):
         (`analysis.next_token_attribution`), one row per component (the
         embedding, each attention block or head, each MLP), after a first
         row with the whole logit. Needs what `analysis.decompose_resid` does."""
+        trace = as_trace(trace)
         table = next_token_attribution(model, trace, batch=batch, heads=heads)
         positions = list(range(trace.token_ids.shape[1]))
         values = {"logit of the token": table.attrs["logit"]}
@@ -184,6 +188,7 @@ class TokenView(View):
         """Each token coloured by MLP neuron activations of `layer`
         (`blocks.{layer}.mlp.hook_{where}`, `where` one of "pre", "post"),
         one row per neuron."""
+        trace = as_trace(trace)
         batch = check_index("batch", batch, trace.token_ids.shape[0], "batch row")
         if where not in ("pre", "post"):
             raise bad_argument("where", where, '"pre" or "post"')
