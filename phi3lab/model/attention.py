@@ -13,7 +13,7 @@ import keras
 import numpy as np
 from jax import numpy as jnp
 
-from phi3lab.model.attention_paths import DEFAULT_PATHS, AttentionPaths, check_attention_paths, deprecated_attribute
+from phi3lab.model.attention_paths import DEFAULT_PATHS, AttentionPaths, deprecated_attribute
 from phi3lab.model.dropout import dropout
 from phi3lab.model.fused_attention import flash_attention
 from phi3lab.model.hook_points import NO_HOOKS
@@ -78,12 +78,12 @@ class Phi3Attention(keras.layers.Layer):
         dropout: float. Dropout on the attention probabilities in training.
         sliding_window: int or None. Attend only to the last this-many keys.
         kernel_initializer: initializer for the kernels.
-        query_chunk_size: deprecated; use
-            `attention_paths=AttentionPaths(query_chunk_size=...)`.
-        attention_paths: `AttentionPaths`, how attention is computed when
-            no map is reported; the model's value (`Phi3Backbone.attention_paths`
-            reads and replaces it), which `Phi3Backbone.apply` passes to every
-            layer's `apply`. Defaults to `AttentionPaths()`.
+        query_chunk_size: deprecated: set the model's `attention_paths`.
+
+    `attention_paths` holds the model's `AttentionPaths` (how attention is
+    computed when no map is reported; `Phi3Backbone.attention_paths` reads
+    and replaces it), which `Phi3Backbone.apply` passes to every layer's
+    `apply`; the layer's methods never read it themselves.
 
     Weights: `query_kernel [L, D, Hq, dh]`, `key_kernel` and `value_kernel`
     `[L, D, Hkv, dh]`, `output_kernel [L, Hq, dh, D]`.
@@ -99,12 +99,11 @@ class Phi3Attention(keras.layers.Layer):
         sliding_window=None,
         kernel_initializer=None,
         query_chunk_size=None,
-        attention_paths: AttentionPaths = DEFAULT_PATHS,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.sliding_window = sliding_window
-        self.attention_paths = check_attention_paths("attention_paths", attention_paths)
+        self.attention_paths = DEFAULT_PATHS
         if query_chunk_size is not None:
             self.query_chunk_size = query_chunk_size  # the deprecated setter: warns, replaces attention_paths
         self.num_layers = num_layers
