@@ -8,7 +8,7 @@ a change in machine load hits both alike. Prints the median milliseconds,
 the ratio phi3lab / keras-hub and the largest output difference.
 
 With `--causal-blocks 64 128 512`, phi3lab also runs with those query
-blocks of its causal-block attention (`Phi3Attention.causal_block`, default
+blocks of its causal-block attention (`AttentionPaths.causal_block`, default
 256), each ratio against keras-hub.
 
 Run: .venv/bin/python benchmarks/forward.py [--lengths 128 512] [--runs 15] [--causal-blocks 64 128]
@@ -41,17 +41,16 @@ def parse_args():
 
 
 def with_causal_block(model, block: int, ids, mask):
-    """phi3lab's forward compiled (for these shapes) with `causal_block`
-    set to `block`; the model's own setting is restored afterwards."""
+    """phi3lab's forward compiled (for these shapes) with the model's
+    attention paths but blocks of `block` queries."""
+    import dataclasses
+
     import jax
 
-    attention = model.decoder.attention
-    found, attention.causal_block = attention.causal_block, block
-    try:
-        params = model.params()
-        compiled = jax.jit(lambda p, i, m: model.apply(p, i, m)[0]).lower(params, ids, mask).compile()
-    finally:
-        attention.causal_block = found
+    paths = dataclasses.replace(model.attention_paths, causal_block=block)
+    params = model.params()
+    forward = jax.jit(lambda p, i, m: model.apply(p, i, m, attention_paths=paths)[0])
+    compiled = forward.lower(params, ids, mask).compile()
     return lambda ids, mask: compiled(params, ids, mask)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 import phi3lab
 from conftest import sizes
+from phi3lab.model import AttentionPaths
 from phi3lab.tracing import CaptureTooLarge, compiled_count
 
 
@@ -104,7 +105,7 @@ def test_chunked_attention_equals_full(model):
     reference = phi3lab.trace(model, ids, padding_mask=mask, names=["ln_final.hook_normalized"])
     chunked = small_model()
     chunked.set_weights(model.get_weights())
-    chunked.decoder.attention.query_chunk_size = 8  # 40 > 2 * 8: chunked path
+    chunked.attention_paths = AttentionPaths(query_chunk_size=8)  # 40 > 2 * 8: chunked path
     result = phi3lab.trace(chunked, ids, padding_mask=mask, names=["ln_final.hook_normalized"])
     np.testing.assert_allclose(result.output[mask], reference.output[mask], atol=2e-5)
 

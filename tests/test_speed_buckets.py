@@ -10,12 +10,15 @@ differs by O(1), which the comparison would show).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 import phi3lab
 from conftest import PRETRAINING, backbone_kwargs, random_backbone, token_batch
+from phi3lab.model import AttentionPaths
 from phi3lab.runtime import compile_cache
 from phi3lab.tracing import compiled_count, forward_fn
 
@@ -91,14 +94,14 @@ def test_ten_lengths_compile_at_most_four_programs():
     assert [compile_cache.bucket_length(n, 512) for n in (33, 40, 57)] == [64, 64, 64]
 
 
-def test_changing_an_attention_setting_compiles_a_new_program():
-    """The attention path settings are read while a program is traced, so
-    they are part of the compile-cache key: a chunked run after a changed
-    `query_chunk_size` is a new program (the chunks add two loops to the
-    layer scan), and the old setting finds its old program again."""
+def test_new_attention_paths_compile_a_new_program():
+    """The attention paths are read while a program is traced, so the
+    model's value is part of the compile-cache key: a chunked run after
+    assigning a smaller `query_chunk_size` is a new program (the chunks add
+    two loops to the layer scan); an equal value built anew reuses it, and
+    the old value finds its old program again."""
     model = random_backbone(seed=11, scale=0.1)
     ids, mask = token_batch(30, seed=1)
-    attention = model.decoder.attention
     names = "ln_final.hook_normalized"
 
     def traced():
@@ -107,16 +110,16 @@ def test_changing_an_attention_setting_compiles_a_new_program():
 
     whole, programs = traced()
     (first,) = programs.values()
-    found = attention.query_chunk_size
-    attention.query_chunk_size = 4  # 32 padded positions > 2 * 4: chunked
-    try:
-        chunked, programs = traced()
-    finally:
-        attention.query_chunk_size = found
+    default = model.attention_paths
+    model.attention_paths = dataclasses.replace(default, query_chunk_size=4)  # 32 padded positions > 2 * 4: chunked
+    chunked, programs = traced()
     (second,) = [p for key, p in programs.items() if p is not first]
     assert first.compiled.as_text().count("while(") == 1
     assert second.compiled.as_text().count("while(") == 3
     np.testing.assert_allclose(chunked[mask], whole[mask], atol=2e-5)
+    model.attention_paths = AttentionPaths(query_chunk_size=4)  # equal, not the same object
+    np.testing.assert_array_equal(traced()[0], chunked)
+    model.attention_paths = default
     again, programs = traced()
     assert len(programs) == 2
     np.testing.assert_array_equal(again, whole)

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 from jax import numpy as jnp
 
+from phi3lab.model.attention_paths import DEFAULT_PATHS, AttentionPaths, deprecated_attribute
 from phi3lab.model.dropout import dropout
 from phi3lab.model.fused_attention import flash_attention
 from phi3lab.model.hook_points import NO_HOOKS
@@ -76,10 +77,13 @@ class Phi3Attention(keras.layers.Layer):
         num_key_value_heads: int. Key/value heads `Hkv`, dividing `Hq`.
         dropout: float. Dropout on the attention probabilities in training.
         sliding_window: int or None. Attend only to the last this-many keys.
-        query_chunk_size: int. Long inputs (more than twice this many
-            tokens) are attended this many queries against this many keys
-            at a time (see `apply`).
         kernel_initializer: initializer for the kernels.
+        query_chunk_size: deprecated: set the model's `attention_paths`.
+
+    `attention_paths` holds the model's `AttentionPaths` (how attention is
+    computed when no map is reported; `Phi3Backbone.attention_paths` reads
+    and replaces it), which `Phi3Backbone.apply` passes to every layer's
+    `apply`; the layer's methods never read it themselves.
 
     Weights: `query_kernel [L, D, Hq, dh]`, `key_kernel` and `value_kernel`
     `[L, D, Hkv, dh]`, `output_kernel [L, Hq, dh, D]`.
@@ -93,13 +97,15 @@ class Phi3Attention(keras.layers.Layer):
         num_key_value_heads,
         dropout=0.0,
         sliding_window=None,
-        query_chunk_size=512,
         kernel_initializer=None,
+        query_chunk_size=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.sliding_window = sliding_window
-        self.query_chunk_size = query_chunk_size
+        self.attention_paths = DEFAULT_PATHS
+        if query_chunk_size is not None:
+            self.query_chunk_size = query_chunk_size  # the deprecated setter: warns, replaces attention_paths
         self.num_layers = num_layers
         self.hidden_dim = hidden_dim
         self.num_query_heads = num_query_heads
@@ -108,15 +114,6 @@ class Phi3Attention(keras.layers.Layer):
         self.head_dim = hidden_dim // num_query_heads
         self.score_scale = self.head_dim**-0.5  # scores = q . k * score_scale
         self.group_size = num_query_heads // num_key_value_heads
-        # Attention whose maps nobody reads runs flash attention where there
-        # is one, else `_attend_causal_blocks` (False: always the explicit
-        # scores -> softmax -> z of `attend` over every key).
-        self.use_fused_attention = True
-        # Queries per block of `_attend_causal_blocks` (the last block may be
-        # shorter). On CPU, blocks of 256 ran the 12-layer benchmark model's
-        # plain forward 3-4% faster than blocks of max(64, T / 8) at T=256,
-        # 512 and 1024, and than 128 or 512 (`benchmarks/forward.py`).
-        self.causal_block = 256
         initializer = kernel_initializer or default_initializer(stddev=0.02)
         shapes = {
             "query_kernel": (hidden_dim, num_query_heads, self.head_dim),
@@ -127,12 +124,10 @@ class Phi3Attention(keras.layers.Layer):
         self.stacked_weight_names = add_stacked_weights(self, num_layers, shapes, initializer)
         self.built = True
 
-    def path_settings(self) -> tuple:
-        """The settings that pick an attention path while a program is traced
-        (`use_fused_attention`, `causal_block`, `query_chunk_size`).
-        They are part of every compile-cache key
-        (`Phi3Backbone.program_settings`), so changing one compiles afresh."""
-        return (self.use_fused_attention, self.causal_block, self.query_chunk_size)
+    # The mutable settings of earlier releases, kept for one release.
+    use_fused_attention = deprecated_attribute("use_fused_attention", "fused")
+    causal_block = deprecated_attribute("causal_block", "causal_block")
+    query_chunk_size = deprecated_attribute("query_chunk_size", "query_chunk_size")
 
     def params(self) -> dict:
         return {name: getattr(self, name).value for name in self.stacked_weight_names}
@@ -185,24 +180,24 @@ class Phi3Attention(keras.layers.Layer):
         )
         return z.transpose(0, 3, 1, 2, 4).reshape(batch, rows, self.num_query_heads, self.head_dim)
 
-    def _attend_causal_blocks(self, q, k, v, padding_mask):
+    def _attend_causal_blocks(self, q, k, v, padding_mask, block: int):
         """`z` of `attend`, computed a block of queries at a time, each block
         over the keys up to its last query only: the future keys' half of the
         score and value matmuls (and of the softmax) is never computed.
 
-        Blocks are `causal_block` queries (the last one may be shorter).
+        Blocks are `block` queries (the last one may be shorter).
         With a sliding window the keys before it are still computed (and
         masked), so the result is `attend`'s whatever the mask."""
         length = q.shape[1]
         rows = []
-        for start in range(0, length, self.causal_block):
-            stop = min(start + self.causal_block, length)
+        for start in range(0, length, block):
+            stop = min(start + block, length)
             rows.append(self.attend(q[:, start:stop], k[:, :stop], v[:, :stop], padding_mask[:, :stop], start)[2])
         return jnp.concatenate(rows, axis=1)
 
-    def _attend_in_chunks(self, q, k, v, padding_mask):
-        """`z` of `attend` for long inputs, a chunk of `query_chunk_size`
-        queries against a chunk of as many keys at a time, with a running
+    def _attend_in_chunks(self, q, k, v, padding_mask, chunk: int):
+        """`z` of `attend` for long inputs, a chunk of `chunk` queries
+        against a chunk of as many keys at a time, with a running
         softmax (flash attention's recurrence): per query row the running
         maximum of its scores, the sum of their exponentials and the sum of
         the weighted values, rescaled when the maximum grows.
@@ -215,7 +210,6 @@ class Phi3Attention(keras.layers.Layer):
         recomputed in the backward pass (`jax.checkpoint`) rather than
         keeping its scores: at T=4096 the gradient of one 12-head layer's
         attention needs 587 MB instead of 3.8 GB."""
-        chunk = self.query_chunk_size
         batch, length = q.shape[:2]
         count = -(-length // chunk)
 
@@ -262,24 +256,38 @@ class Phi3Attention(keras.layers.Layer):
         z = jax.lax.map(one, (jnp.arange(count), chunks(q)))  # [count, B, chunk, Hq, dh]
         return jnp.moveaxis(z, 0, 1).reshape(batch, count * chunk, *q.shape[2:])[:, :length]
 
-    def _attend_unreported(self, q, k, v, padding_mask, dropout_key=None):
+    def _attend_unreported(self, q, k, v, padding_mask, paths: AttentionPaths, dropout_key=None):
         """`z` of `attend` over keys `k, v [B, T, Hkv, dh]` at positions
-        `0 ... T - 1` when no attention map is reported: with dropout
-        `attend`; else `flash_attention` where there is one; else, for long
-        inputs, `_attend_in_chunks`; else `_attend_causal_blocks` (or
-        `attend` over every key with `use_fused_attention = False`)."""
+        `0 ... T - 1` when no attention map is reported, by the `paths`:
+        with dropout `attend`; else `flash_attention` where there is one;
+        else, for long inputs, `_attend_in_chunks`; else
+        `_attend_causal_blocks` (or `attend` over every key when not
+        `paths.fused`)."""
         if dropout_key is not None:
             return self.attend(q, k, v, padding_mask, 0, dropout_key)[2]
-        z = flash_attention(q, k, v, padding_mask, self.sliding_window) if self.use_fused_attention else None
+        z = flash_attention(q, k, v, padding_mask, self.sliding_window) if paths.fused else None
         if z is not None:
             return z
-        if q.shape[1] > 2 * self.query_chunk_size:
-            return self._attend_in_chunks(q, k, v, padding_mask)
-        if self.use_fused_attention:
-            return self._attend_causal_blocks(q, k, v, padding_mask)
+        if q.shape[1] > 2 * paths.query_chunk_size:
+            return self._attend_in_chunks(q, k, v, padding_mask, paths.query_chunk_size)
+        if paths.fused:
+            return self._attend_causal_blocks(q, k, v, padding_mask, paths.causal_block)
         return self.attend(q, k, v, padding_mask, 0)[2]
 
-    def apply(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None, cache=None, cache_index=0):
+    def apply(
+        self,
+        params,
+        x,
+        cos,
+        sin,
+        padding_mask,
+        sites=NO_HOOKS,
+        dropout_key=None,
+        cache=None,
+        cache_index=0,
+        *,
+        paths: AttentionPaths,
+    ):
         """One layer's attention.
 
         Args:
@@ -299,6 +307,7 @@ class Phi3Attention(keras.layers.Layer):
                 int 0 and no map reported, attends over its own `T` keys
                 only, as the plain forward does: later slots are future).
             cache_index: int (may be traced), the slot of `x`'s first row.
+            paths: the `AttentionPaths` to run (static: read while tracing).
 
         Returns the attention output `[B, T, D]` (after the output kernel),
         and with a `cache` also the updated `LayerCache`.
@@ -307,12 +316,12 @@ class Phi3Attention(keras.layers.Layer):
         `sites.query_window`, a prefill), `z` comes from
         `_attend_unreported`: `flash_attention` (cuDNN, 16-bit, GPU) where
         there is one; for long inputs (more than two chunks of
-        `query_chunk_size` queries) `_attend_in_chunks`, a running softmax
-        over the key chunks each query chunk sees (bounded memory); else
-        `_attend_causal_blocks` (which skips the future keys). Otherwise, or
-        with `use_fused_attention = False`, `z` comes from `attend` over
-        every key. With `sites.query_window` set, only those query rows of
-        the pattern and scores are reported.
+        `paths.query_chunk_size` queries) `_attend_in_chunks`, a running
+        softmax over the key chunks each query chunk sees (bounded memory);
+        else `_attend_causal_blocks` (which skips the future keys). Otherwise,
+        or when not `paths.fused`, `z` comes from `attend` over every key.
+        With `sites.query_window` set, only those query rows of the pattern
+        and scores are reported.
         """
         dtype = self.compute_dtype
         w = dequantize(params, dtype)
@@ -329,7 +338,7 @@ class Phi3Attention(keras.layers.Layer):
             if isinstance(cache_index, int) and cache_index == 0 and not reported:
                 # A prefill from the first slot: every later slot is in every
                 # query's future, so only the inputs' own keys are attended.
-                z = self._attend_unreported(q, k, v, padding_mask[:, :length], dropout_key)
+                z = self._attend_unreported(q, k, v, padding_mask[:, :length], paths, dropout_key)
             else:
                 keys, values = (slots.astype(dtype) for slots in cache.read())
                 z = self.attend(q, keys, values, padding_mask, cache_index, dropout_key, sites, head_major=True)[2]
@@ -340,7 +349,7 @@ class Phi3Attention(keras.layers.Layer):
         if reported and window is None:
             z = self.attend(q, k, v, padding_mask, 0, dropout_key, sites)[2]
         else:
-            z = self._attend_unreported(q, k, v, padding_mask, dropout_key)
+            z = self._attend_unreported(q, k, v, padding_mask, paths, dropout_key)
             if reported:
                 # Only the window's rows are reported (hooks on attention
                 # maps are refused with a window, so nothing flows back).
@@ -359,7 +368,6 @@ class Phi3Attention(keras.layers.Layer):
                 "num_key_value_heads": self.num_key_value_heads,
                 "dropout": self.dropout,
                 "sliding_window": self.sliding_window,
-                "query_chunk_size": self.query_chunk_size,
             }
         )
         return config

@@ -12,6 +12,7 @@ from jax import numpy as jnp
 from phi3lab.checks import check_token_ids
 from phi3lab.errors import bad_argument
 from phi3lab.model import preset_loader
+from phi3lab.model.attention_paths import AttentionPaths, check_attention_paths
 from phi3lab.model.config import BackboneConfig
 from phi3lab.model.decoder import Phi3DecoderStack
 from phi3lab.model.dtypes import FLOAT8_REFUSAL, QUANTIZABLE_LAYERS, WEIGHT_LAYERS, read_dtype
@@ -206,6 +207,7 @@ class Phi3Backbone(keras.Model):
         positions=None,
         cache=None,
         cache_index=0,
+        attention_paths: AttentionPaths | None = None,
     ):
         """The forward pass as a pure function of `params`.
 
@@ -229,6 +231,9 @@ class Phi3Backbone(keras.Model):
                 their keys and values are written there and every query
                 attends over the cache's slots (prefill and decode steps).
             cache_index: int (may be traced), the cache slot of the first token.
+            attention_paths: the `AttentionPaths` to run, passed to every
+                attention layer (static); None for the model's own
+                (`attention_paths`, the value compiled programs are keyed by).
 
         Returns:
             `(hidden, captures)`: final normalized hidden states `[B, T, D]`
@@ -255,7 +260,14 @@ class Phi3Backbone(keras.Model):
             cos, sin = self.rotary.tables(length, factor_positions=num_positions)
         else:
             cos, sin = self.rotary.tables_at(positions)
-        x = self.decoder.apply(params["decoder"], x, cos, sin, padding_mask, sites, dropout_key, cache, cache_index)
+        paths = (
+            self.attention_paths
+            if attention_paths is None
+            else check_attention_paths("attention_paths", attention_paths)
+        )
+        x = self.decoder.apply(
+            params["decoder"], x, cos, sin, padding_mask, sites, dropout_key, cache, cache_index, paths=paths
+        )
         if cache is not None:
             x, cache = x
         x = sites("ln_final.hook_normalized", self.final_norm.apply(params["final_norm"], x))
@@ -284,15 +296,26 @@ class Phi3Backbone(keras.Model):
         """
         return self.unembed(params, self.final_norm.apply(params["final_norm"], resid))
 
-    def program_settings(self) -> tuple:
-        """What a compiled program depends on beyond its key's inputs: the
-        attention path settings read while tracing
-        (`Phi3Attention.path_settings`). `phi3lab.runtime.compile_cache` keys every
-        program with them, so setting e.g.
-        `model.decoder.attention.use_fused_attention = False` takes effect on
-        the next call instead of reusing a program built with the old value.
+    @property
+    def attention_paths(self) -> AttentionPaths:
+        """How attention is computed when no map is reported (flash, causal
+        blocks, chunks; see `phi3lab.model.AttentionPaths`): one frozen value,
+        which `apply` passes to every attention layer. Programs compiled for
+        the model (`phi3lab.runtime.compile_cache`) are keyed by it, so
+        assigning a new value compiles new programs on the next call, and
+        assigning the old one back reuses the old programs. It is not part of
+        `get_config`: it changes speed and memory, never the function.
+
+        Example:
+        ```python
+        model.attention_paths = dataclasses.replace(model.attention_paths, fused=False)
+        ```
         """
-        return self.decoder.attention.path_settings()
+        return self.decoder.attention.attention_paths
+
+    @attention_paths.setter
+    def attention_paths(self, value: AttentionPaths) -> None:
+        self.decoder.attention.attention_paths = check_attention_paths("attention_paths", value)
 
     def call(self, inputs, training=False):
         token_ids = inputs["token_ids"]

@@ -7,6 +7,7 @@ import keras
 from jax import numpy as jnp
 
 from phi3lab.model.attention import Phi3Attention
+from phi3lab.model.attention_paths import AttentionPaths
 from phi3lab.model.dropout import dropout
 from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.kv_cache import KVCache, LayerCache
@@ -89,7 +90,20 @@ class Phi3DecoderStack(keras.layers.Layer):
             "mlp": self.mlp.params(),
         }
 
-    def block(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None, cache=None, cache_index=0):
+    def block(
+        self,
+        params,
+        x,
+        cos,
+        sin,
+        padding_mask,
+        sites=NO_HOOKS,
+        dropout_key=None,
+        cache=None,
+        cache_index=0,
+        *,
+        paths: AttentionPaths,
+    ):
         """One decoder block from its parameter slice; `x` is `[B, T, D]`.
         With a `cache` (this layer's `LayerCache`, see
         `Phi3Attention.apply`) returns `(x, cache)`."""
@@ -100,7 +114,7 @@ class Phi3DecoderStack(keras.layers.Layer):
             self.attention_norm.apply(params["attention_norm"], x),
         )
         attention_out = self.attention.apply(
-            params["attention"], normalized, cos, sin, padding_mask, sites, keys[0], cache, cache_index
+            params["attention"], normalized, cos, sin, padding_mask, sites, keys[0], cache, cache_index, paths=paths
         )
         if cache is not None:
             attention_out, cache = attention_out
@@ -112,7 +126,20 @@ class Phi3DecoderStack(keras.layers.Layer):
         x = sites("hook_resid_post", x + mlp_out)
         return x if cache is None else (x, cache)
 
-    def apply(self, params, x, cos, sin, padding_mask, sites=NO_HOOKS, dropout_key=None, cache=None, cache_index=0):
+    def apply(
+        self,
+        params,
+        x,
+        cos,
+        sin,
+        padding_mask,
+        sites=NO_HOOKS,
+        dropout_key=None,
+        cache=None,
+        cache_index=0,
+        *,
+        paths: AttentionPaths,
+    ):
         """Run every block.
 
         Args:
@@ -130,6 +157,7 @@ class Phi3DecoderStack(keras.layers.Layer):
             cache: None, or a `KVCache` of every layer (`[L, B, Hkv, S,
                 head_dim]` keys and values), carried through the scan.
             cache_index: the cache slot of `x`'s first position.
+            paths: the `AttentionPaths` every block's attention runs.
 
         Returns:
             The last residual stream `[B, T, D]` (what the blocks captured
@@ -151,7 +179,9 @@ class Phi3DecoderStack(keras.layers.Layer):
             if layer_params is None:
                 layer_params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), params)
             layer_cache = None if cache is None else LayerCache(cache, layer, cache_dtype)
-            out = self.block(layer_params, x, cos, sin, padding_mask, sites.block(start), key, layer_cache, cache_index)
+            out = self.block(
+                layer_params, x, cos, sin, padding_mask, sites.block(start), key, layer_cache, cache_index, paths=paths
+            )
             return (out[0], out[1].cache) if cache is not None else (out, None)
 
         for start, stop in sites.segments(self.num_layers):

@@ -117,8 +117,10 @@ def ahead_of_time(model, key: tuple, fn: Callable, args) -> Program:
 def cached(model, key: tuple, build: Callable[[], Any]):
     """The program stored for `(model, key)`, built by `build()` on first use.
 
-    The key is extended with `model.program_settings()` (attention path
-    settings read while tracing), so a changed setting builds a new program.
+    The key is extended with `model.attention_paths` (the frozen
+    `AttentionPaths` that `Phi3Backbone.apply` passes to every attention
+    layer: the one model setting a program reads while it is traced), so
+    assigning new paths builds new programs.
     The first build of the process switches JAX's on-disk cache on
     (`disk_cache.enable_disk_cache`).
 
@@ -126,7 +128,7 @@ def cached(model, key: tuple, build: Callable[[], Any]):
     >>> run = cached(model, ("forward",), lambda: jax.jit(forward))
     """
     cache = _cache_of(model)
-    key = (*key, model.program_settings())
+    key = (*key, model.attention_paths)
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
