@@ -1,73 +1,194 @@
-"""Real-size smoke: phi3-mini-4k's architecture with random bfloat16 weights.
+"""Real-size report: Phi-3-mini-4k's architecture with random bfloat16 weights.
 
-    .venv/bin/python benchmarks/real_size.py [--workdir /tmp/phi3_real]
+    .venv/bin/python benchmarks/real_size.py [--workdir /tmp/phi3_real] [--steps build save load ...]
+    .venv/bin/python benchmarks/real_size.py --layers 2 --hidden 256 --intermediate 512 --vocabulary 2048
+    (the last: a quick check of the script at a small size)
 
-1. builds `phi3_mini_4k_instruct_en`'s architecture (3.8B parameters) in
-   bfloat16 with random weights and saves it in the Hugging Face layout
-   (sharded safetensors);
-2. in a fresh process, loads it with `Phi3Backbone.from_preset(dir,
-   dtype="bfloat16")`, measuring the peak resident memory against the weight
-   bytes (goal: at most 1.2x);
-3. traces a short prompt (patterns of two layers and the logits).
-Needs about 8 GB of disk and 10 GB of memory.
+Each step runs in a fresh process, so its peak resident memory is its own:
+
+| step | what it does |
+|---|---|
+| baseline | imports phi3lab and starts JAX (what every other step's peak includes) |
+| bandwidth | times copies of 256 MB arrays: the memory bandwidth generation is compared with |
+| build | builds the model (random bfloat16 weights) |
+| save | builds it and writes it with `save_hf_checkpoint` (sharded safetensors) |
+| load | `Phi3Backbone.from_preset(dir, dtype="bfloat16")` |
+| trace16, trace512 | load, then `trace` of 16 / 512 tokens capturing every pattern of two layers and the logits |
+| generate32 | load, then 32 new tokens with the key/value cache (greedy) from a 16-token prompt |
+| int8_trace16 | load with `quantization="int8"`, then the 16-token trace |
+
+For each step it prints the seconds of the step itself (after the load for
+the traces), the process's peak resident memory, both as x the bfloat16
+weight bytes, and beside the peak phi3lab's own estimate (weights plus
+`phi3lab.estimate` / `phi3lab.generation.estimate`'s working set and
+captures). Targets (issue 40): every step <= 1.5x the weights, `load`
+<= 1.2x, the int8 trace <= 6 GB. `--no-host-memory-reuse` runs every step
+with `PHI3LAB_NO_HOST_MEMORY_REUSE=1` (glibc's allocator defaults). At real
+size it needs about 8 GB of disk.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-LOAD = r"""
+STEPS = ("baseline", "bandwidth", "build", "save", "load", "trace16", "trace512", "generate32", "int8_trace16")
+
+CHILD = r"""
 import json, resource, sys, time
+from pathlib import Path
+import jax
 import numpy as np
 import phi3lab
-start = time.time()
-model = phi3lab.Phi3Backbone.from_preset(sys.argv[1], dtype="bfloat16")
-load_seconds = time.time() - start
-peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-weights = sum(int(np.prod(v.shape)) * 2 for v in model.weights)
-start = time.time()
-names = ["blocks.0.attn.hook_pattern", "blocks.31.attn.hook_pattern", "hook_logits"]
-tr = phi3lab.trace(model, np.arange(1, 17)[None], names=names)
-print(json.dumps({"weights_bytes": weights, "peak_rss_after_load": peak_load, "load_seconds": round(load_seconds, 1),
-                  "trace_seconds": round(time.time() - start, 1), "logits_finite": bool(np.isfinite(tr.logits).all()),
-                  "pattern_rows_sum_to_one": bool(np.allclose(tr.attention(31).sum(-1), 1, atol=1e-2))}))
-"""
-
-
-BUILD = r"""
-import json, sys, time
-import phi3lab
 from phi3lab.presets import save_hf_checkpoint
-from phi3lab.presets.registry import BUILTIN
+
+step, workdir, config = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+result = {}
+
+
+def bytes_of(model):
+    return sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in model.weights)
+
+
+def load(**kwargs):
+    start = time.time()
+    model = phi3lab.Phi3Backbone.from_preset(str(workdir), dtype="bfloat16", **kwargs)
+    result["load_seconds"] = time.time() - start
+    return model
+
+
+def trace(model, length):
+    last = model.num_layers - 1
+    names = [f"blocks.{layer}.attn.hook_*" for layer in (0, last)] + ["hook_logits"]
+    estimate = phi3lab.estimate(model, length, names=names)
+    ids = np.random.default_rng(0).integers(1, model.vocabulary_size, (1, length))
+    start = time.time()
+    tr = phi3lab.trace(model, ids, names=names)
+    result["seconds"] = time.time() - start
+    result["estimate"] = bytes_of(model) + estimate.needed
+    result["finite"] = bool(np.isfinite(tr.logits).all())
+
+
 start = time.time()
-model = phi3lab.Phi3Backbone(**{**BUILTIN["phi3_mini_4k_instruct_en"]["config"], "dtype": "bfloat16"})
-build = time.time() - start
-start = time.time()
-save_hf_checkpoint(model, sys.argv[1])
-print(json.dumps({"build_seconds": round(build, 1), "save_seconds": round(time.time() - start, 1)}))
+if step == "baseline":
+    jax.block_until_ready(jax.numpy.zeros(1))
+    result["seconds"] = time.time() - start
+elif step == "bandwidth":
+    source = np.ones(2**26, np.float32)
+    target = np.empty_like(source)
+    np.copyto(target, source)
+    start = time.time()
+    for _ in range(5):
+        np.copyto(target, source)
+    result["seconds"] = time.time() - start
+    result["bytes_per_second"] = 5 * 2 * source.nbytes / result["seconds"]  # each copy reads and writes
+elif step in ("build", "save"):
+    model = phi3lab.Phi3Backbone(**config, dtype="bfloat16")
+    jax.block_until_ready([w.value for w in model.weights])
+    result["seconds"] = time.time() - start
+    result["estimate"] = bytes_of(model)
+    if step == "save":
+        start = time.time()
+        save_hf_checkpoint(model, workdir)
+        result["seconds"] = time.time() - start
+elif step == "load":
+    model = load()
+    result["seconds"] = result.pop("load_seconds")
+    result["estimate"] = bytes_of(model)
+elif step.startswith("trace"):
+    trace(load(), int(step[len("trace"):]))
+elif step == "int8_trace16":
+    trace(load(quantization="int8"), 16)
+elif step == "generate32":
+    model = load()
+    prompt = np.random.default_rng(0).integers(1, model.vocabulary_size, 16)
+    estimate = phi3lab.generation.estimate(model, len(prompt), 32)
+    start = time.time()
+    generation = phi3lab.generate(model, None, prompt, max_new_tokens=32)
+    result["seconds"] = time.time() - start
+    result["tokens_per_second"] = len(generation.new_token_ids) / result["seconds"]
+    result["estimate"] = bytes_of(model) + estimate.needed
+result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(result))
 """
 
 
-def run(script: str, workdir: Path) -> dict:
-    """Run `script` in a fresh process (so each step's memory is its own)."""
-    result = subprocess.run([sys.executable, "-c", script, str(workdir)], capture_output=True, text=True)
+def run_step(step: str, workdir: Path, config: dict, env: dict) -> dict:
+    """Run one step in a fresh process; its report (or the error it died with)."""
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, step, str(workdir), json.dumps(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if result.returncode:
-        raise SystemExit(f"step failed:\n{result.stderr[-4000:]}")
+        return {"error": f"exit {result.returncode}: {result.stderr.strip().splitlines()[-1:]}"}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/phi3_real"))
-    args = parser.parse_args()
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    report = run(BUILD, args.workdir)
-    report.update(run(LOAD, args.workdir))
-    report["peak_over_weights"] = round(report["peak_rss_after_load"] / report["weights_bytes"], 3)
-    print(json.dumps(report, indent=2))
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--no-host-memory-reuse", action="store_true", help="PHI3LAB_NO_HOST_MEMORY_REUSE=1")
+    for name in ("layers", "hidden", "intermediate", "vocabulary"):
+        parser.add_argument(f"--{name}", type=int, help=f"override Phi-3-mini-4k's {name} (a quick check)")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    from phi3lab.presets.registry import BUILTIN
+
+    config = dict(BUILTIN["phi3_mini_4k_instruct_en"]["config"])
+    overrides = {
+        "num_layers": args.layers,
+        "hidden_dim": args.hidden,
+        "intermediate_dim": args.intermediate,
+        "vocabulary_size": args.vocabulary,
+    }
+    config.update({key: value for key, value in overrides.items() if value is not None})
+    env = {**os.environ, "PHI3LAB_NO_HOST_MEMORY_REUSE": "1" if args.no_host_memory_reuse else "0"}
+    if "save" in args.steps:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    sizes = ", ".join(f"{key}={config[key]}" for key in ("num_layers", "hidden_dim", "intermediate_dim"))
+    settings = "off" if args.no_host_memory_reuse else "on"
+    print(f"Phi-3-mini-4k architecture ({sizes}), bfloat16, phi3lab's allocator settings {settings}")
+    weights = None
+    rows = []
+    for step in args.steps:
+        report = run_step(step, args.workdir, config, env)
+        if step in ("build", "load") and "estimate" in report:
+            weights = report["estimate"]  # the weight bytes, as the step counted them
+        rows.append((step, report))
+    bandwidth = dict(rows).get("bandwidth", {}).get("bytes_per_second")
+    generation = dict(rows).get("generate32", {})
+    if bandwidth and weights and "tokens_per_second" in generation:
+        # A greedy decode step reads every weight once: its share of the bandwidth.
+        generation["bandwidth_used"] = generation["tokens_per_second"] * weights / bandwidth
+    gb = lambda n: f"{n / 1e9:.2f} GB"
+    times = lambda n: f"{n / weights:.2f}x" if weights else "?"
+    print(f"weights: {gb(weights) if weights else 'unknown (run build or load)'}\n")
+    print(f"| step | seconds | peak RSS | x weights | estimate | x weights | notes |\n|{'---|' * 7}")
+    for step, report in rows:
+        if "error" in report:
+            print(f"| {step} | | | | | | {report['error']} |")
+            continue
+        notes = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in report.items()
+            if k not in ("seconds", "peak_rss", "estimate")
+        )
+        print(
+            f"| {step} | {report['seconds']:.1f} | {gb(report['peak_rss'])} | {times(report['peak_rss'])} | "
+            f"{gb(report['estimate']) if 'estimate' in report else ''} | "
+            f"{times(report['estimate']) if 'estimate' in report else ''} | {notes} |"
+        )
 
 
 if __name__ == "__main__":

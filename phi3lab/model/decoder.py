@@ -13,7 +13,7 @@ from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.kv_cache import KVCache, LayerCache
 from phi3lab.model.mlp import Phi3MLP
 from phi3lab.model.norm import Phi3RMSNorm
-from phi3lab.model.stacked import from_bits, to_bits
+from phi3lab.model.stacked import from_bits, layer_of, to_bits
 
 
 class Phi3DecoderStack(keras.layers.Layer):
@@ -177,7 +177,7 @@ class Phi3DecoderStack(keras.layers.Layer):
             # loop: slicing the stack per range first would copy it. The
             # cache is carried whole and written in place at its layer.
             if layer_params is None:
-                layer_params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), params)
+                layer_params = jax.tree.map(lambda a: layer_of(a, layer), params)
             layer_cache = None if cache is None else LayerCache(cache, layer, cache_dtype)
             out = self.block(
                 layer_params, x, cos, sin, padding_mask, sites.block(start), key, layer_cache, cache_index, paths=paths

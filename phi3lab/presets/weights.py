@@ -9,19 +9,18 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
+from phi3lab.model.stacked import layer_of, update_slice
 from phi3lab.runtime.host_memory import release_freed_memory
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _set_layer(stacked, value, index):
-    return jax.lax.dynamic_update_index_in_dim(stacked, value, index, 0)
+    return update_slice(stacked, value[None], (index,) + (0,) * value.ndim)
 
 
-@jax.jit
-def layer_slice(stacked: jax.Array, index) -> jax.Array:
-    """Layer `index` of a stacked `[L, ...]` buffer; the index is an input,
-    so one compiled program serves every layer (the writers call it per tensor)."""
-    return jax.lax.dynamic_index_in_dim(stacked, index, keepdims=False)
+# Layer `index` of a stacked `[L, ...]` buffer; the index is an input, so one
+# compiled program serves every layer (the writers call it per tensor).
+layer_slice = jax.jit(layer_of)
 
 
 def model_variables(model) -> dict:
