@@ -1,6 +1,6 @@
 """Training a sparse dictionary: `train(model, data, site=..., kind=..., ...)`.
 
-One compiled step (`phi3lab.compile_cache.jit`) of a pure function of
+One compiled step (`phi3lab.runtime.compile_cache.jit`) of a pure function of
 `(state, inputs, targets)`; the optimiser is optax's Adam with a linear
 warm-up, a constant phase and a linear decay to zero over the last fifth,
 after clipping the gradient's global norm at 1.
