@@ -27,13 +27,15 @@ SAE = "resid_post_2"
 TRANSCODERS = [f"transcoder_{layer}" for layer in range(4)]
 HELD_OUT_SEED = 3000
 HELD_OUT_ROWS = 64  # of 64 tokens: 4,096 tokens
-# name -> (explained variance, CE-loss recovered) asserted; measured in the card.
+# name -> (explained variance, CE-loss recovered) asserted, a little below
+# those measured (card: 0.980 / 0.993, 0.987 / 1.000, 0.988 / 0.997,
+# 0.973 / 0.992, 0.975 / 0.983). The bar for the SAE is 0.9 / 0.9.
 BOUNDS = {
-    SAE: (0.9, 0.9),
-    "transcoder_0": (0.9, 0.9),
-    "transcoder_1": (0.9, 0.9),
-    "transcoder_2": (0.9, 0.9),
-    "transcoder_3": (0.9, 0.9),
+    SAE: (0.97, 0.98),
+    "transcoder_0": (0.98, 0.99),
+    "transcoder_1": (0.98, 0.99),
+    "transcoder_2": (0.96, 0.98),
+    "transcoder_3": (0.96, 0.97),
 }
 MAX_L0 = 32
 # Residual-SAE features chosen by `second_mention_feature` on training prompts
