@@ -43,6 +43,10 @@ MAX_L0 = 32
 # held-out second mentions (a little below those measured: 1.0 and 0.84).
 SECOND_MENTION_FEATURES = {"ABBA": 91, "BABA": 815}
 SECOND_MENTION_RATES = {"ABBA": 0.95, "BABA": 0.8}
+# The residual-SAE feature chosen by `repeated_token_feature` on training periods.
+REPEATED_TOKEN_FEATURE = 740
+TRAIN_PERIODS = (5, 10, 20, 30)
+HELD_OUT_PERIODS = (7, 13, 23)  # never in the model's training (scripts/train_tiny.py)
 
 
 def training_script():
@@ -149,8 +153,12 @@ def second_mention_feature(model, tokenizer, sae, order: str) -> int:
     name order (training names and templates), the feature whose firing rate
     at second mentions most exceeds its firing rate at first mentions."""
     prompts = tasks.name_mover_prompts(256, seed=0, names=tasks.TRAIN_NAMES, templates=tasks.TEMPLATES, orders=(order,))
-    second, first = mention_activations(model, tokenizer, sae, prompts)
-    return int(np.argmax((second > 0).mean(0) - (first > 0).mean(0)))
+    return most_contrasting_feature(*mention_activations(model, tokenizer, sae, prompts))
+
+
+def most_contrasting_feature(positive: np.ndarray, negative: np.ndarray) -> int:
+    """The feature whose firing rate on `positive` rows most exceeds its rate on `negative` rows."""
+    return int(np.argmax((positive > 0).mean(0) - (negative > 0).mean(0)))
 
 
 def test_the_naming_procedure_finds_the_recorded_second_mention_features(model, tokenizer):
@@ -196,3 +204,32 @@ def test_the_baba_feature_tells_which_name_of_the_pair_is_repeated(held_out_ment
     # "a name said again".
     second, _ = held_out_mentions["ABBA"]
     assert firing_rate(second, [SECOND_MENTION_FEATURES["BABA"]]) <= 0.05
+
+
+def copy_activations(model, tokenizer, sae, period: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The SAE's features on 16 random token sequences repeated twice: at the
+    second copy's tokens after its first (`[16 (period - 1), F]`: the token and
+    the one before it were both seen) and at the first copy's (`[16 period, F]`)."""
+    vocab = tokenizer.vocabulary_size - len(tokenizer.special_tokens) + 3  # the plain pieces
+    ids = tasks.repeated_tokens(vocab, period, num_sequences=16, seed=seed, low=3)
+    acts = np.asarray(sae.encode(phi3lab.trace(model, ids, names=sae.config.site)[sae.config.site]))
+    return acts[:, period + 2 :].reshape(-1, sae.config.d_sae), acts[:, 1 : period + 1].reshape(-1, sae.config.d_sae)
+
+
+def test_the_naming_procedure_finds_the_recorded_repeated_token_feature(model, tokenizer):
+    # On training periods (seed 0 + period): the feature firing most more
+    # often on second copies than on first copies.
+    sae = F.from_preset(PRESET, SAE)
+    copies = [copy_activations(model, tokenizer, sae, period, seed=period) for period in TRAIN_PERIODS]
+    second, first = (np.concatenate(part) for part in zip(*copies))
+    assert most_contrasting_feature(second, first) == REPEATED_TOKEN_FEATURE
+
+
+@pytest.mark.parametrize("period", HELD_OUT_PERIODS)
+def test_repeated_token_feature_fires_on_second_copies_not_on_the_same_tokens_first(model, tokenizer, period):
+    # The first copy holds the same tokens at overlapping positions (period 23's
+    # first copy spans period 7's second), so a feature for a token or a
+    # position would fire there too. It fires on a minority of repeats only.
+    second, first = copy_activations(model, tokenizer, F.from_preset(PRESET, SAE), period, seed=HELD_OUT_SEED + period)
+    assert (second[:, REPEATED_TOKEN_FEATURE] > 0).mean() >= 0.25
+    assert (first[:, REPEATED_TOKEN_FEATURE] > 0).mean() <= 0.05
