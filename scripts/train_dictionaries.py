@@ -1,6 +1,12 @@
 """Train sparse dictionaries for the shipped model, seeded (run by hand).
 
-    .venv/bin/python scripts/train_dictionaries.py [--out /tmp/phi3lab_dictionaries] [--tokens 2000000]
+    .venv/bin/python scripts/train_dictionaries.py [--out /tmp/phi3lab_dictionaries] [--transcoders]
+
+The shipped dictionaries (`phi3lab/assets/phi3lab_tiny_en/dictionaries/`, card in
+`docs/features.md`) are this command's output:
+
+    .venv/bin/python scripts/train_dictionaries.py --transcoders \
+        --out phi3lab/assets/phi3lab_tiny_en/dictionaries
 
 A top-k SAE on `blocks.{--layer}.hook_resid_post` and, with `--transcoders`,
 one top-k transcoder per layer (`ln2.hook_normalized` -> `hook_mlp_out`),
@@ -44,7 +50,8 @@ def main():
     parser.add_argument("--layer", type=int, default=2)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--k", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=2_000_000)
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens of the SAE")
+    parser.add_argument("--transcoder-tokens", type=int, default=500_000, help="training tokens per transcoder")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -55,11 +62,13 @@ def main():
     tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
     train_ids = rows(tokenizer, 4000, seed=1000 + args.seed)
     held_out = rows(tokenizer, 200, seed=2000 + args.seed)[:64]
-    jobs = {f"resid_post_{args.layer}": dict(site=f"blocks.{args.layer}.hook_resid_post")}
+    jobs = {f"resid_post_{args.layer}": dict(site=f"blocks.{args.layer}.hook_resid_post", tokens=args.tokens)}
     if args.transcoders:
         for layer in range(model.num_layers):
             jobs[f"transcoder_{layer}"] = dict(
-                site=f"blocks.{layer}.ln2.hook_normalized", target_site=f"blocks.{layer}.hook_mlp_out"
+                site=f"blocks.{layer}.ln2.hook_normalized",
+                target_site=f"blocks.{layer}.hook_mlp_out",
+                tokens=args.transcoder_tokens,
             )
     for name, sites in jobs.items():
         start = time.perf_counter()
@@ -69,7 +78,6 @@ def main():
             kind="topk",
             width=args.width,
             k=args.k,
-            tokens=args.tokens,
             batch_size=args.batch,
             lr=args.lr,
             seed=args.seed,

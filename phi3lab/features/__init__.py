@@ -2,13 +2,15 @@
 
 Public names: `SparseDictionary` (a JAX pytree: `encode`, `decode`,
 `__call__`), `DictionaryConfig`, `KINDS`, `load` / `from_pretrained` (SAELens'
-file format, `hf://` handles), `train` (-> `TrainResult`), `evaluate` (a
-DataFrame row), `attribute` (activation x gradient per feature and position,
--> `FeatureAttribution`) and `hooks` (splicing a dictionary into a run).
+file format, `hf://` handles), `from_preset` (the dictionaries a preset
+ships), `train` (-> `TrainResult`), `evaluate` (a DataFrame row),
+`attribute` (activation x gradient per feature and position, ->
+`FeatureAttribution`) and `hooks` (splicing a dictionary into a run).
 
 Example:
 ```python
 import phi3lab.features as F
+sae = F.from_preset("phi3lab_tiny_en", "resid_post_2")  # shipped; card in docs/features.md
 sae = F.load("path/to/sae")                        # cfg.json + sae_weights.safetensors
 sae = F.train(model, ids, site="blocks.2.hook_resid_post", kind="topk", width=1024, k=16,
               tokens=1_000_000, batch_size=1024).dictionary
@@ -22,7 +24,7 @@ from phi3lab.features import hooks
 from phi3lab.features.attribution import FeatureAttribution, attribute
 from phi3lab.features.dictionary import KINDS, DictionaryConfig, SparseDictionary
 from phi3lab.features.evaluation import evaluate
-from phi3lab.features.saelens_format import from_pretrained, load
+from phi3lab.features.saelens_format import from_preset, from_pretrained, load
 from phi3lab.features.training import TrainResult, train
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "SparseDictionary",
     "TrainResult",
     "evaluate",
+    "from_preset",
     "from_pretrained",
     "hooks",
     "load",

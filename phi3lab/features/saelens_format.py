@@ -28,11 +28,13 @@ from pathlib import Path
 import numpy as np
 from jax import numpy as jnp
 
-from phi3lab.errors import bad_argument
+from phi3lab.errors import bad_argument, close_matches
 from phi3lab.features.dictionary import NORMALIZATIONS, DictionaryConfig, SparseDictionary
 from phi3lab.presets.safetensors_io import SafetensorsFile, write_safetensors
 
 CONFIG_FILE = "cfg.json"
+# Where a preset directory keeps its dictionaries, one folder per name.
+DICTIONARIES = "dictionaries"
 WEIGHTS_FILE = "sae_weights.safetensors"
 # The SAELens file layout phi3lab writes (its 6.x config); SAELens reads older layouts differently.
 FORMAT_VERSION = "6.0.0"
@@ -217,3 +219,30 @@ def from_pretrained(source: str, subfolder: str | None = None) -> SparseDictiona
 
         return load(download(source, subfolder=subfolder))
     return load(Path(source) / (subfolder or ""))
+
+
+def from_preset(preset: str, name: str) -> SparseDictionary:
+    """A dictionary shipped with a model preset: `<preset>/dictionaries/<name>/`.
+
+    Args:
+        preset: a built-in preset name (`"phi3lab_tiny_en"`), a local preset
+            directory or a `kaggle://` / `hf://` handle.
+        name: the dictionary's folder, e.g. `"resid_post_2"` or
+            `"transcoder_0"` (see `docs/features.md`).
+
+    Returns:
+        The `SparseDictionary`, with its site(s) in its config.
+
+    Example:
+    >>> sae = phi3lab.features.from_preset("phi3lab_tiny_en", "resid_post_2")
+    >>> sae.config.site
+    'blocks.2.hook_resid_post'
+    """
+    from phi3lab.presets.registry import resolve_preset_dir
+
+    folder = resolve_preset_dir(preset) / DICTIONARIES
+    names = sorted(path.name for path in folder.iterdir() if (path / CONFIG_FILE).is_file()) if folder.is_dir() else []
+    if name not in names:
+        accepted = f"one of {names} (closest: {close_matches(str(name), names)})" if names else "a dictionary name"
+        raise bad_argument("name", name, f"{accepted}; the preset {preset!r} ships {len(names)} dictionaries")
+    return load(folder / name)
