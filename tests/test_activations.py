@@ -302,7 +302,7 @@ def test_bad_input_names_the_argument(model):
         collect(model, [], site, progress=False)
     with pytest.raises(ValueError, match=r"`tokenizer` must be a Phi3Tokenizer when `data` holds text \(data\[0\]\)"):
         collect(model, ["some text"], site, progress=False)
-    with pytest.raises(ValueError, match=r"`data\[1\]` must be in \[0, 96\)"):
+    with pytest.raises(ValueError, match=r"`data\[1\]` must be token ids in \[0, 96\) .*out of range: \[96\]"):
         collect(model, [docs[0], np.array([1, 96])], site, progress=False)
     with pytest.raises(ValueError, match=r"`data\[0\]` must be a non-empty text"):
         collect(model, [[]], site, progress=False)

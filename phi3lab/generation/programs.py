@@ -73,10 +73,13 @@ def placed(program: compile_cache.Program, args) -> tuple:
     """`args` on the devices `program` was compiled for. The cache and logits
     one program returns are laid out as XLA chose for its outputs, which on
     a sharded model differs from the layout the next program takes them in;
-    arrays already in place (every one on a single device) are not copied."""
+    arrays already in place (every one on a single device) are not copied,
+    nor are inputs the program does not read (XLA drops them: no sharding)."""
     wanted = program.compiled.input_shardings[0]
 
     def place(arg, sharding):
+        if sharding is None:
+            return arg
         if isinstance(arg, jax.Array) and not arg.sharding.is_equivalent_to(sharding, arg.ndim):
             return jax.device_put(arg, sharding)
         return arg
