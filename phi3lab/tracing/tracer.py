@@ -125,15 +125,20 @@ def _traced_run(model, fn: ForwardFn, token_ids, mask, memory_budget) -> Trace:
     hidden, captures = fn.run(model.params(), token_ids, mask, fn.hook_data)
     with jax.ensure_compile_time_eval():  # the rotary tables depend on the length alone: concrete
         rope = describe_rotary(model.rotary, token_ids.shape[1])
+    return _result(fn, captures, hidden, token_ids, mask, None, rope)
+
+
+def _result(fn: ForwardFn, captures: dict, output, token_ids, mask, tokens, rope) -> Trace:
+    """The `Trace` of one run of `fn`: its captures in catalogue order."""
     plan = fn.plan
     return Trace(
-        {name: captures[name] for name in all_names(model) if name in captures},
+        {name: captures[name] for name in all_names(fn.model) if name in captures},
         token_ids=token_ids,
         padding_mask=mask,
-        tokens=None,
-        output=hidden,
+        tokens=tokens,
+        output=output,
         rope=rope,
-        model=model,
+        model=fn.model,
         query_window=plan.query_window,
         attention_heads=plan.attention_heads,
     )
@@ -253,20 +258,9 @@ def trace(
     run = compiled_program(fn, args, num_positions, length if fn.hooks and padded != length else None)
     check_fits(measure(run, params), memory_budget)
     hidden, captures = run(*args)
-    plan = fn.plan
     arrays = {name: _unpadded(name, np.asarray(value), length) for name, value in captures.items()}
-    ordered = {name: arrays[name] for name in all_names(model) if name in arrays}
-    return Trace(
-        ordered,
-        token_ids=token_ids,
-        padding_mask=mask,
-        tokens=tokens,
-        output=np.asarray(hidden)[:, :length],
-        rope=describe_rotary(model.rotary, length),
-        model=model,
-        query_window=plan.query_window,
-        attention_heads=plan.attention_heads,
-    )
+    output = np.asarray(hidden)[:, :length]
+    return _result(fn, arrays, output, token_ids, mask, tokens, describe_rotary(model.rotary, length))
 
 
 def estimate(
