@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import jax
 import keras
@@ -15,20 +14,18 @@ from phi3lab.model import preset_loader
 from phi3lab.model.attention_paths import AttentionPaths, check_attention_paths
 from phi3lab.model.config import BackboneConfig
 from phi3lab.model.decoder import Phi3DecoderStack
-from phi3lab.model.dtypes import FLOAT8_REFUSAL, QUANTIZABLE_LAYERS, WEIGHT_LAYERS, read_dtype
+from phi3lab.model.dtypes import (
+    QUANTIZABLE_LAYERS,
+    WEIGHT_LAYERS,
+    check_quantize_mode,
+    read_dtype,
+    serialized_policy_map,
+)
 from phi3lab.model.embedding import Phi3TokenEmbedding
 from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.norm import Phi3RMSNorm
 from phi3lab.model.quantize import quantize_layer
 from phi3lab.runtime import compile_cache
-
-
-class _ClassProperty:
-    def __init__(self, getter):
-        self.getter = getter
-
-    def __get__(self, instance, owner):
-        return self.getter(owner)
 
 
 @keras.saving.register_keras_serializable(package="phi3lab")
@@ -339,13 +336,9 @@ class Phi3Backbone(keras.Model):
     def get_config(self):
         config = super().get_config()
         config.update(self.backbone_config.to_dict())
-        # A quantized model's dtype is keras' DTypePolicyMap: the float policy
-        # and each quantized layer's own (as keras-hub's backbones write it).
-        layers = self.weight_layers().items()
-        quantized = {path: layer.dtype_policy for path, layer in layers if layer.quantization_mode}
-        if quantized:
-            policy_map = keras.dtype_policies.DTypePolicyMap(self.dtype_policy, quantized)
-            config["dtype"] = keras.dtype_policies.serialize(policy_map)
+        policy_map = serialized_policy_map(self.dtype_policy, self.weight_layers())
+        if policy_map is not None:
+            config["dtype"] = policy_map
         return config
 
     def quantize(self, mode: str, **kwargs) -> None:
@@ -376,23 +369,13 @@ class Phi3Backbone(keras.Model):
         tr = phi3lab.trace(model, ids, names="blocks.0.attn.hook_z")
         ```
         """
-        if mode == "float8":
-            raise bad_argument("mode", mode, f'"int8" ({FLOAT8_REFUSAL})')
-        if mode != "int8" or kwargs:
-            raise bad_argument(
-                "mode",
-                mode if not kwargs else (mode, kwargs),
-                '"int8" (weight-only, per-output-channel scales; no other mode or option is supported)',
-            )
+        check_quantize_mode(mode, kwargs)
         if self.quantization == "int8":
             raise ValueError("This model is already quantized (quantization='int8').")
         self._quantize_kernels()
         self._set_config(dataclasses.replace(self.backbone_config, quantization=mode))
 
-    @_ClassProperty
-    def presets(cls) -> dict:
-        """Built-in preset names and their descriptions."""
-        return preset_loader.installed().builtin_presets()
+    presets = preset_loader.BuiltinPresets()
 
     @classmethod
     def from_preset(cls, preset: str, load_weights: bool = True, **kwargs) -> "Phi3Backbone":
@@ -411,20 +394,5 @@ class Phi3Backbone(keras.Model):
         return preset_loader.installed().load(cls, preset, load_weights=load_weights, **kwargs)
 
 
-def _signature() -> inspect.Signature:
-    """The constructor's signature, from `BackboneConfig`: its fields, with
-    `dtype` where keras-hub's constructor has it (after the rotary factors)."""
-    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    fields = BackboneConfig.signature()
-    at = [p.name for p in fields].index("rope_scaling_long_factor") + 1
-    return inspect.Signature(
-        [inspect.Parameter("self", kind)]
-        + fields[:at]
-        + [inspect.Parameter("dtype", kind, default=None)]
-        + fields[at:]
-        + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
-    )
-
-
-_SIGNATURE = _signature()
+_SIGNATURE = BackboneConfig.constructor_signature()
 Phi3Backbone.__init__.__signature__ = _SIGNATURE

@@ -202,12 +202,22 @@ class BackboneConfig:
         }
 
     @classmethod
-    def signature(cls) -> list[inspect.Parameter]:
-        """The fields as `inspect.Parameter`s (for the constructor's signature)."""
+    def constructor_signature(cls) -> inspect.Signature:
+        """`Phi3Backbone.__init__`'s signature: `self`, the fields, with
+        `dtype` where keras-hub's constructor has it (after the rotary
+        factors), then `**kwargs` for Keras' layer arguments."""
         kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        return [
+        fields = [
             inspect.Parameter(field.name, kind, default=field.default)
             if field.default is not dataclasses.MISSING
             else inspect.Parameter(field.name, kind)
             for field in dataclasses.fields(cls)
         ]
+        at = [p.name for p in fields].index("rope_scaling_long_factor") + 1
+        return inspect.Signature(
+            [inspect.Parameter("self", kind)]
+            + fields[:at]
+            + [inspect.Parameter("dtype", kind, default=None)]
+            + fields[at:]
+            + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+        )

@@ -65,6 +65,29 @@ class DTypeChoice:
     quantization: str | None = None
 
 
+def serialized_policy_map(policy: keras.DTypePolicy, layers: dict) -> dict | None:
+    """The `dtype` a quantized model's `get_config()` writes: keras'
+    DTypePolicyMap of the float `policy` and each quantized layer's own (as
+    keras-hub's backbones write it), serialized; None when `layers` (path ->
+    layer, as `Phi3Backbone.weight_layers()` gives them) holds no quantized one."""
+    quantized = {path: layer.dtype_policy for path, layer in layers.items() if layer.quantization_mode}
+    if not quantized:
+        return None
+    return keras.dtype_policies.serialize(keras.dtype_policies.DTypePolicyMap(policy, quantized))
+
+
+def check_quantize_mode(mode: str, options: dict) -> None:
+    """`Phi3Backbone.quantize`'s arguments: `"int8"` and no options."""
+    if mode == "float8":
+        raise bad_argument("mode", mode, f'"int8" ({FLOAT8_REFUSAL})')
+    if mode != "int8" or options:
+        raise bad_argument(
+            "mode",
+            mode if not options else (mode, options),
+            '"int8" (weight-only, per-output-channel scales; no other mode or option is supported)',
+        )
+
+
 def read_dtype(dtype) -> DTypeChoice:
     """Check the backbone's `dtype` argument and say what it asks for.
 

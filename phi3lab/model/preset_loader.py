@@ -41,3 +41,11 @@ def installed() -> PresetLoader:
             "`import phi3lab` does. Import phi3lab (or phi3lab.presets) before calling from_preset."
         )
     return _installed
+
+
+class BuiltinPresets:
+    """`Phi3Backbone.presets`: built-in preset names and their descriptions,
+    read on the class or an instance from the installed loader."""
+
+    def __get__(self, instance, owner) -> dict:
+        return installed().builtin_presets()
