@@ -76,16 +76,17 @@ test: $(STAMP) $(KERAS_HUB_SUITE_STAMP) browser lint
 		if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then status=$$rc; fi; \
 	done; exit $$status
 
-# TransformerLens 3.9 for the comparison rows of benchmarks/trace.py. The
-# installed torch, numpy, jax and keras are pinned by a constraints file, so
-# pip may add TransformerLens' dependencies but never change those
+# TransformerLens 4 (TransformerBridge) for the comparison rows of
+# benchmarks/trace.py and benchmarks/activations.py. SAELens (a test oracle)
+# pins transformer-lens<4 and brings 3.x into the venv, so 4.x goes into a side
+# folder that only the benchmark processes put first on sys.path
+# (benchmarks/_transformer_lens.py), without dependencies: the venv already
+# holds them, and torch, numpy, jax and keras stay as they are
 # (PIP_ARGS=--dry-run shows what it would install).
-BENCH_CONSTRAINTS := $(VENV)/bench-constraints.txt
+TRANSFORMER_LENS_4 := $(VENV)/transformer-lens-4
 PIP_ARGS ?=
 bench-deps: $(STAMP)
-	$(BIN)/python -c "import importlib.metadata as m; \
-	print('\n'.join(f'{p}=={m.version(p)}' for p in ('torch', 'numpy', 'jax', 'jaxlib', 'keras')))" > $(BENCH_CONSTRAINTS)
-	$(BIN)/pip install $(PIP_ARGS) -c $(BENCH_CONSTRAINTS) "transformer-lens==3.9.*"
+	$(BIN)/pip install $(PIP_ARGS) --quiet --upgrade --no-deps --target $(TRANSFORMER_LENS_4) "transformer-lens==4.3.*"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -11,10 +11,14 @@ model (`_common.CONFIG`). After a first (compiling) collection, in one process:
 - `collect (memory)` and `collect (disk)`: one residual site, every real
   token, into memory and into a Zarr store in a temporary directory;
 - `trace loop`: `phi3lab.trace` of one document at a time over the first
-  `--trace-texts` documents (warmed on one document per bucket).
+  `--trace-texts` documents (warmed on one document per bucket);
+- `TransformerLens 4` (when `make bench-deps` installed it): a
+  `TransformerBridge` of the same shapes, `run_with_cache` with a
+  `names_filter` for the site over the same padded batches with their
+  attention mask, keeping the real tokens' rows (torch CPU).
 
 Prints tokens/s of each, the ratios the issue asks for (collect / forward
->= 0.85, collect / trace loop >= 3, disk / memory >= 0.8), and the programs
+>= 0.85, collect / trace loop >= 3, disk / memory >= 0.8, collect / TransformerLens > 1), and the programs
 collect compiled against the length buckets the corpus touches.
 """
 
@@ -58,6 +62,36 @@ def plain_forward(model, docs, sizes: dict, window: int):
     return run
 
 
+def transformer_lens_collection(model, docs, sizes: dict, window: int, site: str, threads: int | None):
+    """A no-argument callable that collects `site` with TransformerLens 4
+    (`run_with_cache` with a `names_filter`, batched as TL users batch:
+    the very padded batches `collect` runs, with their attention mask) and
+    keeps the real tokens' rows as NumPy arrays, or None without TL 4."""
+    from _transformer_lens import bridge
+
+    from phi3lab.activations import corpus as batching
+
+    peer = bridge(CONFIG, n_ctx=model.max_sequence_length, threads=threads)
+    if peer is None:
+        return None
+    torch, tl_model = peer
+    stream = iter(enumerate(docs))
+    padded = [
+        (torch.from_numpy(b.token_ids.astype(np.int64)), torch.from_numpy(b.padding_mask), b.docs >= 0)
+        for b in batching.batches(stream, model, lambda key, _: sizes[f"{key[0]},{key[1]}"], window)
+    ]
+
+    def run():
+        rows = []
+        with torch.no_grad():
+            for ids, mask, real in padded:
+                _, cache = tl_model.run_with_cache(ids, names_filter=[site], attention_mask=mask.long())
+                rows.append(cache[site][mask & torch.from_numpy(real)[:, None]].numpy())
+        return rows
+
+    return run
+
+
 def timed(run) -> float:
     start = time.perf_counter()
     run()
@@ -71,6 +105,8 @@ def main():
     parser.add_argument("--min-tokens", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=300)
     parser.add_argument("--site", default="blocks.6.hook_resid_post")
+    parser.add_argument("--no-transformer-lens", action="store_true")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads for TransformerLens")
     args = parser.parse_args()
 
     import phi3lab
@@ -109,6 +145,14 @@ def main():
             "collect (disk)": timed(lambda: collect(model, docs, args.site, progress=False, store=f"{directory}/s")),
         }
     trace_seconds = timed(trace_loop)
+    peer = (
+        None
+        if args.no_transformer_lens
+        else transformer_lens_collection(model, docs, sizes, WINDOW, args.site, args.torch_threads)
+    )
+    if peer is not None:
+        peer()  # warm-up
+        seconds["TransformerLens 4"] = timed(peer)
     rates = {name: tokens / value for name, value in seconds.items()}
     rates["trace loop"] = sum(len(d) for d in trace_docs) / trace_seconds
 
@@ -120,8 +164,10 @@ def main():
         ("collect (memory)", "plain forward", 0.85),
         ("collect (memory)", "trace loop", 3.0),
         ("collect (disk)", "collect (memory)", 0.8),
+        ("collect (memory)", "TransformerLens 4", 1.0),
     ):
-        print(f"{top + ' / ' + bottom:36s} {rates[top] / rates[bottom]:6.2f}  (target >= {target})")
+        if bottom in rates:
+            print(f"{top + ' / ' + bottom:36s} {rates[top] / rates[bottom]:6.2f}  (target >= {target})")
     print(f"programs compiled by collect: {compiled} for {len(buckets)} buckets touched; first run {cold:.1f} s")
 
 

@@ -18,9 +18,10 @@ Rows:
                          making the scores opt-in?)
   trace: patterns only   names="blocks.*.attn.hook_pattern"
   trace: residual only   names="blocks.*.hook_resid_*"
-and, when transformer_lens is importable, a HookedTransformer of the same
-shapes on torch CPU: its forward, run_with_cache (everything) and
-run_with_cache with a names_filter for the patterns.
+and, when TransformerLens 4 is installed (`make bench-deps`), a
+TransformerBridge of the same shapes on torch CPU (`_transformer_lens.py`):
+its forward, run_with_cache (everything) and run_with_cache with a
+names_filter for the patterns.
 
   fill of a full trace's arrays
                          a jitted program that only fills new arrays of the
@@ -45,6 +46,7 @@ import time
 import jax
 import numpy as np
 from _common import CONFIG, machine, median_times, print_ratio_rows, random_model
+from _transformer_lens import bridge
 from jax import numpy as jnp
 
 import phi3lab  # noqa: F401  (selects the JAX backend)
@@ -143,32 +145,12 @@ def phi3lab_variants(model, ids):
 
 
 def transformer_lens_variants(length: int, threads: int | None = None):
-    try:
-        import torch
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-    except Exception as error:  # not installed, or a dependency missing
-        print(f"(transformer_lens not importable: {type(error).__name__}: {error})")
+    """TransformerLens 4's forward and `run_with_cache` on the same shapes,
+    or None when it is not installed (`make bench-deps`)."""
+    peer = bridge(CONFIG, n_ctx=max(length, 512), threads=threads)
+    if peer is None:
         return None
-    if threads is not None:
-        torch.set_num_threads(threads)
-    print(f"TransformerLens on torch {torch.__version__} CPU, {torch.get_num_threads()} threads")
-    config = HookedTransformerConfig(
-        d_model=CONFIG["hidden_dim"],
-        n_layers=CONFIG["num_layers"],
-        n_heads=CONFIG["num_query_heads"],
-        d_head=CONFIG["hidden_dim"] // CONFIG["num_query_heads"],
-        d_mlp=CONFIG["intermediate_dim"],
-        d_vocab=CONFIG["vocabulary_size"],
-        act_fn="silu",
-        gated_mlp=True,
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        n_ctx=512,
-        dtype=torch.float32,
-        device="cpu",
-        seed=0,
-    )
-    model = HookedTransformer(config).eval()
+    torch, model = peer
     ids = torch.randint(0, CONFIG["vocabulary_size"], (1, length))
     patterns = lambda name: name.endswith("hook_pattern")
 
