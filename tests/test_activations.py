@@ -193,6 +193,26 @@ def test_disk_store_reopened_in_a_fresh_process_equals_memory(model, tmp_path):
     assert_same_store(arrays_of(disk), memory)
 
 
+def test_bfloat16_rows_are_the_float32_rows_rounded_in_memory_and_on_disk(model, tmp_path):
+    import ml_dtypes
+
+    docs, name = corpus(SHORT[:3]), "blocks.1.hook_resid_post"
+    exact = collect(model, docs, name, batch_size=2, progress=False)
+    rounded = np.asarray(exact[name]).astype(ml_dtypes.bfloat16)
+    memory = collect(model, docs, name, batch_size=2, dtype="bfloat16", progress=False)
+    disk = collect(model, docs, name, batch_size=2, dtype="bfloat16", progress=False, store=tmp_path / "bf16")
+    for store in (memory, disk, phi3lab.activations.open(tmp_path / "bf16")):
+        assert store[name].dtype == np.dtype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(np.asarray(store[name]).view(np.uint16), rounded.view(np.uint16))
+        np.testing.assert_array_equal(store[name][[4, 1]].view(np.uint16), rounded[[4, 1]].view(np.uint16))
+        np.testing.assert_allclose(store.mean(name), rounded.astype(np.float64).mean(0), rtol=1e-6, atol=1e-6)
+        assert sum(len(b) for b in store.batches(name, 5)) == len(rounded)
+    # Half the bytes of float32 on disk: Zarr holds 16 bits per value.
+    import zarr
+
+    assert zarr.open_array(tmp_path / "bf16" / name, mode="r").dtype.itemsize == 2
+
+
 def test_store_errors(model, tmp_path):
     docs = corpus(SHORT[:2])
     collect(model, docs, "blocks.0.hook_resid_post", progress=False, store=tmp_path / "acts")

@@ -16,6 +16,7 @@ from phi3lab.activations.store import (
     MemorySink,
     ZarrSink,
     model_fingerprint,
+    row_dtype,
     tokenizer_description,
 )
 from phi3lab.checks import check_choice, check_positive_int
@@ -25,7 +26,7 @@ from phi3lab.tracing.forward import ForwardFn, as_hooks, forward_fn
 from phi3lab.tracing.memory import CaptureTooLarge, check_fits, measure
 from phi3lab.tracing.names import BLOCK_SITES, MODEL_SITES, Selection, all_names, select, site_shape, split_name
 
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "bfloat16")
 WINDOW = 1024  # documents sorted into buckets together
 TOKENS_PER_BATCH = 8192  # the batch size picked for a bucket, in tokens, before the memory check
 
@@ -200,7 +201,9 @@ def collect(
             token) or a function `fn(ids [L]) -> bool [L]` choosing them.
         store: None (in memory) or a directory: a Zarr v3 store written a
             batch at a time.
-        dtype: `"float32"` or `"float16"`: the stored dtype.
+        dtype: `"float32"`, `"float16"` or `"bfloat16"` (half the bytes of
+            float32 with its range; stored on disk as its 16 bits, read back
+            as `ml_dtypes.bfloat16`): the stored dtype.
         progress: show a tqdm bar with tokens/s (None: when attached to a
             terminal or notebook; False: never).
         memory_budget: bytes a batch may use (default the device's free
@@ -227,6 +230,7 @@ def collect(
     """
     chosen, shapes = _sites(model, names)
     check_choice("dtype", dtype, DTYPES)
+    stored = row_dtype(dtype)
     if not (positions in ("all", "last") if isinstance(positions, str) else callable(positions)):
         raise bad_argument("positions", positions, '"all", "last" or a function fn(ids [L]) -> bool mask [L]')
     for argument, value in (("batch_size", batch_size), ("max_length", max_length), ("memory_budget", memory_budget)):
@@ -272,7 +276,7 @@ def collect(
             keep = _positions_mask(positions, batch)
             _, ids, mask = mesh.put((), batch.token_ids, batch.padding_mask)
             _, captures = programs.programs[batch.key](params, ids, mask, fn.hook_data)
-            rows = {name: np.asarray(captures[name])[keep].astype(dtype, copy=False) for name in chosen}
+            rows = {name: np.asarray(captures[name])[keep].astype(stored, copy=False) for name in chosen}
             rows_of, position = np.nonzero(keep)
             rows["doc"] = batch.docs[rows_of]
             rows["position"] = position.astype(np.int32)

@@ -27,6 +27,19 @@ _TAG_DTYPES = {"doc": np.int64, "position": np.int32, "token_id": np.int32}
 _CHUNK_BYTES = 4 << 20  # rows per on-disk chunk: about 4 MiB of one array
 _READ_BYTES = 64 << 20  # rows read at a time by `mean` and `batches`
 _TO_NUMPY_LIMIT = 4 << 30
+# Zarr v3 has no bfloat16 data type: such rows are written as their 16 bits
+# (uint16) and viewed back as bfloat16 when read.
+_BITS = {"bfloat16": np.uint16}
+
+
+def row_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of rows stored as `name` ("float32", "float16",
+    "bfloat16": `ml_dtypes.bfloat16`)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def model_fingerprint(model) -> str:
@@ -53,10 +66,16 @@ class LazyRows:
     `lazy[a:b]`, `lazy[indices]`, `np.asarray(lazy)`; `shape`, `dtype`, `len`.
     """
 
-    def __init__(self, array, rows: int):
+    def __init__(self, array, rows: int, dtype: np.dtype | None = None):
         self._array = array
         self.shape = (rows, *array.shape[1:])
-        self.dtype = np.dtype(array.dtype)
+        self.dtype = np.dtype(array.dtype) if dtype is None else dtype
+
+    def _read(self, values):
+        """`values` read from the array, viewed as this array's dtype (a
+        bfloat16 store's bits)."""
+        values = np.asarray(values)
+        return values if values.dtype == self.dtype else values.view(self.dtype)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -64,14 +83,16 @@ class LazyRows:
     def __getitem__(self, index):
         rows = self.shape[0]
         if isinstance(index, slice):
-            return self._array[slice(*index.indices(rows))]
+            return self._read(self._array[slice(*index.indices(rows))])
         if isinstance(index, tuple):
             return np.asarray(self[index[0]])[(slice(None), *index[1:])]
         indices = np.arange(rows)[index]  # bounds and negative indices as NumPy
-        return self._array.get_orthogonal_selection(indices) if np.ndim(indices) else self._array[int(indices)]
+        return self._read(
+            self._array.get_orthogonal_selection(indices) if np.ndim(indices) else self._array[int(indices)]
+        )
 
     def __array__(self, dtype=None, copy=None):
-        array = self._array[: self.shape[0]]
+        array = self._read(self._array[: self.shape[0]])
         return array if dtype is None else array.astype(dtype)
 
     def __repr__(self):
@@ -250,7 +271,7 @@ class MemorySink:
         arrays = {}
         for name in self.metadata["names"]:
             parts = self._parts[name]
-            arrays[name] = np.concatenate(parts) if parts else np.zeros((0, *shapes[name]), dtype)
+            arrays[name] = np.concatenate(parts) if parts else np.zeros((0, *shapes[name]), row_dtype(dtype))
         tags = {tag: np.concatenate(self._parts[tag] or [np.zeros(0, _TAG_DTYPES[tag])]) for tag in TAGS}
         return ActivationStore(arrays, tags, dict(self.metadata, complete=True), self.tokenizer)
 
@@ -284,7 +305,9 @@ class ZarrSink:
             self.metadata = dict(metadata, rows=0, documents=0, batches=0, complete=False)
             for name in (*metadata["names"], *TAGS):
                 shape = tuple(metadata["shapes"][name]) if name in metadata["shapes"] else ()
-                dtype = metadata["dtype"] if name in metadata["shapes"] else _TAG_DTYPES[name]
+                dtype = (
+                    _BITS.get(metadata["dtype"], metadata["dtype"]) if name in metadata["shapes"] else _TAG_DTYPES[name]
+                )
                 row_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
                 chunk = max(1, _CHUNK_BYTES // row_bytes)
                 # Activations barely compress; writing them raw keeps up with the forward.
@@ -304,7 +327,7 @@ class ZarrSink:
         for key, value in rows.items():
             array = self.arrays[key]
             array.resize((stop, *array.shape[1:]))
-            array[start:stop] = value
+            array[start:stop] = value.view(array.dtype) if value.dtype != array.dtype else value
         self.metadata.update(
             rows=stop, documents=self.metadata["documents"] + documents, batches=self.metadata["batches"] + 1
         )
@@ -365,6 +388,7 @@ def open_store(path, model=None, tokenizer=None) -> ActivationStore:
             "Open it with the model it was collected with."
         )
     rows = int(metadata["rows"])
-    arrays = {name: LazyRows(group[name], rows) for name in metadata["names"]}
+    dtype = row_dtype(metadata["dtype"])
+    arrays = {name: LazyRows(group[name], rows, dtype) for name in metadata["names"]}
     tags = {tag: LazyRows(group[tag], rows) for tag in TAGS}
     return ActivationStore(arrays, tags, metadata, tokenizer, path)
