@@ -1,0 +1,372 @@
+"""Feature attribution graphs: `attribution_graph()` -> `AttributionGraph`.
+
+For one prompt and one output logit, the graph of direct effects in the
+replacement model (`phi3lab.circuits.replacement`): nodes are the active
+transcoder features (per layer, position and feature), the token embeddings
+(per position), the error terms (per layer and position) and the target logit;
+an edge is the direct effect of its sender on its receiver, so each receiver's
+value is exactly the sum of its incoming edges plus its bias. Pruned by
+influence on the logit (`phi3lab.circuits.influence`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from jax import numpy as jnp
+
+from phi3lab.checks import check_index, check_positive_int, check_token_ids
+from phi3lab.circuits import influence as graph_influence
+from phi3lab.circuits.replacement import READS, WRITES, effects_program, replacement_parts, resolve_transcoders
+from phi3lab.errors import bad_argument
+from phi3lab.tracing.names import block_name
+
+NODE_COLUMNS = [
+    "node",
+    "kind",
+    "layer",
+    "position",
+    "label",
+    "score",
+    "feature",
+    "dictionary",
+    "activation",
+    "token_id",
+]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AttributionGraph:
+    """An attribution graph: nodes, the adjacency matrix of direct effects and
+    what it was computed from.
+
+    Nodes come in circuit-tracer's order: features, then error nodes (layer
+    by layer, position by position), then tokens, then the logit.
+
+    Attributes:
+        node_table: one row per node, the display protocol's columns
+            (`node`, `kind` in "feature" / "error" / "token" / "logits",
+            `layer`, `position`, `label`, `score` = influence on the logit)
+            plus `feature`, `dictionary`, `activation` (a feature's
+            activation; a token's or error's NaN; the logit's value) and
+            `token_id`.
+        adjacency: float `[n, n]`, receivers in rows, senders in columns.
+        bias: float `[n]`: each receiver's value not carried by an edge (its
+            encoder bias and the transcoders' decoder biases reaching it);
+            `value = adjacency.sum(1) + bias` for features and the logit.
+        tokens: the prompt's token strings.
+        token_ids: int `[T]`.
+        target: `(token,)` or `(token, counterfactual)`: the logit (or
+            logit difference) at `position` that the graph explains.
+        position: the position of that logit.
+        dictionaries: the transcoders' names, one per layer.
+        prompt: the prompt's text ("" when unknown).
+    """
+
+    node_table: pd.DataFrame
+    adjacency: np.ndarray
+    bias: np.ndarray
+    tokens: list
+    token_ids: np.ndarray
+    target: tuple
+    position: int
+    dictionaries: list
+    prompt: str = ""
+
+    @property
+    def nodes(self) -> pd.DataFrame:
+        """The nodes (display protocol): a copy of `node_table`."""
+        return self.node_table.copy()
+
+    @property
+    def edges(self) -> pd.DataFrame:
+        """One row per non-zero direct effect: `sender`, `receiver`, `score`
+        (signed, in the receiver's units), largest magnitude first."""
+        receivers, senders = np.nonzero(self.adjacency)
+        ids = self.node_table["node"].to_numpy()
+        table = pd.DataFrame(
+            {"sender": ids[senders], "receiver": ids[receivers], "score": self.adjacency[receivers, senders]}
+        )
+        return table.iloc[np.argsort(-np.abs(table["score"].to_numpy()), kind="stable")].reset_index(drop=True)
+
+    def values(self) -> np.ndarray:
+        """Each receiver's value as the graph sums it: incoming edges plus bias."""
+        return self.adjacency.sum(axis=1, dtype=np.float64) + self.bias
+
+    def logit_weights(self) -> np.ndarray:
+        """1 on the logit node, 0 elsewhere: where influence is measured."""
+        return (self.node_table["kind"] == "logits").to_numpy(np.float64)
+
+    def influence(self) -> np.ndarray:
+        """Each node's influence on the logit through the normalised graph."""
+        return graph_influence.node_influence(self.adjacency, self.logit_weights())
+
+    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> "AttributionGraph":
+        """The subgraph carrying the asked fractions of the influence.
+
+        Keeps the nodes whose influence is among the top carrying
+        `node_threshold` of the total (always the tokens and the logit), then
+        the edges among them carrying `edge_threshold` of the edge influence,
+        then drops, until none is left, error and feature nodes with no kept
+        outgoing edge and features with no kept incoming edge
+        (`phi3lab.circuits.influence.prune_masks`). Scores stay the influence
+        measured on the graph pruned.
+
+        Example:
+        ```python
+        small = graph.prune(node_threshold=0.8, edge_threshold=0.98)
+        ```
+        """
+        kinds = self.node_table["kind"].to_numpy()
+        always = np.isin(kinds, ("token", "logits"))
+        nodes, edges, _ = graph_influence.prune_masks(
+            self.adjacency, self.logit_weights(), always, kinds == "feature", node_threshold, edge_threshold
+        )
+        kept = np.flatnonzero(nodes)
+        adjacency = np.where(edges, self.adjacency, 0.0)[np.ix_(kept, kept)].astype(np.float32)
+        dropped = np.where(edges, 0.0, self.adjacency).sum(axis=1)[kept]
+        table = self.node_table.iloc[kept].reset_index(drop=True)
+        return dataclasses.replace(self, node_table=table, adjacency=adjacency, bias=self.bias[kept] + dropped)
+
+    def to_json(self, slug: str = "phi3lab-graph", scan: str | None = None) -> dict:
+        """The graph in the JSON of circuit-tracer's / Neuronpedia's graph
+        viewer (schema version 1; `phi3lab.circuits.graph_json`)."""
+        from phi3lab.circuits.graph_json import to_json
+
+        return to_json(self, slug, scan)
+
+    def save(self, path, slug: str | None = None, scan: str | None = None) -> None:
+        """Write `to_json` to `path` (a `.json` file)."""
+        from phi3lab.circuits.graph_json import save
+
+        save(self, path, slug, scan)
+
+    @classmethod
+    def from_json(cls, data: dict | Any) -> "AttributionGraph":
+        """Read a graph written by `to_json` / `save` (or circuit-tracer): a
+        dict, or a path to a `.json` file. Biases are not in the format, so
+        they read as zeros."""
+        from phi3lab.circuits.graph_json import from_json
+
+        return from_json(cls, data)
+
+    def __repr__(self):
+        counts = self.node_table["kind"].value_counts().to_dict()
+        edges = int(np.count_nonzero(self.adjacency))
+        return f"<AttributionGraph target={self.target} position={self.position} nodes={counts} edges={edges}>"
+
+
+def attribution_graph(
+    model,
+    ids,
+    transcoders,
+    *,
+    target=None,
+    position: int = -1,
+    tokenizer=None,
+    max_feature_nodes: int | None = None,
+    node_threshold: float | None = 0.8,
+    edge_threshold: float = 0.98,
+    batch_size: int = 128,
+) -> AttributionGraph:
+    """The attribution graph of one logit of one prompt, through transcoders.
+
+    Every MLP is replaced by its transcoder plus an error node, attention
+    patterns and RMS scales are frozen at the clean run's values, and an edge
+    is a direct effect, computed for a batch of receivers at a time by one
+    compiled `jax.vjp` of the frozen model (docs/design.md, "Attribution
+    graphs"). The target is the **raw logit** (not minus the mean logit), or
+    the logit difference for a `(token, counterfactual)` pair.
+
+    Args:
+        model: a `Phi3Backbone`.
+        ids: one prompt: token ids `[T]` (or `[1, T]`), or text with `tokenizer`.
+        transcoders: a preset name (`"phi3lab_tiny_en"` loads its shipped
+            `transcoder_0 ...`) or one `phi3lab.features.SparseDictionary`
+            transcoder per layer (reading `blocks.l.ln2.hook_normalized`,
+            writing `blocks.l.hook_mlp_out`).
+        target: None (the model's top token at `position`), a token id, or
+            `(token, counterfactual)` for the logit difference.
+        position: the position whose next-token logit is explained.
+        tokenizer: a `Phi3Tokenizer`, for text and token labels.
+        max_feature_nodes: None (every active feature), or at most this many
+            features, picked by influence on the logit in batches
+            (circuit-tracer's rule); leaving some out breaks the exact sums.
+        node_threshold, edge_threshold: the fractions of influence `prune`
+            keeps; `node_threshold=None` returns the whole graph.
+        batch_size: receivers per compiled backward pass.
+
+    Returns:
+        An `AttributionGraph`.
+
+    Example:
+    ```python
+    graph = phi3lab.circuits.attribution_graph(model, "When Mary and John went to the store, John gave a drink to",
+                                               "phi3lab_tiny_en", tokenizer=tok)
+    graph.nodes.sort_values("score", ascending=False).head()
+    graph.save("graph.json")                      # opens in circuit-tracer's / Neuronpedia's viewer
+    ```
+    """
+    import phi3lab
+
+    dictionaries, names = resolve_transcoders(model, transcoders)
+    batch_size = check_positive_int("batch_size", batch_size)
+    if max_feature_nodes is not None:
+        max_feature_nodes = check_positive_int("max_feature_nodes", max_feature_nodes)
+    layers = range(model.num_layers)
+    sites = ["hook_embed", *(block_name(l, s) for l in layers for s in (READS, WRITES)), "hook_logits"]
+    tr = phi3lab.trace(model, ids, names=sites, tokenizer=tokenizer)
+    if tr.token_ids.shape[0] != 1:
+        raise bad_argument("ids", f"{tr.token_ids.shape[0]} rows", "one prompt: token ids [T] or [1, T], or one text")
+    token_ids = tr.token_ids[0]
+    position = check_index("position", position, len(token_ids), "position")
+    logits = np.asarray(tr.logits[0, position], np.float64)
+    target, direction = _target(model, target, logits)
+    stack = lambda site: np.stack([tr[block_name(l, site)][0] for l in layers])
+    parts = replacement_parts(dictionaries, stack(READS), stack(WRITES))
+    effects = _Effects(model, token_ids, position, direction, parts, tr["hook_embed"][0])
+    chosen, rows, biases = effects.rows(max_feature_nodes, batch_size)
+    tokens = tr.tokens[0] if tr.tokens is not None else [f"#{t}" for t in token_ids.tolist()]
+    shown = tokenizer.display_tokens(list(target)) if tokenizer is not None else [f"#{t}" for t in target]
+    table = _node_table(parts, chosen, names, tokens, token_ids, target, shown, position, float(direction @ logits))
+    graph = AttributionGraph(
+        node_table=table,
+        adjacency=rows,
+        bias=biases,
+        tokens=list(tokens),
+        token_ids=token_ids,
+        target=target,
+        position=position,
+        dictionaries=names,
+        prompt=tokenizer.decode(token_ids.tolist()) if tokenizer is not None else "",
+    )
+    graph.node_table["score"] = graph.influence()
+    return graph if node_threshold is None else graph.prune(node_threshold, edge_threshold)
+
+
+def _target(model, target, logits: np.ndarray) -> tuple[tuple, np.ndarray]:
+    """`(target tuple, logit direction [V])`: +1 on the token, -1 on the counterfactual."""
+    vocabulary = logits.shape[0]
+    if target is None:
+        tokens = (int(np.argmax(logits)),)
+    elif isinstance(target, (tuple, list)) and len(target) == 2:
+        tokens = tuple(int(t) for t in check_token_ids("target", list(target), model.vocabulary_size, ndim=1))
+        if tokens[0] == tokens[1]:
+            raise bad_argument("target", target, "(token, counterfactual) with two different tokens")
+    else:
+        tokens = (int(check_token_ids("target", target, model.vocabulary_size, ndim=0)),)
+    direction = np.zeros(vocabulary, np.float32)
+    direction[tokens[0]] = 1.0
+    if len(tokens) == 2:
+        direction[tokens[1]] = -1.0
+    return tokens, direction
+
+
+class _Effects:
+    """The receivers' rows of direct effects, a batch at a time."""
+
+    def __init__(self, model, token_ids, position, direction, parts, embed):
+        self.program = effects_program(model)
+        self.params = model.params()
+        self.ids = jnp.asarray(token_ids[None])
+        self.position = jnp.int32(position)
+        self.direction = jnp.asarray(direction)
+        self.sources = tuple(jnp.asarray(a) for a in (embed, parts.errors, parts.feature_vectors, parts.decoder_bias))
+        self.parts = parts
+        self.length = len(token_ids)
+
+    def batch(self, receivers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows `[R, N + L*T + T]` (features, errors, tokens) and decoder-bias
+        terms `[R]` of `receivers` (feature indices; -1 is the logit)."""
+        parts, count = self.parts, len(receivers)
+        padded = np.full(-(-count // self.batch_size) * self.batch_size, -1)
+        padded[:count] = receivers
+        feature = np.maximum(padded, 0)
+        logit = (padded < 0).astype(np.float32)
+        # with no active feature at all, the logit's receiver reads a zero row
+        features, encoder = (
+            a if len(a) else np.zeros((1, *a.shape[1:]), a.dtype) for a in (parts.features, parts.encoder)
+        )
+        slot = features[feature, 0] * self.length + features[feature, 1]
+        out = self.program(
+            self.params,
+            self.ids,
+            self.position,
+            self.direction,
+            self.sources,
+            (jnp.asarray(slot), jnp.asarray(encoder[feature]), jnp.asarray(logit)),
+        )
+        tokens, errors, features, bias = (np.asarray(a, np.float32)[:count] for a in out)
+        by_feature = features[:, parts.features[:, 0], parts.features[:, 1], parts.slot]
+        return np.concatenate([by_feature, errors.reshape(count, -1), tokens], axis=1), bias
+
+    def rows(self, limit: int | None, batch_size: int):
+        """`(chosen features, adjacency [n, n], bias [n])` over the nodes
+        features (chosen, in order), errors, tokens, logit. Features are
+        visited by influence on the logit, `batch_size` at a time, until
+        `limit` (or all) have their rows."""
+        self.batch_size = batch_size
+        total = len(self.parts.features)
+        limit = total if limit is None else min(limit, total)
+        logit_row, logit_bias = self.batch(np.array([-1]))
+        rows, biases, chosen = [logit_row[0]], [logit_bias[0]], []
+        while len(chosen) < limit:
+            scores = self._feature_influence(rows, chosen, total)
+            scores[chosen] = -1.0
+            picked = np.argsort(-scores, kind="stable")[: min(batch_size, limit - len(chosen))]
+            new_rows, new_bias = self.batch(picked)
+            rows += list(new_rows)
+            biases += list(new_bias + self.parts.encoder_bias[picked])
+            chosen += picked.tolist()
+        return np.asarray(chosen, np.int64), *self._square(rows, biases, chosen, total)
+
+    @staticmethod
+    def _feature_influence(rows, chosen, total) -> np.ndarray:
+        """Each feature's influence on the logit through the rows so far
+        (the logit's, then the chosen features')."""
+        width = len(rows[0])
+        square = np.zeros((width + 1, width + 1))
+        square[[width, *chosen], :width] = rows
+        weights = np.zeros(width + 1)
+        weights[width] = 1.0
+        return graph_influence.node_influence(square, weights)[:total]
+
+    def _square(self, rows, biases, chosen, total):
+        """The `[n, n]` adjacency over chosen features, errors, tokens, logit."""
+        columns = np.concatenate([np.asarray(chosen, np.int64), np.arange(total, len(rows[0]))])
+        count = len(columns) + 1
+        adjacency = np.zeros((count, count), np.float32)
+        bias = np.zeros(count, np.float32)
+        adjacency[-1, :-1] = rows[0][columns]
+        bias[-1] = biases[0]
+        feature_rows = np.asarray(rows[1:], np.float32).reshape(len(chosen), len(rows[0]))
+        adjacency[: len(chosen), :-1] = feature_rows[:, columns]
+        bias[: len(chosen)] = biases[1:]
+        return adjacency, bias
+
+
+def _node_table(parts, chosen, names, tokens, token_ids, target, shown, position, value) -> pd.DataFrame:
+    """The display protocol's node table, in the adjacency's order."""
+    num_layers, length = parts.errors.shape[:2]
+    rows = []
+    for layer, pos, feature in parts.features[chosen].tolist():
+        rows.append((f"F{layer}.{feature}@{pos}", "feature", layer, pos, f"L{layer} #{feature}", feature, names[layer]))
+    for layer in range(num_layers):
+        rows += [(f"E{layer}@{pos}", "error", layer, pos, f"error L{layer}", -1, names[layer]) for pos in range(length)]
+    rows += [(f"T@{pos}", "token", -1, pos, str(tokens[pos]), -1, "") for pos in range(length)]
+    label = "logit " + " - ".join(repr(str(token)) for token in shown)
+    rows.append(("logit", "logits", num_layers, position, label, -1, ""))
+    table = pd.DataFrame(rows, columns=["node", "kind", "layer", "position", "label", "feature", "dictionary"])
+    activation = np.full(len(table), np.nan)
+    activation[: len(chosen)] = parts.activations[chosen]
+    activation[-1] = value
+    token = np.full(len(table), -1)
+    token[table["kind"] == "token"] = token_ids
+    token[-1] = target[0]
+    table["score"] = np.nan
+    table["activation"] = activation
+    table["token_id"] = token
+    return table[NODE_COLUMNS]
