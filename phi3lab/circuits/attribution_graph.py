@@ -314,9 +314,12 @@ class _Effects:
         logit_row, logit_bias = self.batch(np.array([-1]))
         rows, biases, chosen = [logit_row[0]], [logit_bias[0]], []
         while len(chosen) < limit:
-            scores = self._feature_influence(rows, chosen, total)
-            scores[chosen] = -1.0
-            picked = np.argsort(-scores, kind="stable")[: min(batch_size, limit - len(chosen))]
+            if limit == total:  # every feature gets its row: no need to rank them
+                picked = np.arange(len(chosen), min(len(chosen) + batch_size, total))
+            else:
+                scores = self._feature_influence(rows, chosen, total)
+                scores[chosen] = -1.0
+                picked = np.argsort(-scores, kind="stable")[: min(batch_size, limit - len(chosen))]
             new_rows, new_bias = self.batch(picked)
             rows += list(new_rows)
             biases += list(new_bias + self.parts.encoder_bias[picked])
