@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from jax import numpy as jnp
 
 from phi3lab.checks import check_index, check_positive_int, check_token_ids
 from phi3lab.circuits import influence as graph_influence
-from phi3lab.circuits.replacement import READS, WRITES, effects_program, replacement_parts, resolve_transcoders
+from phi3lab.circuits.direct_effects import DirectEffects
+from phi3lab.circuits.replacement import READS, WRITES, replacement_parts, resolve_transcoders
 from phi3lab.errors import bad_argument
 from phi3lab.tracing.names import block_name
 
@@ -54,9 +54,11 @@ class AttributionGraph:
             activation; a token's or error's NaN; the logit's value) and
             `token_id`.
         adjacency: float `[n, n]`, receivers in rows, senders in columns.
-        bias: float `[n]`: each receiver's value not carried by an edge (its
-            encoder bias and the transcoders' decoder biases reaching it);
-            `value = adjacency.sum(1) + bias` for features and the logit.
+        bias: float `[n]`: each receiver's value not carried by an edge of
+            this graph (its encoder bias, the transcoders' decoder biases
+            reaching it and, once pruned, its dropped edges), so
+            `values() = adjacency.sum(1) + bias` is each feature's
+            pre-activation and the logit.
         tokens: the prompt's token strings.
         token_ids: int `[T]`.
         target: `(token,)` or `(token, counterfactual)`: the logit (or
@@ -227,8 +229,8 @@ def attribution_graph(
     target, direction = _target(model, target, logits)
     stack = lambda site: np.stack([tr[block_name(l, site)][0] for l in layers])
     parts = replacement_parts(dictionaries, stack(READS), stack(WRITES))
-    effects = _Effects(model, token_ids, position, direction, parts, tr["hook_embed"][0])
-    chosen, rows, biases = effects.rows(max_feature_nodes, batch_size)
+    effects = DirectEffects(model, token_ids, position, direction, parts, tr["hook_embed"][0], batch_size)
+    chosen, rows, biases = effects.rows(max_feature_nodes)
     tokens = tr.tokens[0] if tr.tokens is not None else [f"#{t}" for t in token_ids.tolist()]
     shown = tokenizer.display_tokens(list(target)) if tokenizer is not None else [f"#{t}" for t in target]
     table = _node_table(parts, chosen, names, tokens, token_ids, target, shown, position, float(direction @ logits))
@@ -263,92 +265,6 @@ def _target(model, target, logits: np.ndarray) -> tuple[tuple, np.ndarray]:
     if len(tokens) == 2:
         direction[tokens[1]] = -1.0
     return tokens, direction
-
-
-class _Effects:
-    """The receivers' rows of direct effects, a batch at a time."""
-
-    def __init__(self, model, token_ids, position, direction, parts, embed):
-        self.program = effects_program(model)
-        self.params = model.params()
-        self.ids = jnp.asarray(token_ids[None])
-        self.position = jnp.int32(position)
-        self.direction = jnp.asarray(direction)
-        self.sources = tuple(jnp.asarray(a) for a in (embed, parts.errors, parts.feature_vectors, parts.decoder_bias))
-        self.parts = parts
-        self.length = len(token_ids)
-
-    def batch(self, receivers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows `[R, N + L*T + T]` (features, errors, tokens) and decoder-bias
-        terms `[R]` of `receivers` (feature indices; -1 is the logit)."""
-        parts, count = self.parts, len(receivers)
-        padded = np.full(-(-count // self.batch_size) * self.batch_size, -1)
-        padded[:count] = receivers
-        feature = np.maximum(padded, 0)
-        logit = (padded < 0).astype(np.float32)
-        # with no active feature at all, the logit's receiver reads a zero row
-        features, encoder = (
-            a if len(a) else np.zeros((1, *a.shape[1:]), a.dtype) for a in (parts.features, parts.encoder)
-        )
-        slot = features[feature, 0] * self.length + features[feature, 1]
-        out = self.program(
-            self.params,
-            self.ids,
-            self.position,
-            self.direction,
-            self.sources,
-            (jnp.asarray(slot), jnp.asarray(encoder[feature]), jnp.asarray(logit)),
-        )
-        tokens, errors, features, bias = (np.asarray(a, np.float32)[:count] for a in out)
-        by_feature = features[:, parts.features[:, 0], parts.features[:, 1], parts.slot]
-        return np.concatenate([by_feature, errors.reshape(count, -1), tokens], axis=1), bias
-
-    def rows(self, limit: int | None, batch_size: int):
-        """`(chosen features, adjacency [n, n], bias [n])` over the nodes
-        features (chosen, in order), errors, tokens, logit. Features are
-        visited by influence on the logit, `batch_size` at a time, until
-        `limit` (or all) have their rows."""
-        self.batch_size = batch_size
-        total = len(self.parts.features)
-        limit = total if limit is None else min(limit, total)
-        logit_row, logit_bias = self.batch(np.array([-1]))
-        rows, biases, chosen = [logit_row[0]], [logit_bias[0]], []
-        while len(chosen) < limit:
-            if limit == total:  # every feature gets its row: no need to rank them
-                picked = np.arange(len(chosen), min(len(chosen) + batch_size, total))
-            else:
-                scores = self._feature_influence(rows, chosen, total)
-                scores[chosen] = -1.0
-                picked = np.argsort(-scores, kind="stable")[: min(batch_size, limit - len(chosen))]
-            new_rows, new_bias = self.batch(picked)
-            rows += list(new_rows)
-            biases += list(new_bias + self.parts.encoder_bias[picked])
-            chosen += picked.tolist()
-        return np.asarray(chosen, np.int64), *self._square(rows, biases, chosen, total)
-
-    @staticmethod
-    def _feature_influence(rows, chosen, total) -> np.ndarray:
-        """Each feature's influence on the logit through the rows so far
-        (the logit's, then the chosen features')."""
-        width = len(rows[0])
-        square = np.zeros((width + 1, width + 1))
-        square[[width, *chosen], :width] = rows
-        weights = np.zeros(width + 1)
-        weights[width] = 1.0
-        return graph_influence.node_influence(square, weights)[:total]
-
-    def _square(self, rows, biases, chosen, total):
-        """The `[n, n]` adjacency over chosen features, errors, tokens, logit."""
-        columns = np.concatenate([np.asarray(chosen, np.int64), np.arange(total, len(rows[0]))])
-        count = len(columns) + 1
-        adjacency = np.zeros((count, count), np.float32)
-        bias = np.zeros(count, np.float32)
-        adjacency[-1, :-1] = rows[0][columns]
-        bias[-1] = biases[0]
-        feature_rows = np.asarray(rows[1:], np.float32).reshape(len(chosen), len(rows[0]))
-        adjacency[: len(chosen), :-1] = feature_rows[:, columns]
-        bias[: len(chosen)] = biases[1:]
-        return adjacency, bias
 
 
 def _node_table(parts, chosen, names, tokens, token_ids, target, shown, position, value) -> pd.DataFrame:
