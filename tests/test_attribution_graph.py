@@ -281,6 +281,45 @@ def test_json_round_trip_and_circuit_tracer_schema(graph, tmp_path):
     )
 
 
+def test_reads_a_graph_written_by_circuit_tracer():
+    """A graph made with circuit-tracer's own node constructors and `Model`
+    (a preset scan: empty transcoder_list; two logit nodes) reads back."""
+    models = require("circuit_tracer.frontend.graph_models")
+    nodes = [
+        models.Node.feature_node(1, 2, 77, influence=0.5, activation=3.0),
+        models.Node.error_node(0, 2, influence=0.7),
+        models.Node.token_node(0, 11, influence=0.9),
+        models.Node.token_node(2, 12, influence=0.8),
+        models.Node.logit_node(2, 40, "x", num_layers=2, target_logit=True, token_prob=0.6),
+        models.Node.logit_node(2, 41, "y", num_layers=2, token_prob=0.1),
+    ]
+    links = [
+        {"source": nodes[2].node_id, "target": nodes[0].node_id, "weight": 1.5},
+        {"source": nodes[1].node_id, "target": nodes[0].node_id, "weight": -0.25},
+        {"source": nodes[0].node_id, "target": nodes[4].node_id, "weight": 2.0},
+        {"source": nodes[3].node_id, "target": nodes[5].node_id, "weight": 0.5},
+    ]
+    metadata = models.Metadata(
+        slug="s", scan="tiny-scan", transcoder_list=[], prompt_tokens=["a", "b", "c"], prompt="a b c"
+    )
+    q_params = models.QParams(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
+    data = models.Model(metadata=metadata, qParams=q_params, nodes=nodes, links=links).model_dump()
+    graph = C.AttributionGraph.from_json(data)
+    table = graph.node_table
+    assert list(table["kind"]) == ["feature", "error", "token", "token", "logits", "logits"]
+    assert list(table["layer"]) == [1, 0, -1, -1, 2, 2] and list(table["position"]) == [2, 2, 0, 2, 2, 2]
+    assert (table["feature"][0], table["dictionary"][0], table["activation"][0]) == (77, "tiny-scan_1", 3.0)
+    assert graph.target == (40,) and list(table["node"][4:]) == ["logit", "logit@41"]
+    assert list(graph.token_ids) == [11, -1, 12]
+    edges = {(e.sender, e.receiver): e.score for e in graph.edges.itertuples()}
+    assert edges == {
+        ("T@0", "F1.77@2"): 1.5,
+        ("E0@2", "F1.77@2"): -0.25,
+        ("F1.77@2", "logit"): 2.0,
+        ("T@2", "logit@41"): 0.5,
+    }
+
+
 def test_one_compiled_program_per_model(model, tokenizer, prompt, clean):
     from phi3lab.runtime import compile_cache
 

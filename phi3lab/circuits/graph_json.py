@@ -113,6 +113,28 @@ def save(graph, path, slug: str | None = None, scan: str | None = None) -> None:
         json.dump(to_json(graph, slug, scan), file, indent=1)
 
 
+def _read_node(node: dict, metadata: dict, names: list, num_layers: int, token_ids: dict, is_target: bool) -> tuple:
+    """One node table row (in `from_json`'s column order) of a viewer node."""
+    kind = _KINDS.get(node.get("feature_type"))
+    if kind is None:
+        raise bad_argument("data", node.get("feature_type"), f"nodes whose feature_type is one of {list(_KINDS)}")
+    first, second = (node["node_id"].split("_") + ["", ""])[:2]
+    pos = int(node["ctx_idx"])
+    if kind == "feature":
+        layer, feature = int(first), int(second)
+        row = (f"F{layer}.{feature}@{pos}", kind, layer, pos, f"L{layer} #{feature}", feature, names[layer], -1)
+    elif kind == "error":
+        layer = int(second)
+        row = (f"E{layer}@{pos}", kind, layer, pos, f"error L{layer}", -1, names[layer], -1)
+    elif kind == "token":
+        token_ids[pos] = int(second)
+        row = (f"T@{pos}", kind, -1, pos, str(metadata["prompt_tokens"][pos]), -1, "", int(second))
+    else:
+        label = node.get("clerp") or f"logit {second}"
+        row = ("logit" if is_target else f"logit@{second}", kind, num_layers, pos, label, -1, "", int(second))
+    return (*row, node.get("activation"))
+
+
 def from_json(cls, data):
     """An `AttributionGraph` (`cls`) from the viewer's JSON (a dict or a path).
 
@@ -129,29 +151,18 @@ def from_json(cls, data):
         raise bad_argument(
             "data", f"schema_version={metadata['schema_version']}", f"a graph of schema version {SCHEMA_VERSION}"
         )
-    names = list(metadata.get("transcoder_list") or [])
-    num_layers = len(names)
-    rows, token_ids, target, position = [], {}, None, -1
+    logits = [node for node in data["nodes"] if node.get("feature_type") == "logit"]
+    per_layer = (_FEATURE_TYPES["feature"], _FEATURE_TYPES["error"])
+    layered = [int(n["layer"]) + 1 for n in data["nodes"] if n.get("feature_type") in per_layer]
+    num_layers = int(logits[0]["layer"]) - 1 if logits else max(layered, default=0)
+    # circuit-tracer leaves transcoder_list empty when `scan` names a whole transcoder set
+    names = list(
+        metadata.get("transcoder_list") or [f"{metadata.get('scan', 'layer')}_{layer}" for layer in range(num_layers)]
+    )
+    target = next((n for n in logits if n.get("is_target_logit")), logits[0] if logits else None)
+    rows, token_ids = [], {}
     for node in data["nodes"]:
-        kind = _KINDS.get(node["feature_type"])
-        if kind is None:
-            raise bad_argument("data", node["feature_type"], f"nodes whose feature_type is one of {list(_KINDS)}")
-        first, second, third = (node["node_id"].split("_") + ["", "", ""])[:3]
-        pos = int(node["ctx_idx"])
-        if kind == "feature":
-            layer, feature = int(first), int(second)
-            row = (f"F{layer}.{feature}@{pos}", kind, layer, pos, f"L{layer} #{feature}", feature, names[layer], -1)
-        elif kind == "error":
-            layer = int(second)
-            row = (f"E{layer}@{pos}", kind, layer, pos, f"error L{layer}", -1, names[layer], -1)
-        elif kind == "token":
-            token_ids[pos] = int(second)
-            token = metadata["prompt_tokens"][pos]
-            row = (f"T@{pos}", kind, -1, pos, token, -1, "", int(second))
-        else:
-            target, position = int(second), pos
-            row = ("logit", kind, num_layers, pos, node.get("clerp") or f"logit {second}", -1, "", int(second))
-        rows.append((*row, node.get("activation")))
+        rows.append(_read_node(node, metadata, names, num_layers, token_ids, node is target))
     columns = ["node", "kind", "layer", "position", "label", "feature", "dictionary", "token_id", "activation"]
     table = pd.DataFrame(rows, columns=columns).astype({"activation": float})
     table["score"] = np.nan
@@ -167,8 +178,8 @@ def from_json(cls, data):
         bias=np.zeros(len(rows), np.float32),
         tokens=list(metadata["prompt_tokens"]),
         token_ids=np.array([token_ids.get(i, -1) for i in range(len(metadata["prompt_tokens"]))]),
-        target=(target,),
-        position=position,
+        target=() if target is None else (int(target["node_id"].split("_")[1]),),
+        position=-1 if target is None else int(target["ctx_idx"]),
         dictionaries=names,
         prompt=metadata.get("prompt", ""),
     )
