@@ -190,8 +190,9 @@ def test_transcoders_that_write_nothing_leave_tokens_and_errors(model, tokenizer
 
 
 def test_pruning_matches_circuit_tracer(graph):
-    """The same node influence, and the same kept nodes and edges, as
-    circuit-tracer's `prune_graph` on the same adjacency matrix."""
+    """The same node influence, replacement and completeness scores, and the
+    same kept nodes and edges, as circuit-tracer (`compute_node_influence`,
+    `compute_graph_scores`, `prune_graph`) on the same adjacency matrix."""
     torch = require("torch")
     tracer_graph = require("circuit_tracer.graph")
     kinds = graph.node_table["kind"].to_numpy()
@@ -205,6 +206,11 @@ def test_pruning_matches_circuit_tracer(graph):
     weights = torch.tensor(graph.logit_weights(), dtype=torch.float32)
     theirs = tracer_graph.compute_node_influence(duck.adjacency_matrix, weights).numpy()
     np.testing.assert_allclose(graph.influence(), theirs, rtol=1e-4, atol=1e-7)
+    duck.cfg = types.SimpleNamespace(n_layers=4)
+    replacement, completeness = tracer_graph.compute_graph_scores(duck)
+    ours = graph.scores()
+    np.testing.assert_allclose([ours["replacement"], ours["completeness"]], [replacement, completeness], rtol=1e-4)
+    assert 0 < ours["replacement"] < ours["completeness"] < 1
     always = np.isin(kinds, ("token", "logits"))
     for node_threshold, edge_threshold in ((0.8, 0.98), (0.5, 0.9), (0.95, 0.99)):
         theirs = tracer_graph.prune_graph(duck, node_threshold=node_threshold, edge_threshold=edge_threshold)

@@ -106,6 +106,15 @@ class AttributionGraph:
         """Each node's influence on the logit through the normalised graph."""
         return graph_influence.node_influence(self.adjacency, self.logit_weights())
 
+    def scores(self) -> dict:
+        """`{"replacement", "completeness"}`: the share of the tokens'
+        influence on the logit that avoids error nodes, and the
+        influence-weighted share of each node's input not from error nodes
+        (`phi3lab.circuits.influence.graph_scores`; 1.0 means the
+        transcoders explain everything)."""
+        kinds = self.node_table["kind"].to_numpy()
+        return graph_influence.graph_scores(self.adjacency, self.logit_weights(), kinds == "error", kinds == "token")
+
     def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> "AttributionGraph":
         """The subgraph carrying the asked fractions of the influence.
 

@@ -47,6 +47,25 @@ def edge_influence(adjacency: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return matrix * (influence(matrix, weights) + weights)[:, None]
 
 
+def graph_scores(adjacency: np.ndarray, weights: np.ndarray, errors: np.ndarray, tokens: np.ndarray) -> dict:
+    """How much of the graph runs through interpretable nodes (the paper's
+    two scores, as circuit-tracer defines them).
+
+    `replacement`: of the influence the tokens and error nodes have on the
+    logit, the tokens' share (1 when no path needs an error node).
+    `completeness`: each node's share of incoming normalised weight that
+    does not come from error nodes, averaged with weights `influence +
+    weights` (partial credit for mostly explained nodes).
+    `errors` and `tokens` are boolean node masks.
+    """
+    matrix = normalized(adjacency)
+    scores = influence(matrix, weights)
+    token, error = scores[tokens].sum(), scores[errors].sum()
+    reach = scores + weights
+    explained = 1.0 - matrix[:, errors].sum(axis=1)
+    return {"replacement": float(token / (token + error)), "completeness": float(explained @ reach / reach.sum())}
+
+
 def threshold_for(scores: np.ndarray, fraction: float) -> float:
     """The smallest score among the top scores that together carry
     `fraction` of their total (every score at least this one is kept)."""
