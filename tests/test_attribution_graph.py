@@ -335,6 +335,8 @@ def test_one_compiled_program_per_model(model, tokenizer, prompt, clean):
     graph = C.attribution_graph(model, text, PRESET, tokenizer=tokenizer, max_feature_nodes=64, node_threshold=None)
     assert compile_cache.size(model, "attribution_graph.effects") == 1
     assert (graph.node_table["kind"] == "feature").sum() == 64
+    # the features left out move into the biases: the logit still sums exactly
+    assert abs(graph.values()[-1] - float(clean.logits[0, -1].max())) <= TOLERANCE
     assert graph.target == (int(np.argmax(clean.logits[0, -1])),)  # target=None: the top token
 
 

@@ -22,6 +22,7 @@ from phi3lab.circuits import influence as graph_influence
 from phi3lab.circuits.direct_effects import DirectEffects
 from phi3lab.circuits.replacement import READS, WRITES, replacement_parts, resolve_transcoders
 from phi3lab.errors import bad_argument
+from phi3lab.tracing import trace
 from phi3lab.tracing.names import block_name
 
 NODE_COLUMNS = [
@@ -205,7 +206,8 @@ def attribution_graph(
         tokenizer: a `Phi3Tokenizer`, for text and token labels.
         max_feature_nodes: None (every active feature), or at most this many
             features, picked by influence on the logit in batches
-            (circuit-tracer's rule); leaving some out breaks the exact sums.
+            (circuit-tracer's rule); the effects of those left out move into
+            `bias`, so the sums stay exact.
         node_threshold, edge_threshold: the fractions of influence `prune`
             keeps; `node_threshold=None` returns the whole graph.
         batch_size: receivers per compiled backward pass.
@@ -221,15 +223,16 @@ def attribution_graph(
     graph.save("graph.json")                      # opens in circuit-tracer's / Neuronpedia's viewer
     ```
     """
-    import phi3lab
-
     dictionaries, names = resolve_transcoders(model, transcoders)
     batch_size = check_positive_int("batch_size", batch_size)
+    if node_threshold is not None:  # checked before any work
+        graph_influence.check_fraction("node_threshold", node_threshold)
+        graph_influence.check_fraction("edge_threshold", edge_threshold)
     if max_feature_nodes is not None:
         max_feature_nodes = check_positive_int("max_feature_nodes", max_feature_nodes)
     layers = range(model.num_layers)
     sites = ["hook_embed", *(block_name(l, s) for l in layers for s in (READS, WRITES)), "hook_logits"]
-    tr = phi3lab.trace(model, ids, names=sites, tokenizer=tokenizer)
+    tr = trace(model, ids, names=sites, tokenizer=tokenizer)
     if tr.token_ids.shape[0] != 1:
         raise bad_argument("ids", f"{tr.token_ids.shape[0]} rows", "one prompt: token ids [T] or [1, T], or one text")
     token_ids = tr.token_ids[0]

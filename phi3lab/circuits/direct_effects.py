@@ -96,14 +96,15 @@ class DirectEffects:
         return graph_influence.node_influence(square, weights)[:total]
 
     def _square(self, rows, biases, chosen, total):
-        """The `[n, n]` adjacency over chosen features, errors, tokens, logit."""
-        columns = np.concatenate([np.asarray(chosen, np.int64), np.arange(total, len(rows[0]))])
+        """The `[n, n]` adjacency over chosen features, errors, tokens, logit,
+        and the biases, which also take the effects of the features left out."""
+        chosen = np.asarray(chosen, np.int64)
+        columns = np.concatenate([chosen, np.arange(total, len(rows[0]))])
+        left_out = np.setdiff1d(np.arange(total), chosen)
+        full = np.asarray(rows, np.float32).reshape(len(rows), len(rows[0]))
         count = len(columns) + 1
         adjacency = np.zeros((count, count), np.float32)
+        adjacency[np.r_[count - 1, : len(chosen)], :-1] = full[:, columns]
         bias = np.zeros(count, np.float32)
-        adjacency[-1, :-1] = rows[0][columns]
-        bias[-1] = biases[0]
-        feature_rows = np.asarray(rows[1:], np.float32).reshape(len(chosen), len(rows[0]))
-        adjacency[: len(chosen), :-1] = feature_rows[:, columns]
-        bias[: len(chosen)] = biases[1:]
+        bias[np.r_[count - 1, : len(chosen)]] = np.asarray(biases) + full[:, left_out].sum(axis=1)
         return adjacency, bias
