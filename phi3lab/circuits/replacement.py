@@ -157,15 +157,11 @@ def replacement_parts(transcoders, mlp_in: np.ndarray, mlp_out: np.ndarray) -> R
         positions, features = np.nonzero(acts)
         rows.append(np.stack([np.full_like(positions, layer), positions, features], axis=1))
         activations.append(acts[positions, features])
-        zero_in, zero_acts = jnp.zeros(transcoder.config.d_in), jnp.zeros(transcoder.config.d_sae)
-        bias, pull = jax.vjp(transcoder.pre_activations, zero_in)
-        one_hot = jnp.eye(transcoder.config.d_sae)[features]
-        encoder.append(np.asarray(jax.vmap(pull)(one_hot)[0]))
-        encoder_bias.append(np.asarray(bias)[features])
-        decoder_bias.append(np.asarray(transcoder.decode(zero_acts), np.float32))
-        # The decoder is affine in the activations: its linear part, exactly.
-        linear = lambda a, transcoder=transcoder, zero_acts=zero_acts: jax.jvp(transcoder.decode, (zero_acts,), (a,))[1]
-        decoder.append(np.asarray(jax.vmap(linear)(one_hot)))
+        linear_encoder, linear_decoder = _linear_parts(transcoder)
+        encoder.append(linear_encoder[features])
+        decoder.append(linear_decoder[features])
+        encoder_bias.append(np.asarray(transcoder.pre_activations(jnp.zeros(transcoder.config.d_in)))[features])
+        decoder_bias.append(np.asarray(transcoder.decode(jnp.zeros(transcoder.config.d_sae)), np.float32))
     features = np.concatenate(rows).astype(np.int64)
     activations = np.concatenate(activations).astype(np.float32)
     num_layers, length, width = mlp_out.shape
@@ -180,6 +176,19 @@ def replacement_parts(transcoders, mlp_in: np.ndarray, mlp_out: np.ndarray) -> R
         errors=np.stack(errors),
         decoder_bias=np.stack(decoder_bias),
     )
+
+
+def _linear_parts(transcoder) -> tuple[np.ndarray, np.ndarray]:
+    """`(d pre-activation / d input, d output / d activation)`, each `[F, D]`:
+    the linear parts of the transcoder's two affine maps, exactly (its own
+    `pre_activations` and `decode`, differentiated along one basis vector
+    per dimension, never one per feature)."""
+    zero_in, zero_acts = jnp.zeros(transcoder.config.d_in), jnp.zeros(transcoder.config.d_sae)
+    along = lambda e: jax.jvp(transcoder.pre_activations, (zero_in,), (e,))[1]
+    pull = jax.vjp(transcoder.decode, zero_acts)[1]
+    encoder = jax.vmap(along)(jnp.eye(transcoder.config.d_in)).T
+    decoder = jax.vmap(lambda e: pull(e)[0])(jnp.eye(transcoder.config.d_out)).T
+    return np.asarray(encoder), np.asarray(decoder)
 
 
 def _slots(features: np.ndarray, activations: np.ndarray, decoder: np.ndarray, shape) -> tuple:
