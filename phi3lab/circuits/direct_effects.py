@@ -87,13 +87,18 @@ class DirectEffects:
     @staticmethod
     def _feature_influence(rows, chosen, total) -> np.ndarray:
         """Each feature's influence on the logit through the rows so far
-        (the logit's, then the chosen features')."""
-        width = len(rows[0])
-        square = np.zeros((width + 1, width + 1))
-        square[[width, *chosen], :width] = rows
-        weights = np.zeros(width + 1)
-        weights[width] = 1.0
-        return graph_influence.node_influence(square, weights)[:total]
+        (the logit's, then the chosen features'): the logit's normalised row
+        pushed back through the chosen features' rows until nothing is left
+        (the graph has no cycles), never a square matrix over every feature."""
+        matrix = graph_influence.normalized(np.asarray(rows))
+        step = matrix[0]
+        influence = step.copy()
+        for _ in range(len(chosen) + 1):
+            step = step[chosen] @ matrix[1:]
+            if not step.any():
+                break
+            influence += step
+        return influence[:total]
 
     def _square(self, rows, biases, chosen, total):
         """The `[n, n]` adjacency over chosen features, errors, tokens, logit,
