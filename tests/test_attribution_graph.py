@@ -363,6 +363,19 @@ def test_max_feature_nodes_keeps_the_most_influential_features(model, tokenizer,
     assert abs(limited.values()[-1] - graph.values()[-1]) <= TOLERANCE
 
 
+@pytest.mark.parametrize(
+    ("settings", "tolerance"), [({"quantization": "int8"}, TOLERANCE), ({"dtype": "bfloat16"}, 0.1)]
+)
+def test_int8_and_bfloat16_models(tokenizer, prompt, settings, tolerance):
+    """The int8 model sums exactly too; the bfloat16 model to its precision
+    (the logit is ~17: bfloat16 steps of 0.0625 there)."""
+    model = phi3lab.Phi3Backbone.from_preset(PRESET, **settings)
+    text, answer, _ = prompt
+    graph = C.attribution_graph(model, text, PRESET, tokenizer=tokenizer, target=answer, node_threshold=None)
+    logit = float(phi3lab.trace(model, text, tokenizer=tokenizer, names="hook_logits").logits[0, -1, answer])
+    assert abs(graph.values()[-1] - logit) <= tolerance
+
+
 def test_bad_input(model, tokenizer, prompt, transcoders):
     text = prompt[0]
     with pytest.raises(ValueError, match="`transcoders` must be .*replaces every MLP"):

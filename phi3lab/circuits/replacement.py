@@ -305,12 +305,13 @@ def effects_program(model):
             reads = jnp.stack([out.captures[block_name(l, READS)][0] for l in range(num_layers)])
             return reads, model.unembed(params, out.hidden[0, position])
 
-        zeros = (jnp.zeros((1, length, width), embed.dtype), jnp.zeros((num_layers, 1, length, width), embed.dtype))
-        _, pull = jax.vjp(frozen, zeros)
+        dtype = jnp.dtype(model.compute_dtype)  # the probes' (and so the gradients') dtype
+        zeros = (jnp.zeros((1, length, width), dtype), jnp.zeros((num_layers, 1, length, width), dtype))
+        (reads, logits), pull = jax.vjp(frozen, zeros)
         count = slot.shape[0]
-        at_reads = jnp.zeros((count, num_layers * length, width), vector.dtype)
-        at_reads = at_reads.at[jnp.arange(count), slot].set(vector * (1 - logit)[:, None])
-        at_logits = logit[:, None] * logit_direction[None]
+        at_reads = jnp.zeros((count, num_layers * length, width), reads.dtype)
+        at_reads = at_reads.at[jnp.arange(count), slot].set((vector * (1 - logit)[:, None]).astype(reads.dtype))
+        at_logits = (logit[:, None] * logit_direction[None]).astype(logits.dtype)
         grads = jax.vmap(lambda a, b: pull((a.reshape(num_layers, length, width), b))[0])(at_reads, at_logits)
         embed_grad, mlp_grad = grads[0][:, 0], grads[1][:, :, 0]  # [R, T, D], [R, L, T, D]
         return (
