@@ -219,9 +219,10 @@ def _record(x, ctx):
 
 def _freeze_norm(x, ctx):
     """The normalised value `x` unchanged, with derivative `rms^-1 * weight`
-    at the clean run's RMS: `x + (r - stop(r)) * stop(rms^-1) * weight` of the
-    norm's input `r` (read from `ctx.seen`). The inverse RMS is read off the
-    model's own `rms_norm` with unit weight, projected on `r`."""
+    at the clean run's RMS: `stop(x) + (r - stop(r)) * stop(rms^-1 * weight)`
+    of the norm's input `r` (read from `ctx.seen`; `r - stop(r)` is zero, so
+    the value is `x` exactly). The inverse RMS is read off the model's own
+    `rms_norm` with unit weight, projected on `r`."""
     source, epsilon = ctx.static
     resid = ctx.seen[source if ctx.layer is None else block_name(ctx.layer, source)]
     weight = ctx.data if ctx.layer is None else ctx.data[ctx.layer]
