@@ -24,6 +24,7 @@ from conftest import require
 from phi3lab import tasks
 from phi3lab.circuits import influence
 from phi3lab.model.attention import key_value_heads
+from phi3lab.tracing.hook_types import Hook, Hooks
 
 PRESET = "phi3lab_tiny_en"
 TOLERANCE = 1e-4
@@ -165,6 +166,63 @@ def test_token_error_and_feature_edges_match_a_numpy_frozen_model(model, graph, 
     expected = at_input @ np.asarray(transcoders[3].W_enc[:, receiver.feature], np.float64)
     assert abs(block[r, s]) > 0.01
     assert abs(graph.adjacency[receivers[r], np.flatnonzero(senders)[s]] - expected) <= TOLERANCE
+
+
+def _scaled(x, ctx):
+    """`ln*.hook_normalized` as its input times the clean run's ratio (data):
+    the norm with its scale frozen, written apart from the library's hooks."""
+    source, last = ctx.static
+    resid = ctx.seen[last if ctx.layer is None else f"blocks.{ctx.layer}.{source}"]
+    return resid * (ctx.data if ctx.layer is None else ctx.data[ctx.layer])
+
+
+def test_one_edge_equals_a_jvp_of_the_model_with_frozen_patterns_and_scales(model, graph, clean, prompt):
+    """`jax.jvp` of the model (its own `forward_fn`) with every attention
+    pattern replaced by the clean one, every norm by its input times the
+    clean ratio, every MLP output by its clean value plus `t` x a feature's
+    output at its layer and position: d logit / d t at 0 is that feature's
+    edge into the logit."""
+    _, answer, repeated = prompt
+    layers = range(model.num_layers)
+    last = f"blocks.{model.num_layers - 1}.hook_resid_post"
+    stack = lambda name: jnp.asarray(np.stack([clean[f"blocks.{l}.{name}"] for l in layers]))
+    ratio = lambda normalized, resid: stack(normalized) / stack(resid)
+    table, row = graph.node_table, graph.adjacency[-1]
+    strongest = int(np.argmax(np.where(table["kind"] == "feature", np.abs(row), 0)))
+    layer, position, feature = (int(table[c][strongest]) for c in ("layer", "position", "feature"))
+    transcoder = F.from_preset(PRESET, f"transcoder_{layer}")
+    direction = np.zeros(stack("hook_mlp_out").shape, np.float32)
+    direction[layer, 0, position] = table["activation"][strongest] * np.asarray(transcoder.W_dec[feature])
+    hooks = [
+        ("blocks.*.hook_resid_pre", lambda x, ctx: None),
+        ("blocks.*.hook_resid_mid", lambda x, ctx: None),
+        (last, lambda x, ctx: None),
+        ("blocks.*.attn.hook_pattern", lambda x, ctx: ctx.data[ctx.layer]),
+        ("blocks.*.ln1.hook_normalized", Hook(_scaled, static=("hook_resid_pre", last))),
+        ("blocks.*.ln2.hook_normalized", Hook(_scaled, static=("hook_resid_mid", last))),
+        ("ln_final.hook_normalized", Hook(_scaled, static=(None, last))),
+        ("blocks.*.hook_mlp_out", lambda x, ctx: ctx.data[0][ctx.layer] + ctx.data[1] * ctx.data[2][ctx.layer]),
+    ]
+    fn = phi3lab.tracing.forward_fn(model, hooks=Hooks(hooks))
+    final_ratio = jnp.asarray(clean["ln_final.hook_normalized"] / clean[last])
+    fixed = (
+        None,
+        None,
+        None,
+        stack("attn.hook_pattern"),
+        ratio("ln1.hook_normalized", "hook_resid_pre"),
+        ratio("ln2.hook_normalized", "hook_resid_mid"),
+        final_ratio,
+    )
+
+    def logit_difference(t):
+        data = fixed + ((stack("hook_mlp_out"), t, jnp.asarray(direction)),)
+        logits = model.unembed(model.params(), fn(model.params(), jnp.asarray(clean.token_ids), None, data).hidden)
+        return logits[0, -1, answer] - logits[0, -1, repeated]
+
+    value, effect = jax.jvp(logit_difference, (jnp.float32(0.0),), (jnp.float32(1.0),))
+    assert abs(float(value) - graph.values()[-1]) <= 1e-3  # the frozen run is the clean run
+    assert abs(float(effect) - row[strongest]) <= TOLERANCE * max(1.0, abs(row[strongest]))
 
 
 def test_transcoders_that_write_nothing_leave_tokens_and_errors(model, tokenizer, prompt, clean):
