@@ -421,6 +421,7 @@ def test_max_feature_nodes_keeps_the_most_influential_features(model, tokenizer,
     assert abs(limited.values()[-1] - graph.values()[-1]) <= TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("settings", "tolerance"), [({"quantization": "int8"}, TOLERANCE), ({"dtype": "bfloat16"}, 0.1)]
 )
