@@ -3,8 +3,11 @@ shipped model and its shipped transcoders.
 
 The oracles: the model's own logits and the transcoders' own pre-activations
 (exact sums), a NumPy propagation through the frozen linear model written
-from the formulas (single edges), circuit-tracer's pruning (its
-`prune_graph`) and its pydantic schema of the viewer's JSON.
+from the formulas (single edges), `jax.jvp` of the model's forward with the
+patterns and norm scales frozen by hooks written here (one edge),
+circuit-tracer's influence, scores and pruning (`compute_node_influence`,
+`compute_graph_scores`, `prune_graph`) and its pydantic schema of the
+viewer's JSON.
 """
 
 from __future__ import annotations
