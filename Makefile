@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	# keras-hub is only a test oracle; its metadata asks for tensorflow-text,
 	# which phi3lab does not need, so install it without dependencies.
 	$(BIN)/pip install --quiet --no-deps "keras-hub>=0.32"
+	# circuit-tracer is only a test oracle (its pruning and its graph JSON schema,
+	# tests/test_attribution_graph.py); its metadata pins transformers<=4.57 and asks
+	# for nnsight, which those modules do not import, so install it without dependencies.
+	$(BIN)/pip install --quiet --no-deps "circuit-tracer==0.5.0"
 	touch $(STAMP)
 
 # TensorFlow and grain for keras-hub's own test helpers (tests/test_keras_hub_suite.py),
