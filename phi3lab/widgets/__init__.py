@@ -7,6 +7,7 @@ offline: plotly's widget bundles its JavaScript, static HTML inlines it.
 """
 
 from phi3lab.widgets.attention import AttentionExplorer
+from phi3lab.widgets.circuit_view import CircuitView
 from phi3lab.widgets.common import payload_bytes
 from phi3lab.widgets.feature_view import FeatureView
 from phi3lab.widgets.generation import GenerationView
@@ -19,6 +20,7 @@ from phi3lab.widgets.tokens import TokenView
 
 __all__ = [
     "AttentionExplorer",
+    "CircuitView",
     "FeatureView",
     "GenerationView",
     "HeadGrid",
