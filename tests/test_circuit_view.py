@@ -59,6 +59,7 @@ def test_slider_changes_the_drawn_edges_and_nodes():
     touched = set(graph.edges.loc[graph.edges["score"].abs().nlargest(40).index, ["sender", "receiver"]].stack())
     view.slider.value = 40
     assert len(drawn_edges(view)) == 40 and "data-edges='40'" in view.status.value
+    assert "top 40 of" in view.figure.layout.title.text
     nodes = view.figure.data[-1]
     assert set(nodes.customdata) == touched and len(unpacked(nodes.x)) == len(touched)
     assert view.slider.max == len(graph.edges)

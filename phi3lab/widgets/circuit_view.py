@@ -155,10 +155,11 @@ class CircuitView(View):
         with self.figure.batch_update():
             for widget_trace, trace in zip(self.figure.data, figure.data):
                 widget_trace.update(x=trace.x, y=trace.y)
-                if trace is figure.data[-1]:
-                    widget_trace.update(
-                        text=trace.text, customdata=trace.customdata, marker=trace.marker.to_plotly_json()
-                    )
+            nodes = figure.data[-1]
+            self.figure.data[-1].update(
+                text=nodes.text, customdata=nodes.customdata, marker=nodes.marker.to_plotly_json()
+            )
+            self.figure.layout.title.text = figure.layout.title.text
         self._write_status()
 
     def _write_status(self) -> None:
@@ -274,7 +275,11 @@ class CircuitView(View):
         )
         layers, names = _layer_ticks(g.nodes)
         figure.update_layout(
-            **base_layout(f"{escape(self.title)}: top {self.count} of {len(g.edges)} edges by |score|", height=560),
+            **base_layout(
+                f"{escape(self.title)}: top {self.count} of {len(g.edges)} edges by |score|",
+                height=560,
+                plot_bgcolor="white",
+            ),
             showlegend=False,
             hovermode="closest",
             xaxis=dict(

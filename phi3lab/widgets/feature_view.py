@@ -106,7 +106,7 @@ class FeatureView(View):
         self.logits = live(self._logits_figure())
         self._render_text()
         self.search.observe(self._on_search, names="value")
-        plots = [self.histogram] + ([self.logits] if self._effects() is not None else [])
+        plots = [widgets.Box([plot], layout=widgets.Layout(width="50%")) for plot in self._figures()]
         self.widget = widgets.VBox(
             [
                 widgets.HBox([self.search, self.header]),
