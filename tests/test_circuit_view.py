@@ -13,7 +13,7 @@ from PIL import Image
 from plotly.callbacks import Points
 
 import phi3lab
-from phi3lab.widgets.circuit_view import NEGATIVE, POSITIVE
+from phi3lab.widgets.circuit_view import NEGATIVE, POSITIVE, UNSCORED
 from phi3lab.widgets.common import unpacked
 
 
@@ -165,3 +165,13 @@ def test_bad_objects_are_refused_clearly():
         phi3lab.widgets.CircuitView(dataclasses.replace(graph, nodes=graph.nodes.to_dict()))
     with pytest.raises(ValueError, match="`dictionaries` must be a mapping"):
         phi3lab.widgets.CircuitView(graph, dictionaries=3)
+
+
+def test_unscored_edges_are_drawn_grey_after_the_scored_ones():
+    graph = head_graph(layers=2, heads=2)
+    edges = graph.edges.assign(score=np.nan)
+    edges.loc[3, "score"] = -2.0
+    view = phi3lab.widgets.CircuitView(ToyGraph(graph.nodes, edges), edges=4)
+    drawn = drawn_edges(view)
+    assert (edges.loc[3, "sender"], edges.loc[3, "receiver"], NEGATIVE) in {(s, r, c) for s, r, c, _ in drawn}
+    assert sorted(c for _, _, c, _ in drawn) == sorted([NEGATIVE, UNSCORED, UNSCORED, UNSCORED])

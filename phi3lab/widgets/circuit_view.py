@@ -14,7 +14,7 @@ from phi3lab.errors import bad_argument
 from phi3lab.widgets.circuit_layout import KIND_ORDER, GraphLayout, layout
 from phi3lab.widgets.common import BLANK, View, base_layout, escape, live, mpl_labels, new_figure, packed
 
-POSITIVE, NEGATIVE = "#b2182b", "#2166ac"  # the ends of DIVERGING
+POSITIVE, NEGATIVE, UNSCORED = "#b2182b", "#2166ac", "#999999"  # the ends of DIVERGING; 0 or NaN
 WIDTHS = (0.6, 1.2, 2.0, 3.0, 4.5, 6.5)  # edge widths by |score| bucket, thinnest first
 KIND_COLOURS = dict(
     zip(
@@ -34,7 +34,8 @@ class CircuitView(View):
     the top); the q/k/v receivers of a head sit just below their head;
     per-position graphs spread positions along x. The top edges by |score|
     are drawn, red for positive and blue for negative scores, thicker for
-    larger |score|; the slider sets how many. Clicking a node shows its row
+    larger |score| (grey: a score of 0 or NaN, as a graph not yet scored
+    has); the slider sets how many. Clicking a node shows its row
     of the node table and its strongest drawn edges; for a feature node, its
     `FeatureView` when the view has what that needs (`model`, `data` and the
     feature's dictionary).
@@ -148,7 +149,7 @@ class CircuitView(View):
     # === Interaction ===
     def _on_click(self, trace, points, state) -> None:
         if points.point_inds:
-            self.select(str(self.graph.nodes["node"].iloc[self._node_index[points.point_inds[0]]]))
+            self.select(str(self.graph.nodes["node"].iloc[self.shown_nodes()[points.point_inds[0]]]))
 
     def _redraw(self) -> None:
         figure = self._figure()
@@ -235,7 +236,11 @@ class CircuitView(View):
         largest = size.max() if len(size) and size.max() > 0 else 1.0
         bucket = np.minimum((size / largest * len(WIDTHS)).astype(int), len(WIDTHS) - 1)
         groups = []
-        for colour, sign in ((POSITIVE, scores > 0), (NEGATIVE, ~(scores > 0))):
+        for colour, sign in (
+            (POSITIVE, scores > 0),
+            (NEGATIVE, scores < 0),
+            (UNSCORED, ~((scores > 0) | (scores < 0))),
+        ):
             for level, width in enumerate(WIDTHS):
                 groups.append((colour, width, top[sign & (bucket == level)]))
         return groups
@@ -256,7 +261,6 @@ class CircuitView(View):
                 x=x, y=y, mode="lines", line=dict(color=colour, width=width), opacity=0.7, hoverinfo="skip"
             )
         shown = self.shown_nodes()
-        self._node_index = shown
         nodes = g.nodes.iloc[shown]
         scores = np.abs(nodes["score"].to_numpy(np.float64))
         top = np.nanmax(scores) if np.isfinite(scores).any() and np.nanmax(scores) > 0 else 1.0
