@@ -18,10 +18,14 @@ def _node(node, kind, layer, position=-1, label=None, score=np.nan, **extra):
     return dict(node=node, kind=kind, layer=layer, position=position, label=label or node, score=score, **extra)
 
 
-def head_graph(layers: int = 2, heads: int = 2, seed: int = 0, positions: int = 1) -> ToyGraph:
+def head_graph(
+    layers: int = 2, heads: int = 2, seed: int = 0, positions: int = 1, kv_heads: int | None = None
+) -> ToyGraph:
     """Embedding -> each head's q/k/v receivers and each MLP -> logits, every
     sender to every later receiver, random signed scores. With `positions`
-    > 1, one copy of every node per position (edges within a position)."""
+    > 1, one copy of every node per position (edges within a position);
+    with `kv_heads`, k/v receivers per key/value head (grouped-query
+    attention, named as phi3lab.circuits does: `a0.kv1.k`)."""
     rng = np.random.default_rng(seed)
     nodes, senders, receivers = [], [], []
     for p in range(positions):
@@ -34,9 +38,14 @@ def head_graph(layers: int = 2, heads: int = 2, seed: int = 0, positions: int = 
                 name = f"a{layer}.h{h}{tag}"
                 nodes.append(_node(name, "head", layer, where, f"L{layer}H{h}", rng.normal(), head=h))
                 senders.append((name, layer, p))
-                for part in "qkv":
+                for part in "q" if kv_heads else "qkv":
                     nodes.append(_node(f"{name}.{part}", f"head_{part}", layer, where, f"L{layer}H{h}.{part}", head=h))
                     receivers.append((f"{name}.{part}", layer, p))
+            for j in range(kv_heads or 0):
+                for part in "kv":
+                    name = f"a{layer}.kv{j}.{part}{tag}"
+                    nodes.append(_node(name, f"head_{part}", layer, where, f"L{layer}KV{j}.{part}", head=j))
+                    receivers.append((name, layer, p))
             nodes.append(_node(f"m{layer}{tag}", "mlp", layer, where, f"MLP {layer}", rng.normal(), head=-1))
             senders.append((f"m{layer}{tag}", layer + 0.5, p))
             receivers.append((f"m{layer}{tag}", layer + 0.5, p))

@@ -82,6 +82,17 @@ def test_head_graph_layout_by_layer_with_receivers_under_their_head():
     assert not g.per_position
 
 
+def test_grouped_query_key_value_receivers_sit_under_their_query_heads():
+    graph = head_graph(layers=2, heads=4, kv_heads=2)
+    g = phi3lab.widgets.CircuitView(graph).graph
+    place = dict(zip(g.nodes["node"], g.x))
+    for layer in range(2):
+        for j in range(2):
+            served = [place[f"a{layer}.h{h}"] for h in (2 * j, 2 * j + 1)]
+            for part in "kv":
+                assert min(served) < place[f"a{layer}.kv{j}.{part}"] < max(served)
+
+
 def test_per_position_graph_puts_nodes_in_their_position_column():
     graph = feature_graph()
     view = phi3lab.widgets.CircuitView(graph, edges=50)

@@ -85,6 +85,21 @@ def graph_tables(obj) -> tuple[pd.DataFrame, pd.DataFrame]:
     return nodes.reset_index(drop=True), edges.reset_index(drop=True)
 
 
+def _head_columns(nodes: pd.DataFrame) -> np.ndarray:
+    """Each node's column among its layer's heads (-1: not a head's): the
+    `head` column, with grouped-query key/value receivers (`head` = the
+    key/value head) moved to the middle of the query heads they serve."""
+    if "head" not in nodes:
+        return np.full(len(nodes), -1.0)
+    head = nodes["head"].fillna(-1).to_numpy(np.float64)
+    shared = nodes["kind"].isin(("head_k", "head_v")).to_numpy()
+    queries = head[nodes["kind"].isin(("head", "head_q")).to_numpy()]
+    if shared.any() and len(queries) and queries.max() > head[shared].max():
+        group = (queries.max() + 1) / (head[shared].max() + 1)
+        head = np.where(shared & (head >= 0), head * group + (group - 1) / 2, head)
+    return head
+
+
 def layout(obj) -> GraphLayout:
     """Where each node of `obj` is drawn and its edges ranked by |score|."""
     nodes, edges = graph_tables(obj)
@@ -93,7 +108,7 @@ def layout(obj) -> GraphLayout:
     receiver_row = nodes["kind"].isin(RECEIVER_KINDS).to_numpy()
     y = layer - RECEIVER_DROP * receiver_row
     per_position = bool((position >= 0).any())
-    head = nodes["head"].to_numpy(np.float64) if "head" in nodes else np.full(len(nodes), -1.0)
+    head = _head_columns(nodes)
     kind_rank = nodes["kind"].map({k: i for i, k in enumerate(KIND_ORDER)}).fillna(len(KIND_ORDER)).to_numpy()
     # A slot is a column of one layer: a head and its receivers share one; every other node has its own.
     slot = np.where(head >= 0, -1.0, np.arange(len(nodes)))
