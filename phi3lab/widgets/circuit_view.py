@@ -328,8 +328,12 @@ class CircuitView(View):
             linewidths=0.5,
             zorder=3,
         )
-        if len(shown) <= 60:
-            for i in shown:
+        # Labels where they stay legible: every node of a small graph, else
+        # (features crowd their position's column) tokens and logits only.
+        crowded = g.per_position and len(shown) > 24
+        labelled = [i for i in shown if not crowded or g.nodes["kind"].iloc[i] in ("token", "embed", "logits")]
+        if len(labelled) <= 60:
+            for i in labelled:
                 ax.annotate(
                     str(g.nodes["label"].iloc[i])[:14],
                     (g.x[i], g.y[i]),
