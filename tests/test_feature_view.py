@@ -110,6 +110,8 @@ def test_search_box_switches_feature_and_refuses_bad_ids(view):
     assert view.feature == 815 and "phi3lab-feature-error" in view.header.value
     view.search.value = "abc"
     assert view.feature == 815 and "not a feature" in view.header.value
+    view.search.value = "815"  # retyped: the error goes
+    assert "phi3lab-feature-error" not in view.header.value and "feature 815" in view.header.value
     view.show(91)
     assert view.search.value == "91" and view.text.value == before
 

@@ -7,6 +7,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from phi3lab.checks import check_in_range, check_positive_int, is_int
+from phi3lab.widgets import feature_data
 from phi3lab.widgets.common import (
     Scale,
     View,
@@ -17,10 +18,10 @@ from phi3lab.widgets.common import (
     new_figure,
     vocabulary_labeler,
 )
-from phi3lab.widgets.feature_data import as_store, contexts, logit_effects
 from phi3lab.widgets.tokens import TOKEN_STYLE, draw_tokens, token_spans
 
 RAISED, LOWERED = "#b2182b", "#2166ac"  # the ends of DIVERGING
+MAX_SIDE = 256  # the most stored positions a context shows on each side of its top token
 
 
 class FeatureView(View):
@@ -73,11 +74,12 @@ class FeatureView(View):
     ):
         from phi3lab.features.summary import store_site, summarize
 
-        store = as_store(dictionary, model, store_or_data, tokenizer)
+        store = feature_data.as_store(dictionary, model, store_or_data, tokenizer)
         store_site(dictionary, store)
         self.dictionary, self.model, self.store = dictionary, model, store
         self.count = check_positive_int("contexts", contexts)
-        self.before, self.after = check_in_range("before", before, 0, 4097), check_in_range("after", after, 0, 4097)
+        self.before = check_in_range("before", before, 0, MAX_SIDE + 1)
+        self.after = check_in_range("after", after, 0, MAX_SIDE + 1)
         self.summary = summarize(dictionary, self.store, top=self.count)
         tokenizer = tokenizer if tokenizer is not None else self.store.tokenizer
         self.labeler = vocabulary_labeler(tokenizer)
@@ -130,7 +132,9 @@ class FeatureView(View):
 
     def contexts(self):
         """The shown feature's top contexts (`feature_data.Context`s), largest first."""
-        return contexts(self.dictionary, self.store, self.summary, self._feature, self.count, self.before, self.after)
+        return feature_data.contexts(
+            self.dictionary, self.store, self.summary, self._feature, self.count, self.before, self.after
+        )
 
     def top_tokens(self, n: int = 10) -> tuple[list[int], list[int]]:
         """The ids of the `n` tokens whose logits the feature raises most and
@@ -143,7 +147,7 @@ class FeatureView(View):
         return order[::-1][:n].tolist(), order[:n].tolist()
 
     def _effects(self):
-        return logit_effects(self.model, self.dictionary, self._feature)
+        return feature_data.logit_effects(self.model, self.dictionary, self._feature)
 
     def _on_search(self, change) -> None:
         text = str(change["new"]).strip()
@@ -158,7 +162,7 @@ class FeatureView(View):
             self._feature = value
             self._update()
         else:
-            self._render_text()
+            self._render_header()  # the same id retyped: clear an error from the header
 
     def _update(self) -> None:
         self._render_text()
@@ -171,13 +175,17 @@ class FeatureView(View):
     def _scale(self, shown) -> Scale:
         return Scale.magnitude([c.activations.max() for c in shown] or [1.0])
 
-    def _render_text(self) -> None:
+    def _render_header(self) -> None:
         summary, f = self.summary, self._feature
         self.header.value = (
             f"<span data-feature='{f}'><b>feature {f}</b> of {self.num_features} · fires on "
             f"{summary.counts[f]} of {summary.rows} tokens (density {summary.density[f]:.3%}) · "
             f"max activation {summary.top_values[f, 0]:.4g} · {escape(summary.site)}</span>"
         )
+
+    def _render_text(self) -> None:
+        self._render_header()
+        f = self._feature
         shown = self.contexts()
         scale = self._scale(shown)
         rows = []
