@@ -94,7 +94,7 @@ class CircuitView(View):
 
         self.slider = widgets.IntSlider(
             value=min(edges, self.max_edges),
-            min=min(1, self.max_edges),
+            min=1,
             max=self.max_edges,
             description="edges",
             continuous_update=False,
