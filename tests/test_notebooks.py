@@ -15,6 +15,7 @@ EXPECTED = {
     "04_activation_patching.ipynb",
     "05_induction_heads.ipynb",
     "06_phi3_mini_on_colab.ipynb",
+    "10_sparse_features.ipynb",
 }
 
 

@@ -387,8 +387,8 @@ def test_static_html_is_self_contained(tr):
     html = AttentionExplorer(tr).static("html")
     assert "<script src=" not in html and '<script type="text/javascript" src=' not in html  # nothing fetched
     assert len(html) > 1_000_000  # plotly.js inlined
-    with pytest.raises(ValueError, match='`format` must be "png" or "html"'):
-        AttentionExplorer(tr).static("svg")
+    with pytest.raises(ValueError, match='`format` must be "png", "svg" or "html"'):
+        AttentionExplorer(tr).static("pdf")
 
 
 def test_scales_and_pooling():

@@ -5,7 +5,9 @@ Public names: `SparseDictionary` (a JAX pytree: `encode`, `decode`,
 file format, `hf://` handles), `from_preset` (the dictionaries a preset
 ships), `train` (-> `TrainResult`), `evaluate` (a DataFrame row),
 `attribute` (activation x gradient per feature and position, ->
-`FeatureAttribution`) and `hooks` (splicing a dictionary into a run).
+`FeatureAttribution`), `summarize` (every feature's top rows, density and
+histogram over an activation store, -> `FeatureSummary`) and `hooks`
+(splicing a dictionary into a run).
 
 Example:
 ```python
@@ -25,6 +27,7 @@ from phi3lab.features.attribution import FeatureAttribution, attribute
 from phi3lab.features.dictionary import KINDS, DictionaryConfig, SparseDictionary
 from phi3lab.features.evaluation import evaluate
 from phi3lab.features.saelens_format import from_preset, from_pretrained, load
+from phi3lab.features.summary import FeatureSummary, summarize
 from phi3lab.features.training import TrainResult, train
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "attribute",
     "DictionaryConfig",
     "FeatureAttribution",
+    "FeatureSummary",
     "SparseDictionary",
     "TrainResult",
     "evaluate",
@@ -39,5 +43,6 @@ __all__ = [
     "from_pretrained",
     "hooks",
     "load",
+    "summarize",
     "train",
 ]

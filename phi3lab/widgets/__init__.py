@@ -7,7 +7,9 @@ offline: plotly's widget bundles its JavaScript, static HTML inlines it.
 """
 
 from phi3lab.widgets.attention import AttentionExplorer
+from phi3lab.widgets.circuit_view import CircuitView
 from phi3lab.widgets.common import payload_bytes
+from phi3lab.widgets.feature_view import FeatureView
 from phi3lab.widgets.generation import GenerationView
 from phi3lab.widgets.head_grid import HeadGrid
 from phi3lab.widgets.logit_lens import LogitLensView
@@ -18,6 +20,8 @@ from phi3lab.widgets.tokens import TokenView
 
 __all__ = [
     "AttentionExplorer",
+    "CircuitView",
+    "FeatureView",
     "GenerationView",
     "HeadGrid",
     "LogitLensView",

@@ -356,12 +356,17 @@ class View:
         """A self-contained rendering of the current state.
 
         Args:
-            format: `"png"` (bytes, drawn with matplotlib) or `"html"` (str:
-                the view's HTML parts and live figures, plotly.js inlined,
-                no CDN).
+            format: `"png"` (bytes, drawn with matplotlib), `"svg"` (str,
+                the same drawing as vector graphics, for a README) or
+                `"html"` (str: the view's HTML parts and live figures,
+                plotly.js inlined, no CDN).
         """
         if format == "png":
             return png_bytes(self._draw_static())
+        if format == "svg":
+            buffer = io.StringIO()
+            self._draw_static().savefig(buffer, format="svg", facecolor="white")
+            return buffer.getvalue()
         if format == "html":
             parts = [f"<h3>{escape(repr(self))}</h3>", *self._html()]
             for index, figure in enumerate(self._figures()):
@@ -369,7 +374,7 @@ class View:
             return (
                 "<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>" + "\n".join(parts) + "</body></html>"
             )
-        raise bad_argument("format", format, '"png" or "html"')
+        raise bad_argument("format", format, '"png", "svg" or "html"')
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         bundle = dict(self.widget._repr_mimebundle_())

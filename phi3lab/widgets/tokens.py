@@ -26,7 +26,7 @@ from phi3lab.widgets.common import (
 )
 
 # Scoped to the view: a token shows its value in a tooltip while hovered.
-_STYLE = """<style>
+TOKEN_STYLE = """<style>
 .phi3lab-tokview .phi3lab-tok { position: relative; display: inline-block; padding: 1px 3px; margin: 1px;
   border-radius: 3px; font-family: monospace; white-space: pre; cursor: default; border: 1px solid transparent; }
 .phi3lab-tokview .phi3lab-tok.generated { border: 1px dashed %(generated)s; }
@@ -228,35 +228,14 @@ class TokenView(View):
 
     # === Rendering ===
     def _refresh(self) -> None:
-        values, scale = self.current, self.scale()
-        spans = []
-        for p, (token, value) in enumerate(zip(self.tokens, values)):
-            if np.isfinite(value):
-                background, text = scale.css(value)
-                shown = f"{value:.4g}"
-            else:
-                background, text, shown = BLANK, "#000000", "no value"
-            classes = (
-                "phi3lab-tok"
-                + (" generated" if self._generated(p) else "")
-                + (" selected" if p == self.selected else "")
-            )
-            tip = f"{p} {escape(token)} · {escape(self.label)}: {shown}"
-            tip += " · generated" if self._generated(p) else ""
-            spans.append(
-                f'<span class="{classes}" data-position="{p}" data-value="{value:.6g}" '
-                f'style="background:{background};color:{text}">{escape(token)}'
-                f'<span class="phi3lab-tip">{tip}</span></span>'
-            )
-            if self.prompt_length is not None and p == self.prompt_length - 1 and p < len(self.tokens) - 1:
-                spans.append(
-                    f'<span class="phi3lab-boundary" style="color:{GENERATED};font-weight:bold" '
-                    'title="generated from here">▏</span>'
-                )
+        scale = self.scale()
+        spans = token_spans(
+            self.tokens, self.current, scale, self.label, prompt_length=self.prompt_length, selected=self.selected
+        )
         self.text.value = (
-            f"{_STYLE}<div class='phi3lab-tokview'>"
+            f"{TOKEN_STYLE}<div class='phi3lab-tokview'>"
             + (f"<div style='margin-bottom:4px'><b>{self.title}</b></div>" if self.title else "")
-            + f"<div style='line-height:2.1'>{''.join(spans)}</div>{self._legend(scale)}</div>"
+            + f"<div style='line-height:2.1'>{spans}</div>{self._legend(scale)}</div>"
         )
 
     def _legend(self, scale: Scale) -> str:
@@ -274,9 +253,6 @@ class TokenView(View):
             f"style='background:linear-gradient(to right, {gradient})'></span>{scale.vmax:.3g}{generated}</div>"
         )
 
-    def _generated(self, position: int) -> bool:
-        return self.prompt_length is not None and position >= self.prompt_length
-
     def _figures(self):
         return []
 
@@ -284,7 +260,6 @@ class TokenView(View):
         return [self.text.value]
 
     def _draw_static(self):
-        values, scale = self.current, self.scale()
         per_line = 16
         lines = -(-len(self.tokens) // per_line)
         figure = new_figure(12, 0.9 + 0.32 * lines)
@@ -292,25 +267,8 @@ class TokenView(View):
         ax.set_xlim(0, per_line)
         ax.set_ylim(lines, -0.2)
         ax.axis("off")
-        for p, (token, value) in enumerate(zip(self.tokens, values)):
-            background = scale.css(value)[0] if np.isfinite(value) else BLANK
-            text = scale.css(value)[1] if np.isfinite(value) else "#000000"
-            edge = HIGHLIGHT if p == self.selected else (GENERATED if self._generated(p) else "none")
-            ax.text(
-                p % per_line + 0.05,
-                p // per_line + 0.5,
-                token[:10],
-                fontsize=8,
-                family="monospace",
-                color=text,
-                va="center",
-                bbox=dict(
-                    boxstyle="round,pad=0.2",
-                    fc=background,
-                    ec=edge,
-                    ls="--" if self._generated(p) and p != self.selected else "-",
-                ),
-            )
+        scale = self.scale()
+        draw_tokens(ax, self.tokens, self.current, scale, per_line, self.prompt_length, self.selected)
         ax.set_title(
             f"{self.title or 'Tokens'} · {self.label} ({self.row}): {scale.vmin:.3g} to {scale.vmax:.3g}",
             fontsize=10,
@@ -350,3 +308,77 @@ def _rows(values, names, length: int) -> dict[str, np.ndarray]:
             raise bad_argument("values", f"row {name!r} of shape {row.shape}", f"one value per token: ({length},)")
         rows[name] = row
     return rows
+
+
+# === Rendering, shared with other views (FeatureView's contexts) ===
+def _generated(position: int, prompt_length: int | None) -> bool:
+    return prompt_length is not None and position >= prompt_length
+
+
+def token_spans(
+    tokens: Sequence[str],
+    values: np.ndarray,
+    scale: Scale,
+    label: str,
+    *,
+    prompt_length: int | None = None,
+    selected: int | None = None,
+    first_position: int = 0,
+) -> str:
+    """HTML: one coloured `<span>` per token with a tooltip of its value
+    (styled by `TOKEN_STYLE` inside a `.phi3lab-tokview`); positions shown
+    count from `first_position`."""
+    spans = []
+    for p, (token, value) in enumerate(zip(tokens, values)):
+        if np.isfinite(value):
+            background, text = scale.css(value)
+            shown = f"{value:.4g}"
+        else:
+            background, text, shown = BLANK, "#000000", "no value"
+        generated = _generated(p, prompt_length)
+        classes = "phi3lab-tok" + (" generated" if generated else "") + (" selected" if p == selected else "")
+        tip = f"{p + first_position} {escape(token)} · {escape(label)}: {shown}"
+        tip += " · generated" if generated else ""
+        spans.append(
+            f'<span class="{classes}" data-position="{p + first_position}" data-value="{value:.6g}" '
+            f'style="background:{background};color:{text}">{escape(token)}'
+            f'<span class="phi3lab-tip">{tip}</span></span>'
+        )
+        if prompt_length is not None and p == prompt_length - 1 and p < len(tokens) - 1:
+            spans.append(
+                f'<span class="phi3lab-boundary" style="color:{GENERATED};font-weight:bold" '
+                'title="generated from here">▏</span>'
+            )
+    return "".join(spans)
+
+
+def draw_tokens(
+    ax,
+    tokens: Sequence[str],
+    values: np.ndarray,
+    scale: Scale,
+    per_line: int,
+    prompt_length: int | None = None,
+    selected: int | None = None,
+    first_line: int = 0,
+) -> None:
+    """Draw tokens as coloured boxes on a matplotlib `ax` whose x axis spans
+    `[0, per_line]` and whose y axis counts lines downwards, `per_line`
+    tokens a line from line `first_line` on."""
+    for p, (token, value) in enumerate(zip(tokens, values)):
+        background = scale.css(value)[0] if np.isfinite(value) else BLANK
+        text = scale.css(value)[1] if np.isfinite(value) else "#000000"
+        generated = _generated(p, prompt_length)
+        edge = HIGHLIGHT if p == selected else (GENERATED if generated else "none")
+        ax.text(
+            p % per_line + 0.05,
+            first_line + p // per_line + 0.5,
+            token[:10],
+            fontsize=8,
+            family="monospace",
+            color=text,
+            va="center",
+            bbox=dict(
+                boxstyle="round,pad=0.2", fc=background, ec=edge, ls="--" if generated and p != selected else "-"
+            ),
+        )
