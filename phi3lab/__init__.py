@@ -27,7 +27,7 @@ from phi3lab.tokenization import Phi3Tokenizer  # noqa: E402
 from phi3lab.tracing import Trace, estimate, gradients, trace  # noqa: E402
 
 # Imported on first use (PEP 562), so `import phi3lab` does not import them.
-_LAZY_SUBMODULES = ("activations", "features", "widgets")
+_LAZY_SUBMODULES = ("activations", "circuits", "features", "widgets")
 
 
 def __getattr__(name: str):
@@ -51,6 +51,7 @@ __all__ = [
     "Trace",
     "activations",
     "analysis",
+    "circuits",
     "compare_with_transformers",
     "estimate",
     "features",
