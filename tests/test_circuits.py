@@ -20,8 +20,9 @@ from phi3lab.circuits.inputs import prepare
 from phi3lab.model import attention as attention_module
 from phi3lab.model.decoder import Phi3DecoderStack
 from phi3lab.tracing import forward_fn
+from phi3lab.tracing.names import all_names, select
 
-LAYERS, HQ, HKV, D = 3, 4, 2, 64
+LAYERS, HQ, HKV, D = 2, 4, 2, 64
 SPLIT = ["blocks.*.attn.hook_q_input", "blocks.*.attn.hook_k_input", "blocks.*.attn.hook_v_input"]
 
 
@@ -79,10 +80,12 @@ def test_split_sites_are_identity_and_have_their_shapes(model, pair):
 
 
 def test_split_sites_stay_out_of_everything_and_of_broad_globs(model, pair):
-    everything = phi3lab.trace(model, pair[0][:1]).names
-    assert not any(name.endswith(("_input", "hook_result", "hook_mlp_in")) for name in everything)
-    broad = phi3lab.trace(model, pair[0][:1], names="blocks.0.*").names
+    names = all_names(model)
+    opt_in = ("_input", "hook_result", "hook_mlp_in")
+    assert not any(name.endswith(opt_in) for name in names + select(None, names) + select(lambda n: True, names))
+    broad = select("blocks.0.*", names)
     assert "blocks.0.attn.hook_q_input" not in broad and "blocks.0.hook_mlp_in" not in broad
+    assert select("blocks.*.attn.hook_k_input", names) == [f"blocks.{i}.attn.hook_k_input" for i in range(LAYERS)]
     named = phi3lab.trace(model, pair[0][:1], names=["blocks.0.attn.hook_q_input", "blocks.0.hook_mlp_in"]).names
     assert named == ["blocks.0.attn.hook_q_input", "blocks.0.hook_mlp_in"]
 
@@ -132,7 +135,7 @@ def test_split_machinery_costs_nothing_when_unused(model, pair, monkeypatch):
     names equal those built with the split machinery switched off; naming a
     split site changes the program (so the comparison can fail)."""
     ids = pair[0]
-    cases = [(), ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_z", "blocks.1.hook_mlp_out"]]
+    cases = [(), ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_z", "blocks.0.hook_mlp_out"]]
     with_machinery = [_lowered(model, names, ids) for names in cases]
     split = _lowered(model, ["blocks.1.attn.hook_q_input"], ids)
     result = _lowered(model, ["blocks.1.attn.hook_result"], ids)
@@ -222,7 +225,7 @@ def test_eap_ig_is_eap_at_one_step_and_averages_the_embedding_path(model, pair):
     np.testing.assert_allclose(one.edges.score, eap.edges.score, rtol=1e-6, atol=1e-6)
     two = C.edge_attribution(model, clean, corrupted, method="eap-ig", steps=2, **kwargs)
     # Oracle: gradients at the logits' input with the embedding at alpha = 1/2 and 1.
-    site = "blocks.2.hook_resid_post"
+    site = "blocks.1.hook_resid_post"
     bad_embed = phi3lab.trace(model, corrupted, names="hook_embed")["hook_embed"]
 
     def toward(x, ctx):
@@ -236,16 +239,16 @@ def test_eap_ig_is_eap_at_one_step_and_averages_the_embedding_path(model, pair):
         for alpha in (0.5, 1.0)
     ]  # fmt: skip
     grad = (grads[0] + grads[1]) / 2 / len(clean)
-    senders = phi3lab.trace(model, clean, names="blocks.1.hook_mlp_out")["blocks.1.hook_mlp_out"]
-    bad_senders = phi3lab.trace(model, corrupted, names="blocks.1.hook_mlp_out")["blocks.1.hook_mlp_out"]
+    senders = phi3lab.trace(model, clean, names="blocks.0.hook_mlp_out")["blocks.0.hook_mlp_out"]
+    bad_senders = phi3lab.trace(model, corrupted, names="blocks.0.hook_mlp_out")["blocks.0.hook_mlp_out"]
     expected = float(np.sum((bad_senders - senders).astype(np.float64) * grad))
-    got = two.edges.query("sender == 'm1' and receiver == 'logits'").score.item()
+    got = two.edges.query("sender == 'm0' and receiver == 'logits'").score.item()
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
 def test_scores_per_position_sum_to_the_summed_scores(model, pair):
     clean, corrupted, answer, counter = pair
-    kwargs = dict(answer=answer, counterfactual=counter, method="eap")
+    kwargs = dict(answer=answer, counterfactual=counter, method="eap", level="heads+mlps")
     summed = C.edge_attribution(model, clean, corrupted, **kwargs)
     each = C.edge_attribution(model, clean, corrupted, positions="each", **kwargs)
     assert len(each.edges) == len(summed.edges) * clean.shape[1]
@@ -263,7 +266,7 @@ def test_patching_one_edge_is_a_hook_on_that_receivers_input_only(model, pair):
     ids, bad, mask, metric = prepare(model, clean, corrupted, None, None, answer, counter)
     patcher = EdgePatcher(model, graph, ids, bad, mask, metric, "corrupted")
     keep = patcher.keep_all()
-    keep[graph.senders.index("a0.h1"), graph.receivers.index("a2.h0.q")] = False
+    keep[graph.senders.index("a0.h1"), graph.receivers.index("a1.kv0.v")] = False
     patched = patcher(keep)
 
     site = "blocks.0.attn.hook_result"
@@ -272,11 +275,14 @@ def test_patching_one_edge_is_a_hook_on_that_receivers_input_only(model, pair):
         - phi3lab.trace(model, clean, names=site)[site][:, :, 1]
     )
 
-    def patch_head_0(x, ctx):
+    def patch_kv_head_0(x, ctx):
         return x.at[:, :, 0].add(ctx.data)
 
     hooked = phi3lab.trace(
-        model, clean, names="hook_logits", hooks={"blocks.2.attn.hook_q_input": phi3lab.hooks.Hook(patch_head_0, delta)}
+        model,
+        clean,
+        names="hook_logits",
+        hooks={"blocks.1.attn.hook_v_input": phi3lab.hooks.Hook(patch_kv_head_0, delta)},
     )
     expected = logit_diff(hooked["hook_logits"], answer, counter)
     assert abs(patched - expected) <= 1e-5 * max(1.0, abs(expected))
@@ -305,22 +311,22 @@ def test_mean_ablation_replaces_senders_by_their_mean_over_prompts(model, pair):
     clean, corrupted, answer, counter = pair
     graph = C.Graph(model, "layers")
     ids, bad, mask, metric = prepare(model, clean, corrupted, None, None, answer, counter)
-    empty = EdgePatcher(model, graph, ids, bad, mask, metric, "mean")(np.zeros((9, 9, 7), bool))
+    empty = EdgePatcher(model, graph, ids, bad, mask, metric, "mean")(np.zeros((5, 5, 7), bool))
     # Every edge mean-ablated: every receiver reads the mean of the clean
     # prompts' stream, so each MLP, each attention input and the logits'
     # input are the batch mean of the clean run; the attention still mixes
     # positions of its own row, so only the logits are checked: their input
     # is the mean final residual stream.
-    mean_final = phi3lab.trace(model, clean, names="blocks.2.hook_resid_post")["blocks.2.hook_resid_post"].mean(0)
+    mean_final = phi3lab.trace(model, clean, names="blocks.1.hook_resid_post")["blocks.1.hook_resid_post"].mean(0)
     replace = phi3lab.hooks.Hook(lambda x, ctx: jnp.broadcast_to(ctx.data, x.shape), mean_final)
-    hooked = phi3lab.trace(model, clean, names="hook_logits", hooks={"blocks.2.hook_resid_post": replace})
+    hooked = phi3lab.trace(model, clean, names="hook_logits", hooks={"blocks.1.hook_resid_post": replace})
     assert empty == pytest.approx(logit_diff(hooked["hook_logits"], answer, counter), abs=1e-4)
 
 
 def test_curve_and_prune(model, pair):
     clean, corrupted, answer, counter = pair
     kwargs = dict(answer=answer, counterfactual=counter)
-    scores = C.edge_attribution(model, clean, corrupted, level="layers", steps=4, **kwargs)
+    scores = C.edge_attribution(model, clean, corrupted, level="layers", method="eap", **kwargs)
     curve = C.faithfulness_curve(model, scores, clean, corrupted, sizes=[0, 5, len(scores)], **kwargs)
     assert list(curve.columns) == ["edges", "fraction", "metric", "faithfulness"]
     assert curve.faithfulness.iloc[0] == pytest.approx(0.0, abs=1e-6) and curve.faithfulness.iloc[-1] == pytest.approx(
@@ -342,10 +348,10 @@ def test_curve_and_prune(model, pair):
 def test_bad_input_is_refused_clearly(model, pair):
     clean, corrupted, answer, counter = pair
     graph = C.Graph(model, "heads")
-    with pytest.raises(ValueError, match="later receiver.*'a2.h0' -> 'a1.h0.q'"):
-        C.Circuit(graph, [("a2.h0", "a1.h0.q")])
-    with pytest.raises(ValueError, match="a1.h0' -> 'a1.h2.q'"):
-        C.Circuit(graph, [("a1.h0", "a1.h2.q")])  # a head does not reach its own layer's heads
+    with pytest.raises(ValueError, match="later receiver.*'a1.h0' -> 'a0.h0.q'"):
+        C.Circuit(graph, [("a1.h0", "a0.h0.q")])
+    with pytest.raises(ValueError, match="a0.h0' -> 'a0.h2.q'"):
+        C.Circuit(graph, [("a0.h0", "a0.h2.q")])  # a head does not reach its own layer's heads
     with pytest.raises(ValueError, match="level.*'neurons'"):
         C.Graph(model, "neurons")
     with pytest.raises(ValueError, match="level"):
@@ -382,4 +388,4 @@ def test_shipped_name_mover_circuit_is_found_and_is_faithful(template):
     assert "a0.h1" in set(top.sender)  # the token head
     size = int(0.1 * len(scores))
     kept = C.faithfulness(model, scores.top(size), clean.token_ids, corrupted.token_ids, **kwargs)
-    assert kept >= 0.8, kept
+    assert kept >= 0.9, kept  # measured 1.00 (training templates) and 1.04 (held-out template)
