@@ -40,6 +40,11 @@ class Circuit:
             only; without the column, at every position), or `(sender,
             receiver)` pairs.
 
+    Attributes:
+        graph, edges: as given (`edges` with a `score` column, NaN if none).
+        sender_index, receiver_index: int `[E]`, each edge's sender and
+            receiver as indices into `graph.senders` / `graph.receivers`.
+
     Example:
     >>> graph = phi3lab.circuits.Graph(model, "heads+mlps")
     >>> circuit = phi3lab.circuits.Circuit(graph, [("embed", "a0.h1.q"), ("a0.h1", "logits")])
@@ -56,9 +61,9 @@ class Circuit:
         edges = edges.reset_index(drop=True).copy()
         if "score" not in edges:
             edges["score"] = np.nan
-        self._sender_index = self._indices(edges["sender"], graph.senders, "sender")
-        self._receiver_index = self._indices(edges["receiver"], graph.receivers, "receiver")
-        backwards = ~graph.allowed[self._sender_index, self._receiver_index]
+        self.sender_index = self._indices(edges["sender"], graph.senders, "sender")
+        self.receiver_index = self._indices(edges["receiver"], graph.receivers, "receiver")
+        backwards = ~graph.allowed[self.sender_index, self.receiver_index]
         if backwards.any():
             row = edges[backwards].iloc[0]
             raise bad_argument(
@@ -89,9 +94,9 @@ class Circuit:
             positions = self.edges["position"].to_numpy(np.int64)
             if len(positions) and positions.max() >= length:
                 raise bad_argument("circuit", f"an edge at position {positions.max()}", f"positions < {length}")
-            keep[self._sender_index, self._receiver_index, positions] = True
+            keep[self.sender_index, self.receiver_index, positions] = True
         else:
-            keep[self._sender_index, self._receiver_index, :] = True
+            keep[self.sender_index, self.receiver_index, :] = True
         return keep
 
     def __len__(self) -> int:

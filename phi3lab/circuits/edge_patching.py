@@ -319,7 +319,7 @@ def prune(
     kept = np.ones(len(edges), bool)
     for i in order:
         row = edges.iloc[i]
-        sender, receiver = circuit._sender_index[i], circuit._receiver_index[i]
+        sender, receiver = circuit.sender_index[i], circuit.receiver_index[i]
         where = (sender, receiver, int(row["position"])) if "position" in edges else (sender, receiver)
         trial = keep.copy()
         trial[where] = False

@@ -90,10 +90,11 @@ class Graph:
         allowed: bool `[S, R]`, True where sender `s` reaches receiver `r`.
         nodes, edges: the display protocol's DataFrames (edge scores NaN).
 
-    Example:
+    Example (the shipped `phi3lab_tiny_en`: 4 layers, 4 query heads over 2
+    key/value heads):
     >>> graph = phi3lab.circuits.Graph(model, level="heads+mlps")
-    >>> len(graph.edges), graph.nodes.query("kind == 'head_k'").node.tolist()[:2]
-    (473, ['a0.kv0.k', 'a0.kv1.k'])
+    >>> len(graph), graph.nodes.query("kind == 'head_k'").node.tolist()[:2]
+    (343, ['a0.kv0.k', 'a0.kv1.k'])
     """
 
     def __init__(self, model, level: str = "heads"):
