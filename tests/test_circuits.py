@@ -255,25 +255,39 @@ def test_scores_per_position_sum_to_the_summed_scores(model, pair):
     regrouped = each.edges.groupby(["sender", "receiver"], sort=False).score.sum().to_numpy()
     np.testing.assert_allclose(regrouped, summed.edges.score, atol=1e-5)
     assert set(each.nodes.node) == set(summed.graph.nodes.node)
+    # Per-position circuits patch per position: every (edge, position) kept is the clean run.
+    faithful = dict(answer=answer, counterfactual=counter)
+    assert C.faithfulness(model, each.top(len(each)), clean, corrupted, **faithful) == pytest.approx(1.0)
+    but_one = each.edges[~((each.edges.sender == "a0.h1") & (each.edges.receiver == "m1") & (each.edges.position == 2))]
+    keep = C.Circuit(each.graph, but_one).keep_mask(clean.shape[1])
+    assert (~keep).sum() == (~each.graph.allowed).sum() * clean.shape[1] + 1
+    assert not keep[each.graph.senders.index("a0.h1"), each.graph.receivers.index("m1"), 2]
+
+
+def test_circuits_is_a_lazy_attribute_of_phi3lab():
+    assert phi3lab.circuits is C and "circuits" in dir(phi3lab)
 
 
 # === 4. Edge patching and faithfulness ===
 
 
-def test_patching_one_edge_is_a_hook_on_that_receivers_input_only(model, pair):
+@pytest.mark.parametrize("position", [None, 2])
+def test_patching_one_edge_is_a_hook_on_that_receivers_input_only(model, pair, position):
     clean, corrupted, answer, counter = pair
     graph = C.Graph(model, "heads+mlps")
     ids, bad, mask, metric = prepare(model, clean, corrupted, None, None, answer, counter)
     patcher = EdgePatcher(model, graph, ids, bad, mask, metric, "corrupted")
     keep = patcher.keep_all()
-    keep[graph.senders.index("a0.h1"), graph.receivers.index("a1.kv0.v")] = False
+    where = slice(None) if position is None else position
+    keep[graph.senders.index("a0.h1"), graph.receivers.index("a1.kv0.v"), where] = False
     patched = patcher(keep)
 
     site = "blocks.0.attn.hook_result"
-    delta = (
+    delta = np.zeros((3, 7, D), np.float32)
+    delta[:, where] = (
         phi3lab.trace(model, corrupted, names=site)[site][:, :, 1]
         - phi3lab.trace(model, clean, names=site)[site][:, :, 1]
-    )
+    )[:, where]
 
     def patch_kv_head_0(x, ctx):
         return x.at[:, :, 0].add(ctx.data)
@@ -288,7 +302,7 @@ def test_patching_one_edge_is_a_hook_on_that_receivers_input_only(model, pair):
     assert abs(patched - expected) <= 1e-5 * max(1.0, abs(expected))
     assert (
         abs(expected - logit_diff(phi3lab.trace(model, clean, names="hook_logits")["hook_logits"], answer, counter))
-        > 1e-3
+        > 1e-4  # the edge matters (20x the tolerance above at position 2 alone)
     )
 
 
@@ -333,6 +347,7 @@ def test_curve_and_prune(model, pair):
         1.0
     )
     assert curve.metric.iloc[-1] == pytest.approx(scores.clean_metric, abs=1e-4)
+    assert list(curve.figure().data[0].y) == list(curve.faithfulness)
     start = scores.top(20)
     pruned = C.prune(model, start, clean, corrupted, tolerance=0.05, **kwargs)
     assert len(pruned) < len(start) and set(zip(pruned.edges.sender, pruned.edges.receiver)) <= set(
