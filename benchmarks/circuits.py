@@ -26,8 +26,8 @@ import statistics
 import time
 
 import numpy as np
+import pandas as pd
 from _common import add_size_arguments, config_from_arguments, describe_sizes, machine, random_model
-from scipy.stats import spearmanr
 
 import phi3lab.circuits as C
 from phi3lab.circuits.edge_patching import EdgePatcher
@@ -78,7 +78,7 @@ def eap_ig_section(args) -> None:
         seconds.append(time.perf_counter() - start)
     per_edge = statistics.median(seconds)
     exhaustive = per_edge * len(scores)
-    rho = spearmanr(scores.edges.score.to_numpy()[sample], effects).statistic
+    rho = pd.Series(scores.edges.score.to_numpy()[sample]).corr(pd.Series(effects), method="spearman")
 
     print(f"level={args.level} edges={len(scores)} T={args.length} batch={args.batch} steps={args.steps}")
     print(f"{'':44}{'seconds':>12}")
