@@ -277,7 +277,9 @@ def test_patching_one_edge_is_a_hook_on_that_receivers_input_only(model, pair, p
     graph = C.Graph(model, "heads+mlps")
     ids, bad, mask, metric = prepare(model, clean, corrupted, None, None, answer, counter)
     patcher = EdgePatcher(model, graph, ids, bad, mask, metric, "corrupted")
-    keep = patcher.keep_all()
+    keep = patcher.keep_all()  # [S, R, 1]: the same at every position
+    if position is not None:
+        keep = np.repeat(keep, clean.shape[1], axis=2)
     where = slice(None) if position is None else position
     keep[graph.senders.index("a0.h1"), graph.receivers.index("a1.kv0.v"), where] = False
     patched = patcher(keep)

@@ -88,15 +88,18 @@ class Circuit:
         return _scored_nodes(self.graph, self.edges, only_touched=True)
 
     def keep_mask(self, length: int) -> np.ndarray:
-        """bool `[S, R, length]`: True where an edge is kept (at a position)."""
-        keep = np.zeros((len(self.graph.senders), len(self.graph.receivers), length), bool)
+        """bool `[S, R, length]`, True where an edge is kept at a position;
+        `[S, R, 1]` (kept at every position) for a circuit without a
+        `position` column, which edge patching runs as plain matmuls."""
+        positions = length if "position" in self.edges else 1
+        keep = np.zeros((len(self.graph.senders), len(self.graph.receivers), positions), bool)
         if "position" in self.edges:
             positions = self.edges["position"].to_numpy(np.int64)
             if len(positions) and positions.max() >= length:
                 raise bad_argument("circuit", f"an edge at position {positions.max()}", f"positions < {length}")
             keep[self.sender_index, self.receiver_index, positions] = True
         else:
-            keep[self.sender_index, self.receiver_index, :] = True
+            keep[self.sender_index, self.receiver_index, 0] = True
         return keep
 
     def __len__(self) -> int:

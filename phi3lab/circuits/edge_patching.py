@@ -48,27 +48,28 @@ def _patch(x, ctx):
     its sender's current output (`ctx.static`: the reaching sender groups
     `(site, per_head)` and whether this site has a head axis; `ctx.data`:
     the groups' replacements and the ablation mask `[senders, receivers
-    here, T]`, 1 where an edge is ablated)."""
+    here, T or 1]`, 1 where an edge is ablated)."""
     groups, heads = ctx.static
     replacements, ablate = ctx.data
     ablate = ablate.astype(x.dtype)
+    # A mask of one position applies at every position: plain matmuls instead
+    # of one small matmul per position.
+    per_head, single = ("btnd,nct->btcd", "btd,ct->btcd") if ablate.shape[2] > 1 else ("btnd,nc->btcd", "btd,c->btcd")
+    ablate = ablate if ablate.shape[2] > 1 else ablate[:, :, 0]
     delta, row = 0.0, 0
-    for (site, per_head), replacement in zip(groups, replacements):
+    for (site, has_heads), replacement in zip(groups, replacements):
         diff = replacement.astype(x.dtype) - ctx.seen[site]
-        if per_head:
-            count = diff.shape[2]
-            delta = delta + jnp.einsum("btnd,nct->btcd", diff, ablate[row : row + count])
-            row += count
-        else:
-            delta = delta + jnp.einsum("btd,ct->btcd", diff, ablate[row])
-            row += 1
+        count = diff.shape[2] if has_heads else 1
+        rows = ablate[row : row + count]
+        delta = delta + (jnp.einsum(per_head, diff, rows) if has_heads else jnp.einsum(single, diff, rows[0]))
+        row += count
     return x + (delta if heads else delta[:, :, 0])
 
 
 def patching_program(model, graph: Graph, metric: Metric):
     """The compiled `program(params, ids, mask, replacements, ablate,
     metric_data) -> metric [B]`: a forward of `ids` with the edges where
-    `ablate [S, R, T]` is 1 carrying `replacements` (one array per sender
+    `ablate [S, R, T or 1]` is 1 carrying `replacements` (one array per sender
     group), cached per model, level and metric."""
 
     def build():
@@ -123,14 +124,17 @@ class EdgePatcher:
         self.replacements = tuple(replacements)
 
     def __call__(self, keep: np.ndarray) -> float:
-        """The mean metric with the edges outside bool `keep [S, R, T]` ablated."""
+        """The mean metric with the edges outside bool `keep` ablated: `[S,
+        R, T]` per position, or `[S, R, 1]` the same at every position (a
+        second compiled program, of plain matmuls: 1.6x a plain forward
+        against 2.9x per position, 6 layers of width 384 at T=64 on CPU)."""
         ablate = jnp.asarray(~keep, jnp.float32)
         values = self.program(self.params, self.ids, self.mask, self.replacements, ablate, self.metric.data)
         return float(np.mean(check_finite(values, "the patched run")))
 
     def keep_all(self) -> np.ndarray:
-        """bool `[S, R, T]`: every edge of the graph kept."""
-        return np.broadcast_to(self.graph.allowed[:, :, None], (*self.graph.allowed.shape, self.length)).copy()
+        """bool `[S, R, 1]`: every edge of the graph kept, at every position."""
+        return self.graph.allowed[:, :, None].copy()
 
     def bounds(self) -> tuple[float, float]:
         """`(full graph, empty circuit)` metrics: faithfulness 1 and 0."""
