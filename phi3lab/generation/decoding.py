@@ -333,7 +333,7 @@ def generate(
     if names is not None and decoder.length < prompt_length + step:
         decoder.prefill(prompt_length + step)  # the last new token's own activations (at the rotary switch)
 
-    arrays = decoder.captures.arrays(decoder.length, all_names(model)) if names is not None else {}
+    arrays = decoder.captures.arrays(decoder.length, all_names(model, opt_in=True)) if names is not None else {}
     results = []
     for r, ids in enumerate(rows):
         start, stop_at = prompt_length - len(ids), prompt_length + len(new[r])

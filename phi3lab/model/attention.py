@@ -63,6 +63,24 @@ def masked_softmax(scores, mask):
     return exp / jnp.where(total == 0.0, 1.0, total)
 
 
+def _project(x, per_head, kernel):
+    """Queries, keys or values `[B, T, heads, dh]`: the normalized input `x
+    [B, T, D]` through `kernel [D, heads, dh]`, or, given `per_head [B, T,
+    heads, D]` (split inputs), each head's own copy through its slice."""
+    if per_head is None:
+        return jnp.einsum("btd,dnh->btnh", x, kernel)
+    return jnp.einsum("btnd,dnh->btnh", per_head, kernel)
+
+
+def _output(z, kernel, sites):
+    """The attention output `[B, T, D]` of `z [B, T, Hq, dh]` through
+    `kernel [Hq, dh, D]`; per head first (`attn.hook_result [B, T, Hq, D]`,
+    then summed) only when `sites` wants that opt-in site."""
+    if sites.wants("attn.hook_result"):
+        return jnp.sum(sites("attn.hook_result", jnp.einsum("btnh,nhd->btnd", z, kernel)), axis=2)
+    return jnp.einsum("btnh,nhd->btd", z, kernel)
+
+
 class Phi3Attention(keras.layers.Layer):
     """Grouped-query self-attention with rotary embedding, for all layers.
 
@@ -287,6 +305,7 @@ class Phi3Attention(keras.layers.Layer):
         cache_index=0,
         *,
         paths: AttentionPaths,
+        head_inputs: dict | None = None,
     ):
         """One layer's attention.
 
@@ -308,6 +327,11 @@ class Phi3Attention(keras.layers.Layer):
                 only, as the plain forward does: later slots are future).
             cache_index: int (may be traced), the slot of `x`'s first row.
             paths: the `AttentionPaths` to run (static: read while tracing).
+            head_inputs: None, or per-head normalized inputs replacing `x`
+                for some projections: `{"q": [B, T, Hq, D], "k": [B, T,
+                Hkv, D], "v": [B, T, Hkv, D]}` (any subset; the split
+                inputs `attn.hook_q_input` ... of the decoder block), each
+                head projecting its own copy.
 
         Returns the attention output `[B, T, D]` (after the output kernel),
         and with a `cache` also the updated `LayerCache`.
@@ -325,9 +349,10 @@ class Phi3Attention(keras.layers.Layer):
         """
         dtype = self.compute_dtype
         w = dequantize(params, dtype)
-        q = sites("attn.hook_q", jnp.einsum("btd,dnh->btnh", x, w["query_kernel"]))
-        k = sites("attn.hook_k", jnp.einsum("bsd,dkh->bskh", x, w["key_kernel"]))
-        v = sites("attn.hook_v", jnp.einsum("bsd,dkh->bskh", x, w["value_kernel"]))
+        head_inputs = head_inputs or {}
+        q = sites("attn.hook_q", _project(x, head_inputs.get("q"), w["query_kernel"]))
+        k = sites("attn.hook_k", _project(x, head_inputs.get("k"), w["key_kernel"]))
+        v = sites("attn.hook_v", _project(x, head_inputs.get("v"), w["value_kernel"]))
         q = sites("attn.hook_rot_q", apply_rotary(q, cos, sin))
         k = sites("attn.hook_rot_k", apply_rotary(k, cos, sin))
 
@@ -342,8 +367,7 @@ class Phi3Attention(keras.layers.Layer):
             else:
                 keys, values = (slots.astype(dtype) for slots in cache.read())
                 z = self.attend(q, keys, values, padding_mask, cache_index, dropout_key, sites, head_major=True)[2]
-            z = sites("attn.hook_z", z)
-            return jnp.einsum("btnh,nhd->btd", z, w["output_kernel"]), cache
+            return _output(sites("attn.hook_z", z), w["output_kernel"], sites), cache
 
         window = sites.query_window
         if reported and window is None:
@@ -355,8 +379,7 @@ class Phi3Attention(keras.layers.Layer):
                 # maps are refused with a window, so nothing flows back).
                 start, stop = window
                 self.attend(q[:, start:stop], k, v, padding_mask, start, sites=sites)
-        z = sites("attn.hook_z", z)
-        return jnp.einsum("btnh,nhd->btd", z, w["output_kernel"])
+        return _output(sites("attn.hook_z", z), w["output_kernel"], sites)
 
     def get_config(self):
         config = super().get_config()

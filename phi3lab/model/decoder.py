@@ -114,17 +114,42 @@ class Phi3DecoderStack(keras.layers.Layer):
             self.attention_norm.apply(params["attention_norm"], x),
         )
         attention_out = self.attention.apply(
-            params["attention"], normalized, cos, sin, padding_mask, sites, keys[0], cache, cache_index, paths=paths
+            params["attention"],
+            normalized,
+            cos,
+            sin,
+            padding_mask,
+            sites,
+            keys[0],
+            cache,
+            cache_index,
+            paths=paths,
+            head_inputs=self._head_inputs(params["attention_norm"], x, sites),
         )
         if cache is not None:
             attention_out, cache = attention_out
         attention_out = sites("hook_attn_out", dropout(attention_out, self.dropout, keys[1]))
         x = sites("hook_resid_mid", x + attention_out)
-        normalized = sites("ln2.hook_normalized", self.mlp_norm.apply(params["mlp_norm"], x))
+        mlp_input = sites("hook_mlp_in", x)  # the MLP's own copy: `x` goes on to hook_resid_post
+        normalized = sites("ln2.hook_normalized", self.mlp_norm.apply(params["mlp_norm"], mlp_input))
         mlp_out = self.mlp.apply(params["mlp"], normalized, sites)
         mlp_out = sites("hook_mlp_out", dropout(mlp_out, self.dropout, keys[2]))
         x = sites("hook_resid_post", x + mlp_out)
         return x if cache is None else (x, cache)
+
+    def _head_inputs(self, norm_params, x, sites) -> dict:
+        """The split inputs of attention (`attn.hook_q_input`, `_k_input`,
+        `_v_input`) that `sites` wants, normalized: `{"q": [B, T, Hq, D],
+        ...}`, each head's copy of the residual stream `x` through ln1.
+        Empty (no work, the plain program) when none is wanted."""
+        counts = {"q": self.num_query_heads, "k": self.num_key_value_heads, "v": self.num_key_value_heads}
+        inputs = {}
+        for kind, count in counts.items():
+            name = f"attn.hook_{kind}_input"
+            if sites.wants(name):
+                copies = sites(name, jnp.broadcast_to(x[:, :, None], (*x.shape[:2], count, x.shape[-1])))
+                inputs[kind] = self.attention_norm.apply(norm_params, copies)
+        return inputs
 
     def apply(
         self,

@@ -132,7 +132,7 @@ def _result(fn: ForwardFn, captures: dict, output, token_ids, mask, tokens, rope
     """The `Trace` of one run of `fn`: its captures in catalogue order."""
     plan = fn.plan
     return Trace(
-        {name: captures[name] for name in all_names(fn.model) if name in captures},
+        {name: captures[name] for name in all_names(fn.model, opt_in=True) if name in captures},
         token_ids=token_ids,
         padding_mask=mask,
         tokens=tokens,
