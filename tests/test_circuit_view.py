@@ -137,6 +137,34 @@ def test_feature_node_opens_its_feature_view():
     assert "dictionaries=" in bare.details.children[0].value
 
 
+def test_attribution_graph_feature_node_opens_its_transcoder_feature_view(tmp_path):
+    """An `AttributionGraph` knows its transcoders by the name its feature
+    nodes carry, so the view needs only the model and data; a graph read
+    back from JSON names them only, and the view says what it needs."""
+    model = phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
+    tok = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
+    prompt = phi3lab.tasks.name_mover_prompts(1, seed=5)[0].text
+    graph = phi3lab.circuits.attribution_graph(model, prompt, "phi3lab_tiny_en", tokenizer=tok, max_feature_nodes=64)
+    transcoders = [phi3lab.features.from_preset("phi3lab_tiny_en", f"transcoder_{layer}") for layer in range(4)]
+    assert list(graph.feature_dictionaries) == [f"transcoder_{layer}" for layer in range(4)]
+    assert set(graph.nodes.query("kind == 'feature'")["dictionary"]) <= set(graph.feature_dictionaries)
+    feature = graph.nodes.query("kind == 'feature'").iloc[0]
+    texts = [p.text for p in phi3lab.tasks.name_mover_prompts(8, seed=6)]
+    view = phi3lab.widgets.CircuitView(graph, model=model, data=texts, tokenizer=tok)
+    view.select(feature["node"])
+    opened = view.feature_view
+    assert opened.feature == feature["feature"] and view.details.children == (opened.widget,)
+    layer = int(feature["layer"])
+    assert opened.summary.site == f"blocks.{layer}.ln2.hook_normalized"
+    np.testing.assert_array_equal(np.asarray(opened.dictionary.W_enc), np.asarray(transcoders[layer].W_enc))
+    graph.save(tmp_path / "graph.json")
+    back = phi3lab.circuits.AttributionGraph.from_json(tmp_path / "graph.json")
+    assert back.feature_dictionaries == {}
+    bare = phi3lab.widgets.CircuitView(back, model=model, data=texts, tokenizer=tok)
+    bare.select(feature["node"])
+    assert "dictionaries=" in bare.details.children[0].value
+
+
 def test_scale_stays_bounded():
     """The 12-layer, 12-head heads+mlps graph at 8 positions: 4,720 nodes
     (q/k/v receivers included), ~260k edges; what travels is the shown top."""

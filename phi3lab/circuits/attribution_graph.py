@@ -65,8 +65,11 @@ class AttributionGraph:
         target: `(token,)` or `(token, counterfactual)`: the logit (or
             logit difference) at `position` that the graph explains.
         position: the position of that logit.
-        dictionaries: the transcoders' names, one per layer.
+        dictionaries: the transcoders' names, one per layer (the node
+            table's `dictionary` column).
         prompt: the prompt's text ("" when unknown).
+        transcoders: the transcoders themselves, one per layer (empty for a
+            graph read from JSON, which names them only).
     """
 
     node_table: pd.DataFrame
@@ -78,6 +81,7 @@ class AttributionGraph:
     position: int
     dictionaries: list
     prompt: str = ""
+    transcoders: tuple = ()
 
     @property
     def nodes(self) -> pd.DataFrame:
@@ -94,6 +98,13 @@ class AttributionGraph:
             {"sender": ids[senders], "receiver": ids[receivers], "score": self.adjacency[receivers, senders]}
         )
         return table.iloc[np.argsort(-np.abs(table["score"].to_numpy()), kind="stable")].reset_index(drop=True)
+
+    @property
+    def feature_dictionaries(self) -> dict:
+        """The transcoders by name (`{"transcoder_0": ..., ...}`), matching
+        the feature nodes' `dictionary` column; what `CircuitView` opens a
+        feature's `FeatureView` with. Empty for a graph read from JSON."""
+        return dict(zip(self.dictionaries, self.transcoders))
 
     def values(self) -> np.ndarray:
         """Each receiver's value as the graph sums it: incoming edges plus bias."""
@@ -256,6 +267,7 @@ def attribution_graph(
         position=position,
         dictionaries=names,
         prompt=tokenizer.decode(token_ids.tolist()) if tokenizer is not None else "",
+        transcoders=tuple(dictionaries),
     )
     graph.node_table["score"] = graph.influence()
     return graph if node_threshold is None else graph.prune(node_threshold, edge_threshold)

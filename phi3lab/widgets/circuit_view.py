@@ -49,7 +49,8 @@ class CircuitView(View):
         dictionaries: the feature nodes' dictionaries by name (the node
             table's `dictionary` column), a preset name whose shipped
             dictionaries are loaded by that name (`features.from_preset`), or
-            None: `obj.dictionaries` when it is such a mapping.
+            None: `obj.feature_dictionaries` when it is such a mapping (an
+            `AttributionGraph` holds its transcoders so).
         title: the figure's title.
 
     Example:
@@ -81,7 +82,7 @@ class CircuitView(View):
         self.title = str(title)
         self.model, self.data, self.tokenizer = model, data, tokenizer
         if dictionaries is None:
-            found = getattr(obj, "dictionaries", None)
+            found = getattr(obj, "feature_dictionaries", None)
             dictionaries = found if isinstance(found, Mapping) else None
         elif not isinstance(dictionaries, (Mapping, str)):
             raise bad_argument(
