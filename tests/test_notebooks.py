@@ -16,6 +16,7 @@ EXPECTED = {
     "05_induction_heads.ipynb",
     "06_phi3_mini_on_colab.ipynb",
     "10_sparse_features.ipynb",
+    "11_circuit_discovery.ipynb",
 }
 
 
