@@ -75,6 +75,8 @@ def test_head_graph_layout_by_layer_with_receivers_under_their_head():
         if row.kind.startswith("head_"):
             head_x, head_y = place[row.node.rsplit(".", 1)[0]]
             assert row.layer - 1 < y < head_y == row.layer and abs(x - head_x) < 0.5
+        elif row.kind == "mlp":  # above its layer's heads, which it reads, below the next layer's receivers
+            assert row.layer < y < row.layer + 1 - 0.32
         else:
             assert y == row.layer
     heads = [place[f"a0.h{h}"][0] for h in range(3)]

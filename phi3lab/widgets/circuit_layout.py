@@ -6,9 +6,11 @@ DataFrame with `node, kind, layer, position, label, score`, extra columns
 allowed) and `edges` (`sender, receiver, score`). Layers go up the y axis
 (the embedding and tokens at -1, the logits at the top); the receivers of a
 head (`head_q`, `head_k`, `head_v`) sit just below their layer's row, under
-their head. Per-position graphs (any `position >= 0`) put positions along x,
-the nodes of one (layer, position) spread inside its column; other graphs
-centre each layer's nodes in one row.
+their head, and a layer's MLP just above it (it reads its own layer's
+heads, so their edges into it are not drawn along the row). Per-position
+graphs (any `position >= 0`) put positions along x, the nodes of one (layer,
+position) spread inside its column; other graphs centre each layer's nodes in
+one row.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ EDGE_COLUMNS = ("sender", "receiver", "score")
 RECEIVER_KINDS = ("head_q", "head_k", "head_v")
 KIND_ORDER = ("token", "embed", "feature", "error", "head", *RECEIVER_KINDS, "mlp", "logits")
 RECEIVER_DROP = 0.32  # how far below its layer's row a head's q/k/v receivers sit
+MLP_RISE = 0.4  # how far above its layer's row an MLP sits
 _PROTOCOL = (
     "an object with `nodes` (a pandas DataFrame with columns node, kind, layer, position, label, score) and "
     "`edges` (sender, receiver, score), the graph display protocol (EdgeScores, Circuit, AttributionGraph)"
@@ -106,7 +109,7 @@ def layout(obj) -> GraphLayout:
     layer = nodes["layer"].to_numpy(np.float64)
     position = nodes["position"].to_numpy(np.float64)
     receiver_row = nodes["kind"].isin(RECEIVER_KINDS).to_numpy()
-    y = layer - RECEIVER_DROP * receiver_row
+    y = layer - RECEIVER_DROP * receiver_row + MLP_RISE * (nodes["kind"] == "mlp").to_numpy()
     per_position = bool((position >= 0).any())
     head = _head_columns(nodes)
     kind_rank = nodes["kind"].map({k: i for i, k in enumerate(KIND_ORDER)}).fillna(len(KIND_ORDER)).to_numpy()
