@@ -20,8 +20,6 @@ from phi3lab.model.stacked import update_slice
 from phi3lab.runtime import compile_cache
 from phi3lab.tracing.forward import ForwardFn
 
-# Cache lengths and prefill lengths are rounded up to a multiple of this.
-BUCKET = 64
 # New tokens per run of the decode loop (at most; fewer when streaming).
 CHUNK = 64
 
@@ -39,8 +37,21 @@ def unstack_layers() -> bool:
 
 
 def bucket(length: int, limit: int) -> int:
-    """`length` rounded up to a multiple of `BUCKET`, at most `limit`."""
-    return min(-(-length // BUCKET) * BUCKET, limit)
+    """The prefill length for `length` slots: the run pipeline's length
+    bucket (`compile_cache.bucket_length`: 64, 128, 256, 384, 512, then
+    powers of two), at most `limit`."""
+    return compile_cache.bucket_length(length, limit)
+
+
+def cache_length(prompt: int, new: int, limit: int) -> int:
+    """The cache slots of a generation of `new` tokens after a `prompt`-token
+    prompt: the prompt's bucket plus the new tokens' bucket, at most `limit`.
+    The prefill's shapes then follow the prompt's bucket alone, so for a
+    given `max_new_tokens` prompts of any length compile one prefill and one
+    decode loop per length bucket (a cache of the bucket of `prompt + new`
+    would pair one prompt bucket with two cache lengths). The price is up to
+    twice the slots the sequence needs, which each decode step reads."""
+    return min(limit, compile_cache.bucket_length(prompt, limit) + compile_cache.bucket_length(new, limit))
 
 
 def _step(fn: ForwardFn):
@@ -102,14 +113,14 @@ def prefill_program(fn: ForwardFn, args):
     [B, S], positions [B, n], cache, last, hook_data)`: `_step` from slot 0
     of a new cache. Slot 0 is static, so attention over the prompt skips the
     slots after it (`Phi3Attention.apply`). Cached per model under the kind
-    `"generate"` (as the decode loop); compiled ahead of time, so its memory
-    is known."""
+    `"generate.prefill"` (the decode loop's is `"generate"`); compiled ahead
+    of time, so its memory is known."""
     step = _step(fn)
 
     def prefill(params, token_ids, slot_mask, positions, cache, last, hook_data):
         return step(params, token_ids, slot_mask, positions, cache, 0, last, hook_data)
 
-    return _compile(fn, "generate", prefill, args)
+    return _compile(fn, "generate.prefill", prefill, args)
 
 
 def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
