@@ -90,7 +90,7 @@ class _Decoder:
             self.hook_data,
         )
 
-    def _loop_args(self, params, logits, first: int, count: int, feeds: int, finished, stops, key):
+    def _loop_args(self, params, logits, first: int, count: int, finished, stops, key):
         return (
             params,
             logits,
@@ -100,7 +100,6 @@ class _Decoder:
             np.int32(self.length),
             np.int32(first),
             np.int32(count),
-            np.int32(feeds),
             np.asarray(finished, bool),
             stops,
             np.int32(self.pad_id),
@@ -113,7 +112,7 @@ class _Decoder:
         batch = self.sequence.shape[0]
         logits = jax.ShapeDtypeStruct((batch, self.model.vocabulary_size), jnp.float32)
         params = jax.eval_shape(lambda p: split_layers(self.model, p), self.params) if self.unstack else self.params
-        args = self._loop_args(params, logits, 0, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
+        args = self._loop_args(params, logits, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
         return loop_program(self.fn, sampler, vocabulary, args)
 
     def split_bytes(self) -> int:
@@ -141,13 +140,15 @@ class _Decoder:
     def decode(self, program, logits, first: int, count: int, feeds: int, finished, stops, key):
         """Run the decode loop for up to `count` new tokens from slot
         `self.length` on; return `(logits, tokens [B, n], logprobs [B, n])`
-        for the `n` iterations it ran, and record what the fed tokens captured."""
+        for the `n` iterations it ran. The first `feeds` tokens are kept in
+        the cache (and what they captured recorded); the loop also runs the
+        others, whose slots and captures are dropped."""
         params = self.params
         if self.unstack:
             if self.split_params is None:
                 self.split_params = split_layers(self.model, self.params)
             params = self.split_params
-        args = self._loop_args(params, logits, first, count, feeds, finished, stops, key)
+        args = self._loop_args(params, logits, first, count, finished, stops, key)
         logits, self.cache, tokens, logprobs, ran, buffers = program(*placed(program, args))
         ran = int(ran)
         tokens, logprobs = np.asarray(tokens[:, :ran]), np.asarray(logprobs[:, :ran], np.float64)

@@ -343,7 +343,7 @@ class Phi3Attention(keras.layers.Layer):
                 keys, values = (slots.astype(dtype) for slots in cache.read())
                 z = self.attend(q, keys, values, padding_mask, cache_index, dropout_key, sites, head_major=True)[2]
             z = sites("attn.hook_z", z)
-            return jnp.einsum("btnh,nhd->btd", z, w["output_kernel"]), cache
+            return self._output(z, w["output_kernel"]), cache
 
         window = sites.query_window
         if reported and window is None:
@@ -356,7 +356,17 @@ class Phi3Attention(keras.layers.Layer):
                 start, stop = window
                 self.attend(q[:, start:stop], k, v, padding_mask, start, sites=sites)
         z = sites("attn.hook_z", z)
-        return jnp.einsum("btnh,nhd->btd", z, w["output_kernel"])
+        return self._output(z, w["output_kernel"])
+
+    @staticmethod
+    def _output(z, kernel):
+        """`z [B, T, Hq, dh]` through the output kernel `[Hq, dh, D]`, as one
+        `[B, T, Hq * dh] x [Hq * dh, D]` product: contracting the two axes
+        separately, XLA:CPU copied the whole kernel transposed (to `[dh, Hq,
+        D]`) in every step of the decode loop."""
+        heads, head_dim, hidden = kernel.shape
+        flat = z.reshape(*z.shape[:2], heads * head_dim)
+        return jnp.einsum("btf,fd->btd", flat, kernel.reshape(heads * head_dim, hidden))
 
     def get_config(self):
         config = super().get_config()
