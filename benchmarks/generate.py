@@ -5,10 +5,14 @@ Both models have the same configuration and weights (keras-hub writes a
 preset, phi3lab loads it). Greedy decoding of `--new` tokens after a
 `--prompt`-token prompt, no stop token; each generator is warmed up (its
 programs compiled), then timed in interleaved runs. Prints median seconds,
-tokens/s and ratios, whether both produced the same tokens, and phi3lab's
-per-token time at positions 16 and 240 (a cache keeps it nearly flat).
+tokens/s and ratios, whether both produced the same tokens, phi3lab's
+per-token time at positions 16 and 240 (a cache keeps it nearly flat), and
+the weight-read bandwidth of a decode step (weight bytes per token / seconds
+per token) as a fraction of a jitted matrix-vector product's, measured in the
+same process (`--bandwidth-only` prints just that, from `--runs` alternating rounds).
 
 Run: .venv/bin/python benchmarks/generate.py [--prompt 128] [--new 128] [--runs 3] [--dtype bfloat16]
+     [--bandwidth-only]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from _common import (
     keras_hub_pair,
     machine,
     median_times,
+    random_model,
 )
 
 
@@ -34,11 +39,23 @@ def parse_args():
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both models' dtype")
+    parser.add_argument(
+        "--bandwidth-only", action="store_true", help="only the weight-read bandwidth fraction, --runs times"
+    )
     return parser.parse_args()
 
 
 def main():
     args = parse_args()
+    if args.bandwidth_only:
+        import numpy as np
+
+        model = random_model(config_from_arguments(args, dtype=args.dtype))
+        prompt = np.random.default_rng(0).integers(3, args.vocabulary, args.prompt).astype("int32")
+        print(machine())
+        print(f"config: {describe_sizes(args)} {args.dtype}; prompt {args.prompt}, {args.new} new tokens, greedy")
+        print_bandwidth(model, prompt, args.new, max(args.runs, 2))
+        return
     import numpy as np
 
     import phi3lab
@@ -73,6 +90,91 @@ def main():
     steps = np.diff(stamps)  # steps[i]: the decode step that gives the token at position 8 + i + 1
     at = lambda position: 1e3 * float(np.median(steps[position - 11 : position - 6]))
     print(f"per-token ms at position 16: {at(16):.1f}, at position 240: {at(240):.1f} (ratio {at(240) / at(16):.2f})")
+    print_bandwidth(model, prompt, args.new, max(args.runs, 2))
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one greedy decode step reads: every weight but the
+    input embedding table, of which a step reads one row (the LM head is
+    its own matrix unless tied, then it is read as the head)."""
+    import numpy as np
+
+    tied = not any(w.path.endswith("reverse_embeddings") for w in model.weights)
+    return sum(
+        int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize
+        for w in model.weights
+        if tied or not w.path.endswith("token_embedding/embeddings")
+    )
+
+
+def matvec_bandwidth(total_bytes: int):
+    """A no-argument callable returning the bytes/s a jitted float32
+    matrix-vector product reads: a matrix of about `total_bytes` (the decode
+    step's weights), 2,048 wide, times a vector on either side (`v @ M`, the
+    layout of the model's `x @ W`, and `M @ v`), the faster of the two (so
+    the fraction compares with the best a matrix-vector product reaches)."""
+    import time
+
+    import jax
+    import numpy as np
+
+    width = 2048
+    rows = max(1, total_bytes // (4 * width))
+    matrix = jax.device_put(np.random.default_rng(0).standard_normal((rows, width), np.float32))
+    products = [
+        (jax.jit(lambda v, m: v @ m), jax.device_put(np.ones((1, rows), np.float32))),
+        (jax.jit(lambda v, m: m @ v), jax.device_put(np.ones((width,), np.float32))),
+    ]
+    for product, vector in products:
+        product(vector, matrix).block_until_ready()
+
+    def measure() -> float:
+        best = float("inf")
+        for product, vector in products:
+            for _ in range(3):
+                start = time.perf_counter()
+                product(vector, matrix).block_until_ready()
+                best = min(best, time.perf_counter() - start)
+        return rows * width * 4 / best
+
+    return measure
+
+
+def print_bandwidth(model, prompt, new_tokens: int, repeats: int) -> None:
+    """Weight-read bandwidth of greedy decoding as a fraction of a jitted
+    matrix-vector product's, measured in this process in alternating rounds
+    (a decode of 1 and of `new_tokens` tokens, then the matrix-vector
+    product), so load drifting on a shared machine hits both alike. A
+    decode step's time is the difference of the two generations over
+    `new_tokens - 1`."""
+    import statistics
+    import time
+
+    import phi3lab
+
+    weights = weight_bytes_per_token(model)
+    matvec = matvec_bandwidth(weights)
+    generate = lambda n: phi3lab.generate(model, prompt, max_new_tokens=n, stop=[], progress=False)
+    generate(1), generate(new_tokens)  # compiled
+    steps, fractions, bandwidths = [], [], []
+    for _ in range(repeats):
+        seconds = {}
+        for n in (1, new_tokens):
+            start = time.perf_counter()
+            generate(n)
+            seconds[n] = time.perf_counter() - start
+        step = (seconds[new_tokens] - seconds[1]) / (new_tokens - 1)
+        bandwidth = matvec()
+        steps.append(step)
+        bandwidths.append(bandwidth)
+        fractions.append(weights / step / bandwidth)
+    step, bandwidth = statistics.median(steps), statistics.median(bandwidths)
+    print(
+        f"\nweights read per token {weights / 1e6:.0f} MB; decode step {1e3 * step:.1f} ms -> "
+        f"{weights / step / 1e9:.1f} GB/s; jitted matvec {bandwidth / 1e9:.1f} GB/s; "
+        f"fraction {statistics.median(fractions):.2f} (median of {repeats} alternating rounds; "
+        f"quartiles {' '.join(f'{q:.2f}' for q in statistics.quantiles(fractions, n=4))})"
+    )
 
 
 if __name__ == "__main__":

@@ -172,3 +172,19 @@ def last_positions(valid: np.ndarray) -> np.ndarray:
     """Index of the last real token in each row of a `[B, T]` padding mask."""
     length = valid.shape[1]
     return (length - 1 - np.argmax(valid[:, ::-1], axis=1)).astype(np.int32)
+
+
+def check_finite(name: str, values, accepted: str = "finite values", what: str = "values", dtype=None) -> np.ndarray:
+    """`values` as a NumPy array (of `dtype` when given), or a `ValueError`
+    naming `name` and how many entries are NaN or infinite.
+
+    Example:
+    >>> check_finite("data", np.array([1.0, np.nan]), "finite activations", "activations")
+    Traceback (most recent call last):
+    ValueError: `data` must be finite activations; received data='activations with 1 non-finite (NaN/inf) values'.
+    """
+    array = np.asarray(values, dtype)
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise bad_argument(name, f"{what} with {int(array.size - finite.sum())} non-finite (NaN/inf) values", accepted)
+    return array

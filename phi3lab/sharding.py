@@ -21,6 +21,7 @@ tr = phi3lab.trace(model, ids, names="blocks.*.attn.hook_pattern", queries=slice
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from phi3lab.errors import bad_argument
 
@@ -75,3 +76,66 @@ def model_parallel(model_axis: int | None = None, num_key_value_heads: int | Non
         shape=(len(devices) // model_axis, model_axis), axis_names=("batch", "model"), devices=devices
     )
     return keras.distribution.ModelParallel(layout_map=layout_map(mesh, num_key_value_heads), batch_dim_name="batch")
+
+
+class BatchMesh:
+    """Where batches run: one device, or their rows split over every device
+    (data parallel), the weights replicated, or left where a
+    `keras.distribution` put them (its mesh is then used, along `"batch"`).
+
+    The one batch-placement helper of the package: corpus collection
+    (`phi3lab.activations.collect`) and dictionary training
+    (`phi3lab.features.train`) both place their batches with it.
+
+    Args:
+        params: None, or the weights that will run (a pytree): when they
+            already lie on a mesh with a `"batch"` axis, that mesh is kept.
+        devices: the devices; default `jax.devices()`.
+
+    Attributes:
+        size: devices along the batch axis (1 on one device).
+
+    Example:
+    >>> mesh = BatchMesh(model.params())
+    >>> params, ids, mask = mesh.put(model.params(), ids, mask)    # rows split, weights replicated
+    """
+
+    def __init__(self, params=None, devices=None):
+        import jax
+
+        devices = list(devices or jax.devices())
+        self.size = len(devices)
+        self._rows = self._replicated = None
+        if self.size == 1:
+            return
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        placed = [leaf.sharding for leaf in jax.tree.leaves(params) if len(leaf.sharding.device_set) > 1]
+        if placed and isinstance(placed[0], NamedSharding) and "batch" in placed[0].mesh.axis_names:
+            mesh = placed[0].mesh  # a keras.distribution mesh: keep its weights as they are
+        else:
+            mesh = Mesh(np.array(devices), ("batch",))
+            self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._rows = NamedSharding(mesh, PartitionSpec("batch"))
+        self.size = dict(zip(mesh.axis_names, mesh.devices.shape))["batch"]
+
+    def rows(self, batch):
+        """`batch` (an array or pytree, rows first) on the devices, its rows split."""
+        import jax
+
+        return jax.tree.map(jax.numpy.asarray, batch) if self._rows is None else jax.device_put(batch, self._rows)
+
+    def replicate(self, tree):
+        """`tree` (weights, optimizer state) copied to every device (left as
+        it is on one device or on a `keras.distribution` mesh)."""
+        import jax
+
+        return tree if self._replicated is None else jax.device_put(tree, self._replicated)
+
+    def put(self, params, *inputs) -> tuple:
+        """`(params replicated, *inputs with their rows split)`."""
+        return (self.replicate(params), *(self.rows(x) for x in inputs))
+
+    def round(self, size: int) -> int:
+        """`size` rounded up to a multiple of the devices on the batch axis."""
+        return -(-size // self.size) * self.size

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 
-import jax
 import numpy as np
 
 from phi3lab.activations import corpus
+from phi3lab.activations.batching import Batcher
 from phi3lab.activations.store import (
     FORMAT,
     ActivationStore,
@@ -21,14 +20,11 @@ from phi3lab.activations.store import (
 )
 from phi3lab.checks import check_choice, check_positive_int
 from phi3lab.errors import bad_argument
-from phi3lab.runtime import compile_cache
-from phi3lab.tracing.forward import ForwardFn, as_hooks, forward_fn
-from phi3lab.tracing.memory import CaptureTooLarge, check_fits, measure
+from phi3lab.tracing.forward import as_hooks, forward_fn
 from phi3lab.tracing.names import BLOCK_SITES, MODEL_SITES, Selection, all_names, select, site_shape, split_name
 
 DTYPES = ("float32", "float16", "bfloat16")
 WINDOW = 1024  # documents sorted into buckets together
-TOKENS_PER_BATCH = 8192  # the batch size picked for a bucket, in tokens, before the memory check
 
 
 def _sites(model, names: Selection) -> tuple[list[str], dict[str, list[int]]]:
@@ -72,87 +68,6 @@ def _positions_mask(positions, batch: corpus.Batch) -> np.ndarray:
             )
         mask[row, : lengths[row]] = chosen
     return mask
-
-
-class _Mesh:
-    """Where batches run: one device, or the batch axis split over every
-    device (weights replicated, or left as a `keras.distribution` put them)."""
-
-    def __init__(self, params):
-        devices = jax.devices()
-        self.size = len(devices)
-        self.inputs = self.params = None
-        if self.size == 1:
-            return
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-        placed = [leaf.sharding for leaf in jax.tree.leaves(params) if len(leaf.sharding.device_set) > 1]
-        if placed and isinstance(placed[0], NamedSharding) and "batch" in placed[0].mesh.axis_names:
-            mesh = placed[0].mesh  # a keras.distribution mesh: keep its weights as they are
-        else:
-            mesh = Mesh(np.array(devices), ("batch",))
-            self.params = NamedSharding(mesh, PartitionSpec())
-        self.inputs = NamedSharding(mesh, PartitionSpec("batch"))
-        self.size = dict(zip(mesh.axis_names, mesh.devices.shape))["batch"]
-
-    def put(self, params, *inputs):
-        if self.inputs is None:
-            return (params, *(jax.numpy.asarray(x) for x in inputs))
-        params = params if self.params is None else jax.device_put(params, self.params)
-        return (params, *(jax.device_put(x, self.inputs) for x in inputs))
-
-    def round(self, size: int) -> int:
-        """`size` rounded up to a multiple of the devices on the batch axis."""
-        return -(-size // self.size) * self.size
-
-
-class _Programs:
-    """The compiled program and batch size of each bucket, chosen on first use.
-
-    A given `batch_size` is checked against the memory budget; `None` starts
-    from `TOKENS_PER_BATCH` tokens (at most the documents of the bucket's
-    first group) and halves until the program fits.
-    """
-
-    def __init__(self, fn: ForwardFn, params, mesh: _Mesh, batch_size, memory_budget, known: dict):
-        self.fn, self.params, self.mesh = fn, params, mesh
-        self.batch_size, self.memory_budget = batch_size, memory_budget
-        self.sizes = known  # "padded,num_positions" -> rows, kept in the store's metadata
-        self.programs: dict = {}
-
-    def compile(self, key, rows: int):
-        padded, num_positions = key
-        blank = np.zeros((rows, padded), np.int32)
-        args = (*self.mesh.put(self.params, blank, blank.astype(bool)), self.fn.hook_data)
-        program_key = ("collect", *self.fn.program_key(), num_positions, self.mesh.size)
-        run = functools.partial(self.fn.run, num_positions=num_positions)
-        return compile_cache.ahead_of_time(self.fn.model, program_key, run, args)
-
-    def size_of(self, key, group: int) -> int:
-        label = f"{key[0]},{key[1]}"
-        if label in self.sizes:
-            rows = self.sizes[label]
-        elif self.batch_size is not None:
-            rows = self.mesh.round(self.batch_size)
-        else:
-            rows = self.mesh.round(min(max(1, TOKENS_PER_BATCH // key[0]), group))
-        while True:
-            program = self.compile(key, rows)
-            try:
-                check_fits(measure(program, self.params), self.memory_budget)
-                break
-            except CaptureTooLarge as error:
-                if self.batch_size is not None or label in self.sizes or rows <= self.mesh.size:
-                    raise bad_argument(
-                        "memory_budget",
-                        self.memory_budget,
-                        f"enough for one batch of {rows} x {key[0]} tokens ({error}); give a smaller "
-                        "batch_size, fewer names or a larger memory_budget",
-                    ) from None
-                rows = self.mesh.round(max(1, rows // 2))
-        self.sizes[label] = rows
-        self.programs[key] = program
-        return rows
 
 
 def _hooks_label(hooks) -> list[str]:
@@ -260,28 +175,25 @@ def collect(
     }
     sink = MemorySink(metadata, tokenizer) if store is None else ZarrSink(store, metadata, resume, tokenizer)
     skip = sink.batches_done
-    mesh = _Mesh(model.params())
-    params = mesh.put(model.params())[0]
-    programs = _Programs(fn, params, mesh, batch_size, memory_budget, dict(sink.metadata.get("batch_sizes") or {}))
+    batcher = Batcher(fn, batch_size, memory_budget, dict(sink.metadata.get("batch_sizes") or {}))
     stream = corpus.documents(data, tokenizer, model, max_length)
     bar = _progress_bar(progress)
     seen = 0
     try:
-        for number, batch in enumerate(corpus.batches(stream, model, programs.size_of, window)):
+        for number, batch in enumerate(batcher.batches(stream, window)):
             seen += 1
             real = int(batch.padding_mask[batch.docs >= 0].sum())
             if number < skip:
                 bar.update(real)
                 continue
             keep = _positions_mask(positions, batch)
-            _, ids, mask = mesh.put((), batch.token_ids, batch.padding_mask)
-            _, captures = programs.programs[batch.key](params, ids, mask, fn.hook_data)
+            captures = batcher.captures(batch)
             rows = {name: np.asarray(captures[name])[keep].astype(stored, copy=False) for name in chosen}
             rows_of, position = np.nonzero(keep)
             rows["doc"] = batch.docs[rows_of]
             rows["position"] = position.astype(np.int32)
             rows["token_id"] = batch.token_ids[rows_of, position]
-            sink.metadata["batch_sizes"] = programs.sizes
+            sink.metadata["batch_sizes"] = batcher.sizes
             sink.append(rows, documents=int((batch.docs >= 0).sum()))
             bar.update(real)
     finally:

@@ -20,7 +20,7 @@ import numpy as np
 
 from phi3lab.checks import check_ids
 from phi3lab.errors import bad_argument
-from phi3lab.tracing.tracer import padded_length
+from phi3lab.tracing.pipeline import padded_length
 
 
 def _column(data) -> str:

@@ -40,10 +40,10 @@ from phi3lab.analysis.patching import (
 )
 from phi3lab.checks import check_choice, check_positive_int
 from phi3lab.deprecation import keyword_only_since
-from phi3lab.runtime import compile_cache
+from phi3lab.tracing import pipeline
 from phi3lab.tracing.gradient_trace import gradient_fn, gradient_program, zero_probes
 from phi3lab.tracing.hook_types import Hook, Hooks
-from phi3lab.tracing.metrics import check_finite, resolve_metric
+from phi3lab.tracing.metrics import finite_metric, resolve_metric
 from phi3lab.tracing.names import block_name
 
 METHODS = ("linear", "integrated")
@@ -78,6 +78,7 @@ def attribution_patching(
     steps: int = 16,
     padding_mask=None,
     normalize: bool = True,
+    memory_budget: int | None = None,
 ) -> PatchingResult:
     """Estimate `activation_patching` for every layer and unit from gradients.
 
@@ -102,6 +103,12 @@ def attribution_patching(
         steps: int. Integration points per layer (`"integrated"` only).
         padding_mask: `[B, T]` mask shared by both inputs, or None.
         normalize: scale so the clean metric is 1, the corrupted 0.
+        memory_budget: bytes each compiled step may use (default the free
+            memory); a step over it is refused before it runs
+            (`CaptureTooLarge`, with the estimate).
+
+    The inputs run padded to their length bucket (`phi3lab.tracing.pipeline`);
+    gradients and differences are read at the real positions only.
 
     Returns:
         A `PatchingResult`: `values [layers, units]` estimate what
@@ -120,48 +127,54 @@ def attribution_patching(
     check_site(sites)
     check_choice("method", method, METHODS)
     steps = check_positive_int("steps", steps)
+    pipeline.check_budget(memory_budget)
     clean, corrupted, padding = check_pair(model, clean_ids, corrupted_ids, padding_mask)
     resolved = resolve_metric(model, metric, answer, counterfactual, padding)
     hook, axes, _ = SITES[sites]
     names = tuple(block_name(layer, hook) for layer in range(model.num_layers))
-    params, mask = model.params(), jnp.asarray(padding)
-    probes = zero_probes(model, names, clean.shape)
+    bucket = pipeline.bucket(model, clean.shape[1])
+    params, mask, bad = model.params(), jnp.asarray(bucket.pad(padding)), jnp.asarray(bucket.pad(corrupted))
+    probes = zero_probes(model, names, (clean.shape[0], bucket.padded))
 
-    clean_metric = metric_of(model, clean, padding, resolved)
-    clean_stack = np.asarray(stacked_site(model, clean, padding, sites), np.float64)
-    plain = gradient_program(model, names, Hooks(), resolved, reduce="mean")
-    bad_values, _, bad_acts, bad_grads = plain(params, jnp.asarray(corrupted), mask, (), probes, resolved.data)
-    corrupted_metric = float(np.mean(check_finite(bad_values, "the corrupted run")))
-    delta = clean_stack - np.stack([np.asarray(bad_acts[n], np.float64) for n in names])
+    clean_metric = metric_of(model, clean, padding, resolved, memory_budget)
+    clean_stack = np.asarray(stacked_site(model, clean, padding, sites, memory_budget), np.float64)
+    args = (params, bad, mask, (), probes, resolved.data)
+    plain = gradient_program(model, names, Hooks(), resolved, args, memory_budget, reduce="mean", bucket=bucket)
+    bad_values, _, bad_acts, bad_grads = plain(*args)
+    corrupted_metric = float(np.mean(finite_metric(bad_values, "the corrupted run")))
+    delta = clean_stack - np.stack([bucket.unpad(n, np.asarray(bad_acts[n], np.float64)) for n in names])
     delta = np.where(np.isfinite(delta), delta, 0.0)  # -inf - -inf of masked scores
 
     if method == "linear":
-        grads = np.stack([np.asarray(bad_grads[n], np.float64) for n in names])
+        grads = np.stack([bucket.unpad(n, np.asarray(bad_grads[n], np.float64)) for n in names])
     else:
-        grads = _path_average_grads(model, hook, names, resolved, params, corrupted, mask, clean_stack, probes, steps)
-    raw = corrupted_metric + _unit_sums(check_finite(delta * grads, "the gradients"), axes)
+        padded_clean = bucket.pad_site(hook, clean_stack, leading=1)
+        grads = _path_average_grads(model, hook, names, resolved, args, padded_clean, steps, bucket, memory_budget)
+    raw = corrupted_metric + _unit_sums(finite_metric(delta * grads, "the gradients"), axes)
     return patching_result(model, sites, raw, clean_metric, corrupted_metric, clean, corrupted, normalize)
 
 
-def _path_average_grads(model, hook, names, metric, params, corrupted, mask, clean_stack, probes, steps) -> np.ndarray:
-    """`[L, ...]`: for each layer, the gradient at its site averaged over
-    `steps` midpoints of corrupted -> clean (that layer's site alone moved)."""
+def _path_average_grads(model, hook, names, metric, args, clean_stack, steps, bucket, memory_budget) -> np.ndarray:
+    """`[L, ...]` (real positions): for each layer, the gradient at its site
+    averaged over `steps` midpoints of corrupted -> clean (that layer's site
+    alone moved). `args` are the plain gradient program's, `clean_stack` the
+    clean sites padded to `bucket`."""
     hooks = Hooks({block_name("*", hook): Hook(_interpolate)})
-    key, run = gradient_fn(model, names, hooks, metric, reduce="mean")
-    mapped = compile_cache.cached(
-        model,
-        ("attribution.integrated", key),
-        lambda: compile_cache.jit(jax.vmap(run, in_axes=(None, None, None, ((None, 0),), None, None))),
-    )
+    key, run = gradient_fn(model, names, hooks, metric, reduce="mean", bucket=bucket)
+    mapped = jax.vmap(run, in_axes=(None, None, None, ((None, 0),), None, None))
+    params, ids, mask, _, probes, data = args
     layers = len(names)
     midpoints = (np.arange(steps) + 0.5) / steps
     clean = jnp.asarray(clean_stack, jnp.float32)
-    averaged = []
+    program, averaged = None, []
     for layer in range(layers):
         alphas = np.zeros((steps, layers), np.float32)
         alphas[:, layer] = midpoints
-        _, _, _, grads = mapped(
-            params, jnp.asarray(corrupted), mask, ((clean, jnp.asarray(alphas)),), probes, metric.data
-        )
-        averaged.append(np.asarray(grads[names[layer]], np.float64).mean(axis=0))
+        layer_args = (params, ids, mask, ((clean, jnp.asarray(alphas)),), probes, data)
+        if program is None:
+            program = pipeline.compiled(
+                model, ("attribution.integrated", *key), mapped, layer_args, memory_budget, "These gradients"
+            )
+        _, _, _, grads = program(*layer_args)
+        averaged.append(bucket.unpad(names[layer], np.asarray(grads[names[layer]], np.float64).mean(axis=0)))
     return np.stack(averaged)

@@ -100,6 +100,7 @@ def head_scores(
     num_sequences: int = 4,
     seed: int = 0,
     bos_token: int | None = 1,
+    memory_budget: int | None = None,
 ) -> pd.DataFrame:
     """Score every head as a previous-token, duplicate-token and induction head.
 
@@ -117,6 +118,8 @@ def head_scores(
         num_sequences: int. How many random sequences (with `tr=None`).
         seed: int. Seed of the random tokens.
         bos_token: int or None. First token of each random sequence.
+        memory_budget: bytes the trace of the random sequences may use
+            (`phi3lab.trace`'s guard; with `tr=None`).
 
     Returns:
         A DataFrame with `layer`, `head`, `kv_head`, `previous_token`,
@@ -144,7 +147,7 @@ def head_scores(
                 f"{model.max_sequence_length})",
             )
         ids = repeated_tokens(model.vocabulary_size, seq_len, num_sequences, seed, bos_token)
-        tr = trace(model, ids, names="blocks.*.attn.hook_pattern")
+        tr = trace(model, ids, names="blocks.*.attn.hook_pattern", memory_budget=memory_budget)
     check_trace(model, tr)
     valid = np.asarray(tr.padding_mask, bool)
     kv = key_value_heads(model.num_query_heads, model.num_key_value_heads)

@@ -21,6 +21,7 @@ from phi3lab.checks import check_in_range, check_index, check_token
 from phi3lab.deprecation import keyword_only_since
 from phi3lab.errors import bad_argument
 from phi3lab.runtime import compile_cache
+from phi3lab.tracing import pipeline
 from phi3lab.tracing.names import block_name
 
 WHERE = ("pre", "mid", "post")
@@ -32,19 +33,22 @@ def readout_program(model):
     return compile_cache.cached(model, ("lens.readout",), lambda: jax.jit(model.readout))
 
 
+LENS_ADVICE = "Read fewer positions (positions=[-1]) or fewer streams (where='post')."
+
+
 def _top_k(model, k: int):
-    """Compiled `(params, x) -> (probabilities, ids)` of the `k` most likely tokens."""
+    """`(params, x [N, D]) -> (probabilities, ids)` `[N, k]` of the `k` most likely tokens."""
 
     def top(params, x):
         log_probs = jax.nn.log_softmax(model.readout(params, x).astype(jnp.float32), axis=-1)
         values, indices = jax.lax.top_k(log_probs, k)
         return jnp.exp(values), indices
 
-    return compile_cache.cached(model, ("lens.top_k", k), lambda: jax.jit(top))
+    return top
 
 
 def _answer_curve(model):
-    """Compiled `(params, x [N, D], answer) -> (probability [N], rank [N])`."""
+    """`(params, x [N, D], answer) -> (probability [N], rank [N])`."""
 
     def curve(params, x, answer):
         logits = model.readout(params, x).astype(jnp.float32)
@@ -53,7 +57,19 @@ def _answer_curve(model):
         rank = jnp.sum(logits > chosen[:, None], axis=-1) + 1
         return probability, rank
 
-    return compile_cache.cached(model, ("lens.answer",), lambda: jax.jit(curve))
+    return curve
+
+
+def _read(model, key: tuple, fn, rows: np.ndarray, memory_budget: int | None, *extra):
+    """`fn(params, rows [P, D], *extra)` through the run pipeline: the `P`
+    positions padded to their length bucket, compiled ahead of time (one
+    program per bucket), guarded against `memory_budget`, each output cut
+    back to `P` rows. One stream at a time, so a stream reads the same
+    whichever others are asked for."""
+    bucket = pipeline.bucket(model, rows.shape[0])
+    args = (model.params(), jnp.asarray(bucket.pad(rows, (0,))), *extra)
+    program = pipeline.compiled(model, key, fn, args, memory_budget, "This lens", LENS_ADVICE)
+    return jax.tree.map(lambda out: np.asarray(out)[: bucket.length], program(*args))
 
 
 def _check_where(where) -> tuple[str, ...]:
@@ -83,7 +99,13 @@ def _streams(model, tr, where: tuple[str, ...], batch: int, positions: np.ndarra
 
 @keyword_only_since("where", "batch", "positions")
 def logit_lens_logits(
-    model, tr, *, where: str | Sequence[str] = WHERE, batch: int = 0, positions: Sequence[int] | None = None
+    model,
+    tr,
+    *,
+    where: str | Sequence[str] = WHERE,
+    batch: int = 0,
+    positions: Sequence[int] | None = None,
+    memory_budget: int | None = None,
 ) -> np.ndarray:
     """Logits of every residual stream, read as if it were the last.
 
@@ -100,6 +122,8 @@ def logit_lens_logits(
         batch: int. Which row of the trace (negative counts from the end).
         positions: positions to read (None: every position). Few positions
             keep memory small on 32k vocabularies.
+        memory_budget: bytes one layer's readout may use (default the free
+            memory); refused before it runs when over it.
 
     Returns:
         float32 `[num_layers, len(where), P, V]` (`P = T` by default).
@@ -114,12 +138,11 @@ def logit_lens_logits(
     check_trace(model, tr)
     where = _check_where(where)
     batch = check_index("batch", batch, tr.token_ids.shape[0], "batch row")
+    pipeline.check_budget(memory_budget)
     chosen = np.arange(tr.token_ids.shape[1]) if positions is None else _positions(tr, positions, batch)
-    readout, params = readout_program(model), model.params()
-    out = [
-        np.asarray(readout(params, jnp.asarray(x)), np.float32) for _, x in _streams(model, tr, where, batch, chosen)
-    ]
-    return np.stack(out)
+    streams = _streams(model, tr, where, batch, chosen)
+    read = lambda rows: _read(model, ("lens.readout",), model.readout, rows, memory_budget)
+    return np.stack([[read(rows) for rows in x] for _, x in streams]).astype(np.float32, copy=False)
 
 
 @keyword_only_since("k", "where", "batch", "positions", "tokenizer")
@@ -132,6 +155,7 @@ def logit_lens(
     batch: int = 0,
     positions: Sequence[int] | None = None,
     tokenizer=None,
+    memory_budget: int | None = None,
 ) -> pd.DataFrame:
     """The top-`k` next-token predictions of every residual stream.
 
@@ -148,6 +172,8 @@ def logit_lens(
         batch: int. Which row of the trace.
         positions: positions to keep (None: every real, non-padding token).
         tokenizer: optional `Phi3Tokenizer`; adds a `top_strings` column.
+        memory_budget: bytes one layer's readout may use (default the free
+            memory); refused before it runs when over it.
 
     Returns:
         A DataFrame with one row per (layer, where, position): `layer`,
@@ -166,11 +192,14 @@ def logit_lens(
     where = _check_where(where)
     k = check_in_range("k", k, 1, model.vocabulary_size + 1)
     batch = check_index("batch", batch, tr.token_ids.shape[0], "batch row")
+    pipeline.check_budget(memory_budget)
     keep = _positions(tr, positions, batch)
-    top, params = _top_k(model, k), model.params()
+    top = _top_k(model, k)
     rows = []
     for layer, x in _streams(model, tr, where, batch, keep):
-        probs, ids = (np.asarray(a) for a in top(params, jnp.asarray(x)))
+        probs, ids = (
+            np.stack(a) for a in zip(*(_read(model, ("lens.top_k", k), top, rows, memory_budget) for rows in x))
+        )
         for w_index, w in enumerate(where):
             for p_index, p in enumerate(keep):
                 rows.append((layer, w, int(p), ids[w_index, p_index].tolist(), probs[w_index, p_index].tolist()))
@@ -187,7 +216,14 @@ def logit_lens(
 
 @keyword_only_since("position", "where", "batch")
 def answer_curve(
-    model, tr, answer: int, *, position: int = -1, where: str | Sequence[str] = WHERE, batch: int = 0
+    model,
+    tr,
+    answer: int,
+    *,
+    position: int = -1,
+    where: str | Sequence[str] = WHERE,
+    batch: int = 0,
+    memory_budget: int | None = None,
 ) -> pd.DataFrame:
     """Probability and rank of one token through the layers, at one position.
 
@@ -198,6 +234,8 @@ def answer_curve(
         position: int. The position read (negative counts from the end).
         where: any of `"pre"`, `"mid"`, `"post"`. Defaults to all three.
         batch: int. Which row of the trace.
+        memory_budget: bytes the readout may use (default the free memory);
+            refused before it runs when over it.
 
     Returns:
         A DataFrame with one row per (layer, where), in residual order:
@@ -214,9 +252,11 @@ def answer_curve(
     batch = check_index("batch", batch, tr.token_ids.shape[0], "batch row")
     position = check_index("position", position, tr.token_ids.shape[1], "position")
     answer = int(check_token("answer", answer, model.vocabulary_size, 1)[0])
+    pipeline.check_budget(memory_budget)
     layers = range(model.num_layers)
     x = np.stack([x[:, 0] for _, x in _streams(model, tr, where, batch, np.array([position]))])  # [L, W, D]
-    probability, rank = _answer_curve(model)(model.params(), jnp.asarray(x.reshape(-1, x.shape[-1])), answer)
+    rows = x.reshape(-1, x.shape[-1])
+    probability, rank = _read(model, ("lens.answer",), _answer_curve(model), rows, memory_budget, np.int32(answer))
     return pd.DataFrame(
         {
             "layer": np.repeat(np.asarray(layers), len(where)),

@@ -22,10 +22,10 @@ from jax import numpy as jnp
 from phi3lab.checks import check_ids, check_mask, is_int
 from phi3lab.deprecation import keyword_only_since
 from phi3lab.errors import bad_argument
-from phi3lab.runtime import compile_cache
+from phi3lab.tracing import pipeline
 from phi3lab.tracing.forward import forward_fn
 from phi3lab.tracing.hook_types import Hook
-from phi3lab.tracing.metrics import Metric, check_finite, resolve_metric
+from phi3lab.tracing.metrics import Metric, finite_metric, resolve_metric
 from phi3lab.tracing.names import block_name
 from phi3lab.tracing.tracer import trace
 
@@ -102,61 +102,76 @@ def _patch_units(x, ctx):
     return jnp.where(layer_units(mask, ctx, x.ndim), clean[ctx.layer].astype(x.dtype), x)
 
 
-def mean_metric(model, metric: Metric, params, hidden, ids, padding, data):
-    """The metric of a patched run: the rows' mean (or the metric's total)."""
+SWEEP_ADVICE = "Use a smaller batch_size (patched runs per compiled call), a shorter input or fewer rows."
+
+
+def mean_metric(model, metric: Metric, params, hidden, ids, padding, data, length: int | None = None):
+    """The metric of a patched run: the rows' mean (or the metric's total),
+    of the first `length` positions (`Metric.length`; all when None)."""
     batch = {"token_ids": ids, "padding_mask": padding}
-    return jnp.mean(metric.rows(hidden, lambda h: model.unembed(params, h), data, batch))
+    return jnp.mean(metric.rows(hidden, lambda h: model.unembed(params, h), data, batch, length))
 
 
-def metric_of(model, ids, padding, metric: Metric) -> float:
-    """The metric of a plain run of `ids` (compiled once per model and metric)."""
+def metric_of(model, ids, padding, metric: Metric, memory_budget: int | None = None) -> float:
+    """The metric of a plain run of `ids` (through the run pipeline: padded to
+    its bucket, compiled once per model, metric and bucket, guarded)."""
+    bucket = pipeline.bucket(model, ids.shape[1])
+    forward, length = forward_fn(model), metric.length(bucket)
 
-    def build():
-        forward = forward_fn(model)
-        return compile_cache.jit(
-            lambda params, ids, padding, data: mean_metric(
-                model, metric, params, forward(params, ids, padding).hidden, ids, padding, data
-            )
-        )
+    def run(params, ids, padding, data):
+        hidden, _ = forward.run(params, ids, padding, num_positions=bucket.num_positions)
+        return mean_metric(model, metric, params, hidden, ids, padding, data, length)
 
-    run = compile_cache.cached(model, ("patching.metric", metric.key), build)
-    return float(
-        check_finite(run(model.params(), jnp.asarray(ids), jnp.asarray(padding), metric.data), "the clean run")
-    )
+    params = model.params()
+    args = (params, jnp.asarray(bucket.pad(ids)), jnp.asarray(bucket.pad(padding)), metric.data)
+    key = ("patching.metric", metric.key, bucket.num_positions, length)
+    program = pipeline.compiled(model, key, run, args, memory_budget, "This run", SWEEP_ADVICE)
+    return float(finite_metric(program(*args), "the clean run"))
 
 
-def _patcher(model, site: str, metric: Metric):
-    """Compiled `run(params, ids [N,B,T], padding, clean [L,...], masks [N,L,*U], data) -> [N]`."""
+def _patcher(model, site: str, metric: Metric, bucket: pipeline.Bucket):
+    """`(key, run)`: `run(params, ids [N,B,P], padding, clean [L,...], masks
+    [N,L,*U], data) -> [N]` over ids padded to `bucket` (vmapped, uncompiled)."""
     name, axes, _ = SITES[site]
     forward = forward_fn(model, hooks={block_name("*", name): Hook(_patch_units, static=(axes,))})
+    length = metric.length(bucket)
 
     def one(params, ids, padding, clean, mask, data):
-        hidden = forward(params, ids, padding, hook_data=((clean, mask),)).hidden
-        return mean_metric(model, metric, params, hidden, ids, padding, data)
+        hidden, _ = forward.run(params, ids, padding, ((clean, mask),), num_positions=bucket.num_positions)
+        return mean_metric(model, metric, params, hidden, ids, padding, data, length)
 
-    return compile_cache.jit(jax.vmap(one, in_axes=(None, 0, None, None, 0, None)))
+    key = ("patching", site, metric.key, bucket.num_positions, length)
+    return key, jax.vmap(one, in_axes=(None, 0, None, None, 0, None))
 
 
-def stacked_site(model, ids, padding, site: str) -> jnp.ndarray:
-    """Activation `site` of every layer for `ids`, stacked `[L, ...]`."""
+def stacked_site(model, ids, padding, site: str, memory_budget: int | None = None) -> np.ndarray:
+    """Activation `site` of every layer for `ids`, stacked `[L, ...]` (real positions)."""
     hook = SITES[site][0]
-    tr = trace(model, ids, padding_mask=padding, names=block_name("*", hook))
-    return jnp.asarray(np.stack([tr[block_name(layer, hook)] for layer in range(model.num_layers)]))
+    tr = trace(model, ids, padding_mask=padding, names=block_name("*", hook), memory_budget=memory_budget)
+    return np.stack([tr[block_name(layer, hook)] for layer in range(model.num_layers)])
+
+
+def position_units(site: str) -> tuple[int, ...]:
+    """The axes of a unit mask `[N, L, *units]` that count positions."""
+    return tuple(2 + i for i, unit in enumerate(SITES[site][2]) if unit == "position")
 
 
 class _Sweep:
     """Runs many patched forwards (each an ids array and a mask) in chunks."""
 
-    def __init__(self, model, site, clean_ids, corrupted_ids, padding, metric: Metric, batch_size):
-        self.model, self.site, self.batch_size = model, site, batch_size
-        self.run_fn = compile_cache.cached(model, ("patching", site, metric.key), lambda: _patcher(model, site, metric))
+    def __init__(self, model, site, clean_ids, corrupted_ids, padding, metric: Metric, batch_size, memory_budget):
+        self.model, self.site, self.batch_size, self.memory_budget = model, site, batch_size, memory_budget
+        self.bucket = pipeline.bucket(model, clean_ids.shape[1])
+        self.key, self.run_fn = _patcher(model, site, metric, self.bucket)
         self.clean_ids, self.corrupted_ids = clean_ids, corrupted_ids
-        self.padding, self.data = jnp.asarray(padding), metric.data
-        self.clean = stacked_site(model, clean_ids, padding, site)
+        self.padding, self.data = jnp.asarray(self.bucket.pad(padding)), metric.data
+        clean = stacked_site(model, clean_ids, padding, site, memory_budget)
+        self._units = tuple(int(clean.shape[1 + axis]) for axis in SITES[site][1])
+        self.clean = jnp.asarray(self.bucket.pad_site(SITES[site][0], clean, leading=1))
 
     def units(self) -> tuple[int, ...]:
-        """The sizes of the unit axes (one, or positions and heads)."""
-        return tuple(int(self.clean.shape[1 + axis]) for axis in SITES[self.site][1])
+        """The sizes of the unit axes (one, or positions and heads), real positions."""
+        return self._units
 
     def run(self, ids: np.ndarray, masks: np.ndarray, progress: bool = False) -> np.ndarray:
         """Metric of each run `i`: input `ids[i]` `[B, T]`, `masks[i]` `[L, *units]` bool."""
@@ -167,17 +182,21 @@ class _Sweep:
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc=f"patching {self.site}", unit="chunk")
-        params, out = self.model.params(), []
+        params, out, program = self.model.params(), [], None
         for start in starts:
             stop = min(start + size, total)
             chunk_ids = np.repeat(self.corrupted_ids[None], size, axis=0)
             chunk_masks = np.zeros((size,) + masks.shape[1:], bool)
             chunk_ids[: stop - start], chunk_masks[: stop - start] = ids[start:stop], masks[start:stop]
-            values = self.run_fn(
-                params, jnp.asarray(chunk_ids), self.padding, self.clean, jnp.asarray(chunk_masks), self.data
-            )
-            out.append(np.asarray(values)[: stop - start])
-        return check_finite(np.concatenate(out), "the patched runs")
+            chunk_ids = self.bucket.pad(chunk_ids, (2,))
+            chunk_masks = self.bucket.pad(chunk_masks, position_units(self.site))
+            args = (params, jnp.asarray(chunk_ids), self.padding, self.clean, jnp.asarray(chunk_masks), self.data)
+            if program is None:
+                program = pipeline.compiled(
+                    self.model, self.key, self.run_fn, args, self.memory_budget, "This sweep", SWEEP_ADVICE
+                )
+            out.append(np.asarray(program(*args))[: stop - start])
+        return finite_metric(np.concatenate(out), "the patched runs")
 
 
 def check_site(sites) -> str:
@@ -198,13 +217,16 @@ def check_pair(model, clean_ids, corrupted_ids, padding_mask):
     return clean, corrupted, check_mask(padding_mask, clean.shape)
 
 
-def _sweep(model, clean_ids, corrupted_ids, metric, answer, counterfactual, sites, padding_mask, batch_size) -> _Sweep:
+def _sweep(
+    model, clean_ids, corrupted_ids, metric, answer, counterfactual, sites, padding_mask, batch_size, memory_budget=None
+) -> _Sweep:
     check_site(sites)
+    pipeline.check_budget(memory_budget)
     clean, corrupted, padding = check_pair(model, clean_ids, corrupted_ids, padding_mask)
     if not is_int(batch_size) or batch_size < 1:
         raise bad_argument("batch_size", batch_size, "a positive int (patched runs per compiled call)")
     resolved = resolve_metric(model, metric, answer, counterfactual, padding)
-    return _Sweep(model, sites, clean, corrupted, padding, resolved, batch_size)
+    return _Sweep(model, sites, clean, corrupted, padding, resolved, batch_size, memory_budget)
 
 
 def patching_result(
@@ -247,6 +269,7 @@ def activation_patching(
     padding_mask=None,
     normalize: bool = True,
     batch_size: int = 32,
+    memory_budget: int | None = None,
 ) -> PatchingResult:
     """Patch each unit of the clean run into the corrupted run, one at a time.
 
@@ -280,6 +303,12 @@ def activation_patching(
         padding_mask: `[B, T]` mask shared by both inputs, or None.
         normalize: scale so the clean metric is 1, the corrupted 0.
         batch_size: patched runs per compiled call.
+        memory_budget: bytes each compiled step may use (default the free
+            memory); a step over it is refused before it runs
+            (`CaptureTooLarge`, with the estimate).
+
+    The inputs run padded to their length bucket (`phi3lab.tracing.pipeline`):
+    padded positions are never patched and the metric reads real ones.
 
     The default metric is the logit of `answer` minus that of
     `counterfactual` (or the logit alone) at each row's last real token,
@@ -296,7 +325,9 @@ def activation_patching(
     result.to_pandas().sort_values("value").tail()
     ```
     """
-    sweep = _sweep(model, clean_ids, corrupted_ids, metric, answer, counterfactual, sites, padding_mask, batch_size)
+    sweep = _sweep(
+        model, clean_ids, corrupted_ids, metric, answer, counterfactual, sites, padding_mask, batch_size, memory_budget
+    )
     shape = (model.num_layers, *sweep.units())
     count = int(np.prod(shape))
     masks = np.zeros((count + 2, count), bool)

@@ -31,6 +31,7 @@ from jax import numpy as jnp
 
 from phi3lab.analysis.patching import (
     SITES,
+    SWEEP_ADVICE,
     PatchingResult,
     _patch_units,
     check_pair,
@@ -42,10 +43,10 @@ from phi3lab.analysis.patching import (
 )
 from phi3lab.checks import check_index, is_int
 from phi3lab.errors import bad_argument
-from phi3lab.runtime import compile_cache
+from phi3lab.tracing import pipeline
 from phi3lab.tracing.forward import forward_fn
 from phi3lab.tracing.hook_types import Hook
-from phi3lab.tracing.metrics import check_finite, resolve_metric
+from phi3lab.tracing.metrics import finite_metric, resolve_metric
 from phi3lab.tracing.names import block_name
 
 # receiver kind -> (hook name of the input, axis of the units, units)
@@ -179,9 +180,10 @@ def _receiver_masks(model, receivers) -> dict:
     return masks
 
 
-def _program(model, kinds: tuple, freeze: bool, metric):
-    """Compiled `run(params, ids, padding, senders_data, receiver_masks, data) -> [N]`
-    for `N` sender sets (vmapped)."""
+def _program(model, kinds: tuple, freeze: bool, metric, bucket: pipeline.Bucket):
+    """`(key, run)`: `run(params, ids, padding, senders_data, receiver_masks,
+    data) -> [N]` for `N` sender sets (vmapped, uncompiled), over ids padded
+    to `bucket`."""
     freeze_fn = _freeze_units if freeze else _patch_units
     step1_hooks = {
         block_name("*", SITES["head_z"][0]): Hook(freeze_fn, static=(SITES["head_z"][1],)),
@@ -192,36 +194,39 @@ def _program(model, kinds: tuple, freeze: bool, metric):
     step2 = forward_fn(
         model, hooks={block_name("*", name): Hook(_patch_units, static=((axis,),)) for name, axis, _ in inputs}
     )
-    layers = model.num_layers
+    layers, num_positions, length = model.num_layers, bucket.num_positions, metric.length(bucket)
 
     def one(params, ids, padding, senders, receiver_masks, data):
-        (z_data, mlp_data) = senders
-        captures = step1(params, ids, padding, hook_data=(z_data, mlp_data)).captures
+        _, captures = step1.run(params, ids, padding, senders, num_positions=num_positions)
         recorded = [jnp.stack([captures[block_name(layer, name)] for layer in range(layers)]) for name, _, _ in inputs]
         hook_data = tuple(zip(recorded, receiver_masks))
-        hidden = step2(params, ids, padding, hook_data=hook_data).hidden
-        return mean_metric(model, metric, params, hidden, ids, padding, data)
+        hidden, _ = step2.run(params, ids, padding, hook_data, num_positions=num_positions)
+        return mean_metric(model, metric, params, hidden, ids, padding, data, length)
 
     z_axes = (None, None, 0) if freeze else (None, 0)
-    return compile_cache.jit(jax.vmap(one, in_axes=(None, None, None, (z_axes, z_axes), None, None)))
+    key = ("path_patching", kinds, freeze, metric.key, num_positions, length)
+    return key, jax.vmap(one, in_axes=(None, None, None, (z_axes, z_axes), None, None))
 
 
-def _run(model, clean, corrupted, padding, metric, senders_masks, receivers, freeze, batch_size) -> np.ndarray:
+def _run(
+    model, clean, corrupted, padding, metric, senders_masks, receivers, freeze, batch_size, memory_budget
+) -> np.ndarray:
     """The path-patched metric for each sender set `(heads [N,L,H], mlps [N,L,1])`."""
     masks = _receiver_masks(model, receivers)
     kinds = tuple(sorted(masks))
-    run = compile_cache.cached(
-        model, ("path_patching", kinds, freeze, metric.key), lambda: _program(model, kinds, freeze, metric)
-    )
-    z_clean, z_bad = stacked_site(model, clean, padding, "head_z"), stacked_site(model, corrupted, padding, "head_z")
-    mlp_clean, mlp_bad = (
-        stacked_site(model, clean, padding, "mlp_out"),
-        stacked_site(model, corrupted, padding, "mlp_out"),
-    )
+    bucket = pipeline.bucket(model, clean.shape[1])
+    key, run = _program(model, kinds, freeze, metric, bucket)
+
+    def stacked(ids, site):
+        array = stacked_site(model, ids, padding, site, memory_budget)
+        return jnp.asarray(bucket.pad_site(SITES[site][0], array, leading=1))
+
+    z_clean, z_bad = stacked(clean, "head_z"), stacked(corrupted, "head_z")
+    mlp_clean, mlp_bad = stacked(clean, "mlp_out"), stacked(corrupted, "mlp_out")
     heads, mlps = senders_masks
-    params, ids, mask = model.params(), jnp.asarray(corrupted), jnp.asarray(padding)
+    params, ids, mask = model.params(), jnp.asarray(bucket.pad(corrupted)), jnp.asarray(bucket.pad(padding))
     receiver_masks = tuple(jnp.asarray(masks[kind]) for kind in kinds)
-    out = []
+    out, program = [], None
     for start in range(0, len(heads), batch_size):
         stop = min(start + batch_size, len(heads))
         chunk_heads = np.zeros((batch_size,) + heads.shape[1:], bool)
@@ -231,9 +236,11 @@ def _run(model, clean, corrupted, padding, metric, senders_masks, receivers, fre
             data = ((z_clean, z_bad, jnp.asarray(chunk_heads)), (mlp_clean, mlp_bad, jnp.asarray(chunk_mlps)))
         else:
             data = ((z_clean, jnp.asarray(chunk_heads)), (mlp_clean, jnp.asarray(chunk_mlps)))
-        values = run(params, ids, mask, data, receiver_masks, metric.data)
-        out.append(np.asarray(values)[: stop - start])
-    return check_finite(np.concatenate(out), "the path-patched runs")
+        args = (params, ids, mask, data, receiver_masks, metric.data)
+        if program is None:
+            program = pipeline.compiled(model, key, run, args, memory_budget, "This sweep", SWEEP_ADVICE)
+        out.append(np.asarray(program(*args))[: stop - start])
+    return finite_metric(np.concatenate(out), "the path-patched runs")
 
 
 def path_patching(
@@ -250,6 +257,7 @@ def path_patching(
     padding_mask=None,
     normalize: bool = True,
     batch_size: int = 16,
+    memory_budget: int | None = None,
 ) -> PathPatchingResult | PatchingResult:
     """The effect of `senders` on the metric only through `receivers`.
 
@@ -271,6 +279,12 @@ def path_patching(
         padding_mask: `[B, T]` mask shared by both inputs, or None.
         normalize: scale so the clean metric is 1, the corrupted 0.
         batch_size: sender sets per compiled call (the sweep).
+        memory_budget: bytes each compiled step may use (default the free
+            memory); a step over it is refused before it runs
+            (`CaptureTooLarge`, with the estimate).
+
+    The inputs run padded to their length bucket (`phi3lab.tracing.pipeline`);
+    the metric reads real positions.
 
     Returns:
         A `PathPatchingResult` for a set of senders; for `senders="heads"`
@@ -286,6 +300,7 @@ def path_patching(
     ```
     """
     clean, corrupted, padding = check_pair(model, clean_ids, corrupted_ids, padding_mask)
+    pipeline.check_budget(memory_budget)
     sweep = isinstance(senders, str) and senders == "heads"
     checked = None if sweep else _check_senders(model, senders)
     receivers = _check_receivers(model, receivers)
@@ -316,9 +331,10 @@ def path_patching(
         receivers,
         freeze,
         batch_size,
+        memory_budget,
     )
     corrupted_metric = values[0]
-    clean_metric = metric_of(model, clean, padding, resolved)
+    clean_metric = metric_of(model, clean, padding, resolved, memory_budget)
     if sweep:
         raw = values[1:].reshape(layers, heads)  # heads with no path give the corrupted metric exactly
         return patching_result(model, "head_z", raw, clean_metric, corrupted_metric, clean, corrupted, normalize)

@@ -9,9 +9,11 @@ Sources, told apart by type:
 - arrays: `[N, D]` activations (an SAE), or a pair `(inputs, targets)` of
   `[N, d_in]` and `[N, d_out]` (a transcoder);
 - token ids `[B, T]` (ints) or texts (with `tokenizer=`): activations are
-  computed by the model as they are needed, in compiled forwards of
-  `rows_per_run` sequences (`phi3lab.tracing.forward_fn`), pooled over a few
-  forwards and shuffled, never written to disk.
+  computed by the model as they are needed, through the corpus pipeline of
+  `phi3lab.activations.collect` (`phi3lab.activations.batching.Batcher`:
+  each row's real tokens a document, `ROWS_PER_RUN` documents per compiled
+  forward of their length bucket), pooled over a few forwards and shuffled,
+  never written to disk.
 
 Every stream repeats its source (a new order each epoch) until the trainer
 has the tokens it asked for.
@@ -24,19 +26,16 @@ from typing import Iterator
 import numpy as np
 from jax import numpy as jnp
 
-from phi3lab.checks import check_ids, check_mask
+from phi3lab.checks import check_finite
 from phi3lab.errors import bad_argument
 
 _POOL_BATCHES = 8  # streamed activations are shuffled in pools of this many batches
-ROWS_PER_RUN = 16  # sequences per compiled forward when streaming from the model
+ROWS_PER_RUN = 16  # documents per compiled forward when streaming from the model
 
 
-def check_finite(array: np.ndarray, argument: str = "data") -> np.ndarray:
-    """`array` if it holds no NaN or infinity, else a clear error."""
-    if not np.isfinite(array).all():
-        bad = int(np.size(array) - np.isfinite(array).sum())
-        raise bad_argument(argument, f"activations with {bad} NaN/inf values", "finite activations")
-    return array
+def finite_activations(array) -> np.ndarray:
+    """`array` if it holds no NaN or infinity, else a clear error naming `data`."""
+    return check_finite("data", array, "finite activations", "activations")
 
 
 def batches(
@@ -72,9 +71,9 @@ def is_activations(data) -> bool:
 def _from_arrays(inputs, targets, batch_size: int, seed: int):
     if inputs.shape[0] < batch_size:
         raise bad_argument("batch_size", batch_size, f"at most the number of activation rows ({inputs.shape[0]})")
-    check_finite(inputs)
+    finite_activations(inputs)
     if targets is not None:
-        check_finite(targets)
+        finite_activations(targets)
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(inputs.shape[0])
@@ -90,8 +89,8 @@ def _from_store(store, site, target_site, batch_size: int, seed: int):
         targets = store.batches(target_site, batch_size, shuffle=True, seed=seed + epoch) if target_site else None
         count = 0
         for x in inputs:
-            y = None if targets is None else check_finite(np.asarray(next(targets), np.float32))
-            x = check_finite(np.asarray(x, np.float32))
+            y = None if targets is None else finite_activations(np.asarray(next(targets), np.float32))
+            x = finite_activations(np.asarray(x, np.float32))
             if x.shape[0] == batch_size:
                 count += 1
                 yield x, y
@@ -101,56 +100,46 @@ def _from_store(store, site, target_site, batch_size: int, seed: int):
 
 
 def token_ids(model, data, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Texts or ids as checked `[B, T]` ids and a padding mask."""
-    if isinstance(data, str) or (isinstance(data, list | tuple) and data and all(isinstance(t, str) for t in data)):
-        if not hasattr(tokenizer, "encode_batch"):
-            raise bad_argument("tokenizer", tokenizer, "a Phi3Tokenizer when `data` is text")
-        ids, mask = tokenizer.encode_batch([data] if isinstance(data, str) else list(data))
-        ids = check_ids("data", ids, model)
-        return ids, check_mask(mask, ids.shape)
+    """Texts or ids as checked `[B, T]` ids and a padding mask (the run
+    pipeline's `prepare_inputs`, errors naming `data`)."""
+    from phi3lab.tracing.pipeline import prepare_inputs
+
+    text = isinstance(data, str) or (isinstance(data, list | tuple) and data and all(isinstance(t, str) for t in data))
     try:
-        ids = check_ids("data", data, model)
+        return prepare_inputs(model, data, None, tokenizer, name="data")
     except (TypeError, ValueError):
+        if text:
+            raise
         raise bad_argument(
             "data",
             data,
             "[N, D] float activations, a pair of them (a transcoder), an activation store "
             "(an object with .batches(name, batch_size, shuffle, seed)), token ids [B, T] or texts",
         ) from None
-    return ids, np.ones(ids.shape, bool)
 
 
 def _from_model(model, data, site, target_site, batch_size: int, seed: int, tokenizer):
-    from phi3lab.runtime import compile_cache
+    from phi3lab.activations.batching import Batcher
     from phi3lab.tracing.forward import forward_fn
 
     ids, mask = token_ids(model, data, tokenizer)
     if mask.sum() < batch_size:
         raise bad_argument("batch_size", batch_size, f"at most the number of tokens in `data` ({int(mask.sum())})")
+    documents = [row[real] for row, real in zip(ids, mask) if real.any()]
     names = [site] if target_site is None else [site, target_site]
-    fn = forward_fn(model, names=names)
-    # Only the captures are returned, so XLA drops the layers after the last
-    # site read: reading blocks.6 of 12 layers takes 0.6x the full forward.
-    run = compile_cache.cached(
-        model,
-        ("features.stream", fn.program_key()),
-        lambda: compile_cache.jit(lambda params, ids, mask, data: fn.run(params, ids, mask, data)[1]),
-    )
-    params = model.params()
-    rows = min(ROWS_PER_RUN, ids.shape[0])
+    # The corpus pipeline of `phi3lab.activations.collect`: documents by
+    # length bucket, one compiled program per bucket, captures alone.
+    batcher = Batcher(forward_fn(model, names=names), min(ROWS_PER_RUN, len(documents)), None)
     rng = np.random.default_rng(seed)
     pool: list[tuple[np.ndarray, np.ndarray | None]] = []
     pooled = 0
     while True:
-        order = rng.permutation(ids.shape[0])
-        for start in range(0, len(order), rows):
-            chosen = order[start : start + rows]
-            chosen = np.concatenate([chosen, order[: rows - len(chosen)]])  # the last run filled up
-            real = mask[chosen].copy()
-            real[len(order[start : start + rows]) :] = False
-            captures = run(params, ids[chosen], mask[chosen], fn.hook_data)
-            x = np.asarray(captures[site]).reshape(*real.shape, -1)[real]
-            y = None if target_site is None else np.asarray(captures[target_site]).reshape(*real.shape, -1)[real]
+        order = rng.permutation(len(documents))
+        for batch in batcher.batches(((int(i), documents[i]) for i in order), window=len(order)):
+            real = batch.padding_mask & (batch.docs >= 0)[:, None]
+            captures = batcher.captures(batch)
+            x = np.asarray(captures[site])[real]
+            y = None if target_site is None else np.asarray(captures[target_site])[real]
             pool.append((x, y))
             pooled += len(x)
             if pooled >= _POOL_BATCHES * batch_size:

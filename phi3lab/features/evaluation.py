@@ -112,13 +112,13 @@ def _add_arrays(stats: _Stats, dictionary, data, batch_size: int):
         inputs = data.batches(config.site, batch_size, shuffle=False, seed=0)
         targets = data.batches(config.target_site, batch_size, shuffle=False, seed=0) if config.transcoder else None
         for x in inputs:
-            x = data_sources.check_finite(np.asarray(x, np.float32))
-            y = x if targets is None else data_sources.check_finite(np.asarray(next(targets), np.float32))
+            x = data_sources.finite_activations(np.asarray(x, np.float32))
+            y = x if targets is None else data_sources.finite_activations(np.asarray(next(targets), np.float32))
             stats.add(dictionary, x, y)
         return
     x, y = data if isinstance(data, tuple) else (data, data)
-    x = data_sources.check_finite(np.asarray(x, np.float32))
-    y = data_sources.check_finite(np.asarray(y, np.float32))
+    x = data_sources.finite_activations(np.asarray(x, np.float32))
+    y = data_sources.finite_activations(np.asarray(y, np.float32))
     for start in range(0, len(x), batch_size):
         stats.add(dictionary, x[start : start + batch_size], y[start : start + batch_size])
 

@@ -52,6 +52,7 @@ from phi3lab.features import activation_fns
 from phi3lab.features import data as data_sources
 from phi3lab.features.dictionary import KINDS, SparseDictionary
 from phi3lab.runtime import compile_cache
+from phi3lab.sharding import BatchMesh
 from phi3lab.tracing.names import all_names, select
 
 AUX_COEFFICIENT = 1 / 32
@@ -307,7 +308,8 @@ def train(
     learning_rate = schedule(lr, steps)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
     state = (d, optimizer.init(d), jnp.zeros(width, jnp.int32), jnp.zeros((), jnp.int32))
-    place_batch, state = _placement(devices, state)
+    mesh = BatchMesh(devices=devices)
+    place_batch, state = mesh.rows, mesh.replicate(state)
     step_fn = compile_cache.jit(_step_fn(optimizer, settings), donate_argnums=(0,))
     log_every = max(1, steps // CURVE_POINTS)
     logged, rows = [], []
@@ -334,16 +336,3 @@ def train(
 def _curve_row(step: int, metrics: dict, batch_size: int, learning_rate) -> dict:
     values = {name: float(value) for name, value in jax.device_get(metrics).items()}
     return {"step": step, "tokens": (step + 1) * batch_size, **values, "lr": float(learning_rate(step))}
-
-
-def _placement(devices, state):
-    """How batches go to the devices (split over a `"data"` mesh axis when
-    there are several) and the state, replicated."""
-    if len(devices) == 1:
-        return jnp.asarray, state
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    mesh = Mesh(np.asarray(devices), ("data",))
-    rows = NamedSharding(mesh, PartitionSpec("data"))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return (lambda batch: jax.device_put(batch, rows)), jax.device_put(state, replicated)

@@ -25,19 +25,30 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
-from phi3lab.checks import check_positive_int, is_int
+from phi3lab.checks import check_positive_int
 from phi3lab.deprecation import warn_deprecated
 from phi3lab.errors import bad_argument
 from phi3lab.generation import programs
 from phi3lab.generation.captures import StepCaptures, captured_bytes, row_trace
 from phi3lab.generation.inputs import prompt_rows, stop_ids
-from phi3lab.generation.programs import CHUNK, bucket, loop_program, placed, prefill_program, split_layers
+from phi3lab.generation.programs import (
+    CHUNK,
+    bucket,
+    cache_length,
+    loop_program,
+    placed,
+    prefill_program,
+    split_layers,
+)
 from phi3lab.generation.result import Generation
 from phi3lab.generation.sampling import Sampler, check_seed
 from phi3lab.model.kv_cache import KVCache
+from phi3lab.tracing import pipeline
 from phi3lab.tracing.forward import as_hooks, forward_fn
 from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure, tree_bytes
 from phi3lab.tracing.names import Selection, all_names
+
+GENERATION_ADVICE = "Capture less (names=...), generate fewer tokens, or run fewer prompts at once."
 
 # Show a progress bar (with `progress=None`) from this many new tokens on.
 PROGRESS_FROM = 256
@@ -79,7 +90,7 @@ class _Decoder:
             self.hook_data,
         )
 
-    def _loop_args(self, params, logits, first: int, count: int, feeds: int, finished, stops, key):
+    def _loop_args(self, params, logits, first: int, count: int, finished, stops, key):
         return (
             params,
             logits,
@@ -89,7 +100,6 @@ class _Decoder:
             np.int32(self.length),
             np.int32(first),
             np.int32(count),
-            np.int32(feeds),
             np.asarray(finished, bool),
             stops,
             np.int32(self.pad_id),
@@ -102,16 +112,17 @@ class _Decoder:
         batch = self.sequence.shape[0]
         logits = jax.ShapeDtypeStruct((batch, self.model.vocabulary_size), jnp.float32)
         params = jax.eval_shape(lambda p: split_layers(self.model, p), self.params) if self.unstack else self.params
-        args = self._loop_args(params, logits, 0, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
+        args = self._loop_args(params, logits, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
         return loop_program(self.fn, sampler, vocabulary, args)
 
     def split_bytes(self) -> int:
         """Bytes of the per-layer weight copy the loop holds (0 without `unstack`)."""
         return tree_bytes(self.params["decoder"]) if self.unstack else 0
 
-    def prefill(self, length: int):
+    def prefill(self, length: int, memory_budget: int | None = None):
         """Process slots `0 .. length - 1` from scratch (a new cache); return
-        the logits `[B, V]` after slot `length - 1`."""
+        the logits `[B, V]` after slot `length - 1`. The program is refused
+        before it runs when over `memory_budget` (the run pipeline's guard)."""
         padded = bucket(length, self.sequence.shape[1])
         token_ids = self.sequence[:, :padded]
         positions = np.where(np.arange(padded) < length, self.positions[:, :padded], 0)
@@ -121,6 +132,7 @@ class _Decoder:
         args = self._prefill_args(token_ids, positions, length - 1)
         shapes = self._prefill_args(np.zeros_like(token_ids), np.zeros_like(positions), 0)
         program = prefill_program(self.fn, shapes)
+        pipeline.guard(program, self.params, memory_budget, "This generation", GENERATION_ADVICE)
         logits, self.cache, captures = program(*placed(program, args))
         self.captures.add(length, captures)
         return logits.astype(jnp.float32)
@@ -128,13 +140,15 @@ class _Decoder:
     def decode(self, program, logits, first: int, count: int, feeds: int, finished, stops, key):
         """Run the decode loop for up to `count` new tokens from slot
         `self.length` on; return `(logits, tokens [B, n], logprobs [B, n])`
-        for the `n` iterations it ran, and record what the fed tokens captured."""
+        for the `n` iterations it ran. The first `feeds` tokens are kept in
+        the cache (and what they captured recorded); the loop also runs the
+        others, whose slots and captures are dropped."""
         params = self.params
         if self.unstack:
             if self.split_params is None:
                 self.split_params = split_layers(self.model, self.params)
             params = self.split_params
-        args = self._loop_args(params, logits, first, count, feeds, finished, stops, key)
+        args = self._loop_args(params, logits, first, count, finished, stops, key)
         logits, self.cache, tokens, logprobs, ran, buffers = program(*placed(program, args))
         ran = int(ran)
         tokens, logprobs = np.asarray(tokens[:, :ran]), np.asarray(logprobs[:, :ran], np.float64)
@@ -229,8 +243,13 @@ def generate(
             a batch (empty / None for rows already finished).
         progress: bool or None. A progress bar (tqdm); None shows it from
             256 new tokens on.
-        memory_budget: bytes the captures may use (default the free memory):
-            a request beyond it fails before running (`CaptureTooLarge`).
+        memory_budget: bytes the run may use (default the free memory): the
+            decode loop's working set (its key/value cache included), the
+            per-layer weight copy, the captures, and each prefill; a request
+            beyond it fails before running (`CaptureTooLarge`, with the
+            estimate). The cache holds the prompt's length bucket plus the
+            new tokens' (`phi3lab.generation.programs.cache_length`), the
+            prefill runs at the prompt's bucket (`phi3lab.tracing.pipeline`).
 
     Returns:
         A `Generation` for a single prompt (string or `[T]` ids), else a list
@@ -255,8 +274,7 @@ def generate(
         raise bad_argument("stream", stream, "None or a callable")
     if progress is not None and not isinstance(progress, (bool, np.bool_)):
         raise bad_argument("progress", progress, "None, True or False")
-    if memory_budget is not None and (not is_int(memory_budget) or memory_budget <= 0):
-        raise bad_argument("memory_budget", memory_budget, "None or a positive int (bytes)")
+    pipeline.check_budget(memory_budget)
     rows, single = prompt_rows(model, tokenizer, prompt, bool(chat))
     longest, limit = max(len(r) for r in rows), model.max_sequence_length
     if longest >= limit:
@@ -275,14 +293,13 @@ def generate(
 
     fn = forward_fn(model, () if names is None else names, as_hooks(hooks))
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    decoder = _Decoder(model, fn, rows, bucket(longest + max_new_tokens, limit), pad_id)
+    decoder = _Decoder(model, fn, rows, cache_length(longest, max_new_tokens, limit), pad_id)
     stop_array = np.asarray(sorted(stops), np.int32)
     program = decoder.loop_program(sampler, vocabulary, stop_array)
-    if names is not None:
-        estimate = measure(program, decoder.params)
-        captured = captured_bytes(model, fn.plan.keep, len(rows), longest + max_new_tokens)
-        working = estimate.working + decoder.split_bytes()
-        check_fits(MemoryEstimate(estimate.weights, working, captured), memory_budget)
+    estimate = measure(program, decoder.params)
+    captured = captured_bytes(model, fn.plan.keep, len(rows), longest + max_new_tokens) if names is not None else 0
+    working = estimate.working + decoder.split_bytes()
+    check_fits(MemoryEstimate(estimate.weights, working, captured), memory_budget, "This generation", GENERATION_ADVICE)
 
     batch, prompt_length = len(rows), decoder.prompt_length
     new = [[] for _ in rows]
@@ -294,7 +311,7 @@ def generate(
     show = max_new_tokens >= PROGRESS_FROM if progress is None else bool(progress)
     bar = tqdm(total=max_new_tokens, desc="generate", unit="token", disable=not show)
     key = jax.random.PRNGKey(seed)
-    logits = decoder.prefill(prompt_length)
+    logits = decoder.prefill(prompt_length, memory_budget)
     step = 0
     while step < max_new_tokens and not all(finished):
         # One run of the loop: up to CHUNK tokens (one when streaming), cut
@@ -328,10 +345,12 @@ def generate(
         if stream is not None:
             stream(pieces[0] if single else pieces)
         if rebuild is not None and tokens.shape[1] == count and step < max_new_tokens and not all(finished):
-            logits = decoder.prefill(decoder.length + 1)
+            logits = decoder.prefill(decoder.length + 1, memory_budget)
     bar.close()
     if names is not None and decoder.length < prompt_length + step:
-        decoder.prefill(prompt_length + step)  # the last new token's own activations (at the rotary switch)
+        decoder.prefill(
+            prompt_length + step, memory_budget
+        )  # the last new token's own activations (at the rotary switch)
 
     arrays = decoder.captures.arrays(decoder.length, all_names(model, opt_in=True)) if names is not None else {}
     results = []
@@ -374,7 +393,7 @@ def estimate(model, prompt_length: int, max_new_tokens: int, batch: int = 1, nam
             f"at most max_sequence_length - prompt_length = {model.max_sequence_length - prompt_length}",
         )
     fn = forward_fn(model, () if names is None else names)
-    length = bucket(prompt_length + max_new_tokens, model.max_sequence_length)
+    length = cache_length(prompt_length, max_new_tokens, model.max_sequence_length)
     decoder = _Decoder(model, fn, [[0]] * batch, length, 0)
     program = decoder.loop_program(Sampler(), model.vocabulary_size, np.zeros(0, np.int32))
     measured = measure(program, decoder.params)

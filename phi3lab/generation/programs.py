@@ -20,8 +20,6 @@ from phi3lab.model.stacked import update_slice
 from phi3lab.runtime import compile_cache
 from phi3lab.tracing.forward import ForwardFn
 
-# Cache lengths and prefill lengths are rounded up to a multiple of this.
-BUCKET = 64
 # New tokens per run of the decode loop (at most; fewer when streaming).
 CHUNK = 64
 
@@ -39,8 +37,21 @@ def unstack_layers() -> bool:
 
 
 def bucket(length: int, limit: int) -> int:
-    """`length` rounded up to a multiple of `BUCKET`, at most `limit`."""
-    return min(-(-length // BUCKET) * BUCKET, limit)
+    """The prefill length for `length` slots: the run pipeline's length
+    bucket (`compile_cache.bucket_length`: 64, 128, 256, 384, 512, then
+    powers of two), at most `limit`."""
+    return compile_cache.bucket_length(length, limit)
+
+
+def cache_length(prompt: int, new: int, limit: int) -> int:
+    """The cache slots of a generation of `new` tokens after a `prompt`-token
+    prompt: the prompt's bucket plus the new tokens' bucket, at most `limit`.
+    The prefill's shapes then follow the prompt's bucket alone, so for a
+    given `max_new_tokens` prompts of any length compile one prefill and one
+    decode loop per length bucket (a cache of the bucket of `prompt + new`
+    would pair one prompt bucket with two cache lengths). The price is up to
+    twice the slots the sequence needs, which each decode step reads."""
+    return min(limit, compile_cache.bucket_length(prompt, limit) + compile_cache.bucket_length(new, limit))
 
 
 def _step(fn: ForwardFn):
@@ -102,36 +113,38 @@ def prefill_program(fn: ForwardFn, args):
     [B, S], positions [B, n], cache, last, hook_data)`: `_step` from slot 0
     of a new cache. Slot 0 is static, so attention over the prompt skips the
     slots after it (`Phi3Attention.apply`). Cached per model under the kind
-    `"generate"` (as the decode loop); compiled ahead of time, so its memory
-    is known."""
+    `"generate.prefill"` (the decode loop's is `"generate"`); compiled ahead
+    of time, so its memory is known."""
     step = _step(fn)
 
     def prefill(params, token_ids, slot_mask, positions, cache, last, hook_data):
         return step(params, token_ids, slot_mask, positions, cache, 0, last, hook_data)
 
-    return _compile(fn, "generate", prefill, args)
+    return _compile(fn, "generate.prefill", prefill, args)
 
 
 def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
     """The compiled decode loop for `args = (params, logits [B, V], slot_mask
-    [B, S], positions [B, S], cache, start, first, count, feeds, finished [B],
+    [B, S], positions [B, S], cache, start, first, count, finished [B],
     stops [n], pad_id, key, hook_data)`.
 
     Iteration `i` (while `i < count` and some row is unfinished) chooses new
     token `first + i` of every row from `logits` (ids `>= vocabulary` never
-    chosen; finished rows get `pad_id`), then, if `i < feeds`, runs it at
-    cache slot `start + i` for the next logits. Returns `(logits, cache,
-    tokens [B, CHUNK], logprobs [B, CHUNK], iterations, captures)`,
-    the captures of each fed token stacked along a leading `CHUNK` axis.
-    Without captures, a token chosen once every row has finished is not fed.
+    chosen; finished rows get `pad_id`), then runs it at cache slot
+    `start + i` for the next logits. Returns `(logits, cache, tokens [B,
+    CHUNK], logprobs [B, CHUNK], iterations, captures)`, the captures of each
+    token run stacked along a leading `CHUNK` axis. Every chosen token is run,
+    also the last one of a generation or the one before a rotary rebuild,
+    whose logits, cache slot and captures the caller drops (its slot lies
+    within the cache, which holds the prompt and every new token): one step
+    more per generation, where skipping it behind a `lax.cond` made XLA copy
+    the whole key/value cache twice in every step (75 MB of the 670 MB a
+    step of the 12-layer d=768 benchmark model moved at 256 slots).
     `params` may hold the stacked layer weights or `split_layers`' list.
     """
     step = _step(fn)
-    capture = bool(fn.plan.keep)
 
-    def loop(
-        params, logits, slot_mask, positions, cache, start, first, count, feeds, finished, stops, pad_id, key, hook_data
-    ):
+    def loop(params, logits, slot_mask, positions, cache, start, first, count, finished, stops, pad_id, key, hook_data):
         # What one fed token captures, shapes only (traced once, when the
         # loop compiles; a cached loop never runs this).
         batch = slot_mask.shape[0]
@@ -150,19 +163,12 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
             token, logprob, finished = choose(i, logits, finished)
             tokens, logprobs = tokens.at[:, i].set(token), logprobs.at[:, i].set(logprob)
 
-            def feed(logits, cache):
-                slot = start + i
-                at = jax.lax.dynamic_slice_in_dim(positions, slot, 1, axis=1)
-                logits, cache, captures = step(
-                    params, token[:, None], slot_mask, at, cache, slot, jnp.int32(0), hook_data
-                )
-                return logits.astype(jnp.float32), cache, captures
-
-            def skip(logits, cache):
-                return logits, cache, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), captured)
-
-            fed = (i < feeds) & (capture | ~jnp.all(finished))
-            logits, cache, step_captures = jax.lax.cond(fed, feed, skip, logits, cache)
+            slot = start + i
+            at = jax.lax.dynamic_slice_in_dim(positions, slot, 1, axis=1)
+            logits, cache, step_captures = step(
+                params, token[:, None], slot_mask, at, cache, slot, jnp.int32(0), hook_data
+            )
+            logits = logits.astype(jnp.float32)
             buffers = jax.tree.map(
                 lambda buffer, value: update_slice(buffer, value[None], (i,) + (0,) * value.ndim),
                 buffers,

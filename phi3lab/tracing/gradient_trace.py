@@ -15,9 +15,10 @@ import numpy as np
 from jax import numpy as jnp
 
 from phi3lab.runtime import compile_cache
+from phi3lab.tracing import pipeline
 from phi3lab.tracing.forward import as_hooks, forward_fn
 from phi3lab.tracing.hook_types import Hook, Hooks
-from phi3lab.tracing.metrics import Metric, check_finite, resolve_metric
+from phi3lab.tracing.metrics import Metric, finite_metric, resolve_metric
 from phi3lab.tracing.names import Selection, all_names, select, site_shape
 from phi3lab.tracing.result import Trace
 from phi3lab.tracing.rope import describe_rotary
@@ -59,29 +60,49 @@ def _probe(x, ctx):
     return x + ctx.data.astype(x.dtype)
 
 
-def gradient_fn(model, names: tuple[str, ...], hooks: Hooks, metric: Metric, reduce: str = "sum"):
+GRADIENT_ADVICE = "Take gradients at fewer names, a shorter input or fewer rows, or load the model in bfloat16."
+
+
+def gradient_fn(
+    model,
+    names: tuple[str, ...],
+    hooks: Hooks,
+    metric: Metric,
+    reduce: str = "sum",
+    bucket=None,
+    hook_length: int | None = None,
+):
     """`(key, run)`: the pure `run(params, ids, mask, hook_data, probes,
     metric_data) -> (metric values, final hidden states, activations,
     gradients)` (the last two dicts by name) and the key it is cached under.
 
     `hook_data` is the data of `hooks` (the user's interventions), `probes`
     one zero array per name (the point where gradients are taken; pass the
-    activation's shape). The metric's rows are summed (`reduce="sum"`) or
-    averaged (`"mean"`, what the patching sweeps normalize) before
-    differentiating. The key names the model's plan, hook functions, metric
-    and reduction. Uncompiled, so sweeps can `vmap` it inside their own
-    program; `gradient_program` is it compiled.
+    activation's shape, `zero_probes`). The metric's rows are summed
+    (`reduce="sum"`) or averaged (`"mean"`, what the patching sweeps
+    normalize) before differentiating. `bucket` (a `pipeline.Bucket`, None
+    for unpadded ids) says how the ids are padded: the rotary factors stay
+    the real length's and a metric function sees the real positions only
+    (`Metric.length`); with `hook_length` (`pipeline.hook_length`) every
+    hook, the probes included, sees only that many positions. The key
+    names the model's plan, hook functions, metric, reduction and those
+    statics. Uncompiled, so sweeps can `vmap` it inside their own program;
+    `gradient_program` is it compiled.
     """
     probes = Hooks([(name, Hook(_probe)) for name in names])
     fn = forward_fn(model, names=list(names), hooks=hooks | probes)
-    key = ("gradients", *fn.program_key(), metric.key, reduce)
+    num_positions = bucket.num_positions if bucket else None
+    metric_length = metric.length(bucket) if bucket else None
+    key = ("gradients", *fn.program_key(), metric.key, reduce, num_positions, hook_length, metric_length)
 
     def objective(probe_data, params, ids, mask, hook_data, metric_data):
-        out = fn(params, ids, mask, tuple(hook_data) + tuple(probe_data))
+        hidden, captures = fn.run(
+            params, ids, mask, tuple(hook_data) + tuple(probe_data), num_positions=num_positions, length=hook_length
+        )
         batch = {"token_ids": ids, "padding_mask": mask}
-        values = metric.rows(out.hidden, lambda h: model.unembed(params, h), metric_data, batch)
+        values = metric.rows(hidden, lambda h: model.unembed(params, h), metric_data, batch, metric_length)
         total = jnp.sum(values) if reduce == "sum" else jnp.mean(values)
-        return total, (values, out.hidden, {name: out.captures[name] for name in names})
+        return total, (values, hidden, {name: captures[name] for name in names})
 
     def run(params, ids, mask, hook_data, probe_data, metric_data):
         (_, (values, hidden, captures)), grads = jax.value_and_grad(objective, has_aux=True)(
@@ -92,10 +113,22 @@ def gradient_fn(model, names: tuple[str, ...], hooks: Hooks, metric: Metric, red
     return key, run
 
 
-def gradient_program(model, names: tuple[str, ...], hooks: Hooks, metric: Metric, reduce: str = "sum"):
-    """`gradient_fn`'s `run`, compiled (cached per model and its key)."""
-    key, run = gradient_fn(model, names, hooks, metric, reduce)
-    return compile_cache.cached(model, key, lambda: compile_cache.jit(run))
+def gradient_program(
+    model,
+    names: tuple[str, ...],
+    hooks: Hooks,
+    metric: Metric,
+    args,
+    memory_budget: int | None = None,
+    reduce: str = "sum",
+    bucket=None,
+    hook_length: int | None = None,
+) -> compile_cache.Program:
+    """`gradient_fn`'s `run` compiled ahead of time for `args` through the
+    run pipeline (cached per model and key; refused with the estimate when
+    over `memory_budget`)."""
+    key, run = gradient_fn(model, names, hooks, metric, reduce, bucket, hook_length)
+    return pipeline.compiled(model, key, run, args, memory_budget, "These gradients", GRADIENT_ADVICE)
 
 
 def zero_probes(model, names, shape: tuple[int, int]) -> tuple:
@@ -120,6 +153,7 @@ def gradients(
     hooks=None,
     tokenizer=None,
     padding_mask=None,
+    memory_budget: int | None = None,
 ) -> GradientTrace:
     """Activations and d metric / d activation at `names`, in one compiled
     forward+backward.
@@ -142,6 +176,12 @@ def gradients(
             gradients are taken after them, at the values downstream sees.
         tokenizer: a `Phi3Tokenizer`, for text inputs.
         padding_mask: `[T]` or `[B, T]`, True for real tokens.
+        memory_budget: bytes the forward+backward may use (default the
+            device's free memory); refused before running when over it
+            (`CaptureTooLarge`, with the estimate).
+
+    The ids run padded to their length bucket (`phi3lab.tracing.pipeline`):
+    the sites and gradients come back cut to the real positions.
 
     Returns:
         A `GradientTrace`: `g[name]` the activation, `g.grad(name)` its
@@ -155,9 +195,8 @@ def gradients(
     attribution = (g.grad("blocks.1.attn.hook_z") * g["blocks.1.attn.hook_z"]).sum(-1)   # [B, T, Hq]
     ```
     """
-    from phi3lab.tracing.tracer import _prepare_inputs
-
-    token_ids, mask, tokens = _prepare_inputs(model, inputs, padding_mask, tokenizer)
+    pipeline.check_budget(memory_budget)
+    token_ids, mask = pipeline.prepare_inputs(model, inputs, padding_mask, tokenizer)
     chosen = tuple(select(names, all_names(model)))
     if "hook_logits" in chosen:
         raise ValueError(
@@ -166,24 +205,31 @@ def gradients(
         )
     resolved = resolve_metric(model, metric, answer, counterfactual, mask)
     user_hooks = as_hooks(hooks)
-    run = gradient_program(model, chosen, user_hooks, resolved)
-    values, hidden, captures, grads = run(
-        model.params(),
-        jnp.asarray(token_ids),
-        jnp.asarray(mask),
+    length = token_ids.shape[1]
+    bucket = pipeline.bucket(model, length)
+    hook_length = pipeline.hook_length(user_hooks.entries, bucket)
+    params = model.params()
+    args = (
+        params,
+        jnp.asarray(bucket.pad(token_ids)),
+        jnp.asarray(bucket.pad(mask)),
         tuple(h.data for _, h in user_hooks.entries),
-        zero_probes(model, chosen, token_ids.shape),
+        zero_probes(model, chosen, (token_ids.shape[0], hook_length or bucket.padded)),
         resolved.data,
     )
-    values = check_finite(values)
+    run = gradient_program(
+        model, chosen, user_hooks, resolved, args, memory_budget, bucket=bucket, hook_length=hook_length
+    )
+    values, hidden, captures, grads = run(*args)
+    values = finite_metric(values)
     return GradientTrace(
-        {name: np.asarray(captures[name]) for name in chosen},
-        {name: np.asarray(grads[name]) for name in chosen},
+        {name: bucket.unpad(name, np.asarray(captures[name])) for name in chosen},
+        {name: bucket.unpad(name, np.asarray(grads[name])) for name in chosen},
         float(values) if values.ndim == 0 else values,
         token_ids=token_ids,
         padding_mask=mask,
-        tokens=tokens,
-        output=np.asarray(hidden),
-        rope=describe_rotary(model.rotary, token_ids.shape[1]),
+        tokens=pipeline.display_tokens(tokenizer, token_ids),
+        output=np.asarray(hidden)[:, :length],
+        rope=describe_rotary(model.rotary, length),
         model=model,
     )

@@ -11,7 +11,15 @@ from phi3lab.runtime.host_memory import release_freed_memory
 
 
 class CaptureTooLarge(ValueError):
-    """A trace request that would not fit in the memory available."""
+    """A run that would not fit in the memory available.
+
+    Attributes:
+        estimate: the `MemoryEstimate` it was refused with (None when unknown).
+    """
+
+    def __init__(self, message: str, estimate: "MemoryEstimate | None" = None):
+        super().__init__(message)
+        self.estimate = estimate
 
 
 class WeightsTooLarge(ValueError):
@@ -99,9 +107,19 @@ def check_weights_fit(weights: int, what: str) -> None:
         )
 
 
-def check_fits(estimate: MemoryEstimate, budget: int | None) -> MemoryEstimate:
+TRACE_ADVICE = (
+    "Capture less: fewer names (e.g. names=['blocks.3.attn.hook_pattern']), only some heads (heads=[0, 1]), "
+    "a query window (queries=slice(-64, None)), a shorter input, or load the model in bfloat16 (dtype='bfloat16')."
+)
+
+
+def check_fits(
+    estimate: MemoryEstimate, budget: int | None, what: str = "This trace", advice: str | None = None
+) -> MemoryEstimate:
     """Raise `CaptureTooLarge` if the run would not fit `budget` (default:
     the device's free memory); return the estimate with `available` set.
+    The message starts with `what` (e.g. "These gradients") and ends with
+    `advice` (default: how to capture less in a trace).
     Before refusing for want of free memory, the freed memory this process
     keeps (`phi3lab.runtime.host_memory`: up to what its largest run used
     after `configure(host_memory="reuse")`, glibc's trimmable free pages
@@ -110,12 +128,11 @@ def check_fits(estimate: MemoryEstimate, budget: int | None) -> MemoryEstimate:
     estimate = dataclasses.replace(estimate, available=available)
     if estimate.needed > available:
         raise CaptureTooLarge(
-            f"This trace would need {estimate.needed / 2**30:.2f} GiB ({estimate}); "
+            f"{what} would need {estimate.needed / 2**30:.2f} GiB ({estimate}); "
             f"only {available / 2**30:.2f} GiB is available"
             + (f" (memory_budget={budget})" if budget is not None else "")
-            + ". Capture less: fewer names "
-            "(e.g. names=['blocks.3.attn.hook_pattern']), only some heads (heads=[0, 1]), "
-            "a query window (queries=slice(-64, None)), a shorter input, or load the "
-            "model in bfloat16 (dtype='bfloat16')."
+            + ". "
+            + (TRACE_ADVICE if advice is None else advice),
+            estimate,
         )
     return estimate

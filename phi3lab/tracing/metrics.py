@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from jax import numpy as jnp
 
-from phi3lab.checks import check_token, last_positions
+from phi3lab.checks import check_finite, check_token, last_positions
 from phi3lab.errors import bad_argument
 
 
@@ -38,10 +38,23 @@ class Metric:
     key: Hashable
     evaluate: Callable
     data: Any = None
+    reads_positions: bool = False
 
-    def rows(self, hidden, unembed, data, batch):
-        """The metric's value per row `[B]` or in total `()`, float32; any
-        other shape is refused (while tracing, before anything runs)."""
+    def length(self, bucket) -> int | None:
+        """The static real length the metric is cut to in a run padded to
+        `bucket` (a `pipeline.Bucket`): the real length for a metric function
+        (it may read any position, e.g. `logits[:, -1]`; its programs compile
+        per length), None for the logit difference (it reads each row's last
+        real position from the mask: one program per bucket)."""
+        return bucket.length if self.reads_positions and bucket.padded != bucket.length else None
+
+    def rows(self, hidden, unembed, data, batch, length: int | None = None):
+        """The metric's value per row `[B]` or in total `()`, float32, of the
+        first `length` positions (all when None); any other shape is refused
+        (while tracing, before anything runs)."""
+        if length is not None:
+            hidden = hidden[:, :length]
+            batch = {key: value[:, :length] for key, value in batch.items()}
         value = self.evaluate(hidden, unembed, data, batch)
         if value.shape not in ((), (hidden.shape[0],)):
             raise ValueError(
@@ -105,7 +118,7 @@ def resolve_metric(model, metric, answer, counterfactual, padding_mask: np.ndarr
         if answer is not None or counterfactual is not None:
             raise bad_argument("answer", answer, "None when `metric` is given (pass one or the other)")
         takes_batch = _takes_batch(metric)
-        return Metric(metric, _user_metric(metric, takes_batch))
+        return Metric(metric, _user_metric(metric, takes_batch), reads_positions=True)
     if answer is None:
         raise bad_argument("answer", None, "a token id (or one per row) when `metric` is None; or pass `metric`")
     rows = padding_mask.shape[0]
@@ -119,12 +132,8 @@ def resolve_metric(model, metric, answer, counterfactual, padding_mask: np.ndarr
     return Metric("logit_diff", _logit_diff, data)
 
 
-def check_finite(values, what: str = "the metric") -> np.ndarray:
-    """`values` as float64 NumPy, or a `ValueError` when any is NaN or infinite."""
-    values = np.asarray(values, np.float64)
-    if not np.all(np.isfinite(values)):
-        raise ValueError(
-            f"`metric` returned non-finite values ({what}: {np.round(values, 4).tolist()}); "
-            "it must be finite (check for log(0), division by zero or -inf logits)."
-        )
-    return values
+def finite_metric(values, what: str = "the metric") -> np.ndarray:
+    """The metric's `values` (of `what`, e.g. "the patched runs") as float64,
+    or a `ValueError` when any is NaN or infinite (`phi3lab.checks.check_finite`)."""
+    accepted = "a function returning finite values (check for log(0), division by zero or -inf logits)"
+    return check_finite("metric", values, accepted, what, np.float64)

@@ -8,21 +8,16 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
-from phi3lab.checks import (
-    check_choice,
-    check_ids,
-    check_indices,
-    check_mask,
-    check_positive_int,
-    is_int,
-)
+from phi3lab.checks import check_choice, check_indices, check_positive_int, is_int
 from phi3lab.errors import bad_argument
 from phi3lab.runtime import compile_cache
+from phi3lab.tracing import pipeline
 from phi3lab.tracing.forward import ForwardFn, as_hooks, forward_fn
-from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure
-from phi3lab.tracing.names import Selection, all_names, position_index
+from phi3lab.tracing.memory import MemoryEstimate, measure
+from phi3lab.tracing.names import Selection, all_names
+from phi3lab.tracing.pipeline import padded_length, prepare_inputs
 from phi3lab.tracing.result import Trace
-from phi3lab.tracing.rope import describe_rotary, warn_mixed_rotary
+from phi3lab.tracing.rope import describe_rotary
 
 
 def compiled_count(model) -> int:
@@ -42,44 +37,6 @@ def compiled_program(
     key = ("trace", *fn.program_key(), num_positions, length)
     run = functools.partial(fn.run, num_positions=num_positions, length=length)
     return compile_cache.ahead_of_time(fn.model, key, run, args)
-
-
-def padded_length(model, length: int) -> tuple[int, int | None]:
-    """`(padded, num_positions)`: the length bucket a run of `length`
-    positions uses and the `num_positions` that keeps the real length's
-    rotary factors (None when the padded length picks the same ones, so
-    every length of a bucket shares one program)."""
-    padded = compile_cache.bucket_length(length, model.max_sequence_length)
-    rotary = model.rotary
-    if rotary.factor_set(padded) == rotary.factor_set(length):
-        return padded, None
-    return padded, rotary.pretraining_sequence_length  # the short factors, as for `length`
-
-
-def _unpadded(name: str, array: np.ndarray, length: int) -> np.ndarray:
-    """A view of `array` (of hook `name`) with every position axis cut back
-    to the first `length` positions."""
-    index = position_index(name, length)
-    return array if all(i == slice(None) or array.shape[a] == length for a, i in enumerate(index)) else array[index]
-
-
-def _prepare_inputs(model, inputs, padding_mask, tokenizer):
-    """Ids `[B, T]` int32, a bool mask and display tokens (with a tokenizer)."""
-    texts = None
-    if isinstance(inputs, str):
-        texts = [inputs]
-    elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(i, str) for i in inputs):
-        texts = list(inputs)
-    if texts is not None:
-        if not hasattr(tokenizer, "encode_batch"):
-            raise bad_argument("tokenizer", tokenizer, "a Phi3Tokenizer when the input is text")
-        inputs, mask = tokenizer.encode_batch(texts)
-        padding_mask = mask if padding_mask is None else padding_mask
-    token_ids = check_ids("ids", inputs, model)
-    mask = check_mask(padding_mask, token_ids.shape)
-    warn_mixed_rotary(model.rotary, mask)
-    tokens = None if tokenizer is None else [tokenizer.display_tokens(row) for row in token_ids.tolist()]
-    return token_ids, mask, tokens
 
 
 def is_traced(*trees) -> bool:
@@ -234,8 +191,7 @@ def trace(
     jax.grad(lambda s: steer(s).logits[0, -1, 7])(1.0)   # d logit / d scale
     ```
     """
-    if memory_budget is not None and (not is_int(memory_budget) or memory_budget <= 0):
-        raise bad_argument("memory_budget", memory_budget, "None or a positive int (bytes)")
+    pipeline.check_budget(memory_budget)
     if capture_dtype is not None:
         check_choice("capture_dtype", capture_dtype, (None, "bfloat16"))
     hooks = as_hooks(hooks)
@@ -243,22 +199,22 @@ def trace(
     if traced:
         token_ids, mask = _traced_inputs(model, inputs, padding_mask, tokenizer)
     else:
-        token_ids, mask, tokens = _prepare_inputs(model, inputs, padding_mask, tokenizer)
+        token_ids, mask = prepare_inputs(model, inputs, padding_mask, tokenizer)
+        tokens = pipeline.display_tokens(tokenizer, token_ids)
     length = token_ids.shape[1]
     fn = forward_fn(
         model, names, hooks, window=_window(queries, length), heads=_heads(model, heads), capture_dtype=capture_dtype
     )
     if traced:
         return _traced_run(model, fn, token_ids, mask, memory_budget)
-    padded, num_positions = padded_length(model, length)
-    extra = ((0, 0), (0, padded - length))
+    bucket = pipeline.bucket(model, length)
     params = model.params()
-    args = (params, jnp.asarray(np.pad(token_ids, extra)), jnp.asarray(np.pad(mask, extra)), fn.hook_data)
+    args = (params, jnp.asarray(bucket.pad(token_ids)), jnp.asarray(bucket.pad(mask)), fn.hook_data)
     # Hooks see (and hook data hold) the real positions only.
-    run = compiled_program(fn, args, num_positions, length if fn.hooks and padded != length else None)
-    check_fits(measure(run, params), memory_budget)
+    run = compiled_program(fn, args, bucket.num_positions, pipeline.hook_length(fn.hooks, bucket))
+    pipeline.guard(run, params, memory_budget)
     hidden, captures = run(*args)
-    arrays = {name: _unpadded(name, np.asarray(value), length) for name, value in captures.items()}
+    arrays = {name: bucket.unpad(name, np.asarray(value)) for name, value in captures.items()}
     output = np.asarray(hidden)[:, :length]
     return _result(fn, arrays, output, token_ids, mask, tokens, describe_rotary(model.rotary, length))
 
