@@ -141,7 +141,7 @@ def test_split_machinery_costs_nothing_when_unused(model, pair, monkeypatch):
     result = _lowered(model, ["blocks.1.attn.hook_result"], ids)
     with monkeypatch.context() as patch:
         patch.setattr(Phi3DecoderStack, "_head_inputs", lambda self, norm_params, x, sites: {})
-        patch.setattr(attention_module, "_output", lambda z, kernel, sites: jnp.einsum("btnh,nhd->btd", z, kernel))
+        patch.setattr(attention_module, "_output", lambda z, kernel, sites: attention_module._merged_output(z, kernel))
         without = [_lowered(model, names, ids) for names in cases]
         split_off = _lowered(model, ["blocks.1.attn.hook_q_input"], ids)
         result_off = _lowered(model, ["blocks.1.attn.hook_result"], ids)

@@ -36,7 +36,7 @@ from phi3lab.circuits.inputs import prepare
 from phi3lab.runtime import compile_cache
 from phi3lab.tracing.gradient_trace import gradient_fn, zero_probes
 from phi3lab.tracing.hook_types import Hook, Hooks
-from phi3lab.tracing.metrics import Metric, check_finite
+from phi3lab.tracing.metrics import Metric, finite_metric
 
 METHODS = ("eap", "eap-ig")
 POSITIONS = ("sum", "each")
@@ -149,12 +149,12 @@ def edge_attribution(
         resolved.data,
         jnp.arange(1, steps + 1, dtype=jnp.float32) / steps,
     )
-    scores = check_finite(scores, "the edge scores") * graph.allowed[:, :, None]
+    scores = finite_metric(scores, "the edge scores") * graph.allowed[:, :, None]
     return EdgeScores(
         graph,
         scores if positions == "each" else scores.sum(axis=2),
-        clean_metric=float(np.mean(check_finite(clean_values, "the clean run"))),
-        corrupted_metric=float(np.mean(check_finite(corrupted_values, "the corrupted run"))),
+        clean_metric=float(np.mean(finite_metric(clean_values, "the clean run"))),
+        corrupted_metric=float(np.mean(finite_metric(corrupted_values, "the corrupted run"))),
         method=method,
         steps=steps,
     )

@@ -32,7 +32,7 @@ from phi3lab.errors import bad_argument
 from phi3lab.runtime import compile_cache
 from phi3lab.tracing.forward import forward_fn
 from phi3lab.tracing.hook_types import Hook, Hooks
-from phi3lab.tracing.metrics import Metric, check_finite
+from phi3lab.tracing.metrics import Metric, finite_metric
 
 ABLATIONS = ("corrupted", "mean")
 
@@ -130,7 +130,7 @@ class EdgePatcher:
         against 2.9x per position, 6 layers of width 384 at T=64 on CPU)."""
         ablate = jnp.asarray(~keep, jnp.float32)
         values = self.program(self.params, self.ids, self.mask, self.replacements, ablate, self.metric.data)
-        return float(np.mean(check_finite(values, "the patched run")))
+        return float(np.mean(finite_metric(values, "the patched run")))
 
     def keep_all(self) -> np.ndarray:
         """bool `[S, R, 1]`: every edge of the graph kept, at every position."""

@@ -75,12 +75,17 @@ def _project(x, per_head, kernel):
 def _output(z, kernel, sites):
     """The attention output `[B, T, D]` of `z [B, T, Hq, dh]` through
     `kernel [Hq, dh, D]`; per head first (`attn.hook_result [B, T, Hq, D]`,
-    then summed) only when `sites` wants that opt-in site. Otherwise one
-    `[B, T, Hq * dh] x [Hq * dh, D]` product: contracting the two axes
-    separately, XLA:CPU copied the whole kernel transposed (to `[dh, Hq, D]`)
-    in every step of the decode loop."""
+    then summed) only when `sites` wants that opt-in site."""
     if sites.wants("attn.hook_result"):
         return jnp.sum(sites("attn.hook_result", jnp.einsum("btnh,nhd->btnd", z, kernel)), axis=2)
+    return _merged_output(z, kernel)
+
+
+def _merged_output(z, kernel):
+    """`z [B, T, Hq, dh]` through `kernel [Hq, dh, D]` as one `[B, T, Hq * dh]
+    x [Hq * dh, D]` product: contracting the two axes separately, XLA:CPU
+    copied the whole kernel transposed (to `[dh, Hq, D]`) in every step of
+    the decode loop."""
     heads, head_dim, hidden = kernel.shape
     flat = z.reshape(*z.shape[:2], heads * head_dim)
     return jnp.einsum("btf,fd->btd", flat, kernel.reshape(heads * head_dim, hidden))
