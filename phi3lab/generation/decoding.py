@@ -28,15 +28,14 @@ from jax import numpy as jnp
 from phi3lab.checks import check_positive_int, is_int
 from phi3lab.deprecation import warn_deprecated
 from phi3lab.errors import bad_argument
-from phi3lab.generation import programs
 from phi3lab.generation.captures import StepCaptures, captured_bytes, row_trace
 from phi3lab.generation.inputs import prompt_rows, stop_ids
-from phi3lab.generation.programs import CHUNK, bucket, loop_program, placed, prefill_program, split_layers
+from phi3lab.generation.programs import CHUNK, bucket, loop_program, placed, prefill_program
 from phi3lab.generation.result import Generation
 from phi3lab.generation.sampling import Sampler, check_seed
 from phi3lab.model.kv_cache import KVCache
 from phi3lab.tracing.forward import as_hooks, forward_fn
-from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure, tree_bytes
+from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure
 from phi3lab.tracing.names import Selection, all_names
 
 # Show a progress bar (with `progress=None`) from this many new tokens on.
@@ -49,10 +48,6 @@ class _Decoder:
     def __init__(self, model, fn, rows: list[list[int]], cache_length: int, pad_id: int):
         self.model, self.fn, self.pad_id = model, fn, pad_id
         self.params = model.params()
-        # Per-layer weights for the decode loop (see `programs.unstack_layers`),
-        # split when the loop first runs; a sharded model's stay in place.
-        self.unstack = programs.unstack_layers() and not programs.sharded(self.params)
-        self.split_params = None
         self.hook_data = jax.tree.map(jnp.asarray, fn.hook_data)
         batch, prompt = len(rows), max(len(r) for r in rows)
         self.prompt_length = prompt
@@ -101,13 +96,8 @@ class _Decoder:
         """The compiled decode loop of this batch (see `programs.loop_program`)."""
         batch = self.sequence.shape[0]
         logits = jax.ShapeDtypeStruct((batch, self.model.vocabulary_size), jnp.float32)
-        params = jax.eval_shape(lambda p: split_layers(self.model, p), self.params) if self.unstack else self.params
-        args = self._loop_args(params, logits, 0, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
+        args = self._loop_args(self.params, logits, 0, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
         return loop_program(self.fn, sampler, vocabulary, args)
-
-    def split_bytes(self) -> int:
-        """Bytes of the per-layer weight copy the loop holds (0 without `unstack`)."""
-        return tree_bytes(self.params["decoder"]) if self.unstack else 0
 
     def prefill(self, length: int):
         """Process slots `0 .. length - 1` from scratch (a new cache); return
@@ -129,12 +119,7 @@ class _Decoder:
         """Run the decode loop for up to `count` new tokens from slot
         `self.length` on; return `(logits, tokens [B, n], logprobs [B, n])`
         for the `n` iterations it ran, and record what the fed tokens captured."""
-        params = self.params
-        if self.unstack:
-            if self.split_params is None:
-                self.split_params = split_layers(self.model, self.params)
-            params = self.split_params
-        args = self._loop_args(params, logits, first, count, feeds, finished, stops, key)
+        args = self._loop_args(self.params, logits, first, count, feeds, finished, stops, key)
         logits, self.cache, tokens, logprobs, ran, buffers = program(*placed(program, args))
         ran = int(ran)
         tokens, logprobs = np.asarray(tokens[:, :ran]), np.asarray(logprobs[:, :ran], np.float64)
@@ -281,8 +266,7 @@ def generate(
     if names is not None:
         estimate = measure(program, decoder.params)
         captured = captured_bytes(model, fn.plan.keep, len(rows), longest + max_new_tokens)
-        working = estimate.working + decoder.split_bytes()
-        check_fits(MemoryEstimate(estimate.weights, working, captured), memory_budget)
+        check_fits(MemoryEstimate(estimate.weights, estimate.working, captured), memory_budget)
 
     batch, prompt_length = len(rows), decoder.prompt_length
     new = [[] for _ in rows]
@@ -379,4 +363,4 @@ def estimate(model, prompt_length: int, max_new_tokens: int, batch: int = 1, nam
     program = decoder.loop_program(Sampler(), model.vocabulary_size, np.zeros(0, np.int32))
     measured = measure(program, decoder.params)
     captured = captured_bytes(model, fn.plan.keep, batch, prompt_length + max_new_tokens)
-    return MemoryEstimate(measured.weights, measured.working + decoder.split_bytes(), captured)
+    return MemoryEstimate(measured.weights, measured.working, captured)
