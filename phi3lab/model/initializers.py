@@ -12,7 +12,7 @@ import jax
 import keras
 from jax import numpy as jnp
 
-from phi3lab.model.stacked import update_slice
+from phi3lab.model.stacked import from_bits, to_bits
 
 _ZERO_INIT = contextvars.ContextVar("phi3lab_zero_init", default=False)
 
@@ -60,26 +60,32 @@ class ChunkedRandomNormal(keras.initializers.Initializer):
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), self._calls)
         self._calls += 1
         dtype = jnp.dtype(keras.backend.standardize_dtype(dtype or keras.config.floatx()))
-        return _chunked_normal(key, tuple(shape), dtype, float(self.stddev))
+        size = math.prod(shape)
+        # Written as bits (`stacked.to_bits`): XLA:CPU updates a 16-bit float
+        # buffer by converting all of it, a pass over the whole per chunk.
+        bits = jnp.zeros((size,), to_bits(jnp.zeros((), dtype)).dtype)
+        for index, start in enumerate(range(0, size, _CHUNK)):
+            bits = _draw_into(bits, key, index, start, min(_CHUNK, size - start), dtype, float(self.stddev))
+        return _as_values(bits, tuple(shape), dtype)
 
     def get_config(self):
         return {"stddev": self.stddev, "seed": self.seed}
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _chunked_normal(key, shape: tuple, dtype, stddev: float):
-    """`stddev` times standard normals of `shape`, drawn `_CHUNK` at a time
-    into a flat buffer written in place (`update_slice`)."""
-    size = math.prod(shape)
-    chunk = max(1, min(size, _CHUNK))
-    draw = lambda index, length: jax.random.normal(jax.random.fold_in(key, index), (length,), dtype) * stddev
-    whole = size // chunk
-    values = jax.lax.fori_loop(
-        0, whole, lambda i, out: update_slice(out, draw(i, chunk), (i * chunk,)), jnp.zeros((size,), dtype)
-    )
-    if size > whole * chunk:
-        values = update_slice(values, draw(whole, size - whole * chunk), (whole * chunk,))
-    return values.reshape(shape)
+@functools.partial(jax.jit, static_argnums=(4, 5, 6), donate_argnums=0)
+def _draw_into(bits, key, index, start, length: int, dtype, stddev: float):
+    """`bits` (flat, `to_bits` of `dtype`) with `length` normals of deviation
+    `stddev` written in place from `start`, drawn from `key` folded with
+    `index`. One program per length (the chunk and a remainder); 22 draws of
+    1M values ran in 0.35 s where one draw of 22M took 1.36 s."""
+    draw = jax.random.normal(jax.random.fold_in(key, index), (length,), dtype) * stddev
+    return jax.lax.dynamic_update_slice(bits, to_bits(draw), (start,))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2), donate_argnums=0)
+def _as_values(bits, shape: tuple, dtype):
+    """`from_bits(bits, dtype)` shaped `shape`, in `bits`' own buffer."""
+    return from_bits(bits, dtype).reshape(shape)
 
 
 def default_initializer(stddev: float) -> keras.initializers.Initializer:
