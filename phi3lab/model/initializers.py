@@ -60,31 +60,27 @@ class ChunkedRandomNormal(keras.initializers.Initializer):
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), self._calls)
         self._calls += 1
         dtype = jnp.dtype(keras.backend.standardize_dtype(dtype or keras.config.floatx()))
-        size = math.prod(shape)
-        # Written as bits (`stacked.to_bits`): XLA:CPU updates a 16-bit float
-        # buffer by converting all of it, a pass over the whole per chunk.
-        bits = jnp.zeros((size,), to_bits(jnp.zeros((), dtype)).dtype)
-        for index, start in enumerate(range(0, size, _CHUNK)):
-            bits = _draw_into(bits, key, index, start, min(_CHUNK, size - start), dtype, float(self.stddev))
-        return _as_values(bits, tuple(shape), dtype)
+        return _chunked_normal(key, tuple(shape), dtype, float(self.stddev))
 
     def get_config(self):
         return {"stddev": self.stddev, "seed": self.seed}
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6), donate_argnums=0)
-def _draw_into(bits, key, index, start, length: int, dtype, stddev: float):
-    """`bits` (flat, `to_bits` of `dtype`) with `length` normals of deviation
-    `stddev` written in place from `start`, drawn from `key` folded with
-    `index`. One program per length (the chunk and a remainder); 22 draws of
-    1M values ran in 0.35 s where one draw of 22M took 1.36 s."""
-    draw = jax.random.normal(jax.random.fold_in(key, index), (length,), dtype) * stddev
-    return jax.lax.dynamic_update_slice(bits, to_bits(draw), (start,))
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2), donate_argnums=0)
-def _as_values(bits, shape: tuple, dtype):
-    """`from_bits(bits, dtype)` shaped `shape`, in `bits`' own buffer."""
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _chunked_normal(key, shape: tuple, dtype, stddev: float):
+    """`stddev` times standard normals of `shape`, drawn `_CHUNK` at a time
+    (the chunk's number folded into `key`) into a flat buffer written in
+    place. The buffer holds the values' bits (`stacked.to_bits`): XLA:CPU
+    updates a 16-bit float buffer by converting all of it, once per chunk.
+    A [8, 1024, 2816] bfloat16 kernel took 0.4-0.8 s, keras' `RandomNormal` 1.4-2.0 s."""
+    size = math.prod(shape)
+    chunk = max(1, min(size, _CHUNK))
+    draw = lambda index, length: to_bits(jax.random.normal(jax.random.fold_in(key, index), (length,), dtype) * stddev)
+    write = lambda index, bits: jax.lax.dynamic_update_slice(bits, draw(index, chunk), (index * chunk,))
+    whole = size // chunk
+    bits = jax.lax.fori_loop(0, whole, write, jnp.zeros((size,), to_bits(jnp.zeros((), dtype)).dtype))
+    if size > whole * chunk:
+        bits = jax.lax.dynamic_update_slice(bits, draw(whole, size - whole * chunk), (whole * chunk,))
     return from_bits(bits, dtype).reshape(shape)
 
 
