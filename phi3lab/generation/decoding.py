@@ -35,7 +35,7 @@ from phi3lab.generation.result import Generation
 from phi3lab.generation.sampling import Sampler, check_seed
 from phi3lab.model.kv_cache import KVCache
 from phi3lab.tracing.forward import as_hooks, forward_fn
-from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure
+from phi3lab.tracing.memory import MemoryEstimate, check_fits, tree_bytes
 from phi3lab.tracing.names import Selection, all_names
 
 # Show a progress bar (with `progress=None`) from this many new tokens on.
@@ -99,6 +99,17 @@ class _Decoder:
         args = self._loop_args(self.params, logits, 0, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
         return loop_program(self.fn, sampler, vocabulary, args)
 
+    def prefill_program(self, length: int):
+        """The compiled prefill of slots `0 .. length - 1` (see `programs.prefill_program`)."""
+        padded = bucket(length, self.sequence.shape[1])
+        zeros = np.zeros((len(self.sequence), padded), np.int32)
+        shapes = self._prefill_args(zeros, zeros, 0)
+        return prefill_program(self.fn, shapes)
+
+    def working_bytes(self, loop) -> int:
+        """XLA's working set of the larger of the prompt's prefill and the decode loop `loop`."""
+        return max(loop.temporary_bytes, self.prefill_program(self.prompt_length).temporary_bytes)
+
     def prefill(self, length: int):
         """Process slots `0 .. length - 1` from scratch (a new cache); return
         the logits `[B, V]` after slot `length - 1`."""
@@ -109,8 +120,7 @@ class _Decoder:
         self.captures.reset()
         self.length = length
         args = self._prefill_args(token_ids, positions, length - 1)
-        shapes = self._prefill_args(np.zeros_like(token_ids), np.zeros_like(positions), 0)
-        program = prefill_program(self.fn, shapes)
+        program = self.prefill_program(length)
         logits, self.cache, captures = program(*placed(program, args))
         self.captures.add(length, captures)
         return logits.astype(jnp.float32)
@@ -264,9 +274,9 @@ def generate(
     stop_array = np.asarray(sorted(stops), np.int32)
     program = decoder.loop_program(sampler, vocabulary, stop_array)
     if names is not None:
-        estimate = measure(program, decoder.params)
         captured = captured_bytes(model, fn.plan.keep, len(rows), longest + max_new_tokens)
-        check_fits(MemoryEstimate(estimate.weights, estimate.working, captured), memory_budget)
+        estimate = MemoryEstimate(tree_bytes(decoder.params), decoder.working_bytes(program), captured)
+        check_fits(estimate, memory_budget)
 
     batch, prompt_length = len(rows), decoder.prompt_length
     new = [[] for _ in rows]
@@ -342,9 +352,9 @@ def generate(
 
 
 def estimate(model, prompt_length: int, max_new_tokens: int, batch: int = 1, names: Selection = None) -> MemoryEstimate:
-    """Bytes a generation needs: weights, the decode loop's working set (its
-    key/value cache included) and the captures of `names` over the whole
-    sequence. Nothing runs.
+    """Bytes a generation needs: weights, the working set of the prompt's
+    prefill or of the decode loop, whichever is larger (the key/value cache
+    included), and the captures of `names` over the whole sequence. Nothing runs.
 
     Example:
     >>> phi3lab.generation.estimate(model, 128, 128, names="blocks.*.attn.hook_pattern").captured
@@ -359,8 +369,7 @@ def estimate(model, prompt_length: int, max_new_tokens: int, batch: int = 1, nam
         )
     fn = forward_fn(model, () if names is None else names)
     length = bucket(prompt_length + max_new_tokens, model.max_sequence_length)
-    decoder = _Decoder(model, fn, [[0]] * batch, length, 0)
+    decoder = _Decoder(model, fn, [[0] * prompt_length] * batch, length, 0)
     program = decoder.loop_program(Sampler(), model.vocabulary_size, np.zeros(0, np.int32))
-    measured = measure(program, decoder.params)
     captured = captured_bytes(model, fn.plan.keep, batch, prompt_length + max_new_tokens)
-    return MemoryEstimate(measured.weights, measured.working, captured)
+    return MemoryEstimate(tree_bytes(decoder.params), decoder.working_bytes(program), captured)
