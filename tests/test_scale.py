@@ -230,6 +230,24 @@ def _phi3_mini_estimates(dtype: str, requests: dict, preset: str = "phi3_mini_12
     return estimates
 
 
+def _gradient_estimate(model, length: int, names: tuple) -> phi3lab.tracing.MemoryEstimate:
+    """XLA's memory analysis of the program `phi3lab.gradients(model, ids,
+    answer=1, counterfactual=2, names=names)` runs for `length` tokens."""
+    from phi3lab.tracing.gradient_trace import gradient_program, zero_probes
+    from phi3lab.tracing.hook_types import Hooks
+    from phi3lab.tracing.memory import tree_bytes
+    from phi3lab.tracing.metrics import resolve_metric
+
+    ids, mask = np.zeros((1, length), np.int32), np.ones((1, length), bool)
+    metric = resolve_metric(model, None, 1, 2, mask)
+    program = gradient_program(model, names, Hooks(), metric)
+    args = (model.params(), ids, mask, (), zero_probes(model, names, ids.shape), metric.data)
+    analysis = program.lower(*args).compile().memory_analysis()
+    return phi3lab.tracing.MemoryEstimate(
+        tree_bytes(args[0]), analysis.temp_size_in_bytes, analysis.output_size_in_bytes
+    )
+
+
 def test_phi3_mini_bfloat16_working_set_is_a_fraction_of_the_weights():
     """A 16-token trace of Phi-3-mini-4k in bfloat16 (two layers' patterns
     and the logits), its plain forward and a generation of 32 tokens from 16
@@ -238,12 +256,17 @@ def test_phi3_mini_bfloat16_working_set_is_a_fraction_of_the_weights():
     for XLA:CPU's matrix products) at a time. Slicing the stacked bfloat16
     weights directly made XLA:CPU convert the whole stack to float32 first
     (13.6 GiB beside 7.1 GiB of weights); generation held a per-layer copy
-    of every weight beside the stack (7.1 GiB)."""
+    of every weight beside the stack (7.1 GiB). `gradients` at two residual
+    sites likewise, its backward pass reslicing each layer's weights: the
+    scan kept every layer's slices for it (13.7 GiB)."""
     trace = dict(seq_len=16, names=["blocks.0.attn.hook_pattern", "blocks.31.attn.hook_pattern", "hook_logits"])
     requests = {
         "trace": trace,
         "forward": dict(seq_len=16, names=[]),
         "generate": lambda model: phi3lab.generation.estimate(model, 16, 32, names=["hook_logits"]),
+        "gradients": lambda model: _gradient_estimate(
+            model, 16, ("blocks.0.hook_resid_pre", "blocks.31.hook_resid_pre")
+        ),
     }
     estimates = _phi3_mini_estimates("bfloat16", requests, preset="phi3_mini_4k_instruct_en")
     for estimate in estimates.values():

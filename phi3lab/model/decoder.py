@@ -13,7 +13,7 @@ from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.kv_cache import KVCache, LayerCache
 from phi3lab.model.mlp import Phi3MLP
 from phi3lab.model.norm import Phi3RMSNorm
-from phi3lab.model.stacked import from_bits, layer_of, to_bits
+from phi3lab.model.stacked import from_bits, layer_of, slices_recomputed, to_bits
 
 
 class Phi3DecoderStack(keras.layers.Layer):
@@ -187,7 +187,7 @@ class Phi3DecoderStack(keras.layers.Layer):
                 captured = len(sites.captured)
                 inputs = (jnp.arange(start, stop), None if layer_keys is None else layer_keys[start:stop])
                 step = lambda carry, layer_and_key, start=start: (run_layer(carry, *layer_and_key, start), None)
-                x, cache = jax.lax.scan(step, (x, cache), inputs)[0]
+                x, cache = jax.lax.scan(slices_recomputed(step), (x, cache), inputs)[0]
                 _check_captured_nothing(sites, captured, start, stop)
         if cache is None:
             return x
