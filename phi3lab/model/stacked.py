@@ -17,14 +17,8 @@ from __future__ import annotations
 
 import jax
 from jax import numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 _BITS = jnp.uint16  # the carrier of 16-bit floats
-
-# What `layer_of`'s slices are named (`jax.ad_checkpoint.checkpoint_name`);
-# `slices_recomputed` keeps a loop over layers from saving them for its
-# backward pass.
-LAYER_SLICE = "phi3lab_layer_slice"
 
 
 def add_stacked_weights(layer, num_layers: int, shapes: dict, initializer) -> tuple[str, ...]:
@@ -67,13 +61,12 @@ def layer_of(stacked, layer):
     >>> kernel = layer_of(params["attention"]["query_kernel"], 3)   # [D, Hq, dh]
     """
     if not _is_half(stacked.dtype):
-        return checkpoint_name(jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False), LAYER_SLICE)
+        return jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False)
     # The barrier ties the stack to the layer index, so the bitcast of the
     # whole stack is not hoisted out of a loop over layers as a copy of it;
     # inside, XLA fuses it into the slice, which reads one layer.
     stacked, layer = jax.lax.optimization_barrier((stacked, layer))
-    bits = jax.lax.dynamic_index_in_dim(to_bits(stacked), layer, keepdims=False)
-    return checkpoint_name(from_bits(bits, stacked.dtype), LAYER_SLICE)
+    return from_bits(jax.lax.dynamic_index_in_dim(to_bits(stacked), layer, keepdims=False), stacked.dtype)
 
 
 def slices_recomputed(body):
