@@ -1,8 +1,10 @@
 """Real-size report: Phi-3-mini-4k's architecture with random bfloat16 weights.
 
     .venv/bin/python benchmarks/real_size.py [--workdir /tmp/phi3_real] [--steps build save load ...]
-    .venv/bin/python benchmarks/real_size.py --layers 2 --hidden 256 --intermediate 512 --vocabulary 2048
-    (the last: a quick check of the script at a small size)
+    .venv/bin/python benchmarks/real_size.py --scale mid --workdir /tmp/phi3_mid
+    (the same report for 8 layers of width 1024, MLP 2816, vocabulary 8192: 0.24 GB of
+    weights, ~1 minute; `--scale small` is a quick check of the script;
+    --layers/--hidden/--intermediate/--vocabulary override single sizes)
 
 Each step runs in a fresh process, so its peak resident memory is its own:
 
@@ -18,12 +20,15 @@ Each step runs in a fresh process, so its peak resident memory is its own:
 | int8_trace16 | load with `quantization="int8"`, then the 16-token trace |
 
 For each step it prints the seconds of the step itself (after the load for
-the traces), the process's peak resident memory, both as x the bfloat16
-weight bytes, and beside the peak phi3lab's own estimate (weights plus
-`phi3lab.estimate` / `phi3lab.generation.estimate`'s working set and
-captures). Targets (issue 40): every step <= 1.5x the weights, `load`
-<= 1.2x, the int8 trace <= 6 GB. `--no-host-memory-reuse` runs every step
-with `PHI3LAB_NO_HOST_MEMORY_REUSE=1` (glibc's allocator defaults). At real
+the traces), the process's peak resident memory, that peak above the
+baseline step's (what the step itself added: at real size the baseline's
+0.4 GB of libraries is 5% of the weights, at mid size it is more than the
+weights) as x the bfloat16 weight bytes, and beside it phi3lab's own
+estimate of the same (weights plus `phi3lab.estimate` /
+`phi3lab.generation.estimate`'s working set and captures). Targets (issue 40):
+every step <= 1.5x the weights, `load` <= 1.2x, the int8 trace <= 6 GB.
+`--host-memory reuse` runs every step with `PHI3LAB_HOST_MEMORY=reuse`
+(phi3lab's opt-in allocator settings; glibc's defaults otherwise). At real
 size it needs about 8 GB of disk.
 """
 
@@ -37,6 +42,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Sizes other than Phi-3-mini-4k's, keeping its shape: layers of width w
+# with an MLP of ~2.7 w, a vocabulary small beside the layers (5% of the weights at real size).
+SCALES = {
+    "real": {},
+    "mid": {"num_layers": 8, "hidden_dim": 1024, "intermediate_dim": 2816, "vocabulary_size": 8192},
+    "tiny": {"num_layers": 8, "hidden_dim": 128, "intermediate_dim": 352, "vocabulary_size": 1024},  # mid / 8
+    "small": {"num_layers": 2, "hidden_dim": 256, "intermediate_dim": 512, "vocabulary_size": 2048},
+}
 STEPS = ("baseline", "bandwidth", "build", "save", "load", "trace16", "trace512", "generate32", "int8_trace16")
 
 CHILD = r"""
@@ -135,7 +148,9 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/phi3_real"))
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
-    parser.add_argument("--no-host-memory-reuse", action="store_true", help="PHI3LAB_NO_HOST_MEMORY_REUSE=1")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="real", help="model sizes (default: Phi-3-mini)")
+    parser.add_argument("--json", type=Path, help="also write each step's report to this file")
+    parser.add_argument("--host-memory", choices=("default", "reuse"), default="default", help="PHI3LAB_HOST_MEMORY")
     for name in ("layers", "hidden", "intermediate", "vocabulary"):
         parser.add_argument(f"--{name}", type=int, help=f"override Phi-3-mini-4k's {name} (a quick check)")
     return parser.parse_args()
@@ -145,7 +160,7 @@ def main():
     args = parse_args()
     from phi3lab.presets.registry import BUILTIN
 
-    config = dict(BUILTIN["phi3_mini_4k_instruct_en"]["config"])
+    config = {**BUILTIN["phi3_mini_4k_instruct_en"]["config"], **SCALES[args.scale]}
     overrides = {
         "num_layers": args.layers,
         "hidden_dim": args.hidden,
@@ -153,15 +168,19 @@ def main():
         "vocabulary_size": args.vocabulary,
     }
     config.update({key: value for key, value in overrides.items() if value is not None})
-    env = {**os.environ, "PHI3LAB_NO_HOST_MEMORY_REUSE": "1" if args.no_host_memory_reuse else "0"}
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PHI3LAB_HOST_MEMORY")}
+    if args.host_memory == "reuse":
+        env["PHI3LAB_HOST_MEMORY"] = "reuse"
     if "save" in args.steps:
         shutil.rmtree(args.workdir, ignore_errors=True)
     sizes = ", ".join(f"{key}={config[key]}" for key in ("num_layers", "hidden_dim", "intermediate_dim"))
-    settings = "off" if args.no_host_memory_reuse else "on"
+    sizes += f", vocabulary_size={config['vocabulary_size']}"
+    settings = "on (PHI3LAB_HOST_MEMORY=reuse)" if args.host_memory == "reuse" else "off (glibc's defaults)"
     print(f"Phi-3-mini-4k architecture ({sizes}), bfloat16, phi3lab's allocator settings {settings}")
     weights = None
     rows = []
-    for step in args.steps:
+    steps = args.steps if "baseline" in args.steps else ["baseline", *args.steps]  # what each peak is above
+    for step in steps:
         report = run_step(step, args.workdir, config, env)
         if step in ("build", "load") and "estimate" in report:
             weights = report["estimate"]  # the weight bytes, as the step counted them
@@ -171,21 +190,25 @@ def main():
     if bandwidth and weights and "tokens_per_second" in generation:
         # A greedy decode step reads every weight once: its share of the bandwidth.
         generation["bandwidth_used"] = generation["tokens_per_second"] * weights / bandwidth
+    baseline = dict(rows)["baseline"].get("peak_rss", 0)
+    if args.json:
+        args.json.write_text(json.dumps({"weights": weights, "steps": dict(rows)}))
     gb = lambda n: f"{n / 1e9:.2f} GB"
     times = lambda n: f"{n / weights:.2f}x" if weights else "?"
-    print(f"weights: {gb(weights) if weights else 'unknown (run build or load)'}\n")
-    print(f"| step | seconds | peak RSS | x weights | estimate | x weights | notes |\n|{'---|' * 7}")
+    print(f"weights: {gb(weights) if weights else 'unknown (run build or load)'}, baseline {gb(baseline)}\n")
+    print(f"| step | seconds | peak RSS | above baseline | x weights | estimate | x weights | notes |\n|{'---|' * 8}")
     for step, report in rows:
         if "error" in report:
-            print(f"| {step} | | | | | | {report['error']} |")
+            print(f"| {step} | | | | | | | {report['error']} |")
             continue
+        added = report["peak_rss"] - baseline
         notes = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in report.items()
             if k not in ("seconds", "peak_rss", "estimate")
         )
         print(
-            f"| {step} | {report['seconds']:.1f} | {gb(report['peak_rss'])} | {times(report['peak_rss'])} | "
+            f"| {step} | {report['seconds']:.1f} | {gb(report['peak_rss'])} | {gb(added)} | {times(added)} | "
             f"{gb(report['estimate']) if 'estimate' in report else ''} | "
             f"{times(report['estimate']) if 'estimate' in report else ''} | {notes} |"
         )

@@ -200,22 +200,6 @@ def test_tokens_depend_on_the_seed_not_on_how_the_loop_is_cut(models):
     )
 
 
-def test_decode_loop_gives_the_same_run_with_stacked_or_per_layer_weights(models, monkeypatch):
-    # CPU splits the layer stack once per loop run; accelerators read it in
-    # place inside the layer scan. Both are the same computation.
-    from phi3lab.generation import programs
-
-    model = models("mha")
-    kwargs = dict(max_new_tokens=10, stop=[], names="blocks.*.attn.hook_pattern")
-    runs = []
-    for unstack in (True, False):
-        monkeypatch.setattr(programs, "unstack_layers", lambda: unstack)
-        runs.append(phi3lab.generate(model, [3, 1, 4, 1, 5], **kwargs))
-    np.testing.assert_array_equal(runs[0].token_ids, runs[1].token_ids)
-    for name in runs[0].trace.names:
-        np.testing.assert_allclose(runs[0].trace[name], runs[1].trace[name], atol=1e-6, err_msg=name)
-
-
 def test_sampler_allowed_set_is_the_nucleus():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     np.testing.assert_array_equal(Sampler(1.0, top_p=0.75).allowed(logits), [True, True, False, False])

@@ -208,9 +208,10 @@ def test_sharded_trace_equals_unsharded(tmp_path):
 
 
 def _phi3_mini_estimates(dtype: str, requests: dict, preset: str = "phi3_mini_128k_instruct_en") -> dict:
-    """`phi3lab.estimate` of each request on Phi-3-mini's real architecture
-    (128k or 4k). The model is built inside `jax.eval_shape`, so its 3.8B
-    weights are abstract shapes: nothing is allocated, XLA only compiles."""
+    """`phi3lab.estimate` of each request (its keyword arguments, or a
+    function of the model giving an estimate) on Phi-3-mini's real
+    architecture (128k or 4k). The model is built inside `jax.eval_shape`, so
+    its 3.8B weights are abstract shapes: nothing is allocated, XLA only compiles."""
     from phi3lab.presets.registry import BUILTIN
 
     config = dict(BUILTIN[preset]["config"])
@@ -222,24 +223,52 @@ def _phi3_mini_estimates(dtype: str, requests: dict, preset: str = "phi3_mini_12
     def build():
         model = phi3lab.Phi3Backbone(**config, dtype=dtype)
         for key, kwargs in requests.items():
-            estimates[key] = phi3lab.estimate(model, **kwargs)
+            estimates[key] = kwargs(model) if callable(kwargs) else phi3lab.estimate(model, **kwargs)
         return model.params()
 
     jax.eval_shape(build)
     return estimates
 
 
+def _gradient_estimate(model, length: int, names: tuple) -> phi3lab.tracing.MemoryEstimate:
+    """XLA's memory analysis of the program `phi3lab.gradients(model, ids,
+    answer=1, counterfactual=2, names=names)` runs for `length` tokens."""
+    from phi3lab.tracing.gradient_trace import gradient_program, zero_probes
+    from phi3lab.tracing.hook_types import Hooks
+    from phi3lab.tracing.memory import tree_bytes
+    from phi3lab.tracing.metrics import resolve_metric
+
+    ids, mask = np.zeros((1, length), np.int32), np.ones((1, length), bool)
+    metric = resolve_metric(model, None, 1, 2, mask)
+    program = gradient_program(model, names, Hooks(), metric)
+    args = (model.params(), ids, mask, (), zero_probes(model, names, ids.shape), metric.data)
+    analysis = program.lower(*args).compile().memory_analysis()
+    return phi3lab.tracing.MemoryEstimate(
+        tree_bytes(args[0]), analysis.temp_size_in_bytes, analysis.output_size_in_bytes
+    )
+
+
 def test_phi3_mini_bfloat16_working_set_is_a_fraction_of_the_weights():
     """A 16-token trace of Phi-3-mini-4k in bfloat16 (two layers' patterns
-    and the logits) and its plain forward need a working set of at most half
-    the weights: one layer's weights are sliced (and widened to float32 for
-    XLA:CPU's matrix products) at a time. Slicing the stacked bfloat16
+    and the logits), its plain forward and a generation of 32 tokens from 16
+    (the larger of its prefill and decode loop) need a working set of at most
+    half the weights: one layer's weights are sliced (and widened to float32
+    for XLA:CPU's matrix products) at a time. Slicing the stacked bfloat16
     weights directly made XLA:CPU convert the whole stack to float32 first
-    (13.6 GiB beside 7.1 GiB of weights)."""
+    (13.6 GiB beside 7.1 GiB of weights); generation held a per-layer copy
+    of every weight beside the stack (7.1 GiB). `gradients` at two residual
+    sites likewise, its backward pass reslicing each layer's weights: the
+    scan kept every layer's slices for it (13.7 GiB)."""
     trace = dict(seq_len=16, names=["blocks.0.attn.hook_pattern", "blocks.31.attn.hook_pattern", "hook_logits"])
-    estimates = _phi3_mini_estimates(
-        "bfloat16", {"trace": trace, "forward": dict(seq_len=16, names=[])}, preset="phi3_mini_4k_instruct_en"
-    )
+    requests = {
+        "trace": trace,
+        "forward": dict(seq_len=16, names=[]),
+        "generate": lambda model: phi3lab.generation.estimate(model, 16, 32, names=["hook_logits"]),
+        "gradients": lambda model: _gradient_estimate(
+            model, 16, ("blocks.0.hook_resid_pre", "blocks.31.hook_resid_pre")
+        ),
+    }
+    estimates = _phi3_mini_estimates("bfloat16", requests, preset="phi3_mini_4k_instruct_en")
     for estimate in estimates.values():
         assert 7.0e9 < estimate.weights < 8.0e9  # 3.8B parameters, 2 bytes each
         assert estimate.working <= 0.5 * estimate.weights, estimate

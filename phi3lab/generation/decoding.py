@@ -28,24 +28,15 @@ from jax import numpy as jnp
 from phi3lab.checks import check_positive_int
 from phi3lab.deprecation import warn_deprecated
 from phi3lab.errors import bad_argument
-from phi3lab.generation import programs
 from phi3lab.generation.captures import StepCaptures, captured_bytes, row_trace
 from phi3lab.generation.inputs import prompt_rows, stop_ids
-from phi3lab.generation.programs import (
-    CHUNK,
-    bucket,
-    cache_length,
-    loop_program,
-    placed,
-    prefill_program,
-    split_layers,
-)
+from phi3lab.generation.programs import CHUNK, bucket, cache_length, loop_program, placed, prefill_program
 from phi3lab.generation.result import Generation
 from phi3lab.generation.sampling import Sampler, check_seed
 from phi3lab.model.kv_cache import KVCache
 from phi3lab.tracing import pipeline
 from phi3lab.tracing.forward import as_hooks, forward_fn
-from phi3lab.tracing.memory import MemoryEstimate, check_fits, measure, tree_bytes
+from phi3lab.tracing.memory import MemoryEstimate, check_fits, tree_bytes
 from phi3lab.tracing.names import Selection, all_names
 
 GENERATION_ADVICE = "Capture less (names=...), generate fewer tokens, or run fewer prompts at once."
@@ -60,10 +51,6 @@ class _Decoder:
     def __init__(self, model, fn, rows: list[list[int]], cache_length: int, pad_id: int):
         self.model, self.fn, self.pad_id = model, fn, pad_id
         self.params = model.params()
-        # Per-layer weights for the decode loop (see `programs.unstack_layers`),
-        # split when the loop first runs; a sharded model's stay in place.
-        self.unstack = programs.unstack_layers() and not programs.sharded(self.params)
-        self.split_params = None
         self.hook_data = jax.tree.map(jnp.asarray, fn.hook_data)
         batch, prompt = len(rows), max(len(r) for r in rows)
         self.prompt_length = prompt
@@ -111,13 +98,19 @@ class _Decoder:
         """The compiled decode loop of this batch (see `programs.loop_program`)."""
         batch = self.sequence.shape[0]
         logits = jax.ShapeDtypeStruct((batch, self.model.vocabulary_size), jnp.float32)
-        params = jax.eval_shape(lambda p: split_layers(self.model, p), self.params) if self.unstack else self.params
-        args = self._loop_args(params, logits, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
+        args = self._loop_args(self.params, logits, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
         return loop_program(self.fn, sampler, vocabulary, args)
 
-    def split_bytes(self) -> int:
-        """Bytes of the per-layer weight copy the loop holds (0 without `unstack`)."""
-        return tree_bytes(self.params["decoder"]) if self.unstack else 0
+    def prefill_program(self, length: int):
+        """The compiled prefill of slots `0 .. length - 1` (see `programs.prefill_program`)."""
+        padded = bucket(length, self.sequence.shape[1])
+        zeros = np.zeros((len(self.sequence), padded), np.int32)
+        shapes = self._prefill_args(zeros, zeros, 0)
+        return prefill_program(self.fn, shapes)
+
+    def working_bytes(self, loop) -> int:
+        """XLA's working set of the larger of the prompt's prefill and the decode loop `loop`."""
+        return max(loop.temporary_bytes, self.prefill_program(self.prompt_length).temporary_bytes)
 
     def prefill(self, length: int, memory_budget: int | None = None):
         """Process slots `0 .. length - 1` from scratch (a new cache); return
@@ -130,8 +123,7 @@ class _Decoder:
         self.captures.reset()
         self.length = length
         args = self._prefill_args(token_ids, positions, length - 1)
-        shapes = self._prefill_args(np.zeros_like(token_ids), np.zeros_like(positions), 0)
-        program = prefill_program(self.fn, shapes)
+        program = self.prefill_program(length)
         pipeline.guard(program, self.params, memory_budget, "This generation", GENERATION_ADVICE)
         logits, self.cache, captures = program(*placed(program, args))
         self.captures.add(length, captures)
@@ -143,12 +135,7 @@ class _Decoder:
         for the `n` iterations it ran. The first `feeds` tokens are kept in
         the cache (and what they captured recorded); the loop also runs the
         others, whose slots and captures are dropped."""
-        params = self.params
-        if self.unstack:
-            if self.split_params is None:
-                self.split_params = split_layers(self.model, self.params)
-            params = self.split_params
-        args = self._loop_args(params, logits, first, count, finished, stops, key)
+        args = self._loop_args(self.params, logits, first, count, finished, stops, key)
         logits, self.cache, tokens, logprobs, ran, buffers = program(*placed(program, args))
         ran = int(ran)
         tokens, logprobs = np.asarray(tokens[:, :ran]), np.asarray(logprobs[:, :ran], np.float64)
@@ -296,10 +283,9 @@ def generate(
     decoder = _Decoder(model, fn, rows, cache_length(longest, max_new_tokens, limit), pad_id)
     stop_array = np.asarray(sorted(stops), np.int32)
     program = decoder.loop_program(sampler, vocabulary, stop_array)
-    estimate = measure(program, decoder.params)
     captured = captured_bytes(model, fn.plan.keep, len(rows), longest + max_new_tokens) if names is not None else 0
-    working = estimate.working + decoder.split_bytes()
-    check_fits(MemoryEstimate(estimate.weights, working, captured), memory_budget, "This generation", GENERATION_ADVICE)
+    estimate = MemoryEstimate(tree_bytes(decoder.params), decoder.working_bytes(program), captured)
+    check_fits(estimate, memory_budget, "This generation", GENERATION_ADVICE)
 
     batch, prompt_length = len(rows), decoder.prompt_length
     new = [[] for _ in rows]
@@ -377,9 +363,9 @@ def generate(
 
 
 def estimate(model, prompt_length: int, max_new_tokens: int, batch: int = 1, names: Selection = None) -> MemoryEstimate:
-    """Bytes a generation needs: weights, the decode loop's working set (its
-    key/value cache included) and the captures of `names` over the whole
-    sequence. Nothing runs.
+    """Bytes a generation needs: weights, the working set of the prompt's
+    prefill or of the decode loop, whichever is larger (the key/value cache
+    included), and the captures of `names` over the whole sequence. Nothing runs.
 
     Example:
     >>> phi3lab.generation.estimate(model, 128, 128, names="blocks.*.attn.hook_pattern").captured
@@ -394,8 +380,7 @@ def estimate(model, prompt_length: int, max_new_tokens: int, batch: int = 1, nam
         )
     fn = forward_fn(model, () if names is None else names)
     length = cache_length(prompt_length, max_new_tokens, model.max_sequence_length)
-    decoder = _Decoder(model, fn, [[0]] * batch, length, 0)
+    decoder = _Decoder(model, fn, [[0] * prompt_length] * batch, length, 0)
     program = decoder.loop_program(Sampler(), model.vocabulary_size, np.zeros(0, np.int32))
-    measured = measure(program, decoder.params)
     captured = captured_bytes(model, fn.plan.keep, batch, prompt_length + max_new_tokens)
-    return MemoryEstimate(measured.weights, measured.working + decoder.split_bytes(), captured)
+    return MemoryEstimate(tree_bytes(decoder.params), decoder.working_bytes(program), captured)

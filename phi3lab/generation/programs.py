@@ -24,18 +24,6 @@ from phi3lab.tracing.forward import ForwardFn
 CHUNK = 64
 
 
-def unstack_layers() -> bool:
-    """Whether the decode loop reads per-layer weights, split from the
-    stacked ones once per generation (`split_layers`): on CPU only. There XLA
-    copies a layer's weights out of the stack before each matrix product,
-    which a one-token step (memory-bound) pays in full; the split pays one
-    copy per generation instead, and holds a second copy of the layer
-    weights while it runs. Accelerators read the slices in place and keep
-    the stack. (Asked when a generation starts, not at import, which would
-    start JAX's backends.)"""
-    return jax.default_backend() == "cpu"
-
-
 def bucket(length: int, limit: int) -> int:
     """The prefill length for `length` slots: the run pipeline's length
     bucket (`compile_cache.bucket_length`: 64, 128, 256, 384, 512, then
@@ -75,11 +63,6 @@ def _compile(fn: ForwardFn, kind: str, program, args, *extra) -> compile_cache.P
     return compile_cache.ahead_of_time(fn.model, key, program, args)
 
 
-def sharded(params) -> bool:
-    """Whether any of `params` is split or copied over several devices."""
-    return any(len(leaf.sharding.device_set) > 1 for leaf in jax.tree.leaves(params) if isinstance(leaf, jax.Array))
-
-
 def placed(program: compile_cache.Program, args) -> tuple:
     """`args` on the devices `program` was compiled for. The cache and logits
     one program returns are laid out as XLA chose for its outputs, which on
@@ -96,16 +79,6 @@ def placed(program: compile_cache.Program, args) -> tuple:
         return arg
 
     return jax.tree.map(place, tuple(args), tuple(wanted))
-
-
-def split_layers(model, params) -> dict:
-    """`params` with the decoder's stacked weights split into a list of
-    per-layer weights (one compiled copy; see `unstack_layers`)."""
-
-    def split(params):
-        return {**params, "decoder": model.decoder.unstack(params["decoder"])}
-
-    return compile_cache.cached(model, ("split_layers",), lambda: jax.jit(split))(params)
 
 
 def prefill_program(fn: ForwardFn, args):
@@ -140,7 +113,6 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
     more per generation, where skipping it behind a `lax.cond` made XLA copy
     the whole key/value cache twice in every step (75 MB of the 670 MB a
     step of the 12-layer d=768 benchmark model moved at 256 slots).
-    `params` may hold the stacked layer weights or `split_layers`' list.
     """
     step = _step(fn)
 

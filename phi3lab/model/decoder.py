@@ -13,7 +13,7 @@ from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.kv_cache import KVCache, LayerCache
 from phi3lab.model.mlp import Phi3MLP
 from phi3lab.model.norm import Phi3RMSNorm
-from phi3lab.model.stacked import from_bits, layer_of, to_bits
+from phi3lab.model.stacked import from_bits, layer_of, slices_recomputed, to_bits
 
 
 class Phi3DecoderStack(keras.layers.Layer):
@@ -169,10 +169,7 @@ class Phi3DecoderStack(keras.layers.Layer):
 
         Args:
             params: stacked parameters, as `params()` returns them (the
-                layers run in a `lax.scan`), or a list of each layer's own
-                parameters (`unstack`; the layers run one after another,
-                with no per-layer weight slice: what a memory-bound decode
-                step wants on CPU).
+                layers run in a `lax.scan`, each reading its slice).
             x: embedded tokens `[B, T, D]`.
             cos, sin: rotary tables `[T, head_dim]` or `[B, T, head_dim]`.
             padding_mask: boolean `[B, T]`, True for real tokens (with a
@@ -195,14 +192,13 @@ class Phi3DecoderStack(keras.layers.Layer):
         cache = None if cache is None else KVCache(*map(to_bits, cache))
         key_of = lambda layer: None if layer_keys is None else layer_keys[layer]
 
-        def run_layer(carry, layer, key, start, layer_params=None):
+        def run_layer(carry, layer, key, start):
             """One layer (`layer`, maybe traced) in the range from `start`."""
             x, cache = carry
             # Each layer's weights are read from the whole stack inside the
             # loop: slicing the stack per range first would copy it. The
             # cache is carried whole and written in place at its layer.
-            if layer_params is None:
-                layer_params = jax.tree.map(lambda a: layer_of(a, layer), params)
+            layer_params = jax.tree.map(lambda a: layer_of(a, layer), params)
             layer_cache = None if cache is None else LayerCache(cache, layer, cache_dtype)
             out = self.block(
                 layer_params, x, cos, sin, padding_mask, sites.block(start), key, layer_cache, cache_index, paths=paths
@@ -210,26 +206,17 @@ class Phi3DecoderStack(keras.layers.Layer):
             return (out[0], out[1].cache) if cache is not None else (out, None)
 
         for start, stop in sites.segments(self.num_layers):
-            if isinstance(params, (list, tuple)):
-                for layer in range(start, stop):
-                    x, cache = run_layer((x, cache), layer, key_of(layer), layer, params[layer])
-            elif stop - start == 1:
+            if stop - start == 1:
                 x, cache = run_layer((x, cache), start, key_of(start), start)
             else:  # several layers, which capture nothing (`HookPoints.segments`)
                 captured = len(sites.captured)
                 inputs = (jnp.arange(start, stop), None if layer_keys is None else layer_keys[start:stop])
                 step = lambda carry, layer_and_key, start=start: (run_layer(carry, *layer_and_key, start), None)
-                x, cache = jax.lax.scan(step, (x, cache), inputs)[0]
+                x, cache = jax.lax.scan(slices_recomputed(step), (x, cache), inputs)[0]
                 _check_captured_nothing(sites, captured, start, stop)
         if cache is None:
             return x
         return x, KVCache(*(from_bits(slots, cache_dtype) for slots in cache))
-
-    @staticmethod
-    def unstack(params) -> list:
-        """Stacked parameters (`params()`) as a list of each layer's own."""
-        count = len(jax.tree.leaves(params)[0])
-        return [jax.tree.map(lambda a, i=i: a[i], params) for i in range(count)]
 
     def get_config(self):
         config = super().get_config()

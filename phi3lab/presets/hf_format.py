@@ -163,6 +163,11 @@ class _Checkpoint:
     def __contains__(self, name):
         return name in self.where
 
+    def drop_pages(self) -> None:
+        """`SafetensorsFile.drop_pages` of every file."""
+        for file in set(self.where.values()):
+            file.drop_pages()
+
     def get(self, name: str, needed_for: str, shape: tuple | None = None) -> np.ndarray:
         """The tensor `name`; with `shape`, checked in the checkpoint's own
         layout (before any transpose, so the message shows the file's shapes)."""
@@ -200,6 +205,7 @@ def load_weights(model, directory: Path) -> None:
         )
         filler.put("token_embedding/reverse_embeddings", head.T, source="lm_head.weight")
     filler.put("final_norm/scale", checkpoint.get("model.norm.weight", "final_norm/scale"), source="model.norm.weight")
+    checkpoint.drop_pages()
 
     for i in range(model.num_layers):
         p = f"model.layers.{i}."
@@ -254,6 +260,7 @@ def load_weights(model, directory: Path) -> None:
             checkpoint.get(p + "mlp.down_proj.weight", "mlp", (d, f)).T,
             p + "mlp.down_proj.weight",
         )
+        checkpoint.drop_pages()  # this layer's tensors are copied
     filler.finish(str(directory))
 
 

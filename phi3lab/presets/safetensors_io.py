@@ -2,9 +2,10 @@
 
 The format is an 8-byte little-endian header size, a JSON header mapping each
 tensor name to `{"dtype", "shape", "data_offsets"}`, then the raw bytes. We
-read it with `numpy.memmap` so that a tensor is only brought into memory when
-it is used, and we check every offset against the file size so that a
-truncated or corrupt file fails with a clear message instead of garbage.
+memory-map the file so that a tensor is only brought into memory when it is
+used (and its pages can be dropped once copied: `drop_pages`), and we check
+every offset against the file size so that a truncated or corrupt file fails
+with a clear message instead of garbage.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -69,6 +71,7 @@ class SafetensorsFile:
             raise ValueError(f"{self.path} has a corrupt safetensors header: '__metadata__' is not an object.")
         self._data_start = 8 + header_size
         self._entries = header
+        self._mapping = None  # the file's memory map, made by the first `tensor`
         data_size = size - self._data_start
         natural = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
         for name, entry in header.items():
@@ -111,13 +114,21 @@ class SafetensorsFile:
         dtype = np.dtype(DTYPES[entry["dtype"]])
         if end == begin:
             return np.zeros(entry["shape"], dtype)
-        return np.memmap(
-            self.path,
-            dtype=dtype,
-            mode="r",
-            offset=self._data_start + begin,
-            shape=tuple(entry["shape"]),
-        )
+        if self._mapping is None:
+            with open(self.path, "rb") as handle:
+                self._mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        count = math.prod(entry["shape"])
+        values = np.frombuffer(self._mapping, dtype, count=count, offset=self._data_start + begin)
+        return values.reshape(entry["shape"])
+
+    def drop_pages(self) -> None:
+        """Give back the pages of the file that reading tensors brought in.
+        While mapped they count as this process's resident memory (a layer's
+        tensors: 12% of the weights of an 8-layer model); tensors still in
+        use are read again from the file if touched. A no-op where the
+        system has no `MADV_DONTNEED`."""
+        if self._mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mapping.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclasses.dataclass(frozen=True)

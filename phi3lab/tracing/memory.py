@@ -34,7 +34,8 @@ class MemoryEstimate:
         weights: the model's weights (already resident).
         working: XLA's temporary buffers while the program runs.
         captured: the returned activations (on the device, then copied to
-            the host as NumPy arrays).
+            the host as NumPy arrays; on CPU the NumPy arrays are views of
+            the device's, no copy).
         available: bytes free on the device (or the budget given).
     """
 
@@ -45,18 +46,27 @@ class MemoryEstimate:
 
     @property
     def needed(self) -> int:
-        """New memory the run needs: working set plus captures on device and host."""
-        return self.working + 2 * self.captured
+        """New memory the run needs: working set plus captures on device and
+        host (once on CPU: a mid-size bfloat16 trace of 512 tokens measured
+        213 MiB of peak resident growth against 67 + 149 MiB estimated)."""
+        return self.working + _capture_copies() * self.captured
 
     def __str__(self):
         gib = lambda n: f"{n / 2**30:.2f} GiB"
         text = (
             f"weights {gib(self.weights)}, working set {gib(self.working)}, "
-            f"captured activations {gib(self.captured)} (x2 with the host copy)"
+            f"captured activations {gib(self.captured)}"
+            + (" (x2 with the host copy)" if _capture_copies() == 2 else "")
         )
         if self.available is not None:
             text += f", available {gib(self.available)}"
         return text
+
+
+def _capture_copies() -> int:
+    """Copies of the captures a run leaves: 1 on CPU (`np.asarray` of a CPU
+    array is a view of it), 2 elsewhere (device and host)."""
+    return 1 if jax.default_backend() == "cpu" else 2
 
 
 def available_bytes(device=None) -> int:
