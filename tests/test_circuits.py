@@ -17,7 +17,7 @@ from conftest import random_backbone
 from phi3lab import tasks
 from phi3lab.circuits.edge_patching import EdgePatcher
 from phi3lab.circuits.inputs import prepare
-from phi3lab.model import attention as attention_module
+from phi3lab.model import projections
 from phi3lab.model.decoder import Phi3DecoderStack
 from phi3lab.tracing import forward_fn
 from phi3lab.tracing.names import all_names, select
@@ -141,7 +141,7 @@ def test_split_machinery_costs_nothing_when_unused(model, pair, monkeypatch):
     result = _lowered(model, ["blocks.1.attn.hook_result"], ids)
     with monkeypatch.context() as patch:
         patch.setattr(Phi3DecoderStack, "_head_inputs", lambda self, norm_params, x, sites: {})
-        patch.setattr(attention_module, "_output", lambda z, kernel, sites: attention_module._merged_output(z, kernel))
+        patch.setattr(projections, "output", lambda z, kernel, sites: projections.merged_output(z, kernel))
         without = [_lowered(model, names, ids) for names in cases]
         split_off = _lowered(model, ["blocks.1.attn.hook_q_input"], ids)
         result_off = _lowered(model, ["blocks.1.attn.hook_result"], ids)

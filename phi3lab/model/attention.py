@@ -13,6 +13,7 @@ import keras
 import numpy as np
 from jax import numpy as jnp
 
+from phi3lab.model import projections
 from phi3lab.model.attention_paths import DEFAULT_PATHS, AttentionPaths, deprecated_attribute
 from phi3lab.model.dropout import dropout
 from phi3lab.model.fused_attention import flash_attention
@@ -61,34 +62,6 @@ def masked_softmax(scores, mask):
     exp = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
     total = jnp.sum(exp, axis=-1, keepdims=True)
     return exp / jnp.where(total == 0.0, 1.0, total)
-
-
-def _project(x, per_head, kernel):
-    """Queries, keys or values `[B, T, heads, dh]`: the normalized input `x
-    [B, T, D]` through `kernel [D, heads, dh]`, or, given `per_head [B, T,
-    heads, D]` (split inputs), each head's own copy through its slice."""
-    if per_head is None:
-        return jnp.einsum("btd,dnh->btnh", x, kernel)
-    return jnp.einsum("btnd,dnh->btnh", per_head, kernel)
-
-
-def _output(z, kernel, sites):
-    """The attention output `[B, T, D]` of `z [B, T, Hq, dh]` through
-    `kernel [Hq, dh, D]`; per head first (`attn.hook_result [B, T, Hq, D]`,
-    then summed) only when `sites` wants that opt-in site."""
-    if sites.wants("attn.hook_result"):
-        return jnp.sum(sites("attn.hook_result", jnp.einsum("btnh,nhd->btnd", z, kernel)), axis=2)
-    return _merged_output(z, kernel)
-
-
-def _merged_output(z, kernel):
-    """`z [B, T, Hq, dh]` through `kernel [Hq, dh, D]` as one `[B, T, Hq * dh]
-    x [Hq * dh, D]` product: contracting the two axes separately, XLA:CPU
-    copied the whole kernel transposed (to `[dh, Hq, D]`) in every step of
-    the decode loop."""
-    heads, head_dim, hidden = kernel.shape
-    flat = z.reshape(*z.shape[:2], heads * head_dim)
-    return jnp.einsum("btf,fd->btd", flat, kernel.reshape(heads * head_dim, hidden))
 
 
 class Phi3Attention(keras.layers.Layer):
@@ -360,9 +333,9 @@ class Phi3Attention(keras.layers.Layer):
         dtype = self.compute_dtype
         w = dequantize(params, dtype)
         head_inputs = head_inputs or {}
-        q = sites("attn.hook_q", _project(x, head_inputs.get("q"), w["query_kernel"]))
-        k = sites("attn.hook_k", _project(x, head_inputs.get("k"), w["key_kernel"]))
-        v = sites("attn.hook_v", _project(x, head_inputs.get("v"), w["value_kernel"]))
+        q = sites("attn.hook_q", projections.heads(x, head_inputs.get("q"), w["query_kernel"]))
+        k = sites("attn.hook_k", projections.heads(x, head_inputs.get("k"), w["key_kernel"]))
+        v = sites("attn.hook_v", projections.heads(x, head_inputs.get("v"), w["value_kernel"]))
         q = sites("attn.hook_rot_q", apply_rotary(q, cos, sin))
         k = sites("attn.hook_rot_k", apply_rotary(k, cos, sin))
 
@@ -377,7 +350,7 @@ class Phi3Attention(keras.layers.Layer):
             else:
                 keys, values = (slots.astype(dtype) for slots in cache.read())
                 z = self.attend(q, keys, values, padding_mask, cache_index, dropout_key, sites, head_major=True)[2]
-            return _output(sites("attn.hook_z", z), w["output_kernel"], sites), cache
+            return projections.output(sites("attn.hook_z", z), w["output_kernel"], sites), cache
 
         window = sites.query_window
         if reported and window is None:
@@ -389,7 +362,7 @@ class Phi3Attention(keras.layers.Layer):
                 # maps are refused with a window, so nothing flows back).
                 start, stop = window
                 self.attend(q[:, start:stop], k, v, padding_mask, start, sites=sites)
-        return _output(sites("attn.hook_z", z), w["output_kernel"], sites)
+        return projections.output(sites("attn.hook_z", z), w["output_kernel"], sites)
 
     def get_config(self):
         config = super().get_config()
