@@ -19,13 +19,16 @@ from collections import Counter
 
 import jax
 import numpy as np
+import pandas as pd
 import pytest
 from jax import numpy as jnp
 
 import phi3lab
+import phi3lab.circuits as C
 from conftest import HIDDEN, PRETRAINING, random_backbone
 from phi3lab import analysis
 from phi3lab.analysis.heads import detector_scores
+from phi3lab.features import SparseDictionary
 from phi3lab.runtime import compile_cache
 from phi3lab.tasks import repeated_tokens
 from phi3lab.tracing import CaptureTooLarge, forward_fn
@@ -215,6 +218,85 @@ def test_generation_equals_the_unpadded_reference(model):
     assert g.new_token_ids[1] == np.argmax(longer["hook_logits"][0, -1])
 
 
+# --- The circuits entries: edges of level "layers" (senders hook_embed,
+# blocks.l.hook_attn_out / hook_mlp_out; receivers the q/k/v inputs, the MLP
+# inputs and blocks.1.hook_resid_post for the logits) ---
+
+
+def edge_delta(model, clean, corrupted, sender: str, mask):
+    """Sender's output on corrupted minus on clean `[B, T, D]`, unpadded."""
+    return (
+        reference(model, corrupted, names=sender, mask=mask)[1][sender]
+        - reference(model, clean, names=sender, mask=mask)[1][sender]
+    )
+
+
+def receiver_gradient(model, ids, sites, mask):
+    """d (rows' mean logit difference) / d input at `sites`, summed over
+    the sites and their heads `[B, T, D]`, unpadded."""
+    metric = lambda hidden: logit_diff_jax(model, mask)(hidden) / ids.shape[0]
+    grads = [probe_gradient(model, ids, site, metric, mask)[1] for site in sites]
+    return sum(g.sum(axis=2) if g.ndim == 4 else g for g in grads)
+
+
+def user_padded_pair(length: int):
+    clean, corrupted = pair(length)
+    mask = np.ones(clean.shape, bool)
+    mask[1, -3:] = False  # row 1 right-padded by the user
+    return clean, corrupted, mask
+
+
+@pytest.mark.parametrize(
+    "sender, receiver, sites",
+    [
+        ("m0", "logits", ["blocks.1.hook_resid_post"]),
+        ("embed", "a1", [f"blocks.1.attn.hook_{kind}_input" for kind in "qkv"]),
+    ],
+)
+def test_edge_attribution_equals_the_unpadded_formula(model, sender, receiver, sites):
+    clean, corrupted, mask = user_padded_pair(13)
+    kwargs = dict(answer=ANSWER, counterfactual=COUNTER, level="layers", method="eap", padding_mask=mask)
+    each = C.edge_attribution(model, clean, corrupted, positions="each", **kwargs)
+    summed = C.edge_attribution(model, clean, corrupted, **kwargs)
+    assert len(each) == 13 * len(summed)  # real positions only
+    site = {"m0": "blocks.0.hook_mlp_out", "embed": "hook_embed"}[sender]
+    grad = receiver_gradient(model, clean, sites, mask)
+    expected = (edge_delta(model, clean, corrupted, site, mask) * grad).sum(axis=(0, 2))  # per position
+    rows = each.edges.query("sender == @sender and receiver == @receiver").sort_values("position")
+    np.testing.assert_allclose(rows["score"], expected, atol=TOLERANCE)
+    total = summed.edges.query("sender == @sender and receiver == @receiver")["score"]
+    np.testing.assert_allclose(total, [expected.sum()], atol=TOLERANCE)
+    np.testing.assert_allclose(
+        [summed.clean_metric, summed.corrupted_metric],
+        [last_logit_diff(model, reference(model, ids, mask=mask)[0], mask).mean() for ids in (clean, corrupted)],
+        atol=TOLERANCE,
+    )
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_faithfulness_equals_the_unpadded_edge_patch(model, per_position):
+    # Every edge kept but m0 -> logits (at every position, or at position 12
+    # only): the run is the clean one with that sender's corrupted-minus-clean
+    # output added to the logits' input.
+    clean, corrupted, mask = user_padded_pair(13)
+    graph = C.Graph(model, "layers")
+    edges = graph.edges.drop(columns="score")
+    dropped = (edges.sender == "m0") & (edges.receiver == "logits")
+    where = (slice(None), slice(None))
+    if per_position:
+        edges = pd.concat([edges.assign(position=t) for t in range(13)], ignore_index=True)
+        dropped = (edges.sender == "m0") & (edges.receiver == "logits") & (edges.position == 12)
+        where = (slice(None), slice(12, 13))
+    delta = np.zeros(clean.shape + (HIDDEN,))
+    delta[where] = edge_delta(model, clean, corrupted, "blocks.0.hook_mlp_out", mask)[where]
+    hook = {"blocks.1.hook_resid_post": Hook(lambda x, ctx: x + ctx.data.astype(x.dtype), data=jnp.asarray(delta))}
+    metric = lambda ids, hooks=None: last_logit_diff(model, reference(model, ids, hooks=hooks, mask=mask)[0], mask)
+    full, empty, patched = metric(clean).mean(), metric(corrupted).mean(), metric(clean, hook).mean()
+    circuit = C.Circuit(graph, edges[~dropped])
+    result = C.faithfulness(model, circuit, clean, corrupted, answer=ANSWER, counterfactual=COUNTER, padding_mask=mask)
+    np.testing.assert_allclose(result * (full - empty), patched - empty, atol=TOLERANCE)
+
+
 # === Ten lengths, at most four programs ===
 
 
@@ -240,7 +322,44 @@ ENTRIES = {
     "logit_lens": lens,
     "head_scores": lambda model, ids: analysis.head_scores(model, seq_len=ids.shape[1] // 2, num_sequences=1),
     "generate": lambda model, ids: phi3lab.generate(model, ids[0], max_new_tokens=2, stop=[]),
+    "edge_attribution": lambda model, ids, **budget: C.edge_attribution(
+        model, ids, (ids + 1) % 90, answer=ANSWER, counterfactual=COUNTER, level="layers", method="eap", **budget
+    ),
+    "faithfulness": lambda model, ids, **budget: C.faithfulness(
+        model, few_edges(model), ids, (ids + 1) % 90, answer=ANSWER, counterfactual=COUNTER, **budget
+    ),
+    "faithfulness_curve": lambda model, ids, **budget: C.faithfulness_curve(
+        model, unit_scores(model), ids, (ids + 1) % 90, answer=ANSWER, counterfactual=COUNTER, sizes=[2], **budget
+    ),
+    "prune": lambda model, ids, **budget: C.prune(
+        model, few_edges(model), ids, (ids + 1) % 90, answer=ANSWER, counterfactual=COUNTER, **budget
+    ),
 }
+
+
+def few_edges(model) -> C.Circuit:
+    graph = C.Graph(model, "layers")
+    return C.Circuit(graph, graph.edges.head(3))
+
+
+def unit_scores(model) -> C.EdgeScores:
+    graph = C.Graph(model, "layers")
+    ones = np.ones(graph.allowed.shape)
+    return C.EdgeScores(graph, ones, clean_metric=0.0, corrupted_metric=0.0, method="eap", steps=1)
+
+
+def random_transcoders(model) -> list[SparseDictionary]:
+    return [
+        SparseDictionary.init(
+            jax.random.key(layer),
+            kind="relu",
+            d_in=HIDDEN,
+            d_sae=16,
+            site=f"blocks.{layer}.ln2.hook_normalized",
+            target_site=f"blocks.{layer}.hook_mlp_out",
+        )
+        for layer in range(model.num_layers)
+    ]
 
 
 def programs_of_each_kind(model, before: set) -> Counter:
@@ -281,10 +400,14 @@ REFUSED = {
     "logit_lens": None,  # needs a trace first: below
     "head_scores": lambda model, ids, **budget: analysis.head_scores(model, seq_len=4, **budget),
     "generate": lambda model, ids, **budget: phi3lab.generate(model, ids[0], max_new_tokens=2, **budget),
+    # one prompt, not bucketed (docs/design.md, "Attribution graphs"): guarded only
+    "attribution_graph": lambda model, ids, **budget: C.attribution_graph(
+        model, ids[0], random_transcoders(model), **budget
+    ),
 }
 
 
-@pytest.mark.parametrize("entry", [*ENTRIES, "answer_curve", "logit_lens_logits"])
+@pytest.mark.parametrize("entry", [*ENTRIES, "answer_curve", "logit_lens_logits", "attribution_graph"])
 def test_every_entry_refuses_an_over_budget_request_before_running(model, entry, monkeypatch):
     ids, _ = pair(9)
     if entry in ("logit_lens", "answer_curve", "logit_lens_logits"):

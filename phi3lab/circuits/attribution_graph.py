@@ -22,7 +22,7 @@ from phi3lab.circuits import influence as graph_influence
 from phi3lab.circuits.direct_effects import DirectEffects
 from phi3lab.circuits.replacement import READS, WRITES, replacement_parts, resolve_transcoders
 from phi3lab.errors import bad_argument
-from phi3lab.tracing import trace
+from phi3lab.tracing import pipeline, trace
 from phi3lab.tracing.names import block_name
 
 NODE_COLUMNS = [
@@ -194,6 +194,7 @@ def attribution_graph(
     node_threshold: float | None = 0.8,
     edge_threshold: float = 0.98,
     batch_size: int = 128,
+    memory_budget: int | None = None,
 ) -> AttributionGraph:
     """The attribution graph of one logit of one prompt, through transcoders.
 
@@ -222,6 +223,9 @@ def attribution_graph(
         node_threshold, edge_threshold: the fractions of influence `prune`
             keeps; `node_threshold=None` returns the whole graph.
         batch_size: receivers per compiled backward pass.
+        memory_budget: bytes the clean run and the backward passes may each
+            use (default the device's free memory); refused before running
+            when over it (`CaptureTooLarge`, with the estimate).
 
     Returns:
         An `AttributionGraph`.
@@ -234,6 +238,7 @@ def attribution_graph(
     graph.save("graph.json")                      # opens in circuit-tracer's / Neuronpedia's viewer
     ```
     """
+    pipeline.check_budget(memory_budget)
     dictionaries, names = resolve_transcoders(model, transcoders)
     batch_size = check_positive_int("batch_size", batch_size)
     if node_threshold is not None:  # checked before any work
@@ -243,7 +248,7 @@ def attribution_graph(
         max_feature_nodes = check_positive_int("max_feature_nodes", max_feature_nodes)
     layers = range(model.num_layers)
     sites = ["hook_embed", *(block_name(l, s) for l in layers for s in (READS, WRITES)), "hook_logits"]
-    tr = trace(model, ids, names=sites, tokenizer=tokenizer)
+    tr = trace(model, ids, names=sites, tokenizer=tokenizer, memory_budget=memory_budget)
     if tr.token_ids.shape[0] != 1:
         raise bad_argument("ids", f"{tr.token_ids.shape[0]} rows", "one prompt: token ids [T] or [1, T], or one text")
     token_ids = tr.token_ids[0]
@@ -252,7 +257,8 @@ def attribution_graph(
     target, direction = _target(model, target, logits)
     stack = lambda site: np.stack([tr[block_name(l, site)][0] for l in layers])
     parts = replacement_parts(dictionaries, stack(READS), stack(WRITES))
-    effects = DirectEffects(model, token_ids, position, direction, parts, tr["hook_embed"][0], batch_size)
+    embed = tr["hook_embed"][0]
+    effects = DirectEffects(model, token_ids, position, direction, parts, embed, batch_size, memory_budget)
     chosen, rows, biases = effects.rows(max_feature_nodes)
     tokens = tr.tokens[0] if tr.tokens is not None else [f"#{t}" for t in token_ids.tolist()]
     shown = tokenizer.display_tokens(list(target)) if tokenizer is not None else [f"#{t}" for t in target]

@@ -1,6 +1,7 @@
 """The receivers' rows of an attribution graph: direct effects on the logit
 and on each active feature, a batch of receivers per compiled backward pass
-(`replacement.effects_program`), features visited by influence on the logit."""
+(`replacement.effects_fn`, compiled and guarded through the run pipeline),
+features visited by influence on the logit."""
 
 from __future__ import annotations
 
@@ -8,12 +9,17 @@ import numpy as np
 from jax import numpy as jnp
 
 from phi3lab.circuits import influence as graph_influence
-from phi3lab.circuits.replacement import effects_program
+from phi3lab.circuits.replacement import effects_fn
+from phi3lab.tracing import pipeline
 
 
 class DirectEffects:
     """The rows of direct effects of an attribution graph's receivers, a
-    batch at a time, from the compiled `effects_program`.
+    batch at a time, from `effects_fn` compiled ahead of time through the
+    run pipeline (`phi3lab.tracing.pipeline`: its memory estimate is checked
+    against `memory_budget` before the first batch runs). The prompt is not
+    padded to a length bucket: the program's shapes also hold the most
+    features active at one position, which differs from prompt to prompt.
 
     Args:
         model: the `Phi3Backbone`.
@@ -24,11 +30,13 @@ class DirectEffects:
         embed: float `[T, D]`, the clean run's `hook_embed`.
         batch_size: receivers per compiled backward pass (every call runs
             a whole batch, so one program serves them all).
+        memory_budget: None or bytes the program may use.
     """
 
-    def __init__(self, model, token_ids, position, direction, parts, embed, batch_size: int):
-        self.batch_size = batch_size
-        self.program = effects_program(model)
+    def __init__(self, model, token_ids, position, direction, parts, embed, batch_size: int, memory_budget=None):
+        self.batch_size, self.memory_budget, self.model = batch_size, memory_budget, model
+        self.key, self.run = effects_fn(model)
+        self.program = None
         self.params = model.params()
         self.ids = jnp.asarray(token_ids[None])
         self.position = jnp.int32(position)
@@ -50,7 +58,7 @@ class DirectEffects:
             a if len(a) else np.zeros((1, *a.shape[1:]), a.dtype) for a in (parts.features, parts.encoder)
         )
         slot = features[feature, 0] * self.length + features[feature, 1]
-        out = self.program(
+        args = (
             self.params,
             self.ids,
             self.position,
@@ -58,6 +66,12 @@ class DirectEffects:
             self.sources,
             (jnp.asarray(slot), jnp.asarray(encoder[feature]), jnp.asarray(logit)),
         )
+        if self.program is None:  # every batch has the same shapes
+            advice = "Use a smaller batch_size (receivers per backward pass) or a shorter prompt."
+            self.program = pipeline.compiled(
+                self.model, self.key, self.run, args, self.memory_budget, "This attribution graph", advice
+            )
+        out = self.program(*args)
         tokens, errors, features, bias = (np.asarray(a, np.float32)[:count] for a in out)
         by_feature = features[:, parts.features[:, 0], parts.features[:, 1], parts.slot]
         return np.concatenate([by_feature, errors.reshape(count, -1), tokens], axis=1), bias

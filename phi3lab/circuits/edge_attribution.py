@@ -33,8 +33,8 @@ from phi3lab.checks import check_choice, check_positive_int
 from phi3lab.circuits.circuit import EdgeScores
 from phi3lab.circuits.graph import Graph
 from phi3lab.circuits.inputs import prepare
-from phi3lab.runtime import compile_cache
-from phi3lab.tracing.gradient_trace import gradient_fn, zero_probes
+from phi3lab.tracing import pipeline
+from phi3lab.tracing.gradient_trace import GRADIENT_ADVICE, gradient_fn, zero_probes
 from phi3lab.tracing.hook_types import Hook, Hooks
 from phi3lab.tracing.metrics import Metric, finite_metric
 
@@ -49,42 +49,43 @@ def _toward_corrupted(x, ctx):
     return x + (1.0 - alpha).astype(x.dtype) * (corrupted.astype(x.dtype) - x)
 
 
-def attribution_program(model, graph: Graph, metric: Metric, steps: int):
-    """The compiled `program(params, clean, corrupted, mask, probes,
-    metric_data, alphas) -> (scores [S, R, T], clean metric [B], corrupted
-    metric [B])`, cached per model, graph level, metric and `steps`.
+def attribution_fn(model, graph: Graph, metric: Metric, steps: int, bucket: pipeline.Bucket):
+    """`(key, program)`: the pure `program(params, clean, corrupted, mask,
+    probes, metric_data, alphas) -> (scores [S, R, T], clean metric [B],
+    corrupted metric [B])` over ids padded to `bucket` (a `pipeline.Bucket`),
+    and the key it is cached under (model, graph level, metric, `steps` and
+    the bucket's statics).
 
     One forward of each prompt captures the senders' outputs; a `lax.scan`
     over `alphas` runs a forward+backward per step with zero probes at the
     receiver sites (`phi3lab.tracing.gradient_fn`), summing their gradients.
+    Padded positions hold the same (zero) ids in both prompts, so their
+    senders' differences, and their scores, are 0.
     """
+    senders = graph.sender_forward(model)
+    hooks = Hooks({"hook_embed": Hook(_toward_corrupted)})
+    gradient_key, gradient = gradient_fn(model, graph.site_names, hooks, metric, reduce="mean", bucket=bucket)
+    length = metric.length(bucket)
 
-    def build():
-        senders = graph.sender_forward(model)
-        _, gradient = gradient_fn(
-            model, graph.site_names, Hooks({"hook_embed": Hook(_toward_corrupted)}), metric, reduce="mean"
-        )
+    def program(params, clean, corrupted, mask, probes, metric_data, alphas):
+        capture = lambda ids: senders.run(params, ids, mask, num_positions=bucket.num_positions)
+        (_, clean_captures), (corrupted_hidden, corrupted_captures) = capture(clean), capture(corrupted)
 
-        def program(params, clean, corrupted, mask, probes, metric_data, alphas):
-            clean_run, corrupted_run = senders(params, clean, mask), senders(params, corrupted, mask)
+        def step(total, alpha):
+            hook_data = ((corrupted_captures["hook_embed"], alpha),)
+            values, _, _, grads = gradient(params, clean, mask, hook_data, probes, metric_data)
+            return jax.tree.map(jnp.add, total, grads), values
 
-            def step(total, alpha):
-                hook_data = ((corrupted_run.captures["hook_embed"], alpha),)
-                values, _, _, grads = gradient(params, clean, mask, hook_data, probes, metric_data)
-                return jax.tree.map(jnp.add, total, grads), values
+        zeros = {name: jnp.zeros_like(probe) for name, probe in zip(graph.site_names, probes)}
+        total, values = jax.lax.scan(step, zeros, alphas)
+        grads = graph.receiver_values(total).astype(jnp.float32) / alphas.shape[0]
+        delta = graph.sender_values(corrupted_captures) - graph.sender_values(clean_captures)
+        scores = jnp.einsum("sbtd,rbtd->srt", delta.astype(jnp.float32), grads)
+        batch = {"token_ids": corrupted, "padding_mask": mask}
+        unembed = lambda h: model.unembed(params, h)
+        return scores, values[-1], metric.rows(corrupted_hidden, unembed, metric_data, batch, length)
 
-            zeros = {name: jnp.zeros_like(probe) for name, probe in zip(graph.site_names, probes)}
-            total, values = jax.lax.scan(step, zeros, alphas)
-            grads = graph.receiver_values(total).astype(jnp.float32) / alphas.shape[0]
-            delta = graph.sender_values(corrupted_run.captures) - graph.sender_values(clean_run.captures)
-            scores = jnp.einsum("sbtd,rbtd->srt", delta.astype(jnp.float32), grads)
-            batch = {"token_ids": corrupted, "padding_mask": mask}
-            unembed = lambda h: model.unembed(params, h)
-            return scores, values[-1], metric.rows(corrupted_run.hidden, unembed, metric_data, batch)
-
-        return compile_cache.jit(program)
-
-    return compile_cache.cached(model, ("circuits.edge_attribution", graph.key, metric.key, steps), build)
+    return ("circuits.edge_attribution", graph.key, steps, *gradient_key[1:]), program
 
 
 def edge_attribution(
@@ -100,6 +101,7 @@ def edge_attribution(
     steps: int = 16,
     positions: str = "sum",
     padding_mask=None,
+    memory_budget: int | None = None,
 ) -> EdgeScores:
     """Score every edge of `Graph(model, level)` in one compiled program.
 
@@ -120,6 +122,13 @@ def edge_attribution(
         positions: `"sum"` (one score per edge) or `"each"` (one per edge
             and position, a `position` column).
         padding_mask: `[B, T]` mask shared by both inputs, True for real tokens.
+        memory_budget: bytes the compiled program may use (default the
+            device's free memory); refused before running when over it
+            (`CaptureTooLarge`, with the estimate).
+
+    The prompts run padded to their length bucket (`phi3lab.tracing.pipeline`):
+    padded positions score 0 and `positions="each"` scores cover the real
+    positions only.
 
     Returns:
         An `EdgeScores` (see the module docstring for the sign convention).
@@ -132,6 +141,7 @@ def edge_attribution(
     circuit = scores.top(50)
     ```
     """
+    pipeline.check_budget(memory_budget)
     check_choice("method", method, METHODS)
     check_choice("positions", positions, POSITIONS)
     steps = 1 if method == "eap" else check_positive_int("steps", steps)
@@ -139,16 +149,20 @@ def edge_attribution(
     clean_ids, corrupted_ids, mask, resolved = prepare(
         model, clean, corrupted, padding_mask, metric, answer, counterfactual
     )
-    program = attribution_program(model, graph, resolved, steps)
-    scores, clean_values, corrupted_values = program(
+    bucket = pipeline.bucket(model, clean_ids.shape[1])
+    key, program = attribution_fn(model, graph, resolved, steps, bucket)
+    args = (
         model.params(),
-        jnp.asarray(clean_ids),
-        jnp.asarray(corrupted_ids),
-        jnp.asarray(mask),
-        zero_probes(model, graph.site_names, clean_ids.shape),
+        jnp.asarray(bucket.pad(clean_ids)),
+        jnp.asarray(bucket.pad(corrupted_ids)),
+        jnp.asarray(bucket.pad(mask)),
+        zero_probes(model, graph.site_names, (clean_ids.shape[0], bucket.padded)),
         resolved.data,
         jnp.arange(1, steps + 1, dtype=jnp.float32) / steps,
     )
+    compiled = pipeline.compiled(model, key, program, args, memory_budget, "These edge scores", GRADIENT_ADVICE)
+    scores, clean_values, corrupted_values = compiled(*args)
+    scores = np.asarray(scores)[:, :, : bucket.length]
     scores = finite_metric(scores, "the edge scores") * graph.allowed[:, :, None]
     return EdgeScores(
         graph,

@@ -29,7 +29,7 @@ from phi3lab.circuits.circuit import Circuit, EdgeScores
 from phi3lab.circuits.graph import Graph
 from phi3lab.circuits.inputs import prepare
 from phi3lab.errors import bad_argument
-from phi3lab.runtime import compile_cache
+from phi3lab.tracing import pipeline
 from phi3lab.tracing.forward import forward_fn
 from phi3lab.tracing.hook_types import Hook, Hooks
 from phi3lab.tracing.metrics import Metric, finite_metric
@@ -66,71 +66,82 @@ def _patch(x, ctx):
     return x + (delta if heads else delta[:, :, 0])
 
 
-def patching_program(model, graph: Graph, metric: Metric):
-    """The compiled `program(params, ids, mask, replacements, ablate,
-    metric_data) -> metric [B]`: a forward of `ids` with the edges where
-    `ablate [S, R, T or 1]` is 1 carrying `replacements` (one array per sender
-    group), cached per model, level and metric."""
-
-    def build():
-        static = lambda site: (tuple((g.site, g.per_head) for g in graph.groups[: site.groups]), site.heads)
-        hooks = Hooks(
-            [(group.site, Hook(_see)) for group in graph.groups]
-            + [(site.site, Hook(_patch, static=static(site))) for site in graph.sites]
-        )
-        forward = forward_fn(model, hooks=hooks)
-
-        def program(params, ids, mask, replacements, ablate, metric_data):
-            data = [None] * len(graph.groups) + [
-                (tuple(replacements[: site.groups]), ablate[: site.senders][:, list(site.receivers)])
-                for site in graph.sites
-            ]
-            out = forward(params, ids, mask, tuple(data))
-            unembed = lambda h: model.unembed(params, h)
-            return metric.rows(out.hidden, unembed, metric_data, {"token_ids": ids, "padding_mask": mask})
-
-        return compile_cache.jit(program)
-
-    return compile_cache.cached(model, ("circuits.edge_patching", graph.key, metric.key), build)
-
-
-def _sender_program(model, graph: Graph):
-    return compile_cache.cached(
-        model, ("circuits.senders", graph.key), lambda: compile_cache.jit(graph.sender_forward(model))
+def patching_fn(model, graph: Graph, metric: Metric, bucket: pipeline.Bucket):
+    """`(key, program)`: the pure `program(params, ids, mask, replacements,
+    ablate, metric_data) -> metric [B]`, a forward of `ids` (padded to
+    `bucket`) with the edges where `ablate [S, R, T or 1]` is 1 carrying
+    `replacements` (one array per sender group), and the key it is cached
+    under (model, level, metric and the bucket's statics)."""
+    static = lambda site: (tuple((g.site, g.per_head) for g in graph.groups[: site.groups]), site.heads)
+    hooks = Hooks(
+        [(group.site, Hook(_see)) for group in graph.groups]
+        + [(site.site, Hook(_patch, static=static(site))) for site in graph.sites]
     )
+    forward = forward_fn(model, hooks=hooks)
+    length = metric.length(bucket)
+
+    def program(params, ids, mask, replacements, ablate, metric_data):
+        data = [None] * len(graph.groups) + [
+            (tuple(replacements[: site.groups]), ablate[: site.senders][:, list(site.receivers)])
+            for site in graph.sites
+        ]
+        hidden, _ = forward.run(params, ids, mask, tuple(data), num_positions=bucket.num_positions)
+        unembed = lambda h: model.unembed(params, h)
+        return metric.rows(hidden, unembed, metric_data, {"token_ids": ids, "padding_mask": mask}, length)
+
+    return ("circuits.edge_patching", graph.key, metric.key, bucket.num_positions, length), program
+
+
+PATCHING_ADVICE = "Use fewer or shorter prompts, a coarser graph level, or load the model in bfloat16."
 
 
 class EdgePatcher:
     """Prepared edge-patching runs of one set of prompts: `patcher(keep)` is
     the mean metric with every edge outside `keep` ablated.
 
+    The prompts run padded to their length bucket through the run pipeline
+    (`phi3lab.tracing.pipeline`): each program is compiled ahead of time and
+    its memory estimate checked against `memory_budget` before it runs.
+
     Args:
         model, graph: the model and its `Graph`.
         clean, corrupted, mask, metric: checked inputs (`inputs.prepare`).
         ablation: `"corrupted"` or `"mean"`.
+        memory_budget: None or bytes each program may use.
     """
 
-    def __init__(self, model, graph: Graph, clean, corrupted, mask, metric: Metric, ablation: str):
+    def __init__(self, model, graph: Graph, clean, corrupted, mask, metric: Metric, ablation: str, memory_budget=None):
         check_choice("ablation", ablation, ABLATIONS)
-        self.graph, self.metric, self.length = graph, metric, clean.shape[1]
-        self.program = patching_program(model, graph, metric)
-        self.params, self.ids, self.mask = model.params(), jnp.asarray(clean), jnp.asarray(mask)
-        senders = _sender_program(model, graph)
+        self.model, self.graph, self.metric, self.length = model, graph, metric, clean.shape[1]
+        self.bucket, self.memory_budget = pipeline.bucket(model, self.length), memory_budget
+        self.key, self.run = patching_fn(model, graph, metric, self.bucket)
+        self.programs = {}
+        self.params, self.ids = model.params(), jnp.asarray(self.bucket.pad(clean))
+        self.mask = jnp.asarray(self.bucket.pad(mask))
         source = corrupted if ablation == "corrupted" else clean
-        captures = senders(self.params, jnp.asarray(source), self.mask).captures
+        senders = graph.sender_forward(model)
+        run = lambda params, ids, mask: senders.run(params, ids, mask, num_positions=self.bucket.num_positions)[1]
+        args = (self.params, jnp.asarray(self.bucket.pad(source)), self.mask)
+        key = ("circuits.senders", graph.key, self.bucket.num_positions)
+        captures = pipeline.compiled(model, key, run, args, memory_budget, "This edge patching", PATCHING_ADVICE)(*args)
         replacements = [captures[group.site] for group in graph.groups]
         if ablation == "mean":
-            replacements = [_row_mean(value, mask) for value in replacements]
+            replacements = [_row_mean(value, self.mask) for value in replacements]
         self.replacements = tuple(replacements)
 
     def __call__(self, keep: np.ndarray) -> float:
         """The mean metric with the edges outside bool `keep` ablated: `[S,
-        R, T]` per position, or `[S, R, 1]` the same at every position (a
-        second compiled program, of plain matmuls: 1.6x a plain forward
-        against 2.9x per position, 6 layers of width 384 at T=64 on CPU)."""
-        ablate = jnp.asarray(~keep, jnp.float32)
-        values = self.program(self.params, self.ids, self.mask, self.replacements, ablate, self.metric.data)
-        return float(np.mean(finite_metric(values, "the patched run")))
+        R, T]` per position (T the real length), or `[S, R, 1]` the same at
+        every position (a second compiled program, of plain matmuls: 1.6x a
+        plain forward against 2.9x per position, 6 layers of width 384 at
+        T=64 on CPU)."""
+        ablate = ~keep if keep.shape[2] == 1 else self.bucket.pad(~keep, (2,))
+        args = (self.params, self.ids, self.mask, self.replacements, jnp.asarray(ablate, jnp.float32), self.metric.data)
+        if ablate.shape not in self.programs:  # compiled and guarded once per mask shape
+            self.programs[ablate.shape] = pipeline.compiled(
+                self.model, self.key, self.run, args, self.memory_budget, "This edge patching", PATCHING_ADVICE
+            )
+        return float(np.mean(finite_metric(self.programs[ablate.shape](*args), "the patched run")))
 
     def keep_all(self) -> np.ndarray:
         """bool `[S, R, 1]`: every edge of the graph kept, at every position."""
@@ -153,11 +164,14 @@ def _normalized(value: float, full: float, empty: float) -> float:
     return (value - empty) / (full - empty) if full != empty else float("nan")
 
 
-def _patcher(model, graph, clean, corrupted, metric, answer, counterfactual, ablation, padding_mask) -> EdgePatcher:
+def _patcher(
+    model, graph, clean, corrupted, metric, answer, counterfactual, ablation, padding_mask, memory_budget
+) -> EdgePatcher:
+    pipeline.check_budget(memory_budget)
     clean_ids, corrupted_ids, mask, resolved = prepare(
         model, clean, corrupted, padding_mask, metric, answer, counterfactual
     )
-    return EdgePatcher(model, graph, clean_ids, corrupted_ids, mask, resolved, ablation)
+    return EdgePatcher(model, graph, clean_ids, corrupted_ids, mask, resolved, ablation, memory_budget)
 
 
 def _check_circuit(circuit) -> Circuit:
@@ -177,6 +191,7 @@ def faithfulness(
     counterfactual=None,
     ablation: str = "corrupted",
     padding_mask=None,
+    memory_budget: int | None = None,
 ) -> float:
     """The fraction of the clean metric a circuit keeps with every other edge ablated.
 
@@ -189,6 +204,10 @@ def faithfulness(
             senders' outputs on `corrupted`) or `"mean"` (the senders' mean
             output over the clean prompts).
         padding_mask: `[B, T]` mask shared by both inputs.
+        memory_budget: bytes each compiled program may use (default the
+            device's free memory); refused before running when over it
+            (`CaptureTooLarge`, with the estimate). The prompts run padded
+            to their length bucket (`phi3lab.tracing.pipeline`).
 
     Returns:
         `(m - m_empty) / (m_full - m_empty)`: 1 for the full graph, 0 for
@@ -202,7 +221,9 @@ def faithfulness(
     ```
     """
     circuit = _check_circuit(circuit)
-    patcher = _patcher(model, circuit.graph, clean, corrupted, metric, answer, counterfactual, ablation, padding_mask)
+    patcher = _patcher(
+        model, circuit.graph, clean, corrupted, metric, answer, counterfactual, ablation, padding_mask, memory_budget
+    )
     return _normalized(patcher(circuit.keep_mask(patcher.length)), *patcher.bounds())
 
 
@@ -235,12 +256,13 @@ def faithfulness_curve(
     sizes: Sequence[int] | None = None,
     ablation: str = "corrupted",
     padding_mask=None,
+    memory_budget: int | None = None,
 ) -> FaithfulnessCurve:
     """Faithfulness of the top-`n` circuits of `scores` for each `n` in `sizes`.
 
     Args:
         model, clean, corrupted, metric, answer, counterfactual, ablation,
-            padding_mask: as in `faithfulness`.
+            padding_mask, memory_budget: as in `faithfulness`.
         scores: `EdgeScores` (their top `n` edges by `|score|` form each circuit).
         sizes: edge counts; by default 0, 1%, 2%, 5%, 10%, 20%, 50% and
             100% of the edges.
@@ -262,7 +284,9 @@ def faithfulness_curve(
         sizes = sorted({round(total * f) for f in (0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)})
     if not all(is_int(n) and 0 <= n <= total for n in sizes):
         raise bad_argument("sizes", sizes, f"edge counts between 0 and {total}")
-    patcher = _patcher(model, scores.graph, clean, corrupted, metric, answer, counterfactual, ablation, padding_mask)
+    patcher = _patcher(
+        model, scores.graph, clean, corrupted, metric, answer, counterfactual, ablation, padding_mask, memory_budget
+    )
     full, empty = patcher.bounds()
     rows = []
     for n in sizes:
@@ -285,6 +309,7 @@ def prune(
     tolerance: float = 0.02,
     ablation: str = "corrupted",
     padding_mask=None,
+    memory_budget: int | None = None,
 ) -> Circuit:
     """Greedy edge pruning (ACDC, Conmy et al. 2023), by exact edge patching.
 
@@ -297,7 +322,7 @@ def prune(
 
     Args:
         model, clean, corrupted, metric, answer, counterfactual, ablation,
-            padding_mask: as in `faithfulness`.
+            padding_mask, memory_budget: as in `faithfulness`.
         circuit: the `Circuit` to prune (e.g. `scores.top(n)`, or
             `Circuit(graph, graph.edges)` for the whole graph).
         tolerance: float >= 0, the faithfulness the pruned circuit may lose.
@@ -313,7 +338,9 @@ def prune(
     circuit = _check_circuit(circuit)
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
         raise bad_argument("tolerance", tolerance, "a number >= 0 (faithfulness the pruned circuit may lose)")
-    patcher = _patcher(model, circuit.graph, clean, corrupted, metric, answer, counterfactual, ablation, padding_mask)
+    patcher = _patcher(
+        model, circuit.graph, clean, corrupted, metric, answer, counterfactual, ablation, padding_mask, memory_budget
+    )
     full, empty = patcher.bounds()
     keep = circuit.keep_mask(patcher.length)
     floor = _normalized(patcher(keep), full, empty) - tolerance

@@ -32,7 +32,6 @@ from jax import numpy as jnp
 
 from phi3lab.errors import bad_argument
 from phi3lab.model.norm import rms_norm
-from phi3lab.runtime import compile_cache
 from phi3lab.tracing.forward import forward_fn
 from phi3lab.tracing.hook_types import Hook, Hooks
 from phi3lab.tracing.names import block_name
@@ -282,11 +281,12 @@ def frozen_data(params, probes: tuple) -> tuple:
     )
 
 
-def effects_program(model):
-    """The compiled `run(params, ids, position, logit_direction, sources,
-    receivers) -> (tokens [R, T], errors [R, L, T], features [R, L, T, K],
-    biases [R])`: the direct effects on a batch of `R` receivers, from one
-    `jax.vjp` of the frozen model, vmapped over the receivers' cotangents.
+def effects_fn(model):
+    """`(key, run)`: the pure `run(params, ids, position, logit_direction,
+    sources, receivers) -> (tokens [R, T], errors [R, L, T], features [R, L,
+    T, K], biases [R])`, the direct effects on a batch of `R` receivers from
+    one `jax.vjp` of the frozen model, vmapped over the receivers'
+    cotangents, and the key it is compiled under (`pipeline.compiled`).
 
     `sources = (embed [T, D], errors [L, T, D], feature_vectors [L, T, K, D],
     decoder_bias [L, D])`; `receivers = (slot [R]` (layer * T + position of
@@ -322,5 +322,4 @@ def effects_program(model):
             jnp.einsum("rltd,ld->r", mlp_grad, decoder_bias),
         )
 
-    key = ("attribution_graph.effects", *fn.program_key())
-    return compile_cache.cached(model, key, lambda: compile_cache.jit(run))
+    return ("attribution_graph.effects", *fn.program_key()), run

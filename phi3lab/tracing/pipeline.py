@@ -2,7 +2,8 @@
 
 Every entry that runs the model (`trace`, `gradients`, the patching sweeps,
 path patching, the logit lens, the head detectors, generation's prefill and
-decode loop, `phi3lab.activations.collect`) takes the same steps:
+decode loop, `phi3lab.activations.collect`, the circuits' edge attribution,
+edge patching and attribution graphs) takes the same steps:
 
 1. **prepare**: token ids `[B, T]` and a bool padding mask (`prepare_inputs`,
    text through the tokenizer);
