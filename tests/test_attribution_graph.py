@@ -387,14 +387,18 @@ def test_reads_a_graph_written_by_circuit_tracer():
     }
 
 
-def test_one_compiled_program_per_model(model, tokenizer, prompt, clean):
+def test_one_compiled_program_per_prompt_shape(model, tokenizer, prompt, clean):
+    # compiled ahead of time per input shape (the run pipeline): other
+    # targets and feature limits on the same prompt reuse the program
     from phi3lab.runtime import compile_cache
 
     text, answer, _ = prompt
+    before = compile_cache.size(model, "attribution_graph.effects")
     C.attribution_graph(model, text, PRESET, tokenizer=tokenizer, target=answer, max_feature_nodes=64)
-    assert compile_cache.size(model, "attribution_graph.effects") == 1
+    after = compile_cache.size(model, "attribution_graph.effects")
+    assert after - before <= 1
     graph = C.attribution_graph(model, text, PRESET, tokenizer=tokenizer, max_feature_nodes=64, node_threshold=None)
-    assert compile_cache.size(model, "attribution_graph.effects") == 1
+    assert compile_cache.size(model, "attribution_graph.effects") == after
     assert (graph.node_table["kind"] == "feature").sum() == 64
     # the features left out move into the biases: the logit still sums exactly
     assert abs(graph.values()[-1] - float(clean.logits[0, -1].max())) <= TOLERANCE
