@@ -273,6 +273,18 @@ def test_edge_attribution_equals_the_unpadded_formula(model, sender, receiver, s
     )
 
 
+def test_a_circuits_metric_function_reads_the_last_real_position(model):
+    # `logits[:, -1]` is the input's last token, not the bucket's last slot:
+    # the same edge scores as the default metric there (the rows' mean).
+    clean, corrupted = pair(13)
+    kwargs = dict(level="layers", method="eap")
+    default = C.edge_attribution(model, clean, corrupted, answer=ANSWER, counterfactual=COUNTER, **kwargs)
+    function = lambda logits: logits[:, -1, ANSWER] - logits[:, -1, COUNTER]
+    scores = C.edge_attribution(model, clean, corrupted, function, **kwargs)
+    np.testing.assert_allclose(scores.edges["score"], default.edges["score"], atol=TOLERANCE)
+    assert scores.clean_metric == pytest.approx(default.clean_metric, abs=TOLERANCE)
+
+
 @pytest.mark.parametrize("per_position", [False, True])
 def test_faithfulness_equals_the_unpadded_edge_patch(model, per_position):
     # Every edge kept but m0 -> logits (at every position, or at position 12
