@@ -33,7 +33,9 @@ class DirectEffects:
         memory_budget: None or bytes the program may use.
     """
 
-    def __init__(self, model, token_ids, position, direction, parts, embed, batch_size: int, memory_budget=None):
+    def __init__(
+        self, model, token_ids, position, direction, parts, embed, batch_size: int, memory_budget: int | None = None
+    ):
         self.batch_size, self.memory_budget, self.model = batch_size, memory_budget, model
         self.key, self.run = effects_fn(model)
         self.program = None

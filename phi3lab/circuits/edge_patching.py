@@ -110,7 +110,17 @@ class EdgePatcher:
         memory_budget: None or bytes each program may use.
     """
 
-    def __init__(self, model, graph: Graph, clean, corrupted, mask, metric: Metric, ablation: str, memory_budget=None):
+    def __init__(
+        self,
+        model,
+        graph: Graph,
+        clean,
+        corrupted,
+        mask,
+        metric: Metric,
+        ablation: str,
+        memory_budget: int | None = None,
+    ):
         check_choice("ablation", ablation, ABLATIONS)
         self.model, self.graph, self.metric, self.length = model, graph, metric, clean.shape[1]
         self.bucket, self.memory_budget = pipeline.bucket(model, self.length), memory_budget
