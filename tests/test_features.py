@@ -399,13 +399,23 @@ def recovered(dictionary, directions, cosine=0.9):
     return float(np.mean((directions @ decoder.T).max(1) >= cosine))
 
 
-def test_training_recovers_planted_features():
+# Per kind, the sparsity setting that reaches the planted L0 (3) or near it. Short runs need
+# many small steps: at 1024 rows a step and lr 3e-3 (~290 steps) the L1 and JumpReLU
+# dictionaries have not yet separated the directions (none recovered; a JumpReLU threshold
+# moves at most ~lr per Adam step, so it had not reached the interference level).
+SPARSITY = {"topk": dict(k=3), "batchtopk": dict(k=3.0), "relu": dict(l1=3e-2), "jumprelu": dict(l1=1e-2)}
+
+
+@pytest.mark.parametrize("kind", F.KINDS)
+def test_training_recovers_planted_features(kind):
     x, directions = planted_activations()
-    result = F.train(None, x, site="s", kind="topk", width=128, k=3, tokens=300_000, batch_size=1024, lr=3e-3)
+    result = F.train(None, x, site="s", kind=kind, width=128, tokens=300_000, batch_size=256, lr=1e-2, **SPARSITY[kind])
     assert recovered(result.dictionary, directions) >= 0.9
     curves = result.curves
     assert {"loss", "l0", "explained_variance", "dead_fraction", "aux_loss", "tokens"} <= set(curves.columns)
-    assert curves["l0"].iloc[-1] == 3 and curves["explained_variance"].iloc[-1] > 0.9
+    assert curves["explained_variance"].iloc[-1] > 0.9
+    if kind in ("topk", "batchtopk"):
+        assert curves["l0"].iloc[-1] == 3
     # The returned dictionary reads raw activations (the training scale is folded in).
     row = F.evaluate(None, result.dictionary, x[:4096])
     assert row["explained_variance"].iloc[0] == pytest.approx(curves["explained_variance"].iloc[-1], abs=0.03)
