@@ -103,6 +103,8 @@ CASES = [
     ("relu", {}, {}),
     ("topk", {}, {}),
     ("topk", {}, {"rescale_acts_by_decoder_norm": True}),
+    ("topk", {}, {"normalize_activations": "layer_norm"}),
+    ("topk", {"transcoder": True, "skip": True}, {}),
     ("jumprelu", {}, {}),
     ("batchtopk", {}, {}),
     ("relu", {}, {"normalize_activations": "layer_norm"}),
@@ -122,6 +124,34 @@ def test_encode_decode_match_numpy(kind, shape, config):
     np.testing.assert_allclose(np.asarray(d(x)), numpy_output(d, x, numpy_encode(d, x)), atol=5e-5, rtol=1e-5)
     # Leading axes are batch axes.
     np.testing.assert_allclose(np.asarray(d.encode(x.reshape(7, 1, D_IN)))[:, 0], acts, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [{}, {"rescale_acts_by_decoder_norm": True}])
+def test_topk_sparse_decode_equals_the_dense_decode(config):
+    d = random_dictionary("topk", **config)
+    x = np.random.default_rng(3).normal(size=(2, 3, D_IN)).astype(np.float32)
+    values, indices = d.encode_topk(x)
+    assert values.shape == indices.shape == (2, 3, 5)
+    dense = d.encode(x)
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(dense), np.asarray(indices), -1), values)
+    np.testing.assert_allclose(d.decode_topk(values, indices), d.decode(dense), atol=2e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="topk"):
+        random_dictionary("relu").encode_topk(x)
+
+
+def test_encoder_gradient_equals_the_unfolded_form():
+    """`pre_activations` computes `(x - b_dec) @ W_enc` as `x @ W_enc - b_dec @ W_enc`:
+    the gradient of a loss through it equals the one through the written-out formula."""
+    d = random_dictionary("topk")
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(16, D_IN)).astype(np.float32))
+
+    def loss(d, pre):
+        return jnp.sum((activation_fns.topk(pre, 5) @ d.W_dec + d.b_dec - x) ** 2)
+
+    ours = jax.grad(lambda d: loss(d, d.pre_activations(x)))(d)
+    written = jax.grad(lambda d: loss(d, (x - d.b_dec) @ d.W_enc + d.b_enc))(d)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        np.testing.assert_allclose(getattr(ours, name), getattr(written, name), atol=1e-5, rtol=1e-5, err_msg=name)
 
 
 def test_topk_keeps_exactly_k():

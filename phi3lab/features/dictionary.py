@@ -236,10 +236,10 @@ class SparseDictionary:
 
     def pre_activations(self, x):
         """The encoder's output before the nonlinearity, `[..., d_sae]`."""
-        sae_in = self.normalize(x.astype(self.W_enc.dtype))
-        if self.config.apply_b_dec_to_input:
-            sae_in = sae_in - self.b_dec
-        pre = sae_in @ self.W_enc + self.b_enc
+        # (x_n - b_dec) @ W_enc as x_n @ W_enc - b_dec @ W_enc: the same value, but b_dec's gradient
+        # is then a matrix-vector product, not a [tokens, d_in] x [d_in, d_sae] one.
+        b_enc = self.b_enc - self.b_dec @ self.W_enc if self.config.apply_b_dec_to_input else self.b_enc
+        pre = self.normalize(x.astype(self.W_enc.dtype)) @ self.W_enc + b_enc
         if self.config.rescale_acts_by_decoder_norm:
             pre = pre * self.decoder_norms()
         return pre
@@ -262,6 +262,14 @@ class SparseDictionary:
         """Feature activations of `x` `[..., d_in]` -> `[..., d_sae]`."""
         return self.activate(self.pre_activations(x))
 
+    def encode_topk(self, x):
+        """A `"topk"` dictionary's activations of `x` as its `k` active
+        features per token: `(values, indices)`, both `[..., k]`, so that
+        `encode(x)` is `values` scattered at `indices` (zeros elsewhere)."""
+        if self.config.kind != "topk":
+            raise bad_argument("dictionary", self, 'a dictionary of kind="topk" to encode k features per token')
+        return activation_fns.topk_sparse(self.pre_activations(x), self.config.k)
+
     # === Decoding ===
 
     def decode(self, acts, x=None):
@@ -272,7 +280,19 @@ class SparseDictionary:
         a transcoder's skip connection."""
         if self.config.rescale_acts_by_decoder_norm:
             acts = acts / self.decoder_norms()
-        out = acts.astype(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        return self._finish_decode(acts.astype(self.W_dec.dtype) @ self.W_dec + self.b_dec, x)
+
+    def decode_topk(self, values, indices, x=None):
+        """`decode` of activations given as `(values, indices)` `[..., k]`
+        (`encode_topk`): `k` decoder rows gathered per token, a
+        `[..., k] x [..., k, d_out]` product instead of `[..., F] x [F, d_out]`."""
+        if self.config.rescale_acts_by_decoder_norm:
+            values = values / self.decoder_norms()[indices]
+        rows = self.W_dec[indices]
+        return self._finish_decode(jnp.einsum("...k,...kd->...d", values.astype(rows.dtype), rows) + self.b_dec, x)
+
+    def _finish_decode(self, out, x):
+        """The decoder's output `out` with the input normalisation undone and the skip added."""
         needs_input = self.config.skip or (
             not self.config.transcoder and self.config.normalize_activations in ("layer_norm", "constant_norm_rescale")
         )
@@ -288,7 +308,10 @@ class SparseDictionary:
         return out
 
     def __call__(self, x):
-        """The reconstruction of `x` (an SAE) or the predicted target (a transcoder)."""
+        """The reconstruction of `x` (an SAE) or the predicted target (a
+        transcoder); a `"topk"` dictionary decodes only its `k` active features."""
+        if self.config.kind == "topk":
+            return self.decode_topk(*self.encode_topk(x), x)
         return self.decode(self.encode(x), x)
 
     # === Conversions ===

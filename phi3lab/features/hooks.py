@@ -44,11 +44,12 @@ def _encode_and_edit(x, ctx):
     edit, keep_error, input_site = ctx.static
     source = x if input_site is None else ctx.seen[input_site]
     flat = source.reshape(*source.shape[:2], -1)
-    acts = dictionary.encode(flat)
-    output = dictionary.decode(acts, flat)
-    if edit == "none":
+    if edit == "none":  # one encode, one decode (of the k active features only for a top-k dictionary)
+        output = dictionary(flat)
         new_output = output
     else:
+        acts = dictionary.encode(flat)
+        output = dictionary.decode(acts, flat)
         current = acts[..., features]
         changed = values if edit == "set" else current + values
         if positions is not None:
