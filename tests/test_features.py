@@ -139,6 +139,18 @@ def test_topk_sparse_decode_equals_the_dense_decode(config):
         random_dictionary("relu").encode_topk(x)
 
 
+@pytest.mark.parametrize("kind, shape, config", CASES)
+def test_decode_change_is_the_difference_of_two_decodes(kind, shape, config):
+    d = random_dictionary(kind, **shape, **config)
+    x = np.random.default_rng(5).normal(size=(2, 3, D_IN)).astype(np.float32)
+    acts = d.encode(x)
+    features, delta = jnp.asarray([4, 1]), jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 2)), jnp.float32)
+    edited = acts.at[..., features].add(delta)
+    np.testing.assert_allclose(
+        d.decode_change(delta, features, x), d.decode(edited, x) - d.decode(acts, x), atol=2e-5, rtol=1e-5
+    )
+
+
 def test_encoder_gradient_equals_the_unfolded_form():
     """`pre_activations` computes `(x - b_dec) @ W_enc` as `x @ W_enc - b_dec @ W_enc`:
     the gradient of a loss through it equals the one through the written-out formula."""

@@ -41,6 +41,7 @@ KINDS = ("relu", "topk", "batchtopk", "jumprelu")
 # SAELens' input normalisations that hold at inference ("expected_average_only_in"
 # is folded into the weights when SAELens saves, so it is the identity here).
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+_PER_TOKEN_NORMALIZATIONS = ("layer_norm", "constant_norm_rescale")  # undone on an SAE's output
 _LAYER_NORM_EPSILON = 1e-5  # SAELens' layer_norm: (x - mean) / (std + 1e-5), std with Bessel's correction
 
 
@@ -221,14 +222,23 @@ class SparseDictionary:
     def denormalize(self, y, x):
         """Undo `normalize(x)` on an output `y` (SAEs only: a transcoder's
         output is not normalised, as in SAELens)."""
-        mode = self.config.normalize_activations
-        if self.config.transcoder or mode not in ("layer_norm", "constant_norm_rescale"):
-            return y
-        if mode == "layer_norm":
-            centred = x - jnp.mean(x, axis=-1, keepdims=True)
-            std = jnp.std(centred, axis=-1, keepdims=True, ddof=1)
-            return y * std + jnp.mean(x, axis=-1, keepdims=True)
-        return y / (math.sqrt(self.config.d_in) / jnp.linalg.norm(x, axis=-1, keepdims=True))
+        scale, shift = self._denormalizer(x)
+        return y if scale is None else y * scale + shift
+
+    @property
+    def _output_depends_on_norm(self) -> bool:
+        """True when a per-token input normalisation is undone on the output (SAEs only)."""
+        return not self.config.transcoder and self.config.normalize_activations in _PER_TOKEN_NORMALIZATIONS
+
+    def _denormalizer(self, x):
+        """`(scale, shift)` with `denormalize(y, x) = y * scale + shift`, or
+        `(None, None)` where it is the identity."""
+        if not self._output_depends_on_norm:
+            return None, None
+        if self.config.normalize_activations == "layer_norm":
+            mean = jnp.mean(x, axis=-1, keepdims=True)
+            return jnp.std(x - mean, axis=-1, keepdims=True, ddof=1), mean
+        return jnp.linalg.norm(x, axis=-1, keepdims=True) / math.sqrt(self.config.d_in), 0.0
 
     def decoder_norms(self):
         """The norm of each feature's decoder row, `[d_sae]`."""
@@ -291,12 +301,25 @@ class SparseDictionary:
         rows = self.W_dec[indices]
         return self._finish_decode(jnp.einsum("...k,...kd->...d", values.astype(rows.dtype), rows) + self.b_dec, x)
 
+    def decode_change(self, delta, features, x=None):
+        """How `decode`'s output changes when the activations of `features`
+        `[n]` change by `delta` `[..., n]`: `decode(acts + delta) - decode(acts)`
+        (biases and skip cancel), from the `n` decoder rows alone.
+
+        `x` (the encoded input) is needed only for a per-token input
+        normalisation, whose undoing scales the change."""
+        if self.config.rescale_acts_by_decoder_norm:
+            delta = delta / self.decoder_norms()[features]
+        change = delta.astype(self.W_dec.dtype) @ self.W_dec[features]
+        if not self._output_depends_on_norm:
+            return change
+        if x is None:
+            raise bad_argument("x", None, "the encoded input: this dictionary's output depends on it (normalisation)")
+        return change * self._denormalizer(x)[0]
+
     def _finish_decode(self, out, x):
         """The decoder's output `out` with the input normalisation undone and the skip added."""
-        needs_input = self.config.skip or (
-            not self.config.transcoder and self.config.normalize_activations in ("layer_norm", "constant_norm_rescale")
-        )
-        if needs_input and x is None:
+        if (self.config.skip or self._output_depends_on_norm) and x is None:
             raise bad_argument(
                 "x", None, "the encoded input: this dictionary's output depends on it (input normalisation or skip)"
             )
