@@ -18,7 +18,10 @@ absolute times are noisy):
                    next to the plain batched forward's tokens/s at the same
                    batch of sequences.
   spliced trace    `trace(model, ids, names=site, hooks=splice(sae,
-                   error=True))` next to the same trace without the hook.
+                   error=True))` next to the same trace without the hook,
+                   and with a JumpReLU SAE of the same width spliced (its
+                   decode is the dense `[T, F] x [F, D]` product; the top-k
+                   one gathers its `k` decoder rows per token).
 
 Model: the benchmarks' 12-layer width-768 configuration with random weights
 (`_common.CONFIG`); the SAE reads `blocks.6.hook_resid_post`.
@@ -138,12 +141,16 @@ def main():
     sae = F.SparseDictionary.init(
         jax.random.key(0), kind="topk", d_in=model.hidden_dim, d_sae=args.width, k=args.k, site=SITE
     )
+    dense = F.SparseDictionary.init(
+        jax.random.key(0), kind="jumprelu", d_in=model.hidden_dim, d_sae=args.width, threshold=0.3, site=SITE
+    )
     one = ids[:1]
-    hooks = F.hooks.splice(sae, error=True)
+    hooks, dense_hooks = F.hooks.splice(sae, error=True), F.hooks.splice(dense, error=True)
     times = median_times(
         {
             "plain trace": lambda: phi3lab.trace(model, one, names=SITE),
             "spliced trace": lambda: phi3lab.trace(model, one, names=SITE, hooks=hooks),
+            "spliced, dense decode": lambda: phi3lab.trace(model, one, names=SITE, hooks=dense_hooks),
         },
         repeats=args.repeats,
     )

@@ -27,15 +27,19 @@ from jax import numpy as jnp
 def topk(pre, k: int):
     """Keep the `k` largest entries of each row of `pre` `[..., F]` (then
     ReLU), zero elsewhere: exactly `k` entries per row may be non-zero."""
-    values, indices = jax.lax.top_k(pre, k)
+    values, indices = topk_sparse(pre, k)
     rows = pre.reshape(-1, pre.shape[-1])
-    flat_indices = indices.reshape(-1, k)
     kept = (
-        jnp.zeros_like(rows)
-        .at[jnp.arange(rows.shape[0])[:, None], flat_indices]
-        .set(jax.nn.relu(values.reshape(-1, k)))
+        jnp.zeros_like(rows).at[jnp.arange(rows.shape[0])[:, None], indices.reshape(-1, k)].set(values.reshape(-1, k))
     )
     return kept.reshape(pre.shape)
+
+
+def topk_sparse(pre, k: int):
+    """`topk(pre, k)` as its `k` kept entries per row: `(values, indices)`,
+    both `[..., k]` (values ReLU'd, so some may be 0)."""
+    values, indices = jax.lax.top_k(pre, k)
+    return jax.nn.relu(values), indices
 
 
 def batch_topk(pre, k: float):

@@ -41,6 +41,7 @@ KINDS = ("relu", "topk", "batchtopk", "jumprelu")
 # SAELens' input normalisations that hold at inference ("expected_average_only_in"
 # is folded into the weights when SAELens saves, so it is the identity here).
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+_PER_TOKEN_NORMALIZATIONS = ("layer_norm", "constant_norm_rescale")  # undone on an SAE's output
 _LAYER_NORM_EPSILON = 1e-5  # SAELens' layer_norm: (x - mean) / (std + 1e-5), std with Bessel's correction
 
 
@@ -221,14 +222,23 @@ class SparseDictionary:
     def denormalize(self, y, x):
         """Undo `normalize(x)` on an output `y` (SAEs only: a transcoder's
         output is not normalised, as in SAELens)."""
-        mode = self.config.normalize_activations
-        if self.config.transcoder or mode not in ("layer_norm", "constant_norm_rescale"):
-            return y
-        if mode == "layer_norm":
-            centred = x - jnp.mean(x, axis=-1, keepdims=True)
-            std = jnp.std(centred, axis=-1, keepdims=True, ddof=1)
-            return y * std + jnp.mean(x, axis=-1, keepdims=True)
-        return y / (math.sqrt(self.config.d_in) / jnp.linalg.norm(x, axis=-1, keepdims=True))
+        scale, shift = self._denormalizer(x)
+        return y if scale is None else y * scale + shift
+
+    @property
+    def _output_depends_on_norm(self) -> bool:
+        """True when a per-token input normalisation is undone on the output (SAEs only)."""
+        return not self.config.transcoder and self.config.normalize_activations in _PER_TOKEN_NORMALIZATIONS
+
+    def _denormalizer(self, x):
+        """`(scale, shift)` with `denormalize(y, x) = y * scale + shift`, or
+        `(None, None)` where it is the identity."""
+        if not self._output_depends_on_norm:
+            return None, None
+        if self.config.normalize_activations == "layer_norm":
+            mean = jnp.mean(x, axis=-1, keepdims=True)
+            return jnp.std(x - mean, axis=-1, keepdims=True, ddof=1), mean
+        return jnp.linalg.norm(x, axis=-1, keepdims=True) / math.sqrt(self.config.d_in), 0.0
 
     def decoder_norms(self):
         """The norm of each feature's decoder row, `[d_sae]`."""
@@ -236,10 +246,10 @@ class SparseDictionary:
 
     def pre_activations(self, x):
         """The encoder's output before the nonlinearity, `[..., d_sae]`."""
-        sae_in = self.normalize(x.astype(self.W_enc.dtype))
-        if self.config.apply_b_dec_to_input:
-            sae_in = sae_in - self.b_dec
-        pre = sae_in @ self.W_enc + self.b_enc
+        # (x_n - b_dec) @ W_enc as x_n @ W_enc - b_dec @ W_enc: the same value, but b_dec's gradient
+        # is then a matrix-vector product, not a [tokens, d_in] x [d_in, d_sae] one.
+        b_enc = self.b_enc - self.b_dec @ self.W_enc if self.config.apply_b_dec_to_input else self.b_enc
+        pre = self.normalize(x.astype(self.W_enc.dtype)) @ self.W_enc + b_enc
         if self.config.rescale_acts_by_decoder_norm:
             pre = pre * self.decoder_norms()
         return pre
@@ -262,6 +272,14 @@ class SparseDictionary:
         """Feature activations of `x` `[..., d_in]` -> `[..., d_sae]`."""
         return self.activate(self.pre_activations(x))
 
+    def encode_topk(self, x):
+        """A `"topk"` dictionary's activations of `x` as its `k` active
+        features per token: `(values, indices)`, both `[..., k]`, so that
+        `encode(x)` is `values` scattered at `indices` (zeros elsewhere)."""
+        if self.config.kind != "topk":
+            raise bad_argument("dictionary", self, 'a dictionary of kind="topk" to encode k features per token')
+        return activation_fns.topk_sparse(self.pre_activations(x), self.config.k)
+
     # === Decoding ===
 
     def decode(self, acts, x=None):
@@ -272,11 +290,36 @@ class SparseDictionary:
         a transcoder's skip connection."""
         if self.config.rescale_acts_by_decoder_norm:
             acts = acts / self.decoder_norms()
-        out = acts.astype(self.W_dec.dtype) @ self.W_dec + self.b_dec
-        needs_input = self.config.skip or (
-            not self.config.transcoder and self.config.normalize_activations in ("layer_norm", "constant_norm_rescale")
-        )
-        if needs_input and x is None:
+        return self._finish_decode(acts.astype(self.W_dec.dtype) @ self.W_dec + self.b_dec, x)
+
+    def decode_topk(self, values, indices, x=None):
+        """`decode` of activations given as `(values, indices)` `[..., k]`
+        (`encode_topk`): `k` decoder rows gathered per token, a
+        `[..., k] x [..., k, d_out]` product instead of `[..., F] x [F, d_out]`."""
+        if self.config.rescale_acts_by_decoder_norm:
+            values = values / self.decoder_norms()[indices]
+        rows = self.W_dec[indices]
+        return self._finish_decode(jnp.einsum("...k,...kd->...d", values.astype(rows.dtype), rows) + self.b_dec, x)
+
+    def decode_change(self, delta, features, x=None):
+        """How `decode`'s output changes when the activations of `features`
+        `[n]` change by `delta` `[..., n]`: `decode(acts + delta) - decode(acts)`
+        (biases and skip cancel), from the `n` decoder rows alone.
+
+        `x` (the encoded input) is needed only for a per-token input
+        normalisation, whose undoing scales the change."""
+        if self.config.rescale_acts_by_decoder_norm:
+            delta = delta / self.decoder_norms()[features]
+        change = delta.astype(self.W_dec.dtype) @ self.W_dec[features]
+        if not self._output_depends_on_norm:
+            return change
+        if x is None:
+            raise bad_argument("x", None, "the encoded input: this dictionary's output depends on it (normalisation)")
+        return change * self._denormalizer(x)[0]
+
+    def _finish_decode(self, out, x):
+        """The decoder's output `out` with the input normalisation undone and the skip added."""
+        if (self.config.skip or self._output_depends_on_norm) and x is None:
             raise bad_argument(
                 "x", None, "the encoded input: this dictionary's output depends on it (input normalisation or skip)"
             )
@@ -288,7 +331,10 @@ class SparseDictionary:
         return out
 
     def __call__(self, x):
-        """The reconstruction of `x` (an SAE) or the predicted target (a transcoder)."""
+        """The reconstruction of `x` (an SAE) or the predicted target (a
+        transcoder); a `"topk"` dictionary decodes only its `k` active features."""
+        if self.config.kind == "topk":
+            return self.decode_topk(*self.encode_topk(x), x)
         return self.decode(self.encode(x), x)
 
     # === Conversions ===

@@ -44,20 +44,20 @@ def _encode_and_edit(x, ctx):
     edit, keep_error, input_site = ctx.static
     source = x if input_site is None else ctx.seen[input_site]
     flat = source.reshape(*source.shape[:2], -1)
+    if edit == "none":  # one encode, one decode (of the k active features only for a top-k dictionary)
+        output = dictionary(flat)
+        if keep_error:  # x + (output - output): exactly x
+            return (x + (output - output).reshape(x.shape)).astype(x.dtype)
+        return output.reshape(x.shape).astype(x.dtype)
     acts = dictionary.encode(flat)
-    output = dictionary.decode(acts, flat)
-    if edit == "none":
-        new_output = output
-    else:
-        current = acts[..., features]
-        changed = values if edit == "set" else current + values
-        if positions is not None:
-            chosen = jnp.zeros(acts.shape[1], bool).at[positions].set(True)[None, :, None]
-            changed = jnp.where(chosen, changed, current)
-        new_output = dictionary.decode(acts.at[..., features].set(changed), flat)
-    if keep_error:  # x + (edited - unedited): exactly x when nothing is edited
-        return (x + (new_output - output).reshape(x.shape)).astype(x.dtype)
-    return new_output.reshape(x.shape).astype(x.dtype)
+    current = acts[..., features]
+    changed = values if edit == "set" else current + values
+    if positions is not None:
+        chosen = jnp.zeros(acts.shape[1], bool).at[positions].set(True)[None, :, None]
+        changed = jnp.where(chosen, changed, current)
+    if keep_error:  # x + (decode(edited) - decode(acts)), from the edited features' decoder rows alone
+        return (x + dictionary.decode_change(changed - current, features, flat).reshape(x.shape)).astype(x.dtype)
+    return dictionary.decode(acts.at[..., features].set(changed), flat).reshape(x.shape).astype(x.dtype)
 
 
 def _record(x, ctx):
