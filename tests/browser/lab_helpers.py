@@ -108,3 +108,21 @@ def check_clean(page) -> None:
     assert page.outside_requests == [], f"the browser tried to leave 127.0.0.1: {page.outside_requests}"
     widget_errors = [e for e in page.errors if "plotly" in e.lower() or "widget" in e.lower()]
     assert widget_errors == [], widget_errors
+
+
+def upload_notebook(lab, name: str, source: str) -> None:
+    """Put a one-cell notebook running `source` on the JupyterLab server
+    `lab = (base, token)` as `name`, through the contents API."""
+    import nbformat
+
+    base, token = lab
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    body = json.dumps({"type": "notebook", "format": "json", "content": json.loads(nbformat.writes(notebook))})
+    request = urllib.request.Request(
+        f"{base}/api/contents/{name}?token={token}",
+        data=body.encode(),
+        method="PUT",
+        headers={"Content-Type": "application/json"},
+    )
+    urllib.request.urlopen(request, timeout=30)

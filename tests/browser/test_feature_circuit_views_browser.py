@@ -7,13 +7,18 @@ segments of the plotly paths are counted in the page) and a click on a node
 shows its table row. Every wait is on a condition in the page.
 """
 
-import json
-import urllib.request
 from pathlib import Path
 
-import nbformat
 import pytest
-from lab_helpers import CELL_ERROR, KERNEL_READY, check_clean, open_and_run, screenshot_on_failure, shot
+from lab_helpers import (
+    CELL_ERROR,
+    KERNEL_READY,
+    check_clean,
+    open_and_run,
+    screenshot_on_failure,
+    shot,
+    upload_notebook,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -37,17 +42,7 @@ DRAWN_SEGMENTS = """el => [...el.querySelectorAll('.scatterlayer .trace path.js-
 def _run(lab, page, name: str, source: str) -> None:
     """Upload a one-cell notebook, open it in a fresh workspace (earlier
     kernels shut down) and run it (not awaited)."""
-    base, token = lab
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    body = json.dumps({"type": "notebook", "format": "json", "content": json.loads(nbformat.writes(notebook))})
-    request = urllib.request.Request(
-        f"{base}/api/contents/{name}?token={token}",
-        data=body.encode(),
-        method="PUT",
-        headers={"Content-Type": "application/json"},
-    )
-    urllib.request.urlopen(request, timeout=30)
+    upload_notebook(lab, name, source)
     open_and_run(lab, page, name)
 
 

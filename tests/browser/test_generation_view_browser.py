@@ -7,13 +7,10 @@ contents API, runs it, and checks that the token strip renders and follows
 the generated-token, layer and head selectors.
 """
 
-import json
 import re
-import urllib.request
 
-import nbformat
 import pytest
-from lab_helpers import KERNEL_READY, screenshot_on_failure, shot
+from lab_helpers import KERNEL_READY, screenshot_on_failure, shot, upload_notebook
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -28,17 +25,9 @@ print(g.prompt_length, len(g.token_ids))
 view"""
 
 
-def _upload(base: str, token: str) -> tuple[int, int]:
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(SOURCE)])
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    body = json.dumps({"type": "notebook", "format": "json", "content": json.loads(nbformat.writes(notebook))})
-    request = urllib.request.Request(
-        f"{base}/api/contents/{NOTEBOOK}?token={token}",
-        data=body.encode(),
-        method="PUT",
-        headers={"Content-Type": "application/json"},
-    )
-    urllib.request.urlopen(request, timeout=30)
+def _upload(lab) -> tuple[int, int]:
+    """Upload the notebook; return the prompt's and the whole sequence's lengths."""
+    upload_notebook(lab, NOTEBOOK, SOURCE)
     import phi3lab
 
     tok = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
@@ -50,7 +39,7 @@ def test_generation_view_in_jupyterlab(lab, page):  # noqa: F811
     from playwright.sync_api import expect
 
     base, token = lab
-    prompt, total = _upload(base, token)
+    prompt, total = _upload(lab)
     page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}")
     page.wait_for_function(KERNEL_READY, timeout=60_000)
     page.evaluate("() => { jupyterapp.commands.execute('notebook:run-all-cells'); }")
