@@ -69,16 +69,26 @@ lint: $(STAMP)
 
 # The suite runs in a few processes (one per group of test files, then the
 # notebooks), so memory that compiled programs and test models leave behind
-# in one process never adds up over the whole suite. pytest's exit 5 ("no
-# tests") in a group is not a failure.
+# in one process never adds up over the whole suite. Each group runs on
+# TEST_WORKERS pytest-xdist workers (whole files per worker, so a module's
+# fixtures load once): most of a test is single-threaded compiling, so two
+# workers keep both cores of a 2-core machine busy. The browser tests share
+# one JupyterLab and run in one worker. All groups and the notebooks' kernels
+# share one fresh JAX compilation cache (PHI3LAB_CACHE_DIR), removed at the
+# end, so a program compiled by one group is loaded, not compiled, by the
+# next. pytest's exit 5 ("no tests") in a group is not a failure.
+TEST_WORKERS ?= 2
 TEST_GROUPS = "tests/browser" "tests/test_[a-h]*.py" "tests/test_[i-s]*.py" "tests/test_[t-z]*.py" "--nbmake notebooks"
 
 test: $(STAMP) $(KERAS_HUB_SUITE_STAMP) browser lint
-	@status=0; for group in $(TEST_GROUPS); do \
+	@status=0; cache=$$(mktemp -d -t phi3lab-test-cache-XXXXXX); \
+	for group in $(TEST_GROUPS); do \
+		case "$$group" in tests/browser) workers=0;; *) workers=$(TEST_WORKERS);; esac; \
 		echo "== pytest $$group"; \
-		$(BIN)/python -m pytest -q -rs --timeout=900 --nbmake-timeout=300 $$group; rc=$$?; \
+		PHI3LAB_CACHE_DIR=$$cache $(BIN)/python -m pytest -q -rs --timeout=900 --nbmake-timeout=300 \
+			-n $$workers --dist loadfile $$group; rc=$$?; \
 		if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then status=$$rc; fi; \
-	done; exit $$status
+	done; rm -rf "$$cache"; exit $$status
 
 # TransformerLens 4 (TransformerBridge) for the comparison rows of
 # benchmarks/trace.py and benchmarks/activations.py. SAELens (a test oracle)

@@ -1,9 +1,13 @@
 """Corpus collection: `phi3lab.activations.collect` against the plain batched forward.
 
-    .venv/bin/python benchmarks/activations.py [--texts 2000] [--trace-texts 200] [--site blocks.6.hook_resid_post]
+    .venv/bin/python benchmarks/activations.py [--texts 2000] [--trace-texts 200] [--rounds 5]
+        [--site blocks.6.hook_resid_post] [--no-transformer-lens]
 
 Random token ids, `--texts` documents of 20-300 tokens, the 12-layer width-768
-model (`_common.CONFIG`). After a first (compiling) collection, in one process:
+model (`_common.CONFIG`). After a first (compiling) collection, in one process,
+the corpus is cut into `--rounds` slices and each round runs every variant
+over its slice (the order rotating), so load that drifts during the run hits
+all variants alike; a line per round shows the running totals:
 
 - `plain forward`: the model's forward without captures (`forward_fn` with no
   names, jitted per bucket) over the very batches `collect` runs (the same
@@ -62,11 +66,12 @@ def plain_forward(model, docs, sizes: dict, window: int):
     return run
 
 
-def transformer_lens_collection(model, docs, sizes: dict, window: int, site: str, threads: int | None):
-    """A no-argument callable that collects `site` with TransformerLens 4
-    (`run_with_cache` with a `names_filter`, batched as TL users batch:
-    the very padded batches `collect` runs, with their attention mask) and
-    keeps the real tokens' rows as NumPy arrays, or None without TL 4."""
+def transformer_lens_collection(model, sizes: dict, window: int, site: str, threads: int | None):
+    """A function of a list of documents returning a no-argument callable
+    that collects `site` over them with TransformerLens 4 (`run_with_cache`
+    with a `names_filter`, batched as TL users batch: the very padded batches
+    `collect` runs, with their attention mask) and keeps the real tokens'
+    rows as NumPy arrays; None without TL 4. One bridge serves every call."""
     from _transformer_lens import bridge
 
     from phi3lab.activations import corpus as batching
@@ -75,21 +80,25 @@ def transformer_lens_collection(model, docs, sizes: dict, window: int, site: str
     if peer is None:
         return None
     torch, tl_model = peer
-    stream = iter(enumerate(docs))
-    padded = [
-        (torch.from_numpy(b.token_ids.astype(np.int64)), torch.from_numpy(b.padding_mask), b.docs >= 0)
-        for b in batching.batches(stream, model, lambda key, _: sizes[f"{key[0]},{key[1]}"], window)
-    ]
 
-    def run():
-        rows = []
-        with torch.no_grad():
-            for ids, mask, real in padded:
-                _, cache = tl_model.run_with_cache(ids, names_filter=[site], attention_mask=mask.long())
-                rows.append(cache[site][mask & torch.from_numpy(real)[:, None]].numpy())
-        return rows
+    def over(docs):
+        stream = iter(enumerate(docs))
+        padded = [
+            (torch.from_numpy(b.token_ids.astype(np.int64)), torch.from_numpy(b.padding_mask), b.docs >= 0)
+            for b in batching.batches(stream, model, lambda key, _: sizes[f"{key[0]},{key[1]}"], window)
+        ]
 
-    return run
+        def run():
+            rows = []
+            with torch.no_grad():
+                for ids, mask, real in padded:
+                    _, cache = tl_model.run_with_cache(ids, names_filter=[site], attention_mask=mask.long())
+                    rows.append(cache[site][mask & torch.from_numpy(real)[:, None]].numpy())
+            return rows
+
+        return run
+
+    return over
 
 
 def timed(run) -> float:
@@ -106,6 +115,7 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=300)
     parser.add_argument("--site", default="blocks.6.hook_resid_post")
     parser.add_argument("--no-transformer-lens", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5, help="slices of the corpus the variants alternate over")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads for TransformerLens")
     args = parser.parse_args()
 
@@ -134,27 +144,42 @@ def main():
     for length in sorted({padded_length(model, len(d))[0] for d in trace_docs}):
         phi3lab.trace(model, next(d for d in trace_docs if padded_length(model, len(d))[0] == length), names=args.site)
 
-    def trace_loop():
-        for ids in trace_docs:
+    def trace_loop(some):
+        for ids in some:
             phi3lab.trace(model, ids, names=args.site)
 
-    with tempfile.TemporaryDirectory() as directory:
-        seconds = {
-            "plain forward": timed(forward),
-            "collect (memory)": timed(lambda: collect(model, docs, args.site, progress=False)),
-            "collect (disk)": timed(lambda: collect(model, docs, args.site, progress=False, store=f"{directory}/s")),
-        }
-    trace_seconds = timed(trace_loop)
-    peer = (
-        None
-        if args.no_transformer_lens
-        else transformer_lens_collection(model, docs, sizes, WINDOW, args.site, args.torch_threads)
-    )
-    if peer is not None:
-        peer()  # warm-up
-        seconds["TransformerLens 4"] = timed(peer)
+    rounds = max(1, min(args.rounds, len(docs)))
+    chunks = [docs[i::rounds] for i in range(rounds)]
+    runners = {
+        "plain forward": [plain_forward(model, chunk, sizes, WINDOW) for chunk in chunks],
+        "collect (memory)": [functools.partial(collect, model, chunk, args.site, progress=False) for chunk in chunks],
+    }
+    directory = tempfile.TemporaryDirectory()
+    runners["collect (disk)"] = [
+        functools.partial(collect, model, chunk, args.site, progress=False, store=f"{directory.name}/{i}")
+        for i, chunk in enumerate(chunks)
+    ]
+    runners["trace loop"] = [functools.partial(trace_loop, trace_docs[i::rounds]) for i in range(rounds)]
+    if not args.no_transformer_lens:
+        peer = transformer_lens_collection(model, sizes, WINDOW, args.site, args.torch_threads)
+        if peer is not None:
+            runners["TransformerLens 4"] = [peer(chunk) for chunk in chunks]
+            runners["TransformerLens 4"][0]()  # warm-up
+    for run in runners["plain forward"]:
+        run()  # compiles the plain programs (the corpus' buckets)
+    # Round-robin: in round r every variant runs its r-th slice of the corpus
+    # (the variants' order rotating), so load that drifts during the run hits
+    # them alike.
+    seconds = dict.fromkeys(runners, 0.0)
+    before = compile_cache.size(model)
+    names = list(runners)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            seconds[name] += timed(runners[name][r])
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {t:.0f} s" for n, t in seconds.items()), flush=True)
+    directory.cleanup()
     rates = {name: tokens / value for name, value in seconds.items()}
-    rates["trace loop"] = sum(len(d) for d in trace_docs) / trace_seconds
+    rates["trace loop"] = sum(len(d) for d in trace_docs) / seconds["trace loop"]
 
     print(f"batch sizes per bucket (padded length, rotary): {sizes}")
     print(f"{'variant':24s} {'tokens/s':>10s}")
@@ -169,6 +194,7 @@ def main():
         if bottom in rates:
             print(f"{top + ' / ' + bottom:36s} {rates[top] / rates[bottom]:6.2f}  (target >= {target})")
     print(f"programs compiled by collect: {compiled} for {len(buckets)} buckets touched; first run {cold:.1f} s")
+    print(f"programs compiled during the timed rounds: {compile_cache.size(model) - before} (0: no compile timed)")
 
 
 if __name__ == "__main__":

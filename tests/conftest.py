@@ -58,6 +58,23 @@ HF_SIZE_NAMES = {
 SIZE_ARGUMENTS = tuple(HF_SIZE_NAMES)
 
 
+@pytest.fixture(scope="module")
+def shipped_model():
+    """The shipped `phi3lab_tiny_en` backbone, loaded once per test module
+    (tests that change a model load their own)."""
+    import phi3lab
+
+    return phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
+
+
+@pytest.fixture(scope="module")
+def shipped_tokenizer():
+    """The shipped `phi3lab_tiny_en` tokenizer, loaded once per test module."""
+    import phi3lab
+
+    return phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
+
+
 def sizes(*values: int, **named: int) -> dict:
     """`Phi3Backbone` size arguments from values in `SIZE_ARGUMENTS`' order
     (vocabulary, layers, hidden, MLP, query heads, key/value heads, max

@@ -105,11 +105,10 @@ def test_hooks_run_as_in_trace(model):
     assert np.abs(plain["hook_logits"] - store["hook_logits"]).max() > 1e-2  # the hooks did act
 
 
-def test_texts_datasets_and_streams_tagged_by_the_tokenizer():
+def test_texts_datasets_and_streams_tagged_by_the_tokenizer(shipped_model, shipped_tokenizer):
     import datasets
 
-    tok = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
-    model = phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
+    model, tok = shipped_model, shipped_tokenizer
     texts = ["When Mary and John went to the store", "red blue green", "Anna gave a book to Tom", "hi"] * 3
     store = collect(model, texts, "blocks.0.hook_resid_post", tokenizer=tok, batch_size=4, progress=False)
     tokens = store.tokens

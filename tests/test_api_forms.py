@@ -92,10 +92,10 @@ def test_logit_lens_view_takes_the_model_first(model, ids, tr):
     assert LogitLensView(model, g).length == 8  # what generate returns
 
 
-def test_one_token_id_rule(model, ids, tr):
+def test_one_token_id_rule(model, ids, tr, shipped_tokenizer):
     """Every entry that takes token ids rejects the same bad id with the
     same message, naming its own argument."""
-    tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
+    tokenizer = shipped_tokenizer
     big = tokenizer.vocabulary_size
     calls = {
         "ids": lambda: phi3lab.trace(model, [[1, VOCAB]]),

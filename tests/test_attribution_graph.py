@@ -34,38 +34,30 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def model():
-    return phi3lab.Phi3Backbone.from_preset(PRESET)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return phi3lab.Phi3Tokenizer.from_preset(PRESET)
-
-
-@pytest.fixture(scope="module")
 def transcoders():
     return [F.from_preset(PRESET, f"transcoder_{layer}") for layer in range(4)]
 
 
 @pytest.fixture(scope="module")
-def prompt(tokenizer):
+def prompt(shipped_tokenizer):
     """A held-out name-mover prompt and its two names' token ids."""
     p = tasks.name_mover_prompts(1, seed=3000, orders=("BABA",))[0]
-    return p.text, tasks.name_token(tokenizer, p.answer), tasks.name_token(tokenizer, p.counterfactual)
+    return p.text, tasks.name_token(shipped_tokenizer, p.answer), tasks.name_token(shipped_tokenizer, p.counterfactual)
 
 
 @pytest.fixture(scope="module")
-def clean(model, tokenizer, prompt):
+def clean(shipped_model, shipped_tokenizer, prompt):
     """An independent trace of the prompt: every site the oracles read."""
-    return phi3lab.trace(model, prompt[0], tokenizer=tokenizer)
+    return phi3lab.trace(shipped_model, prompt[0], tokenizer=shipped_tokenizer)
 
 
 @pytest.fixture(scope="module")
-def graph(model, tokenizer, prompt):
+def graph(shipped_model, shipped_tokenizer, prompt):
     """The whole graph (unpruned) of the logit difference answer - repeated name."""
     text, answer, repeated = prompt
-    return C.attribution_graph(model, text, PRESET, tokenizer=tokenizer, target=(answer, repeated), node_threshold=None)
+    return C.attribution_graph(
+        shipped_model, text, PRESET, tokenizer=shipped_tokenizer, target=(answer, repeated), node_threshold=None
+    )
 
 
 def test_logit_is_the_sum_of_its_direct_effects_and_biases(graph, clean, prompt):
@@ -98,18 +90,18 @@ def test_every_feature_is_the_sum_of_its_direct_effects_and_bias(graph, clean, t
     np.testing.assert_allclose(values[order], np.concatenate(expected), atol=TOLERANCE, rtol=0)
 
 
-def test_token_error_and_feature_edges_match_a_numpy_frozen_model(model, graph, clean, transcoders, prompt):
+def test_token_error_and_feature_edges_match_a_numpy_frozen_model(shipped_model, graph, clean, transcoders, prompt):
     """Single edges against the frozen linear model propagated in NumPy:
     attention patterns and RMS scales read from the clean trace, values
     through each later layer's value and output kernels, MLPs cut."""
     _, answer, repeated = prompt
-    params = model.params()
+    params = shipped_model.params()
     attention = params["decoder"]["attention"]
     value, output = (np.asarray(attention[k], np.float64) for k in ("value_kernel", "output_kernel"))
     norms = {k: np.asarray(params["decoder"][k]["scale"], np.float64) for k in ("attention_norm", "mlp_norm")}
     final_weight = np.asarray(params["final_norm"]["scale"], np.float64)
-    heads = key_value_heads(model.num_query_heads, model.num_key_value_heads)
-    epsilon = model.decoder.attention_norm.epsilon
+    heads = key_value_heads(shipped_model.num_query_heads, shipped_model.num_key_value_heads)
+    epsilon = shipped_model.decoder.attention_norm.epsilon
     inverse_rms = lambda x: 1.0 / np.sqrt(np.mean(np.asarray(x, np.float64) ** 2, -1, keepdims=True) + epsilon)
     site = lambda layer, name: np.asarray(clean[f"blocks.{layer}.{name}"][0], np.float64)
 
@@ -117,18 +109,18 @@ def test_token_error_and_feature_edges_match_a_numpy_frozen_model(model, graph, 
         """The change `delta [T, D]` of the residual stream entering block
         `first_layer` makes at `receiver_layer`'s transcoder input (or at the
         final normalised stream)."""
-        for layer in range(first_layer, model.num_layers):
+        for layer in range(first_layer, shipped_model.num_layers):
             normalized = delta * inverse_rms(site(layer, "hook_resid_pre")) * norms["attention_norm"][layer]
             v = np.einsum("td,dkh->tkh", normalized, value[layer])[:, heads]
             pattern = np.asarray(clean[f"blocks.{layer}.attn.hook_pattern"][0], np.float64)
             delta = delta + np.einsum("nts,snh,nhd->td", pattern, v, output[layer])
             if layer == receiver_layer:
                 return delta * inverse_rms(site(layer, "hook_resid_mid")) * norms["mlp_norm"][layer]
-        final = np.asarray(clean[f"blocks.{model.num_layers - 1}.hook_resid_post"][0], np.float64)
+        final = np.asarray(clean[f"blocks.{shipped_model.num_layers - 1}.hook_resid_post"][0], np.float64)
         return delta * inverse_rms(final) * final_weight
 
     def on_logit(normalized):
-        logits = np.asarray(model.unembed(params, jnp.asarray(normalized[-1], jnp.float32)), np.float64)
+        logits = np.asarray(shipped_model.unembed(params, jnp.asarray(normalized[-1], jnp.float32)), np.float64)
         return logits[answer] - logits[repeated]
 
     table = graph.node_table
@@ -138,7 +130,7 @@ def test_token_error_and_feature_edges_match_a_numpy_frozen_model(model, graph, 
     def source(node):
         """`(delta [T, D] written into the stream, first block that reads it)`."""
         row = table.iloc[index[node]]
-        delta = np.zeros((length, model.hidden_dim))
+        delta = np.zeros((length, shipped_model.hidden_dim))
         if row.kind == "token":
             delta[row.position] = clean["hook_embed"][0][row.position]
             return delta, 0
@@ -179,15 +171,15 @@ def _scaled(x, ctx):
     return resid * (ctx.data if ctx.layer is None else ctx.data[ctx.layer])
 
 
-def test_one_edge_equals_a_jvp_of_the_model_with_frozen_patterns_and_scales(model, graph, clean, prompt):
+def test_one_edge_equals_a_jvp_of_the_model_with_frozen_patterns_and_scales(shipped_model, graph, clean, prompt):
     """`jax.jvp` of the model (its own `forward_fn`) with every attention
     pattern replaced by the clean one, every norm by its input times the
     clean ratio, every MLP output by its clean value plus `t` x a feature's
     output at its layer and position: d logit / d t at 0 is that feature's
     edge into the logit."""
     _, answer, repeated = prompt
-    layers = range(model.num_layers)
-    last = f"blocks.{model.num_layers - 1}.hook_resid_post"
+    layers = range(shipped_model.num_layers)
+    last = f"blocks.{shipped_model.num_layers - 1}.hook_resid_post"
     stack = lambda name: jnp.asarray(np.stack([clean[f"blocks.{l}.{name}"] for l in layers]))
     ratio = lambda normalized, resid: stack(normalized) / stack(resid)
     table, row = graph.node_table, graph.adjacency[-1]
@@ -206,7 +198,7 @@ def test_one_edge_equals_a_jvp_of_the_model_with_frozen_patterns_and_scales(mode
         ("ln_final.hook_normalized", Hook(_scaled, static=(None, last))),
         ("blocks.*.hook_mlp_out", lambda x, ctx: ctx.data[0][ctx.layer] + ctx.data[1] * ctx.data[2][ctx.layer]),
     ]
-    fn = phi3lab.tracing.forward_fn(model, hooks=Hooks(hooks))
+    fn = phi3lab.tracing.forward_fn(shipped_model, hooks=Hooks(hooks))
     final_ratio = jnp.asarray(clean["ln_final.hook_normalized"] / clean[last])
     fixed = (
         None,
@@ -220,7 +212,9 @@ def test_one_edge_equals_a_jvp_of_the_model_with_frozen_patterns_and_scales(mode
 
     def logit_difference(t):
         data = fixed + ((stack("hook_mlp_out"), t, jnp.asarray(direction)),)
-        logits = model.unembed(model.params(), fn(model.params(), jnp.asarray(clean.token_ids), None, data).hidden)
+        logits = shipped_model.unembed(
+            shipped_model.params(), fn(shipped_model.params(), jnp.asarray(clean.token_ids), None, data).hidden
+        )
         return logits[0, -1, answer] - logits[0, -1, repeated]
 
     value, effect = jax.jvp(logit_difference, (jnp.float32(0.0),), (jnp.float32(1.0),))
@@ -228,7 +222,7 @@ def test_one_edge_equals_a_jvp_of_the_model_with_frozen_patterns_and_scales(mode
     assert abs(float(effect) - row[strongest]) <= TOLERANCE * max(1.0, abs(row[strongest]))
 
 
-def test_transcoders_that_write_nothing_leave_tokens_and_errors(model, tokenizer, prompt, clean):
+def test_transcoders_that_write_nothing_leave_tokens_and_errors(shipped_model, shipped_tokenizer, prompt, clean):
     text, answer, _ = prompt
     nothing = [
         dataclasses.replace(
@@ -240,7 +234,9 @@ def test_transcoders_that_write_nothing_leave_tokens_and_errors(model, tokenizer
         )
         for layer in range(4)
     ]
-    graph = C.attribution_graph(model, text, nothing, tokenizer=tokenizer, target=answer, node_threshold=None)
+    graph = C.attribution_graph(
+        shipped_model, text, nothing, tokenizer=shipped_tokenizer, target=answer, node_threshold=None
+    )
     assert set(graph.node_table["kind"]) == {"token", "error", "logits"}
     assert abs(graph.values()[-1] - float(clean.logits[0, -1, answer])) <= TOLERANCE
     assert graph.bias[-1] == 0.0
@@ -387,34 +383,36 @@ def test_reads_a_graph_written_by_circuit_tracer():
     }
 
 
-def test_one_compiled_program_per_prompt_shape(model, tokenizer, prompt, clean):
+def test_one_compiled_program_per_prompt_shape(shipped_model, shipped_tokenizer, prompt, clean):
     # compiled ahead of time per input shape (the run pipeline): other
     # targets and feature limits on the same prompt reuse the program
     from phi3lab.runtime import compile_cache
 
     text, answer, _ = prompt
-    before = compile_cache.size(model, "attribution_graph.effects")
-    C.attribution_graph(model, text, PRESET, tokenizer=tokenizer, target=answer, max_feature_nodes=64)
-    after = compile_cache.size(model, "attribution_graph.effects")
+    before = compile_cache.size(shipped_model, "attribution_graph.effects")
+    C.attribution_graph(shipped_model, text, PRESET, tokenizer=shipped_tokenizer, target=answer, max_feature_nodes=64)
+    after = compile_cache.size(shipped_model, "attribution_graph.effects")
     assert after - before <= 1
-    graph = C.attribution_graph(model, text, PRESET, tokenizer=tokenizer, max_feature_nodes=64, node_threshold=None)
-    assert compile_cache.size(model, "attribution_graph.effects") == after
+    graph = C.attribution_graph(
+        shipped_model, text, PRESET, tokenizer=shipped_tokenizer, max_feature_nodes=64, node_threshold=None
+    )
+    assert compile_cache.size(shipped_model, "attribution_graph.effects") == after
     assert (graph.node_table["kind"] == "feature").sum() == 64
     # the features left out move into the biases: the logit still sums exactly
     assert abs(graph.values()[-1] - float(clean.logits[0, -1].max())) <= TOLERANCE
     assert graph.target == (int(np.argmax(clean.logits[0, -1])),)  # target=None: the top token
 
 
-def test_max_feature_nodes_keeps_the_most_influential_features(model, tokenizer, prompt, graph):
+def test_max_feature_nodes_keeps_the_most_influential_features(shipped_model, shipped_tokenizer, prompt, graph):
     """Visited by influence a batch at a time, 128 features are nearly the
     top 128 by influence in the whole graph (measured: 96% on a 32-token
     prompt at 256 of 2,033), and the logit still sums exactly."""
     text, answer, repeated = prompt
     limited = C.attribution_graph(
-        model,
+        shipped_model,
         text,
         PRESET,
-        tokenizer=tokenizer,
+        tokenizer=shipped_tokenizer,
         target=(answer, repeated),
         max_feature_nodes=128,
         batch_size=32,
@@ -432,24 +430,28 @@ def test_max_feature_nodes_keeps_the_most_influential_features(model, tokenizer,
 @pytest.mark.parametrize(
     ("settings", "tolerance"), [({"quantization": "int8"}, TOLERANCE), ({"dtype": "bfloat16"}, 0.1)]
 )
-def test_int8_and_bfloat16_models(tokenizer, prompt, settings, tolerance):
+def test_int8_and_bfloat16_models(shipped_tokenizer, prompt, settings, tolerance):
     """The int8 model sums exactly too; the bfloat16 model to its precision
     (the logit is ~17: bfloat16 steps of 0.0625 there)."""
-    model = phi3lab.Phi3Backbone.from_preset(PRESET, **settings)
+    shipped_model = phi3lab.Phi3Backbone.from_preset(PRESET, **settings)
     text, answer, _ = prompt
-    graph = C.attribution_graph(model, text, PRESET, tokenizer=tokenizer, target=answer, node_threshold=None)
-    logit = float(phi3lab.trace(model, text, tokenizer=tokenizer, names="hook_logits").logits[0, -1, answer])
+    graph = C.attribution_graph(
+        shipped_model, text, PRESET, tokenizer=shipped_tokenizer, target=answer, node_threshold=None
+    )
+    logit = float(
+        phi3lab.trace(shipped_model, text, tokenizer=shipped_tokenizer, names="hook_logits").logits[0, -1, answer]
+    )
     assert abs(graph.values()[-1] - logit) <= tolerance
 
 
-def test_bad_input(model, tokenizer, prompt, transcoders):
+def test_bad_input(shipped_model, shipped_tokenizer, prompt, transcoders):
     text = prompt[0]
     with pytest.raises(ValueError, match="`transcoders` must be .*replaces every MLP"):
-        C.attribution_graph(model, text, None, tokenizer=tokenizer)
+        C.attribution_graph(shipped_model, text, None, tokenizer=shipped_tokenizer)
     with pytest.raises(ValueError, match=r"`transcoders\[0\]` must be a transcoder reading 'blocks.0.ln2"):
-        C.attribution_graph(model, text, transcoders[1:] + transcoders[:1], tokenizer=tokenizer)
+        C.attribution_graph(shipped_model, text, transcoders[1:] + transcoders[:1], tokenizer=shipped_tokenizer)
     with pytest.raises(ValueError, match="a layer is missing"):
-        C.attribution_graph(model, text, transcoders[:3], tokenizer=tokenizer)
+        C.attribution_graph(shipped_model, text, transcoders[:3], tokenizer=shipped_tokenizer)
     narrow = F.SparseDictionary.init(
         jax.random.key(0),
         kind="topk",
@@ -460,25 +462,29 @@ def test_bad_input(model, tokenizer, prompt, transcoders):
         target_site="blocks.2.hook_mlp_out",
     )
     with pytest.raises(ValueError, match="hidden_dim = 128"):
-        C.attribution_graph(model, text, transcoders[:2] + [narrow] + transcoders[3:], tokenizer=tokenizer)
+        C.attribution_graph(
+            shipped_model, text, transcoders[:2] + [narrow] + transcoders[3:], tokenizer=shipped_tokenizer
+        )
     sae = F.from_preset(PRESET, "resid_post_2")
     with pytest.raises(ValueError, match=r"`transcoders\[2\]`"):
-        C.attribution_graph(model, text, transcoders[:2] + [sae] + transcoders[3:], tokenizer=tokenizer)
+        C.attribution_graph(shipped_model, text, transcoders[:2] + [sae] + transcoders[3:], tokenizer=shipped_tokenizer)
     with pytest.raises(ValueError, match="`target`"):
-        C.attribution_graph(model, text, transcoders, tokenizer=tokenizer, target=10**6)
+        C.attribution_graph(shipped_model, text, transcoders, tokenizer=shipped_tokenizer, target=10**6)
     with pytest.raises(ValueError, match="`target`"):
-        C.attribution_graph(model, text, transcoders, tokenizer=tokenizer, target=(5, 5))
+        C.attribution_graph(shipped_model, text, transcoders, tokenizer=shipped_tokenizer, target=(5, 5))
     with pytest.raises(ValueError, match="`position`"):
-        C.attribution_graph(model, text, transcoders, tokenizer=tokenizer, position=500)
+        C.attribution_graph(shipped_model, text, transcoders, tokenizer=shipped_tokenizer, position=500)
     with pytest.raises(ValueError, match="one prompt"):
-        C.attribution_graph(model, np.ones((2, 5), np.int32), transcoders)
+        C.attribution_graph(shipped_model, np.ones((2, 5), np.int32), transcoders)
     with pytest.raises(ValueError, match="`node_threshold`"):
-        C.attribution_graph(model, text, transcoders, tokenizer=tokenizer, max_feature_nodes=8, node_threshold=1.5)
+        C.attribution_graph(
+            shipped_model, text, transcoders, tokenizer=shipped_tokenizer, max_feature_nodes=8, node_threshold=1.5
+        )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("order", tasks.ORDERS)
-def test_name_mover_graph_runs_through_the_answer_token_and_layer_3(model, tokenizer, order):
+def test_name_mover_graph_runs_through_the_answer_token_and_layer_3(shipped_model, shipped_tokenizer, order):
     """Held-out names, training and held-out templates, each order: in the
     graph of the answer-minus-repeated-name logit,
     * the strongest token -> logit edge comes from the answer name's (only)
@@ -491,9 +497,17 @@ def test_name_mover_graph_runs_through_the_answer_token_and_layer_3(model, token
     positive = 0
     for template in (tasks.TEMPLATES, tasks.HELD_OUT_TEMPLATES):
         for p in tasks.name_mover_prompts(2, seed=3000, orders=(order,), templates=template):
-            answer, repeated = tasks.name_token(tokenizer, p.answer), tasks.name_token(tokenizer, p.counterfactual)
+            answer, repeated = (
+                tasks.name_token(shipped_tokenizer, p.answer),
+                tasks.name_token(shipped_tokenizer, p.counterfactual),
+            )
             graph = C.attribution_graph(
-                model, p.text, PRESET, tokenizer=tokenizer, target=(answer, repeated), node_threshold=None
+                shipped_model,
+                p.text,
+                PRESET,
+                tokenizer=shipped_tokenizer,
+                target=(answer, repeated),
+                node_threshold=None,
             )
             table, row = graph.node_table, np.abs(graph.adjacency[-1])
             kinds, last = table["kind"].to_numpy(), len(graph.token_ids) - 1

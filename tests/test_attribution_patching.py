@@ -29,12 +29,11 @@ def random_pair():
 
 
 @pytest.fixture(scope="module")
-def name_movers():
+def name_movers(shipped_model, shipped_tokenizer):
     """Held-out name-mover prompts of one token length (both orders) and
     their subject-flipped corruptions: S2 becomes the answer's name, so the
     answer flips and the two runs differ at one position."""
-    model = phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
-    tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
+    model, tokenizer = shipped_model, shipped_tokenizer
     rows = {}
     for prompt in tasks.name_mover_prompts(40, seed=3):
         clean, corrupted = tokenizer.encode(prompt.text), tokenizer.encode(prompt.subject_flipped())

@@ -122,9 +122,8 @@ def test_click_shows_the_node_row():
         view.select("nope")
 
 
-def test_feature_node_opens_its_feature_view():
-    model = phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
-    tok = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
+def test_feature_node_opens_its_feature_view(shipped_model, shipped_tokenizer):
+    model, tok = shipped_model, shipped_tokenizer
     texts = [p.text for p in phi3lab.tasks.name_mover_prompts(16, seed=4)]
     graph = feature_graph()
     view = phi3lab.widgets.CircuitView(graph, model=model, data=texts, tokenizer=tok, dictionaries="phi3lab_tiny_en")
@@ -139,12 +138,11 @@ def test_feature_node_opens_its_feature_view():
     assert "dictionaries=" in bare.details.children[0].value
 
 
-def test_attribution_graph_feature_node_opens_its_transcoder_feature_view(tmp_path):
+def test_attribution_graph_feature_node_opens_its_transcoder_feature_view(tmp_path, shipped_model, shipped_tokenizer):
     """An `AttributionGraph` knows its transcoders by the name its feature
     nodes carry, so the view needs only the model and data; a graph read
     back from JSON names them only, and the view says what it needs."""
-    model = phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
-    tok = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
+    model, tok = shipped_model, shipped_tokenizer
     prompt = phi3lab.tasks.name_mover_prompts(1, seed=5)[0].text
     graph = phi3lab.circuits.attribution_graph(model, prompt, "phi3lab_tiny_en", tokenizer=tok, max_feature_nodes=64)
     transcoders = [phi3lab.features.from_preset("phi3lab_tiny_en", f"transcoder_{layer}") for layer in range(4)]

@@ -388,9 +388,8 @@ def test_bad_input_is_refused_clearly(model, pair):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("template", ["training", "held-out"])
-def test_shipped_name_mover_circuit_is_found_and_is_faithful(template):
-    model = phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
-    tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
+def test_shipped_name_mover_circuit_is_found_and_is_faithful(template, shipped_model, shipped_tokenizer):
+    model, tokenizer = shipped_model, shipped_tokenizer
     templates = tasks.TEMPLATES if template == "training" else tasks.HELD_OUT_TEMPLATES
     prompts = tasks.name_mover_prompts(24, seed=21, templates=templates)  # held-out names, both orders
     assert {p.order for p in prompts} == {"ABBA", "BABA"}

@@ -16,9 +16,8 @@ SITE = "blocks.2.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
-def lab():
-    model = phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
-    tok = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
+def lab(shipped_model, shipped_tokenizer):
+    model, tok = shipped_model, shipped_tokenizer
     sae = F.from_preset("phi3lab_tiny_en", "resid_post_2")
     texts = [p.text for p in tasks.name_mover_prompts(24, seed=7)] + [tasks.repeated_words(9, seed=3)]
     store = phi3lab.activations.collect(model, texts, SITE, tokenizer=tok, progress=False)

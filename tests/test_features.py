@@ -349,11 +349,6 @@ def test_file_with_an_unknown_kind_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
-
-
-@pytest.fixture(scope="module")
 def ids():
     return np.random.default_rng(8).integers(0, 1024, (2, 12))
 
@@ -363,60 +358,62 @@ def tiny_dictionary(kind="topk", transcoder=False, seed=0):
 
 
 @pytest.fixture(scope="module")
-def clean(tiny, ids):
-    return phi3lab.trace(tiny, ids, names=[RESID, MLP_IN, MLP_OUT, "hook_logits"])
+def clean(shipped_model, ids):
+    return phi3lab.trace(shipped_model, ids, names=[RESID, MLP_IN, MLP_OUT, "hook_logits"])
 
 
 @pytest.mark.parametrize("transcoder", [False, True])
-def test_splice_is_the_clean_run_with_the_error_term_and_the_output_without(tiny, ids, clean, transcoder):
+def test_splice_is_the_clean_run_with_the_error_term_and_the_output_without(shipped_model, ids, clean, transcoder):
     d = tiny_dictionary(transcoder=transcoder)
     site = d.config.target_site or d.config.site
     names = [site, "hook_logits"]
-    spliced = phi3lab.trace(tiny, ids, names=names, hooks=F.hooks.splice(d, error=True))
+    spliced = phi3lab.trace(shipped_model, ids, names=names, hooks=F.hooks.splice(d, error=True))
     for name in names:
         np.testing.assert_array_equal(spliced[name], clean[name])
-    spliced = phi3lab.trace(tiny, ids, names=names, hooks=F.hooks.splice(d))
+    spliced = phi3lab.trace(shipped_model, ids, names=names, hooks=F.hooks.splice(d))
     x = clean[d.config.site].reshape(-1, 128)
     expected = numpy_output(d, x, numpy_encode(d, x))
     np.testing.assert_allclose(spliced[site].reshape(-1, 128), expected, atol=1e-4, rtol=1e-5)
 
 
-def test_clamp_edits_one_feature_and_new_values_compile_nothing(tiny, ids, clean):
+def test_clamp_edits_one_feature_and_new_values_compile_nothing(shipped_model, ids, clean):
     d = tiny_dictionary("relu")
     acts = numpy_encode(d, clean[RESID].reshape(-1, 128)).reshape(2, 12, -1)
-    clamped = phi3lab.trace(tiny, ids, names=RESID, hooks=F.hooks.clamp(d, None, {9: 3.0}, positions=[4]))
+    clamped = phi3lab.trace(shipped_model, ids, names=RESID, hooks=F.hooks.clamp(d, None, {9: 3.0}, positions=[4]))
     delta = np.zeros_like(acts)
     delta[:, 4, 9] = 3.0 - acts[:, 4, 9]
     expected = clean[RESID] + delta @ np.asarray(d.W_dec, np.float64)  # error term kept
     np.testing.assert_allclose(clamped[RESID], expected, atol=1e-4)
-    programs = compile_cache.size(tiny)
-    phi3lab.trace(tiny, ids, names=RESID, hooks=F.hooks.clamp(d, None, {17: -2.0}, positions=[7]))
+    programs = compile_cache.size(shipped_model)
+    phi3lab.trace(shipped_model, ids, names=RESID, hooks=F.hooks.clamp(d, None, {17: -2.0}, positions=[7]))
     other = tiny_dictionary("relu", seed=3)
-    phi3lab.trace(tiny, ids, names=RESID, hooks=F.hooks.clamp(other, None, {1: 5.0}, positions=[0]))
-    assert compile_cache.size(tiny) == programs
-    ablated = phi3lab.trace(tiny, ids, names=RESID, hooks=F.hooks.ablate(d, None, [9]))
+    phi3lab.trace(shipped_model, ids, names=RESID, hooks=F.hooks.clamp(other, None, {1: 5.0}, positions=[0]))
+    assert compile_cache.size(shipped_model) == programs
+    ablated = phi3lab.trace(shipped_model, ids, names=RESID, hooks=F.hooks.ablate(d, None, [9]))
     np.testing.assert_allclose(ablated[RESID], clean[RESID] - acts[..., 9:10] * np.asarray(d.W_dec[9]), atol=1e-4)
 
 
 @pytest.mark.slow
-def test_hooks_work_in_generate_and_gradients(tiny, ids):
-    tok = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
+def test_hooks_work_in_generate_and_gradients(shipped_model, shipped_tokenizer, ids):
+    tok = shipped_tokenizer
     d = tiny_dictionary()
-    plain = phi3lab.generate(tiny, tok, "Mary and John went", max_new_tokens=4)
-    spliced = phi3lab.generate(tiny, tok, "Mary and John went", max_new_tokens=4, hooks=F.hooks.splice(d, error=True))
+    plain = phi3lab.generate(shipped_model, tok, "Mary and John went", max_new_tokens=4)
+    spliced = phi3lab.generate(
+        shipped_model, tok, "Mary and John went", max_new_tokens=4, hooks=F.hooks.splice(d, error=True)
+    )
     np.testing.assert_array_equal(spliced.token_ids, plain.token_ids)
     names = ["blocks.1.hook_resid_post"]
-    clean = phi3lab.gradients(tiny, ids, answer=3, names=names)
-    through = phi3lab.gradients(tiny, ids, answer=3, names=names, hooks=F.hooks.splice(d, error=True))
+    clean = phi3lab.gradients(shipped_model, ids, answer=3, names=names)
+    through = phi3lab.gradients(shipped_model, ids, answer=3, names=names, hooks=F.hooks.splice(d, error=True))
     np.testing.assert_allclose(through.grad(names[0]), clean.grad(names[0]), atol=1e-6)
 
 
-def test_bad_hooks_are_refused_with_the_argument_named(tiny, ids):
+def test_bad_hooks_are_refused_with_the_argument_named(shipped_model, ids):
     wrong_width = random_dictionary("relu")  # d_in=16 on a 128-wide site
     with pytest.raises(ValueError, match="`dictionary` must be a dictionary of d_in=128"):
-        phi3lab.trace(tiny, ids, hooks=F.hooks.splice(wrong_width))
+        phi3lab.trace(shipped_model, ids, hooks=F.hooks.splice(wrong_width))
     with pytest.raises(ValueError, match="`site` must be a hook name.*blocks.1.hook_resid_post"):
-        phi3lab.trace(tiny, ids, hooks=F.hooks.splice(tiny_dictionary(), "blocks.1.hook_resid_pots"))
+        phi3lab.trace(shipped_model, ids, hooks=F.hooks.splice(tiny_dictionary(), "blocks.1.hook_resid_pots"))
     with pytest.raises(ValueError, match="`features` must be feature ids"):
         F.hooks.clamp(tiny_dictionary(), None, {256: 1.0})
 
@@ -494,13 +491,13 @@ def test_training_is_data_parallel_over_eight_devices(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_streams_from_the_model_and_evaluate_matches_a_recomputation(tiny):
+def test_training_streams_from_the_model_and_evaluate_matches_a_recomputation(shipped_model):
     ids = np.random.default_rng(9).integers(0, 1024, (32, 32))
-    result = F.train(tiny, ids, site=RESID, kind="topk", width=256, k=8, tokens=4096, batch_size=512, lr=3e-3)
+    result = F.train(shipped_model, ids, site=RESID, kind="topk", width=256, k=8, tokens=4096, batch_size=512, lr=3e-3)
     d = result.dictionary
     assert d.config.site == RESID and d.config.d_in == 128
-    row = F.evaluate(tiny, d, ids[:4])
-    clean = phi3lab.trace(tiny, ids[:4], names=[RESID, "hook_logits"])
+    row = F.evaluate(shipped_model, d, ids[:4])
+    clean = phi3lab.trace(shipped_model, ids[:4], names=[RESID, "hook_logits"])
     x = clean[RESID].reshape(-1, 128).astype(np.float64)
     acts = numpy_encode(d, x)
     error = numpy_output(d, x, acts) - x
@@ -509,8 +506,8 @@ def test_training_streams_from_the_model_and_evaluate_matches_a_recomputation(ti
     )
     assert row["l0"].iloc[0] == pytest.approx(8.0)
     assert row["dead_fraction"].iloc[0] == pytest.approx(np.mean((acts > 0).sum(0) == 0))
-    spliced = phi3lab.trace(tiny, ids[:4], names="hook_logits", hooks=F.hooks.splice(d)).loss()
-    zeroed = phi3lab.trace(tiny, ids[:4], names="hook_logits", hooks={RESID: lambda x, ctx: x * 0}).loss()
+    spliced = phi3lab.trace(shipped_model, ids[:4], names="hook_logits", hooks=F.hooks.splice(d)).loss()
+    zeroed = phi3lab.trace(shipped_model, ids[:4], names="hook_logits", hooks={RESID: lambda x, ctx: x * 0}).loss()
     assert row["loss_clean"].iloc[0] == pytest.approx(clean.loss(), rel=1e-6)
     expected = (zeroed - spliced) / (zeroed - clean.loss())
     assert row["ce_loss_recovered"].iloc[0] == pytest.approx(expected, rel=1e-5)
@@ -529,7 +526,7 @@ class ListStore:
             yield rows[order[start : start + batch_size]]
 
 
-def test_training_reads_a_store_and_refuses_bad_input(tiny):
+def test_training_reads_a_store_and_refuses_bad_input(shipped_model):
     x, _ = planted_activations(rows=4096)
     result = F.train(None, ListStore({"s": x}), site="s", kind="relu", l1=0.01, width=64, tokens=2048, batch_size=256)
     assert result.tokens == 2048 and len(result.curves) == 8
@@ -547,7 +544,9 @@ def test_training_reads_a_store_and_refuses_bad_input(tiny):
     with pytest.raises(ValueError, match="`data` must be finite activations"):
         F.train(None, ListStore({"s": x * np.nan}), site="s", kind="topk", k=3, width=64, tokens=512, batch_size=256)
     with pytest.raises(ValueError, match="`site` entry 'blocks.1.hook_resid_pots' matches no hook name"):
-        F.train(tiny, x, site="blocks.1.hook_resid_pots", kind="topk", k=3, width=64, tokens=512, batch_size=256)
+        F.train(
+            shipped_model, x, site="blocks.1.hook_resid_pots", kind="topk", k=3, width=64, tokens=512, batch_size=256
+        )
     with pytest.raises(ValueError, match="`k` must be"):
         F.train(None, x, site="s", kind="topk", width=64, tokens=512, batch_size=256)
     with pytest.raises(ValueError, match="`l1` must be"):
@@ -557,10 +556,10 @@ def test_training_reads_a_store_and_refuses_bad_input(tiny):
 
 
 @pytest.mark.slow
-def test_feature_attribution_is_the_gradient_of_the_metric_per_feature(tiny, ids):
+def test_feature_attribution_is_the_gradient_of_the_metric_per_feature(shipped_model, ids):
     d = tiny_dictionary("relu")
     row = ids[:1]
-    attribution = F.attribute(tiny, d, row, answer=5, counterfactual=7)
+    attribution = F.attribute(shipped_model, d, row, answer=5, counterfactual=7)
     assert attribution.scores.shape == (1, 12, 256)
     np.testing.assert_allclose(attribution.scores, attribution.activations * attribution.gradients)
     # Finite differences: nudge one feature at one position through an `add` hook.
@@ -570,7 +569,7 @@ def test_feature_attribution_is_the_gradient_of_the_metric_per_feature(tiny, ids
 
     def metric(value):
         logits = phi3lab.trace(
-            tiny, row, names="hook_logits", hooks=F.hooks.add(d, None, {feature: value}, positions=[position])
+            shipped_model, row, names="hook_logits", hooks=F.hooks.add(d, None, {feature: value}, positions=[position])
         ).logits
         return float(logits[0, -1, 5]) - float(logits[0, -1, 7])
 

@@ -210,13 +210,8 @@ def test_sampler_allowed_set_is_the_nucleus():
 # === Stop tokens, streaming, text ===========================================
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en"), phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
-
-
-def test_text_stream_stop_and_progress(tiny, capsys):
-    model, tok = tiny
+def test_text_stream_stop_and_progress(shipped_model, shipped_tokenizer, capsys):
+    model, tok = shipped_model, shipped_tokenizer
     pieces = []
     prompt = "When Mary and John went to the store, John gave a drink to"
     g = phi3lab.generate(model, prompt, tokenizer=tok, max_new_tokens=6, stream=pieces.append, progress=True)
@@ -256,8 +251,8 @@ def test_bad_arguments(models, kwargs, fragment):
         phi3lab.generate(models("plain"), **args)
 
 
-def test_unknown_stop_token_string(tiny):
-    model, tok = tiny
+def test_unknown_stop_token_string(shipped_model, shipped_tokenizer):
+    model, tok = shipped_model, shipped_tokenizer
     with pytest.raises(ValueError, match="stop"):
         phi3lab.generate(model, "hello", tokenizer=tok, stop=["<|no-such-token|>"])
 

@@ -109,9 +109,8 @@ def name_store(model, tok, count: int, seed: int, names, templates):
     return store, (tokens.groupby(["doc", "token_id"]).cumcount() > 0).to_numpy()
 
 
-def test_shipped_model_represents_a_repeated_name_on_held_out_names_and_template():
-    tok = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
-    model = phi3lab.Phi3Backbone.from_preset("phi3lab_tiny_en")
+def test_shipped_model_represents_a_repeated_name_on_held_out_names_and_template(shipped_model, shipped_tokenizer):
+    model, tok = shipped_model, shipped_tokenizer
     train, labels = name_store(model, tok, 300, 0, tasks.TRAIN_NAMES, tasks.TEMPLATES)
     held_out, held_labels = name_store(model, tok, 150, 1, tasks.HELD_OUT_NAMES, tasks.HELD_OUT_TEMPLATES)
     sweep = probe_sweep(train, labels)

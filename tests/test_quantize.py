@@ -264,14 +264,12 @@ def test_float_weights_never_load_into_int8_kernels(tmp_path):
         Phi3Backbone.from_preset(str(directory), dtype=int8_map())
 
 
-def test_generation_runs_on_int8():
+def test_generation_runs_on_int8(shipped_model, shipped_tokenizer):
     """Greedy generation on the shipped model, quantized, continues the
     task prompt as the float32 model does."""
-    tokenizer = phi3lab.Phi3Tokenizer.from_preset("phi3lab_tiny_en")
+    tokenizer = shipped_tokenizer
     prompt = "Mary and John went to the store. John gave a drink to"
-    expected = phi3lab.generate(
-        Phi3Backbone.from_preset("phi3lab_tiny_en"), prompt, tokenizer=tokenizer, max_new_tokens=4
-    )
+    expected = phi3lab.generate(shipped_model, prompt, tokenizer=tokenizer, max_new_tokens=4)
     model = Phi3Backbone.from_preset("phi3lab_tiny_en", quantization="int8")
     quantized = phi3lab.generate(model, prompt, tokenizer=tokenizer, max_new_tokens=4)
     assert expected.text and quantized.text == expected.text

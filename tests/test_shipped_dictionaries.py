@@ -58,24 +58,16 @@ def training_script():
 
 
 @pytest.fixture(scope="module")
-def model():
-    return phi3lab.Phi3Backbone.from_preset(PRESET)
+def held_out(shipped_tokenizer):
+    return training_script().rows(shipped_tokenizer, 200, seed=HELD_OUT_SEED)[:HELD_OUT_ROWS]
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return phi3lab.Phi3Tokenizer.from_preset(PRESET)
-
-
-@pytest.fixture(scope="module")
-def held_out(tokenizer):
-    return training_script().rows(tokenizer, 200, seed=HELD_OUT_SEED)[:HELD_OUT_ROWS]
-
-
-@pytest.fixture(scope="module")
-def evaluations(model, held_out):
+def evaluations(shipped_model, held_out):
     """`{name: evaluate row}` for every shipped dictionary."""
-    return {name: F.evaluate(model, F.from_preset(PRESET, name), held_out).iloc[0] for name in [SAE, *TRANSCODERS]}
+    return {
+        name: F.evaluate(shipped_model, F.from_preset(PRESET, name), held_out).iloc[0] for name in [SAE, *TRANSCODERS]
+    }
 
 
 def test_the_preset_ships_small_saelens_files_with_their_evaluation():
@@ -114,13 +106,15 @@ def test_shipped_dictionary_stands_in_for_its_site_on_held_out_text(evaluations,
     assert row["l0"] <= MAX_L0
 
 
-def test_saelens_encodes_the_shipped_sae_as_phi3lab_does(model, held_out):
+def test_saelens_encodes_the_shipped_sae_as_phi3lab_does(shipped_model, held_out):
     torch = require("torch")
     sae_lens = require("sae_lens")
     theirs = sae_lens.SAE.load_from_disk(DIRECTORY / SAE)
     ours = F.from_preset(PRESET, SAE)
     assert theirs.cfg.metadata.hook_name == ours.config.site
-    x = phi3lab.trace(model, held_out[:4], names=ours.config.site)[ours.config.site].reshape(-1, model.hidden_dim)
+    x = phi3lab.trace(shipped_model, held_out[:4], names=ours.config.site)[ours.config.site].reshape(
+        -1, shipped_model.hidden_dim
+    )
     with torch.no_grad():
         acts = theirs.encode(torch.tensor(x)).numpy()
         out = theirs(torch.tensor(x)).numpy()
@@ -161,14 +155,14 @@ def most_contrasting_feature(positive: np.ndarray, negative: np.ndarray) -> int:
     return int(np.argmax((positive > 0).mean(0) - (negative > 0).mean(0)))
 
 
-def test_the_naming_procedure_finds_the_recorded_second_mention_features(model, tokenizer):
+def test_the_naming_procedure_finds_the_recorded_second_mention_features(shipped_model, shipped_tokenizer):
     sae = F.from_preset(PRESET, SAE)
-    found = {order: second_mention_feature(model, tokenizer, sae, order) for order in tasks.ORDERS}
+    found = {order: second_mention_feature(shipped_model, shipped_tokenizer, sae, order) for order in tasks.ORDERS}
     assert found == SECOND_MENTION_FEATURES
 
 
 @pytest.fixture(scope="module")
-def held_out_mentions(model, tokenizer):
+def held_out_mentions(shipped_model, shipped_tokenizer):
     """`{order: (second, first)}` feature activations on held-out names and
     the held-out template, one name order at a time."""
     sae = F.from_preset(PRESET, SAE)
@@ -177,7 +171,7 @@ def held_out_mentions(model, tokenizer):
         prompts = tasks.name_mover_prompts(
             128, seed=HELD_OUT_SEED, names=tasks.HELD_OUT_NAMES, templates=tasks.HELD_OUT_TEMPLATES, orders=(order,)
         )
-        mentions[order] = mention_activations(model, tokenizer, sae, prompts)
+        mentions[order] = mention_activations(shipped_model, shipped_tokenizer, sae, prompts)
     return mentions
 
 
@@ -216,20 +210,24 @@ def copy_activations(model, tokenizer, sae, period: int, seed: int) -> tuple[np.
     return acts[:, period + 2 :].reshape(-1, sae.config.d_sae), acts[:, 1 : period + 1].reshape(-1, sae.config.d_sae)
 
 
-def test_the_naming_procedure_finds_the_recorded_repeated_token_feature(model, tokenizer):
+def test_the_naming_procedure_finds_the_recorded_repeated_token_feature(shipped_model, shipped_tokenizer):
     # On training periods (seed 0 + period): the feature firing most more
     # often on second copies than on first copies.
     sae = F.from_preset(PRESET, SAE)
-    copies = [copy_activations(model, tokenizer, sae, period, seed=period) for period in TRAIN_PERIODS]
+    copies = [copy_activations(shipped_model, shipped_tokenizer, sae, period, seed=period) for period in TRAIN_PERIODS]
     second, first = (np.concatenate(part) for part in zip(*copies))
     assert most_contrasting_feature(second, first) == REPEATED_TOKEN_FEATURE
 
 
 @pytest.mark.parametrize("period", HELD_OUT_PERIODS)
-def test_repeated_token_feature_fires_on_second_copies_not_on_the_same_tokens_first(model, tokenizer, period):
+def test_repeated_token_feature_fires_on_second_copies_not_on_the_same_tokens_first(
+    shipped_model, shipped_tokenizer, period
+):
     # The first copy holds the same tokens at overlapping positions (period 23's
     # first copy spans period 7's second), so a feature for a token or a
     # position would fire there too. It fires on a minority of repeats only.
-    second, first = copy_activations(model, tokenizer, F.from_preset(PRESET, SAE), period, seed=HELD_OUT_SEED + period)
+    second, first = copy_activations(
+        shipped_model, shipped_tokenizer, F.from_preset(PRESET, SAE), period, seed=HELD_OUT_SEED + period
+    )
     assert (second[:, REPEATED_TOKEN_FEATURE] > 0).mean() >= 0.25
     assert (first[:, REPEATED_TOKEN_FEATURE] > 0).mean() <= 0.05

@@ -21,19 +21,9 @@ HELD_OUT_PERIODS = (7, 13, 23)  # never trained on (scripts/train_tiny.py)
 
 
 @pytest.fixture(scope="module")
-def model():
-    return phi3lab.Phi3Backbone.from_preset(PRESET)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return phi3lab.Phi3Tokenizer.from_preset(PRESET)
-
-
-@pytest.fixture(scope="module")
-def scores(model):
+def scores(shipped_model):
     """The head detectors' scores on 8 random sequences of 20 tokens."""
-    return phi3lab.analysis.head_scores(model, seq_len=20, num_sequences=8)
+    return phi3lab.analysis.head_scores(shipped_model, seq_len=20, num_sequences=8)
 
 
 def token_losses(model, ids):
@@ -62,10 +52,10 @@ def test_shipped_preset_is_small_and_complete():
         assert (directory / name).is_file()
 
 
-def test_architecture_shows_su_switch_within_a_few_hundred_tokens(model):
-    assert model.rope_scaling_type == "su"
-    assert model.num_key_value_heads < model.num_query_heads
-    assert model.pretraining_sequence_length < model.max_sequence_length <= 1024
+def test_architecture_shows_su_switch_within_a_few_hundred_tokens(shipped_model):
+    assert shipped_model.rope_scaling_type == "su"
+    assert shipped_model.num_key_value_heads < shipped_model.num_query_heads
+    assert shipped_model.pretraining_sequence_length < shipped_model.max_sequence_length <= 1024
 
 
 def training_script():
@@ -98,16 +88,16 @@ def test_held_out_names_and_template_never_occur_in_a_training_name_mover_senten
     assert 0.4 < np.mean([match["s"] == match["a"] for match in found]) < 0.6
 
 
-def test_held_out_loss_beats_unigram_baseline(model, tokenizer):
+def test_held_out_loss_beats_unigram_baseline(shipped_model, shipped_tokenizer):
     """Cross-entropy on documents from seeds never trained on, against a
     unigram model fitted on another large sample of the same generator."""
     script = training_script()
-    fit = script.token_stream(tokenizer, script.documents(3000, seed=101))
-    held_out = script.token_stream(tokenizer, script.documents(200, seed=202))
-    counts = np.bincount(fit, minlength=model.vocabulary_size) + 1.0
+    fit = script.token_stream(shipped_tokenizer, script.documents(3000, seed=101))
+    held_out = script.token_stream(shipped_tokenizer, script.documents(200, seed=202))
+    counts = np.bincount(fit, minlength=shipped_model.vocabulary_size) + 1.0
     unigram = -np.mean(np.log(counts / counts.sum())[held_out[1:]])
     windows = np.stack([held_out[i : i + 129] for i in range(0, len(held_out) - 129, 129)][:16])
-    model_loss = token_losses(model, windows).mean()
+    model_loss = token_losses(shipped_model, windows).mean()
     assert model_loss < 0.6 * unigram, (model_loss, unigram)
 
 
@@ -122,10 +112,10 @@ def induction_ratios(model, tokenizer) -> dict[int, float]:
     return ratios
 
 
-def test_induction_on_unseen_periods(model, tokenizer):
+def test_induction_on_unseen_periods(shipped_model, shipped_tokenizer):
     """The second copy of a random token sequence is predicted far better
     than the first, at periods never trained on."""
-    ratios = induction_ratios(model, tokenizer)
+    ratios = induction_ratios(shipped_model, shipped_tokenizer)
     assert all(ratio < 0.3 for ratio in ratios.values()), ratios
 
 
@@ -138,38 +128,41 @@ def test_detectors_find_induction_above_a_previous_token_head(scores):
 
 
 @pytest.mark.parametrize("order", tasks.ORDERS)
-def test_name_mover_on_held_out_names_in_each_order(model, tokenizer, order):
-    metrics = run(model, tasks.name_mover_batch(tokenizer, prompts(80, seed=11, orders=(order,))))
+def test_name_mover_on_held_out_names_in_each_order(shipped_model, shipped_tokenizer, order):
+    metrics = run(shipped_model, tasks.name_mover_batch(shipped_tokenizer, prompts(80, seed=11, orders=(order,))))
     assert metrics["top1"] >= 0.8, metrics
     assert metrics["beats"] >= 0.95, metrics
 
 
-def test_no_positional_shortcut(model, tokenizer):
+def test_no_positional_shortcut(shipped_model, shipped_tokenizer):
     """The same accuracy whichever name is repeated: a model that says the
     first (or the last) name would be right in one order only. (A model
     near 0 top-1 in both orders has no gap in top-1, so the gap is also
     measured on "beats the repeated name".)"""
     metrics = [
-        run(model, tasks.name_mover_batch(tokenizer, prompts(80, seed=11, orders=(order,)))) for order in tasks.ORDERS
+        run(shipped_model, tasks.name_mover_batch(shipped_tokenizer, prompts(80, seed=11, orders=(order,))))
+        for order in tasks.ORDERS
     ]
     for key in ("top1", "beats"):
         assert abs(metrics[0][key] - metrics[1][key]) <= 0.10, (key, metrics)
 
 
-def test_name_mover_on_held_out_template_and_names(model, tokenizer):
+def test_name_mover_on_held_out_template_and_names(shipped_model, shipped_tokenizer):
     for order in tasks.ORDERS:
         batch = tasks.name_mover_batch(
-            tokenizer, prompts(80, seed=12, templates=tasks.HELD_OUT_TEMPLATES, orders=(order,))
+            shipped_tokenizer, prompts(80, seed=12, templates=tasks.HELD_OUT_TEMPLATES, orders=(order,))
         )
-        metrics = run(model, batch)
+        metrics = run(shipped_model, batch)
         assert metrics["beats"] >= 0.85, (order, metrics)
 
 
-def test_name_mover_with_distractor_names(model, tokenizer):
+def test_name_mover_with_distractor_names(shipped_model, shipped_tokenizer):
     """A third name said twice in front: the answer is still the name said once."""
     names = tasks.HELD_OUT_NAMES
-    batch = tasks.name_mover_batch(tokenizer, tasks.name_mover_prompts(80, seed=13, names=names, distractor_rate=1.0))
-    assert run(model, batch)["beats"] >= 0.85
+    batch = tasks.name_mover_batch(
+        shipped_tokenizer, tasks.name_mover_prompts(80, seed=13, names=names, distractor_rate=1.0)
+    )
+    assert run(shipped_model, batch)["beats"] >= 0.85
 
 
 @pytest.mark.parametrize(
@@ -179,8 +172,12 @@ def test_name_mover_with_distractor_names(model, tokenizer):
         "When John and Mary went to the store, John gave a drink to",
     ],
 )
-def test_generate_completes_a_name_mover_prompt_in_either_order(model, tokenizer, text):
-    assert str(phi3lab.generate(model, text, tokenizer=tokenizer, max_new_tokens=3)).strip().startswith("Mary")
+def test_generate_completes_a_name_mover_prompt_in_either_order(shipped_model, shipped_tokenizer, text):
+    assert (
+        str(phi3lab.generate(shipped_model, text, tokenizer=shipped_tokenizer, max_new_tokens=3))
+        .strip()
+        .startswith("Mary")
+    )
 
 
 # The circuit docs/tiny_model.md names (found with 04_activation_patching.ipynb
@@ -217,8 +214,8 @@ def end_attention(model, tokenizer, order):
 
 
 @pytest.mark.parametrize("order", tasks.ORDERS)
-def test_name_movers_look_at_the_answer_in_either_order(model, tokenizer, order):
-    to_answer, to_repeated = end_attention(model, tokenizer, order)
+def test_name_movers_look_at_the_answer_in_either_order(shipped_model, shipped_tokenizer, order):
+    to_answer, to_repeated = end_attention(shipped_model, shipped_tokenizer, order)
     for layer, head in NAME_MOVERS:
         assert to_answer[:, layer, head].mean() > 0.5, (layer, head, order)
         assert to_repeated[:, layer, head].mean() < 0.2, (layer, head, order)
@@ -238,22 +235,22 @@ def logit_difference(clean):
     return dict(answer=clean.answer, counterfactual=clean.counterfactual, padding_mask=clean.padding_mask)
 
 
-def test_patching_the_circuit_restores_the_logit_difference(model, tokenizer):
+def test_patching_the_circuit_restores_the_logit_difference(shipped_model, shipped_tokenizer):
     """The named heads together carry the name swap; every other head alone
     carries almost none of it."""
-    clean, corrupted = corrupted_pairs(tokenizer, "swap")
+    clean, corrupted = corrupted_pairs(shipped_tokenizer, "swap")
     metric = logit_difference(clean)
     together = phi3lab.analysis.path_patching(
-        model, clean.token_ids, corrupted, CIRCUIT, ["resid_final"], freeze=False, **metric
+        shipped_model, clean.token_ids, corrupted, CIRCUIT, ["resid_final"], freeze=False, **metric
     )
     assert together.value >= 0.7, together
     alone = phi3lab.analysis.activation_patching(
-        model, clean.token_ids, corrupted, sites="head_z", progress=False, **metric
+        shipped_model, clean.token_ids, corrupted, sites="head_z", progress=False, **metric
     ).values
     others = [
         alone[layer, head]
-        for layer in range(model.num_layers)
-        for head in range(model.num_query_heads)
+        for layer in range(shipped_model.num_layers)
+        for head in range(shipped_model.num_query_heads)
         if (layer, head) not in CIRCUIT
     ]
     assert max(np.abs(others)) <= 0.1, others
@@ -267,25 +264,34 @@ def mover_inputs(model, part):
     return sorted({(layer, phi3lab.hooks.key_value_head_of(model, head), part) for layer, head in NAME_MOVERS})
 
 
-def test_the_movers_copy_the_names_from_the_token_head(model, tokenizer, scores):
+def test_the_movers_copy_the_names_from_the_token_head(shipped_model, shipped_tokenizer, scores):
     """The token head attends each position to itself, and its output,
     read through the movers' values only, carries the name swap."""
-    clean, corrupted = corrupted_pairs(tokenizer, "swap")
-    tr = phi3lab.trace(model, clean.token_ids, padding_mask=clean.padding_mask, names="blocks.0.attn.hook_pattern")
+    clean, corrupted = corrupted_pairs(shipped_tokenizer, "swap")
+    tr = phi3lab.trace(
+        shipped_model, clean.token_ids, padding_mask=clean.padding_mask, names="blocks.0.attn.hook_pattern"
+    )
     pattern = np.asarray(tr.attention(TOKEN_HEAD[0]))[:, TOKEN_HEAD[1]]
     assert np.diagonal(pattern, axis1=1, axis2=2)[:, 1:12].mean() > 0.9
     assert scores.set_index(["layer", "head"]).loc[TOKEN_HEAD].previous_token < 0.1
     through_values = phi3lab.analysis.path_patching(
-        model, clean.token_ids, corrupted, [TOKEN_HEAD], mover_inputs(model, "v"), **logit_difference(clean)
+        shipped_model,
+        clean.token_ids,
+        corrupted,
+        [TOKEN_HEAD],
+        mover_inputs(shipped_model, "v"),
+        **logit_difference(clean),
     )
     assert through_values.value >= 0.7, through_values
 
 
-def test_duplicate_token_heads_find_the_repeated_name(model, tokenizer, scores):
+def test_duplicate_token_heads_find_the_repeated_name(shipped_model, shipped_tokenizer, scores):
     best = scores.loc[scores.duplicate_token.idxmax()]
     assert (int(best["layer"]), int(best["head"])) in DUPLICATE_HEADS and best.duplicate_token >= 0.8, best
-    batch = tasks.name_mover_batch(tokenizer, prompts(64, seed=14))
-    tr = phi3lab.trace(model, batch.token_ids, padding_mask=batch.padding_mask, names="blocks.1.attn.hook_pattern")
+    batch = tasks.name_mover_batch(shipped_tokenizer, prompts(64, seed=14))
+    tr = phi3lab.trace(
+        shipped_model, batch.token_ids, padding_mask=batch.padding_mask, names="blocks.1.attn.hook_pattern"
+    )
     first, second = (
         np.array([np.flatnonzero(row == s)[k] for row, s in zip(batch.token_ids, batch.counterfactual)])
         for k in (0, -1)
@@ -296,58 +302,58 @@ def test_duplicate_token_heads_find_the_repeated_name(model, tokenizer, scores):
 
 
 @pytest.mark.parametrize("order", tasks.ORDERS)
-def test_the_inhibition_head_attends_the_second_mention_of_the_subject(model, tokenizer, order):
-    batch = tasks.name_mover_batch(tokenizer, prompts(64, seed=14, orders=(order,)))
+def test_the_inhibition_head_attends_the_second_mention_of_the_subject(shipped_model, shipped_tokenizer, order):
+    batch = tasks.name_mover_batch(shipped_tokenizer, prompts(64, seed=14, orders=(order,)))
     layer, head = INHIBITION_HEAD
     tr = phi3lab.trace(
-        model, batch.token_ids, padding_mask=batch.padding_mask, names=f"blocks.{layer}.attn.hook_pattern"
+        shipped_model, batch.token_ids, padding_mask=batch.padding_mask, names=f"blocks.{layer}.attn.hook_pattern"
     )
     second = np.array([np.flatnonzero(row == s)[-1] for row, s in zip(batch.token_ids, batch.counterfactual)])
     rows = np.arange(len(second))
     assert np.asarray(tr.attention(layer))[rows, head, batch.last, second].mean() > 0.5
 
 
-def test_the_inhibition_head_steers_the_movers_queries(model, tokenizer):
+def test_the_inhibition_head_steers_the_movers_queries(shipped_model, shipped_tokenizer):
     """Flipping S2 changes which name is repeated; the inhibition head's
     output, read through the movers' queries only, carries most of it, and
     ablating the head breaks the task."""
-    clean, corrupted = corrupted_pairs(tokenizer, "flip")
+    clean, corrupted = corrupted_pairs(shipped_tokenizer, "flip")
     metric = logit_difference(clean)
     through_queries = phi3lab.analysis.path_patching(
-        model, clean.token_ids, corrupted, [INHIBITION_HEAD], mover_inputs(model, "q"), **metric
+        shipped_model, clean.token_ids, corrupted, [INHIBITION_HEAD], mover_inputs(shipped_model, "q"), **metric
     )
     assert through_queries.value >= 0.5, through_queries
-    before = run(model, clean)["top1"]
-    after = run(model, clean, hooks=phi3lab.hooks.ablate_heads([INHIBITION_HEAD], mode="mean"))["top1"]
+    before = run(shipped_model, clean)["top1"]
+    after = run(shipped_model, clean, hooks=phi3lab.hooks.ablate_heads([INHIBITION_HEAD], mode="mean"))["top1"]
     assert before - after >= 0.3, (before, after)
 
 
-def test_the_duplicate_token_head_reaches_the_inhibition_head_through_mlp_1(model, tokenizer):
+def test_the_duplicate_token_head_reaches_the_inhibition_head_through_mlp_1(shipped_model, shipped_tokenizer):
     """Under the subject flip the duplicate-token head's effect runs through
     MLP 1 into the inhibition head's values, and from there to the movers'
     queries; it reaches none of them directly."""
-    clean, corrupted = corrupted_pairs(tokenizer, "flip")
+    clean, corrupted = corrupted_pairs(shipped_tokenizer, "flip")
     metric = logit_difference(clean)
     duplicate = [min(DUPLICATE_HEADS)]
     layer, head = INHIBITION_HEAD
-    inhibition_values = [(layer, phi3lab.hooks.key_value_head_of(model, head), "v")]
+    inhibition_values = [(layer, phi3lab.hooks.key_value_head_of(shipped_model, head), "v")]
 
     def through(receivers, freeze):
         return phi3lab.analysis.path_patching(
-            model, clean.token_ids, corrupted, duplicate, receivers, freeze=freeze, **metric
+            shipped_model, clean.token_ids, corrupted, duplicate, receivers, freeze=freeze, **metric
         ).value
 
     assert through([(1, "mlp")], freeze=True) >= 0.4
     assert through(inhibition_values, freeze=False) >= 0.4
-    assert through(mover_inputs(model, "q"), freeze=False) >= 0.4
-    for receivers in (inhibition_values, mover_inputs(model, "q"), mover_inputs(model, "v")):
+    assert through(mover_inputs(shipped_model, "q"), freeze=False) >= 0.4
+    for receivers in (inhibition_values, mover_inputs(shipped_model, "q"), mover_inputs(shipped_model, "v")):
         assert abs(through(receivers, freeze=True)) < 0.1, receivers
 
 
-def test_ablating_the_name_movers_drops_accuracy(model, tokenizer):
-    clean, _ = corrupted_pairs(tokenizer, "swap")
-    before = run(model, clean)["top1"]
-    after = run(model, clean, hooks=phi3lab.hooks.ablate_heads(NAME_MOVERS, mode="mean"))["top1"]
+def test_ablating_the_name_movers_drops_accuracy(shipped_model, shipped_tokenizer):
+    clean, _ = corrupted_pairs(shipped_tokenizer, "swap")
+    before = run(shipped_model, clean)["top1"]
+    after = run(shipped_model, clean, hooks=phi3lab.hooks.ablate_heads(NAME_MOVERS, mode="mean"))["top1"]
     assert before - after >= 0.3, (before, after)
 
 
