@@ -9,13 +9,20 @@ the corpus is cut into `--rounds` slices and each round runs every variant
 over its slice (the order rotating), so load that drifts during the run hits
 all variants alike; a line per round shows the running totals:
 
-- `plain forward`: the model's forward without captures (`forward_fn` with no
-  names, jitted per bucket) over the very batches `collect` runs (the same
-  length buckets, batch sizes and filler rows), waiting for its output;
+- `plain forward`: the model's forward through the site's layer, the site
+  left on the device (`forward_fn` jitted per bucket, returning only the site,
+  so XLA drops the later layers, as in collect's programs) over the very
+  batches `collect` runs (the same length buckets, batch sizes and filler
+  rows), waiting for its output: collect / plain forward is what the host
+  copy, row selection and store cost;
 - `collect (memory)` and `collect (disk)`: one residual site, every real
   token, into memory and into a Zarr store in a temporary directory;
 - `trace loop`: `phi3lab.trace` of one document at a time over the first
   `--trace-texts` documents (warmed on one document per bucket);
+- `forward loop`: the plain forward of those documents one at a time (each
+  padded to its bucket, as `trace` pads): plain forward / forward loop is
+  what batching itself gains on this machine, the ceiling of collect /
+  trace loop when both run the same layers;
 - `TransformerLens 4` (when `make bench-deps` installed it): a
   `TransformerBridge` of the same shapes, `run_with_cache` with a
   `names_filter` for the site over the same padded batches with their
@@ -27,6 +34,7 @@ collect compiled against the length buckets the corpus touches.
 """
 
 import argparse
+import collections
 import functools
 import tempfile
 import time
@@ -40,34 +48,36 @@ def corpus(count: int, low: int, high: int, vocabulary: int, seed: int = 0) -> l
     return [rng.integers(0, vocabulary, int(n)).astype(np.int32) for n in rng.integers(low, high + 1, count)]
 
 
-def plain_forward(model, docs, sizes: dict, window: int):
-    """A no-argument callable running the capture-free forward over the
-    batches `collect` forms with `sizes` (its chosen batch size per bucket)."""
+def plain_forward(model, docs, sizes: dict, window: int, site: str):
+    """A no-argument callable running the forward through `site`'s layer
+    (the capture kept on the device: no host copy, no row selection, no
+    store) over the batches `collect` forms with `sizes` (its chosen batch
+    size per bucket). Like collect's programs, it returns only the site, so
+    XLA drops the layers after it in both."""
     import jax
 
     from phi3lab.activations import corpus as batching
     from phi3lab.tracing import forward_fn
 
-    fn = forward_fn(model)
+    fn = forward_fn(model, site)
     params = model.params()
     programs = {}
 
     def program(key):
         if key not in programs:
-            programs[key] = jax.jit(functools.partial(fn.run, num_positions=key[1]))
+            programs[key] = jax.jit(lambda *args, n=key[1]: fn.run(*args, num_positions=n)[1])
         return programs[key]
 
     def run():
         stream = iter(enumerate(docs))
         for batch in batching.batches(stream, model, lambda key, _: sizes[f"{key[0]},{key[1]}"], window):
-            hidden, _ = program(batch.key)(params, batch.token_ids, batch.padding_mask, ())
-            jax.block_until_ready(hidden)
+            jax.block_until_ready(program(batch.key)(params, batch.token_ids, batch.padding_mask))
 
     return run
 
 
-def transformer_lens_collection(model, sizes: dict, window: int, site: str, threads: int | None):
-    """A function of a list of documents returning a no-argument callable
+def transformer_lens_collection(model, window: int, site: str, threads: int | None):
+    """A function of a list of documents and batch sizes returning a no-argument callable
     that collects `site` over them with TransformerLens 4 (`run_with_cache`
     with a `names_filter`, batched as TL users batch: the very padded batches
     `collect` runs, with their attention mask) and keeps the real tokens'
@@ -81,7 +91,7 @@ def transformer_lens_collection(model, sizes: dict, window: int, site: str, thre
         return None
     torch, tl_model = peer
 
-    def over(docs):
+    def over(docs, sizes: dict):
         stream = iter(enumerate(docs))
         padded = [
             (torch.from_numpy(b.token_ids.astype(np.int64)), torch.from_numpy(b.padding_mask), b.docs >= 0)
@@ -137,8 +147,6 @@ def main():
     sizes = first.metadata["batch_sizes"]
     buckets = {padded_length(model, len(d)) for d in docs}
     compiled = compile_cache.size(model, "collect")
-    forward = plain_forward(model, docs, sizes, WINDOW)
-    forward()  # compiles the plain programs
 
     trace_docs = docs[: args.trace_texts]
     for length in sorted({padded_length(model, len(d))[0] for d in trace_docs}):
@@ -150,8 +158,13 @@ def main():
 
     rounds = max(1, min(args.rounds, len(docs)))
     chunks = [docs[i::rounds] for i in range(rounds)]
+    # Each slice's own collect picks its batch sizes (a slice has fewer
+    # documents per bucket than the corpus): a first collect of each slice
+    # compiles what it needs, and the plain forward and TransformerLens run
+    # the very batches it chose.
+    slice_sizes = [collect(model, chunk, args.site, progress=False).metadata["batch_sizes"] for chunk in chunks]
     runners = {
-        "plain forward": [plain_forward(model, chunk, sizes, WINDOW) for chunk in chunks],
+        "plain forward": [plain_forward(model, c, z, WINDOW, args.site) for c, z in zip(chunks, slice_sizes)],
         "collect (memory)": [functools.partial(collect, model, chunk, args.site, progress=False) for chunk in chunks],
     }
     directory = tempfile.TemporaryDirectory()
@@ -160,12 +173,16 @@ def main():
         for i, chunk in enumerate(chunks)
     ]
     runners["trace loop"] = [functools.partial(trace_loop, trace_docs[i::rounds]) for i in range(rounds)]
+    one_each = collections.defaultdict(lambda: 1)
+    runners["forward loop"] = [
+        plain_forward(model, trace_docs[i::rounds], one_each, WINDOW, args.site) for i in range(rounds)
+    ]
     if not args.no_transformer_lens:
-        peer = transformer_lens_collection(model, sizes, WINDOW, args.site, args.torch_threads)
+        peer = transformer_lens_collection(model, WINDOW, args.site, args.torch_threads)
         if peer is not None:
-            runners["TransformerLens 4"] = [peer(chunk) for chunk in chunks]
+            runners["TransformerLens 4"] = [peer(c, z) for c, z in zip(chunks, slice_sizes)]
             runners["TransformerLens 4"][0]()  # warm-up
-    for run in runners["plain forward"]:
+    for run in runners["plain forward"] + runners["forward loop"]:
         run()  # compiles the plain programs (the corpus' buckets)
     # Round-robin: in round r every variant runs its r-th slice of the corpus
     # (the variants' order rotating), so load that drifts during the run hits
@@ -179,7 +196,8 @@ def main():
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {t:.0f} s" for n, t in seconds.items()), flush=True)
     directory.cleanup()
     rates = {name: tokens / value for name, value in seconds.items()}
-    rates["trace loop"] = sum(len(d) for d in trace_docs) / seconds["trace loop"]
+    for name in ("trace loop", "forward loop"):
+        rates[name] = sum(len(d) for d in trace_docs) / seconds[name]
 
     print(f"batch sizes per bucket (padded length, rotary): {sizes}")
     print(f"{'variant':24s} {'tokens/s':>10s}")
@@ -188,11 +206,13 @@ def main():
     for top, bottom, target in (
         ("collect (memory)", "plain forward", 0.85),
         ("collect (memory)", "trace loop", 3.0),
+        ("plain forward", "forward loop", None),
         ("collect (disk)", "collect (memory)", 0.8),
         ("collect (memory)", "TransformerLens 4", 1.0),
     ):
         if bottom in rates:
-            print(f"{top + ' / ' + bottom:36s} {rates[top] / rates[bottom]:6.2f}  (target >= {target})")
+            note = f"(target >= {target})" if target else "(batching's own gain on this machine)"
+            print(f"{top + ' / ' + bottom:36s} {rates[top] / rates[bottom]:6.2f}  {note}")
     print(f"programs compiled by collect: {compiled} for {len(buckets)} buckets touched; first run {cold:.1f} s")
     print(f"programs compiled during the timed rounds: {compile_cache.size(model) - before} (0: no compile timed)")
 
