@@ -380,7 +380,11 @@ class Phi3Backbone(keras.Model):
                 keras-hub preset directory, a local Hugging Face checkpoint
                 directory, or a `kaggle://` / `hf://` handle.
             load_weights: bool. Load the weights (else random init).
-            **kwargs: override config values, e.g. `dtype="bfloat16"`.
+            **kwargs: override config values, e.g. `dtype="bfloat16"`;
+                `quantization="int8"` loads a float preset with int8 kernels,
+                each quantized as it is read (the float weights are never
+                held whole), bit for bit what `quantize("int8")` after a
+                float load gives.
 
         Example:
         >>> model = Phi3Backbone.from_preset("phi3lab_tiny_en")
