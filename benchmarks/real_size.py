@@ -17,16 +17,20 @@ Each step runs in a fresh process, so its peak resident memory is its own:
 | load | `Phi3Backbone.from_preset(dir, dtype="bfloat16")` |
 | trace16, trace512 | load, then `trace` of 16 / 512 tokens capturing every pattern of two layers and the logits |
 | generate32 | load, then 32 new tokens with the key/value cache (greedy) from a 16-token prompt |
-| int8_trace16 | load with `quantization="int8"`, then the 16-token trace |
+| int8_trace16 | load with `quantization="int8"` (each kernel quantized as it is read), then the 16-token trace |
+| int8_generate32 | the same load, then the 32 generated tokens |
 
 For each step it prints the seconds of the step itself (after the load for
 the traces), the process's peak resident memory, that peak above the
 baseline step's (what the step itself added: at real size the baseline's
 0.4 GB of libraries is 5% of the weights, at mid size it is more than the
-weights) as x the bfloat16 weight bytes, and beside it phi3lab's own
+weights) as x the step's own weight bytes (bfloat16, or int8 kernels for
+the int8 steps), and beside it phi3lab's own
 estimate of the same (weights plus `phi3lab.estimate` /
 `phi3lab.generation.estimate`'s working set and captures). Targets (issue 40):
 every step <= 1.5x the weights, `load` <= 1.2x, the int8 trace <= 6 GB.
+Without `save` among the steps the checkpoint already in `--workdir` is
+reused (`--steps load trace16 int8_trace16` after one full run).
 `--host-memory reuse` runs every step with `PHI3LAB_HOST_MEMORY=reuse`
 (phi3lab's opt-in allocator settings; glibc's defaults otherwise). At real
 size it needs about 8 GB of disk.
@@ -50,7 +54,18 @@ SCALES = {
     "tiny": {"num_layers": 8, "hidden_dim": 128, "intermediate_dim": 352, "vocabulary_size": 1024},  # mid / 8
     "small": {"num_layers": 2, "hidden_dim": 256, "intermediate_dim": 512, "vocabulary_size": 2048},
 }
-STEPS = ("baseline", "bandwidth", "build", "save", "load", "trace16", "trace512", "generate32", "int8_trace16")
+STEPS = (
+    "baseline",
+    "bandwidth",
+    "build",
+    "save",
+    "load",
+    "trace16",
+    "trace512",
+    "generate32",
+    "int8_trace16",
+    "int8_generate32",
+)
 
 CHILD = r"""
 import json, resource, sys, time
@@ -72,6 +87,7 @@ def load(**kwargs):
     start = time.time()
     model = phi3lab.Phi3Backbone.from_preset(str(workdir), dtype="bfloat16", **kwargs)
     result["load_seconds"] = time.time() - start
+    result["weights"] = bytes_of(model)
     return model
 
 
@@ -85,6 +101,16 @@ def trace(model, length):
     result["seconds"] = time.time() - start
     result["estimate"] = bytes_of(model) + estimate.needed
     result["finite"] = bool(np.isfinite(tr.logits).all())
+
+
+def generate(model):
+    prompt = np.random.default_rng(0).integers(1, model.vocabulary_size, 16)
+    estimate = phi3lab.generation.estimate(model, len(prompt), 32)
+    start = time.time()
+    generation = phi3lab.generate(model, None, prompt, max_new_tokens=32)
+    result["seconds"] = time.time() - start
+    result["tokens_per_second"] = len(generation.new_token_ids) / result["seconds"]
+    result["estimate"] = bytes_of(model) + estimate.needed
 
 
 start = time.time()
@@ -104,7 +130,7 @@ elif step in ("build", "save"):
     model = phi3lab.Phi3Backbone(**config, dtype="bfloat16")
     jax.block_until_ready([w.value for w in model.weights])
     result["seconds"] = time.time() - start
-    result["estimate"] = bytes_of(model)
+    result["estimate"] = result["weights"] = bytes_of(model)
     if step == "save":
         start = time.time()
         save_hf_checkpoint(model, workdir)
@@ -118,14 +144,9 @@ elif step.startswith("trace"):
 elif step == "int8_trace16":
     trace(load(quantization="int8"), 16)
 elif step == "generate32":
-    model = load()
-    prompt = np.random.default_rng(0).integers(1, model.vocabulary_size, 16)
-    estimate = phi3lab.generation.estimate(model, len(prompt), 32)
-    start = time.time()
-    generation = phi3lab.generate(model, None, prompt, max_new_tokens=32)
-    result["seconds"] = time.time() - start
-    result["tokens_per_second"] = len(generation.new_token_ids) / result["seconds"]
-    result["estimate"] = bytes_of(model) + estimate.needed
+    generate(load())
+elif step == "int8_generate32":
+    generate(load(quantization="int8"))
 result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps(result))
 """
@@ -182,33 +203,38 @@ def main():
     steps = args.steps if "baseline" in args.steps else ["baseline", *args.steps]  # what each peak is above
     for step in steps:
         report = run_step(step, args.workdir, config, env)
-        if step in ("build", "load") and "estimate" in report:
-            weights = report["estimate"]  # the weight bytes, as the step counted them
+        if step in ("build", "load") and "weights" in report:
+            weights = report["weights"]  # the bfloat16 weight bytes, as the step counted them
         rows.append((step, report))
     bandwidth = dict(rows).get("bandwidth", {}).get("bytes_per_second")
-    generation = dict(rows).get("generate32", {})
-    if bandwidth and weights and "tokens_per_second" in generation:
-        # A greedy decode step reads every weight once: its share of the bandwidth.
-        generation["bandwidth_used"] = generation["tokens_per_second"] * weights / bandwidth
+    for generation in (report for step, report in rows if "tokens_per_second" in report):
+        if bandwidth:
+            # A greedy decode step reads every weight once: its share of the bandwidth.
+            generation["bandwidth_used"] = generation["tokens_per_second"] * generation["weights"] / bandwidth
     baseline = dict(rows)["baseline"].get("peak_rss", 0)
     if args.json:
         args.json.write_text(json.dumps({"weights": weights, "steps": dict(rows)}))
     gb = lambda n: f"{n / 1e9:.2f} GB"
-    times = lambda n: f"{n / weights:.2f}x" if weights else "?"
     print(f"weights: {gb(weights) if weights else 'unknown (run build or load)'}, baseline {gb(baseline)}\n")
-    print(f"| step | seconds | peak RSS | above baseline | x weights | estimate | x weights | notes |\n|{'---|' * 8}")
+    print(
+        f"| step | seconds | peak RSS | above baseline | weights | x weights | estimate | x weights | notes |\n"
+        f"|{'---|' * 9}"
+    )
     for step, report in rows:
         if "error" in report:
-            print(f"| {step} | | | | | | | {report['error']} |")
+            print(f"| {step} | | | | | | | | {report['error']} |")
             continue
         added = report["peak_rss"] - baseline
+        own = report.get("weights", weights)  # the int8 steps: their int8 model's bytes
+        times = lambda n: f"{n / own:.2f}x" if own else "?"
         notes = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in report.items()
-            if k not in ("seconds", "peak_rss", "estimate")
+            if k not in ("seconds", "peak_rss", "estimate", "weights")
         )
         print(
-            f"| {step} | {report['seconds']:.1f} | {gb(report['peak_rss'])} | {gb(added)} | {times(added)} | "
+            f"| {step} | {report['seconds']:.1f} | {gb(report['peak_rss'])} | {gb(added)} | "
+            f"{gb(own) if own else ''} | {times(added)} | "
             f"{gb(report['estimate']) if 'estimate' in report else ''} | "
             f"{times(report['estimate']) if 'estimate' in report else ''} | {notes} |"
         )

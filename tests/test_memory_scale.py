@@ -36,6 +36,7 @@ TRACE_PEAK = textwrap.dedent("""
     print(json.dumps({"grown": status("VmHWM") - before, "needed": estimate.needed}))
 """)
 
+INT8_STEPS = ("int8_trace16", "int8_generate32")
 MID = {"num_layers": 8, "hidden_dim": 1024, "intermediate_dim": 2816, "vocabulary_size": 8192}
 
 
@@ -57,7 +58,7 @@ def test_trace_estimate_within_a_quarter_of_the_measured_peak():
 def _report(scale: str, workdir: Path) -> dict:
     """`benchmarks/real_size.py --scale scale`'s report (each step in a fresh process)."""
     out = workdir / f"{scale}.json"
-    steps = ["baseline", "build", "save", "load", "trace16", "generate32"]
+    steps = ["baseline", "build", "save", "load", "trace16", "generate32", *INT8_STEPS]
     command = [sys.executable, str(ROOT / "benchmarks" / "real_size.py"), "--scale", scale]
     command += ["--workdir", str(workdir / scale), "--json", str(out), "--steps", *steps]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=900, cwd=ROOT)
@@ -76,12 +77,24 @@ def test_each_step_grows_with_the_weights_within_the_targets(tmp_path):
     of bfloat16 weights) and the same architecture at an eighth of its width
     (4 MB), which runs the same programs: what stays at a size is the
     libraries and the compiled programs, what grows is the weights and the
-    copies made of them. Targets of issue 40: 1.5x the weights, 1.2x for loading."""
+    copies made of them. Targets of issue 40: 1.5x the weights, 1.2x for loading.
+
+    The trace and generation of the model loaded with int8 kernels
+    (quantized while read), per byte of the int8 weights, stay within 25% of
+    what phi3lab's estimate (weights plus working set) says, grown the same
+    way. At this depth one layer's dequantized kernels are an eighth of the
+    model (at Phi-3-mini's 32 layers a thirty-second), so the estimate itself
+    is 1.3x (trace) and 1.6x (generation) here; loading the bfloat16
+    weights whole and quantizing after made the trace 2.8x."""
     tiny, mid = _report("tiny", tmp_path), _report("mid", tmp_path)
-    weights = mid["weights"] - tiny["weights"]
-    assert weights > 0.2e9
-    ratios = {}
-    for step in ("build", "save", "load", "trace16", "generate32"):
-        grown = [report["steps"][step]["peak_rss"] - report["steps"]["baseline"]["peak_rss"] for report in (tiny, mid)]
-        ratios[step] = (grown[1] - grown[0]) / weights
+    assert mid["weights"] - tiny["weights"] > 0.2e9
+
+    def per_weight_byte(step: str, key: str) -> float:
+        grown = [report["steps"][step][key] - report["steps"]["baseline"].get(key, 0) for report in (tiny, mid)]
+        weights = [report["steps"][step]["weights"] for report in (tiny, mid)]
+        return (grown[1] - grown[0]) / (weights[1] - weights[0])
+
+    ratios = {step: per_weight_byte(step, "peak_rss") for step in ("build", "save", "load", "trace16", "generate32")}
     assert all(ratio <= (1.2 if step == "load" else 1.5) for step, ratio in ratios.items()), ratios
+    int8 = {step: (per_weight_byte(step, "peak_rss"), per_weight_byte(step, "estimate")) for step in INT8_STEPS}
+    assert all(measured <= 1.25 * estimated for measured, estimated in int8.values()), int8

@@ -608,3 +608,23 @@ def test_weights_larger_than_the_memory_available_are_refused_before_allocating(
         Phi3Backbone.from_preset(str(saved[layout]), dtype=dtype)
     monkeypatch.setattr(memory, "available_bytes", lambda: weights)
     Phi3Backbone.from_preset(str(saved[layout]), dtype=dtype)
+
+
+@pytest.mark.parametrize("layout", ["keras_hub", "single"])
+def test_an_int8_load_is_checked_against_its_int8_bytes(saved, monkeypatch, layout):
+    """`quantization="int8"` quantizes while loading, so the refusal counts
+    the int8 model's bytes: memory for them (but not for the bfloat16
+    weights) loads, one byte less is refused naming the int8 kernels."""
+    from phi3lab.tracing import WeightsTooLarge, memory
+
+    directory = str(saved[layout])
+    loaded = Phi3Backbone.from_preset(directory, dtype="bfloat16", quantization="int8")
+    weights = sum(w.value.nbytes for w in loaded.weights)
+    monkeypatch.setattr(memory, "available_bytes", lambda: weights)
+    Phi3Backbone.from_preset(directory, dtype="bfloat16", quantization="int8")
+    with pytest.raises(WeightsTooLarge, match="parameters in bfloat16\\); only"):
+        Phi3Backbone.from_preset(directory, dtype="bfloat16")
+    monkeypatch.setattr(memory, "available_bytes", lambda: weights - 1)
+    named = rf"{loaded.count_params():,} parameters in bfloat16, the projection kernels in int8\); only"
+    with pytest.raises(WeightsTooLarge, match=named):
+        Phi3Backbone.from_preset(directory, dtype="bfloat16", quantization="int8")

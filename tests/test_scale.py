@@ -207,11 +207,14 @@ def test_sharded_trace_equals_unsharded(tmp_path):
     assert "max difference" in result.stdout
 
 
-def _phi3_mini_estimates(dtype: str, requests: dict, preset: str = "phi3_mini_128k_instruct_en") -> dict:
+def _phi3_mini_estimates(
+    dtype: str, requests: dict, preset: str = "phi3_mini_128k_instruct_en", quantization: str | None = None
+) -> dict:
     """`phi3lab.estimate` of each request (its keyword arguments, or a
     function of the model giving an estimate) on Phi-3-mini's real
-    architecture (128k or 4k). The model is built inside `jax.eval_shape`, so
-    its 3.8B weights are abstract shapes: nothing is allocated, XLA only compiles."""
+    architecture (128k or 4k), in `dtype` and `quantization`. The model is
+    built inside `jax.eval_shape`, so its 3.8B weights are abstract shapes:
+    nothing is allocated, XLA only compiles."""
     from phi3lab.presets.registry import BUILTIN
 
     config = dict(BUILTIN[preset]["config"])
@@ -221,7 +224,7 @@ def _phi3_mini_estimates(dtype: str, requests: dict, preset: str = "phi3_mini_12
     estimates = {}
 
     def build():
-        model = phi3lab.Phi3Backbone(**config, dtype=dtype)
+        model = phi3lab.Phi3Backbone(**config, dtype=dtype, quantization=quantization)
         for key, kwargs in requests.items():
             estimates[key] = kwargs(model) if callable(kwargs) else phi3lab.estimate(model, **kwargs)
         return model.params()
@@ -245,6 +248,17 @@ def _gradient_estimate(model, length: int, names: tuple) -> phi3lab.tracing.Memo
     return phi3lab.tracing.MemoryEstimate(tree_bytes(args[0]), program.temporary_bytes, program.output_bytes)
 
 
+# A 16-token trace of two layers' patterns and the logits, the plain forward,
+# 32 tokens generated from 16 (the larger of prefill and decode loop), and
+# gradients at two residual sites.
+WORKING_SET_REQUESTS = {
+    "trace": dict(seq_len=16, names=["blocks.0.attn.hook_pattern", "blocks.31.attn.hook_pattern", "hook_logits"]),
+    "forward": dict(seq_len=16, names=[]),
+    "generate": lambda model: phi3lab.generation.estimate(model, 16, 32, names=["hook_logits"]),
+    "gradients": lambda model: _gradient_estimate(model, 16, ("blocks.0.hook_resid_pre", "blocks.31.hook_resid_pre")),
+}
+
+
 def test_phi3_mini_bfloat16_working_set_is_a_fraction_of_the_weights():
     """A 16-token trace of Phi-3-mini-4k in bfloat16 (two layers' patterns
     and the logits), its plain forward and a generation of 32 tokens from 16
@@ -256,18 +270,25 @@ def test_phi3_mini_bfloat16_working_set_is_a_fraction_of_the_weights():
     of every weight beside the stack (7.1 GiB). `gradients` at two residual
     sites likewise, its backward pass reslicing each layer's weights: the
     scan kept every layer's slices for it (13.7 GiB)."""
-    trace = dict(seq_len=16, names=["blocks.0.attn.hook_pattern", "blocks.31.attn.hook_pattern", "hook_logits"])
-    requests = {
-        "trace": trace,
-        "forward": dict(seq_len=16, names=[]),
-        "generate": lambda model: phi3lab.generation.estimate(model, 16, 32, names=["hook_logits"]),
-        "gradients": lambda model: _gradient_estimate(
-            model, 16, ("blocks.0.hook_resid_pre", "blocks.31.hook_resid_pre")
-        ),
-    }
-    estimates = _phi3_mini_estimates("bfloat16", requests, preset="phi3_mini_4k_instruct_en")
+    estimates = _phi3_mini_estimates("bfloat16", WORKING_SET_REQUESTS, preset="phi3_mini_4k_instruct_en")
     for estimate in estimates.values():
         assert 7.0e9 < estimate.weights < 8.0e9  # 3.8B parameters, 2 bytes each
+        assert estimate.working <= 0.5 * estimate.weights, estimate
+
+
+def test_phi3_mini_int8_working_set_is_a_fraction_of_the_int8_weights():
+    """The same programs on Phi-3-mini-4k with int8 kernels (bfloat16
+    otherwise): the working set stays at most half the int8 weights, so the
+    kernels are dequantized one layer at a time inside the loop over layers,
+    never as a bfloat16 or float32 copy of a whole stack (3.6 GB of int8
+    kernels would make 7.2 GB of bfloat16)."""
+    estimates = _phi3_mini_estimates(
+        "bfloat16", WORKING_SET_REQUESTS, preset="phi3_mini_4k_instruct_en", quantization="int8"
+    )
+    # 3.6B kernel parameters in int8, plus the two bfloat16 embeddings (0.39 GB).
+    int8_weights = 32 * (4 * 3072 * 3072 + 3 * 3072 * 8192) + 2 * 2 * 32064 * 3072
+    for estimate in estimates.values():
+        assert int8_weights <= estimate.weights < 1.01 * int8_weights  # + scales and norms
         assert estimate.working <= 0.5 * estimate.weights, estimate
 
 

@@ -19,9 +19,8 @@ from phi3lab.model.dropout import dropout
 from phi3lab.model.fused_attention import flash_attention
 from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.initializers import default_initializer
-from phi3lab.model.quantize import dequantize
+from phi3lab.model.quantize import add_projection_kernels, dequantize
 from phi3lab.model.rotary import apply_rotary
-from phi3lab.model.stacked import add_stacked_weights
 
 
 def key_value_heads(num_query_heads: int, num_key_value_heads: int) -> np.ndarray:
@@ -122,7 +121,7 @@ class Phi3Attention(keras.layers.Layer):
             "value_kernel": (hidden_dim, num_key_value_heads, self.head_dim),
             "output_kernel": (num_query_heads, self.head_dim, hidden_dim),
         }
-        self.stacked_weight_names = add_stacked_weights(self, num_layers, shapes, initializer)
+        self.stacked_weight_names = add_projection_kernels(self, num_layers, shapes, initializer)
         self.built = True
 
     # The mutable settings of earlier releases, kept for one release.

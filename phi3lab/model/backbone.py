@@ -139,6 +139,7 @@ class Phi3Backbone(keras.Model):
             layer_norm_epsilon=config.layer_norm_epsilon,
             dropout=config.dropout,
             sliding_window=config.sliding_window,
+            quantization=config.quantization,
             dtype=self.dtype_policy,
             name="decoder",
         )
@@ -146,19 +147,10 @@ class Phi3Backbone(keras.Model):
             config.hidden_dim, config.layer_norm_epsilon, dtype=self.dtype_policy, name="final_norm"
         )
         self.dropout_seed = keras.random.SeedGenerator(0)
-        if config.quantization == "int8":
-            self._quantize_kernels()
         self.built = True
 
         # === Config ===
         self._set_config(config)
-
-    def _quantize_kernels(self) -> None:
-        # One code path for `quantize()` and for building a quantized model
-        # from its config, so both hold the same variables in the same order.
-        layers = self.weight_layers()
-        for path in QUANTIZABLE_LAYERS:
-            quantize_layer(layers[path])
 
     def weight_layers(self) -> dict:
         """phi3lab's layers that hold weights, by path relative to the
@@ -372,7 +364,9 @@ class Phi3Backbone(keras.Model):
         check_quantize_mode(mode, kwargs)
         if self.quantization == "int8":
             raise ValueError("This model is already quantized (quantization='int8').")
-        self._quantize_kernels()
+        layers = self.weight_layers()
+        for path in QUANTIZABLE_LAYERS:
+            quantize_layer(layers[path])
         self._set_config(dataclasses.replace(self.backbone_config, quantization=mode))
 
     presets = preset_loader.BuiltinPresets()
@@ -386,7 +380,11 @@ class Phi3Backbone(keras.Model):
                 keras-hub preset directory, a local Hugging Face checkpoint
                 directory, or a `kaggle://` / `hf://` handle.
             load_weights: bool. Load the weights (else random init).
-            **kwargs: override config values, e.g. `dtype="bfloat16"`.
+            **kwargs: override config values, e.g. `dtype="bfloat16"`;
+                `quantization="int8"` loads a float preset with int8 kernels,
+                each quantized as it is read (the float weights are never
+                held whole), bit for bit what `quantize("int8")` after a
+                float load gives.
 
         Example:
         >>> model = Phi3Backbone.from_preset("phi3lab_tiny_en")

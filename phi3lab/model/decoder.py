@@ -13,6 +13,7 @@ from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.kv_cache import KVCache, LayerCache
 from phi3lab.model.mlp import Phi3MLP
 from phi3lab.model.norm import Phi3RMSNorm
+from phi3lab.model.quantize import int8_policy
 from phi3lab.model.stacked import from_bits, layer_of, slices_recomputed, to_bits
 
 
@@ -37,6 +38,9 @@ class Phi3DecoderStack(keras.layers.Layer):
         dropout: float. Dropout rate in training (attention probabilities
             and both residual branches).
         sliding_window: int or None. Attention window (see `Phi3Attention`).
+        quantization: None or `"int8"`: the attention and MLP layers then
+            hold keras' int8 policy over this layer's and declare int8
+            kernels (`phi3lab.model.quantize.add_projection_kernels`).
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class Phi3DecoderStack(keras.layers.Layer):
         layer_norm_epsilon=1e-6,
         dropout=0.0,
         sliding_window=None,
+        quantization=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -60,9 +65,11 @@ class Phi3DecoderStack(keras.layers.Layer):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.dropout = dropout
         self.sliding_window = sliding_window
+        self.quantization = quantization
 
         # === Layers ===
         common = {"num_layers": num_layers, "dtype": self.dtype_policy}
+        kernels = {**common, "dtype": int8_policy(self.dtype_policy)} if quantization == "int8" else common
         self.attention_norm = Phi3RMSNorm(hidden_dim, layer_norm_epsilon, name="attention_norm", **common)
         self.attention = Phi3Attention(
             hidden_dim=hidden_dim,
@@ -71,14 +78,14 @@ class Phi3DecoderStack(keras.layers.Layer):
             dropout=dropout,
             sliding_window=sliding_window,
             name="attention",
-            **common,
+            **kernels,
         )
         self.mlp_norm = Phi3RMSNorm(hidden_dim, layer_norm_epsilon, name="mlp_norm", **common)
         self.mlp = Phi3MLP(
             hidden_dim=hidden_dim,
             intermediate_dim=intermediate_dim,
             name="mlp",
-            **common,
+            **kernels,
         )
         self.built = True
 
@@ -230,6 +237,7 @@ class Phi3DecoderStack(keras.layers.Layer):
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "dropout": self.dropout,
                 "sliding_window": self.sliding_window,
+                "quantization": self.quantization,
             }
         )
         return config

@@ -8,8 +8,7 @@ from jax import numpy as jnp
 
 from phi3lab.model.hook_points import NO_HOOKS
 from phi3lab.model.initializers import default_initializer
-from phi3lab.model.quantize import dequantize
-from phi3lab.model.stacked import add_stacked_weights
+from phi3lab.model.quantize import add_projection_kernels, dequantize
 
 
 class Phi3MLP(keras.layers.Layer):
@@ -38,7 +37,7 @@ class Phi3MLP(keras.layers.Layer):
             "up_kernel": (hidden_dim, intermediate_dim),
             "down_kernel": (intermediate_dim, hidden_dim),
         }
-        self.stacked_weight_names = add_stacked_weights(self, num_layers, shapes, initializer)
+        self.stacked_weight_names = add_projection_kernels(self, num_layers, shapes, initializer)
         self.built = True
 
     def params(self) -> dict:

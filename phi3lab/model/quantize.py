@@ -6,7 +6,10 @@ kernel's input axes, separately for each layer of the stack, and `scale`
 keeps those axes with size 1 so that `int8 * scale` broadcasts back to `w`.
 The int8 kernel keeps the variable's name; its scale is `<name>_scale`. The
 layers dequantize with `dequantize` inside their `apply`, so the compiled
-program holds one layer's float kernels at a time.
+program holds one layer's float kernels at a time. Quantizing (in
+`quantize("int8")`, or while a preset is read) and building a quantized
+model never hold a float copy of a whole stack either: kernels are declared
+int8 and quantized one layer slice at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import weakref
 import jax
 import keras
 from jax import numpy as jnp
+
+from phi3lab.model.stacked import add_stacked_weights, layer_slice, set_layer
 
 SCALE_SUFFIX = "_scale"
 # The input axes of each projection kernel (one layer's shape): the scale is
@@ -51,36 +56,107 @@ def quantize_int8(kernel, input_axes: tuple[int, ...]):
 _quantize_jit = jax.jit(quantize_int8, static_argnums=1)
 
 
+def scale_shape(shape: tuple[int, ...], input_axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the scale of a kernel of `shape`: its input axes kept with size 1.
+
+    Example:
+    >>> scale_shape((3072, 32, 96), (0,))
+    (1, 32, 96)
+    """
+    return tuple(1 if axis in input_axes else size for axis, size in enumerate(shape))
+
+
+def set_quantized_layer(kernel, scale, value, layer: int, input_axes: tuple[int, ...]) -> None:
+    """Quantize one layer's float kernel `value` (`quantize_int8`) and write
+    it and its scale as layer `layer` of the stacked int8 `kernel` and
+    float32 `scale` variables, in place. Loading and `quantize("int8")` both
+    quantize through here, one layer at a time, so no float copy of a whole
+    stack is made and a kernel quantized while it is read equals, bit for
+    bit, the same kernel loaded as floats and quantized after.
+
+    Args:
+        kernel, scale: the stacked variables, `[L, *shape]` and `[L, *scale_shape]`.
+        value: float array of one layer's kernel shape.
+        layer: the layer index.
+        input_axes: the kernel's input axes, counted in one layer's shape.
+    """
+    quantized, scales = _quantize_jit(value, input_axes)
+    set_layer(kernel, quantized, layer)
+    set_layer(scale, scales, layer)
+
+
+def add_projection_kernels(layer, num_layers: int, shapes: dict, initializer) -> tuple[str, ...]:
+    """Create `layer`'s stacked projection kernels (`shapes`: name -> one
+    layer's shape); return the names of the variables made, in order.
+
+    Float kernels (`stacked.add_stacked_weights`) unless `layer` holds
+    keras' int8 policy (`Phi3Backbone(quantization="int8")`): then each
+    kernel is declared int8 from the start, with its float32
+    `<name>_scale` after it (the variables `quantize("int8")` leaves, in
+    the same order), and no float stack is ever allocated. Inside
+    `zero_initialization()` (a model about to be loaded) they hold zeros
+    and unit scales (the quantization of zero kernels); otherwise each
+    layer's kernel is drawn from `initializer` in the layer's variable
+    dtype and quantized, one layer at a time.
+    """
+    if layer.quantization_mode != "int8":
+        return add_stacked_weights(layer, num_layers, shapes, initializer)
+    names = []
+    for name, shape in shapes.items():
+        axes = INPUT_AXES[name]
+        kernel, scale = _add_int8_pair(layer, name, (num_layers, *shape), axes)
+        if not isinstance(initializer, keras.initializers.Zeros):
+            for index in range(num_layers):
+                set_quantized_layer(kernel, scale, initializer(shape, dtype=layer.variable_dtype), index, axes)
+        names += [name, name + SCALE_SUFFIX]
+    layer._is_quantized = True  # keras' flag: the weights match the int8 policy
+    return tuple(names)
+
+
+def _add_int8_pair(layer, name: str, shape: tuple[int, ...], input_axes: tuple[int, ...]):
+    """Declare the stacked int8 kernel `name` of `shape` (`[L, ...]`) and
+    its float32 scale on `layer` (zeros and ones), set as attributes."""
+    scale_axes = tuple(axis + 1 for axis in input_axes)  # skip the layer axis
+    pair = []
+    for suffix, dtype, variable_shape, initializer in (
+        ("", "int8", shape, "zeros"),
+        (SCALE_SUFFIX, "float32", scale_shape(shape, scale_axes), "ones"),
+    ):
+        variable = layer.add_weight(
+            name=name + suffix, shape=variable_shape, initializer=initializer, dtype=dtype, trainable=False
+        )
+        setattr(layer, name + suffix, variable)
+        pair.append(variable)
+    return pair
+
+
 def quantize_stacked_weights(layer, input_axes: dict[str, tuple[int, ...]] = INPUT_AXES) -> None:
     """Replace each stacked float kernel of `layer` (keyed in `input_axes`,
     axes counted without the leading layer axis) by an int8 variable of the
-    same name plus a float32 `<name>_scale` variable, both non-trainable.
+    same name plus a float32 `<name>_scale` variable, both non-trainable,
+    quantized one layer slice at a time (`set_quantized_layer`).
     Updates `layer.stacked_weight_names`; kernels and scales alternate, in
     the layer's weight order, so a quantized model built from its config
-    holds its variables in the same order as one quantized in place."""
+    (`add_projection_kernels`) holds its variables in the same order."""
     names = []
     for name in layer.stacked_weight_names:
         variable = getattr(layer, name)
-        axes = tuple(axis + 1 for axis in input_axes[name])  # skip the layer axis
-        quantized, scale = _quantize_jit(variable.value, axes)
         # keras' `Layer.__delattr__` runs a full `gc.collect()` per variable:
         # over a second each in a process holding many objects (TensorFlow
-        # imported), most of quantizing a small model. Untrack and delete the
-        # variable directly; collect only if a reference cycle still holds
-        # it, so one float kernel at a time is in memory.
-        freed = weakref.ref(variable)
+        # imported), most of quantizing a small model. Untrack the variable
+        # and detach it directly, so its int8 successor takes its place.
         layer._untrack_variable(variable)
         object.__delattr__(layer, name)
+        kernel, scale = _add_int8_pair(layer, name, tuple(variable.shape), input_axes[name])
+        for index in range(variable.shape[0]):
+            set_quantized_layer(kernel, scale, layer_slice(variable.value, index), index, input_axes[name])
+        # Collect only if a reference cycle still holds the float kernel, so
+        # one float kernel at a time is in memory.
+        freed = weakref.ref(variable)
         del variable
         if freed() is not None:
             gc.collect()
-        for suffix, value in (("", quantized), (SCALE_SUFFIX, scale)):
-            new = layer.add_weight(
-                name=name + suffix, shape=value.shape, initializer="zeros", dtype=value.dtype, trainable=False
-            )
-            new.assign(value)
-            setattr(layer, name + suffix, new)
-            names.append(name + suffix)
+        names += [name, name + SCALE_SUFFIX]
     layer.stacked_weight_names = tuple(names)
 
 
@@ -98,7 +174,12 @@ def quantize_layer(layer) -> None:
     # keras' flag for "the weights already match the quantized policy": the
     # `dtype_policy` setter would otherwise call keras' `Layer.quantize`.
     layer._is_quantized = True
-    layer.dtype_policy = keras.dtype_policies.get(f"int8_from_{layer.dtype_policy.name}")
+    layer.dtype_policy = int8_policy(layer.dtype_policy)
+
+
+def int8_policy(policy: keras.DTypePolicy) -> keras.DTypePolicy:
+    """keras' int8 policy over the float `policy` (`"int8_from_<name>"`)."""
+    return keras.dtype_policies.get(f"int8_from_{policy.name}")
 
 
 def dequantize(params: dict, dtype) -> dict:

@@ -15,6 +15,9 @@ weights) likewise goes through the bits. The bitcasts are exact.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import jax
 from jax import numpy as jnp
 
@@ -67,6 +70,29 @@ def layer_of(stacked, layer):
     # inside, XLA fuses it into the slice, which reads one layer.
     stacked, layer = jax.lax.optimization_barrier((stacked, layer))
     return from_bits(jax.lax.dynamic_index_in_dim(to_bits(stacked), layer, keepdims=False), stacked.dtype)
+
+
+# Layer `index` of a stacked `[L, ...]` buffer, compiled; the index is an
+# input, so one program serves every layer (the writers call it per tensor).
+layer_slice = jax.jit(layer_of)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _with_layer(stacked, value, index):
+    return update_slice(stacked, value[None], (index,) + (0,) * value.ndim)
+
+
+def set_layer(variable, value, layer: int) -> None:
+    """Write `value` (one layer's shape and the variable's dtype) as layer
+    `layer` of the stacked `variable`, in place: the old buffer is donated,
+    so no second copy of the stack is made.
+
+    Example:
+    >>> set_layer(model.decoder.mlp.down_kernel, down, 3)
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some donated buffers")
+        variable.assign(_with_layer(variable.value, value, layer))
 
 
 def slices_recomputed(body):

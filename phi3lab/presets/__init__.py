@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from phi3lab.model import preset_loader
+from phi3lab.model.dtypes import read_dtype
 from phi3lab.model.initializers import zero_initialization
 from phi3lab.presets import hf_format, keras_hub_format
 from phi3lab.presets.preflight import check_preset_fits
@@ -56,7 +57,6 @@ def load_backbone(cls, preset, load_weights: bool = True, **kwargs):
         raise ValueError(f"from_preset got unknown config override(s) {unknown}; accepted: {sorted(accepted)}.")
     if not isinstance(load_weights, bool):
         raise TypeError(f"`load_weights` must be True or False; received load_weights={load_weights!r}.")
-    quantization = kwargs.pop("quantization", None)
     entry = BUILTIN.get(preset) if isinstance(preset, str) else None
     known_config = (entry or {}).get("config")
     if not load_weights and known_config and _complete(known_config):
@@ -80,9 +80,11 @@ def load_backbone(cls, preset, load_weights: bool = True, **kwargs):
                     kwargs,
                 )
                 model = cls(**arguments)
-            preset_format.load_weights(model, directory)
-    if quantization is not None:
-        model.quantize(quantization)
+            # int8 asked of a float preset (`quantization="int8"` or an int8
+            # `dtype` map): each kernel is quantized as it is read.
+            preset_quantization = config.get("quantization") or read_dtype(config.get("dtype")).quantization
+            quantize = model.quantization == "int8" and not preset_quantization
+            preset_format.load_weights(model, directory, quantize=quantize)
     # Reading the files freed host memory that the process would keep for
     # reuse (`phi3lab.runtime.host_memory`): 180 MiB over the 12-layer benchmark
     # model's 512 MiB of weights. Give it back.

@@ -22,9 +22,10 @@ import numpy as np
 from jax import numpy as jnp
 
 from phi3lab.model.rotary import RotarySpec
+from phi3lab.model.stacked import layer_slice
 from phi3lab.presets.preflight import Axis, PresetLayout, axis
 from phi3lab.presets.safetensors_io import PendingTensor, SafetensorsFile, write_safetensors
-from phi3lab.presets.weights import WeightFiller, layer_slice
+from phi3lab.presets.weights import WeightFiller
 
 # phi3lab's size arguments -> the config.json keys Hugging Face gives them.
 CONFIG_KEYS = {
@@ -185,10 +186,11 @@ def tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     return _Checkpoint(directory).shapes()
 
 
-def load_weights(model, directory: Path) -> None:
-    """Copy a Hugging Face Phi-3 checkpoint's tensors into `model`."""
+def load_weights(model, directory: Path, quantize: bool = False) -> None:
+    """Copy a Hugging Face Phi-3 checkpoint's tensors into `model`; with
+    `quantize`, into its int8 kernels, quantized as they are read (`WeightFiller`)."""
     checkpoint = _Checkpoint(directory)
-    filler = WeightFiller(model)
+    filler = WeightFiller(model, quantize=quantize)
     d, hq, hkv = model.hidden_dim, model.num_query_heads, model.num_key_value_heads
     dh, f = model.head_dim, model.intermediate_dim
 

@@ -23,8 +23,9 @@ import numpy as np
 from phi3lab.model.config import BackboneConfig
 from phi3lab.model.dtypes import read_dtype
 from phi3lab.model.quantize import SCALE_SUFFIX
+from phi3lab.model.stacked import layer_slice
 from phi3lab.presets.preflight import PresetLayout, axis
-from phi3lab.presets.weights import WeightFiller, layer_slice
+from phi3lab.presets.weights import WeightFiller
 from phi3lab.runtime.host_memory import release_freed_memory
 
 ARGUMENTS = BackboneConfig.names()
@@ -135,10 +136,12 @@ def tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_weights(model, directory: Path) -> None:
-    """Copy `model.weights.h5` of a keras-hub preset into `model`."""
+def load_weights(model, directory: Path, quantize: bool = False) -> None:
+    """Copy `model.weights.h5` of a keras-hub preset into `model`; with
+    `quantize`, float kernels into its int8 ones, quantized as they are read
+    (`WeightFiller`)."""
     path, handle = _open_weights(directory)
-    filler = WeightFiller(model)
+    filler = WeightFiller(model, quantize=quantize)
     with handle:
         layers = _layers_group(path, handle)
         for source, key in TOP_MAP.items():
@@ -157,9 +160,10 @@ def load_weights(model, directory: Path) -> None:
                     f"{path} holds decoder group {group_name!r} but the config has num_layers={model.num_layers}."
                 )
             for sub, key in DECODER_MAP.items():
-                # An int8 kernel's scale is its layer's second variable.
+                # An int8 kernel's scale is its layer's second variable (unless
+                # the kernel was float and quantized while loading: its scale is written).
                 for variable, target in enumerate((key, key + SCALE_SUFFIX)):
-                    if target not in filler.variables:
+                    if not filler.wants(target, index):
                         continue
                     name = f"{group_name}/{sub}/vars/{variable}"
                     if name not in layers:

@@ -117,8 +117,11 @@ def check_preset_fits(
                 f"but the config implies shape {implied}. The config.json does not belong to these weights "
                 "(or was edited): fix the value to match the tensors."
             )
+    # An int8 model is declared with its int8 kernels (never float ones), so
+    # these are the bytes loading allocates, quantizing as it reads.
     weights = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.weights)
-    check_weights_fit(weights, f"{model.count_params():,} parameters in {model.dtype_policy.variable_dtype}")
+    kernels = ", the projection kernels in int8" if model.quantization == "int8" else ""
+    check_weights_fit(weights, f"{model.count_params():,} parameters in {model.dtype_policy.variable_dtype}{kernels}")
 
 
 def _check_layer_count(architecture, shapes, layout, said):

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import warnings
-
-import jax
 import numpy as np
 from jax import numpy as jnp
 
-from phi3lab.model.stacked import layer_of, update_slice
+from phi3lab.model.quantize import INPUT_AXES, SCALE_SUFFIX, set_quantized_layer
+from phi3lab.model.stacked import set_layer
 from phi3lab.runtime.host_memory import release_freed_memory
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked, value, index):
-    return update_slice(stacked, value[None], (index,) + (0,) * value.ndim)
-
-
-# Layer `index` of a stacked `[L, ...]` buffer; the index is an input, so one
-# compiled program serves every layer (the writers call it per tensor).
-layer_slice = jax.jit(layer_of)
 
 
 def model_variables(model) -> dict:
@@ -37,7 +24,16 @@ class WeightFiller:
 
     Stacked decoder variables are filled one layer slice at a time, updated
     in place (the old buffer is donated), so loading never holds a second
-    copy of the model.
+    copy of the model. With `quantize=True`, a float tensor put into an
+    int8 kernel is quantized as it is written (`quantize.set_quantized_layer`,
+    filling the kernel's `<name>_scale` too): an int8 model is loaded from
+    float weights with one layer's float kernel in memory at a time.
+
+    Args:
+        model: the `Phi3Backbone` to fill.
+        quantize: whether float tensors may fill int8 kernels (quantized);
+            else such a tensor is refused, as an int8 one for a float
+            variable always is.
 
     Example:
     >>> filler = WeightFiller(model)
@@ -45,10 +41,18 @@ class WeightFiller:
     >>> filler.finish("/path/to/preset")   # raises if a tensor was never put
     """
 
-    def __init__(self, model):
+    def __init__(self, model, quantize: bool = False):
         self.model = model
+        self.quantize = quantize
+        self.layers = model.weight_layers()
         self.variables = model_variables(model)
         self.filled: dict[str, set] = {key: set() for key in self.variables}
+
+    def wants(self, key: str, layer: int | None = None) -> bool:
+        """Whether the model has the variable `key` and its `layer` slice
+        (or, for `layer=None`, the variable) is not yet written: a scale is
+        already written when its kernel was quantized while loading."""
+        return key in self.variables and layer not in self.filled[key]
 
     def put(self, key: str, value, layer: int | None = None, source: str = "") -> None:
         variable = self.variables[key]
@@ -60,18 +64,24 @@ class WeightFiller:
                 f"shape {expected}. Check that the checkpoint matches its config."
             )
         value = np.asarray(value)
-        if np.issubdtype(value.dtype, np.integer) != jnp.issubdtype(variable.dtype, jnp.integer):
+        integer_tensor = np.issubdtype(value.dtype, np.integer)
+        integer_variable = jnp.issubdtype(variable.dtype, jnp.integer)
+        quantizing = self.quantize and integer_variable and not integer_tensor and layer is not None
+        if integer_tensor != integer_variable and not quantizing:
             raise ValueError(
                 f"Tensor {source!r} holds {value.dtype} values, but {key} is {variable.dtype}: an int8-quantized "
-                "tensor and a float one never stand in for each other. Check that the checkpoint matches its config."
+                "tensor and a float one never stand in for each other. Check that the checkpoint matches its config "
+                '(from_preset(..., quantization="int8") quantizes a float checkpoint while loading it).'
             )
-        value = jnp.asarray(value, dtype=variable.dtype)
-        if layer is None:
-            variable.assign(value)
+        if quantizing:
+            prefix, name = key.rsplit("/", 1)
+            float_value = jnp.asarray(value, dtype=self.layers[prefix].variable_dtype)
+            set_quantized_layer(variable, self.variables[key + SCALE_SUFFIX], float_value, layer, INPUT_AXES[name])
+            self.filled[key + SCALE_SUFFIX].add(layer)
+        elif layer is None:
+            variable.assign(jnp.asarray(value, dtype=variable.dtype))
         else:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Some donated buffers")
-                variable.assign(_set_layer(variable.value, value, layer))
+            set_layer(variable, jnp.asarray(value, dtype=variable.dtype), layer)
         self.filled[key].add(layer)
         release_freed_memory()
 
