@@ -14,9 +14,10 @@ from __future__ import annotations
 import gc
 import weakref
 
-import jax
 import keras
 from jax import numpy as jnp
+
+from phi3lab.runtime import compile_cache
 
 SCALE_SUFFIX = "_scale"
 # The input axes of each projection kernel (one layer's shape): the scale is
@@ -48,7 +49,11 @@ def quantize_int8(kernel, input_axes: tuple[int, ...]):
     return quantized, scale
 
 
-_quantize_jit = jax.jit(quantize_int8, static_argnums=1)
+def _quantize_jit(kernel, input_axes: tuple[int, ...]):
+    """`quantize_int8`, compiled once per kernel shape and axes in the
+    process-wide compile cache (traceable: `jax.eval_shape` runs it)."""
+    key = ("quantize_int8", input_axes, tuple(kernel.shape), str(kernel.dtype))
+    return compile_cache.traceable(None, key, lambda k: quantize_int8(k, input_axes))(kernel)
 
 
 def quantize_stacked_weights(layer, input_axes: dict[str, tuple[int, ...]] = INPUT_AXES) -> None:

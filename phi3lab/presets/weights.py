@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
 
-import jax
 import numpy as np
 from jax import numpy as jnp
 
 from phi3lab.model.stacked import layer_of, update_slice
+from phi3lab.runtime import compile_cache
 from phi3lab.runtime.host_memory import release_freed_memory
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked, value, index):
+def _write_layer(stacked, value, index):
     return update_slice(stacked, value[None], (index,) + (0,) * value.ndim)
 
 
-# Layer `index` of a stacked `[L, ...]` buffer; the index is an input, so one
-# compiled program serves every layer (the writers call it per tensor).
-layer_slice = jax.jit(layer_of)
+def _set_layer(model, stacked, value, index):
+    """`stacked` `[L, ...]` with layer `index` set to `value`, written in
+    place (`stacked` is donated) by one program per shape in `model`'s
+    compile cache; the index is an input, so every layer shares it."""
+    return compile_cache.traceable(model, ("presets.set_layer",), _write_layer, donate_argnums=0)(stacked, value, index)
+
+
+def layer_slice(model, stacked, index):
+    """Layer `index` of a stacked `[L, ...]` buffer of `model` (`layer_of`),
+    by one program per shape in `model`'s compile cache; the index is an
+    input, so every layer shares it (the writers call it per tensor)."""
+    return compile_cache.traceable(model, ("presets.layer_slice",), layer_of)(stacked, index)
 
 
 def model_variables(model) -> dict:
@@ -71,7 +78,7 @@ class WeightFiller:
         else:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Some donated buffers")
-                variable.assign(_set_layer(variable.value, value, layer))
+                variable.assign(_set_layer(self.model, variable.value, value, layer))
         self.filled[key].add(layer)
         release_freed_memory()
 

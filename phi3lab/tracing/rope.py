@@ -7,11 +7,11 @@ import sys
 import warnings
 from pathlib import Path
 
-import jax
 import numpy as np
 import pandas as pd
 
 from phi3lab.model.rotary import RotarySpec
+from phi3lab.runtime import compile_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +88,14 @@ class RotaryDescription:
         return table
 
 
-# The tables of a description as one compiled program per (spec, length):
-# run eagerly, `RotarySpec.tables` compiles each of its eight operations on
-# first use, 0.3 s of the first trace in a fresh process (too quick to be
-# kept in the on-disk cache). The same operations as in the model's program,
-# so the same values.
-_tables = jax.jit(lambda spec, num_positions: spec.tables(num_positions), static_argnums=(0, 1))
+def _tables(spec: RotarySpec, num_positions: int):
+    """`spec.tables(num_positions)` as one compiled program per (spec,
+    length), in the process-wide compile cache: run eagerly, `RotarySpec.tables`
+    compiles each of its eight operations on first use, 0.3 s of the first
+    trace in a fresh process. The same operations as in the model's program,
+    so the same values."""
+    key = ("rope.tables", spec, num_positions)
+    return compile_cache.ahead_of_time(None, key, lambda: spec.tables(num_positions), ())()
 
 
 def describe_rotary(spec: RotarySpec, num_positions: int) -> RotaryDescription:
