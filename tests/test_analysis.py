@@ -174,6 +174,20 @@ def test_attribution_without_hook_logits_reads_the_models_logits(model, tr, ids)
     )
 
 
+def test_one_position_is_attributed_without_padding_to_a_length_bucket(model, tr):
+    """A few rows pad to a power of two (`pipeline.row_bucket`), not to 64:
+    the per-head products of one position are one position's
+    `[L, Hq, 1, 1, D]` float32, however long the trace."""
+    from phi3lab.runtime import compile_cache
+    from phi3lab.tracing import pipeline
+
+    assert [pipeline.row_bucket(model, n).padded for n in (1, 2, 3, 5, 16, 17, 40)] == [1, 2, 4, 8, 16, 64, 64]
+    analysis.direct_logit_attribution(model, tr, ANSWER, COUNTER, batch=1)
+    heads = [p for key, p in compile_cache.entries(model).items() if key[0] == "attribution.heads"]
+    one_position = LAYERS * HEADS * HIDDEN * 4
+    assert min(p.output_bytes for p in heads) == one_position
+
+
 def test_frozen_scale_matches_the_rms(model, tr):
     final = tr.resid(LAYERS - 1, "post")[0, 3].astype(np.float64)
     inv_rms, _ = analysis.frozen_norm_scale(model, final)

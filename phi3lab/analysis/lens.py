@@ -58,8 +58,8 @@ def read_rows(
     model, key: tuple, fn, rows: np.ndarray, memory_budget: int | None, *extra, what: str = "This lens", advice=None
 ):
     """`fn(params, rows [P, D], *extra)` through the run pipeline: the `P`
-    rows padded to their length bucket, compiled ahead of time under `key`
-    (one program per bucket), guarded against `memory_budget` (refused with
+    rows padded to their bucket (`pipeline.row_bucket`), compiled ahead of
+    time under `key` (one program per bucket), guarded against `memory_budget` (refused with
     `CaptureTooLarge`, its message starting with `what`, ending with `advice`
     (default: the lens's)), each output cut back to `P` rows. The lens reads
     one stream at a time, so a stream reads the same whichever others are
@@ -68,7 +68,7 @@ def read_rows(
     Example:
     >>> logits = read_rows(model, ("lens.readout",), model.readout, resid, None)   # [P, V]
     """
-    bucket = pipeline.bucket(model, rows.shape[0])
+    bucket = pipeline.row_bucket(model, rows.shape[0])
     args = (model.params(), jnp.asarray(bucket.pad(rows, (0,))), *extra)
     program = pipeline.compiled(model, key, fn, args, memory_budget, what, advice or LENS_ADVICE)
     return jax.tree.map(lambda out: np.asarray(out)[: bucket.length], program(*args))
