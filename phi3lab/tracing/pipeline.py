@@ -10,7 +10,7 @@ edge patching and attribution graphs) takes the same steps:
 2. **bucket**: the positions are padded on the right (masked) to the length
    bucket `compile_cache.bucket_length` picks (`Bucket`), keeping the real
    length's rotary factors, so ten prompt lengths between 20 and 300 run at
-   most four programs;
+   most four programs (rows read out of a trace: `row_bucket`);
 3. **compile** ahead of time into the bounded per-model cache
    (`compile_cache.ahead_of_time`, a `compile_cache.Program`);
 4. **guard**: XLA's memory analysis of that program against the budget
