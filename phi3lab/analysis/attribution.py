@@ -90,7 +90,7 @@ def _head_outputs(model, z: np.ndarray, memory_budget: int | None) -> np.ndarray
     """Each query head's share of its block's attention output,
     `[L, Hq, B, P, D]` from `z` `[P, L, B, Hq, dh]` (positions first):
     `z @ output_kernel[l, n]` (dequantized if int8) in float32, through the
-    run pipeline (`lens.read_rows`: positions bucketed, guarded)."""
+    run pipeline (`lens.read_rows`: the positions bucketed, guarded)."""
     attention = model.decoder.attention
 
     def split(params, z):
@@ -293,9 +293,9 @@ def direct_logit_attribution(
     inv_rms, scale = frozen_norm_scale(model, final)
 
     columns = _lm_head_columns(model, [answer_id] + ([counter_id] if counter_id is not None else []), memory_budget)
-    logits = (parts.stack(heads=heads)[:, 0, 0] * scale) @ columns  # [C, 1 or 2]
+    written = (parts.stack(heads=heads)[:, 0, 0] * scale) @ columns  # [components, 1 or 2]
     table = parts.labels(heads=heads)
-    table["attribution"] = logits[:, 0] - (logits[:, 1] if counter_id is not None else 0.0)
+    table["attribution"] = written[:, 0] - (written[:, 1] if counter_id is not None else 0.0)
 
     if "hook_logits" in tr.names:
         logits = np.asarray(tr["hook_logits"][batch, absolute], np.float64)

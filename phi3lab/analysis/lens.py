@@ -55,15 +55,22 @@ def _answer_curve(model):
 
 
 def read_rows(
-    model, key: tuple, fn, rows: np.ndarray, memory_budget: int | None, *extra, what: str = "This lens", advice=None
+    model,
+    key: tuple,
+    fn,
+    rows: np.ndarray,
+    memory_budget: int | None,
+    *extra,
+    what: str = "This lens",
+    advice: str | None = None,
 ):
-    """`fn(params, rows [P, D], *extra)` through the run pipeline: the `P`
+    """`fn(params, rows [P, ...], *extra)` through the run pipeline: the `P`
     rows padded to their bucket (`pipeline.row_bucket`), compiled ahead of
-    time under `key` (one program per bucket), guarded against `memory_budget` (refused with
-    `CaptureTooLarge`, its message starting with `what`, ending with `advice`
-    (default: the lens's)), each output cut back to `P` rows. The lens reads
-    one stream at a time, so a stream reads the same whichever others are
-    asked for.
+    time under `key` (one program per bucket), guarded against
+    `memory_budget` (refused with `CaptureTooLarge`, its message starting
+    with `what` and ending with `advice`, default the lens's), each output
+    cut back to `P` rows. The lens reads one stream at a time, so a stream
+    reads the same whichever others are asked for.
 
     Example:
     >>> logits = read_rows(model, ("lens.readout",), model.readout, resid, None)   # [P, V]
@@ -74,7 +81,9 @@ def read_rows(
     return jax.tree.map(lambda out: np.asarray(out)[: bucket.length], program(*args))
 
 
-def readout_logits(model, rows: np.ndarray, memory_budget: int | None, what: str = "This lens", advice=None):
+def readout_logits(
+    model, rows: np.ndarray, memory_budget: int | None, what: str = "This lens", advice: str | None = None
+) -> np.ndarray:
     """Logits `[P, V]` of residual streams `rows` `[P, D]` through
     `model.readout` (the final norm, then the LM head), by `read_rows`."""
     return read_rows(model, ("lens.readout",), model.readout, rows, memory_budget, what=what, advice=advice)

@@ -4,12 +4,14 @@ Everything phi3lab compiles is stored here under a key that says what the
 program is (`("trace", plan, hooks, shapes)`, ...), in one of two forms:
 
 - a `Program` (`ahead_of_time`): compiled for fixed input shapes, with XLA's
-  memory analysis, which the run pipeline's memory guard reads. Every entry
-  that runs the model, the analysis read-outs and the checkpoint export.
-- a traceable function (`traceable`): `jax.jit` of a function, for the few
-  programs that must also run inside a JAX transformation (the model's eager
-  call, which Keras training compiles; the initializers' draws and int8
-  quantization, which `jax.eval_shape` traces when sizing a real model).
+  memory analysis, which the run pipeline's memory guard reads: every entry
+  that runs the model, the analysis read-outs, the rotary tables.
+- a traceable function (`traceable`): `jax.jit` of a function, for the
+  programs that must also run inside a JAX transformation: the model's eager
+  call, which Keras training compiles; the checkpoint conversions, which a
+  save sizes under `jax.eval_shape`, and the loaders' layer writes; the
+  initializers' draws and int8 quantization, which `jax.eval_shape` traces
+  when sizing a real model.
 
 Programs of a model live in that model's cache, as long as the model; those
 that belong to no model (the rotary tables, quantization, the initializers'
@@ -70,9 +72,10 @@ def compiler_options() -> dict | None:
 def jit(fn: Callable, **kwargs):
     """`jax.jit(fn, **kwargs)` compiled with `compiler_options()`: how phi3lab
     compiles every `Program` and the programs it does not cache (dictionary
-    training's step, the feature summary's fold: made per call). JAX takes compiler options
-    only at the top level, so a program that may run inside another `jit`
-    (the model's eager call, which Keras training compiles) is `traceable`.
+    training's step, the feature summary's fold: made per call). JAX takes
+    compiler options only at the top level, so a program that may run inside
+    another `jit` (the model's eager call, which Keras training compiles) is
+    `traceable`.
 
     Example:
     >>> run = cached(model, ("trace", key), lambda: jit(fn.run))
@@ -103,7 +106,7 @@ class Program:
         return self.compiled(*args)
 
 
-def ahead_of_time(model, key: tuple, fn: Callable, args, donate_argnums: tuple[int, ...] = ()) -> Program:
+def ahead_of_time(model, key: tuple, fn: Callable, args) -> Program:
     """`fn` compiled (`jit`) for the shapes and dtypes of `args` (arrays or
     `jax.ShapeDtypeStruct`s), as a `Program`, cached under `key` and those
     shapes: the one way phi3lab compiles what it runs eagerly, so a memory
@@ -112,12 +115,9 @@ def ahead_of_time(model, key: tuple, fn: Callable, args, donate_argnums: tuple[i
     Args:
         model: the model the program belongs to, or None for a program of
             no model (the process-wide cache).
-        key: what the program is, its kind first (`("trace", plan)`); with
-            `donate_argnums`, those are added to it.
+        key: what the program is, its kind first (`("trace", plan)`).
         fn: the function, of `args`.
         args: a tuple of its arguments (a pytree of arrays).
-        donate_argnums: arguments whose buffers the program may reuse for
-            its outputs (`jax.jit`'s argument of that name).
 
     Example:
     >>> program = ahead_of_time(model, ("trace", plan), fn.run, args)
@@ -127,11 +127,9 @@ def ahead_of_time(model, key: tuple, fn: Callable, args, donate_argnums: tuple[i
 
     leaves, treedef = jax.tree.flatten(args)
     shapes = (treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
-    if donate_argnums:
-        key = (*key, ("donate", tuple(donate_argnums)))
 
     def build() -> Program:
-        compiled = jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+        compiled = jit(fn).lower(*args).compile()
         stats = compiled.memory_analysis()
         return Program(compiled, int(stats.temp_size_in_bytes), int(stats.output_size_in_bytes))
 
@@ -166,7 +164,7 @@ def cached(model, key: tuple, build: Callable[[], Any]):
     run when a model is built, which leaves the process's settings alone).
 
     Example:
-    >>> program = cached(model, ("forward",), lambda: build_forward(model))
+    >>> run = cached(model, ("call",), lambda: jax.jit(forward))
     """
     if model is None:
         cache = _SHARED
