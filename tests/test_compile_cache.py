@@ -29,12 +29,16 @@ def limit_of_three():
     compile_cache.set_limit(before)
 
 
-def test_rotary_tables_stay_within_the_limit_and_keep_their_values(limit_of_three):
-    spec = RotarySpec(8, 10_000.0, None, None, None, 64, 64)
+def test_rotary_tables_compile_per_bucket_within_the_limit(limit_of_three):
+    spec = RotarySpec(8, 10_000.0, None, None, None, 2048, 2048)
     first = describe_rotary(spec, 5)
-    for length in range(6, 12):
+    programs = compile_cache.size(None, "rope.tables")
+    same_bucket = describe_rotary(spec, 40)  # padded to 64 as well: no new program
+    assert compile_cache.size(None, "rope.tables") == programs
+    np.testing.assert_array_equal(same_bucket.cos[:5], first.cos)
+    for length in (70, 130, 300, 400, 600):  # buckets 128, 256, 384, 512, 1024
         describe_rotary(spec, length)
-        assert kinds(None).count("rope.tables") <= 3
+        assert compile_cache.size(None, "rope.tables") <= 3
     again = describe_rotary(spec, 5)  # dropped, compiled again: the same values
     np.testing.assert_array_equal(again.cos, first.cos)
     np.testing.assert_array_equal(again.sin, first.sin)
