@@ -156,6 +156,38 @@ def test_next_token_attribution_sums_to_each_tokens_logit(model, tr, ids):
         np.testing.assert_allclose(result.set_index("component")[5], dla.attribution[result.component], atol=1e-6)
 
 
+def test_attribution_without_hook_logits_reads_the_models_logits(model, tr, ids):
+    """A trace without `hook_logits`: the model's own value comes from the
+    final norm and LM head run on the captured last residual stream, and
+    equals the full trace's `hook_logits`."""
+    names = ["hook_embed", "blocks.*.hook_attn_out", "blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"]
+    lean = phi3lab.trace(model, ids, names=names + [f"blocks.{LAYERS - 1}.hook_resid_post"])
+    assert "hook_logits" not in lean.names
+    table = analysis.direct_logit_attribution(model, lean, ANSWER, COUNTER, batch=0, position=6)
+    logits = tr.logits[0, 6].astype(np.float64)
+    assert table.attrs["logit_diff"] == pytest.approx(logits[ANSWER] - logits[COUNTER], abs=1e-5)
+    full = analysis.direct_logit_attribution(model, tr, ANSWER, COUNTER, batch=0, position=6)
+    np.testing.assert_allclose(table.attribution, full.attribution, atol=1e-6)
+    own = analysis.next_token_attribution(model, lean, batch=0).attrs["logit"]
+    np.testing.assert_allclose(
+        own[1:], [logits_p[ids[0, p + 1]] for p, logits_p in enumerate(tr.logits[0, :-1])], atol=1e-5
+    )
+
+
+def test_one_position_is_attributed_without_padding_to_a_length_bucket(model, tr):
+    """A few rows pad to a power of two (`pipeline.row_bucket`), not to 64:
+    the per-head products of one position are one position's
+    `[L, Hq, 1, 1, D]` float32, however long the trace."""
+    from phi3lab.runtime import compile_cache
+    from phi3lab.tracing import pipeline
+
+    assert [pipeline.row_bucket(model, n).padded for n in (1, 2, 3, 5, 16, 17, 40)] == [1, 2, 4, 8, 16, 64, 64]
+    analysis.direct_logit_attribution(model, tr, ANSWER, COUNTER, batch=1)
+    heads = [p for key, p in compile_cache.entries(model).items() if key[0] == "attribution.heads"]
+    one_position = LAYERS * HEADS * HIDDEN * 4
+    assert min(p.output_bytes for p in heads) == one_position
+
+
 def test_frozen_scale_matches_the_rms(model, tr):
     final = tr.resid(LAYERS - 1, "post")[0, 3].astype(np.float64)
     inv_rms, _ = analysis.frozen_norm_scale(model, final)

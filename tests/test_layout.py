@@ -1,5 +1,6 @@
-"""The package's layout rules: the model imports nothing above it, and no
-runtime module lies loose at the package top."""
+"""The package's layout rules: the model imports nothing above it, no
+runtime module lies loose at the package top, and only the compile cache
+calls `jax.jit`."""
 
 from __future__ import annotations
 
@@ -45,6 +46,57 @@ def test_the_model_imports_nothing_above_it():
         if any(name == f"phi3lab.{above}" or name.startswith(f"phi3lab.{above}.") for above in ABOVE_THE_MODEL)
     ]
     assert not upward, "\n".join(upward)
+
+
+# The one module that compiles with `jax.jit` (docs/design.md, "One notion of a compiled program").
+COMPILE_CACHE = PACKAGE / "runtime" / "compile_cache.py"
+COMPILERS = {"jit", "pjit", "pmap"}
+
+
+def jit_uses(source: str) -> list[int]:
+    """Lines of `source` that compile with JAX directly: `jax.jit` (or
+    `pjit`, `pmap`) called, used as a decorator or passed on
+    (`functools.partial(jax.jit, ...)`), under any name jax is imported as,
+    or the function imported from jax. Strings (docstring examples) are not
+    code."""
+    tree = ast.parse(source)
+    imports = [alias for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    aliases = {"jax"} | {a.asname or a.name for a in imports if a.name.split(".")[0] == "jax"}
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in COMPILERS and ast.unparse(node.value) in aliases:
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "jax":
+            lines += [node.lineno for alias in node.names if alias.name in COMPILERS]
+    return sorted(lines)
+
+
+def test_jit_uses_sees_every_form_and_skips_docstrings():
+    """The scanner below must not miss a `jax.jit` because of how it is written."""
+    source = (
+        '"""Example: `jax.jit(fn)(x)`."""\n'
+        "import functools\nimport jax\nimport jax as J\nfrom jax import jit\n"
+        "@jax.jit\ndef f(x):\n    '''>>> jax.jit(f)'''\n    return x\n"
+        "g = J.jit(f, static_argnums=0)\n"
+        "h = functools.partial(jax.jit, donate_argnums=0)\n"
+        "k = jax.pmap(f)\n"
+        "ok = jax.numpy.asarray(1)\n"
+    )
+    assert jit_uses(source) == [5, 6, 10, 11, 12]
+
+
+def test_only_the_compile_cache_calls_jax_jit():
+    """Every program phi3lab compiles lives in the bounded compile cache
+    (`compile_cache.ahead_of_time`, `traceable`, `jit`), none in a
+    module-level `jax.jit` whose programs JAX keeps without bound."""
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path != COMPILE_CACHE
+        for line in jit_uses(path.read_text())
+    ]
+    assert not found, "jax.jit outside phi3lab/runtime/compile_cache.py:\n" + "\n".join(found)
+    assert jit_uses(COMPILE_CACHE.read_text()), "the scan no longer sees the compile cache's own jax.jit"
 
 
 def test_no_runtime_module_lies_at_the_package_top():

@@ -332,6 +332,7 @@ ENTRIES = {
         model, ids, (ids + 1) % 90, {(0, 1)}, "resid_final", answer=ANSWER, counterfactual=COUNTER
     ),
     "logit_lens": lens,
+    "next_token_attribution": lambda model, ids: analysis.next_token_attribution(model, phi3lab.trace(model, ids)),
     "head_scores": lambda model, ids: analysis.head_scores(model, seq_len=ids.shape[1] // 2, num_sequences=1),
     "generate": lambda model, ids: phi3lab.generate(model, ids[0], max_new_tokens=2, stop=[]),
     "edge_attribution": lambda model, ids, **budget: C.edge_attribution(
@@ -410,6 +411,7 @@ REFUSED = {
         model, ids, ids, "heads", "resid_final", answer=ANSWER, **budget
     ),
     "logit_lens": None,  # needs a trace first: below
+    "next_token_attribution": None,
     "head_scores": lambda model, ids, **budget: analysis.head_scores(model, seq_len=4, **budget),
     "generate": lambda model, ids, **budget: phi3lab.generate(model, ids[0], max_new_tokens=2, **budget),
     # one prompt, not bucketed (docs/design.md, "Attribution graphs"): guarded only
@@ -419,16 +421,24 @@ REFUSED = {
 }
 
 
-@pytest.mark.parametrize("entry", [*ENTRIES, "answer_curve", "logit_lens_logits", "attribution_graph"])
+READ_TRACE = {
+    "logit_lens": lambda model, tr, **budget: analysis.logit_lens(model, tr, **budget),
+    "logit_lens_logits": lambda model, tr, **budget: analysis.logit_lens_logits(model, tr, **budget),
+    "answer_curve": lambda model, tr, **budget: analysis.answer_curve(model, tr, ANSWER, **budget),
+    "decompose_resid": lambda model, tr, **budget: analysis.decompose_resid(model, tr, **budget),
+    "direct_logit_attribution": lambda model, tr, **budget: analysis.direct_logit_attribution(
+        model, tr, ANSWER, COUNTER, **budget
+    ),
+    "next_token_attribution": lambda model, tr, **budget: analysis.next_token_attribution(model, tr, **budget),
+}
+
+
+@pytest.mark.parametrize("entry", [*ENTRIES, *(e for e in READ_TRACE if e not in ENTRIES), "attribution_graph"])
 def test_every_entry_refuses_an_over_budget_request_before_running(model, entry, monkeypatch):
     ids, _ = pair(9)
-    if entry in ("logit_lens", "answer_curve", "logit_lens_logits"):
-        tr = phi3lab.trace(model, ids, names="blocks.*.hook_resid_*")
-        call = {
-            "logit_lens": lambda **budget: analysis.logit_lens(model, tr, **budget),
-            "logit_lens_logits": lambda **budget: analysis.logit_lens_logits(model, tr, **budget),
-            "answer_curve": lambda **budget: analysis.answer_curve(model, tr, ANSWER, **budget),
-        }[entry]
+    if entry in READ_TRACE:
+        tr = phi3lab.trace(model, ids)
+        call = lambda **budget: READ_TRACE[entry](model, tr, **budget)
     else:
         call = lambda **budget: REFUSED[entry](model, ids, **budget)
 

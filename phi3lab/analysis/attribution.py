@@ -13,18 +13,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import jax
 import numpy as np
 import pandas as pd
 from jax import numpy as jnp
 
 from phi3lab.analysis._common import as_list, check_trace, require
-from phi3lab.analysis.lens import readout_program
+from phi3lab.analysis.lens import read_rows, readout_logits
 from phi3lab.checks import check_choice, check_index, check_token_ids, is_int, last_positions
 from phi3lab.deprecation import keyword_only_since
 from phi3lab.errors import bad_argument
-from phi3lab.model.quantize import float_weight
-from phi3lab.runtime import compile_cache
+from phi3lab.model.quantize import dequantize
+from phi3lab.tracing import pipeline
 from phi3lab.tracing.names import block_name
 
 
@@ -84,18 +83,41 @@ def component_table(num_layers: int, num_heads: int, heads: bool = True) -> pd.D
     return table.astype({"layer": "Int64", "head": "Int64"})
 
 
-def _head_fn():
-    def split(z, kernel):
-        return jnp.einsum("lbtnh,lnhd->lnbtd", z.astype(jnp.float32), kernel.astype(jnp.float32))
-
-    return jax.jit(split)
+ATTRIBUTION_ADVICE = "Attribute fewer positions (positions=[-1]) or fewer rows (batch=0)."
 
 
-def _unembed_columns(model):
-    """Compiled `(params, x [N, D], columns [C]) -> logits [N, C]` through
-    the model's LM head (`model.unembed`): a linear read-out of components."""
-    read = lambda params, x, columns: model.unembed(params, x)[:, columns]
-    return compile_cache.cached(model, ("attribution.unembed",), lambda: jax.jit(read))
+def _head_outputs(model, z: np.ndarray, memory_budget: int | None) -> np.ndarray:
+    """Each query head's share of its block's attention output,
+    `[L, Hq, B, P, D]` from `z` `[P, L, B, Hq, dh]` (positions first):
+    `z @ output_kernel[l, n]` (dequantized if int8) in float32, through the
+    run pipeline (`lens.read_rows`: the positions bucketed, guarded)."""
+    attention = model.decoder.attention
+
+    def split(params, z):
+        kernel = dequantize(params["decoder"]["attention"], attention.compute_dtype)["output_kernel"]
+        return jnp.einsum("tlbnh,lnhd->tlnbd", z.astype(jnp.float32), kernel.astype(jnp.float32))
+
+    heads = read_rows(
+        model, ("attribution.heads",), split, z, memory_budget, what="This decomposition", advice=ATTRIBUTION_ADVICE
+    )
+    return heads.transpose(1, 2, 3, 0, 4)
+
+
+def _lm_head_columns(model, token_ids: np.ndarray, memory_budget: int | None) -> np.ndarray:
+    """The LM head's columns of `token_ids` `[C]` as float64 `[D, C]`, in the
+    model's compute dtype first (as `model.unembed` multiplies them): the
+    attribution tables read out only these, never a `[N, V]` array."""
+    embedding = model.token_embedding
+
+    def columns(params, ids):
+        head = embedding.lm_head(params["token_embedding"])  # [D, V]
+        return jnp.take(head, ids, axis=1).T.astype(embedding.compute_dtype)
+
+    ids = np.asarray(token_ids, np.int32)
+    rows = read_rows(
+        model, ("attribution.lm_head",), columns, ids, memory_budget, what="This attribution", advice=ATTRIBUTION_ADVICE
+    )
+    return rows.astype(np.float64).T
 
 
 def _rows(tr, name: str, values, what: str, size: int) -> np.ndarray:
@@ -107,7 +129,12 @@ def _rows(tr, name: str, values, what: str, size: int) -> np.ndarray:
 
 @keyword_only_since("batch", "positions")
 def decompose_resid(
-    model, tr, *, batch: int | Sequence[int] | None = None, positions: int | Sequence[int] | None = None
+    model,
+    tr,
+    *,
+    batch: int | Sequence[int] | None = None,
+    positions: int | Sequence[int] | None = None,
+    memory_budget: int | None = None,
 ) -> ResidualDecomposition:
     """Split the final residual stream into embedding, heads and MLPs.
 
@@ -123,6 +150,8 @@ def decompose_resid(
         batch: rows to keep (int or list); None keeps all.
         positions: positions to keep (int or list); None keeps all. Keeping
             few positions keeps memory small on large models.
+        memory_budget: bytes the per-head products may use (default the
+            free memory); refused with the estimate before they run.
 
     Returns:
         A `ResidualDecomposition`.
@@ -135,6 +164,7 @@ def decompose_resid(
     ```
     """
     check_trace(model, tr)
+    pipeline.check_budget(memory_budget)
     layers = range(model.num_layers)
     names = (
         ["hook_embed"]
@@ -145,13 +175,11 @@ def decompose_resid(
     rows = _rows(tr, "batch", batch, "batch row", tr.token_ids.shape[0])
     cols = _rows(tr, "positions", positions, "position", tr.token_ids.shape[1])
     take = lambda a: np.asarray(a)[rows][:, cols]
-    z = np.stack([take(tr[block_name(l, "attn.hook_z")]) for l in layers])
-    kernel = float_weight(model.decoder.attention, "output_kernel")
-    split = compile_cache.cached(model, ("attribution.heads",), _head_fn)
+    z = np.stack([take(tr[block_name(l, "attn.hook_z")]) for l in layers])  # [L, B, P, Hq, dh]
     return ResidualDecomposition(
         embed=take(tr["hook_embed"]),
         attn_out=np.stack([take(tr[block_name(l, "hook_attn_out")]) for l in layers]),
-        head_out=np.asarray(split(jnp.asarray(z), kernel)),
+        head_out=_head_outputs(model, z.transpose(2, 0, 1, 3, 4), memory_budget),
         mlp_out=np.stack([take(tr[block_name(l, "hook_mlp_out")]) for l in layers]),
         final=take(tr[block_name(model.num_layers - 1, "hook_resid_post")]),
         batch=rows,
@@ -192,6 +220,7 @@ def direct_logit_attribution(
     position: int = -1,
     batch: int = 0,
     level: str = "heads",
+    memory_budget: int | None = None,
 ) -> pd.DataFrame:
     """How much each head (or attention block) and MLP writes to a logit.
 
@@ -219,6 +248,8 @@ def direct_logit_attribution(
             stream: its rows sum to the total, and sorting or summing them
             counts each contribution once. The heads of a layer sum to its
             block's row at the other level.
+        memory_budget: bytes each of its programs may use (default the free
+            memory); refused with the estimate before they run.
 
     Returns:
         A DataFrame with `component`, `layer`, `head`, `kind` and
@@ -240,6 +271,7 @@ def direct_logit_attribution(
     """
     check_trace(model, tr)
     check_choice("level", level, ("heads", "layers"))
+    pipeline.check_budget(memory_budget)
     batch = check_index("batch", batch, tr.token_ids.shape[0], "batch row")
     answer_id = int(check_token_ids("answer", answer, model.vocabulary_size, ndim=0))
     counter_id = None
@@ -255,22 +287,21 @@ def direct_logit_attribution(
         )
     absolute = last + 1 + int(position) if position < 0 else int(position)
 
-    parts = decompose_resid(model, tr, batch=[batch], positions=[absolute])
+    parts = decompose_resid(model, tr, batch=[batch], positions=[absolute], memory_budget=memory_budget)
     heads = level == "heads"
     final = parts.final[0, 0]
     inv_rms, scale = frozen_norm_scale(model, final)
 
-    columns = jnp.asarray([answer_id] + ([counter_id] if counter_id is not None else []), jnp.int32)
-    unembed, params = _unembed_columns(model), model.params()
-    read = lambda vectors: np.asarray(unembed(params, jnp.asarray(vectors * scale, jnp.float32), columns), np.float64)
-    signed = lambda logits: logits[:, 0] - (logits[:, 1] if counter_id is not None else 0.0)
+    columns = _lm_head_columns(model, [answer_id] + ([counter_id] if counter_id is not None else []), memory_budget)
+    written = (parts.stack(heads=heads)[:, 0, 0] * scale) @ columns  # [components, 1 or 2]
     table = parts.labels(heads=heads)
-    table["attribution"] = signed(read(parts.stack(heads=heads)[:, 0, 0]))
+    table["attribution"] = written[:, 0] - (written[:, 1] if counter_id is not None else 0.0)
 
     if "hook_logits" in tr.names:
         logits = np.asarray(tr["hook_logits"][batch, absolute], np.float64)
     else:
-        logits = np.asarray(readout_program(model)(params, jnp.asarray(final[None], jnp.float32)), np.float64)[0]
+        logits = readout_logits(model, final[None], memory_budget, "This attribution", ATTRIBUTION_ADVICE)[0]
+        logits = logits.astype(np.float64)
     model_value = logits[answer_id] - (logits[counter_id] if counter_id is not None else 0.0)
     table.attrs.update(
         level=level,
@@ -295,7 +326,9 @@ def next_token_mask(padding_mask) -> np.ndarray:
 
 
 @keyword_only_since("batch", "heads")
-def next_token_attribution(model, tr, *, batch: int = 0, heads: bool = False) -> pd.DataFrame:
+def next_token_attribution(
+    model, tr, *, batch: int = 0, heads: bool = False, memory_budget: int | None = None
+) -> pd.DataFrame:
     """Direct logit attribution of every token: how much each component
     wrote, at the position before it, to the logit of the token that came.
 
@@ -311,6 +344,8 @@ def next_token_attribution(model, tr, *, batch: int = 0, heads: bool = False) ->
         batch: int. Which row of the trace.
         heads: bool. Split each block's attention into its query heads
             (rows `L{l}H{h}`) instead of one `L{l}_attn` row.
+        memory_budget: bytes each of its programs may use (default the free
+            memory); refused with the estimate before they run.
 
     Returns:
         A DataFrame with one row per component (columns `component`, `layer`,
@@ -327,18 +362,14 @@ def next_token_attribution(model, tr, *, batch: int = 0, heads: bool = False) ->
     """
     check_trace(model, tr)
     batch = check_index("batch", batch, tr.token_ids.shape[0], "batch row")
+    pipeline.check_budget(memory_budget)
     ids = np.asarray(tr.token_ids[batch])
     length = len(ids)
-    parts = decompose_resid(model, tr, batch=[batch])
+    parts = decompose_resid(model, tr, batch=[batch], memory_budget=memory_budget)
     stack = parts.stack(heads=heads)[:, 0, :-1]  # [C, T-1, D]: what predicts tokens 1..T-1
     scales = np.stack([frozen_norm_scale(model, parts.final[0, t])[1] for t in range(length - 1)])
     wanted, where = np.unique(ids[1:], return_inverse=True)
-    columns = np.asarray(
-        _unembed_columns(model)(
-            model.params(), jnp.eye(model.hidden_dim, dtype=jnp.float32), jnp.asarray(wanted, jnp.int32)
-        ),
-        np.float64,
-    )[:, where]  # [D, T-1]: the LM head's column of each next token
+    columns = _lm_head_columns(model, wanted, memory_budget)[:, where]  # [D, T-1]: each next token's column
     predicted = next_token_mask(tr.padding_mask[batch])
     values = np.full((stack.shape[0], length), np.nan)
     values[:, 1:] = np.einsum("ctd,td,dt->ct", stack, scales, columns)
@@ -348,8 +379,8 @@ def next_token_attribution(model, tr, *, batch: int = 0, heads: bool = False) ->
     if "hook_logits" in tr.names:
         logits = np.asarray(tr["hook_logits"][batch, :-1], np.float64)
     else:
-        final = jnp.asarray(parts.final[0, :-1], jnp.float32)
-        logits = np.asarray(readout_program(model)(model.params(), final), np.float64)
+        final = parts.final[0, :-1]
+        logits = readout_logits(model, final, memory_budget, "This attribution", ATTRIBUTION_ADVICE).astype(np.float64)
     own = np.full(length, np.nan)
     own[1:] = logits[np.arange(length - 1), ids[1:]]
     own[~predicted] = np.nan

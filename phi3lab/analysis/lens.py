@@ -1,10 +1,11 @@
 """The logit lens: read every residual stream through the model's own output.
 
 Each residual stream (before, between and after the halves of every block)
-goes through `model.readout` (the final RMS norm, then the LM head), compiled
-once per model. Applied to the last block's output this is exactly how the
-model computes `hook_logits`. The `LogitLensView` widget shows these numbers;
-it computes none of its own.
+goes through `model.readout` (the final RMS norm, then the LM head) by the
+run pipeline (`read_rows`: bucketed, compiled ahead of time, guarded).
+Applied to the last block's output this is exactly how the model computes
+`hook_logits`. The `LogitLensView` widget shows these numbers; it computes
+none of its own.
 """
 
 from __future__ import annotations
@@ -20,17 +21,10 @@ from phi3lab.analysis._common import as_list, check_trace, require
 from phi3lab.checks import check_in_range, check_index, check_token
 from phi3lab.deprecation import keyword_only_since
 from phi3lab.errors import bad_argument
-from phi3lab.runtime import compile_cache
 from phi3lab.tracing import pipeline
 from phi3lab.tracing.names import block_name
 
 WHERE = ("pre", "mid", "post")
-
-
-def readout_program(model):
-    """The compiled `model.readout(params, x [..., D]) -> logits [..., V]`
-    (one per model; the attribution tables read their logits with it too)."""
-    return compile_cache.cached(model, ("lens.readout",), lambda: jax.jit(model.readout))
 
 
 LENS_ADVICE = "Read fewer positions (positions=[-1]) or fewer streams (where='post')."
@@ -60,16 +54,39 @@ def _answer_curve(model):
     return curve
 
 
-def _read(model, key: tuple, fn, rows: np.ndarray, memory_budget: int | None, *extra):
-    """`fn(params, rows [P, D], *extra)` through the run pipeline: the `P`
-    positions padded to their length bucket, compiled ahead of time (one
-    program per bucket), guarded against `memory_budget`, each output cut
-    back to `P` rows. One stream at a time, so a stream reads the same
-    whichever others are asked for."""
-    bucket = pipeline.bucket(model, rows.shape[0])
+def read_rows(
+    model,
+    key: tuple,
+    fn,
+    rows: np.ndarray,
+    memory_budget: int | None,
+    *extra,
+    what: str = "This lens",
+    advice: str | None = None,
+):
+    """`fn(params, rows [P, ...], *extra)` through the run pipeline: the `P`
+    rows padded to their bucket (`pipeline.row_bucket`), compiled ahead of
+    time under `key` (one program per bucket), guarded against
+    `memory_budget` (refused with `CaptureTooLarge`, its message starting
+    with `what` and ending with `advice`, default the lens's), each output
+    cut back to `P` rows. The lens reads one stream at a time, so a stream
+    reads the same whichever others are asked for.
+
+    Example:
+    >>> logits = read_rows(model, ("lens.readout",), model.readout, resid, None)   # [P, V]
+    """
+    bucket = pipeline.row_bucket(model, rows.shape[0])
     args = (model.params(), jnp.asarray(bucket.pad(rows, (0,))), *extra)
-    program = pipeline.compiled(model, key, fn, args, memory_budget, "This lens", LENS_ADVICE)
+    program = pipeline.compiled(model, key, fn, args, memory_budget, what, advice or LENS_ADVICE)
     return jax.tree.map(lambda out: np.asarray(out)[: bucket.length], program(*args))
+
+
+def readout_logits(
+    model, rows: np.ndarray, memory_budget: int | None, what: str = "This lens", advice: str | None = None
+) -> np.ndarray:
+    """Logits `[P, V]` of residual streams `rows` `[P, D]` through
+    `model.readout` (the final norm, then the LM head), by `read_rows`."""
+    return read_rows(model, ("lens.readout",), model.readout, rows, memory_budget, what=what, advice=advice)
 
 
 def _check_where(where) -> tuple[str, ...]:
@@ -111,7 +128,7 @@ def logit_lens_logits(
 
     Each residual stream `blocks.{l}.hook_resid_{where}` goes through
     `model.readout` (the model's own final norm and LM head), compiled once
-    per model. The last layer's `"post"` entry equals the trace's
+    per length bucket. The last layer's `"post"` entry equals the trace's
     `hook_logits`.
 
     Args:
@@ -141,8 +158,9 @@ def logit_lens_logits(
     pipeline.check_budget(memory_budget)
     chosen = np.arange(tr.token_ids.shape[1]) if positions is None else _positions(tr, positions, batch)
     streams = _streams(model, tr, where, batch, chosen)
-    read = lambda rows: _read(model, ("lens.readout",), model.readout, rows, memory_budget)
-    return np.stack([[read(rows) for rows in x] for _, x in streams]).astype(np.float32, copy=False)
+    return np.stack([[readout_logits(model, rows, memory_budget) for rows in x] for _, x in streams]).astype(
+        np.float32, copy=False
+    )
 
 
 @keyword_only_since("k", "where", "batch", "positions", "tokenizer")
@@ -198,7 +216,7 @@ def logit_lens(
     rows = []
     for layer, x in _streams(model, tr, where, batch, keep):
         probs, ids = (
-            np.stack(a) for a in zip(*(_read(model, ("lens.top_k", k), top, rows, memory_budget) for rows in x))
+            np.stack(a) for a in zip(*(read_rows(model, ("lens.top_k", k), top, rows, memory_budget) for rows in x))
         )
         for w_index, w in enumerate(where):
             for p_index, p in enumerate(keep):
@@ -256,7 +274,7 @@ def answer_curve(
     layers = range(model.num_layers)
     x = np.stack([x[:, 0] for _, x in _streams(model, tr, where, batch, np.array([position]))])  # [L, W, D]
     rows = x.reshape(-1, x.shape[-1])
-    probability, rank = _read(model, ("lens.answer",), _answer_curve(model), rows, memory_budget, np.int32(answer))
+    probability, rank = read_rows(model, ("lens.answer",), _answer_curve(model), rows, memory_budget, np.int32(answer))
     return pd.DataFrame(
         {
             "layer": np.repeat(np.asarray(layers), len(where)),

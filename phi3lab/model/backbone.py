@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import keras
 from jax import numpy as jnp
 
@@ -321,9 +320,10 @@ class Phi3Backbone(keras.Model):
     @property
     def _compiled_forward(self):
         """`apply` under `jax.jit`, made once per model (in the shared compile
-        cache), so eager calls do not re-trace the layer scan every time."""
+        cache), so eager calls do not re-trace the layer scan every time;
+        traceable, as Keras training calls it inside its own compiled step."""
         forward = lambda params, ids, mask, key: self.apply(params, ids, mask, dropout_key=key)[0]
-        return compile_cache.cached(self, ("call",), lambda: jax.jit(forward))
+        return compile_cache.traceable(self, ("call",), forward)
 
     def get_config(self):
         config = super().get_config()

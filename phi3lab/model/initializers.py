@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import math
 import random
 
@@ -13,6 +12,7 @@ import keras
 from jax import numpy as jnp
 
 from phi3lab.model.stacked import from_bits, to_bits
+from phi3lab.runtime import compile_cache
 
 _ZERO_INIT = contextvars.ContextVar("phi3lab_zero_init", default=False)
 
@@ -60,13 +60,15 @@ class ChunkedRandomNormal(keras.initializers.Initializer):
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), self._calls)
         self._calls += 1
         dtype = jnp.dtype(keras.backend.standardize_dtype(dtype or keras.config.floatx()))
-        return _chunked_normal(key, tuple(shape), dtype, float(self.stddev))
+        shape, stddev = tuple(shape), float(self.stddev)
+        draw = lambda key: _chunked_normal(key, shape, dtype, stddev)
+        # Traceable: `jax.eval_shape` builds a real-size model without drawing.
+        return compile_cache.traceable(None, ("init.normal", shape, dtype, stddev), draw)(key)
 
     def get_config(self):
         return {"stddev": self.stddev, "seed": self.seed}
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _chunked_normal(key, shape: tuple, dtype, stddev: float):
     """`stddev` times standard normals of `shape`, drawn `_CHUNK` at a time
     (the chunk's number folded into `key`) into a flat buffer written in

@@ -17,11 +17,11 @@ from __future__ import annotations
 import gc
 import weakref
 
-import jax
 import keras
 from jax import numpy as jnp
 
 from phi3lab.model.stacked import add_stacked_weights, layer_slice, set_layer
+from phi3lab.runtime import compile_cache
 
 SCALE_SUFFIX = "_scale"
 # The input axes of each projection kernel (one layer's shape): the scale is
@@ -53,7 +53,11 @@ def quantize_int8(kernel, input_axes: tuple[int, ...]):
     return quantized, scale
 
 
-_quantize_jit = jax.jit(quantize_int8, static_argnums=1)
+def _quantize_jit(kernel, input_axes: tuple[int, ...]):
+    """`quantize_int8`, compiled once per kernel shape and axes in the
+    process-wide compile cache (traceable: `jax.eval_shape` runs it)."""
+    key = ("quantize_int8", input_axes, tuple(kernel.shape), str(kernel.dtype))
+    return compile_cache.traceable(None, key, lambda k: quantize_int8(k, input_axes))(kernel)
 
 
 def scale_shape(shape: tuple[int, ...], input_axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -149,7 +153,7 @@ def quantize_stacked_weights(layer, input_axes: dict[str, tuple[int, ...]] = INP
         object.__delattr__(layer, name)
         kernel, scale = _add_int8_pair(layer, name, tuple(variable.shape), input_axes[name])
         for index in range(variable.shape[0]):
-            set_quantized_layer(kernel, scale, layer_slice(variable.value, index), index, input_axes[name])
+            set_quantized_layer(kernel, scale, layer_slice(None, variable.value, index), index, input_axes[name])
         # Collect only if a reference cycle still holds the float kernel, so
         # one float kernel at a time is in memory.
         freed = weakref.ref(variable)

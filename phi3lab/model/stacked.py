@@ -15,11 +15,12 @@ weights) likewise goes through the bits. The bitcasts are exact.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import jax
 from jax import numpy as jnp
+
+from phi3lab.runtime import compile_cache
 
 _BITS = jnp.uint16  # the carrier of 16-bit floats
 
@@ -72,12 +73,14 @@ def layer_of(stacked, layer):
     return from_bits(jax.lax.dynamic_index_in_dim(to_bits(stacked), layer, keepdims=False), stacked.dtype)
 
 
-# Layer `index` of a stacked `[L, ...]` buffer, compiled; the index is an
-# input, so one program serves every layer (the writers call it per tensor).
-layer_slice = jax.jit(layer_of)
+def layer_slice(model, stacked, index):
+    """Layer `index` of a stacked `[L, ...]` buffer (`layer_of`), compiled
+    once per shape in `model`'s compile cache (the process-wide one for
+    `model=None`); the index is an input, so one program serves every layer
+    (the writers and `quantize` call it per tensor)."""
+    return compile_cache.traceable(model, ("stacked.layer_slice",), layer_of)(stacked, index)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
 def _with_layer(stacked, value, index):
     return update_slice(stacked, value[None], (index,) + (0,) * value.ndim)
 
@@ -92,7 +95,8 @@ def set_layer(variable, value, layer: int) -> None:
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Some donated buffers")
-        variable.assign(_with_layer(variable.value, value, layer))
+        write = compile_cache.traceable(None, ("stacked.set_layer",), _with_layer, donate_argnums=0)
+        variable.assign(write(variable.value, value, layer))
 
 
 def slices_recomputed(body):

@@ -22,10 +22,11 @@ import numpy as np
 from jax import numpy as jnp
 
 from phi3lab.model.rotary import RotarySpec
-from phi3lab.model.stacked import layer_slice
+from phi3lab.model.stacked import layer_of, layer_slice
 from phi3lab.presets.preflight import Axis, PresetLayout, axis
 from phi3lab.presets.safetensors_io import PendingTensor, SafetensorsFile, write_safetensors
 from phi3lab.presets.weights import WeightFiller
+from phi3lab.runtime import compile_cache
 
 # phi3lab's size arguments -> the config.json keys Hugging Face gives them.
 CONFIG_KEYS = {
@@ -268,24 +269,29 @@ def load_weights(model, directory: Path, quantize: bool = False) -> None:
 
 def _heads_out(kernel: jax.Array, i: jax.Array) -> jax.Array:
     """Layer `i` of a `[L, D, H, dh]` kernel in Hugging Face's `[H * dh, D]` layout."""
-    layer = layer_slice(kernel, i)
+    layer = layer_of(kernel, i)
     return jnp.transpose(layer, (1, 2, 0)).reshape(-1, layer.shape[0])
 
 
-# One compiled program per tensor kind (the layer index is an input), each
-# making its tensor straight from the stacked weights, so a save allocates
-# about one output tensor at a time and compiles once per shape, not per layer.
-_fused_qkv = jax.jit(lambda q, k, v, i: jnp.concatenate([_heads_out(x, i) for x in (q, k, v)]))
-_o_proj = jax.jit(lambda o, i: layer_slice(o, i).reshape(-1, o.shape[-1]).T)
-_fused_gate_up = jax.jit(lambda gate, up, i: jnp.concatenate([layer_slice(gate, i).T, layer_slice(up, i).T]))
-_transposed_layer = jax.jit(lambda kernel, i: layer_slice(kernel, i).T)
-_transposed = jax.jit(jnp.transpose)
+# How each layer tensor is made from the stacked weights and the layer index
+# (an input, so one compiled program serves every layer): about one output
+# tensor is allocated at a time.
+_CONVERSIONS = {
+    "qkv_proj": lambda q, k, v, i: jnp.concatenate([_heads_out(x, i) for x in (q, k, v)]),
+    "o_proj": lambda o, i: layer_of(o, i).reshape(-1, o.shape[-1]).T,
+    "gate_up_proj": lambda gate, up, i: jnp.concatenate([layer_of(gate, i).T, layer_of(up, i).T]),
+    "transposed_layer": lambda kernel, i: layer_of(kernel, i).T,
+    "transposed": jnp.transpose,
+}
 
 
 def hf_tensors(model) -> dict[str, Callable[[], jax.Array]]:
     """Each tensor of `model`'s Hugging Face checkpoint (fused layout), in
     file order, as a function making it from the model's weights (one
-    layer's slice, transposed or fused, at a time)."""
+    layer's slice, transposed or fused, at a time) by a program in the
+    model's compile cache (`compile_cache.traceable`: `save_checkpoint`
+    sizes the tensors under `jax.eval_shape`)."""
+    convert = {kind: compile_cache.traceable(model, ("export", kind), fn) for kind, fn in _CONVERSIONS.items()}
     params = model.params()
     embedding, dec = params["token_embedding"], params["decoder"]
     attention, mlp = dec["attention"], dec["mlp"]
@@ -294,16 +300,16 @@ def hf_tensors(model) -> dict[str, Callable[[], jax.Array]]:
         p = f"model.layers.{i}."
         qkv = (attention["query_kernel"], attention["key_kernel"], attention["value_kernel"])
         tensors |= {
-            p + "input_layernorm.weight": lambda i=i: layer_slice(dec["attention_norm"]["scale"], i),
-            p + "post_attention_layernorm.weight": lambda i=i: layer_slice(dec["mlp_norm"]["scale"], i),
-            p + "self_attn.qkv_proj.weight": lambda i=i, qkv=qkv: _fused_qkv(*qkv, i),
-            p + "self_attn.o_proj.weight": lambda i=i: _o_proj(attention["output_kernel"], i),
-            p + "mlp.gate_up_proj.weight": lambda i=i: _fused_gate_up(mlp["gate_kernel"], mlp["up_kernel"], i),
-            p + "mlp.down_proj.weight": lambda i=i: _transposed_layer(mlp["down_kernel"], i),
+            p + "input_layernorm.weight": lambda i=i: layer_slice(model, dec["attention_norm"]["scale"], i),
+            p + "post_attention_layernorm.weight": lambda i=i: layer_slice(model, dec["mlp_norm"]["scale"], i),
+            p + "self_attn.qkv_proj.weight": lambda i=i, qkv=qkv: convert["qkv_proj"](*qkv, i),
+            p + "self_attn.o_proj.weight": lambda i=i: convert["o_proj"](attention["output_kernel"], i),
+            p + "mlp.gate_up_proj.weight": lambda i=i: convert["gate_up_proj"](mlp["gate_kernel"], mlp["up_kernel"], i),
+            p + "mlp.down_proj.weight": lambda i=i: convert["transposed_layer"](mlp["down_kernel"], i),
         }
     tensors["model.norm.weight"] = lambda: params["final_norm"]["scale"]
     if not model.tie_word_embeddings:
-        tensors["lm_head.weight"] = lambda: _transposed(embedding["reverse_embeddings"])
+        tensors["lm_head.weight"] = lambda: convert["transposed"](embedding["reverse_embeddings"])
     return tensors
 
 

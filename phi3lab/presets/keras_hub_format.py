@@ -231,7 +231,7 @@ def save_preset(model, directory: str | Path) -> Path:
                 _, part, variable = key.split("/")
                 for number, name in enumerate((variable, variable + SCALE_SUFFIX)):
                     if name in decoder[part]:
-                        data = np.asarray(layer_slice(decoder[part][name], index))
+                        data = np.asarray(layer_slice(model, decoder[part][name], index))
                         layers.create_dataset(f"{group}/{sub}/vars/{number}", data=data)
                         release_freed_memory()  # as `write_safetensors` does: one tensor's memory at a time
     return directory

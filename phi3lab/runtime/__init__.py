@@ -1,8 +1,9 @@
 """What phi3lab needs from the process it runs in, and nothing it did not ask for.
 
 - `backend.py`: makes JAX the Keras backend before keras is imported, or raises saying how.
-- `compile_cache.py`: the one bounded cache of compiled programs per model, and the length buckets.
-- `disk_cache.py`: JAX's on-disk compilation cache, switched on at phi3lab's first compilation.
+- `compile_cache.py`: the bounded caches of every compiled program (per model, and one for
+  programs of no model), and the length buckets; the only module that calls `jax.jit`.
+- `disk_cache.py`: JAX's on-disk compilation cache, switched on at phi3lab's first program for a model.
 - `host_memory.py`: glibc settings that keep freed host memory for the next run (opt-in).
 - `configuration.py`: `configure()`, the opt-in to process-wide settings (`host_memory="reuse"`).
 - `env.py`: reading phi3lab's environment variables.

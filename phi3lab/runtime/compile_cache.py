@@ -1,10 +1,23 @@
 """The one cache of compiled programs, per model and bounded.
 
-Everything that compiles a program for a model (`trace`, the analysis sweeps,
-generation, the model's own eager call) stores it here under a key that says
-what the program is (`("trace", plan, hooks, shapes)`, ...). Entries live as
-long as their model and, per model, at most `limit()` of them are kept, the
-least recently used going first.
+Everything phi3lab compiles is stored here under a key that says what the
+program is (`("trace", plan, hooks, shapes)`, ...), in one of two forms:
+
+- a `Program` (`ahead_of_time`): compiled for fixed input shapes, with XLA's
+  memory analysis, which the run pipeline's memory guard reads: every entry
+  that runs the model, the analysis read-outs, the rotary tables.
+- a traceable function (`traceable`): `jax.jit` of a function, for the
+  programs that must also run inside a JAX transformation: the model's eager
+  call, which Keras training compiles; the checkpoint conversions, which a
+  save sizes under `jax.eval_shape`, and the loaders' layer writes; the
+  initializers' draws and int8 quantization, which `jax.eval_shape` traces
+  when sizing a real model.
+
+Programs of a model live in that model's cache, as long as the model; those
+that belong to no model (the rotary tables, quantization, the initializers'
+draws) live in one process-wide cache (`model=None`). Each cache keeps at
+most `limit()` programs, the least recently used going first. No other
+module calls `jax.jit` (`tests/test_layout.py` checks it).
 
 The cache is held by the model itself (a private attribute): its programs
 close over the model, so a table keyed by weak references to models would
@@ -33,6 +46,7 @@ _DEFAULT_LIMIT = 64
 _BUCKETS = (64, 128, 256, 384, 512)
 _ATTRIBUTE = "_phi3lab_compiled_programs"
 _MODELS: "weakref.WeakSet" = weakref.WeakSet()  # models holding a cache, for set_limit
+_SHARED: OrderedDict = OrderedDict()  # the programs that belong to no model
 _limit = int(os.environ.get("PHI3LAB_COMPILE_CACHE_SIZE", _DEFAULT_LIMIT))
 
 
@@ -57,10 +71,11 @@ def compiler_options() -> dict | None:
 
 def jit(fn: Callable, **kwargs):
     """`jax.jit(fn, **kwargs)` compiled with `compiler_options()`: how phi3lab
-    compiles the programs that run hooked or capturing layers (traces,
-    generation, gradients, the patching sweeps). JAX takes compiler options
-    only at the top level, so a program that may run inside another `jit`
-    (the model's eager call, which Keras training compiles) uses `jax.jit`.
+    compiles every `Program` and the programs it does not cache (dictionary
+    training's step, the feature summary's fold: made per call). JAX takes
+    compiler options only at the top level, so a program that may run inside
+    another `jit` (the model's eager call, which Keras training compiles) is
+    `traceable`.
 
     Example:
     >>> run = cached(model, ("trace", key), lambda: jit(fn.run))
@@ -94,8 +109,15 @@ class Program:
 def ahead_of_time(model, key: tuple, fn: Callable, args) -> Program:
     """`fn` compiled (`jit`) for the shapes and dtypes of `args` (arrays or
     `jax.ShapeDtypeStruct`s), as a `Program`, cached under `key` and those
-    shapes: the one way traces and generation compile, so a memory guard
-    knows what a program needs before it runs.
+    shapes: the one way phi3lab compiles what it runs eagerly, so a memory
+    guard knows what a program needs before it runs.
+
+    Args:
+        model: the model the program belongs to, or None for a program of
+            no model (the process-wide cache).
+        key: what the program is, its kind first (`("trace", plan)`).
+        fn: the function, of `args`.
+        args: a tuple of its arguments (a pytree of arrays).
 
     Example:
     >>> program = ahead_of_time(model, ("trace", plan), fn.run, args)
@@ -114,25 +136,46 @@ def ahead_of_time(model, key: tuple, fn: Callable, args) -> Program:
     return cached(model, (*key, shapes), build)
 
 
+def traceable(model, key: tuple, fn: Callable, **options) -> Callable:
+    """`jax.jit(fn, **options)` (XLA's default options), cached under `key`:
+    for a program that must also run inside a JAX transformation (`jax.jit`,
+    `jax.grad`, `jax.eval_shape`), where a `Program` compiled for concrete
+    shapes cannot. Settings the function closes over belong in `key`; each
+    cached function compiles once per input shape.
+
+    Example:
+    >>> draw = traceable(None, ("init.normal", shape, dtype), lambda key: jax.random.normal(key, shape, dtype))
+    """
+    import jax
+
+    return cached(model, key, lambda: jax.jit(fn, **options))
+
+
 def cached(model, key: tuple, build: Callable[[], Any]):
     """The program stored for `(model, key)`, built by `build()` on first use.
 
-    The key is extended with `model.attention_paths` (the frozen
-    `AttentionPaths` that `Phi3Backbone.apply` passes to every attention
-    layer: the one model setting a program reads while it is traced), so
-    assigning new paths builds new programs.
-    The first build of the process switches JAX's on-disk cache on
-    (`disk_cache.enable_disk_cache`).
+    For a model, the key is extended with `model.attention_paths` (the
+    frozen `AttentionPaths` that `Phi3Backbone.apply` passes to every
+    attention layer: the one model setting a program reads while it is
+    traced), so assigning new paths builds new programs. `model=None` uses
+    the process-wide cache of programs that belong to no model.
+    The first build of a program for a model switches JAX's on-disk cache
+    on (`disk_cache.enable_disk_cache`); programs of no model do not (they
+    run when a model is built, which leaves the process's settings alone).
 
     Example:
-    >>> run = cached(model, ("forward",), lambda: jax.jit(forward))
+    >>> run = cached(model, ("call",), lambda: jax.jit(forward))
     """
-    cache = _cache_of(model)
-    key = (*key, model.attention_paths)
+    if model is None:
+        cache = _SHARED
+    else:
+        cache = _cache_of(model)
+        key = (*key, model.attention_paths)
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
-    enable_disk_cache()
+    if model is not None:
+        enable_disk_cache()
     program = build()
     cache[key] = program
     while len(cache) > _limit:
@@ -151,22 +194,28 @@ def _cache_of(model) -> OrderedDict:
     return cache
 
 
+def _programs_of(model) -> OrderedDict | dict:
+    """The cache of `model` (the process-wide one for None), empty if none yet."""
+    return _SHARED if model is None else getattr(model, _ATTRIBUTE, {})
+
+
 def size(model, kind: str | None = None) -> int:
-    """How many programs are cached for `model` (only keys starting with
-    `kind` when given, e.g. `"trace"`)."""
-    cache = getattr(model, _ATTRIBUTE, {})
+    """How many programs are cached for `model` (None: the process-wide
+    cache; only keys starting with `kind` when given, e.g. `"trace"`)."""
+    cache = _programs_of(model)
     if kind is None:
         return len(cache)
     return sum(1 for key in cache if isinstance(key, tuple) and key and key[0] == kind)
 
 
 def entries(model) -> dict:
-    """A copy of `model`'s cache, key -> program (for inspection and tests)."""
-    return dict(getattr(model, _ATTRIBUTE, {}))
+    """A copy of `model`'s cache (None: the process-wide one), key ->
+    program (for inspection and tests)."""
+    return dict(_programs_of(model))
 
 
 def limit() -> int:
-    """The most programs kept per model."""
+    """The most programs kept per model (and in the process-wide cache)."""
     return _limit
 
 
@@ -176,8 +225,7 @@ def set_limit(value: int) -> None:
 
     global _limit
     _limit = check_positive_int("value", value)
-    for model in list(_MODELS):
-        cache = getattr(model, _ATTRIBUTE)
+    for cache in [_SHARED, *(getattr(model, _ATTRIBUTE) for model in list(_MODELS))]:
         while len(cache) > _limit:
             cache.popitem(last=False)
 

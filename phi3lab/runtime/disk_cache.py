@@ -3,8 +3,8 @@
 Compiled programs are written to a user cache directory, so a fresh kernel
 re-running a notebook (or a new Python process tracing the same model and
 shapes) loads them instead of compiling again. The cache is switched on when
-phi3lab first compiles a program of its own (`compile_cache.cached`), not at
-import: importing phi3lab leaves JAX's configuration alone, and a process
+phi3lab first compiles a program for a model (`compile_cache.cached`), not at
+import nor while a model is built: importing phi3lab leaves JAX's configuration alone, and a process
 that never runs phi3lab never writes there. JAX's setting is process-wide,
 so from then on programs of the user's own that take over
 `MIN_COMPILE_SECONDS` to compile are kept there too. Where:
@@ -56,7 +56,7 @@ def enable_disk_cache() -> Path | None:
 
     Returns the directory in use, or None when the cache is off
     (`PHI3LAB_NO_DISK_CACHE=1`, or the directory cannot be created). Called
-    by `compile_cache.cached` before phi3lab compiles its first program.
+    by `compile_cache.cached` before phi3lab compiles its first program for a model.
 
     Example:
     >>> phi3lab.runtime.disk_cache.enable_disk_cache()

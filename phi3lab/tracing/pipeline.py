@@ -10,7 +10,7 @@ edge patching and attribution graphs) takes the same steps:
 2. **bucket**: the positions are padded on the right (masked) to the length
    bucket `compile_cache.bucket_length` picks (`Bucket`), keeping the real
    length's rotary factors, so ten prompt lengths between 20 and 300 run at
-   most four programs;
+   most four programs (rows read out of a trace: `row_bucket`);
 3. **compile** ahead of time into the bounded per-model cache
    (`compile_cache.ahead_of_time`, a `compile_cache.Program`);
 4. **guard**: XLA's memory analysis of that program against the budget
@@ -158,6 +158,27 @@ def bucket(model, length: int) -> Bucket:
     Bucket(length=40, padded=64, num_positions=None)
     """
     return Bucket(length, *padded_length(model, length))
+
+
+# Reads of at most this many rows (one position, an answer and its
+# counterfactual, a few layers' streams) pad to a power of two, not to 64.
+_FEW_ROWS = 16
+
+
+def row_bucket(model, rows: int) -> Bucket:
+    """The `Bucket` of `rows` vectors read out of a trace (the logit lens,
+    the attribution tables): a few rows (at most 16) padded to a power of
+    two, so reading one position costs one, not 64 (the attribution of one
+    position by Phi-3-mini's 1024 heads: 12 MB, not 0.8 GB); more padded to
+    their length bucket, as positions are.
+
+    Example:
+    >>> [pipeline.row_bucket(model, n).padded for n in (1, 3, 16, 17, 300)]
+    [1, 4, 16, 64, 384]
+    """
+    if rows <= _FEW_ROWS:
+        return Bucket(rows, 1 << max(rows - 1, 0).bit_length(), None)
+    return Bucket(rows, compile_cache.bucket_length(rows, model.max_sequence_length), None)
 
 
 def compiled(

@@ -7,11 +7,11 @@ import sys
 import warnings
 from pathlib import Path
 
-import jax
 import numpy as np
 import pandas as pd
 
 from phi3lab.model.rotary import RotarySpec
+from phi3lab.runtime import compile_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +88,19 @@ class RotaryDescription:
         return table
 
 
-# The tables of a description as one compiled program per (spec, length):
-# run eagerly, `RotarySpec.tables` compiles each of its eight operations on
-# first use, 0.3 s of the first trace in a fresh process (too quick to be
-# kept in the on-disk cache). The same operations as in the model's program,
-# so the same values.
-_tables = jax.jit(lambda spec, num_positions: spec.tables(num_positions), static_argnums=(0, 1))
+def _tables(spec: RotarySpec, num_positions: int):
+    """`spec.tables(num_positions)`, computed as a run padded to its length
+    bucket computes them (`compile_cache.bucket_length`; the factors of
+    `num_positions`) and cut back: one compiled program per (spec, bucket,
+    factor set) in the process-wide compile cache, so a new length in a
+    known bucket compiles nothing (run eagerly, the tables' eight operations
+    compile one by one, 0.1-0.3 s of the first trace of each length). The
+    same operations as in the model's program, so the same values."""
+    padded = compile_cache.bucket_length(num_positions, spec.max_sequence_length)
+    key = ("rope.tables", spec, padded, spec.factor_set(num_positions))
+    make = lambda: spec.tables(padded, factor_positions=num_positions)
+    cos, sin = compile_cache.ahead_of_time(None, key, make, ())()
+    return np.asarray(cos)[:num_positions], np.asarray(sin)[:num_positions]  # on the host: no program per length
 
 
 def describe_rotary(spec: RotarySpec, num_positions: int) -> RotaryDescription:
