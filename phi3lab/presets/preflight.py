@@ -92,8 +92,7 @@ def check_preset_fits(
             config key, the tensor and both shapes.
         phi3lab.tracing.WeightsTooLarge: the weights exceed the memory available.
     """
-    with keras.StatelessScope(initialize_variables=False):
-        model = build()  # validates every argument; declares the variables only
+    model = _declared(build)
     architecture = BackboneConfig(**{name: config[name] for name in BackboneConfig.names() if name in config})
 
     def said(keys) -> str:
@@ -122,6 +121,25 @@ def check_preset_fits(
     weights = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.weights)
     kernels = ", the projection kernels in int8" if model.quantization == "int8" else ""
     check_weights_fit(weights, f"{model.count_params():,} parameters in {model.dtype_policy.variable_dtype}{kernels}")
+
+
+def _declared(build: Callable[[], keras.Model]) -> keras.Model:
+    """`build()` inside a `keras.StatelessScope` that leaves its variables
+    unallocated (this validates every argument and gives every variable's
+    shape and dtype). Keras lists such variables in its global state and
+    allocates them all at the next scope that initializes variables (any
+    symbolic call, e.g. building a functional model), so the list is put
+    back as it was: the declared model is never allocated, and an edited
+    config (a hidden size of 10,000,000) cannot make a later, unrelated
+    keras call run out of memory."""
+    from keras.src.backend.common import global_state
+
+    pending = list(global_state.get_global_attribute("uninitialized_variables", []) or [])
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            return build()
+    finally:
+        global_state.set_global_attribute("uninitialized_variables", pending)
 
 
 def _check_layer_count(architecture, shapes, layout, said):
