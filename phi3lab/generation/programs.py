@@ -86,9 +86,10 @@ def loop_weights(params: dict) -> dict:
     layers as `stacked.layer_views` (per-layer arrays sharing the stack's
     memory) where they are float32 on one CPU device. A step then reads each
     weight once, in place; from the stack, XLA:CPU first copies a layer's
-    weights out (the step of the 12-layer d=768 benchmark model moved 340 MB
-    more). 16-bit and quantized weights keep the stack: there every step
-    converts them to float32 before multiplying anyway."""
+    weights out (a step of the 12-layer d=768 benchmark model wrote 340 MB
+    of such copies and read them again). 16-bit and quantized weights keep
+    the stack: there every step converts them to float32 before multiplying
+    anyway."""
     decoder = params["decoder"]
     if any(leaf.dtype != jnp.float32 for leaf in jax.tree.leaves(decoder)):
         return params
