@@ -106,8 +106,9 @@ def test_bfloat16_cache_is_written_in_place_and_reads_back(half_model):
 
     cache = KVCache.empty(half_model, 1, slots)
     program = jax.jit(prefill).lower(half_model.params(), ids, cache).compile()
-    whole = (LAYERS, 1, half_model.num_key_value_heads, slots, half_model.head_dim)
-    assert _float32_arrays(program.as_text(), whole) == 0
+    heads, dh = (LAYERS, 1, half_model.num_key_value_heads), half_model.head_dim
+    for whole in ((*heads, dh, slots), (*heads, slots, dh)):  # keys, values
+        assert _float32_arrays(program.as_text(), whole) == 0
     hidden, cache = program(half_model.params(), ids, cache)
     assert cache.keys.dtype == jnp.bfloat16
     uncached = half_model.apply(half_model.params(), ids, jnp.ones(ids.shape, bool))[0]
@@ -117,11 +118,11 @@ def test_bfloat16_cache_is_written_in_place_and_reads_back(half_model):
     # last layer); a key in the wrong slot or layer is off by its own size.
     rot_k = phi3lab.trace(half_model, np.asarray(ids), names="blocks.*.attn.hook_rot_k")
     for layer in range(LAYERS):
-        stored = np.asarray(cache.keys[layer, 0, :, : ids.shape[1]]).swapaxes(0, 1)  # [T, Hkv, dh]
+        stored = np.asarray(cache.keys[layer, 0, ..., : ids.shape[1]]).transpose(2, 0, 1)  # [T, Hkv, dh]
         expected = rot_k[f"blocks.{layer}.attn.hook_rot_k"][0].astype(np.float32)
         atol = 2**-5 * (1 + np.abs(expected).max())
         np.testing.assert_allclose(stored.astype(np.float32), expected, rtol=0, atol=atol, err_msg=f"layer {layer}")
-    assert not np.any(np.asarray(cache.keys[:, :, :, ids.shape[1] :], np.float32))  # untouched slots
+    assert not np.any(np.asarray(cache.keys[..., ids.shape[1] :], np.float32))  # untouched slots
 
 
 def test_bfloat16_generation_buffers_are_written_in_place():

@@ -30,7 +30,7 @@ from phi3lab.deprecation import warn_deprecated
 from phi3lab.errors import bad_argument
 from phi3lab.generation.captures import StepCaptures, captured_bytes, row_trace
 from phi3lab.generation.inputs import prompt_rows, stop_ids
-from phi3lab.generation.programs import CHUNK, bucket, cache_length, loop_program, placed, prefill_program
+from phi3lab.generation.programs import CHUNK, bucket, cache_length, loop_program, loop_weights, placed, prefill_program
 from phi3lab.generation.result import Generation
 from phi3lab.generation.sampling import Sampler, check_seed
 from phi3lab.model.kv_cache import KVCache
@@ -51,6 +51,7 @@ class _Decoder:
     def __init__(self, model, fn, rows: list[list[int]], cache_length: int, pad_id: int):
         self.model, self.fn, self.pad_id = model, fn, pad_id
         self.params = model.params()
+        self.loop_params = loop_weights(self.params)
         self.hook_data = jax.tree.map(jnp.asarray, fn.hook_data)
         batch, prompt = len(rows), max(len(r) for r in rows)
         self.prompt_length = prompt
@@ -77,9 +78,9 @@ class _Decoder:
             self.hook_data,
         )
 
-    def _loop_args(self, params, logits, first: int, count: int, finished, stops, key):
+    def _loop_args(self, logits, first: int, count: int, finished, stops, key):
         return (
-            params,
+            self.loop_params,
             logits,
             self.device_slot_mask,
             self.device_positions,
@@ -98,7 +99,7 @@ class _Decoder:
         """The compiled decode loop of this batch (see `programs.loop_program`)."""
         batch = self.sequence.shape[0]
         logits = jax.ShapeDtypeStruct((batch, self.model.vocabulary_size), jnp.float32)
-        args = self._loop_args(self.params, logits, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
+        args = self._loop_args(logits, 0, 0, np.zeros(batch, bool), stops, jax.random.PRNGKey(0))
         return loop_program(self.fn, sampler, vocabulary, args)
 
     def prefill_program(self, length: int):
@@ -135,7 +136,7 @@ class _Decoder:
         for the `n` iterations it ran. The first `feeds` tokens are kept in
         the cache (and what they captured recorded); the loop also runs the
         others, whose slots and captures are dropped."""
-        args = self._loop_args(self.params, logits, first, count, finished, stops, key)
+        args = self._loop_args(logits, first, count, finished, stops, key)
         logits, self.cache, tokens, logprobs, ran, buffers = program(*placed(program, args))
         ran = int(ran)
         tokens, logprobs = np.asarray(tokens[:, :ran]), np.asarray(logprobs[:, :ran], np.float64)

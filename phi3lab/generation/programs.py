@@ -16,7 +16,7 @@ import jax
 from jax import numpy as jnp
 
 from phi3lab.generation.sampling import Sampler
-from phi3lab.model.stacked import update_slice
+from phi3lab.model.stacked import layer_views, update_slice
 from phi3lab.runtime import compile_cache
 from phi3lab.tracing.forward import ForwardFn
 
@@ -81,6 +81,22 @@ def placed(program: compile_cache.Program, args) -> tuple:
     return jax.tree.map(place, tuple(args), tuple(wanted))
 
 
+def loop_weights(params: dict) -> dict:
+    """The weights the decode loop takes: `params`, with the decoder's
+    layers as `stacked.layer_views` (per-layer arrays sharing the stack's
+    memory) where they are float32 on one CPU device. A step then reads each
+    weight once, in place; from the stack, XLA:CPU first copies a layer's
+    weights out (a step of the 12-layer d=768 benchmark model wrote 340 MB
+    of such copies and read them again). 16-bit and quantized weights keep
+    the stack: there every step converts them to float32 before multiplying
+    anyway."""
+    decoder = params["decoder"]
+    if any(leaf.dtype != jnp.float32 for leaf in jax.tree.leaves(decoder)):
+        return params
+    layers = layer_views(decoder)
+    return params if layers is None else {**params, "decoder": layers}
+
+
 def prefill_program(fn: ForwardFn, args):
     """The compiled prefill for `args = (params, token_ids [B, n], slot_mask
     [B, S], positions [B, n], cache, last, hook_data)`: `_step` from slot 0
@@ -113,10 +129,18 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
     more per generation, where skipping it behind a `lax.cond` made XLA copy
     the whole key/value cache twice in every step (75 MB of the 670 MB a
     step of the 12-layer d=768 benchmark model moved at 256 slots).
+
+    `params["decoder"]` holds the stacked layer weights, or each layer's own
+    (`stacked.layer_views`, on CPU): the loop then runs the layers unrolled
+    over a `KVCache.by_layer` (the returned cache is stacked again), and no
+    step copies a layer's weights or cache slots out of a stack.
     """
     step = _step(fn)
 
     def loop(params, logits, slot_mask, positions, cache, start, first, count, finished, stops, pad_id, key, hook_data):
+        # Per-layer weights run the layers unrolled, each with its own cache
+        # buffers (`KVCache.by_layer`, split once per run of the loop).
+        layered = isinstance(params["decoder"], (list, tuple))
         # What one fed token captures, shapes only (traced once, when the
         # loop compiles; a cached loop never runs this).
         batch = slot_mask.shape[0]
@@ -155,8 +179,9 @@ def loop_program(fn: ForwardFn, sampler: Sampler, vocabulary: int, args):
         buffers = jax.tree.map(lambda s: jnp.zeros((CHUNK, *s.shape), s.dtype), captured)
         tokens = jnp.full((batch, CHUNK), pad_id, jnp.int32)
         logprobs = jnp.zeros((batch, CHUNK), jnp.float32)
+        cache = cache.by_layer() if layered else cache
         carry = (jnp.int32(0), logits.astype(jnp.float32), cache, finished, tokens, logprobs, buffers)
         i, logits, cache, _, tokens, logprobs, buffers = jax.lax.while_loop(more, body, carry)
-        return logits, cache, tokens, logprobs, i, buffers
+        return logits, cache.stacked(batch), tokens, logprobs, i, buffers
 
     return _compile(fn, "generate", loop, args, "loop", sampler, vocabulary)

@@ -132,11 +132,11 @@ class Phi3Attention(keras.layers.Layer):
     def params(self) -> dict:
         return {name: getattr(self, name).value for name in self.stacked_weight_names}
 
-    def attend(self, q, k, v, padding_mask, query_start, dropout_key=None, sites=NO_HOOKS, head_major=False):
+    def attend(self, q, k, v, padding_mask, query_start, dropout_key=None, sites=NO_HOOKS, cached=False):
         """Attention of query rows `q [B, n, Hq, dh]` (positions `query_start
-        ...`) over all keys `k, v [B, T, Hkv, dh]` (`[B, Hkv, T, dh]` when
-        `head_major`, as the KV cache stores them): scores, softmax, then
-        the weighted values.
+        ...`) over all keys `k, v [B, T, Hkv, dh]` (or, when `cached`, as the
+        `KVCache` stores them: `k [B, Hkv, dh, T]`, `v [B, Hkv, T, dh]`):
+        scores, softmax, then the weighted values.
 
         The masked scores and the pattern go through `sites`
         (`attn.hook_attn_scores`, `attn.hook_pattern`), so a hook on the
@@ -144,17 +144,17 @@ class Phi3Attention(keras.layers.Layer):
         Returns `(scores, pattern, z)`: scores and pattern `[B, Hq, n, T]`
         (float32) and `z [B, n, Hq, dh]`."""
         mask = attention_mask(padding_mask, query_start, q.shape[1], self.sliding_window)[:, None]
-        scores = sites("attn.hook_attn_scores", self._masked_scores(q, k, mask, head_major))
+        scores = sites("attn.hook_attn_scores", self._masked_scores(q, k, mask, cached))
         pattern = sites("attn.hook_pattern", masked_softmax(scores, mask))
-        z = self._weighted_values(dropout(pattern, self.dropout, dropout_key), v, head_major)
+        z = self._weighted_values(dropout(pattern, self.dropout, dropout_key), v, cached)
         return scores, pattern, z
 
-    def _masked_scores(self, q, k, mask, head_major=False):
+    def _masked_scores(self, q, k, mask, cached=False):
         """Scaled scores `q . k * score_scale` of query rows `q [B, n, Hq,
-        dh]` against keys `k` (`[B, T, Hkv, dh]`, or `[B, Hkv, T, dh]` when
-        `head_major`), float32 `[B, Hq, n, T]`, -inf where `mask` is False."""
-        keys = "bksh" if head_major else "bskh"
-        batch, rows, length = q.shape[0], q.shape[1], k.shape[2 if head_major else 1]
+        dh]` against keys `k` (`[B, T, Hkv, dh]`, or `[B, Hkv, dh, T]` when
+        `cached`), float32 `[B, Hq, n, T]`, -inf where `mask` is False."""
+        keys = "bkhs" if cached else "bskh"
+        batch, rows, length = q.shape[0], q.shape[1], k.shape[3 if cached else 1]
         # Queries head-major first (a small copy), so both matmuls write their
         # [t, s] and [t, h] blocks in place: with the heads between t and s
         # the score matrix itself would be transposed after the matmul.
@@ -165,15 +165,15 @@ class Phi3Attention(keras.layers.Layer):
         )
         return jnp.where(mask, scores * jnp.float32(self.score_scale), -jnp.inf)
 
-    def _weighted_values(self, weights, v, head_major=False, result_dtype=None):
+    def _weighted_values(self, weights, v, cached=False, result_dtype=None):
         """`z [B, n, Hq, dh]` (in `result_dtype`, default `v`'s): attention
         weights `[B, Hq, n, T]` (cast to `v`'s dtype) applied to the values
-        `v` (`[B, T, Hkv, dh]`, or `[B, Hkv, T, dh]` when `head_major`),
+        `v` (`[B, T, Hkv, dh]`, or `[B, Hkv, T, dh]` when `cached`),
         each query head reading its key/value head."""
-        keys = "bksh" if head_major else "bskh"
+        values = "bksh" if cached else "bskh"
         batch, _, rows, length = weights.shape
         z = jnp.einsum(
-            f"bkgts,{keys}->bkgth",
+            f"bkgts,{values}->bkgth",
             weights.astype(v.dtype).reshape(batch, self.num_key_value_heads, self.group_size, rows, length),
             v,
             preferred_element_type=result_dtype,
@@ -299,10 +299,10 @@ class Phi3Attention(keras.layers.Layer):
                 `cache`, `[B, S]` over the cache slots.
             sites: hook points (`NO_HOOKS` for the plain forward).
             dropout_key: JAX key for attention dropout, or None.
-            cache: None, or this layer's `LayerCache` (its keys and values
-                `[B, Hkv, S, head_dim]`): the rotated keys and the values of
-                the inputs are written at slots `cache_index ...
-                cache_index + T - 1`, and the queries (at those slots)
+            cache: None, or this layer's `LayerCache` (its keys `[B, Hkv,
+                head_dim, S]` and values `[B, Hkv, S, head_dim]`): the
+                rotated keys and the values of the inputs are written at
+                slots `cache_index ... cache_index + T - 1`, and the queries (at those slots)
                 attend over all `S` slots under the causal, padding and
                 sliding-window mask (a prefill, `cache_index` the Python
                 int 0 and no map reported, attends over its own `T` keys
@@ -347,8 +347,8 @@ class Phi3Attention(keras.layers.Layer):
                 # query's future, so only the inputs' own keys are attended.
                 z = self._attend_unreported(q, k, v, padding_mask[:, :length], paths, dropout_key)
             else:
-                keys, values = (slots.astype(dtype) for slots in cache.read())
-                z = self.attend(q, keys, values, padding_mask, cache_index, dropout_key, sites, head_major=True)[2]
+                keys, values = (slots.astype(dtype) for slots in cache.read(x.shape[0]))
+                z = self.attend(q, keys, values, padding_mask, cache_index, dropout_key, sites, cached=True)[2]
             return projections.output(sites("attn.hook_z", z), w["output_kernel"], sites), cache
 
         window = sites.query_window

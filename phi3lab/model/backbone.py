@@ -200,7 +200,7 @@ class Phi3Backbone(keras.Model):
         """The forward pass as a pure function of `params`.
 
         Args:
-            params: weights, as `params()` returns them.
+            params: weights, as `params()` returns them (or per layer: `Phi3DecoderStack.apply`).
             token_ids: int array `[B, T]`.
             padding_mask: array `[B, T]` (1/True for real tokens) or None;
                 with a `cache`, `[B, S]` over the cache slots (required).
@@ -214,10 +214,10 @@ class Phi3Backbone(keras.Model):
             positions: None (positions `0 .. T-1`), or int `[B, T]` rotary
                 positions per row (left-padded batches count from each row's
                 first real token; the long/short factors follow the largest).
-            cache: None, or a `KVCache` (`[L, B, Hkv, S, head_dim]`): the
-                tokens are the slots `cache_index .. cache_index + T - 1`,
-                their keys and values are written there and every query
-                attends over the cache's slots (prefill and decode steps).
+            cache: None, or a `KVCache` (keys `[L, B, Hkv, head_dim, S]`, values
+                `[L, B, Hkv, S, head_dim]`): the tokens are the slots `cache_index ..
+                cache_index + T - 1`, their keys and values are written there and
+                every query attends over the cache's slots (prefill and decode steps).
             cache_index: int (may be traced), the cache slot of the first token.
             attention_paths: the `AttentionPaths` to run, passed to every
                 attention layer (static); None for the model's own

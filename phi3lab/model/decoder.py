@@ -10,7 +10,7 @@ from phi3lab.model.attention import Phi3Attention
 from phi3lab.model.attention_paths import AttentionPaths
 from phi3lab.model.dropout import dropout
 from phi3lab.model.hook_points import NO_HOOKS
-from phi3lab.model.kv_cache import KVCache, LayerCache
+from phi3lab.model.kv_cache import LayerCache
 from phi3lab.model.mlp import Phi3MLP
 from phi3lab.model.norm import Phi3RMSNorm
 from phi3lab.model.quantize import int8_policy
@@ -176,15 +176,20 @@ class Phi3DecoderStack(keras.layers.Layer):
 
         Args:
             params: stacked parameters, as `params()` returns them (the
-                layers run in a `lax.scan`, each reading its slice).
+                layers run in a `lax.scan`, each reading its slice), or a
+                list of each layer's own parameters (`stacked.layer_views`;
+                the layers run unrolled, and no step copies a layer's
+                weights out of the stack: what a memory-bound decode step
+                wants on CPU).
             x: embedded tokens `[B, T, D]`.
             cos, sin: rotary tables `[T, head_dim]` or `[B, T, head_dim]`.
             padding_mask: boolean `[B, T]`, True for real tokens (with a
                 `cache`, `[B, S]` over its slots).
             sites: hook points.
             dropout_key: JAX key, or None for no dropout.
-            cache: None, or a `KVCache` of every layer (`[L, B, Hkv, S,
-                head_dim]` keys and values), carried through the scan.
+            cache: None, or a `KVCache` of every layer, carried through
+                the layers (per-layer tuples, `KVCache.by_layer`, only with
+                per-layer `params`).
             cache_index: the cache slot of `x`'s first position.
             paths: the `AttentionPaths` every block's attention runs.
 
@@ -195,17 +200,18 @@ class Phi3DecoderStack(keras.layers.Layer):
         """
         layer_keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
         # The cache travels as bits while its layers write it (`stacked.to_bits`).
-        cache_dtype = None if cache is None else cache.keys.dtype
-        cache = None if cache is None else KVCache(*map(to_bits, cache))
+        cache_dtype = None if cache is None else cache.dtype
+        cache = None if cache is None else jax.tree.map(to_bits, cache)
         key_of = lambda layer: None if layer_keys is None else layer_keys[layer]
 
-        def run_layer(carry, layer, key, start):
+        def run_layer(carry, layer, key, start, layer_params=None):
             """One layer (`layer`, maybe traced) in the range from `start`."""
             x, cache = carry
             # Each layer's weights are read from the whole stack inside the
             # loop: slicing the stack per range first would copy it. The
             # cache is carried whole and written in place at its layer.
-            layer_params = jax.tree.map(lambda a: layer_of(a, layer), params)
+            if layer_params is None:
+                layer_params = jax.tree.map(lambda a: layer_of(a, layer), params)
             layer_cache = None if cache is None else LayerCache(cache, layer, cache_dtype)
             out = self.block(
                 layer_params, x, cos, sin, padding_mask, sites.block(start), key, layer_cache, cache_index, paths=paths
@@ -213,7 +219,13 @@ class Phi3DecoderStack(keras.layers.Layer):
             return (out[0], out[1].cache) if cache is not None else (out, None)
 
         for start, stop in sites.segments(self.num_layers):
-            if stop - start == 1:
+            if isinstance(params, (list, tuple)):
+                for layer in range(start, stop):
+                    # Tied to `x`, a layer's weights are not converted (16-bit
+                    # on CPU: to float32) once outside a loop around the model.
+                    layer_params, x = jax.lax.optimization_barrier((params[layer], x))
+                    x, cache = run_layer((x, cache), layer, key_of(layer), layer, layer_params)
+            elif stop - start == 1:
                 x, cache = run_layer((x, cache), start, key_of(start), start)
             else:  # several layers, which capture nothing (`HookPoints.segments`)
                 captured = len(sites.captured)
@@ -223,7 +235,7 @@ class Phi3DecoderStack(keras.layers.Layer):
                 _check_captured_nothing(sites, captured, start, stop)
         if cache is None:
             return x
-        return x, KVCache(*(from_bits(slots, cache_dtype) for slots in cache))
+        return x, jax.tree.map(lambda slots: from_bits(slots, cache_dtype), cache)
 
     def get_config(self):
         config = super().get_config()

@@ -11,6 +11,12 @@ are written: the decoder carries the KV cache so (`to_bits`, `from_bits`),
 and single writes (generation's per-step buffers) go through `update_slice`.
 Reading one layer of a stacked 16-bit array (`layer_of`, the decoder's
 weights) likewise goes through the bits. The bitcasts are exact.
+
+A layer read from the stack inside a compiled loop is still a copy: XLA:CPU
+writes the slice out before each matrix product reads it. A one-token decode
+step, which reads every weight once, pays that copy in full, so generation's
+decode loop on CPU takes `layer_views` instead: per-layer arrays that share
+the stack's memory (no copy, no extra memory).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import warnings
 
 import jax
+import numpy as np
 from jax import numpy as jnp
 
 from phi3lab.runtime import compile_cache
@@ -123,3 +130,44 @@ def to_bits(array):
 def from_bits(array, dtype):
     """Undo `to_bits`: `array` viewed as `dtype` (itself when it is one)."""
     return array if array.dtype == dtype else jax.lax.bitcast_convert_type(array, dtype)
+
+
+def layer_views(stacked) -> list | None:
+    """The layers of `stacked` (a pytree of `[L, ...]` arrays) as a list of
+    per-layer pytrees of arrays that share the stacked arrays' memory, or
+    None where that is not possible: arrays not on one CPU device, or a
+    layer that JAX would copy rather than alias (it aliases host memory that
+    is suitably aligned; a layer it copied is dropped at once).
+
+    A compiled program reads each view in place, where reading a layer of
+    the stack (`layer_of`) writes it out first on XLA:CPU. The views keep
+    the stacked arrays alive.
+
+    Example:
+    >>> layers = layer_views(params["decoder"])   # or None
+    >>> layers[3]["attention"]["query_kernel"].shape   # [D, Hq, dh]
+    """
+    leaves, treedef = jax.tree.flatten(stacked)
+    if not leaves or not all(_on_one_cpu(leaf) for leaf in leaves):
+        return None
+    # `np.asarray` of a CPU array is a view of its buffer; `device_put` of a
+    # view of one layer aliases it when the layer's start is aligned.
+    host = [np.asarray(leaf) for leaf in leaves]
+    layers = []
+    for layer in range(leaves[0].shape[0]):
+        views = [jax.device_put(array[layer], leaf.sharding) for array, leaf in zip(host, leaves)]
+        if not all(_aliases(view, leaf, layer) for view, leaf in zip(views, leaves)):
+            return None
+        layers.append(jax.tree.unflatten(treedef, views))
+    return layers
+
+
+def _on_one_cpu(array) -> bool:
+    devices = getattr(array, "sharding", None) and array.sharding.device_set
+    return bool(devices) and len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
+def _aliases(view, stacked, layer: int) -> bool:
+    """Whether `view` is layer `layer` of `stacked` in place (not a copy)."""
+    offset = layer * view.size * view.dtype.itemsize
+    return view.unsafe_buffer_pointer() == stacked.unsafe_buffer_pointer() + offset
