@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -49,6 +50,79 @@ def test_saved_preset_loads_in_keras_hub(tmp_path):
     for length in (LENGTHS["below"], LENGTHS["above"]):
         ids, mask = token_batch(length, seed=length)
         assert max_diff(forward(model, ids, mask)[0], keras_hub_forward(reference, ids, mask), mask) < 1e-5
+
+
+def bits(model) -> list:
+    """Every weight's path, dtype and raw bytes, in the model's order."""
+    return [(v.path, str(v.dtype), np.asarray(v.value).tobytes()) for v in model.weights]
+
+
+def assert_widened(narrow, wide) -> None:
+    """`wide`'s float32 weights are exactly `narrow`'s bfloat16 ones, widened."""
+    assert {str(v.dtype) for v in narrow.weights} == {"bfloat16"}
+    for ours, theirs in zip(narrow.weights, wide.weights):
+        assert str(theirs.dtype) == "float32"
+        np.testing.assert_array_equal(np.asarray(ours.value).astype("float32"), np.asarray(theirs.value))
+
+
+def test_bfloat16_preset_round_trips_through_phi3lab_and_keras_hub(tmp_path):
+    """HDF5 has no bfloat16: phi3lab marks its tensors as Keras does, so a
+    bfloat16 keras-hub preset loads back bit for bit in phi3lab and in
+    keras-hub, whose bfloat16 save phi3lab reads back bit for bit too. The
+    float32 model keras-hub loads by default (bfloat16 widened exactly)
+    computes what phi3lab computes in float32 from the same file."""
+    keras_hub = require("keras_hub")
+    model = random_backbone(seed=17, rope="su", dtype="bfloat16")
+    save_preset(model, tmp_path / "phi3lab")
+    reloaded = Phi3Backbone.from_preset(str(tmp_path / "phi3lab"))
+    assert reloaded.dtype_policy.name == "bfloat16"
+    assert bits(reloaded) == bits(model)
+    theirs = keras_hub.models.Phi3Backbone.from_preset(str(tmp_path / "phi3lab"), dtype="bfloat16")
+    theirs.save_to_preset(str(tmp_path / "keras_hub"))
+    back = Phi3Backbone.from_preset(str(tmp_path / "keras_hub"))
+    assert back.dtype_policy.name == "bfloat16"
+    assert bits(back) == bits(model)
+
+    widened = Phi3Backbone.from_preset(str(tmp_path / "phi3lab"), dtype="float32")
+    assert_widened(model, widened)
+    reference = keras_hub.models.Phi3Backbone.from_preset(str(tmp_path / "phi3lab"))
+    ids, mask = token_batch(LENGTHS["above"], seed=17)
+    assert max_diff(forward(widened, ids, mask)[0], keras_hub_forward(reference, ids, mask), mask) < 1e-5
+
+
+def test_bfloat16_preset_saved_by_keras_hub_loads(tmp_path):
+    """keras-hub's own bfloat16 save loads in bfloat16, and in float32 as
+    the exact widening of it, which computes what keras-hub's float32
+    reading of the file computes."""
+    keras_hub = require("keras_hub")
+    original = keras_hub.models.Phi3Backbone(**backbone_kwargs("su", 2), dtype="bfloat16")
+    randomize_keras(original, seed=18)
+    original.save_to_preset(str(tmp_path))
+    model = Phi3Backbone.from_preset(str(tmp_path))
+    assert model.dtype_policy.name == "bfloat16"
+    widened = Phi3Backbone.from_preset(str(tmp_path), dtype="float32")
+    assert_widened(model, widened)
+    reference = keras_hub.models.Phi3Backbone.from_preset(str(tmp_path))
+    assert {str(v.dtype) for v in reference.weights} == {"float32"}
+    ids, mask = token_batch(LENGTHS["above"], seed=18)
+    assert max_diff(forward(widened, ids, mask)[0], keras_hub_forward(reference, ids, mask), mask) < 1e-5
+
+
+def test_unmarked_opaque_tensor_is_refused_before_allocating(tmp_path, monkeypatch):
+    """A dataset of opaque 2-byte values without Keras' bfloat16 mark (what
+    phi3lab wrote before it wrote the mark) is refused from the file's
+    metadata, naming the tensor and the mark, before the model is built."""
+    from phi3lab.presets import keras_hub_format
+
+    save_preset(random_backbone(seed=19, rope=None, dtype="bfloat16"), tmp_path)
+    tensor = "layers/phi3_decoder_1/attention/key_dense/vars/0"
+    with h5py.File(tmp_path / "model.weights.h5", "a") as handle:
+        del handle[tensor].attrs["dtype"]
+    monkeypatch.setattr(keras_hub_format, "load_weights", lambda *args, **kwargs: pytest.fail("weights were read"))
+    with pytest.raises(ValueError) as info:
+        Phi3Backbone.from_preset(str(tmp_path))
+    for fragment in ("model.weights.h5", repr(tensor), "opaque 2-byte values", "dtype='bfloat16'"):
+        assert fragment in str(info.value)
 
 
 def test_sharded_transformers_checkpoint(tmp_path):
@@ -240,10 +314,10 @@ SAVE_MEMORY = textwrap.dedent("""
         step()
         return status("VmHWM") - before
 
-    root = Path(sys.argv[1])
+    root, dtype = Path(sys.argv[1]), sys.argv[2]
     with zero_initialization():
         model = phi3lab.Phi3Backbone(vocabulary_size=16384, num_layers=6, hidden_dim=1024, intermediate_dim=4096,
-                                     num_query_heads=16, num_key_value_heads=16, max_sequence_length=256)
+                                     num_query_heads=16, num_key_value_heads=16, max_sequence_length=256, dtype=dtype)
     rng = np.random.default_rng(0)
     for variable in model.weights:  # distinct values, made faster than by JAX's generator
         variable.assign(rng.random(tuple(variable.shape), dtype=np.float32))
@@ -257,25 +331,37 @@ SAVE_MEMORY = textwrap.dedent("""
         "keras_hub": extra_peak(lambda: save_preset(model, root / "keras_hub")),
         "shards": len(list((root / "hf").glob("*.safetensors"))),
     }
-    for layout in ("hf", "keras_hub"):
-        loaded = phi3lab.Phi3Backbone.from_preset(str(root / layout))
-        for ours, theirs in zip(model.weights, loaded.weights):
+    loaded = {}
+    report["keras_hub_load"] = extra_peak(
+        lambda: loaded.update(keras_hub=phi3lab.Phi3Backbone.from_preset(str(root / "keras_hub")))
+    )
+    loaded["hf"] = phi3lab.Phi3Backbone.from_preset(str(root / "hf"), dtype=dtype)
+    for reloaded in loaded.values():
+        for ours, theirs in zip(model.weights, reloaded.weights):
+            assert theirs.dtype == ours.dtype, (ours.path, theirs.dtype)
             np.testing.assert_array_equal(np.asarray(theirs.value), np.asarray(ours.value), err_msg=ours.path)
     print(json.dumps(report))
 """)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reuse", ["0", "1"], ids=["host_memory_settings", "glibc_defaults"])
-def test_saving_streams_tensor_by_tensor(tmp_path, reuse):
-    """Saving a 0.54 GB model (float32, 134M parameters) in either layout
-    adds at most two tensors' memory (its largest: the 64 MiB LM head,
-    transposed for Hugging Face) and 32 MiB to the resident peak, with
-    phi3lab's allocator settings and without them; holding converted copies
-    of a shard or of everything (the writers before) adds up to the
-    weights. The files round-trip bit for bit (several shards)."""
+@pytest.mark.parametrize(
+    "reuse, dtype",
+    [("0", "float32"), ("1", "float32"), ("0", "bfloat16")],
+    ids=["host_memory_settings", "glibc_defaults", "bfloat16"],
+)
+def test_saving_and_loading_stream_tensor_by_tensor(tmp_path, reuse, dtype):
+    """Saving a 0.54 GB model (float32, 134M parameters; 0.27 GB in
+    bfloat16) in either layout adds at most two tensors' memory (its
+    largest: the 64 MiB LM head, 32 MiB in bfloat16, transposed for
+    Hugging Face) and 32 MiB to the resident peak, with phi3lab's allocator
+    settings and without them; holding converted copies of a shard or of
+    everything (the writers before) adds up to the weights. Loading the
+    keras-hub preset adds its weights and no more than that (bfloat16 read
+    as it is stored, one tensor at a time). The files round-trip bit for
+    bit (several shards)."""
     result = subprocess.run(
-        [sys.executable, "-c", SAVE_MEMORY, str(tmp_path)],
+        [sys.executable, "-c", SAVE_MEMORY, str(tmp_path), dtype],
         capture_output=True,
         text=True,
         timeout=600,
@@ -283,7 +369,8 @@ def test_saving_streams_tensor_by_tensor(tmp_path, reuse):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["weights"] > 5e8 and report["shards"] >= 4
+    assert report["weights"] > 5e8 / (2 if dtype == "bfloat16" else 1) and report["shards"] >= 3
     bound = 2 * report["largest"] + 32 * 2**20
     assert report["hf"] <= bound, report
     assert report["keras_hub"] <= bound, report
+    assert report["keras_hub_load"] <= report["weights"] + bound, report

@@ -61,15 +61,16 @@ def model():
 
 @pytest.fixture(scope="module")
 def saved(model, tmp_path_factory):
-    """Pristine presets: keras-hub, HF single file, HF sharded (with index)."""
+    """Pristine presets: keras-hub (float32, and bfloat16), HF single file, HF sharded (with index)."""
     root = tmp_path_factory.mktemp("presets")
     keras_hub = save_preset(model, root / "keras_hub")
+    keras_hub_bfloat16 = save_preset(Phi3Backbone.from_preset(str(keras_hub), dtype="bfloat16"), root / "bfloat16")
     single = save_hf_checkpoint(model, root / "hf_single")
     sharded = save_hf_checkpoint(model, root / "hf_sharded", max_shard_bytes=SHARD_BYTES)
     assert (single / "model.safetensors").is_file()
     assert (sharded / "model.safetensors.index.json").is_file()
     assert len(list(sharded.glob("*.safetensors"))) >= 3
-    return {"keras_hub": keras_hub, "single": single, "sharded": sharded}
+    return {"keras_hub": keras_hub, "keras_hub_bfloat16": keras_hub_bfloat16, "single": single, "sharded": sharded}
 
 
 @pytest.fixture
@@ -599,12 +600,13 @@ def test_from_preset_override_disagreeing_with_tensors_is_named_as_an_argument(s
     assert "'model.embed_tokens.weight' has shape (64, 16)" in str(info.value)
 
 
-@pytest.mark.parametrize("layout", ["keras_hub", "single"])
+@pytest.mark.parametrize("layout", ["keras_hub", "keras_hub_bfloat16", "single"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_weights_larger_than_the_memory_available_are_refused_before_allocating(saved, monkeypatch, layout, dtype):
     """The refusal compares the weight bytes the config declares with the
     memory `available_bytes` reports: one byte less than the loaded model's
-    weights is refused, naming them, and exactly enough loads."""
+    weights is refused, naming them, and exactly enough loads (whatever
+    dtype the files hold)."""
     from phi3lab.tracing import WeightsTooLarge, memory
 
     loaded = Phi3Backbone.from_preset(str(saved[layout]), dtype=dtype)

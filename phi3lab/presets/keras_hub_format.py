@@ -3,10 +3,14 @@
 Read without keras-hub installed, and never by deserializing objects: we
 accept only the `Phi3Backbone` class and copy its known constructor
 arguments. Weights come from the `.h5` file with h5py, dataset by dataset.
-We also write this layout, so keras-hub can load what phi3lab saves (float
-models; an int8-quantized model is written in the same layout, each kernel's
-scale as its layer's second variable, and its config's DTypePolicyMap names
-phi3lab's layers, so only phi3lab reads it back).
+HDF5 has no bfloat16 type: h5py stores bfloat16 tensors as opaque 2-byte
+values, and Keras (`saving_lib.H5IOStore`) marks each such dataset with the
+attribute `dtype="bfloat16"`; we write and read the same mark, so bfloat16
+files pass between phi3lab, keras-hub and Keras. We also write this layout,
+so keras-hub can load what phi3lab saves (float models; an int8-quantized
+model is written in the same layout, each kernel's scale as its layer's
+second variable, and its config's DTypePolicyMap names phi3lab's layers,
+so only phi3lab reads it back).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import h5py
 import keras
+import ml_dtypes
 import numpy as np
 
 from phi3lab.model.config import BackboneConfig
@@ -52,6 +57,9 @@ TOP_MAP = {
     "reversible_embedding/vars/1": "token_embedding/reverse_embeddings",
     "phi3_layer_norm/vars/0": "final_norm/scale",
 }
+# Keras' mark on a dataset of opaque 2-byte values that hold bfloat16 (the
+# only opaque values a weights file may hold).
+DTYPE_ATTRIBUTE, BFLOAT16 = "dtype", "bfloat16"
 _DECODER_GROUP = re.compile(r"^phi3_decoder(?:_(\d+))?$")
 # Tensors are named by their path under the weights file's "layers" group.
 LAYOUT = PresetLayout(
@@ -124,15 +132,53 @@ def _layers_group(path: Path, handle: h5py.File) -> h5py.Group:
     return layers
 
 
+def _tensor_dtype(path: Path, name: str, dataset: h5py.Dataset) -> np.dtype:
+    """The dtype `dataset` (at `layers/name`) holds: `ml_dtypes.bfloat16` for
+    opaque 2-byte values marked bfloat16; refused for other opaque values,
+    whose type the file does not say."""
+    stored = dataset.dtype
+    if stored.kind != "V":
+        return stored
+    if stored.itemsize == 2 and dataset.attrs.get(DTYPE_ATTRIBUTE) == BFLOAT16:
+        return np.dtype(ml_dtypes.bfloat16)
+    raise ValueError(
+        f"{path}: tensor 'layers/{name}' holds opaque {stored.itemsize}-byte values without the mark "
+        f"{DTYPE_ATTRIBUTE}={BFLOAT16!r}; phi3lab reads opaque values only as bfloat16 marked as Keras marks them. "
+        "A bfloat16 preset saved by phi3lab before it wrote the mark lacks it: set it on each 2-byte opaque "
+        f"dataset with h5py (`dataset.attrs[{DTYPE_ATTRIBUTE!r}] = {BFLOAT16!r}`) and load again."
+    )
+
+
+def _write_tensor(group: h5py.Group, name: str, value: np.ndarray) -> None:
+    """Store `value` at `group[name]`, marking bfloat16 as Keras does."""
+    dataset = group.create_dataset(name, data=value)
+    if value.dtype == ml_dtypes.bfloat16:
+        dataset.attrs[DTYPE_ATTRIBUTE] = BFLOAT16
+
+
+def _read_tensor(path: Path, layers: h5py.Group, name: str) -> np.ndarray:
+    """The tensor at `layers[name]`, bfloat16 as `ml_dtypes.bfloat16`."""
+    dataset = layers[name]
+    dtype = _tensor_dtype(path, name, dataset)
+    value = dataset[()]
+    return value if value.dtype == dtype else value.view(dtype)
+
+
 def tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in `model.weights.h5`, by its path under the
-    "layers" group, from the file's metadata alone (no data is read)."""
+    "layers" group, from the file's metadata alone (no data is read); a
+    tensor of opaque values not marked bfloat16 is refused here, before the
+    model is allocated."""
     path, handle = _open_weights(directory)
     shapes = {}
+
+    def visit(name, item):
+        if isinstance(item, h5py.Dataset):
+            _tensor_dtype(path, name, item)
+            shapes[name] = tuple(item.shape)
+
     with handle:
-        _layers_group(path, handle).visititems(
-            lambda name, item: shapes.__setitem__(name, tuple(item.shape)) if isinstance(item, h5py.Dataset) else None
-        )
+        _layers_group(path, handle).visititems(visit)
     return shapes
 
 
@@ -149,7 +195,7 @@ def load_weights(model, directory: Path, quantize: bool = False) -> None:
                 continue  # the tied LM head has no variable of its own
             if source not in layers:
                 raise ValueError(f"{path} has no tensor 'layers/{source}' (needed for {key}).")
-            filler.put(key, layers[source][()], source=f"layers/{source}")
+            filler.put(key, _read_tensor(path, layers, source), source=f"layers/{source}")
         for group_name in layers:
             match = _DECODER_GROUP.match(group_name)
             if not match:
@@ -168,7 +214,7 @@ def load_weights(model, directory: Path, quantize: bool = False) -> None:
                     name = f"{group_name}/{sub}/vars/{variable}"
                     if name not in layers:
                         raise ValueError(f"{path} has no tensor 'layers/{name}' (needed for {target}).")
-                    filler.put(target, layers[name][()], layer=index, source=f"layers/{name}")
+                    filler.put(target, _read_tensor(path, layers, name), layer=index, source=f"layers/{name}")
     filler.finish(str(directory))
 
 
@@ -222,8 +268,7 @@ def save_preset(model, directory: str | Path) -> Path:
             group, variable = key.split("/")
             if variable not in params[group]:
                 continue  # the tied LM head
-            value = params[group][variable]
-            layers.create_dataset(name, data=np.asarray(value))
+            _write_tensor(layers, name, np.asarray(params[group][variable]))
         decoder = params["decoder"]
         for index in range(model.num_layers):
             group = "phi3_decoder" + (f"_{index}" if index else "")
@@ -232,6 +277,6 @@ def save_preset(model, directory: str | Path) -> Path:
                 for number, name in enumerate((variable, variable + SCALE_SUFFIX)):
                     if name in decoder[part]:
                         data = np.asarray(layer_slice(model, decoder[part][name], index))
-                        layers.create_dataset(f"{group}/{sub}/vars/{number}", data=data)
+                        _write_tensor(layers, f"{group}/{sub}/vars/{number}", data)
                         release_freed_memory()  # as `write_safetensors` does: one tensor's memory at a time
     return directory
