@@ -29,6 +29,7 @@ from conftest import (
 from phi3lab import Phi3Backbone
 from phi3lab.model.rotary import apply_rotary
 from phi3lab.presets import save_hf_checkpoint, save_preset
+from phi3lab.presets.preflight import declared_model
 
 TOLERANCE = 1e-4
 HEAD_DIM = HIDDEN // HEADS  # 16
@@ -47,9 +48,9 @@ PUBLISHED = {
 
 def build_unallocated(preset: str, **kwargs) -> Phi3Backbone:
     """The architecture of `preset` with its variables declared but never
-    initialized: no weight memory is allocated (a 14B model in a test)."""
-    with keras.StatelessScope(initialize_variables=False):
-        model = Phi3Backbone.from_preset(preset, load_weights=False, **kwargs)
+    initialized: no weight memory is allocated (a 14B model in a test), and
+    none is left pending in keras for a later symbolic call to allocate."""
+    model = declared_model(lambda: Phi3Backbone.from_preset(preset, load_weights=False, **kwargs))
     assert all(variable._value is None for variable in model.weights)
     return model
 
@@ -267,3 +268,13 @@ def test_untying_breaks_the_match(tmp_path):
     assert max_diff(forward(untied, ids, mask)[1], expected, mask) > 100 * TOLERANCE
     untied.token_embedding.reverse_embeddings.assign(np.asarray(model.token_embedding.embeddings.value).T)
     assert max_diff(forward(untied, ids, mask)[1], expected, mask) < TOLERANCE
+
+
+def test_an_unallocated_architecture_leaves_nothing_for_keras_to_allocate(no_network):
+    """Leaving a stateless scope (as every symbolic keras call does)
+    initializes the variables pending in keras' global state: a declared
+    Phi-4 (14B) must not be among them, or a later keras-hub model build
+    allocates its 59 GB."""
+    build_unallocated("phi4_en")
+    with keras.StatelessScope():
+        pass

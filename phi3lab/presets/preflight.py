@@ -92,7 +92,7 @@ def check_preset_fits(
             config key, the tensor and both shapes.
         phi3lab.tracing.WeightsTooLarge: the weights exceed the memory available.
     """
-    model = _declared(build)
+    model = declared_model(build)
     architecture = BackboneConfig(**{name: config[name] for name in BackboneConfig.names() if name in config})
 
     def said(keys) -> str:
@@ -123,7 +123,7 @@ def check_preset_fits(
     check_weights_fit(weights, f"{model.count_params():,} parameters in {model.dtype_policy.variable_dtype}{kernels}")
 
 
-def _declared(build: Callable[[], keras.Model]) -> keras.Model:
+def declared_model(build: Callable[[], keras.Model]) -> keras.Model:
     """`build()` inside a `keras.StatelessScope` that leaves its variables
     unallocated (this validates every argument and gives every variable's
     shape and dtype). Keras lists such variables in its global state and
