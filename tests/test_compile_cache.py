@@ -90,7 +90,7 @@ def test_saving_compiles_the_same_programs_for_any_number_of_layers(tmp_path):
     an input, so a deeper model compiles nothing more."""
     model = random_backbone(seed=3, num_layers=2)
     shallow = programs_lowered_while_saving(model, tmp_path / "shallow")
-    exports = [key for key in compile_cache.entries(model) if key[0] in ("export", "presets.layer_slice")]
+    exports = [key for key in compile_cache.entries(model) if key[0] in ("export", "stacked.layer_slice")]
     assert len(exports) == 6
     # At most one per function (JAX may reuse one lowered for another model:
     # the LM head's transpose has the same shape); one per layer would be over 20.
