@@ -92,10 +92,11 @@ def test_saving_compiles_the_same_programs_for_any_number_of_layers(tmp_path):
     shallow = programs_lowered_while_saving(model, tmp_path / "shallow")
     exports = [key for key in compile_cache.entries(model) if key[0] in ("export", "stacked.layer_slice")]
     assert len(exports) == 6
-    # At most one per function (JAX may reuse one lowered for another model:
-    # the LM head's transpose has the same shape); one per layer would be over 20.
+    # At most one per function (JAX reuses what it lowered for another model
+    # of these shapes earlier in the process, so possibly none); one per
+    # layer would be over 20.
     deep = programs_lowered_while_saving(random_backbone(seed=4, num_layers=5), tmp_path / "deep")
-    assert 1 <= shallow <= 6 and 1 <= deep <= 6
+    assert shallow <= 6 and deep <= 6
     reloaded = phi3lab.Phi3Backbone.from_preset(str(tmp_path / "shallow"))
     for saved, loaded in zip(jax.tree.leaves(model.params()), jax.tree.leaves(reloaded.params())):
         np.testing.assert_array_equal(np.asarray(saved), np.asarray(loaded))
