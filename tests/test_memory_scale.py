@@ -83,8 +83,9 @@ def test_each_step_grows_with_the_weights_within_the_targets(tmp_path):
     (quantized while read), per byte of the int8 weights, stay within 40% of
     what phi3lab's estimate (weights plus working set) says, grown the same
     way (measured 1.16-1.28x the estimate over runs: the int8 weights are
-    0.12 GB, so the compiler's own memory moves the ratio by tenths). At this depth one layer's dequantized kernels are an eighth of the
-    model (at Phi-3-mini's 32 layers a thirty-second), so the estimate itself
+    0.12 GB, so the compiler's own memory moves the ratio by tenths). At
+    this depth one layer's dequantized kernels are an eighth of the model
+    (at Phi-3-mini's 32 layers a thirty-second), so the estimate itself
     is 1.3x (trace) and 1.6x (generation) here; loading the bfloat16
     weights whole and quantizing after made the trace 2.8x."""
     tiny, mid = _report("tiny", tmp_path), _report("mid", tmp_path)
