@@ -48,12 +48,13 @@ def corpus(count: int, low: int, high: int, vocabulary: int, seed: int = 0) -> l
     return [rng.integers(0, vocabulary, int(n)).astype(np.int32) for n in rng.integers(low, high + 1, count)]
 
 
-def plain_forward(model, docs, sizes: dict, window: int, site: str):
+def plain_forward(model, docs, sizes: dict, window: int, site: str, programs: dict):
     """A no-argument callable running the forward through `site`'s layer
     (the capture kept on the device: no host copy, no row selection, no
     store) over the batches `collect` forms with `sizes` (its chosen batch
     size per bucket). Like collect's programs, it returns only the site, so
-    XLA drops the layers after it in both."""
+    XLA drops the layers after it in both. `programs` (bucket key -> jitted
+    forward) is shared by the callers, so each bucket compiles once."""
     import jax
 
     from phi3lab.activations import corpus as batching
@@ -61,7 +62,6 @@ def plain_forward(model, docs, sizes: dict, window: int, site: str):
 
     fn = forward_fn(model, site)
     params = model.params()
-    programs = {}
 
     def program(key):
         if key not in programs:
@@ -162,9 +162,10 @@ def main():
     # documents per bucket than the corpus): a first collect of each slice
     # compiles what it needs, and the plain forward and TransformerLens run
     # the very batches it chose.
+    programs = {}  # the plain forward's, per bucket
     slice_sizes = [collect(model, chunk, args.site, progress=False).metadata["batch_sizes"] for chunk in chunks]
     runners = {
-        "plain forward": [plain_forward(model, c, z, WINDOW, args.site) for c, z in zip(chunks, slice_sizes)],
+        "plain forward": [plain_forward(model, c, z, WINDOW, args.site, programs) for c, z in zip(chunks, slice_sizes)],
         "collect (memory)": [functools.partial(collect, model, chunk, args.site, progress=False) for chunk in chunks],
     }
     directory = tempfile.TemporaryDirectory()
@@ -175,7 +176,7 @@ def main():
     runners["trace loop"] = [functools.partial(trace_loop, trace_docs[i::rounds]) for i in range(rounds)]
     one_each = collections.defaultdict(lambda: 1)
     runners["forward loop"] = [
-        plain_forward(model, trace_docs[i::rounds], one_each, WINDOW, args.site) for i in range(rounds)
+        plain_forward(model, trace_docs[i::rounds], one_each, WINDOW, args.site, programs) for i in range(rounds)
     ]
     if not args.no_transformer_lens:
         peer = transformer_lens_collection(model, WINDOW, args.site, args.torch_threads)
