@@ -9,7 +9,9 @@ tokens/s and ratios, whether both produced the same tokens, phi3lab's
 per-token time at positions 16 and 240 (a cache keeps it nearly flat), and
 the weight-read bandwidth of a decode step (weight bytes per token / seconds
 per token) as a fraction of a jitted matrix-vector product's, measured in the
-same process (`--bandwidth-only` prints just that, from `--runs` alternating rounds).
+same process, beside the same fraction for the step's matrix-vector products
+run alone (`--bandwidth-only` prints just those, from `--runs` alternating
+rounds).
 
 Run: .venv/bin/python benchmarks/generate.py [--prompt 128] [--new 128] [--runs 3] [--dtype bfloat16]
      [--bandwidth-only]
@@ -140,13 +142,67 @@ def matvec_bandwidth(total_bytes: int):
     return measure
 
 
+def products_alone(model, steps: int = 64):
+    """A no-argument callable returning the seconds per step of a jitted
+    `lax.while_loop` that runs, each step, only the matrix-vector products
+    of a greedy decode step of `model`'s shapes, in its layout and dtype
+    (`x @ W`, each layer's kernels their own arrays): per layer the query,
+    key, value and output projections and the gate, up and down
+    projections, each fed from the one before as in the layer, then the LM
+    head, whose argmax picks the next step's embedding row. No attention,
+    norms, cache or sampling: the fastest a decode step built from these
+    products runs on this machine, the ceiling of its bandwidth fraction."""
+    import time
+
+    import jax
+    import numpy as np
+    from jax import numpy as jnp
+
+    d, f, v = model.hidden_dim, model.intermediate_dim, model.vocabulary_size
+    dh = d // model.num_query_heads
+    q, kv = model.num_query_heads * dh, model.num_key_value_heads * dh
+    dtype = next(w.dtype for w in model.weights if w.path.endswith("query_kernel"))
+    rng = np.random.default_rng(0)
+    array = lambda *shape: jnp.asarray(0.02 * rng.standard_normal(shape, np.float32), dtype)
+    shapes = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+    layers = [{name: array(*shape) for name, shape in shapes.items()} for _ in range(model.num_layers)]
+    embedding, head = array(v, d), array(d, v)
+
+    def layer(x, w):
+        attended = (x @ w["q"]) + jnp.mean(x @ w["k"]) + jnp.mean(x @ w["v"])
+        x = x + attended @ w["o"]
+        return x + (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
+
+    def run(layers, head, embedding, token):
+        def body(carry):
+            i, token = carry
+            x = embedding[token][None]
+            for w in layers:
+                x = layer(x, w)
+            return i + 1, jnp.argmax(x @ head, axis=-1)[0].astype(jnp.int32)
+
+        return jax.lax.while_loop(lambda carry: carry[0] < steps, body, (jnp.int32(0), token))[1]
+
+    program = jax.jit(run)
+    program(layers, head, embedding, jnp.int32(1)).block_until_ready()
+
+    def measure() -> float:
+        start = time.perf_counter()
+        program(layers, head, embedding, jnp.int32(1)).block_until_ready()
+        return (time.perf_counter() - start) / steps
+
+    return measure
+
+
 def print_bandwidth(model, prompt, new_tokens: int, repeats: int) -> None:
     """Weight-read bandwidth of greedy decoding as a fraction of a jitted
     matrix-vector product's, measured in this process in alternating rounds
-    (a decode of 1 and of `new_tokens` tokens, then the matrix-vector
-    product), so load drifting on a shared machine hits both alike. A
-    decode step's time is the difference of the two generations over
-    `new_tokens - 1`."""
+    (a decode of 1 and of `new_tokens` tokens, the matrix-vector product,
+    then `products_alone`), so load drifting on a shared machine hits them
+    alike. A decode step's time is the difference of the two generations
+    over `new_tokens - 1`. Also prints the fraction of the step's products
+    alone (the ceiling for a step made of them) and the decode step's time
+    over theirs (what attention, norms, cache and sampling add)."""
     import statistics
     import time
 
@@ -154,9 +210,10 @@ def print_bandwidth(model, prompt, new_tokens: int, repeats: int) -> None:
 
     weights = weight_bytes_per_token(model)
     matvec = matvec_bandwidth(weights)
+    alone = products_alone(model)
     generate = lambda n: phi3lab.generate(model, prompt, max_new_tokens=n, stop=[], progress=False)
     generate(1), generate(new_tokens)  # compiled
-    steps, fractions, bandwidths = [], [], []
+    steps, fractions, bandwidths, ceilings, overheads = [], [], [], [], []
     for _ in range(repeats):
         seconds = {}
         for n in (1, new_tokens):
@@ -168,12 +225,20 @@ def print_bandwidth(model, prompt, new_tokens: int, repeats: int) -> None:
         steps.append(step)
         bandwidths.append(bandwidth)
         fractions.append(weights / step / bandwidth)
+        products = alone()
+        ceilings.append(weights / products / bandwidth)
+        overheads.append(step / products)
     step, bandwidth = statistics.median(steps), statistics.median(bandwidths)
     print(
         f"\nweights read per token {weights / 1e6:.0f} MB; decode step {1e3 * step:.1f} ms -> "
         f"{weights / step / 1e9:.1f} GB/s; jitted matvec {bandwidth / 1e9:.1f} GB/s; "
         f"fraction {statistics.median(fractions):.2f} (median of {repeats} alternating rounds; "
         f"quartiles {' '.join(f'{q:.2f}' for q in statistics.quantiles(fractions, n=4))})"
+    )
+    print(
+        f"the step's matrix-vector products alone: fraction {statistics.median(ceilings):.2f} "
+        f"(the ceiling for a step built from them); decode step / products alone "
+        f"{statistics.median(overheads):.2f}x"
     )
 
 
