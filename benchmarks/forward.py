@@ -11,6 +11,13 @@ With `--causal-blocks 64 128 512`, phi3lab also runs with those query
 blocks of its causal-block attention (`AttentionPaths.causal_block`, default
 256), each ratio against keras-hub.
 
+On one CPU device a row `phi3lab, layer views` runs the same `apply` on
+each layer's own weights (`stacked.layer_views`, arrays sharing the stack's
+memory; the layers then run unrolled, as the float32 decode loop runs them)
+instead of the stack, from which XLA:CPU writes each layer's weights out
+before using them (keras-hub's layers hold their own variables): the
+difference is what the stacked layout costs a forward here.
+
 Run: .venv/bin/python benchmarks/forward.py [--lengths 128 512] [--runs 15] [--causal-blocks 64 128]
 """
 
@@ -54,6 +61,22 @@ def with_causal_block(model, block: int, ids, mask):
     return lambda ids, mask: compiled(params, ids, mask)
 
 
+def with_layer_views(model):
+    """phi3lab's forward on `stacked.layer_views` of its weights, or None
+    where the stack cannot be viewed per layer (not on one CPU device)."""
+    import jax
+
+    from phi3lab.model.stacked import layer_views
+
+    params = model.params()
+    layers = layer_views(params["decoder"])
+    if layers is None:
+        return None
+    params = {**params, "decoder": layers}
+    forward = jax.jit(lambda p, i, m: model.apply(p, i, m)[0])
+    return lambda ids, mask: forward(params, ids, mask)
+
+
 def main():
     args = parse_args()
     import jax
@@ -63,6 +86,9 @@ def main():
     reference, model = keras_hub_pair(config)
     ours, theirs = jitted_forwards(model, reference)
     runners = {"phi3lab": ours, "keras-hub": theirs}
+    views = with_layer_views(model)
+    if views is not None:
+        runners["phi3lab, layer views"] = views
 
     print(machine())
     print(
