@@ -207,6 +207,96 @@ def test_h5_without_the_keras_hub_layout(copy):
     refused(directory, "model.weights.h5", "'layers'")
 
 
+# === model.weights.h5 keeps its tensors in itself =============================
+# (h5 links, external and virtual storage, decompression bombs: what Keras'
+# own loader refuses, phi3lab refuses, naming the file and the tensor)
+
+FINAL_NORM = "layers/phi3_layer_norm/vars/0"  # [16], as is every layer's attention norm
+OTHER_NORM = "/layers/phi3_decoder/pre_attention_layernorm/vars/0"
+
+
+def replace_tensor(directory: Path, name: str, make) -> None:
+    """Delete the tensor `name` of the preset's h5 and call `make(handle, name, value)`."""
+    with h5py.File(directory / "model.weights.h5", "r+") as handle:
+        value = handle[name][()]
+        del handle[name]
+        make(handle, name, value)
+
+
+def test_a_tensor_whose_bytes_live_in_another_file_is_refused(copy, tmp_path):
+    """External storage: the right bytes, but outside the preset (it could
+    name any file the process can read)."""
+    directory, elsewhere = copy("keras_hub"), tmp_path / "elsewhere.bin"
+
+    def external(handle, name, value):
+        elsewhere.write_bytes(value.tobytes())
+        handle.create_dataset(name, shape=value.shape, dtype=value.dtype, external=[(str(elsewhere), 0, value.nbytes)])
+
+    replace_tensor(directory, FINAL_NORM, external)
+    refused(directory, "model.weights.h5", "phi3_layer_norm/vars/0", "other files", "elsewhere.bin")
+
+
+def test_a_virtual_tensor_is_refused(copy, tmp_path):
+    directory, source = copy("keras_hub"), tmp_path / "source.h5"
+
+    def virtual(handle, name, value):
+        with h5py.File(source, "w") as other:
+            other["x"] = value
+        layout = h5py.VirtualLayout(shape=value.shape, dtype=value.dtype)
+        layout[...] = h5py.VirtualSource(str(source), "x", shape=value.shape)
+        handle.create_virtual_dataset(name, layout)
+
+    replace_tensor(directory, FINAL_NORM, virtual)
+    refused(directory, "model.weights.h5", "phi3_layer_norm/vars/0", "virtual")
+
+
+@pytest.mark.parametrize("kind", ["soft", "external"])
+def test_a_tensor_name_that_is_a_link_is_refused(copy, tmp_path, kind):
+    """A soft link to another tensor of the same shape, or a link into
+    another file holding the right values: each would load without error."""
+    directory, other = copy("keras_hub"), tmp_path / "other.h5"
+
+    def link(handle, name, value):
+        if kind == "soft":
+            handle[name] = h5py.SoftLink(OTHER_NORM)
+        else:
+            with h5py.File(other, "w") as target:
+                target["x"] = value
+            handle[name] = h5py.ExternalLink(str(other), "x")
+
+    replace_tensor(directory, FINAL_NORM, link)
+    refused(directory, "model.weights.h5", "phi3_layer_norm/vars/0", "soft link" if kind == "soft" else "other.h5")
+
+
+def test_a_tensor_declaring_far_more_than_it_stores_is_refused_before_reading(copy):
+    """A decompression bomb: 64 MiB of zeros in a few KiB, refused from the
+    file's metadata (before the shape check, which would read nothing either)."""
+    directory = copy("keras_hub")
+
+    def bomb(handle, name, value):
+        handle.create_dataset(name, shape=(4096, 4096), dtype="float32", compression="gzip", fillvalue=0.0)
+        handle[name][0, :16] = value
+
+    replace_tensor(directory, FINAL_NORM, bomb)
+    refused(directory, "model.weights.h5", "phi3_layer_norm/vars/0", "declares 67,108,864 bytes", "bomb")
+
+
+def test_compressed_tensors_still_load(copy, model):
+    """Compression itself is allowed: random weights stored gzip-compressed
+    load to the same values."""
+    directory = copy("keras_hub")
+    with h5py.File(directory / "model.weights.h5", "r+") as handle:
+        names = []
+        handle["layers"].visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+        for name in names:
+            value = handle["layers"][name][()]
+            del handle["layers"][name]
+            handle["layers"].create_dataset(name, data=value, compression="gzip")
+    loaded = flat_params(Phi3Backbone.from_preset(str(directory)))
+    for name, value in flat_params(model).items():
+        np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+
+
 # === keras-hub config.json ===================================================
 
 

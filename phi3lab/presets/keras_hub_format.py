@@ -29,6 +29,7 @@ from phi3lab.model.config import BackboneConfig
 from phi3lab.model.dtypes import read_dtype
 from phi3lab.model.quantize import SCALE_SUFFIX
 from phi3lab.model.stacked import layer_slice
+from phi3lab.presets.h5_datasets import check_dataset, check_links, checked_dataset
 from phi3lab.presets.preflight import PresetLayout, axis
 from phi3lab.presets.weights import WeightFiller
 from phi3lab.runtime.host_memory import release_freed_memory
@@ -126,7 +127,7 @@ def _open_weights(directory: Path) -> tuple[Path, h5py.File]:
 
 
 def _layers_group(path: Path, handle: h5py.File) -> h5py.Group:
-    layers = handle.get("layers")
+    layers = handle.get("layers") if isinstance(handle.get("layers", getlink=True), h5py.HardLink) else None
     if not isinstance(layers, h5py.Group):
         raise ValueError(f"{path} has no 'layers' group: it is not a keras-hub Phi3Backbone weights file.")
     return layers
@@ -157,8 +158,9 @@ def _write_tensor(group: h5py.Group, name: str, value: np.ndarray) -> None:
 
 
 def _read_tensor(path: Path, layers: h5py.Group, name: str) -> np.ndarray:
-    """The tensor at `layers[name]`, bfloat16 as `ml_dtypes.bfloat16`."""
-    dataset = layers[name]
+    """The tensor at `layers[name]` (`h5_datasets.checked_dataset`), bfloat16
+    as `ml_dtypes.bfloat16`."""
+    dataset = checked_dataset(path, layers, name)
     dtype = _tensor_dtype(path, name, dataset)
     value = dataset[()]
     return value if value.dtype == dtype else value.view(dtype)
@@ -167,18 +169,22 @@ def _read_tensor(path: Path, layers: h5py.Group, name: str) -> np.ndarray:
 def tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in `model.weights.h5`, by its path under the
     "layers" group, from the file's metadata alone (no data is read); a
-    tensor of opaque values not marked bfloat16 is refused here, before the
-    model is allocated."""
+    tensor of opaque values not marked bfloat16, a link, or a tensor whose
+    bytes are not in the file or that would decompress to far more than it
+    stores (`h5_datasets`) is refused here, before the model is allocated."""
     path, handle = _open_weights(directory)
     shapes = {}
 
     def visit(name, item):
         if isinstance(item, h5py.Dataset):
+            check_dataset(path, item)
             _tensor_dtype(path, name, item)
             shapes[name] = tuple(item.shape)
 
     with handle:
-        _layers_group(path, handle).visititems(visit)
+        layers = _layers_group(path, handle)
+        check_links(path, layers)
+        layers.visititems(visit)
     return shapes
 
 
