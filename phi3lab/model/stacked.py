@@ -21,6 +21,7 @@ the stack's memory (no copy, no extra memory).
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -63,21 +64,45 @@ def update_slice(buffer, update, start_indices):
 
 def layer_of(stacked, layer):
     """Layer `layer` (an int or traced index) of a stacked `[L, ...]` array,
-    read through the bits of 16-bit floats: XLA:CPU has no bfloat16
-    dynamic-slice either, and converts the whole stack to float32 to slice
-    it (hoisted out of the decoder's loop, a float32 copy of every layer:
-    13.6 GiB beside Phi-3-mini's 7.1 GiB of bfloat16 weights).
+    read through the bits of 16-bit floats (`read_through_bits`): XLA:CPU
+    has no bfloat16 dynamic-slice either, and converts the whole stack to
+    float32 to slice it (hoisted out of the decoder's loop, a float32 copy of
+    every layer: 13.6 GiB beside Phi-3-mini's 7.1 GiB of bfloat16 weights).
 
     Example:
     >>> kernel = layer_of(params["attention"]["query_kernel"], 3)   # [D, Hq, dh]
     """
     if not _is_half(stacked.dtype):
-        return jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False)
-    # The barrier ties the stack to the layer index, so the bitcast of the
-    # whole stack is not hoisted out of a loop over layers as a copy of it;
-    # inside, XLA fuses it into the slice, which reads one layer.
-    stacked, layer = jax.lax.optimization_barrier((stacked, layer))
-    return from_bits(jax.lax.dynamic_index_in_dim(to_bits(stacked), layer, keepdims=False), stacked.dtype)
+        return _index_layer(stacked, layer)
+    return read_through_bits(_index_layer, stacked, layer)
+
+
+def _index_layer(stacked, layer):
+    return jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def read_through_bits(read, array, index):
+    """`read(array, index)`, a slice or gather of the 16-bit float `array`
+    at the integer `index`, done on its `uint16` bits (exact bitcasts),
+    with `read`'s own derivative (a bitcast has none: gradients through
+    the bits alone would be silently zero).
+
+    The barrier ties `array` to `index`, so the bitcast of the whole array
+    is not hoisted out of a loop as a copy of it; inside, XLA fuses it into
+    the read, which touches only what it returns.
+
+    Example:
+    >>> read_through_bits(lambda a, i: jnp.take(a, i, axis=0), table, token_ids)   # rows [B, T, D]
+    """
+    array, index = jax.lax.optimization_barrier((array, index))
+    return from_bits(read(to_bits(array), index), array.dtype)
+
+
+@read_through_bits.defjvp
+def _read_through_bits_jvp(read, primals, tangents):
+    array, index = primals
+    return read_through_bits(read, array, index), read(tangents[0], index)
 
 
 def layer_slice(model, stacked, index):
