@@ -149,10 +149,11 @@ def test_bfloat16_generation_buffers_are_written_in_place():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_reads_through_the_bits_differentiate_as_the_plain_reads(dtype):
-    """A bitcast has no derivative: read through the bits alone, the
-    gradient of a layer (`layer_of`) or of embedding rows (`rows`) with
-    respect to the 16-bit array is silently zero. Oracle: the gradient of
-    the plain slice and gather, under `jit` with a traced layer index too."""
+    """A bitcast has no derivative: through the bits alone, the gradient of
+    a layer (`layer_of`) or of embedding rows (`rows`) with respect to the
+    16-bit array, and of a write (`update_slice`) with respect to the
+    update, is silently zero. Oracle: the gradient of the plain slice,
+    gather and update, under `jit` with traced indices too."""
     from phi3lab.model.embedding import rows
     from phi3lab.model.stacked import layer_of
 
@@ -171,6 +172,15 @@ def test_reads_through_the_bits_differentiate_as_the_plain_reads(dtype):
         expected = jax.grad(squares(plain))(array)
         assert np.abs(np.asarray(expected, np.float32)).sum() > 0
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+    # Writes too (`update_slice`), with respect to the buffer and the update.
+    update = jnp.asarray(rng.standard_normal((1, 2, 5)), dtype)
+    written = lambda write: lambda buffer, update: jnp.sum(write(buffer, update).astype(jnp.float32) ** 3)
+    start = (1, jnp.int32(2), 0)
+    got = jax.jit(jax.grad(written(lambda b, u: update_slice(b, u, start)), argnums=(0, 1)))(stack, update)
+    expected = jax.grad(written(lambda b, u: jax.lax.dynamic_update_slice(b, u, start)), argnums=(0, 1))(stack, update)
+    for g, e in zip(got, expected):
+        assert np.abs(np.asarray(e, np.float32)).sum() > 0
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(e, np.float32))
 
 
 def test_bfloat16_weights_get_the_gradients_of_their_float32_copy(half_model):

@@ -51,15 +51,25 @@ def _is_half(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
 
 
+@jax.custom_jvp
 def update_slice(buffer, update, start_indices):
     """`jax.lax.dynamic_update_slice(buffer, update, start_indices)` that
-    XLA writes in place for every dtype (16-bit floats through their bits).
+    XLA writes in place for every dtype (16-bit floats through their bits),
+    with the plain update's derivative (a bitcast has none).
 
     Example:
     >>> cache = update_slice(cache, new_keys[None], (layer, 0, 0, slot, 0))
     """
     bits = jax.lax.dynamic_update_slice(to_bits(buffer), to_bits(update.astype(buffer.dtype)), start_indices)
     return from_bits(bits, buffer.dtype)
+
+
+@update_slice.defjvp
+def _update_slice_jvp(primals, tangents):
+    buffer, update, start_indices = primals
+    buffer_tangent, update_tangent, _ = tangents
+    tangent = jax.lax.dynamic_update_slice(buffer_tangent, update_tangent.astype(buffer_tangent.dtype), start_indices)
+    return update_slice(buffer, update, start_indices), tangent
 
 
 def layer_of(stacked, layer):
