@@ -31,12 +31,11 @@ def check_links(path: Path, group: h5py.Group) -> None:
     Example:
     >>> check_links(Path("model.weights.h5"), handle["layers"])
     """
-
     # The first link that is not hard, by name (h5py stops at a value returned).
     found = group.visititems_links(lambda name, link: None if isinstance(link, h5py.HardLink) else (name, link))
     if found is not None:
         name, link = found
-        raise ValueError(f"{path}: '{group.name}/{name}' is {_link_kind(link)}; a weights file holds its tensors.")
+        raise _link_refused(path, f"{group.name}/{name}", link)
 
 
 def checked_dataset(path: Path, group: h5py.Group, name: str) -> h5py.Dataset:
@@ -50,7 +49,7 @@ def checked_dataset(path: Path, group: h5py.Group, name: str) -> h5py.Dataset:
     for part in name.split("/"):
         link = item.get(part, getlink=True)
         if not isinstance(link, h5py.HardLink):
-            raise ValueError(f"{path}: '{item.name}/{part}' is {_link_kind(link)}; a weights file holds its tensors.")
+            raise _link_refused(path, f"{item.name}/{part}", link)
         item = item[part]
     if not isinstance(item, h5py.Dataset):
         raise ValueError(f"{path}: '{item.name}' is a {type(item).__name__}, not a tensor.")
@@ -76,9 +75,11 @@ def check_dataset(path: Path, dataset: h5py.Dataset) -> None:
         )
 
 
-def _link_kind(link) -> str:
+def _link_refused(path: Path, name: str, link) -> ValueError:
     if isinstance(link, h5py.ExternalLink):
-        return f"a link to another file ({link.filename!r})"
-    if isinstance(link, h5py.SoftLink):
-        return f"a soft link (to {link.path!r})"
-    return "missing" if link is None else f"a {type(link).__name__}"
+        kind = f"a link to another file ({link.filename!r})"
+    elif isinstance(link, h5py.SoftLink):
+        kind = f"a soft link (to {link.path!r})"
+    else:
+        kind = "missing" if link is None else f"a {type(link).__name__}"
+    return ValueError(f"{path}: '{name}' is {kind}; a weights file holds its tensors.")
