@@ -82,8 +82,6 @@ def layer_of(stacked, layer):
     Example:
     >>> kernel = layer_of(params["attention"]["query_kernel"], 3)   # [D, Hq, dh]
     """
-    if not _is_half(stacked.dtype):
-        return _index_layer(stacked, layer)
     return read_through_bits(_index_layer, stacked, layer)
 
 
@@ -91,28 +89,35 @@ def _index_layer(stacked, layer):
     return jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def read_through_bits(read, array, index):
-    """`read(array, index)`, a slice or gather of the 16-bit float `array`
-    at the integer `index`, done on its `uint16` bits (exact bitcasts),
-    with `read`'s own derivative (a bitcast has none: gradients through
-    the bits alone would be silently zero).
+    """`read(array, index)`, a slice or gather of `array` at the integer
+    `index`: for 16-bit floats done on their `uint16` bits (exact
+    bitcasts), with `read`'s own derivative (a bitcast has none: gradients
+    through the bits alone would be silently zero); other dtypes are read
+    as they are.
 
-    The barrier ties `array` to `index`, so the bitcast of the whole array
-    is not hoisted out of a loop as a copy of it; inside, XLA fuses it into
-    the read, which touches only what it returns.
+    For the bits, a barrier ties `array` to `index`, so the bitcast of the
+    whole array is not hoisted out of a loop as a copy of it; inside, XLA
+    fuses it into the read, which touches only what it returns.
 
     Example:
     >>> read_through_bits(lambda a, i: jnp.take(a, i, axis=0), table, token_ids)   # rows [B, T, D]
     """
+    if not _is_half(array.dtype):
+        return read(array, index)
+    return _read_bits(read, array, index)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _read_bits(read, array, index):
     array, index = jax.lax.optimization_barrier((array, index))
     return from_bits(read(to_bits(array), index), array.dtype)
 
 
-@read_through_bits.defjvp
-def _read_through_bits_jvp(read, primals, tangents):
+@_read_bits.defjvp
+def _read_bits_jvp(read, primals, tangents):
     array, index = primals
-    return read_through_bits(read, array, index), read(tangents[0], index)
+    return _read_bits(read, array, index), read(tangents[0], index)
 
 
 def layer_slice(model, stacked, index):
